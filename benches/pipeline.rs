@@ -1,0 +1,52 @@
+//! Criterion benches of the pipeline's hot paths: the stable hash, the
+//! paged-hash-table aggregation, and Arrow IPC framing for the wire.
+
+use std::sync::Arc;
+
+use arrow_array::{ArrayRef, Int64Array, RecordBatch};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use strata::kernels::cpu::hash::hash_columns;
+use strata::network::ipc::{ChannelDecoder, ChannelEncoder};
+
+fn batch(rows: usize) -> RecordBatch {
+    let keys: ArrayRef = Arc::new(Int64Array::from_iter_values(
+        (0..rows as i64).map(|i| (i * 7919) % 100_000),
+    ));
+    let values: ArrayRef = Arc::new(Int64Array::from_iter_values(0..rows as i64));
+    RecordBatch::try_from_iter([("key", keys), ("value", values)]).expect("batch")
+}
+
+fn hash(c: &mut Criterion) {
+    let b = batch(8192);
+    let mut out = Vec::new();
+    let mut g = c.benchmark_group("kernels/hash");
+    g.throughput(Throughput::Elements(8192));
+    g.bench_function("int64/rows=8192", |bench| {
+        bench.iter(|| hash_columns(&[Arc::clone(b.column(0))], &mut out).expect("hash"))
+    });
+    g.finish();
+}
+
+fn ipc(c: &mut Criterion) {
+    let b = batch(8192);
+    let bytes = (b.get_array_memory_size()) as u64;
+    let mut g = c.benchmark_group("network/ipc");
+    g.throughput(Throughput::Bytes(bytes));
+    g.bench_function("encode+decode/segment=32KiB", |bench| {
+        bench.iter(|| {
+            let mut enc = ChannelEncoder::new(32 * 1024);
+            let mut dec = ChannelDecoder::default();
+            let mut rows = 0;
+            enc.encode(&b, &mut |payload| {
+                rows += dec.decode(payload)?.num_rows();
+                Ok(())
+            })
+            .expect("encode");
+            assert_eq!(rows, 8192);
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, hash, ipc);
+criterion_main!(benches);

@@ -1,0 +1,644 @@
+//! The JobManager: dispatcher, resource manager, scheduler and heartbeat
+//! monitor in one process.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+
+use super::ClusterError;
+use super::rpc::{
+    ChannelLocation, ExecutionState, InputGateDeployment, JobState, JobSummary, Message,
+    OperatorSummary, OutputDeployment, SlotStatus, TaskDeploymentDescriptor, VertexSummary,
+    read_message, write_message,
+};
+use crate::config::Config;
+use crate::job::graph::JobGraph;
+use crate::job::{LogicalPlan, OperatorKind, parse_job, plan};
+use crate::metrics::TaskSnapshot;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct TmEntry {
+    name: String,
+    data_addr: SocketAddr,
+    slots: Vec<SlotStatus>,
+    /// The job each slot is allocated to, as the JobManager sees it.
+    allocated: Vec<Option<u64>>,
+    last_heartbeat: Instant,
+    tx: UnboundedSender<Message>,
+}
+
+struct TaskEntry {
+    taskmanager: String,
+    slot: usize,
+    state: ExecutionState,
+    metrics: TaskSnapshot,
+}
+
+struct JobEntry {
+    name: String,
+    plan: Arc<LogicalPlan>,
+    graph: Arc<JobGraph>,
+    state: JobState,
+    reason: Option<String>,
+    tasks: HashMap<(usize, u32), TaskEntry>,
+    client: UnboundedSender<Message>,
+    started: Instant,
+}
+
+#[derive(Default)]
+struct State {
+    taskmanagers: Vec<TmEntry>,
+    jobs: HashMap<u64, JobEntry>,
+    next_tm: u32,
+    next_job: u64,
+}
+
+/// A running JobManager.
+pub struct JobManager {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+}
+
+impl JobManager {
+    pub async fn start(config: Config, bind: &str) -> Result<Self, ClusterError> {
+        let listener = TcpListener::bind(bind)
+            .await
+            .map_err(|source| ClusterError::Bind {
+                address: bind.to_owned(),
+                source,
+            })?;
+        let addr = listener.local_addr().map_err(|source| ClusterError::Bind {
+            address: bind.to_owned(),
+            source,
+        })?;
+        let state = Arc::new(Mutex::new(State {
+            next_job: job_id_seed(),
+            ..State::default()
+        }));
+        let config = Arc::new(config);
+        tokio::spawn(accept_loop(
+            listener,
+            Arc::clone(&state),
+            Arc::clone(&config),
+        ));
+        tokio::spawn(monitor_loop(Arc::clone(&state), Arc::clone(&config)));
+        tracing::info!("JobManager listening on {addr}");
+        Ok(Self { addr, state })
+    }
+
+    /// TaskManagers currently registered.
+    pub fn taskmanager_count(&self) -> usize {
+        lock(&self.state).taskmanagers.len()
+    }
+}
+
+fn job_id_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    crate::kernels::cpu::hash::fmix64(nanos ^ u64::from(std::process::id()))
+}
+
+async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, config: Arc<Config>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(serve(stream, peer, Arc::clone(&state), Arc::clone(&config)));
+            }
+            Err(e) => {
+                tracing::warn!("JobManager accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, config: Arc<Config>) {
+    let (mut reader, mut writer) = stream.into_split();
+    let first = match read_message(&mut reader).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!("connection from {peer} closed before saying anything: {e}");
+            return;
+        }
+    };
+    let (tx, mut rx) = unbounded_channel::<Message>();
+    let writer_task = tokio::spawn(async move {
+        while let Some(msg) = rx.recv().await {
+            if write_message(&mut writer, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    match first {
+        Message::RegisterTaskManager {
+            data_addr, slots, ..
+        } => {
+            let name = {
+                let mut s = lock(&state);
+                s.next_tm += 1;
+                let name = format!("tm-{}", s.next_tm);
+                let allocated = vec![None; slots.len()];
+                s.taskmanagers.push(TmEntry {
+                    name: name.clone(),
+                    data_addr,
+                    slots,
+                    allocated,
+                    last_heartbeat: Instant::now(),
+                    tx: tx.clone(),
+                });
+                name
+            };
+            tracing::info!("TaskManager {name} registered from {peer} (data port {data_addr})");
+            let _ = tx.send(Message::Registered {
+                taskmanager: name.clone(),
+            });
+            loop {
+                match read_message(&mut reader).await {
+                    Ok(Message::Heartbeat { slots }) => {
+                        let mut s = lock(&state);
+                        if let Some(tm) = s.taskmanagers.iter_mut().find(|t| t.name == name) {
+                            tm.last_heartbeat = Instant::now();
+                            tm.slots = slots;
+                        }
+                        let _ = tx.send(Message::HeartbeatAck);
+                    }
+                    Ok(Message::TaskStatus {
+                        job,
+                        vertex,
+                        subtask,
+                        state: task_state,
+                        error,
+                        metrics,
+                    }) => on_task_status(&state, job, vertex, subtask, task_state, error, metrics),
+                    Ok(other) => tracing::warn!("unexpected message from {name}: {other:?}"),
+                    Err(e) => {
+                        // Loss is declared by the heartbeat monitor, as in Flink.
+                        tracing::warn!("control connection to {name} closed: {e}");
+                        break;
+                    }
+                }
+            }
+        }
+        Message::SubmitJob { job_text, job_path } => {
+            submit(&state, &config, &job_text, &job_path, tx.clone());
+            // Keep the client's connection open until the job has finished.
+            while read_message(&mut reader).await.is_ok() {}
+        }
+        other => tracing::warn!("unexpected first message from {peer}: {other:?}"),
+    }
+    drop(tx);
+    let _ = writer_task.await;
+}
+
+fn submit(
+    state: &Arc<Mutex<State>>,
+    config: &Config,
+    text: &str,
+    path: &str,
+    client: UnboundedSender<Message>,
+) {
+    let planned = parse_job(text, Path::new(path)).and_then(plan);
+    let plan = match planned {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            let _ = client.send(Message::JobRejected {
+                reason: e.to_string(),
+            });
+            return;
+        }
+    };
+    let graph = Arc::new(JobGraph::build(&plan, config.default_parallelism));
+    let mut s = lock(state);
+    let needed = graph.slots_needed() as usize;
+    let free = free_slots(&s.taskmanagers);
+    let total: usize = s.taskmanagers.iter().map(|t| t.slots.len()).sum();
+    if free.len() < needed {
+        let _ = client.send(Message::JobRejected {
+            reason: format!(
+                "not enough free task slots: the job needs {needed} (its largest operator parallelism), \
+                 the cluster has {} free of {total} on {} TaskManager(s); lower the parallelism or add \
+                 TaskManagers or taskmanager.numberOfTaskSlots",
+                free.len(),
+                s.taskmanagers.len()
+            ),
+        });
+        return;
+    }
+    s.next_job = s.next_job.wrapping_add(1);
+    let job = s.next_job;
+    let chosen = &free[..needed];
+    for &(tm, slot) in chosen {
+        s.taskmanagers[tm].allocated[slot] = Some(job);
+    }
+    let placement: Vec<(String, SocketAddr, usize)> = chosen
+        .iter()
+        .map(|&(tm, slot)| {
+            (
+                s.taskmanagers[tm].name.clone(),
+                s.taskmanagers[tm].data_addr,
+                slot,
+            )
+        })
+        .collect();
+    let mut per_tm: HashMap<String, Vec<TaskDeploymentDescriptor>> = HashMap::new();
+    let mut tasks = HashMap::new();
+    for v in &graph.vertices {
+        for subtask in 0..v.parallelism {
+            let tdd = descriptor(&graph, v.id, subtask, &placement);
+            let (tm, _, slot) = &placement[subtask as usize];
+            tasks.insert(
+                (v.id, subtask),
+                TaskEntry {
+                    taskmanager: tm.clone(),
+                    slot: *slot,
+                    state: ExecutionState::Created,
+                    metrics: TaskSnapshot::default(),
+                },
+            );
+            per_tm.entry(tm.clone()).or_default().push(tdd);
+        }
+    }
+    let name = plan.spec.name.clone();
+    let _ = client.send(Message::JobAccepted {
+        job,
+        name: name.clone(),
+    });
+    for (tm, tdds) in per_tm {
+        if let Some(t) = s.taskmanagers.iter().find(|t| t.name == tm) {
+            let _ = t.tx.send(Message::DeployTasks {
+                job,
+                job_text: text.to_owned(),
+                job_path: path.to_owned(),
+                default_parallelism: config.default_parallelism,
+                tasks: tdds,
+            });
+        }
+    }
+    tracing::info!(
+        "job {name} ({job:016x}) deployed: {} tasks on {needed} slots",
+        tasks.len()
+    );
+    s.jobs.insert(
+        job,
+        JobEntry {
+            name,
+            plan,
+            graph,
+            state: JobState::Running,
+            reason: None,
+            tasks,
+            client,
+            started: Instant::now(),
+        },
+    );
+}
+
+/// Free slots, interleaved across TaskManagers so a job spreads evenly
+/// (Flink's `taskmanager.load-balance.mode: SLOTS`).
+fn free_slots(tms: &[TmEntry]) -> Vec<(usize, usize)> {
+    let max = tms.iter().map(|t| t.allocated.len()).max().unwrap_or(0);
+    let mut out = Vec::new();
+    for slot in 0..max {
+        for (tm, t) in tms.iter().enumerate() {
+            if t.allocated.get(slot) == Some(&None) {
+                out.push((tm, slot));
+            }
+        }
+    }
+    out
+}
+
+fn descriptor(
+    graph: &JobGraph,
+    vertex: usize,
+    subtask: u32,
+    placement: &[(String, SocketAddr, usize)],
+) -> TaskDeploymentDescriptor {
+    let v = &graph.vertices[vertex];
+    let location = |subtask: u32, index: u32| {
+        let (tm, addr, _) = &placement[subtask as usize];
+        ChannelLocation {
+            subtask,
+            taskmanager: tm.clone(),
+            data_addr: *addr,
+            index,
+        }
+    };
+    let inputs = v
+        .inputs
+        .iter()
+        .map(|&e| {
+            let edge = &graph.edges[e];
+            let source_par = graph.vertices[edge.source].parallelism;
+            let channels = edge
+                .sources_of(subtask, source_par)
+                .into_iter()
+                .map(|p| {
+                    let sub = edge
+                        .targets_of(p, v.parallelism)
+                        .iter()
+                        .position(|&t| t == subtask)
+                        .unwrap_or(0) as u32;
+                    location(p, sub)
+                })
+                .collect();
+            InputGateDeployment {
+                edge: e as u32,
+                channels,
+            }
+        })
+        .collect();
+    let outputs = v
+        .outputs
+        .iter()
+        .map(|&e| {
+            let edge = &graph.edges[e];
+            let target_par = graph.vertices[edge.target].parallelism;
+            let targets = edge
+                .targets_of(subtask, target_par)
+                .into_iter()
+                .map(|c| {
+                    let channel = edge
+                        .sources_of(c, v.parallelism)
+                        .iter()
+                        .position(|&s| s == subtask)
+                        .unwrap_or(0) as u32;
+                    location(c, channel)
+                })
+                .collect();
+            OutputDeployment {
+                edge: e as u32,
+                partitioner: edge.partitioner.clone(),
+                targets,
+            }
+        })
+        .collect();
+    TaskDeploymentDescriptor {
+        vertex,
+        subtask,
+        parallelism: v.parallelism,
+        slot: placement[subtask as usize].2,
+        attempt: 0,
+        inputs,
+        outputs,
+    }
+}
+
+fn on_task_status(
+    state: &Arc<Mutex<State>>,
+    job: u64,
+    vertex: usize,
+    subtask: u32,
+    next: ExecutionState,
+    error: Option<String>,
+    metrics: Option<TaskSnapshot>,
+) {
+    let mut s = lock(state);
+    let Some(entry) = s.jobs.get_mut(&job) else {
+        return;
+    };
+    let Some(task) = entry.tasks.get_mut(&(vertex, subtask)) else {
+        return;
+    };
+    if let Some(m) = metrics {
+        task.metrics = m;
+    }
+    if task.state == next || !task.state.can_become(next) {
+        // Periodic metric reports repeat RUNNING, and may trail the end.
+        return;
+    }
+    task.state = next;
+    if entry.state != JobState::Running {
+        return;
+    }
+    match next {
+        ExecutionState::Failed => {
+            let reason = error.unwrap_or_else(|| format!("task {vertex}/{subtask} failed"));
+            end_job(&mut s, job, JobState::Failed, Some(reason));
+        }
+        ExecutionState::Finished
+            if entry
+                .tasks
+                .values()
+                .all(|t| t.state == ExecutionState::Finished) =>
+        {
+            end_job(&mut s, job, JobState::Finished, None);
+        }
+        _ => {}
+    }
+}
+
+/// Ends a job: cancels what still runs, frees its slots and reports to the
+/// client.
+fn end_job(s: &mut State, job: u64, final_state: JobState, reason: Option<String>) {
+    let Some(entry) = s.jobs.get_mut(&job) else {
+        return;
+    };
+    if entry.state != JobState::Running {
+        return;
+    }
+    entry.state = final_state;
+    entry.reason = reason.clone();
+    if final_state != JobState::Finished {
+        let why = reason.clone().unwrap_or_default();
+        tracing::warn!("job {} ({job:016x}) {final_state:?}: {why}", entry.name);
+        for tm in &s.taskmanagers {
+            let _ = tm.tx.send(Message::CancelJob {
+                job,
+                reason: why.clone(),
+            });
+        }
+    } else {
+        tracing::info!("job {} ({job:016x}) finished", entry.name);
+    }
+    for tm in &mut s.taskmanagers {
+        for a in &mut tm.allocated {
+            if *a == Some(job) {
+                *a = None;
+            }
+        }
+    }
+    let tm_count = s.taskmanagers.len();
+    let slot_count = s.taskmanagers.iter().map(|t| t.slots.len()).sum();
+    if let Some(entry) = s.jobs.remove(&job) {
+        let summary = summarize(job, &entry, tm_count, slot_count);
+        let _ = entry.client.send(Message::JobFinished {
+            summary: Box::new(summary),
+        });
+    }
+}
+
+fn kind_name(kind: &OperatorKind) -> &'static str {
+    match kind {
+        OperatorKind::Datagen(_) => "datagen",
+        OperatorKind::CsvSource(_) => "csv_source",
+        OperatorKind::ParquetSource(_) => "parquet_source",
+        OperatorKind::Filter { .. } => "filter",
+        OperatorKind::Project { .. } => "project",
+        OperatorKind::KeyBy { .. } => "key_by",
+        OperatorKind::Aggregate { .. } => "aggregate",
+        OperatorKind::Window { .. } => "window",
+        OperatorKind::Blackhole => "blackhole",
+        OperatorKind::Print { .. } => "print",
+        OperatorKind::CsvSink { .. } => "csv_sink",
+        OperatorKind::ParquetSink { .. } => "parquet_sink",
+    }
+}
+
+fn is_sink(kind: &OperatorKind) -> bool {
+    matches!(
+        kind,
+        OperatorKind::Blackhole
+            | OperatorKind::Print { .. }
+            | OperatorKind::CsvSink { .. }
+            | OperatorKind::ParquetSink { .. }
+    )
+}
+
+fn summarize(job: u64, entry: &JobEntry, taskmanagers: usize, slots: usize) -> JobSummary {
+    let plan = &entry.plan;
+    let graph = &entry.graph;
+    let ops = &plan.spec.operators;
+    let mut rows_in_by_op = vec![0u64; ops.len()];
+    let mut rows_out_by_op = vec![0u64; ops.len()];
+    let mut summary = JobSummary {
+        job,
+        name: entry.name.clone(),
+        state: entry.state,
+        reason: entry.reason.clone(),
+        wall_ms: entry.started.elapsed().as_millis() as u64,
+        rows_in: 0,
+        rows_out: 0,
+        vertices: Vec::new(),
+        remote_bytes: 0,
+        remote_buffers: 0,
+        local_rows: 0,
+        backpressure_ms: 0,
+        late_rows: 0,
+        managed_peak_bytes: 0,
+        transport:
+            "tcp between TaskManagers, local channels within one (no RDMA transport in this build)"
+                .into(),
+        taskmanagers,
+        slots,
+    };
+    for t in entry.tasks.values() {
+        let m = &t.metrics;
+        for o in &m.operators {
+            rows_in_by_op[o.operator] += o.rows_in;
+            rows_out_by_op[o.operator] += o.rows_out;
+        }
+        summary.remote_bytes += m.remote_bytes_out;
+        summary.remote_buffers += m.remote_buffers_out;
+        summary.local_rows += m.local_rows_out;
+        summary.backpressure_ms += m.backpressure_ms;
+        summary.late_rows += m.late_rows;
+        summary.managed_peak_bytes = summary.managed_peak_bytes.max(m.managed_peak_bytes);
+    }
+    for (i, op) in ops.iter().enumerate() {
+        if op.input.is_none() {
+            summary.rows_in += rows_out_by_op[i];
+        }
+        if is_sink(&op.kind) {
+            summary.rows_out += rows_in_by_op[i];
+        }
+    }
+    for v in &graph.vertices {
+        let mut placement: Vec<(u32, String)> = entry
+            .tasks
+            .iter()
+            .filter(|((vertex, _), _)| *vertex == v.id)
+            .map(|((_, s), t)| (*s, format!("{}/slot{}", t.taskmanager, t.slot)))
+            .collect();
+        placement.sort();
+        summary.vertices.push(VertexSummary {
+            name: graph.vertex_name(plan, v.id),
+            parallelism: v.parallelism,
+            placement: placement.into_iter().map(|(_, p)| p).collect(),
+            input_partitioner: v
+                .inputs
+                .first()
+                .map(|&e| graph.edges[e].partitioner.name().to_owned()),
+            tier: "CPU (no GPU tier in this build)".into(),
+            operators: v
+                .operators
+                .iter()
+                .map(|&i| OperatorSummary {
+                    name: ops[i].name.clone(),
+                    kind: kind_name(&ops[i].kind).into(),
+                    rows_in: rows_in_by_op[i],
+                    rows_out: rows_out_by_op[i],
+                })
+                .collect(),
+        });
+    }
+    summary
+}
+
+/// Declares TaskManagers lost after `heartbeat.timeout` and sends progress.
+async fn monitor_loop(state: Arc<Mutex<State>>, config: Arc<Config>) {
+    let tick = Duration::from_millis(250);
+    loop {
+        tokio::time::sleep(tick).await;
+        let mut s = lock(&state);
+        let timeout = config.heartbeat_timeout;
+        let lost: Vec<(String, SocketAddr, Duration)> = s
+            .taskmanagers
+            .iter()
+            .filter(|t| t.last_heartbeat.elapsed() > timeout)
+            .map(|t| (t.name.clone(), t.data_addr, t.last_heartbeat.elapsed()))
+            .collect();
+        for (name, addr, silent) in lost {
+            s.taskmanagers.retain(|t| t.name != name);
+            let reason = format!(
+                "TaskManager {name} (data port {addr}) lost: no heartbeat for {:.1} s (heartbeat.timeout = {:.1} s)",
+                silent.as_secs_f64(),
+                timeout.as_secs_f64()
+            );
+            tracing::warn!("{reason}");
+            let affected: Vec<u64> = s
+                .jobs
+                .iter()
+                .filter(|(_, j)| j.tasks.values().any(|t| t.taskmanager == name))
+                .map(|(id, _)| *id)
+                .collect();
+            for job in affected {
+                end_job(&mut s, job, JobState::Failed, Some(reason.clone()));
+            }
+        }
+        for (&job, entry) in &s.jobs {
+            let mut rows_in = 0;
+            let mut expected = 0;
+            for t in entry.tasks.values() {
+                expected += t.metrics.source_rows_expected;
+                for o in &t.metrics.operators {
+                    if entry.plan.spec.operators[o.operator].input.is_none() {
+                        rows_in += o.rows_out;
+                    }
+                }
+            }
+            let _ = entry.client.send(Message::JobProgress {
+                job,
+                rows_in,
+                rows_expected: expected,
+                tasks_running: entry
+                    .tasks
+                    .values()
+                    .filter(|t| t.state == ExecutionState::Running)
+                    .count(),
+                tasks_total: entry.tasks.len(),
+            });
+        }
+    }
+}

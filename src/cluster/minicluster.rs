@@ -1,0 +1,64 @@
+//! The embedded mini-cluster behind `strata run`: one JobManager and N
+//! TaskManagers in one process, talking over real loopback sockets.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::ClusterError;
+use super::jobmanager::JobManager;
+use crate::config::Config;
+use crate::taskmanager::TaskManager;
+
+pub struct MiniCluster {
+    pub jobmanager: JobManager,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl MiniCluster {
+    /// Starts the JobManager on an ephemeral loopback port and
+    /// `taskmanagers` TaskManagers, and waits until all have registered.
+    pub async fn start(config: Config, taskmanagers: usize) -> Result<Self, ClusterError> {
+        let jobmanager = JobManager::start(config.clone(), "127.0.0.1:0").await?;
+        let shutdown = Arc::new(AtomicBool::new(false));
+        let address = jobmanager.addr.to_string();
+        for _ in 0..taskmanagers {
+            let mut tm_config = config.clone();
+            tm_config.data_port = 0;
+            let tm = TaskManager::start(tm_config).await?;
+            let (address, shutdown) = (address.clone(), Arc::clone(&shutdown));
+            tokio::spawn(async move {
+                if let Err(e) = tm.run(address, shutdown).await {
+                    tracing::error!("TaskManager stopped: {e}");
+                }
+            });
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while jobmanager.taskmanager_count() < taskmanagers {
+            if Instant::now() > deadline {
+                return Err(ClusterError::Startup {
+                    reason: format!(
+                        "{} of {taskmanagers} TaskManagers registered within 30 s",
+                        jobmanager.taskmanager_count()
+                    ),
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Self {
+            jobmanager,
+            shutdown,
+        })
+    }
+
+    pub fn address(&self) -> SocketAddr {
+        self.jobmanager.addr
+    }
+}
+
+impl Drop for MiniCluster {
+    fn drop(&mut self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,308 @@
+//! The control RPC between JobManager, TaskManagers and clients.
+//!
+//! One TCP connection per peer carries length-prefixed JSON messages
+//! (`u32` big-endian length, then a serde_json [`Message`]) in both
+//! directions. We chose this over gRPC: the control plane sends a few
+//! messages a second, JSON frames are readable in a packet capture, and it
+//! needs neither `protoc` nor a code generator on the build machine. The data
+//! plane has its own binary protocol ([`crate::network::frame`]).
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+use crate::metrics::TaskSnapshot;
+use crate::network::Partitioner;
+
+/// Largest control frame accepted (job files travel in `SubmitJob`).
+pub const FRAME_MAX_BYTES: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RpcError {
+    #[error("connection closed")]
+    Closed,
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("control frame of {length} bytes exceeds the limit of {FRAME_MAX_BYTES}")]
+    TooLarge { length: usize },
+    #[error("malformed control message: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+/// Task execution states, as Flink's `ExecutionState`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ExecutionState {
+    Created,
+    Deploying,
+    Initializing,
+    Running,
+    Finished,
+    Canceled,
+    Failed,
+}
+
+impl ExecutionState {
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Self::Finished | Self::Canceled | Self::Failed)
+    }
+
+    /// Whether `self → next` is a legal transition.
+    pub fn can_become(self, next: Self) -> bool {
+        use ExecutionState::*;
+        match (self, next) {
+            (a, b) if a.is_terminal() => a == b,
+            (_, Failed | Canceled) => true,
+            (Created, Deploying) | (Deploying, Initializing) | (Initializing, Running) => true,
+            (Running, Finished) => true,
+            (a, b) => a == b,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum JobState {
+    Created,
+    Running,
+    Finished,
+    Failed,
+    Canceled,
+}
+
+/// Slot states, as Flink's `TaskSlotState` plus free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SlotState {
+    Free,
+    Allocated,
+    Active,
+    Releasing,
+}
+
+/// A slot's resources.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ResourceProfile {
+    pub cpu_cores: f64,
+    pub managed_memory_bytes: u64,
+    pub network_memory_bytes: u64,
+    /// GPU id and memory; empty until the GPU tier exists.
+    pub gpu: Option<(u32, u64)>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SlotStatus {
+    pub index: usize,
+    pub state: SlotState,
+    pub job: Option<u64>,
+    pub profile: ResourceProfile,
+}
+
+/// Where one channel's other end lives.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ChannelLocation {
+    pub subtask: u32,
+    pub taskmanager: String,
+    pub data_addr: SocketAddr,
+    /// For an input channel: the producer's subpartition index. For an
+    /// output target: the consumer gate's channel index.
+    pub index: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InputGateDeployment {
+    pub edge: u32,
+    pub channels: Vec<ChannelLocation>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct OutputDeployment {
+    pub edge: u32,
+    pub partitioner: Partitioner,
+    pub targets: Vec<ChannelLocation>,
+}
+
+/// What a TaskManager needs to run one subtask.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct TaskDeploymentDescriptor {
+    pub vertex: usize,
+    pub subtask: u32,
+    pub parallelism: u32,
+    pub slot: usize,
+    pub attempt: u32,
+    pub inputs: Vec<InputGateDeployment>,
+    pub outputs: Vec<OutputDeployment>,
+}
+
+/// Per-vertex lines of a job summary.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VertexSummary {
+    pub name: String,
+    pub parallelism: u32,
+    pub placement: Vec<String>,
+    pub input_partitioner: Option<String>,
+    pub tier: String,
+    pub operators: Vec<OperatorSummary>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct OperatorSummary {
+    pub name: String,
+    pub kind: String,
+    pub rows_in: u64,
+    pub rows_out: u64,
+}
+
+/// The end-of-job report.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub job: u64,
+    pub name: String,
+    pub state: JobState,
+    pub reason: Option<String>,
+    pub wall_ms: u64,
+    pub rows_in: u64,
+    pub rows_out: u64,
+    pub vertices: Vec<VertexSummary>,
+    pub remote_bytes: u64,
+    pub remote_buffers: u64,
+    pub local_rows: u64,
+    pub backpressure_ms: u64,
+    pub late_rows: u64,
+    pub managed_peak_bytes: u64,
+    pub transport: String,
+    pub taskmanagers: usize,
+    pub slots: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum Message {
+    // TaskManager → JobManager
+    RegisterTaskManager {
+        name: Option<String>,
+        data_addr: SocketAddr,
+        slots: Vec<SlotStatus>,
+    },
+    Heartbeat {
+        slots: Vec<SlotStatus>,
+    },
+    TaskStatus {
+        job: u64,
+        vertex: usize,
+        subtask: u32,
+        state: ExecutionState,
+        error: Option<String>,
+        metrics: Option<TaskSnapshot>,
+    },
+    // JobManager → TaskManager
+    Registered {
+        taskmanager: String,
+    },
+    DeployTasks {
+        job: u64,
+        job_text: String,
+        job_path: String,
+        default_parallelism: u32,
+        tasks: Vec<TaskDeploymentDescriptor>,
+    },
+    CancelJob {
+        job: u64,
+        reason: String,
+    },
+    HeartbeatAck,
+    // Client → JobManager
+    SubmitJob {
+        job_text: String,
+        job_path: String,
+    },
+    // JobManager → client
+    JobAccepted {
+        job: u64,
+        name: String,
+    },
+    JobRejected {
+        reason: String,
+    },
+    JobProgress {
+        job: u64,
+        rows_in: u64,
+        rows_expected: u64,
+        tasks_running: usize,
+        tasks_total: usize,
+    },
+    JobFinished {
+        summary: Box<JobSummary>,
+    },
+}
+
+pub async fn write_message<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    msg: &Message,
+) -> Result<(), RpcError> {
+    let body = serde_json::to_vec(msg)?;
+    if body.len() > FRAME_MAX_BYTES {
+        return Err(RpcError::TooLarge { length: body.len() });
+    }
+    let mut frame = Vec::with_capacity(4 + body.len());
+    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&body);
+    w.write_all(&frame).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, RpcError> {
+    let mut len = [0u8; 4];
+    match r.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Err(RpcError::Closed),
+        Err(e) => return Err(e.into()),
+    }
+    let length = u32::from_be_bytes(len) as usize;
+    if length > FRAME_MAX_BYTES {
+        return Err(RpcError::TooLarge { length });
+    }
+    let mut body = vec![0u8; length];
+    r.read_exact(&mut body).await?;
+    Ok(serde_json::from_slice(&body)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ExecutionState::*;
+
+    #[test]
+    fn only_legal_task_transitions_are_allowed() {
+        assert!(Created.can_become(Deploying));
+        assert!(Running.can_become(Finished));
+        assert!(Running.can_become(Failed));
+        assert!(!Created.can_become(Running));
+        assert!(!Finished.can_become(Running));
+        assert!(!Failed.can_become(Canceled));
+    }
+
+    #[tokio::test]
+    async fn messages_round_trip_and_oversize_is_refused() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 16);
+        write_message(
+            &mut a,
+            &Message::CancelJob {
+                job: 7,
+                reason: "x".into(),
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            read_message(&mut b).await.unwrap(),
+            Message::CancelJob { job: 7, .. }
+        ));
+        let (mut a, mut b) = tokio::io::duplex(64);
+        tokio::spawn(async move {
+            let _ = a.write_all(&u32::MAX.to_be_bytes()).await;
+        });
+        assert!(matches!(
+            read_message(&mut b).await,
+            Err(RpcError::TooLarge { .. })
+        ));
+    }
+}

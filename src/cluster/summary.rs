@@ -1,0 +1,120 @@
+//! The end-of-run summary a user reads.
+
+use std::fmt::Write;
+
+use super::rpc::{JobState, JobSummary};
+
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+fn human_count(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Renders the summary as aligned text.
+pub fn render(s: &JobSummary) -> String {
+    let secs = s.wall_ms as f64 / 1000.0;
+    let rate = if secs > 0.0 {
+        s.rows_in as f64 / secs
+    } else {
+        0.0
+    };
+    let mut out = String::new();
+    let state = match s.state {
+        JobState::Finished => "FINISHED",
+        JobState::Failed => "FAILED",
+        JobState::Canceled => "CANCELED",
+        JobState::Running => "RUNNING",
+        JobState::Created => "CREATED",
+    };
+    let _ = writeln!(
+        out,
+        "Job '{}' ({:016x}) {state} in {secs:.2} s",
+        s.name, s.job
+    );
+    if let Some(reason) = &s.reason {
+        let _ = writeln!(out, "  cause: {reason}");
+    }
+    let _ = writeln!(
+        out,
+        "  rows in {}   rows out {}   throughput {:.2} M rows/s",
+        human_count(s.rows_in),
+        human_count(s.rows_out),
+        rate / 1e6
+    );
+    let _ = writeln!(
+        out,
+        "  cluster {} TaskManager(s), {} slots   transport: {}",
+        s.taskmanagers, s.slots, s.transport
+    );
+    let _ = writeln!(
+        out,
+        "  exchange: {} in {} buffers over TCP, {} rows over local channels, back-pressured {} ms",
+        human_bytes(s.remote_bytes),
+        human_count(s.remote_buffers),
+        human_count(s.local_rows),
+        s.backpressure_ms
+    );
+    let _ = writeln!(
+        out,
+        "  managed memory peak per slot {}   late rows dropped {}   spilled bytes 0",
+        human_bytes(s.managed_peak_bytes),
+        human_count(s.late_rows)
+    );
+    let _ = writeln!(out, "  vertices:");
+    for v in &s.vertices {
+        let _ = writeln!(
+            out,
+            "    [{}] {} — parallelism {}, tier {}, on {}",
+            v.input_partitioner.as_deref().unwrap_or("SOURCE"),
+            v.name,
+            v.parallelism,
+            v.tier,
+            v.placement.join(", ")
+        );
+        for o in &v.operators {
+            let _ = writeln!(
+                out,
+                "        {:<20} {:<14} in {:>14}   out {:>14}",
+                o.name,
+                o.kind,
+                human_count(o.rows_in),
+                human_count(o.rows_out)
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_bytes_are_human() {
+        assert_eq!(human_count(50_000_000), "50,000,000");
+        assert_eq!(human_count(999), "999");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(12), "12 B");
+    }
+}

@@ -1,0 +1,338 @@
+//! The table of known keys: each Flink key name, the `Config` field it sets, the
+//! parser for its value and the printer for `strata config`.
+//!
+//! A key's parser checks everything that concerns that key alone (syntax, range,
+//! power of two); relations between keys are checked in `Config::validate` and
+//! in the memory layout.
+
+use std::fmt::Display;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::source::RawValue;
+use super::units::{self, DURATION_SYNTAX, MEMORY_SYNTAX};
+use super::{Config, Transport};
+
+/// Flink caps max parallelism at 2^15 (`KeyGroupRangeAssignment.UPPER_BOUND_MAX_PARALLELISM`).
+pub(super) const MAX_PARALLELISM_LIMIT: u32 = 1 << 15;
+const PAGE_BYTES_MIN: u64 = 4 << 10;
+const PAGE_BYTES_MAX: u64 = 16 << 20;
+
+/// One known key: `apply` parses a value into its `Config` field (the error is
+/// the reason it was refused); `show` prints the effective value so that it parses back.
+pub(super) struct Key {
+    pub(super) name: &'static str,
+    pub(super) apply: fn(&mut Config, &RawValue) -> Result<(), &'static str>,
+    pub(super) show: fn(&Config) -> String,
+}
+
+/// `"flink.key" => config_field: parser, printer;` for each key, in the order
+/// `strata config` prints them.
+macro_rules! keys {
+    ($($name:literal => $field:ident: $parse:ident, $show:ident;)*) => {
+        pub(super) const KEYS: &[Key] = &[$(Key {
+            name: $name,
+            apply: |config, value| {
+                config.$field = $parse(value)?;
+                Ok(())
+            },
+            show: |config| $show(&config.$field),
+        }),*];
+    };
+}
+
+keys! {
+    "taskmanager.numberOfTaskSlots"                        => slot_count: at_least_one, show;
+    "taskmanager.memory.process.size"                      => process_size_bytes: memory, show_memory;
+    "taskmanager.memory.managed.fraction"                  => managed_fraction: fraction, show;
+    "taskmanager.memory.network.fraction"                  => network_fraction: fraction, show;
+    "taskmanager.memory.network.min"                       => network_min_bytes: memory, show_memory;
+    "taskmanager.memory.network.max"                       => network_max_bytes: memory_or_unlimited, show_memory;
+    "taskmanager.memory.framework.heap.size"               => framework_heap_bytes: memory, show_memory;
+    "taskmanager.memory.framework.off-heap.size"           => framework_off_heap_bytes: memory, show_memory;
+    "taskmanager.memory.task.off-heap.size"                => task_off_heap_bytes: memory, show_memory;
+    "taskmanager.memory.jvm-metaspace.size"                => jvm_metaspace_bytes: memory, show_memory;
+    "taskmanager.memory.jvm-overhead.fraction"             => jvm_overhead_fraction: fraction, show;
+    "taskmanager.memory.jvm-overhead.min"                  => jvm_overhead_min_bytes: memory, show_memory;
+    "taskmanager.memory.jvm-overhead.max"                  => jvm_overhead_max_bytes: memory, show_memory;
+    "taskmanager.memory.segment-size"                      => segment_size_bytes: page_size, show_memory;
+    "taskmanager.memory.page-size"                         => page_size_bytes: page_size, show_memory;
+    "taskmanager.network.memory.buffers-per-channel"       => buffers_per_channel: at_least_one, show;
+    "taskmanager.network.memory.floating-buffers-per-gate" => floating_buffers_per_gate: count, show;
+    "taskmanager.network.memory.max-buffers-per-channel"   => max_buffers_per_channel: at_least_one, show;
+    "taskmanager.network.transport"                        => transport: transport, show;
+    "taskmanager.host"                                     => host: text, show;
+    "taskmanager.data.port"                                => data_port: port, show;
+    "taskmanager.rpc.port"                                 => rpc_port: port, show;
+    "taskmanager.registration.timeout"                     => registration_timeout: duration, show_duration;
+    "cluster.registration.initial-timeout"                 => registration_initial_timeout: duration, show_duration;
+    "cluster.registration.max-timeout"                     => registration_max_timeout: duration, show_duration;
+    "jobmanager.rpc.address"                               => jobmanager_address: text, show;
+    "jobmanager.rpc.port"                                  => jobmanager_port: port, show;
+    "heartbeat.interval"                                   => heartbeat_interval: positive_duration, show_duration;
+    "heartbeat.timeout"                                    => heartbeat_timeout: positive_duration, show_duration;
+    "io.tmp.dirs"                                          => tmp_dirs: paths, show_paths;
+    "parallelism.default"                                  => default_parallelism: at_least_one, show;
+    "pipeline.max-parallelism"                             => max_parallelism: max_parallelism, show;
+    "execution.buffer-timeout.interval"                    => buffer_timeout: duration, show_duration;
+    "rest.port"                                            => rest_port: port, show;
+    "metrics.reporter.prom.port"                           => prometheus_port: port, show;
+}
+
+pub(super) fn find(name: &str) -> Option<&'static Key> {
+    KEYS.iter().find(|key| key.name == name)
+}
+
+/// The known key closest to `name` by edit distance (ignoring case), if it is
+/// close enough to be a plausible typo.
+pub(super) fn closest(name: &str) -> Option<&'static str> {
+    let name = name.to_lowercase();
+    let allowed = (name.chars().count() / 4).max(2);
+    KEYS.iter()
+        .map(|key| (edit_distance(&name, &key.name.to_lowercase()), key.name))
+        .min_by_key(|(distance, _)| *distance)
+        .filter(|(distance, _)| *distance <= allowed)
+        .map(|(_, key)| key)
+}
+
+/// Levenshtein distance over chars, two rows at a time.
+fn edit_distance(source: &str, target: &str) -> usize {
+    let target: Vec<char> = target.chars().collect();
+    let mut previous: Vec<usize> = (0..=target.len()).collect();
+    for (i, s) in source.chars().enumerate() {
+        let mut current = vec![i + 1; target.len() + 1];
+        for (j, t) in target.iter().enumerate() {
+            let substitution = previous[j] + usize::from(s != *t);
+            current[j + 1] = substitution.min(previous[j + 1] + 1).min(current[j] + 1);
+        }
+        previous = current;
+    }
+    previous[target.len()]
+}
+
+fn memory(value: &RawValue) -> Result<u64, &'static str> {
+    match value {
+        RawValue::Text(text) => units::parse_memory_size(text),
+        RawValue::Integer(bytes) => u64::try_from(*bytes).map_err(|_| MEMORY_SYNTAX),
+        _ => Err(MEMORY_SYNTAX),
+    }
+}
+
+/// `unlimited` is how `strata config` prints the default `network.max`.
+fn memory_or_unlimited(value: &RawValue) -> Result<u64, &'static str> {
+    match value {
+        RawValue::Text(text) if text.trim().eq_ignore_ascii_case("unlimited") => Ok(u64::MAX),
+        _ => memory(value),
+    }
+}
+
+fn page_size(value: &RawValue) -> Result<u64, &'static str> {
+    let bytes = memory(value)?;
+    let in_range = (PAGE_BYTES_MIN..=PAGE_BYTES_MAX).contains(&bytes);
+    if bytes.is_power_of_two() && in_range {
+        Ok(bytes)
+    } else {
+        Err("must be a power of two between 4kb and 16mb")
+    }
+}
+
+fn duration(value: &RawValue) -> Result<Duration, &'static str> {
+    match value {
+        RawValue::Text(text) => units::parse_duration(text),
+        RawValue::Integer(millis) => u64::try_from(*millis)
+            .map(Duration::from_millis)
+            .map_err(|_| DURATION_SYNTAX),
+        _ => Err(DURATION_SYNTAX),
+    }
+}
+
+fn positive_duration(value: &RawValue) -> Result<Duration, &'static str> {
+    Some(duration(value)?)
+        .filter(|duration| !duration.is_zero())
+        .ok_or("must be longer than zero")
+}
+
+fn fraction(value: &RawValue) -> Result<f64, &'static str> {
+    const SYNTAX: &str = "expected a fraction like 0.4";
+    let number = match value {
+        RawValue::Text(text) => text.trim().parse().map_err(|_| SYNTAX)?,
+        RawValue::Float(number) => *number,
+        RawValue::Integer(number) => *number as f64,
+        _ => return Err(SYNTAX),
+    };
+    if (0.0..=1.0).contains(&number) {
+        Ok(number)
+    } else {
+        Err("fraction must be in [0, 1]")
+    }
+}
+
+fn count(value: &RawValue) -> Result<u32, &'static str> {
+    const SYNTAX: &str = "expected a non-negative integer";
+    match value {
+        RawValue::Text(text) => text.trim().parse().map_err(|_| SYNTAX),
+        RawValue::Integer(number) => u32::try_from(*number).map_err(|_| SYNTAX),
+        _ => Err(SYNTAX),
+    }
+}
+
+fn at_least_one(value: &RawValue) -> Result<u32, &'static str> {
+    Some(count(value)?)
+        .filter(|n| *n >= 1)
+        .ok_or("must be at least 1")
+}
+
+fn max_parallelism(value: &RawValue) -> Result<u32, &'static str> {
+    Some(at_least_one(value)?)
+        .filter(|n| *n <= MAX_PARALLELISM_LIMIT)
+        .ok_or("must be between 1 and 32768")
+}
+
+fn port(value: &RawValue) -> Result<u16, &'static str> {
+    u16::try_from(count(value)?).map_err(|_| "expected a port number in 0..=65535")
+}
+
+fn text(value: &RawValue) -> Result<String, &'static str> {
+    match value {
+        RawValue::Text(text) if !text.trim().is_empty() => Ok(text.trim().to_owned()),
+        RawValue::Text(_) => Err("must not be empty"),
+        _ => Err("expected a string"),
+    }
+}
+
+/// Flink separates `io.tmp.dirs` with `,` or the path separator `:`; TOML may
+/// also give an array of strings.
+fn paths(value: &RawValue) -> Result<Vec<PathBuf>, &'static str> {
+    let parts: Vec<&str> = match value {
+        RawValue::Text(text) => text.split([',', ':']).collect(),
+        RawValue::List(items) => items.iter().map(String::as_str).collect(),
+        _ => return Err("expected directories separated by `,` or `:`"),
+    };
+    let dirs: Vec<PathBuf> = parts
+        .iter()
+        .map(|part| part.trim())
+        .filter(|part| !part.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    if dirs.is_empty() {
+        return Err("expected at least one directory");
+    }
+    Ok(dirs)
+}
+
+fn transport(value: &RawValue) -> Result<Transport, &'static str> {
+    const SYNTAX: &str = "expected one of auto, tcp, rdma";
+    let RawValue::Text(text) = value else {
+        return Err(SYNTAX);
+    };
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(Transport::Auto),
+        "tcp" => Ok(Transport::Tcp),
+        "rdma" => Ok(Transport::Rdma),
+        _ => Err(SYNTAX),
+    }
+}
+
+fn show(value: &impl Display) -> String {
+    value.to_string()
+}
+
+fn show_memory(bytes: &u64) -> String {
+    units::format_memory_size(*bytes)
+}
+
+fn show_duration(duration: &Duration) -> String {
+    units::format_duration(*duration)
+}
+
+fn show_paths(dirs: &[PathBuf]) -> String {
+    let dirs: Vec<String> = dirs.iter().map(|dir| dir.display().to_string()).collect();
+    dirs.join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn text_value(s: &str) -> RawValue {
+        RawValue::Text(s.to_owned())
+    }
+
+    #[test]
+    fn key_names_are_unique_and_none_is_a_prefix_of_another() {
+        // A key that is a dotted prefix of another could not be written in TOML.
+        for a in KEYS {
+            for b in KEYS {
+                if !std::ptr::eq(a, b) {
+                    assert_ne!(a.name, b.name);
+                    assert!(!b.name.starts_with(&format!("{}.", a.name)), "{}", a.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn closest_key_tolerates_typos_and_case() {
+        let cases = [
+            (
+                "taskmanager.numberOfTaskSlot",
+                Some("taskmanager.numberOfTaskSlots"),
+            ),
+            (
+                "taskmanager.numberoftaskslots",
+                Some("taskmanager.numberOfTaskSlots"),
+            ),
+            ("heartbeat.intervall", Some("heartbeat.interval")),
+            ("rest.prot", Some("rest.port")),
+            (
+                "taskmanager.memory.process",
+                Some("taskmanager.memory.process.size"),
+            ),
+            ("state.backend.type", None),
+            ("x", None),
+        ];
+        for (typo, expected) in cases {
+            assert_eq!(closest(typo), expected, "{typo}");
+        }
+    }
+
+    #[test]
+    fn value_parsers_accept_flink_forms_and_explain_refusals() {
+        assert_eq!(fraction(&text_value("0.25")), Ok(0.25));
+        assert_eq!(fraction(&RawValue::Integer(1)), Ok(1.0));
+        assert_eq!(
+            fraction(&text_value("1.5")),
+            Err("fraction must be in [0, 1]")
+        );
+        assert_eq!(
+            fraction(&RawValue::Float(f64::NAN)),
+            Err("fraction must be in [0, 1]")
+        );
+        assert_eq!(memory(&RawValue::Integer(4096)), Ok(4096));
+        assert_eq!(memory(&RawValue::Integer(-1)), Err(MEMORY_SYNTAX));
+        assert_eq!(memory_or_unlimited(&text_value("Unlimited")), Ok(u64::MAX));
+        assert_eq!(
+            duration(&RawValue::Integer(250)),
+            Ok(Duration::from_millis(250))
+        );
+        assert_eq!(page_size(&text_value("64kb")), Ok(64 << 10));
+        assert!(page_size(&text_value("48kb")).is_err());
+        assert!(page_size(&text_value("2kb")).is_err());
+        assert!(page_size(&text_value("32mb")).is_err());
+        assert_eq!(at_least_one(&text_value("0")), Err("must be at least 1"));
+        assert!(port(&text_value("70000")).is_err());
+        assert!(max_parallelism(&text_value("32769")).is_err());
+        assert_eq!(transport(&text_value("RDMA")), Ok(Transport::Rdma));
+        assert!(transport(&text_value("udp")).is_err());
+        assert!(text(&text_value("  ")).is_err());
+    }
+
+    #[test]
+    fn tmp_dirs_split_on_commas_and_colons_or_take_a_list() {
+        let expected: Vec<PathBuf> = vec!["/a".into(), "/b".into(), "/c".into()];
+        assert_eq!(paths(&text_value("/a,/b:/c")), Ok(expected.clone()));
+        let list = RawValue::List(vec!["/a".into(), "/b".into(), "/c".into()]);
+        assert_eq!(paths(&list), Ok(expected));
+        assert!(paths(&text_value(" , ")).is_err());
+    }
+}

@@ -1,0 +1,670 @@
+//! TaskManager configuration: Flink's option names and defaults, read from a
+//! file, the `STRATA_PROPERTIES` variable and `-D key=value` arguments, plus the
+//! memory layout that follows from them.
+//!
+//! This module owns the set of known keys (`keys.rs`), their value syntax
+//! (`units.rs`: `1728m`, `10 s`), the sources (`source.rs`: TOML, Flink's flat
+//! YAML, properties, overrides) and the memory model (`layout.rs`).
+//!
+//! Invariants of a [`Config`] returned by [`Config::load`]:
+//! - every key is a known Flink key, and later sources win: defaults < file <
+//!   `STRATA_PROPERTIES` < `-D`; each key remembers which source set it;
+//! - each value passed its own check (fractions in [0, 1], page and segment
+//!   sizes powers of two in 4 KiB..16 MiB, slot count ≥ 1, ...) and the keys
+//!   agree with each other (heartbeat timeout > interval, max parallelism ≥
+//!   default parallelism, registration back-off initial ≤ max);
+//! - [`Config::memory_layout`] was derived from these fields and is feasible.
+//!
+//! Limits: the fields are public for reading; assigning to one afterwards does
+//! not re-derive the layout or re-run the checks, so build a new `Config` with
+//! [`Config::from_overrides`] instead. YAML is only Flink's flat `key: value`
+//! form. Unknown keys are errors (Flink only logs them), because a typo in a
+//! memory key silently changes the layout.
+
+mod error;
+mod keys;
+mod layout;
+mod source;
+mod units;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use error::ConfigError;
+pub use layout::MemoryLayout;
+pub use source::{ConfigSource, Origin};
+
+use source::Entry;
+
+const MIB: u64 = 1 << 20;
+
+/// The data-plane transport. Parsed and validated now; `Auto` picks TCP until
+/// another transport exists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    #[default]
+    Auto,
+    Tcp,
+    Rdma,
+}
+
+/// The effective TaskManager configuration. Each field names the Flink key it
+/// comes from; defaults are Flink's.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `taskmanager.numberOfTaskSlots`, at least 1.
+    pub slot_count: u32,
+    /// `taskmanager.memory.process.size`; everything else in the layout follows from it.
+    pub process_size_bytes: u64,
+    /// `taskmanager.memory.managed.fraction` of total Flink memory.
+    pub managed_fraction: f64,
+    /// `taskmanager.memory.network.fraction` of total Flink memory.
+    pub network_fraction: f64,
+    /// `taskmanager.memory.network.min`.
+    pub network_min_bytes: u64,
+    /// `taskmanager.memory.network.max`; `u64::MAX` is unlimited.
+    pub network_max_bytes: u64,
+    /// `taskmanager.memory.framework.heap.size`.
+    pub framework_heap_bytes: u64,
+    /// `taskmanager.memory.framework.off-heap.size`.
+    pub framework_off_heap_bytes: u64,
+    /// `taskmanager.memory.task.off-heap.size`.
+    pub task_off_heap_bytes: u64,
+    /// `taskmanager.memory.jvm-metaspace.size`: reserved for code, thread stacks
+    /// and allocator metadata; the key keeps Flink's name.
+    pub jvm_metaspace_bytes: u64,
+    /// `taskmanager.memory.jvm-overhead.fraction` of the process size.
+    pub jvm_overhead_fraction: f64,
+    /// `taskmanager.memory.jvm-overhead.min`.
+    pub jvm_overhead_min_bytes: u64,
+    /// `taskmanager.memory.jvm-overhead.max`.
+    pub jvm_overhead_max_bytes: u64,
+    /// `taskmanager.memory.segment-size`: one network buffer.
+    pub segment_size_bytes: u64,
+    /// `taskmanager.memory.page-size`: one managed-memory page.
+    pub page_size_bytes: u64,
+    /// `taskmanager.network.memory.buffers-per-channel` (exclusive credits).
+    pub buffers_per_channel: u32,
+    /// `taskmanager.network.memory.floating-buffers-per-gate`.
+    pub floating_buffers_per_gate: u32,
+    /// `taskmanager.network.memory.max-buffers-per-channel`.
+    pub max_buffers_per_channel: u32,
+    /// `taskmanager.network.transport`.
+    pub transport: Transport,
+    /// `taskmanager.host`.
+    pub host: String,
+    /// `taskmanager.data.port`; 0 binds any free port.
+    pub data_port: u16,
+    /// `taskmanager.rpc.port`; 0 binds any free port.
+    pub rpc_port: u16,
+    /// `taskmanager.registration.timeout`: give up registering after this long.
+    pub registration_timeout: Duration,
+    /// `cluster.registration.initial-timeout`: first registration back-off.
+    pub registration_initial_timeout: Duration,
+    /// `cluster.registration.max-timeout`: the back-off doubles up to this.
+    pub registration_max_timeout: Duration,
+    /// `jobmanager.rpc.address`.
+    pub jobmanager_address: String,
+    /// `jobmanager.rpc.port`.
+    pub jobmanager_port: u16,
+    /// `heartbeat.interval`.
+    pub heartbeat_interval: Duration,
+    /// `heartbeat.timeout`, longer than the interval.
+    pub heartbeat_timeout: Duration,
+    /// `io.tmp.dirs`: spill directories, at least one.
+    pub tmp_dirs: Vec<PathBuf>,
+    /// `parallelism.default`.
+    pub default_parallelism: u32,
+    /// `pipeline.max-parallelism`, in `default_parallelism..=32768`.
+    pub max_parallelism: u32,
+    /// `execution.buffer-timeout.interval`: output flush period.
+    pub buffer_timeout: Duration,
+    /// `rest.port`.
+    pub rest_port: u16,
+    /// `metrics.reporter.prom.port`.
+    pub prometheus_port: u16,
+    layout: MemoryLayout,
+    origins: BTreeMap<&'static str, Origin>,
+}
+
+impl Config {
+    /// Loads defaults, then `file` (`.toml`, or `.yaml`/`.yml` in Flink's flat
+    /// form), then `env_properties` (the content of `STRATA_PROPERTIES`), then
+    /// the `-D` `overrides`, each `key=value`; later sources win.
+    pub fn load(
+        file: Option<&Path>,
+        env_properties: Option<&str>,
+        overrides: &[String],
+    ) -> Result<Config, ConfigError> {
+        let mut entries = Vec::new();
+        if let Some(path) = file {
+            entries.extend(source::read_file(path)?);
+        }
+        if let Some(text) = env_properties {
+            entries.extend(source::parse_env_properties(text)?);
+        }
+        entries.extend(source::parse_overrides(overrides)?);
+
+        let mut config = Config::flink_defaults();
+        for entry in entries {
+            config.apply(entry)?;
+        }
+        config.validate()?;
+        config.layout = MemoryLayout::derive(&config)?;
+        Ok(config)
+    }
+
+    /// Defaults plus `-D` overrides only.
+    pub fn from_overrides(overrides: &[String]) -> Result<Config, ConfigError> {
+        Config::load(None, None, overrides)
+    }
+
+    pub fn memory_layout(&self) -> &MemoryLayout {
+        &self.layout
+    }
+
+    /// Which source set `key`; `None` for a key this module does not know.
+    pub fn source_of(&self, key: &str) -> Option<&ConfigSource> {
+        self.origins.get(key).map(|origin| &origin.source)
+    }
+
+    /// The `strata config` output: every key with its effective value and where
+    /// it came from, then the memory layout, as aligned text tables.
+    pub fn render_table(&self) -> String {
+        let settings: Vec<[String; 3]> = keys::KEYS
+            .iter()
+            .map(|key| {
+                let origin = self.origins.get(key.name).unwrap_or(&Origin::DEFAULT);
+                [key.name.to_owned(), (key.show)(self), origin.to_string()]
+            })
+            .collect();
+        let layout = &self.layout;
+        let mut memory: Vec<[String; 3]> = layout
+            .rows()
+            .iter()
+            .map(|(label, bytes)| [label.to_string(), human_size(*bytes), bytes.to_string()])
+            .collect();
+        memory.push([
+            "network segments".to_owned(),
+            format!(
+                "{} x {}",
+                layout.network_segment_count,
+                units::format_memory_size(self.segment_size_bytes)
+            ),
+            layout.network_segment_count.to_string(),
+        ]);
+        let mut out = String::new();
+        write_table(&mut out, ["KEY", "VALUE", "SOURCE"], &settings);
+        out.push('\n');
+        write_table(&mut out, ["MEMORY", "SIZE", "BYTES"], &memory);
+        out
+    }
+
+    fn flink_defaults() -> Config {
+        Config {
+            slot_count: 1,
+            process_size_bytes: 1728 * MIB,
+            managed_fraction: 0.4,
+            network_fraction: 0.1,
+            network_min_bytes: 64 * MIB,
+            network_max_bytes: u64::MAX,
+            framework_heap_bytes: 128 * MIB,
+            framework_off_heap_bytes: 128 * MIB,
+            task_off_heap_bytes: 0,
+            jvm_metaspace_bytes: 256 * MIB,
+            jvm_overhead_fraction: 0.1,
+            jvm_overhead_min_bytes: 192 * MIB,
+            jvm_overhead_max_bytes: 1024 * MIB,
+            segment_size_bytes: 32 << 10,
+            page_size_bytes: 32 << 10,
+            buffers_per_channel: 2,
+            floating_buffers_per_gate: 8,
+            max_buffers_per_channel: 10,
+            transport: Transport::Auto,
+            host: "127.0.0.1".to_owned(),
+            data_port: 0,
+            rpc_port: 0,
+            registration_timeout: Duration::from_secs(5 * 60),
+            registration_initial_timeout: Duration::from_millis(100),
+            registration_max_timeout: Duration::from_secs(30),
+            jobmanager_address: "127.0.0.1".to_owned(),
+            jobmanager_port: 6123,
+            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_timeout: Duration::from_secs(50),
+            tmp_dirs: vec![std::env::temp_dir()],
+            default_parallelism: 1,
+            max_parallelism: 128,
+            buffer_timeout: Duration::from_millis(100),
+            rest_port: 8081,
+            prometheus_port: 9249,
+            layout: MemoryLayout::default(),
+            origins: keys::KEYS
+                .iter()
+                .map(|key| (key.name, Origin::DEFAULT))
+                .collect(),
+        }
+    }
+
+    fn apply(&mut self, entry: Entry) -> Result<(), ConfigError> {
+        let Some(key) = keys::find(&entry.key) else {
+            return Err(ConfigError::UnknownKey {
+                suggestion: keys::closest(&entry.key),
+                key: entry.key,
+                origin: entry.origin,
+            });
+        };
+        (key.apply)(self, &entry.value).map_err(|reason| ConfigError::InvalidValue {
+            key: entry.key.clone(),
+            value: entry.value.to_string(),
+            origin: entry.origin.clone(),
+            reason,
+        })?;
+        let previous = self.origins.insert(key.name, entry.origin);
+        if let Some(previous) = previous.filter(|p| p.source == self.origins[key.name].source) {
+            tracing::warn!(key = key.name, %previous, "config key set twice; the later value wins");
+        }
+        Ok(())
+    }
+
+    /// Checks between keys; each key's own range was checked when it was parsed.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let rules = [
+            (
+                self.heartbeat_timeout > self.heartbeat_interval,
+                ("heartbeat.timeout", "heartbeat.interval"),
+                "the heartbeat timeout must be longer than the interval",
+            ),
+            (
+                self.max_parallelism >= self.default_parallelism,
+                ("pipeline.max-parallelism", "parallelism.default"),
+                "max parallelism must be at least the default parallelism",
+            ),
+            (
+                self.registration_initial_timeout <= self.registration_max_timeout,
+                (
+                    "cluster.registration.initial-timeout",
+                    "cluster.registration.max-timeout",
+                ),
+                "the initial registration back-off must not exceed the maximum",
+            ),
+        ];
+        let Some((_, (key, other_key), reason)) = rules.into_iter().find(|(holds, ..)| !holds)
+        else {
+            return Ok(());
+        };
+        let show = |name| keys::find(name).map(|k| (k.show)(self).into_boxed_str());
+        Err(ConfigError::Conflict {
+            key,
+            value: show(key).unwrap_or_default(),
+            origin: self.origins.get(key).unwrap_or(&Origin::DEFAULT).clone(),
+            other_key,
+            other_value: show(other_key).unwrap_or_default(),
+            reason,
+        })
+    }
+}
+
+impl Default for Config {
+    /// Flink's defaults, with the layout derived.
+    fn default() -> Config {
+        Config::from_overrides(&[]).expect("Flink's defaults form a valid configuration")
+    }
+}
+
+impl fmt::Display for Transport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Transport::Auto => "auto",
+            Transport::Tcp => "tcp",
+            Transport::Rdma => "rdma",
+        })
+    }
+}
+
+/// Whole units where that reads well (`384mb`, `32kb`), else MiB with two decimals.
+fn human_size(bytes: u64) -> String {
+    if bytes < MIB || bytes.is_multiple_of(MIB) {
+        return units::format_memory_size(bytes);
+    }
+    format!("{:.2} MiB", bytes as f64 / MIB as f64)
+}
+
+/// Writes rows under a header, columns padded to their widest cell.
+fn write_table(out: &mut String, header: [&str; 3], rows: &[[String; 3]]) {
+    let mut widths = header.map(str::len);
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let header = header.map(str::to_owned);
+    for row in std::iter::once(&header).chain(rows) {
+        let line = format!(
+            "{:<w0$}  {:<w1$}  {}",
+            row[0],
+            row[1],
+            row[2],
+            w0 = widths[0],
+            w1 = widths[1]
+        );
+        out.push_str(line.trim_end());
+        out.push('\n');
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(items: &[&str]) -> Vec<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    /// A config file in its own directory under the system temp dir (the main
+    /// crate's tests may use `tempfile`; this module keeps to std), removed on drop.
+    struct TempFile(PathBuf);
+
+    impl TempFile {
+        fn new(name: &str, content: &str) -> TempFile {
+            let dir_name = format!("strata-config-{}-{name}", std::process::id());
+            let dir = std::env::temp_dir().join(dir_name);
+            std::fs::create_dir_all(&dir).unwrap();
+            let path = dir.join(name);
+            std::fs::write(&path, content).unwrap();
+            TempFile(path)
+        }
+    }
+
+    impl Drop for TempFile {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(self.0.parent().unwrap());
+        }
+    }
+
+    #[test]
+    fn defaults_are_flinks() {
+        let config = Config::default();
+        assert_eq!(config.slot_count, 1);
+        assert_eq!(config.process_size_bytes, 1728 * MIB);
+        assert_eq!(config.network_max_bytes, u64::MAX);
+        assert_eq!(config.segment_size_bytes, 32 << 10);
+        assert_eq!(config.transport, Transport::Auto);
+        assert_eq!(config.heartbeat_timeout, Duration::from_secs(50));
+        assert_eq!(config.registration_timeout, Duration::from_secs(300));
+        assert_eq!(config.tmp_dirs, vec![std::env::temp_dir()]);
+        assert_eq!(config.jobmanager_port, 6123);
+        assert_eq!(config.max_parallelism, 128);
+        assert_eq!(config.prometheus_port, 9249);
+        assert_eq!(config.memory_layout().task_heap, 384 * MIB);
+        assert_eq!(config.source_of("rest.port"), Some(&ConfigSource::Default));
+        assert_eq!(config.source_of("no.such.key"), None);
+    }
+
+    #[test]
+    fn override_beats_env_beats_file_beats_default() {
+        let file = TempFile::new(
+            "precedence.toml",
+            "taskmanager.numberOfTaskSlots = 2\nrest.port = 1\nheartbeat.interval = 2000\n\
+             [jobmanager.rpc]\nport = 7000\n",
+        );
+        let env = "rest.port: 2\njobmanager.rpc.port: 7001\n";
+        let overrides = args(&["jobmanager.rpc.port=7002"]);
+        let config = Config::load(Some(&file.0), Some(env), &overrides).unwrap();
+
+        assert_eq!(config.slot_count, 2);
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(2));
+        assert_eq!(config.rest_port, 2);
+        assert_eq!(config.jobmanager_port, 7002);
+        assert_eq!(config.data_port, 0);
+        let file_source = ConfigSource::File(file.0.clone());
+        assert_eq!(
+            config.source_of("taskmanager.numberOfTaskSlots"),
+            Some(&file_source)
+        );
+        assert_eq!(config.source_of("rest.port"), Some(&ConfigSource::Env));
+        assert_eq!(
+            config.source_of("jobmanager.rpc.port"),
+            Some(&ConfigSource::CommandLine)
+        );
+        assert_eq!(
+            config.source_of("taskmanager.data.port"),
+            Some(&ConfigSource::Default)
+        );
+    }
+
+    #[test]
+    fn flat_yaml_file_sets_typed_fields() {
+        let file = TempFile::new(
+            "flink.yaml",
+            "# shipped defaults\n\
+             taskmanager.memory.process.size: 4g\n\
+             taskmanager.numberOfTaskSlots: 4\n\
+             taskmanager.network.transport: \"tcp\"\n\
+             io.tmp.dirs: /data/a,/data/b\n\
+             execution.buffer-timeout.interval: 5 ms\n",
+        );
+        let config = Config::load(Some(&file.0), None, &[]).unwrap();
+        assert_eq!(config.process_size_bytes, 4096 * MIB);
+        assert_eq!(config.slot_count, 4);
+        assert_eq!(config.transport, Transport::Tcp);
+        let dirs: Vec<PathBuf> = vec!["/data/a".into(), "/data/b".into()];
+        assert_eq!(config.tmp_dirs, dirs);
+        assert_eq!(config.buffer_timeout, Duration::from_millis(5));
+        assert_eq!(
+            config.memory_layout().managed_per_slot * 4,
+            config.memory_layout().managed
+        );
+    }
+
+    #[test]
+    fn toml_file_takes_native_integers_and_arrays() {
+        let file = TempFile::new(
+            "native.toml",
+            "[taskmanager.memory]\nprocess.size = 2147483648\n\
+             [io.tmp]\ndirs = [\"/x\"]\n\
+             [heartbeat]\ninterval = 1000\ntimeout = \"3 s\"\n",
+        );
+        let config = Config::load(Some(&file.0), None, &[]).unwrap();
+        assert_eq!(config.process_size_bytes, 2048 * MIB);
+        assert_eq!(config.tmp_dirs, vec![PathBuf::from("/x")]);
+        assert_eq!(config.heartbeat_interval, Duration::from_secs(1));
+        assert_eq!(config.heartbeat_timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn unknown_key_suggests_closest() {
+        let error = Config::from_overrides(&args(&["taskmanager.numberOfTaskSlot=4"])).unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, ConfigError::UnknownKey { .. }));
+        assert!(
+            message.contains("`taskmanager.numberOfTaskSlot`"),
+            "{message}"
+        );
+        assert!(message.contains("from -D"), "{message}");
+        assert!(
+            message.contains("did you mean `taskmanager.numberOfTaskSlots`"),
+            "{message}"
+        );
+
+        let error = Config::from_overrides(&args(&["state.backend.type=rocksdb"])).unwrap_err();
+        assert!(!error.to_string().contains("did you mean"), "{error}");
+    }
+
+    #[test]
+    fn unknown_key_in_a_file_names_the_file_and_line() {
+        let file = TempFile::new("typo.yaml", "rest.port: 1\n\nheartbeat.intervall: 5 s\n");
+        let message = Config::load(Some(&file.0), None, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains(&format!("{}:3", file.0.display())),
+            "{message}"
+        );
+        assert!(
+            message.contains("did you mean `heartbeat.interval`"),
+            "{message}"
+        );
+
+        let error = Config::load(None, Some("\nrest.prot: 1"), &[]).unwrap_err();
+        assert!(
+            error.to_string().contains("from STRATA_PROPERTIES line 2"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn bad_values_name_key_value_origin_and_reason() {
+        let cases = [
+            (
+                "taskmanager.memory.process.size=lots",
+                "expected a memory size like 1728m",
+            ),
+            (
+                "taskmanager.memory.managed.fraction=1.2",
+                "fraction must be in [0, 1]",
+            ),
+            ("taskmanager.numberOfTaskSlots=0", "must be at least 1"),
+            ("taskmanager.memory.segment-size=48kb", "power of two"),
+            ("heartbeat.interval=soon", "expected a duration like 10 s"),
+            (
+                "taskmanager.network.transport=udp",
+                "expected one of auto, tcp, rdma",
+            ),
+            ("pipeline.max-parallelism=40000", "between 1 and 32768"),
+            ("rest.port=99999", "expected a port number"),
+        ];
+        for (argument, reason) in cases {
+            let error = Config::from_overrides(&args(&[argument])).unwrap_err();
+            let (key, value) = argument.split_once('=').unwrap();
+            let message = error.to_string();
+            assert!(
+                matches!(error, ConfigError::InvalidValue { .. }),
+                "{message}"
+            );
+            assert!(message.contains(&format!("`{key}`")), "{message}");
+            assert!(message.contains(&format!("`{value}`")), "{message}");
+            assert!(message.contains("from -D"), "{message}");
+            assert!(message.contains(reason), "{message}");
+        }
+    }
+
+    #[test]
+    fn bad_value_in_toml_names_file_and_line() {
+        let file = TempFile::new("bad.toml", "\n[taskmanager]\nnumberOfTaskSlots = -2\n");
+        let message = Config::load(Some(&file.0), None, &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            message.contains(&format!("{}:3", file.0.display())),
+            "{message}"
+        );
+        assert!(message.contains("`-2`"), "{message}");
+    }
+
+    #[test]
+    fn heartbeat_timeout_must_exceed_interval() {
+        let error = Config::from_overrides(&args(&["heartbeat.timeout=10 s"])).unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, ConfigError::Conflict { .. }));
+        assert!(
+            message.contains("`heartbeat.timeout` = 10 s (from -D)"),
+            "{message}"
+        );
+        assert!(message.contains("`heartbeat.interval` = 10 s"), "{message}");
+    }
+
+    #[test]
+    fn max_parallelism_must_cover_default_parallelism() {
+        let error = Config::from_overrides(&args(&["parallelism.default=200"])).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("`pipeline.max-parallelism` = 128 (from default)"),
+            "{message}"
+        );
+        assert!(message.contains("`parallelism.default` = 200"), "{message}");
+    }
+
+    #[test]
+    fn malformed_file_errors_name_the_path() {
+        let file = TempFile::new("nested.yaml", "taskmanager:\n  numberOfTaskSlots: 4\n");
+        let error = Config::load(Some(&file.0), None, &[]).unwrap_err();
+        assert!(matches!(
+            error,
+            ConfigError::FileParse { line: Some(1), .. }
+        ));
+        assert!(error.to_string().contains("nested.yaml:1"), "{error}");
+
+        let missing = Path::new("/nonexistent/strata.yaml");
+        let error = Config::load(Some(missing), None, &[]).unwrap_err();
+        assert!(matches!(error, ConfigError::FileRead { .. }));
+        assert!(
+            error.to_string().contains("/nonexistent/strata.yaml"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn malformed_override_is_reported() {
+        let error = Config::from_overrides(&args(&["rest.port"])).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "-D argument `rest.port` is not of the form key=value"
+        );
+    }
+
+    #[test]
+    fn render_table_lists_values_sources_and_layout() {
+        let overrides = args(&["taskmanager.numberOfTaskSlots=2"]);
+        let table = Config::from_overrides(&overrides).unwrap().render_table();
+        let slot_line = table
+            .lines()
+            .find(|line| line.starts_with("taskmanager.numberOfTaskSlots "))
+            .unwrap();
+        assert!(
+            slot_line.contains(" 2 ") && slot_line.ends_with("-D"),
+            "{slot_line}"
+        );
+        let process_line = table
+            .lines()
+            .find(|line| line.starts_with("taskmanager.memory.process.size "))
+            .unwrap();
+        assert!(process_line.contains("1728mb") && process_line.ends_with("default"));
+        for expected in [
+            "384mb",
+            "512mb",
+            "128mb",
+            "1280mb",
+            "192mb",
+            "256mb",
+            "4096 x 32kb",
+        ] {
+            assert!(table.contains(expected), "missing {expected} in\n{table}");
+        }
+        let metaspace_line = table.lines().find(|l| l.starts_with("  jvm metaspace"));
+        let metaspace_line = metaspace_line.unwrap();
+        assert!(metaspace_line.contains("256mb") && metaspace_line.ends_with("268435456"));
+        let value_column = |line: &str| line.find("1728mb");
+        assert_eq!(
+            value_column(process_line),
+            table.lines().next().unwrap().find("VALUE")
+        );
+    }
+
+    #[test]
+    fn rendered_values_load_back_to_the_same_config() {
+        let config = Config::from_overrides(&args(&["heartbeat.timeout=2 min"])).unwrap();
+        let shown = |config: &Config| -> Vec<String> {
+            keys::KEYS.iter().map(|key| (key.show)(config)).collect()
+        };
+        let overrides: Vec<String> = keys::KEYS
+            .iter()
+            .map(|key| format!("{}={}", key.name, (key.show)(&config)))
+            .collect();
+        let reloaded = Config::from_overrides(&overrides).unwrap();
+        assert_eq!(shown(&reloaded), shown(&config));
+        assert_eq!(reloaded.memory_layout(), config.memory_layout());
+        assert_eq!(reloaded.heartbeat_timeout, Duration::from_secs(120));
+    }
+}

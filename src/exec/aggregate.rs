@@ -1,0 +1,747 @@
+//! Keyed aggregation and tumbling event-time windows over the paged hash
+//! table.
+//!
+//! Keys are encoded row by row into bytes (a null tag, then the value:
+//! integers, dates and timestamps widened to i64, floats to f64 with a
+//! canonical zero and NaN, booleans, utf8 with a length), accumulators are 16
+//! bytes each (value, non-null count). Results are built back into Arrow
+//! arrays and cast to the planned output types.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder};
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type};
+use arrow_array::{
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
+};
+use arrow_cast::cast;
+use arrow_schema::{DataType, SchemaRef};
+
+use super::ExecError;
+use super::hashtable::{PagedHashTable, TableError, read_u64, write_u64};
+use super::operators::{Operator, Output};
+use crate::job::{AggFunc, AggSpec};
+use crate::kernels::cpu::hash::{fmix64, hash_columns};
+use crate::memory::MemoryManager;
+
+const ACC_WIDTH: usize = 16;
+const OUTPUT_BATCH_ROWS: usize = 8192;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum AccKind {
+    CountStar,
+    Count,
+    SumInt,
+    SumFloat,
+    MinInt,
+    MinFloat,
+    MaxInt,
+    MaxFloat,
+    Avg,
+}
+
+#[derive(Clone, Debug)]
+struct AccPlan {
+    kind: AccKind,
+    column: Option<usize>,
+    output: String,
+}
+
+/// An input column prepared for accumulation.
+enum AccInput {
+    None,
+    Int(Int64Array),
+    Float(Float64Array),
+}
+
+/// A key column prepared for encoding.
+enum KeyColumn {
+    Int(Int64Array),
+    Float(Float64Array),
+    Bool(BooleanArray),
+    Str(StringArray),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum KeyClass {
+    Int,
+    Float,
+    Bool,
+    Str,
+}
+
+fn key_class(t: &DataType) -> Option<KeyClass> {
+    use DataType::*;
+    match t {
+        Int8
+        | Int16
+        | Int32
+        | Int64
+        | UInt8
+        | UInt16
+        | UInt32
+        | UInt64
+        | Date32
+        | Date64
+        | Timestamp(_, _) => Some(KeyClass::Int),
+        Float32 | Float64 => Some(KeyClass::Float),
+        Boolean => Some(KeyClass::Bool),
+        Utf8 | LargeUtf8 => Some(KeyClass::Str),
+        _ => None,
+    }
+}
+
+fn is_float(t: &DataType) -> bool {
+    matches!(t, DataType::Float16 | DataType::Float32 | DataType::Float64)
+}
+
+/// The grouping state of one aggregation (one window, for windows).
+struct Groups {
+    table: PagedHashTable,
+}
+
+/// Shared machinery of aggregate and window operators.
+struct Grouper {
+    operator: String,
+    key_columns: Vec<usize>,
+    key_classes: Vec<KeyClass>,
+    accs: Vec<AccPlan>,
+    output_schema: SchemaRef,
+    memory: MemoryManager,
+    hashes: Vec<u64>,
+    key_scratch: Vec<u8>,
+}
+
+impl Grouper {
+    fn new(
+        operator: &str,
+        input: &arrow_schema::Schema,
+        key_columns: Vec<usize>,
+        aggs: &[AggSpec],
+        output_schema: SchemaRef,
+        memory: MemoryManager,
+    ) -> Result<Self, ExecError> {
+        let key_classes = key_columns
+            .iter()
+            .map(|&i| {
+                let field = input.field(i);
+                key_class(field.data_type()).ok_or_else(|| ExecError::Unsupported {
+                    operator: operator.to_owned(),
+                    detail: format!(
+                        "key column '{}' of type {} cannot be grouped on",
+                        field.name(),
+                        field.data_type()
+                    ),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        let accs = aggs
+            .iter()
+            .map(|a| plan_acc(operator, input, a))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            operator: operator.to_owned(),
+            key_columns,
+            key_classes,
+            accs,
+            output_schema,
+            memory,
+            hashes: Vec::new(),
+            key_scratch: Vec::with_capacity(64),
+        })
+    }
+
+    fn new_groups(&self) -> Result<Groups, ExecError> {
+        let table = PagedHashTable::new(self.memory.clone(), ACC_WIDTH * self.accs.len())
+            .map_err(|e| self.table_error(e))?;
+        Ok(Groups { table })
+    }
+
+    fn table_error(&self, e: TableError) -> ExecError {
+        ExecError::State {
+            operator: self.operator.clone(),
+            detail: e.to_string(),
+        }
+    }
+
+    /// Folds the selected rows of `batch` into `groups` (`rows = None`: all).
+    fn update(
+        &mut self,
+        groups: &mut Groups,
+        batch: &RecordBatch,
+        rows: Option<&[u32]>,
+    ) -> Result<(), ExecError> {
+        let keys: Vec<ArrayRef> = self
+            .key_columns
+            .iter()
+            .map(|&i| Arc::clone(batch.column(i)))
+            .collect();
+        hash_columns(&keys, &mut self.hashes)?;
+        let key_cols = keys
+            .iter()
+            .zip(&self.key_classes)
+            .map(|(a, c)| prepare_key(a, *c))
+            .collect::<Result<Vec<_>, _>>()?;
+        let inputs = self
+            .accs
+            .iter()
+            .map(|a| prepare_input(batch, a))
+            .collect::<Result<Vec<_>, _>>()?;
+        let all: Vec<u32>;
+        let rows = match rows {
+            Some(r) => r,
+            None => {
+                all = (0..batch.num_rows() as u32).collect();
+                &all
+            }
+        };
+        let accs = &self.accs;
+        for &row in rows {
+            let row = row as usize;
+            self.key_scratch.clear();
+            for k in &key_cols {
+                encode_key(k, row, &mut self.key_scratch);
+            }
+            // Remix: the routing hash's low bits are skewed by key groups.
+            let probe = fmix64(self.hashes.get(row).copied().unwrap_or(0) ^ 0x5BD1_E995);
+            let id = match groups
+                .table
+                .find_or_insert(probe, &self.key_scratch, |acc| init_accs(accs, acc))
+            {
+                Ok(id) => id,
+                Err(e) => return Err(self.table_error(e)),
+            };
+            let acc = groups.table.acc_mut(id);
+            for (i, (plan, input)) in accs.iter().zip(&inputs).enumerate() {
+                update_acc(
+                    plan,
+                    input,
+                    row,
+                    &mut acc[i * ACC_WIDTH..(i + 1) * ACC_WIDTH],
+                )
+                .map_err(|()| ExecError::Overflow {
+                    operator: self.operator.clone(),
+                    column: plan.output.clone(),
+                })?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the output batches of `groups`; `window` adds start/end columns.
+    fn emit(
+        &self,
+        groups: &Groups,
+        window: Option<(i64, i64)>,
+        out: &mut dyn Output,
+    ) -> Result<(), ExecError> {
+        let total = groups.table.len();
+        let mut start = 0;
+        while start < total {
+            let end = (start + OUTPUT_BATCH_ROWS).min(total);
+            let batch = self.build(groups, start..end, window)?;
+            out.emit(batch)?;
+            start = end;
+        }
+        Ok(())
+    }
+
+    fn build(
+        &self,
+        groups: &Groups,
+        ids: std::ops::Range<usize>,
+        window: Option<(i64, i64)>,
+    ) -> Result<RecordBatch, ExecError> {
+        let n = ids.len();
+        let mut columns: Vec<ArrayRef> = decode_keys(&groups.table, ids.clone(), &self.key_classes);
+        if let Some((ws, we)) = window {
+            columns.push(Arc::new(Int64Array::from_value(ws, n)));
+            columns.push(Arc::new(Int64Array::from_value(we, n)));
+        }
+        for (i, plan) in self.accs.iter().enumerate() {
+            columns.push(build_acc(plan, &groups.table, ids.clone(), i));
+        }
+        let columns = columns
+            .into_iter()
+            .zip(self.output_schema.fields())
+            .map(|(c, f)| {
+                if c.data_type() == f.data_type() {
+                    Ok(c)
+                } else {
+                    cast(&c, f.data_type())
+                }
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(RecordBatch::try_new(
+            Arc::clone(&self.output_schema),
+            columns,
+        )?)
+    }
+}
+
+fn plan_acc(
+    operator: &str,
+    input: &arrow_schema::Schema,
+    a: &AggSpec,
+) -> Result<AccPlan, ExecError> {
+    let column = match &a.column {
+        None => None,
+        Some(name) => Some(input.index_of(name).map_err(|_| ExecError::Unsupported {
+            operator: operator.to_owned(),
+            detail: format!("column '{name}' not found"),
+        })?),
+    };
+    let float = column.is_some_and(|c| is_float(input.field(c).data_type()));
+    let numeric = column.is_some_and(|c| input.field(c).data_type().is_numeric());
+    let kind = match (&a.func, column) {
+        (AggFunc::Count, None) => AccKind::CountStar,
+        (AggFunc::Count, Some(_)) => AccKind::Count,
+        (_, None) => {
+            return Err(ExecError::Unsupported {
+                operator: operator.to_owned(),
+                detail: format!("{} needs a column", a.output),
+            });
+        }
+        (_, Some(c)) if !numeric => {
+            return Err(ExecError::Unsupported {
+                operator: operator.to_owned(),
+                detail: format!(
+                    "{}: aggregating column '{}' of type {} is not supported",
+                    a.output,
+                    input.field(c).name(),
+                    input.field(c).data_type()
+                ),
+            });
+        }
+        (AggFunc::Sum, _) => {
+            if float {
+                AccKind::SumFloat
+            } else {
+                AccKind::SumInt
+            }
+        }
+        (AggFunc::Min, _) => {
+            if float {
+                AccKind::MinFloat
+            } else {
+                AccKind::MinInt
+            }
+        }
+        (AggFunc::Max, _) => {
+            if float {
+                AccKind::MaxFloat
+            } else {
+                AccKind::MaxInt
+            }
+        }
+        (AggFunc::Avg, _) => AccKind::Avg,
+    };
+    Ok(AccPlan {
+        kind,
+        column,
+        output: a.output.clone(),
+    })
+}
+
+fn prepare_input(batch: &RecordBatch, plan: &AccPlan) -> Result<AccInput, ExecError> {
+    let Some(c) = plan.column else {
+        return Ok(AccInput::None);
+    };
+    let col = batch.column(c);
+    Ok(match plan.kind {
+        AccKind::SumFloat | AccKind::MinFloat | AccKind::MaxFloat | AccKind::Avg => {
+            AccInput::Float(
+                cast(col, &DataType::Float64)?
+                    .as_primitive::<Float64Type>()
+                    .clone(),
+            )
+        }
+        AccKind::Count => {
+            // Only validity matters; keep the cheapest view.
+            AccInput::Int(Int64Array::new(
+                vec![0; col.len()].into(),
+                col.logical_nulls(),
+            ))
+        }
+        _ => AccInput::Int(
+            cast(col, &DataType::Int64)?
+                .as_primitive::<Int64Type>()
+                .clone(),
+        ),
+    })
+}
+
+fn init_accs(accs: &[AccPlan], bytes: &mut [u8]) {
+    for (i, plan) in accs.iter().enumerate() {
+        let slot = &mut bytes[i * ACC_WIDTH..(i + 1) * ACC_WIDTH];
+        let init: u64 = match plan.kind {
+            AccKind::MinInt => i64::MAX as u64,
+            AccKind::MaxInt => i64::MIN as u64,
+            AccKind::MinFloat => f64::INFINITY.to_bits(),
+            AccKind::MaxFloat => f64::NEG_INFINITY.to_bits(),
+            AccKind::SumFloat | AccKind::Avg => 0f64.to_bits(),
+            _ => 0,
+        };
+        write_u64(slot, 0, init);
+        write_u64(slot, 8, 0);
+    }
+}
+
+/// Updates one accumulator; `Err(())` on integer overflow.
+#[inline]
+fn update_acc(plan: &AccPlan, input: &AccInput, row: usize, slot: &mut [u8]) -> Result<(), ()> {
+    let count = read_u64(slot, 8);
+    match (plan.kind, input) {
+        (AccKind::CountStar, _) => {
+            write_u64(slot, 8, count + 1);
+        }
+        (AccKind::Count, AccInput::Int(a)) => {
+            if a.is_valid(row) {
+                write_u64(slot, 8, count + 1);
+            }
+        }
+        (kind, AccInput::Int(a)) => {
+            if a.is_null(row) {
+                return Ok(());
+            }
+            let v = a.value(row);
+            let cur = read_u64(slot, 0) as i64;
+            let next = match kind {
+                AccKind::SumInt => cur.checked_add(v).ok_or(())?,
+                AccKind::MinInt => cur.min(v),
+                AccKind::MaxInt => cur.max(v),
+                _ => cur,
+            };
+            write_u64(slot, 0, next as u64);
+            write_u64(slot, 8, count + 1);
+        }
+        (kind, AccInput::Float(a)) => {
+            if a.is_null(row) {
+                return Ok(());
+            }
+            let v = a.value(row);
+            let cur = f64::from_bits(read_u64(slot, 0));
+            let next = match kind {
+                AccKind::SumFloat | AccKind::Avg => cur + v,
+                AccKind::MinFloat => cur.min(v),
+                AccKind::MaxFloat => cur.max(v),
+                _ => cur,
+            };
+            write_u64(slot, 0, next.to_bits());
+            write_u64(slot, 8, count + 1);
+        }
+        (_, AccInput::None) => {}
+    }
+    Ok(())
+}
+
+fn build_acc(
+    plan: &AccPlan,
+    table: &PagedHashTable,
+    ids: std::ops::Range<usize>,
+    i: usize,
+) -> ArrayRef {
+    let slot = |id: usize| &table.acc(id)[i * ACC_WIDTH..(i + 1) * ACC_WIDTH];
+    match plan.kind {
+        AccKind::CountStar | AccKind::Count => Arc::new(Int64Array::from_iter_values(
+            ids.map(|id| read_u64(slot(id), 8) as i64),
+        )),
+        AccKind::SumInt | AccKind::MinInt | AccKind::MaxInt => {
+            let mut b = Int64Builder::with_capacity(ids.len());
+            for id in ids {
+                let s = slot(id);
+                if read_u64(s, 8) == 0 {
+                    b.append_null();
+                } else {
+                    b.append_value(read_u64(s, 0) as i64);
+                }
+            }
+            Arc::new(b.finish())
+        }
+        AccKind::SumFloat | AccKind::MinFloat | AccKind::MaxFloat | AccKind::Avg => {
+            let avg = plan.kind == AccKind::Avg;
+            let mut b = Float64Builder::with_capacity(ids.len());
+            for id in ids {
+                let s = slot(id);
+                let count = read_u64(s, 8);
+                let v = f64::from_bits(read_u64(s, 0));
+                match count {
+                    0 => b.append_null(),
+                    _ if avg => b.append_value(v / count as f64),
+                    _ => b.append_value(v),
+                }
+            }
+            Arc::new(b.finish())
+        }
+    }
+}
+
+fn prepare_key(array: &ArrayRef, class: KeyClass) -> Result<KeyColumn, ExecError> {
+    Ok(match class {
+        KeyClass::Int => KeyColumn::Int(
+            cast(array, &DataType::Int64)?
+                .as_primitive::<Int64Type>()
+                .clone(),
+        ),
+        KeyClass::Float => KeyColumn::Float(
+            cast(array, &DataType::Float64)?
+                .as_primitive::<Float64Type>()
+                .clone(),
+        ),
+        KeyClass::Bool => KeyColumn::Bool(array.as_boolean().clone()),
+        KeyClass::Str => KeyColumn::Str(cast(array, &DataType::Utf8)?.as_string::<i32>().clone()),
+    })
+}
+
+#[inline]
+fn encode_key(col: &KeyColumn, row: usize, out: &mut Vec<u8>) {
+    let valid = match col {
+        KeyColumn::Int(a) => a.is_valid(row),
+        KeyColumn::Float(a) => a.is_valid(row),
+        KeyColumn::Bool(a) => a.is_valid(row),
+        KeyColumn::Str(a) => a.is_valid(row),
+    };
+    if !valid {
+        out.push(0);
+        return;
+    }
+    out.push(1);
+    match col {
+        KeyColumn::Int(a) => out.extend_from_slice(&a.value(row).to_le_bytes()),
+        KeyColumn::Float(a) => {
+            let v = a.value(row);
+            let v = if v == 0.0 {
+                0.0
+            } else if v.is_nan() {
+                f64::NAN
+            } else {
+                v
+            };
+            out.extend_from_slice(&v.to_bits().to_le_bytes());
+        }
+        KeyColumn::Bool(a) => out.push(u8::from(a.value(row))),
+        KeyColumn::Str(a) => {
+            let s = a.value(row).as_bytes();
+            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
+            out.extend_from_slice(s);
+        }
+    }
+}
+
+fn decode_keys(
+    table: &PagedHashTable,
+    ids: std::ops::Range<usize>,
+    classes: &[KeyClass],
+) -> Vec<ArrayRef> {
+    enum B {
+        Int(Int64Builder),
+        Float(Float64Builder),
+        Bool(BooleanBuilder),
+        Str(StringBuilder),
+    }
+    let n = ids.len();
+    let mut builders: Vec<B> = classes
+        .iter()
+        .map(|c| match c {
+            KeyClass::Int => B::Int(Int64Builder::with_capacity(n)),
+            KeyClass::Float => B::Float(Float64Builder::with_capacity(n)),
+            KeyClass::Bool => B::Bool(BooleanBuilder::with_capacity(n)),
+            KeyClass::Str => B::Str(StringBuilder::with_capacity(n, n * 8)),
+        })
+        .collect();
+    for id in ids {
+        let key = table.key(id);
+        let mut at = 0;
+        for b in &mut builders {
+            let valid = key[at] == 1;
+            at += 1;
+            match b {
+                B::Int(b) if valid => {
+                    b.append_value(read_u64(key, at) as i64);
+                    at += 8;
+                }
+                B::Float(b) if valid => {
+                    b.append_value(f64::from_bits(read_u64(key, at)));
+                    at += 8;
+                }
+                B::Bool(b) if valid => {
+                    b.append_value(key[at] == 1);
+                    at += 1;
+                }
+                B::Str(b) if valid => {
+                    let len = super::hashtable::read_u32(key, at) as usize;
+                    at += 4;
+                    // Keys were encoded from valid UTF-8.
+                    b.append_value(String::from_utf8_lossy(&key[at..at + len]));
+                    at += len;
+                }
+                B::Int(b) => b.append_null(),
+                B::Float(b) => b.append_null(),
+                B::Bool(b) => b.append_null(),
+                B::Str(b) => b.append_null(),
+            }
+        }
+    }
+    builders
+        .into_iter()
+        .map(|b| -> ArrayRef {
+            match b {
+                B::Int(mut b) => Arc::new(b.finish()),
+                B::Float(mut b) => Arc::new(b.finish()),
+                B::Bool(mut b) => Arc::new(b.finish()),
+                B::Str(mut b) => Arc::new(b.finish()),
+            }
+        })
+        .collect()
+}
+
+/// Keyed (or global) aggregation over a bounded input: emits once, at the
+/// end of input.
+pub struct AggregateOperator {
+    grouper: Grouper,
+    groups: Groups,
+}
+
+impl AggregateOperator {
+    pub fn new(
+        name: &str,
+        input: &arrow_schema::Schema,
+        key_columns: Vec<usize>,
+        aggs: &[AggSpec],
+        output_schema: SchemaRef,
+        memory: MemoryManager,
+    ) -> Result<Self, ExecError> {
+        let grouper = Grouper::new(name, input, key_columns, aggs, output_schema, memory)?;
+        let groups = grouper.new_groups()?;
+        Ok(Self { grouper, groups })
+    }
+}
+
+impl Operator for AggregateOperator {
+    fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
+        self.grouper.update(&mut self.groups, &batch, None)
+    }
+
+    fn watermark(&mut self, _watermark: i64, _out: &mut dyn Output) -> Result<(), ExecError> {
+        // Results are final only at the end of input; nothing to forward.
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
+        self.grouper.emit(&self.groups, None, out)
+    }
+}
+
+/// Tumbling event-time windows per key. A window fires when the watermark
+/// passes its last millisecond; rows for a fired window are late and
+/// dropped (and counted).
+pub struct WindowOperator {
+    grouper: Grouper,
+    time_column: usize,
+    size_ms: i64,
+    windows: BTreeMap<i64, Groups>,
+    watermark: i64,
+    late_rows: u64,
+    rows_by_window: BTreeMap<i64, Vec<u32>>,
+}
+
+impl WindowOperator {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        input: &arrow_schema::Schema,
+        key_columns: Vec<usize>,
+        time_column: usize,
+        size_ms: i64,
+        aggs: &[AggSpec],
+        output_schema: SchemaRef,
+        memory: MemoryManager,
+    ) -> Result<Self, ExecError> {
+        assert!(size_ms > 0);
+        let grouper = Grouper::new(name, input, key_columns, aggs, output_schema, memory)?;
+        Ok(Self {
+            grouper,
+            time_column,
+            size_ms,
+            windows: BTreeMap::new(),
+            watermark: i64::MIN,
+            late_rows: 0,
+            rows_by_window: BTreeMap::new(),
+        })
+    }
+
+    pub fn late_rows(&self) -> u64 {
+        self.late_rows
+    }
+
+    fn fire_until(&mut self, watermark: i64, out: &mut dyn Output) -> Result<(), ExecError> {
+        while let Some((&start, _)) = self.windows.first_key_value() {
+            let end = start.saturating_add(self.size_ms);
+            if end - 1 > watermark {
+                break;
+            }
+            if let Some((_, groups)) = self.windows.pop_first() {
+                self.grouper.emit(&groups, Some((start, end)), out)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Operator for WindowOperator {
+    fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
+        let ts = cast(batch.column(self.time_column), &DataType::Int64)?;
+        let ts = ts.as_primitive::<Int64Type>();
+        for rows in self.rows_by_window.values_mut() {
+            rows.clear();
+        }
+        for row in 0..ts.len() {
+            if ts.is_null(row) {
+                self.late_rows += 1;
+                continue;
+            }
+            let t = ts.value(row);
+            let start = t - t.rem_euclid(self.size_ms);
+            if start.saturating_add(self.size_ms) - 1 <= self.watermark {
+                self.late_rows += 1;
+                continue;
+            }
+            self.rows_by_window
+                .entry(start)
+                .or_default()
+                .push(row as u32);
+        }
+        let starts: Vec<i64> = self
+            .rows_by_window
+            .iter()
+            .filter(|(_, r)| !r.is_empty())
+            .map(|(s, _)| *s)
+            .collect();
+        for start in starts {
+            if !self.windows.contains_key(&start) {
+                let groups = self.grouper.new_groups()?;
+                self.windows.insert(start, groups);
+            }
+            let rows = std::mem::take(self.rows_by_window.get_mut(&start).expect("window rows"));
+            let groups = self.windows.get_mut(&start).expect("window state");
+            self.grouper.update(groups, &batch, Some(&rows))?;
+            self.rows_by_window.insert(start, rows);
+        }
+        // Keep the scratch map from growing with every window ever seen.
+        self.rows_by_window
+            .retain(|s, r| !r.is_empty() || self.windows.contains_key(s));
+        Ok(())
+    }
+
+    fn watermark(&mut self, watermark: i64, out: &mut dyn Output) -> Result<(), ExecError> {
+        self.watermark = self.watermark.max(watermark);
+        self.fire_until(self.watermark, out)?;
+        out.watermark(watermark)
+    }
+
+    fn finish(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
+        self.fire_until(i64::MAX, out)
+    }
+}

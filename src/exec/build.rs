@@ -1,0 +1,124 @@
+//! Builds a task's source and operators from the logical plan.
+
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use super::ExecError;
+use super::aggregate::{AggregateOperator, WindowOperator};
+use super::operators::{FilterOperator, Operator, ProjectOperator};
+use super::sink::{BlackholeSink, CsvSink, ParquetSink, PrintSink};
+use super::source::{CsvSource, DatagenSource, ParquetSource, Source, WatermarkGenerator};
+use super::task::TaskInput;
+use crate::job::{LogicalPlan, OperatorKind, WatermarkSpec};
+use crate::memory::MemoryManager;
+
+/// Per-subtask context for building operators.
+pub struct BuildContext<'a> {
+    pub plan: &'a LogicalPlan,
+    pub subtask: u32,
+    pub parallelism: u32,
+    pub memory: MemoryManager,
+    /// Shared by the print sinks of one job so `limit` is job-wide.
+    pub printed: Arc<AtomicU64>,
+}
+
+/// The task input for a source operator.
+pub fn build_source(
+    ctx: &BuildContext<'_>,
+    op: usize,
+) -> Result<(TaskInput, Option<u64>), ExecError> {
+    let spec = &ctx.plan.spec.operators[op];
+    let schema = &ctx.plan.schemas[op];
+    let watermark_gen = |w: &Option<WatermarkSpec>| {
+        w.as_ref()
+            .map(|w| WatermarkGenerator::new(w, schema))
+            .transpose()
+    };
+    let (source, watermarks, rate): (Box<dyn Source>, _, _) = match &spec.kind {
+        OperatorKind::Datagen(d) => {
+            let s = DatagenSource::new(d.clone(), ctx.subtask, ctx.parallelism);
+            let rate = s.rate_limit();
+            (Box::new(s), watermark_gen(&d.watermark)?, rate)
+        }
+        OperatorKind::CsvSource(c) => (
+            Box::new(CsvSource::new(c.clone(), ctx.subtask, ctx.parallelism)?),
+            watermark_gen(&c.watermark)?,
+            None,
+        ),
+        OperatorKind::ParquetSource(p) => (
+            Box::new(ParquetSource::new(p.clone(), ctx.subtask, ctx.parallelism)?),
+            watermark_gen(&p.watermark)?,
+            None,
+        ),
+        _ => unreachable!("operator {op} is not a source"),
+    };
+    let expected = source.rows_expected();
+    Ok((
+        TaskInput::Source {
+            source,
+            watermarks,
+            rows_per_second: rate,
+        },
+        expected,
+    ))
+}
+
+/// A non-source operator.
+pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Operator>, ExecError> {
+    let plan = ctx.plan;
+    let spec = &plan.spec.operators[op];
+    let output = Arc::clone(&plan.schemas[op]);
+    let input_op = spec.input.expect("non-source operators have an input");
+    let input_schema = Arc::clone(&plan.schemas[input_op]);
+    let keys = || plan.keyed[input_op].clone().unwrap_or_default();
+    Ok(match &spec.kind {
+        OperatorKind::Filter { predicate } => {
+            Box::new(FilterOperator::new(&spec.name, predicate.clone()))
+        }
+        OperatorKind::Project { columns } => {
+            Box::new(ProjectOperator::new(&spec.name, columns.clone(), output))
+        }
+        OperatorKind::Aggregate { aggs } => Box::new(AggregateOperator::new(
+            &spec.name,
+            &input_schema,
+            keys(),
+            aggs,
+            output,
+            ctx.memory.clone(),
+        )?),
+        OperatorKind::Window {
+            time_column,
+            size_ms,
+            aggs,
+        } => {
+            let time = input_schema.index_of(time_column)?;
+            Box::new(WindowOperator::new(
+                &spec.name,
+                &input_schema,
+                keys(),
+                time,
+                *size_ms,
+                aggs,
+                output,
+                ctx.memory.clone(),
+            )?)
+        }
+        OperatorKind::Blackhole => Box::new(BlackholeSink),
+        OperatorKind::Print { limit } => Box::new(PrintSink::new(
+            ctx.subtask,
+            ctx.parallelism,
+            *limit,
+            Arc::clone(&ctx.printed),
+        )),
+        OperatorKind::CsvSink { path } => Box::new(CsvSink::new(path, ctx.subtask, input_schema)?),
+        OperatorKind::ParquetSink { path } => {
+            Box::new(ParquetSink::new(path, ctx.subtask, input_schema)?)
+        }
+        OperatorKind::KeyBy { .. }
+        | OperatorKind::Datagen(_)
+        | OperatorKind::CsvSource(_)
+        | OperatorKind::ParquetSource(_) => {
+            unreachable!("operator {op} is not chained as an operator")
+        }
+    })
+}

@@ -1,0 +1,275 @@
+//! A hash table that lives in managed memory pages.
+//!
+//! The keyed aggregation keeps its whole state here, so that its memory is
+//! exactly what the slot's [`MemoryManager`] granted: fixed-width entries in
+//! entry pages, variable-length encoded keys in an arena of key pages, and an
+//! open-addressing index of `u32` entry ids in index pages. Growing any part
+//! takes pages from the budget; a refusal is a [`MemoryError`] that leaves the
+//! table unchanged (the caller fails or, later, spills).
+//!
+//! Entry layout: `hash: u64 | key_page: u32 | key_offset: u32 | key_len: u32 |
+//! pad: u32 | accumulators: acc_width bytes`.
+
+use crate::memory::{MemoryError, MemoryManager, Page};
+
+const ENTRY_HEADER: usize = 24;
+/// Index slots hold entry id + 1; 0 is empty.
+const EMPTY: u32 = 0;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(
+        "an encoded key of {key_bytes} bytes does not fit a managed memory page of {page_bytes} bytes"
+    )]
+    KeyTooLarge { key_bytes: usize, page_bytes: usize },
+    #[error("hash table is full ({entries} entries)")]
+    Full { entries: usize },
+}
+
+pub struct PagedHashTable {
+    mem: MemoryManager,
+    page_size: usize,
+    entry_width: usize,
+    entries_per_page: usize,
+    entry_pages: Vec<Page>,
+    entry_count: usize,
+    key_pages: Vec<Page>,
+    key_used: usize,
+    index_pages: Vec<Page>,
+    index_capacity: usize,
+}
+
+impl PagedHashTable {
+    pub fn new(mem: MemoryManager, acc_width: usize) -> Result<Self, TableError> {
+        let page_size = mem.page_size_bytes();
+        let entry_width = (ENTRY_HEADER + acc_width).next_multiple_of(8);
+        assert!(entry_width <= page_size, "accumulators wider than a page");
+        let mut index_pages = mem.allocate_pages(1)?;
+        // Pages come back from the pool as their last user left them.
+        index_pages[0].as_mut_slice().fill(0);
+        Ok(Self {
+            page_size,
+            entry_width,
+            entries_per_page: page_size / entry_width,
+            entry_pages: Vec::new(),
+            entry_count: 0,
+            key_pages: Vec::new(),
+            key_used: page_size,
+            index_capacity: page_size / 4,
+            index_pages,
+            mem,
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entry_count
+    }
+    pub fn is_empty(&self) -> bool {
+        self.entry_count == 0
+    }
+    /// Managed bytes held by the table.
+    pub fn memory_bytes(&self) -> usize {
+        (self.entry_pages.len() + self.key_pages.len() + self.index_pages.len()) * self.page_size
+    }
+
+    fn slot(&self, i: usize) -> u32 {
+        let per = self.page_size / 4;
+        let b = &self.index_pages[i / per].as_slice()[(i % per) * 4..][..4];
+        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+
+    fn set_slot(pages: &mut [Page], page_size: usize, i: usize, v: u32) {
+        let per = page_size / 4;
+        pages[i / per].as_mut_slice()[(i % per) * 4..][..4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn entry(&self, id: usize) -> &[u8] {
+        let page = &self.entry_pages[id / self.entries_per_page];
+        &page.as_slice()[(id % self.entries_per_page) * self.entry_width..][..self.entry_width]
+    }
+
+    fn entry_mut(&mut self, id: usize) -> &mut [u8] {
+        let (w, per) = (self.entry_width, self.entries_per_page);
+        let page = &mut self.entry_pages[id / per];
+        &mut page.as_mut_slice()[(id % per) * w..][..w]
+    }
+
+    /// The encoded key of an entry.
+    pub fn key(&self, id: usize) -> &[u8] {
+        let e = self.entry(id);
+        let page = read_u32(e, 8) as usize;
+        let offset = read_u32(e, 12) as usize;
+        let len = read_u32(e, 16) as usize;
+        &self.key_pages[page].as_slice()[offset..offset + len]
+    }
+
+    /// The accumulator bytes of an entry.
+    pub fn acc(&self, id: usize) -> &[u8] {
+        &self.entry(id)[ENTRY_HEADER..]
+    }
+
+    pub fn acc_mut(&mut self, id: usize) -> &mut [u8] {
+        &mut self.entry_mut(id)[ENTRY_HEADER..]
+    }
+
+    /// Finds the entry for `key` (hashed to `hash`), inserting it with
+    /// accumulators set by `init` when absent. Returns the entry id.
+    pub fn find_or_insert(
+        &mut self,
+        hash: u64,
+        key: &[u8],
+        init: impl FnOnce(&mut [u8]),
+    ) -> Result<usize, TableError> {
+        let mask = self.index_capacity - 1;
+        let mut i = (hash as usize) & mask;
+        loop {
+            let v = self.slot(i);
+            if v == EMPTY {
+                break;
+            }
+            let id = (v - 1) as usize;
+            if read_u64(self.entry(id), 0) == hash && self.key(id) == key {
+                return Ok(id);
+            }
+            i = (i + 1) & mask;
+        }
+        // Reserve everything the insert needs before changing anything.
+        if key.len() > self.page_size {
+            return Err(TableError::KeyTooLarge {
+                key_bytes: key.len(),
+                page_bytes: self.page_size,
+            });
+        }
+        if self.entry_count >= u32::MAX as usize - 1 {
+            return Err(TableError::Full {
+                entries: self.entry_count,
+            });
+        }
+        if (self.entry_count + 1) * 2 > self.index_capacity {
+            self.grow_index()?;
+            return self.find_or_insert(hash, key, init);
+        }
+        if self.key_used + key.len() > self.page_size {
+            self.key_pages.extend(self.mem.allocate_pages(1)?);
+            self.key_used = 0;
+        }
+        let id = self.entry_count;
+        if id / self.entries_per_page == self.entry_pages.len() {
+            self.entry_pages.extend(self.mem.allocate_pages(1)?);
+        }
+        let key_page = self.key_pages.len() - 1;
+        let key_offset = self.key_used;
+        self.key_pages[key_page].as_mut_slice()[key_offset..key_offset + key.len()]
+            .copy_from_slice(key);
+        self.key_used += key.len();
+        let e = self.entry_mut(id);
+        e[0..8].copy_from_slice(&hash.to_le_bytes());
+        e[8..12].copy_from_slice(&(key_page as u32).to_le_bytes());
+        e[12..16].copy_from_slice(&(key_offset as u32).to_le_bytes());
+        e[16..20].copy_from_slice(&(key.len() as u32).to_le_bytes());
+        e[20..].fill(0);
+        init(&mut e[ENTRY_HEADER..]);
+        self.entry_count += 1;
+        Self::set_slot(&mut self.index_pages, self.page_size, i, id as u32 + 1);
+        Ok(id)
+    }
+
+    fn grow_index(&mut self) -> Result<(), TableError> {
+        let capacity = self.index_capacity * 2;
+        let pages_needed = (capacity * 4).div_ceil(self.page_size);
+        let mut pages = self.mem.allocate_pages(pages_needed)?;
+        for p in &mut pages {
+            p.as_mut_slice().fill(0);
+        }
+        let mask = capacity - 1;
+        for id in 0..self.entry_count {
+            let hash = read_u64(self.entry(id), 0);
+            let mut i = (hash as usize) & mask;
+            loop {
+                let per = self.page_size / 4;
+                let b = &pages[i / per].as_slice()[(i % per) * 4..][..4];
+                if u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == EMPTY {
+                    break;
+                }
+                i = (i + 1) & mask;
+            }
+            Self::set_slot(&mut pages, self.page_size, i, id as u32 + 1);
+        }
+        self.index_pages = pages;
+        self.index_capacity = capacity;
+        Ok(())
+    }
+}
+
+#[inline]
+pub fn read_u32(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+#[inline]
+pub fn read_u64(b: &[u8], at: usize) -> u64 {
+    let mut w = [0u8; 8];
+    w.copy_from_slice(&b[at..at + 8]);
+    u64::from_le_bytes(w)
+}
+
+#[inline]
+pub fn write_u64(b: &mut [u8], at: usize, v: u64) {
+    b[at..at + 8].copy_from_slice(&v.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::PagePool;
+    use std::collections::HashMap;
+
+    #[test]
+    fn finds_what_it_inserted_across_growth() {
+        let pool = PagePool::new(64 << 20, 4096);
+        let mut t = PagedHashTable::new(pool.slot_manager(0, 64 << 20), 8).unwrap();
+        let mut reference = HashMap::new();
+        for i in 0..50_000u64 {
+            let k = (i * 7919) % 20_011;
+            let key = format!("key-{k}");
+            let h = crate::kernels::cpu::hash::hash_bytes(key.as_bytes()) & 0xFF; // force collisions
+            let id = t
+                .find_or_insert(h, key.as_bytes(), |acc| acc.fill(0))
+                .unwrap();
+            let c = read_u64(t.acc(id), 0) + 1;
+            write_u64(t.acc_mut(id), 0, c);
+            *reference.entry(key).or_insert(0u64) += 1;
+        }
+        assert_eq!(t.len(), reference.len());
+        for id in 0..t.len() {
+            let key = std::str::from_utf8(t.key(id)).unwrap();
+            assert_eq!(read_u64(t.acc(id), 0), reference[key]);
+        }
+    }
+
+    #[test]
+    fn budget_refusal_leaves_the_table_usable() {
+        let pool = PagePool::new(64 * 4096, 4096);
+        let mut t = PagedHashTable::new(pool.slot_manager(0, 8 * 4096), 16).unwrap();
+        let mut inserted = 0u64;
+        let err = loop {
+            match t.find_or_insert(inserted, &inserted.to_le_bytes(), |a| a.fill(0)) {
+                Ok(_) => inserted += 1,
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(
+            err,
+            TableError::Memory(MemoryError::BudgetExceeded { .. })
+        ));
+        assert_eq!(t.len() as u64, inserted);
+        for k in 0..inserted {
+            let id = t
+                .find_or_insert(k, &k.to_le_bytes(), |_| panic!("must exist"))
+                .unwrap();
+            assert_eq!(t.key(id), k.to_le_bytes());
+        }
+    }
+}

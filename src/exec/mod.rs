@@ -1,0 +1,51 @@
+//! The task runtime: operator chains over record batches.
+//!
+//! A task is one subtask of a job vertex: a source or the input gates feed a
+//! chain of operators; the chain's tail writes to the vertex's outgoing
+//! edges. Each task runs on its own thread and owns all its state; it talks
+//! to the rest of the TaskManager only through its gates, writers, memory
+//! manager, cancel flag and metrics.
+
+pub mod aggregate;
+pub mod build;
+pub mod hashtable;
+pub mod operators;
+pub mod sink;
+pub mod source;
+pub mod task;
+
+use std::path::PathBuf;
+
+use crate::kernels::cpu::hash::HashError;
+use crate::network::NetworkError;
+
+/// Errors of a running task. Each names the operator or file involved.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error("operator '{operator}': {detail}")]
+    State { operator: String, detail: String },
+    #[error("operator '{operator}': integer overflow computing '{column}'")]
+    Overflow { operator: String, column: String },
+    #[error("operator '{operator}': {detail}")]
+    Expression { operator: String, detail: String },
+    #[error("operator '{operator}': {detail}")]
+    Unsupported { operator: String, detail: String },
+    #[error("arrow: {0}")]
+    Arrow(#[from] arrow_schema::ArrowError),
+    #[error(transparent)]
+    Hash(#[from] HashError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}: {detail}")]
+    Read { path: PathBuf, detail: String },
+    #[error("writing {path}: {detail}")]
+    Write { path: PathBuf, detail: String },
+    #[error("task canceled")]
+    Canceled,
+}

@@ -1,0 +1,120 @@
+//! The operator interface and the stateless operators.
+//!
+//! A task runs a chain of operators: each pushes its output into the next
+//! through [`Output`]; the last one's output goes to the task's record
+//! writers (or nowhere, for sinks).
+
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use arrow_array::{Array, ArrayRef, RecordBatch};
+use arrow_schema::SchemaRef;
+use arrow_select::filter::filter_record_batch;
+
+use super::ExecError;
+use crate::job::{Expr, NamedExpr};
+
+/// Where an operator sends its results.
+pub trait Output {
+    fn emit(&mut self, batch: RecordBatch) -> Result<(), ExecError>;
+    fn watermark(&mut self, watermark: i64) -> Result<(), ExecError>;
+}
+
+/// One step of a task's chain.
+pub trait Operator: Send {
+    fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError>;
+
+    /// The input watermark advanced. Stateless operators forward it.
+    fn watermark(&mut self, watermark: i64, out: &mut dyn Output) -> Result<(), ExecError> {
+        out.watermark(watermark)
+    }
+
+    /// End of input: flush any state.
+    fn finish(&mut self, _out: &mut dyn Output) -> Result<(), ExecError> {
+        Ok(())
+    }
+}
+
+/// Keeps the rows for which the predicate is true (null counts as false).
+pub struct FilterOperator {
+    name: String,
+    predicate: Expr,
+}
+
+impl FilterOperator {
+    pub fn new(name: &str, predicate: Expr) -> Self {
+        Self {
+            name: name.to_owned(),
+            predicate,
+        }
+    }
+}
+
+impl Operator for FilterOperator {
+    fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError> {
+        let mask = self
+            .predicate
+            .eval(&batch)
+            .map_err(|e| ExecError::Expression {
+                operator: self.name.clone(),
+                detail: e.to_string(),
+            })?;
+        let mask = mask.as_boolean_opt().ok_or_else(|| ExecError::Expression {
+            operator: self.name.clone(),
+            detail: "predicate is not boolean".into(),
+        })?;
+        let kept = if mask.null_count() == 0 && mask.true_count() == batch.num_rows() {
+            batch
+        } else {
+            filter_record_batch(&batch, mask)?
+        };
+        if kept.num_rows() > 0 {
+            out.emit(kept)?;
+        }
+        Ok(())
+    }
+}
+
+/// Computes named expressions into a new batch.
+pub struct ProjectOperator {
+    name: String,
+    columns: Vec<NamedExpr>,
+    schema: SchemaRef,
+}
+
+impl ProjectOperator {
+    pub fn new(name: &str, columns: Vec<NamedExpr>, schema: SchemaRef) -> Self {
+        Self {
+            name: name.to_owned(),
+            columns,
+            schema,
+        }
+    }
+}
+
+impl Operator for ProjectOperator {
+    fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError> {
+        let arrays = self
+            .columns
+            .iter()
+            .zip(self.schema.fields())
+            .map(|(c, field)| {
+                let a = c.expr.eval(&batch).map_err(|e| ExecError::Expression {
+                    operator: self.name.clone(),
+                    detail: e.to_string(),
+                })?;
+                if a.data_type() == field.data_type() {
+                    Ok(a)
+                } else {
+                    Ok(arrow_cast::cast(&a, field.data_type())?)
+                }
+            })
+            .collect::<Result<Vec<ArrayRef>, ExecError>>()?;
+        let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+        out.emit(RecordBatch::try_new_with_options(
+            Arc::clone(&self.schema),
+            arrays,
+            &options,
+        )?)
+    }
+}

@@ -1,0 +1,229 @@
+//! Sinks: blackhole, print, CSV and Parquet files.
+//!
+//! File sinks write `part-<subtask>.<ext>` in the sink's directory. A part
+//! file is written under a hidden in-progress name and renamed when the task
+//! finishes, so a failed or canceled task never leaves a partial part file
+//! that looks complete.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arrow_array::RecordBatch;
+use arrow_cast::display::{ArrayFormatter, FormatOptions};
+use arrow_schema::SchemaRef;
+use parquet::arrow::ArrowWriter;
+
+use super::ExecError;
+use super::operators::{Operator, Output};
+
+/// Counts rows and drops them.
+#[derive(Default)]
+pub struct BlackholeSink;
+
+impl Operator for BlackholeSink {
+    fn process(&mut self, _batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
+        Ok(())
+    }
+    fn watermark(&mut self, _w: i64, _out: &mut dyn Output) -> Result<(), ExecError> {
+        Ok(())
+    }
+}
+
+/// Prints rows to standard output as Flink does: `<subtask>> +I[a, b, c]`.
+pub struct PrintSink {
+    prefix: String,
+    limit: Option<u64>,
+    printed: Arc<AtomicU64>,
+}
+
+impl PrintSink {
+    /// `printed` is shared by all subtasks so that `limit` is job-wide.
+    pub fn new(
+        subtask: u32,
+        parallelism: u32,
+        limit: Option<u64>,
+        printed: Arc<AtomicU64>,
+    ) -> Self {
+        let prefix = if parallelism > 1 {
+            format!("{}> ", subtask + 1)
+        } else {
+            String::new()
+        };
+        Self {
+            prefix,
+            limit,
+            printed,
+        }
+    }
+}
+
+impl Operator for PrintSink {
+    fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
+        let options = FormatOptions::default().with_null("null");
+        let formatters = batch
+            .columns()
+            .iter()
+            .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+            .collect::<Result<Vec<_>, _>>()?;
+        let stdout = std::io::stdout();
+        let mut w = stdout.lock();
+        for row in 0..batch.num_rows() {
+            if let Some(limit) = self.limit
+                && self.printed.fetch_add(1, Ordering::Relaxed) >= limit
+            {
+                return Ok(());
+            }
+            let cells: Vec<String> = formatters
+                .iter()
+                .map(|f| f.value(row).to_string())
+                .collect();
+            // A closed stdout (e.g. `| head`) must not fail the job.
+            let _ = writeln!(w, "{}+I[{}]", self.prefix, cells.join(", "));
+        }
+        Ok(())
+    }
+    fn watermark(&mut self, _w: i64, _out: &mut dyn Output) -> Result<(), ExecError> {
+        Ok(())
+    }
+}
+
+/// A part file being written under an in-progress name.
+struct PartFile {
+    final_path: PathBuf,
+    temp_path: PathBuf,
+}
+
+impl PartFile {
+    fn create(dir: &Path, subtask: u32, extension: &str) -> Result<(Self, File), ExecError> {
+        let io = |path: &Path, e| ExecError::Io {
+            path: path.to_owned(),
+            source: e,
+        };
+        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        let final_path = dir.join(format!("part-{subtask}.{extension}"));
+        let temp_path = dir.join(format!(".part-{subtask}.{extension}.inprogress"));
+        let file = File::create(&temp_path).map_err(|e| io(&temp_path, e))?;
+        Ok((
+            Self {
+                final_path,
+                temp_path,
+            },
+            file,
+        ))
+    }
+
+    fn commit(&self) -> Result<(), ExecError> {
+        std::fs::rename(&self.temp_path, &self.final_path).map_err(|e| ExecError::Io {
+            path: self.final_path.clone(),
+            source: e,
+        })
+    }
+}
+
+impl Drop for PartFile {
+    fn drop(&mut self) {
+        // After a commit the temp file is gone; otherwise drop the partial.
+        let _ = std::fs::remove_file(&self.temp_path);
+    }
+}
+
+pub struct CsvSink {
+    part: PartFile,
+    writer: Option<arrow_csv::Writer<BufWriter<File>>>,
+    schema: SchemaRef,
+}
+
+impl CsvSink {
+    pub fn new(dir: &Path, subtask: u32, schema: SchemaRef) -> Result<Self, ExecError> {
+        let (part, file) = PartFile::create(dir, subtask, "csv")?;
+        let writer = arrow_csv::WriterBuilder::new()
+            .with_header(true)
+            .build(BufWriter::with_capacity(1 << 20, file));
+        Ok(Self {
+            part,
+            writer: Some(writer),
+            schema,
+        })
+    }
+}
+
+impl Operator for CsvSink {
+    fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
+        if let Some(w) = &mut self.writer {
+            w.write(&batch).map_err(|e| ExecError::Write {
+                path: self.part.final_path.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+    fn watermark(&mut self, _w: i64, _out: &mut dyn Output) -> Result<(), ExecError> {
+        Ok(())
+    }
+    fn finish(&mut self, _out: &mut dyn Output) -> Result<(), ExecError> {
+        let path = self.part.final_path.clone();
+        let werr = |detail: String| ExecError::Write {
+            path: path.clone(),
+            detail,
+        };
+        if let Some(mut w) = self.writer.take() {
+            // An empty part still carries the header.
+            w.write(&RecordBatch::new_empty(Arc::clone(&self.schema)))
+                .map_err(|e| werr(e.to_string()))?;
+            let mut inner = w.into_inner();
+            inner.flush().map_err(|e| werr(e.to_string()))?;
+            inner
+                .into_inner()
+                .map_err(|e| werr(e.to_string()))?
+                .sync_all()
+                .map_err(|e| werr(e.to_string()))?;
+        }
+        self.part.commit()
+    }
+}
+
+pub struct ParquetSink {
+    part: PartFile,
+    writer: Option<ArrowWriter<File>>,
+}
+
+impl ParquetSink {
+    pub fn new(dir: &Path, subtask: u32, schema: SchemaRef) -> Result<Self, ExecError> {
+        let (part, file) = PartFile::create(dir, subtask, "parquet")?;
+        let writer = ArrowWriter::try_new(file, schema, None).map_err(|e| ExecError::Write {
+            path: part.final_path.clone(),
+            detail: e.to_string(),
+        })?;
+        Ok(Self {
+            part,
+            writer: Some(writer),
+        })
+    }
+}
+
+impl Operator for ParquetSink {
+    fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
+        if let Some(w) = &mut self.writer {
+            w.write(&batch).map_err(|e| ExecError::Write {
+                path: self.part.final_path.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+        Ok(())
+    }
+    fn watermark(&mut self, _w: i64, _out: &mut dyn Output) -> Result<(), ExecError> {
+        Ok(())
+    }
+    fn finish(&mut self, _out: &mut dyn Output) -> Result<(), ExecError> {
+        if let Some(w) = self.writer.take() {
+            w.close().map_err(|e| ExecError::Write {
+                path: self.part.final_path.clone(),
+                detail: e.to_string(),
+            })?;
+        }
+        self.part.commit()
+    }
+}

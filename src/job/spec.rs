@@ -1,0 +1,711 @@
+//! The job file's contents as Rust values, and the TOML → [`JobSpec`] parser.
+//!
+//! Parsing checks everything that needs no schema: keys and their types, operator
+//! types and names, input names (resolved to indices of earlier operators),
+//! durations, and the syntax of expressions and aggregates. Schemas, column
+//! references and the shape of the graph are checked by `plan`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use toml::Spanned;
+use toml::de::{DeTable, DeValue};
+
+use super::expr::{Expr, ExprError, parse_agg_call};
+use super::tomlx::{Source, Table, closest};
+use super::{DATAGEN_COLUMNS, JobError, Scope};
+
+/// Rows per batch when a source does not say.
+pub const BATCH_SIZE_DEFAULT: usize = 8192;
+/// Key cardinality of a `datagen` source that does not say.
+pub const DATAGEN_KEYS_DEFAULT: u64 = 1000;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobSpec {
+    pub name: String,
+    pub file: PathBuf,
+    pub default_parallelism: Option<u32>,
+    /// In file order, which is topological: inputs have smaller indices.
+    pub operators: Vec<OperatorSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct OperatorSpec {
+    /// Position in the file, 0-based; equals the index in `JobSpec::operators`.
+    pub index: usize,
+    pub name: String,
+    /// Line of the operator's `[[operator]]` header.
+    pub line: usize,
+    pub input: Option<usize>,
+    pub parallelism: Option<u32>,
+    pub kind: OperatorKind,
+    /// Lines of the operator's values, so that `plan` can point at them.
+    pub lines: SourceLines,
+}
+
+/// The line of each key's value in an operator table, and of each element of
+/// array values. Empty for specs built in code; errors then fall back to
+/// [`OperatorSpec::line`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SourceLines {
+    lines: BTreeMap<String, (usize, Vec<usize>)>,
+}
+
+impl SourceLines {
+    pub(super) fn insert(&mut self, key: &str, line: usize, items: Vec<usize>) {
+        self.lines.insert(key.to_string(), (line, items));
+    }
+
+    pub fn key(&self, key: &str) -> Option<usize> {
+        self.lines.get(key).map(|(line, _)| *line)
+    }
+
+    /// The line of element `index` of an array value, else of the value.
+    pub fn item(&self, key: &str, index: usize) -> Option<usize> {
+        let (line, items) = self.lines.get(key)?;
+        Some(items.get(index).copied().unwrap_or(*line))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OperatorKind {
+    Datagen(DatagenSpec),
+    CsvSource(CsvSourceSpec),
+    ParquetSource(ParquetSourceSpec),
+    Filter {
+        predicate: Expr,
+    },
+    Project {
+        columns: Vec<NamedExpr>,
+    },
+    KeyBy {
+        keys: Vec<String>,
+    },
+    Aggregate {
+        aggs: Vec<AggSpec>,
+    },
+    Window {
+        time_column: String,
+        size_ms: i64,
+        aggs: Vec<AggSpec>,
+    },
+    Blackhole,
+    Print {
+        limit: Option<u64>,
+    },
+    CsvSink {
+        path: PathBuf,
+    },
+    ParquetSink {
+        path: PathBuf,
+    },
+}
+
+impl OperatorKind {
+    /// The `type` string of the job file.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            OperatorKind::Datagen(_) => "datagen",
+            OperatorKind::CsvSource(_) => "csv_source",
+            OperatorKind::ParquetSource(_) => "parquet_source",
+            OperatorKind::Filter { .. } => "filter",
+            OperatorKind::Project { .. } => "project",
+            OperatorKind::KeyBy { .. } => "key_by",
+            OperatorKind::Aggregate { .. } => "aggregate",
+            OperatorKind::Window { .. } => "window",
+            OperatorKind::Blackhole => "blackhole",
+            OperatorKind::Print { .. } => "print",
+            OperatorKind::CsvSink { .. } => "csv_sink",
+            OperatorKind::ParquetSink { .. } => "parquet_sink",
+        }
+    }
+
+    pub fn is_source(&self) -> bool {
+        matches!(
+            self,
+            OperatorKind::Datagen(_) | OperatorKind::CsvSource(_) | OperatorKind::ParquetSource(_)
+        )
+    }
+
+    pub fn is_sink(&self) -> bool {
+        matches!(
+            self,
+            OperatorKind::Blackhole
+                | OperatorKind::Print { .. }
+                | OperatorKind::CsvSink { .. }
+                | OperatorKind::ParquetSink { .. }
+        )
+    }
+}
+
+/// A deterministic generator; defaults are those of the job file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DatagenSpec {
+    /// Required.
+    pub rows: u64,
+    /// Key cardinality, at least 1; default [`DATAGEN_KEYS_DEFAULT`].
+    pub keys: u64,
+    /// Default 0.
+    pub seed: u64,
+    /// At least 1 when present; `None` is unthrottled.
+    pub rows_per_second: Option<u64>,
+    /// Default [`BATCH_SIZE_DEFAULT`].
+    pub batch_size: usize,
+    /// Distinct names from `DATAGEN_COLUMNS`, in output order; default all four.
+    pub columns: Vec<String>,
+    /// Event time advance per global row, ≥ 0; default 1.
+    pub ts_step_ms: i64,
+    /// Largest random lateness of `ts`, ≥ 0; default 0.
+    pub ts_disorder_ms: i64,
+    /// Default: on `ts` (when generated) with `delay_ms = ts_disorder_ms`.
+    pub watermark: Option<WatermarkSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CsvSourceSpec {
+    pub path: PathBuf,
+    pub has_header: bool,
+    /// Empty until `plan` infers it, unless the job file declares it.
+    pub schema: SchemaRef,
+    pub batch_size: usize,
+    pub watermark: Option<WatermarkSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ParquetSourceSpec {
+    pub path: PathBuf,
+    /// Empty until `plan` reads it from the footer.
+    pub schema: SchemaRef,
+    pub batch_size: usize,
+    pub watermark: Option<WatermarkSpec>,
+}
+
+/// `watermark = { column = "ts", delay = "2s" }`: the watermark trails the
+/// largest `column` value seen by `delay_ms`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WatermarkSpec {
+    pub column: String,
+    pub delay_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedExpr {
+    pub name: String,
+    pub expr: Expr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AggFunc {
+    Count,
+    Sum,
+    Min,
+    Max,
+    Avg,
+}
+
+impl AggFunc {
+    pub fn name(self) -> &'static str {
+        match self {
+            AggFunc::Count => "count",
+            AggFunc::Sum => "sum",
+            AggFunc::Min => "min",
+            AggFunc::Max => "max",
+            AggFunc::Avg => "avg",
+        }
+    }
+
+    fn from_name(name: &str) -> Option<AggFunc> {
+        [
+            AggFunc::Count,
+            AggFunc::Sum,
+            AggFunc::Min,
+            AggFunc::Max,
+            AggFunc::Avg,
+        ]
+        .into_iter()
+        .find(|f| f.name().eq_ignore_ascii_case(name))
+    }
+}
+
+impl std::fmt::Display for AggFunc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AggSpec {
+    pub func: AggFunc,
+    /// `None` for `count(*)`.
+    pub column: Option<String>,
+    /// The alias, else `count` for `count(*)`, else `<func>_<column>`.
+    pub output: String,
+}
+
+const OPERATOR_TYPES: [&str; 12] = [
+    "datagen",
+    "csv_source",
+    "parquet_source",
+    "filter",
+    "project",
+    "key_by",
+    "aggregate",
+    "window",
+    "blackhole",
+    "print",
+    "csv_sink",
+    "parquet_sink",
+];
+
+const COMMON_KEYS: [&str; 4] = ["name", "type", "input", "parallelism"];
+
+/// Keys an operator table of type `type_name` may hold besides [`COMMON_KEYS`].
+fn type_keys(type_name: &str) -> &'static [&'static str] {
+    match type_name {
+        "datagen" => &[
+            "rows",
+            "keys",
+            "seed",
+            "rows_per_second",
+            "batch_size",
+            "columns",
+            "ts_step_ms",
+            "ts_disorder_ms",
+            "watermark",
+        ],
+        "csv_source" => &["path", "has_header", "schema", "batch_size", "watermark"],
+        "parquet_source" => &["path", "batch_size", "watermark"],
+        "filter" => &["predicate"],
+        "project" => &["columns"],
+        "key_by" => &["keys"],
+        "aggregate" => &["aggs"],
+        "window" => &["time_column", "size", "aggs"],
+        "print" => &["limit"],
+        "csv_sink" | "parquet_sink" => &["path"],
+        _ => &[],
+    }
+}
+
+/// Parses a job file's text; `file` is used in error messages only.
+pub fn parse_job(text: &str, file: &Path) -> Result<JobSpec, JobError> {
+    let source = Source { file, text };
+    let document = DeTable::parse(text).map_err(|e| toml_error(source, &e))?;
+    let root = Table {
+        source,
+        table: document.get_ref(),
+        span: 0..0,
+        scope: Scope::Document,
+    };
+    root.check_keys(&["job", "operator"], "the job file")?;
+    let mut job = root
+        .table("job")?
+        .ok_or_else(|| root.missing("job", "a [job] table"))?;
+    job.scope = Scope::Job;
+    job.check_keys(&["name", "parallelism"], "[job]")?;
+    let name = job.required_str("name")?.into_inner().to_string();
+    let default_parallelism = parallelism(&job)?;
+    let items = root.array("operator")?.unwrap_or_default();
+    if items.is_empty() {
+        return Err(source.error(&(0..0), &Scope::Document, JobError::NoOperators));
+    }
+    let mut operators: Vec<OperatorSpec> = Vec::with_capacity(items.len());
+    for (index, item) in items.iter().enumerate() {
+        let operator = parse_operator(source, index, item, &operators)?;
+        operators.push(operator);
+    }
+    Ok(JobSpec {
+        name,
+        file: file.to_path_buf(),
+        default_parallelism,
+        operators,
+    })
+}
+
+fn toml_error(source: Source<'_>, error: &toml::de::Error) -> JobError {
+    let offset = error.span().map_or(0, |span| span.start);
+    JobError::Toml {
+        file: source.file.to_path_buf(),
+        line: source.line(offset),
+        column: source.column(offset),
+        message: error.message().to_string(),
+    }
+}
+
+fn parallelism(table: &Table<'_, '_>) -> Result<Option<u32>, JobError> {
+    let n = table.int("parallelism", 1, i128::from(u32::MAX))?;
+    Ok(n.and_then(|n| u32::try_from(n.into_inner()).ok()))
+}
+
+fn parse_operator(
+    source: Source<'_>,
+    index: usize,
+    item: &Spanned<DeValue<'_>>,
+    earlier: &[OperatorSpec],
+) -> Result<OperatorSpec, JobError> {
+    let key = format!("operator[{index}]");
+    let Some(table) = item.get_ref().as_table() else {
+        let error = JobError::WrongType {
+            key,
+            expected: "a table",
+            found: item.get_ref().type_str(),
+        };
+        return Err(source.error(&item.span(), &Scope::Document, error));
+    };
+    let mut table = Table {
+        source,
+        table,
+        span: item.span(),
+        scope: Scope::Document,
+    };
+    let given_name = table.str("name")?;
+    if let Some(name) = &given_name {
+        table.scope = Scope::Operator(name.get_ref().to_string());
+    }
+    let type_name = table.required_str("type")?;
+    if !OPERATOR_TYPES.contains(type_name.get_ref()) {
+        let error = JobError::UnknownOperatorType {
+            found: type_name.get_ref().to_string(),
+            suggestion: closest(type_name.get_ref(), &OPERATOR_TYPES).map(str::to_string),
+            allowed: OPERATOR_TYPES.to_vec(),
+        };
+        return Err(table.error(&type_name.span(), error));
+    }
+    let type_name = *type_name.get_ref();
+    let name = given_name.map_or_else(
+        || format!("{type_name}-{index}"),
+        |n| n.get_ref().to_string(),
+    );
+    table.scope = Scope::Operator(name.clone());
+    let allowed: Vec<&'static str> = COMMON_KEYS
+        .iter()
+        .chain(type_keys(type_name))
+        .copied()
+        .collect();
+    table.check_keys(&allowed, type_name)?;
+    if let Some(first) = earlier.iter().find(|op| op.name == name) {
+        let span = table.get("name").map_or(table.span.clone(), |v| v.span());
+        let error = JobError::DuplicateName {
+            name,
+            first_line: first.line,
+        };
+        return Err(table.error(&span, error));
+    }
+    let kind = parse_kind(&table, type_name)?;
+    let input = match table.str("input")? {
+        Some(input) => Some(resolve_input(&table, &input, earlier)?),
+        None if kind.is_source() => None,
+        None => index.checked_sub(1),
+    };
+    Ok(OperatorSpec {
+        index,
+        name,
+        line: source.line(item.span().start),
+        input,
+        parallelism: parallelism(&table)?,
+        kind,
+        lines: table.lines(),
+    })
+}
+
+fn resolve_input(
+    table: &Table<'_, '_>,
+    input: &Spanned<&str>,
+    earlier: &[OperatorSpec],
+) -> Result<usize, JobError> {
+    match earlier.iter().find(|op| op.name == *input.get_ref()) {
+        Some(op) => Ok(op.index),
+        None => {
+            let error = JobError::UnknownInput {
+                input: input.get_ref().to_string(),
+                earlier: earlier.iter().map(|op| op.name.clone()).collect(),
+            };
+            Err(table.error(&input.span(), error))
+        }
+    }
+}
+
+fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobError> {
+    Ok(match type_name {
+        "datagen" => OperatorKind::Datagen(datagen(t)?),
+        "csv_source" => OperatorKind::CsvSource(CsvSourceSpec {
+            path: required_path(t)?,
+            has_header: t.bool("has_header")?.unwrap_or(true),
+            schema: csv_schema(t)?,
+            batch_size: batch_size(t)?,
+            watermark: watermark(t)?,
+        }),
+        "parquet_source" => OperatorKind::ParquetSource(ParquetSourceSpec {
+            path: required_path(t)?,
+            schema: Arc::new(Schema::empty()),
+            batch_size: batch_size(t)?,
+            watermark: watermark(t)?,
+        }),
+        "filter" => {
+            let text = t.required_str("predicate")?;
+            let predicate = Expr::parse(text.get_ref());
+            let predicate = predicate.map_err(|e| expr_error(t, &text, "predicate", e))?;
+            OperatorKind::Filter { predicate }
+        }
+        "project" => {
+            let items = required_strings(t, "columns")?;
+            let columns = items
+                .iter()
+                .map(|item| named_expr(t, item))
+                .collect::<Result<_, _>>()?;
+            OperatorKind::Project { columns }
+        }
+        "key_by" => {
+            let keys = required_strings(t, "keys")?;
+            OperatorKind::KeyBy {
+                keys: keys.iter().map(|k| k.get_ref().to_string()).collect(),
+            }
+        }
+        "aggregate" => OperatorKind::Aggregate { aggs: aggs(t)? },
+        "window" => {
+            let size = t.required_str("size")?;
+            let size_ms = parse_duration_ms(size.get_ref()).filter(|ms| *ms > 0);
+            let size_ms = size_ms.ok_or_else(|| invalid_duration(t, "size", &size))?;
+            OperatorKind::Window {
+                time_column: t.required_str("time_column")?.into_inner().to_string(),
+                size_ms,
+                aggs: aggs(t)?,
+            }
+        }
+        "blackhole" => OperatorKind::Blackhole,
+        "print" => OperatorKind::Print {
+            limit: t.u64("limit", 0)?,
+        },
+        "csv_sink" => OperatorKind::CsvSink {
+            path: required_path(t)?,
+        },
+        "parquet_sink" => OperatorKind::ParquetSink {
+            path: required_path(t)?,
+        },
+        other => unreachable!("operator type '{other}' passed the OPERATOR_TYPES check"),
+    })
+}
+
+fn datagen(t: &Table<'_, '_>) -> Result<DatagenSpec, JobError> {
+    let columns = match t.str_array("columns")? {
+        Some(items) => datagen_columns(t, &items)?,
+        None => DATAGEN_COLUMNS.iter().map(|c| c.to_string()).collect(),
+    };
+    let ts_disorder_ms = t.i64("ts_disorder_ms", 0)?.unwrap_or(0);
+    let default_watermark = columns.iter().any(|c| c == "ts").then(|| WatermarkSpec {
+        column: "ts".to_string(),
+        delay_ms: ts_disorder_ms,
+    });
+    Ok(DatagenSpec {
+        rows: t
+            .u64("rows", 0)?
+            .ok_or_else(|| t.missing("rows", "an integer"))?,
+        keys: t.u64("keys", 1)?.unwrap_or(DATAGEN_KEYS_DEFAULT),
+        seed: t.u64("seed", 0)?.unwrap_or(0),
+        rows_per_second: t.u64("rows_per_second", 1)?,
+        batch_size: batch_size(t)?,
+        columns,
+        ts_step_ms: t.i64("ts_step_ms", 0)?.unwrap_or(1),
+        ts_disorder_ms,
+        watermark: watermark(t)?.or(default_watermark),
+    })
+}
+
+fn datagen_columns(t: &Table<'_, '_>, items: &[Spanned<&str>]) -> Result<Vec<String>, JobError> {
+    let mut columns: Vec<String> = Vec::with_capacity(items.len());
+    for item in items {
+        let name = item.get_ref().to_string();
+        if !DATAGEN_COLUMNS.contains(item.get_ref()) || columns.contains(&name) {
+            let expected = format!("distinct names among {}", DATAGEN_COLUMNS.join(", "));
+            return Err(t.invalid("columns", &item.span(), format!("'{name}'"), &expected));
+        }
+        columns.push(name);
+    }
+    if columns.is_empty() {
+        let span = t.get("columns").map_or(t.span.clone(), |v| v.span());
+        return Err(t.invalid("columns", &span, "[]".to_string(), "at least one column"));
+    }
+    Ok(columns)
+}
+
+fn batch_size(t: &Table<'_, '_>) -> Result<usize, JobError> {
+    let n = t.int("batch_size", 1, i128::from(u32::MAX))?;
+    Ok(n.and_then(|n| usize::try_from(n.into_inner()).ok())
+        .unwrap_or(BATCH_SIZE_DEFAULT))
+}
+
+fn required_path(t: &Table<'_, '_>) -> Result<PathBuf, JobError> {
+    Ok(PathBuf::from(t.required_str("path")?.into_inner()))
+}
+
+fn required_strings<'a>(t: &Table<'a, '_>, key: &str) -> Result<Vec<Spanned<&'a str>>, JobError> {
+    let items = t
+        .str_array(key)?
+        .ok_or_else(|| t.missing(key, "an array of strings"))?;
+    if items.is_empty() {
+        let span = t.get(key).map_or(t.span.clone(), |v| v.span());
+        return Err(t.invalid(key, &span, "[]".to_string(), "at least one element"));
+    }
+    Ok(items)
+}
+
+fn watermark(t: &Table<'_, '_>) -> Result<Option<WatermarkSpec>, JobError> {
+    let Some(w) = t.table("watermark")? else {
+        return Ok(None);
+    };
+    w.check_keys(&["column", "delay"], "watermark")?;
+    let column = w.required_str("column")?.into_inner().to_string();
+    let delay_ms = match w.str("delay")? {
+        Some(delay) => parse_duration_ms(delay.get_ref())
+            .ok_or_else(|| invalid_duration(&w, "delay", &delay))?,
+        None => 0,
+    };
+    Ok(Some(WatermarkSpec { column, delay_ms }))
+}
+
+/// Parses `500ms`, `10s`, `1 min`, `2h` (an integer and a unit) to milliseconds.
+fn parse_duration_ms(text: &str) -> Option<i64> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: i64 = number.parse().ok()?;
+    let factor = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "min" => 60_000,
+        "h" => 3_600_000,
+        _ => return None,
+    };
+    number.checked_mul(factor)
+}
+
+fn invalid_duration(t: &Table<'_, '_>, key: &str, text: &Spanned<&str>) -> JobError {
+    let expected = "a positive duration such as \"500ms\", \"10s\", \"1 min\" or \"2h\"";
+    t.invalid(
+        key,
+        &text.span(),
+        format!("\"{}\"", text.get_ref()),
+        expected,
+    )
+}
+
+fn csv_schema(t: &Table<'_, '_>) -> Result<SchemaRef, JobError> {
+    let Some(schema) = t.table("schema")? else {
+        return Ok(Arc::new(Schema::empty()));
+    };
+    let mut fields = Vec::new();
+    for (column, value) in schema.entries() {
+        let key = format!("schema.{}", column.get_ref());
+        let type_name = value.get_ref().as_str();
+        let data_type = type_name.and_then(csv_type);
+        let Some(data_type) = data_type else {
+            let found = type_name.map_or_else(
+                || value.get_ref().type_str().to_string(),
+                |s| format!("\"{s}\""),
+            );
+            let expected = "one of \"int64\", \"float64\", \"utf8\", \"boolean\", \"timestamp_ms\"";
+            return Err(t.invalid(&key, &value.span(), found, expected));
+        };
+        fields.push(Field::new(column.get_ref().as_ref(), data_type, true));
+    }
+    Ok(Arc::new(Schema::new(fields)))
+}
+
+fn csv_type(name: &str) -> Option<DataType> {
+    match name {
+        "int64" => Some(DataType::Int64),
+        "float64" => Some(DataType::Float64),
+        "utf8" => Some(DataType::Utf8),
+        "boolean" => Some(DataType::Boolean),
+        "timestamp_ms" => Some(DataType::Timestamp(TimeUnit::Millisecond, None)),
+        _ => None,
+    }
+}
+
+fn named_expr(t: &Table<'_, '_>, item: &Spanned<&str>) -> Result<NamedExpr, JobError> {
+    let parsed = Expr::parse_named(item.get_ref());
+    let (expr, alias) = parsed.map_err(|e| expr_error(t, item, "column", e))?;
+    let text = item.get_ref().to_string();
+    let name = match (alias, &expr) {
+        (Some(alias), _) => alias,
+        (None, Expr::Column(column)) => column.clone(),
+        (None, _) => return Err(t.error(&item.span(), JobError::MissingAlias { text })),
+    };
+    Ok(NamedExpr { name, expr })
+}
+
+fn expr_error(
+    t: &Table<'_, '_>,
+    item: &Spanned<&str>,
+    role: &'static str,
+    error: ExprError,
+) -> JobError {
+    let text = item.get_ref().to_string();
+    t.error(&item.span(), JobError::Expr { role, text, error })
+}
+
+fn aggs(t: &Table<'_, '_>) -> Result<Vec<AggSpec>, JobError> {
+    let items = required_strings(t, "aggs")?;
+    items
+        .iter()
+        .enumerate()
+        .map(|(index, item)| agg(t, index, item))
+        .collect()
+}
+
+fn agg(t: &Table<'_, '_>, index: usize, item: &Spanned<&str>) -> Result<AggSpec, JobError> {
+    let call = parse_agg_call(item.get_ref()).map_err(|e| expr_error(t, item, "aggregate", e))?;
+    let text = item.get_ref().to_string();
+    let Some(func) = AggFunc::from_name(&call.func) else {
+        let error = JobError::UnknownAggregate {
+            func: call.func,
+            text,
+        };
+        return Err(t.error(&item.span(), error));
+    };
+    if call.column.is_none() && func != AggFunc::Count {
+        let expected = format!("a column inside {func}(...); only count accepts *");
+        return Err(t.invalid(
+            &format!("aggs[{index}]"),
+            &item.span(),
+            format!("\"{text}\""),
+            &expected,
+        ));
+    }
+    let output = match (call.alias, &call.column) {
+        (Some(alias), _) => alias,
+        (None, None) => "count".to_string(),
+        (None, Some(column)) => format!("{func}_{column}"),
+    };
+    Ok(AggSpec {
+        func,
+        column: call.column,
+        output,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_accept_the_documented_units() {
+        let cases = [
+            ("500ms", Some(500)),
+            ("10s", Some(10_000)),
+            ("1 min", Some(60_000)),
+            ("2h", Some(7_200_000)),
+            ("10", None),
+            ("1.5s", None),
+            ("10 parsecs", None),
+            ("-1s", None),
+            ("99999999999999999h", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(parse_duration_ms(text), expected, "{text}");
+        }
+    }
+}

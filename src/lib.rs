@@ -1,0 +1,49 @@
+//! strata — a hardware-tiered TaskManager: the worker process of a dataflow
+//! cluster in the mould of Apache Flink's TaskManager.
+//!
+//! # How a batch flows
+//!
+//! A job file ([`job`]) is parsed, type-checked and planned into a logical
+//! plan, then chained into a [`job::graph::JobGraph`] of vertices joined by
+//! exchange edges (forward, hash, rebalance, global). The JobManager
+//! ([`cluster::jobmanager`]) allocates one slot per subtask index (slot
+//! sharing, as in Flink), and deploys tasks to TaskManagers
+//! ([`taskmanager`]) over the control RPC ([`cluster::rpc`]).
+//!
+//! Inside a TaskManager every task runs on its own thread ([`exec::task`]): a
+//! source or an input gate feeds a chain of operators ([`exec::operators`]);
+//! the chain's tail writes record batches into result partitions
+//! ([`network`]). A partition's subpartition is either a local channel
+//! straight into the consuming task's input gate, or a queue of Arrow IPC
+//! buffers that the TaskManager's data server sends over TCP under Flink's
+//! credit-based flow control. Keys are routed with one stable hash
+//! ([`kernels::cpu::hash`]) through key groups, so a key's target subtask never
+//! depends on where it was hashed.
+//!
+//! Operator working memory (the keyed aggregation's hash table) lives in
+//! managed memory pages ([`memory`]) handed out against a per-slot budget;
+//! network buffers come from a fixed pool of pre-touched segments.
+//!
+//! # Modules (dependencies point downward)
+//!
+//! - [`config`]: typed configuration with Flink's keys and the memory layout.
+//! - [`job`]: job files, expressions, the logical plan and the job graph.
+//! - [`cluster`]: control RPC, JobManager (resource manager, scheduler,
+//!   heartbeats), the embedded mini-cluster and the job client.
+//! - [`taskmanager`]: slot table, task deployment and lifecycle.
+//! - [`exec`]: task runtime, operators, sources and sinks.
+//! - [`network`]: frames, result partitions, input gates, TCP transport.
+//! - [`memory`]: managed memory pages and budgets, network buffer pool.
+//! - [`kernels`]: hot loops over Arrow buffers (stable hash, partitioning).
+//! - [`metrics`]: counters shared by tasks and reported to the JobManager.
+#![deny(unsafe_code)]
+
+pub mod cluster;
+pub mod config;
+pub mod exec;
+pub mod job;
+pub mod kernels;
+pub mod memory;
+pub mod metrics;
+pub mod network;
+pub mod taskmanager;

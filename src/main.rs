@@ -1,0 +1,224 @@
+//! The `strata` command line: glue only.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+use strata::cluster::client::submit_job;
+use strata::cluster::jobmanager::JobManager;
+use strata::cluster::minicluster::MiniCluster;
+use strata::cluster::rpc::JobState;
+use strata::cluster::summary;
+use strata::config::Config;
+use strata::taskmanager::TaskManager;
+
+#[derive(Parser)]
+#[command(
+    name = "strata",
+    version,
+    about = "A hardware-tiered TaskManager for dataflow jobs"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Args, Clone)]
+struct ConfigArgs {
+    /// Configuration file (.toml, or Flink-style flat .yaml).
+    #[arg(short = 'c', long = "config", global = true)]
+    config: Option<PathBuf>,
+    /// Override a configuration key: -D key=value (repeatable).
+    #[arg(short = 'D', value_name = "KEY=VALUE", global = true)]
+    overrides: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<Config> {
+        let env = std::env::var("STRATA_PROPERTIES").ok();
+        Ok(Config::load(
+            self.config.as_deref(),
+            env.as_deref(),
+            &self.overrides,
+        )?)
+    }
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a job on an embedded mini-cluster (one JobManager, N TaskManagers).
+    Run {
+        job: PathBuf,
+        /// Number of TaskManagers.
+        #[arg(long, default_value_t = 2)]
+        taskmanagers: usize,
+        /// Slots per TaskManager (taskmanager.numberOfTaskSlots).
+        #[arg(long)]
+        slots: Option<u32>,
+        /// Do not draw a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Run a JobManager.
+    Jobmanager {
+        /// Listen address; default jobmanager.rpc.address:jobmanager.rpc.port.
+        #[arg(long)]
+        bind: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Run a TaskManager that registers with a JobManager.
+    Taskmanager {
+        /// JobManager address HOST:PORT; default jobmanager.rpc.address:port.
+        #[arg(long)]
+        jobmanager: Option<String>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Submit a job to a running JobManager and wait for it.
+    Submit {
+        job: PathBuf,
+        #[arg(long)]
+        jobmanager: Option<String>,
+        #[arg(long)]
+        no_progress: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Print the effective configuration and memory layout.
+    Config {
+        /// Configuration file (same as --config).
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,strata=info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+fn read_job(path: &Path) -> Result<(String, String)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read job file {}", path.display()))?;
+    Ok((text, path.display().to_string()))
+}
+
+fn finish(summary: &strata::cluster::rpc::JobSummary) -> ExitCode {
+    print!("{}", summary::render(summary));
+    if summary.state == JobState::Finished {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+fn jm_address(explicit: Option<String>, config: &Config) -> String {
+    explicit.unwrap_or_else(|| format!("{}:{}", config.jobmanager_address, config.jobmanager_port))
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Run {
+            job,
+            taskmanagers,
+            slots,
+            no_progress,
+            config,
+        } => {
+            let mut overrides = config.overrides.clone();
+            if let Some(s) = slots {
+                overrides.push(format!("taskmanager.numberOfTaskSlots={s}"));
+            }
+            let config = ConfigArgs {
+                overrides,
+                ..config
+            }
+            .load()?;
+            let (text, path) = read_job(&job)?;
+            // Validate the job before starting anything.
+            strata::job::load_job(&job)?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                let cluster = MiniCluster::start(config, taskmanagers.max(1)).await?;
+                let summary =
+                    submit_job(&cluster.address().to_string(), text, path, !no_progress).await?;
+                Ok(finish(&summary))
+            })
+        }
+        Command::Jobmanager { bind, config } => {
+            let config = config.load()?;
+            let bind = bind.unwrap_or_else(|| {
+                format!("{}:{}", config.jobmanager_address, config.jobmanager_port)
+            });
+            let rt = runtime()?;
+            rt.block_on(async {
+                let jm = JobManager::start(config, &bind).await?;
+                println!("JobManager listening on {}", jm.addr);
+                tokio::signal::ctrl_c().await.ok();
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Taskmanager { jobmanager, config } => {
+            let config = config.load()?;
+            let address = jm_address(jobmanager, &config);
+            let rt = runtime()?;
+            rt.block_on(async {
+                let tm = TaskManager::start(config).await?;
+                println!("TaskManager data port {}", tm.data_addr());
+                let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                tm.run(address, shutdown).await?;
+                Ok(ExitCode::SUCCESS)
+            })
+        }
+        Command::Submit {
+            job,
+            jobmanager,
+            no_progress,
+            config,
+        } => {
+            let config = config.load()?;
+            let address = jm_address(jobmanager, &config);
+            let (text, path) = read_job(&job)?;
+            let rt = runtime()?;
+            rt.block_on(async {
+                let summary = submit_job(&address, text, path, !no_progress).await?;
+                Ok(finish(&summary))
+            })
+        }
+        Command::Config { file, config } => {
+            let args = ConfigArgs {
+                config: file.or(config.config.clone()),
+                ..config
+            };
+            print!("{}", args.load()?.render_table());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,161 @@
+//! The network buffer pool: a fixed set of equal-size segments, allocated and
+//! pre-touched at start-up (Flink's `NetworkBufferPool`). Input gates split it
+//! into exclusive buffers per channel and floating buffers per gate; result
+//! partitions take one segment per buffer in flight.
+
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use super::MemoryError;
+use super::pages::pre_touched;
+
+/// A network segment. It returns to its pool when dropped.
+pub struct Segment {
+    bytes: Box<[u8]>,
+    pool: Arc<NetworkBufferPool>,
+}
+
+impl Segment {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.bytes
+    }
+    pub fn as_mut_slice(&mut self) -> &mut [u8] {
+        &mut self.bytes
+    }
+    pub fn capacity(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+impl Drop for Segment {
+    fn drop(&mut self) {
+        let bytes = std::mem::take(&mut self.bytes);
+        if !bytes.is_empty() {
+            self.pool.recycle(bytes);
+        }
+    }
+}
+
+impl std::fmt::Debug for Segment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Segment({} bytes)", self.bytes.len())
+    }
+}
+
+pub struct NetworkBufferPool {
+    segment_size_bytes: usize,
+    segment_count: usize,
+    free: Mutex<Vec<Box<[u8]>>>,
+    available: Condvar,
+}
+
+impl NetworkBufferPool {
+    pub fn new(segment_count: usize, segment_size_bytes: usize) -> Arc<Self> {
+        let free = (0..segment_count)
+            .map(|_| pre_touched(segment_size_bytes))
+            .collect();
+        Arc::new(Self {
+            segment_size_bytes,
+            segment_count,
+            free: Mutex::new(free),
+            available: Condvar::new(),
+        })
+    }
+
+    pub fn segment_size_bytes(&self) -> usize {
+        self.segment_size_bytes
+    }
+    pub fn segment_count(&self) -> usize {
+        self.segment_count
+    }
+    pub fn available_count(&self) -> usize {
+        self.lock().len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<[u8]>>> {
+        self.free
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn recycle(&self, bytes: Box<[u8]>) {
+        self.lock().push(bytes);
+        self.available.notify_one();
+    }
+
+    pub fn try_request(self: &Arc<Self>) -> Option<Segment> {
+        let bytes = self.lock().pop()?;
+        Some(Segment {
+            bytes,
+            pool: Arc::clone(self),
+        })
+    }
+
+    /// Takes `count` segments at once (exclusive buffers of a gate), or fails
+    /// with Flink's "insufficient number of network buffers".
+    pub fn request_many(self: &Arc<Self>, count: usize) -> Result<Vec<Segment>, MemoryError> {
+        let mut free = self.lock();
+        if free.len() < count {
+            return Err(MemoryError::InsufficientNetworkBuffers {
+                required: count,
+                available: free.len(),
+            });
+        }
+        let at = free.len() - count;
+        Ok(free
+            .split_off(at)
+            .into_iter()
+            .map(|bytes| Segment {
+                bytes,
+                pool: Arc::clone(self),
+            })
+            .collect())
+    }
+
+    /// Waits up to `timeout` for a segment; `None` when none came back.
+    pub fn request_timeout(self: &Arc<Self>, timeout: Duration) -> Option<Segment> {
+        let free = self.lock();
+        let (mut free, _) = self
+            .available
+            .wait_timeout_while(free, timeout, |f| f.is_empty())
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let bytes = free.pop()?;
+        Some(Segment {
+            bytes,
+            pool: Arc::clone(self),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn segments_return_to_the_pool_on_drop() {
+        let pool = NetworkBufferPool::new(4, 4096);
+        let many = pool.request_many(3).unwrap();
+        assert_eq!(pool.available_count(), 1);
+        assert!(pool.request_many(2).is_err());
+        drop(many);
+        assert_eq!(pool.available_count(), 4);
+    }
+
+    #[test]
+    fn insufficient_buffers_message_matches_flink() {
+        let pool = NetworkBufferPool::new(1, 4096);
+        let err = pool.request_many(2).err().unwrap().to_string();
+        assert!(err.contains("required 2, but only 1 available"), "{err}");
+    }
+
+    #[test]
+    fn request_timeout_wakes_on_recycle() {
+        let pool = NetworkBufferPool::new(1, 4096);
+        let held = pool.try_request().unwrap();
+        let p2 = Arc::clone(&pool);
+        let t = std::thread::spawn(move || p2.request_timeout(Duration::from_secs(5)).is_some());
+        std::thread::sleep(Duration::from_millis(20));
+        drop(held);
+        assert!(t.join().unwrap());
+    }
+}

@@ -1,0 +1,77 @@
+//! Metrics shared by tasks and reported to the JobManager.
+//!
+//! Counters are relaxed atomics updated on the task thread and read by the
+//! TaskManager's reporter; snapshots travel in task status updates.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::network::partition::WriterMetrics;
+
+#[derive(Default, Debug)]
+pub struct OperatorMetrics {
+    pub rows_in: AtomicU64,
+    pub rows_out: AtomicU64,
+}
+
+/// Counters of one running task.
+#[derive(Default, Debug)]
+pub struct TaskMetrics {
+    /// By the vertex's operator order: (logical operator index, counters).
+    pub operators: Vec<(usize, Arc<OperatorMetrics>)>,
+    pub writers: Vec<Arc<WriterMetrics>>,
+    pub remote_bytes_in: AtomicU64,
+    pub late_rows: AtomicU64,
+    pub managed_peak_bytes: AtomicU64,
+    pub source_rows_expected: AtomicU64,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct OperatorSnapshot {
+    pub operator: usize,
+    pub rows_in: u64,
+    pub rows_out: u64,
+}
+
+/// A point-in-time copy of a task's counters.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TaskSnapshot {
+    pub operators: Vec<OperatorSnapshot>,
+    pub remote_bytes_out: u64,
+    pub remote_buffers_out: u64,
+    pub remote_bytes_in: u64,
+    pub local_rows_out: u64,
+    pub backpressure_ms: u64,
+    pub late_rows: u64,
+    pub managed_peak_bytes: u64,
+    pub source_rows_expected: u64,
+}
+
+impl TaskMetrics {
+    pub fn snapshot(&self) -> TaskSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let sum =
+            |f: &dyn Fn(&WriterMetrics) -> u64| self.writers.iter().map(|w| f(w)).sum::<u64>();
+        TaskSnapshot {
+            operators: self
+                .operators
+                .iter()
+                .map(|(op, m)| OperatorSnapshot {
+                    operator: *op,
+                    rows_in: r(&m.rows_in),
+                    rows_out: r(&m.rows_out),
+                })
+                .collect(),
+            remote_bytes_out: sum(&|w| r(&w.remote_bytes)),
+            remote_buffers_out: sum(&|w| r(&w.remote_buffers)),
+            remote_bytes_in: r(&self.remote_bytes_in),
+            local_rows_out: sum(&|w| r(&w.local_rows)),
+            backpressure_ms: sum(&|w| r(&w.backpressure_nanos)) / 1_000_000,
+            late_rows: r(&self.late_rows),
+            managed_peak_bytes: r(&self.managed_peak_bytes),
+            source_rows_expected: r(&self.source_rows_expected),
+        }
+    }
+}

@@ -1,0 +1,436 @@
+//! The data-plane wire format, after Flink's `NettyMessage`.
+//!
+//! Every frame starts with `length: u32` (the whole frame, this field
+//! included), `magic: u32 = 0xBADC0FFE` and `id: u8`; integers are big-endian.
+//! A `BufferResponse` carries the routing header (channel, edge, source and
+//! target subtask, sequence number, backlog, kind, CRC-32C, size) and then the
+//! payload: Arrow IPC messages, a watermark, or nothing (end of partition).
+//!
+//! Decoding never trusts the peer: a bad magic, an unknown id, a length that
+//! disagrees with the body or exceeds the segment size is a [`FrameError`],
+//! and the connection that sent it is closed.
+
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+pub const MAGIC: u32 = 0xBADC_0FFE;
+pub const HEAD_LEN: usize = 9;
+/// Fixed part of a BufferResponse body, before the payload.
+pub const BUFFER_HEADER_LEN: usize = 4 * 6 + 1 + 4 + 4;
+
+const ID_BUFFER: u8 = 0;
+const ID_ERROR: u8 = 1;
+const ID_PARTITION_REQUEST: u8 = 2;
+const ID_CANCEL: u8 = 4;
+const ID_CLOSE: u8 = 5;
+const ID_ADD_CREDIT: u8 = 6;
+/// Longest error text a peer may send.
+const ERROR_TEXT_MAX: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("bad frame magic {found:#010x} (expected 0xbadc0ffe)")]
+    BadMagic { found: u32 },
+    #[error("unknown frame id {id}")]
+    UnknownId { id: u8 },
+    #[error("frame length {length} out of range (at least {min}, at most {max})")]
+    BadLength {
+        length: usize,
+        min: usize,
+        max: usize,
+    },
+    #[error("unknown buffer kind {kind}")]
+    UnknownKind { kind: u8 },
+    #[error("frame body of {actual} bytes does not match its header ({expected} expected)")]
+    Truncated { expected: usize, actual: usize },
+    #[error("error text is not valid UTF-8")]
+    BadText,
+}
+
+/// What a data buffer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum BufferKind {
+    /// Arrow IPC stream messages (schema on a channel's first buffer, then a batch).
+    Ipc = 0,
+    /// An event-time watermark: 8 bytes, big-endian i64.
+    Watermark = 1,
+    /// The producer subtask finished; no payload.
+    EndOfPartition = 2,
+}
+
+impl BufferKind {
+    fn from_u8(kind: u8) -> Result<Self, FrameError> {
+        match kind {
+            0 => Ok(Self::Ipc),
+            1 => Ok(Self::Watermark),
+            2 => Ok(Self::EndOfPartition),
+            _ => Err(FrameError::UnknownKind { kind }),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BufferHeader {
+    pub channel_id: u32,
+    pub edge: u32,
+    pub source_subtask: u32,
+    pub target_subtask: u32,
+    pub seq: u32,
+    pub backlog: u32,
+    pub kind: BufferKind,
+    pub crc: u32,
+    pub size: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlMessage {
+    /// Consumer → producer: attach `channel_id` to a subpartition, with initial credit.
+    PartitionRequest {
+        channel_id: u32,
+        job: u64,
+        edge: u32,
+        source_subtask: u32,
+        subpartition: u32,
+        initial_credit: u32,
+    },
+    /// Consumer → producer: `credit` more buffers may be sent on the channel.
+    AddCredit { channel_id: u32, credit: u32 },
+    /// Consumer → producer: the consumer is gone; drop the subpartition's data.
+    CancelPartition { channel_id: u32 },
+    /// Either side: the connection is closing normally.
+    Close,
+    /// Either side: the channel (or the connection, for `u32::MAX`) failed.
+    Error { channel_id: u32, message: String },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Incoming {
+    Buffer(BufferHeader),
+    Control(ControlMessage),
+}
+
+fn put_head(out: &mut Vec<u8>, frame_len: usize, id: u8) {
+    out.extend_from_slice(&(frame_len as u32).to_be_bytes());
+    out.extend_from_slice(&MAGIC.to_be_bytes());
+    out.push(id);
+}
+
+/// Appends a BufferResponse's head and routing header; the payload follows.
+pub fn encode_buffer_header(h: &BufferHeader, out: &mut Vec<u8>) {
+    put_head(
+        out,
+        HEAD_LEN + BUFFER_HEADER_LEN + h.size as usize,
+        ID_BUFFER,
+    );
+    for v in [
+        h.channel_id,
+        h.edge,
+        h.source_subtask,
+        h.target_subtask,
+        h.seq,
+        h.backlog,
+    ] {
+        out.extend_from_slice(&v.to_be_bytes());
+    }
+    out.push(h.kind as u8);
+    out.extend_from_slice(&h.crc.to_be_bytes());
+    out.extend_from_slice(&h.size.to_be_bytes());
+}
+
+pub fn encode_control(msg: &ControlMessage, out: &mut Vec<u8>) {
+    let mut body = Vec::with_capacity(32);
+    let id = match msg {
+        ControlMessage::PartitionRequest {
+            channel_id,
+            job,
+            edge,
+            source_subtask,
+            subpartition,
+            initial_credit,
+        } => {
+            body.extend_from_slice(&channel_id.to_be_bytes());
+            body.extend_from_slice(&job.to_be_bytes());
+            for v in [edge, source_subtask, subpartition, initial_credit] {
+                body.extend_from_slice(&v.to_be_bytes());
+            }
+            ID_PARTITION_REQUEST
+        }
+        ControlMessage::AddCredit { channel_id, credit } => {
+            body.extend_from_slice(&channel_id.to_be_bytes());
+            body.extend_from_slice(&credit.to_be_bytes());
+            ID_ADD_CREDIT
+        }
+        ControlMessage::CancelPartition { channel_id } => {
+            body.extend_from_slice(&channel_id.to_be_bytes());
+            ID_CANCEL
+        }
+        ControlMessage::Close => ID_CLOSE,
+        ControlMessage::Error {
+            channel_id,
+            message,
+        } => {
+            let text = truncate_utf8(message, ERROR_TEXT_MAX);
+            body.extend_from_slice(&channel_id.to_be_bytes());
+            body.extend_from_slice(text.as_bytes());
+            ID_ERROR
+        }
+    };
+    put_head(out, HEAD_LEN + body.len(), id);
+    out.extend_from_slice(&body);
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Validates a frame head; returns the id and the length of the body.
+pub fn parse_head(head: &[u8; HEAD_LEN], payload_max: usize) -> Result<(u8, usize), FrameError> {
+    let length = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let magic = u32::from_be_bytes([head[4], head[5], head[6], head[7]]);
+    if magic != MAGIC {
+        return Err(FrameError::BadMagic { found: magic });
+    }
+    let id = head[8];
+    let (min, max) = match id {
+        ID_BUFFER => (BUFFER_HEADER_LEN, BUFFER_HEADER_LEN + payload_max),
+        ID_PARTITION_REQUEST => (28, 28),
+        ID_ADD_CREDIT => (8, 8),
+        ID_CANCEL => (4, 4),
+        ID_CLOSE => (0, 0),
+        ID_ERROR => (4, 4 + ERROR_TEXT_MAX),
+        _ => return Err(FrameError::UnknownId { id }),
+    };
+    let body = length.checked_sub(HEAD_LEN).ok_or(FrameError::BadLength {
+        length,
+        min: HEAD_LEN + min,
+        max: HEAD_LEN + max,
+    })?;
+    if body < min || body > max {
+        return Err(FrameError::BadLength {
+            length,
+            min: HEAD_LEN + min,
+            max: HEAD_LEN + max,
+        });
+    }
+    Ok((id, body))
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Parses a frame body. For a BufferResponse, `body` is the fixed routing
+/// header only and `body_len` the whole body (header + payload).
+pub fn parse_body(id: u8, body: &[u8], body_len: usize) -> Result<Incoming, FrameError> {
+    match id {
+        ID_BUFFER => {
+            if body.len() != BUFFER_HEADER_LEN {
+                return Err(FrameError::Truncated {
+                    expected: BUFFER_HEADER_LEN,
+                    actual: body.len(),
+                });
+            }
+            let size = be32(body, 29);
+            if body_len != BUFFER_HEADER_LEN + size as usize {
+                return Err(FrameError::Truncated {
+                    expected: BUFFER_HEADER_LEN + size as usize,
+                    actual: body_len,
+                });
+            }
+            Ok(Incoming::Buffer(BufferHeader {
+                channel_id: be32(body, 0),
+                edge: be32(body, 4),
+                source_subtask: be32(body, 8),
+                target_subtask: be32(body, 12),
+                seq: be32(body, 16),
+                backlog: be32(body, 20),
+                kind: BufferKind::from_u8(body[24])?,
+                crc: be32(body, 25),
+                size,
+            }))
+        }
+        _ => {
+            if body.len() != body_len {
+                return Err(FrameError::Truncated {
+                    expected: body_len,
+                    actual: body.len(),
+                });
+            }
+            parse_control(id, body).map(Incoming::Control)
+        }
+    }
+}
+
+fn parse_control(id: u8, body: &[u8]) -> Result<ControlMessage, FrameError> {
+    Ok(match id {
+        ID_PARTITION_REQUEST => ControlMessage::PartitionRequest {
+            channel_id: be32(body, 0),
+            job: u64::from_be_bytes(body[4..12].try_into().map_err(|_| FrameError::Truncated {
+                expected: 28,
+                actual: body.len(),
+            })?),
+            edge: be32(body, 12),
+            source_subtask: be32(body, 16),
+            subpartition: be32(body, 20),
+            initial_credit: be32(body, 24),
+        },
+        ID_ADD_CREDIT => ControlMessage::AddCredit {
+            channel_id: be32(body, 0),
+            credit: be32(body, 4),
+        },
+        ID_CANCEL => ControlMessage::CancelPartition {
+            channel_id: be32(body, 0),
+        },
+        ID_CLOSE => ControlMessage::Close,
+        ID_ERROR => ControlMessage::Error {
+            channel_id: be32(body, 0),
+            message: std::str::from_utf8(&body[4..])
+                .map_err(|_| FrameError::BadText)?
+                .to_owned(),
+        },
+        _ => return Err(FrameError::UnknownId { id }),
+    })
+}
+
+/// Errors while reading a frame from a socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Reads the next frame's head and fixed body. `Ok(None)` is a clean end of
+/// stream at a frame boundary. A buffer's payload is left on the stream for
+/// the caller to read into a segment.
+pub async fn read_incoming<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    payload_max: usize,
+) -> Result<Option<Incoming>, ReadError> {
+    let mut head = [0u8; HEAD_LEN];
+    match reader.read_exact(&mut head[..1]).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e.into()),
+    }
+    reader.read_exact(&mut head[1..]).await?;
+    let (id, body_len) = parse_head(&head, payload_max)?;
+    let fixed = if id == ID_BUFFER {
+        BUFFER_HEADER_LEN
+    } else {
+        body_len
+    };
+    let mut body = vec![0u8; fixed];
+    reader.read_exact(&mut body).await?;
+    Ok(Some(parse_body(id, &body, body_len)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn roundtrip(bytes: &[u8]) -> Result<Option<Incoming>, ReadError> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let mut r = bytes;
+            read_incoming(&mut r, 1 << 16).await
+        })
+    }
+
+    #[test]
+    fn control_messages_round_trip() {
+        for msg in [
+            ControlMessage::PartitionRequest {
+                channel_id: 7,
+                job: u64::MAX - 3,
+                edge: 2,
+                source_subtask: 1,
+                subpartition: 3,
+                initial_credit: 2,
+            },
+            ControlMessage::AddCredit {
+                channel_id: 9,
+                credit: 4,
+            },
+            ControlMessage::CancelPartition { channel_id: 1 },
+            ControlMessage::Close,
+            ControlMessage::Error {
+                channel_id: 5,
+                message: "boom".into(),
+            },
+        ] {
+            let mut out = Vec::new();
+            encode_control(&msg, &mut out);
+            let got = roundtrip(&out).unwrap().unwrap();
+            assert_eq!(got, Incoming::Control(msg));
+        }
+    }
+
+    #[test]
+    fn buffer_header_round_trips() {
+        let h = BufferHeader {
+            channel_id: 1,
+            edge: 2,
+            source_subtask: 3,
+            target_subtask: 4,
+            seq: 5,
+            backlog: 6,
+            kind: BufferKind::Watermark,
+            crc: 0xDEAD_BEEF,
+            size: 8,
+        };
+        let mut out = Vec::new();
+        encode_buffer_header(&h, &mut out);
+        out.extend_from_slice(&[0; 8]);
+        assert_eq!(roundtrip(&out).unwrap().unwrap(), Incoming::Buffer(h));
+    }
+
+    #[test]
+    fn oversized_buffer_is_rejected_before_reading_payload() {
+        let h = BufferHeader {
+            channel_id: 1,
+            edge: 0,
+            source_subtask: 0,
+            target_subtask: 0,
+            seq: 0,
+            backlog: 0,
+            kind: BufferKind::Ipc,
+            crc: 0,
+            size: 1 << 20,
+        };
+        let mut out = Vec::new();
+        encode_buffer_header(&h, &mut out);
+        assert!(matches!(
+            roundtrip(&out),
+            Err(ReadError::Frame(FrameError::BadLength { .. }))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn decoder_never_panics_on_garbage(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = roundtrip(&bytes);
+        }
+
+        #[test]
+        fn decoder_never_panics_on_mutated_frames(pos in 0usize..64, val in any::<u8>(), cut in 0usize..64) {
+            let mut out = Vec::new();
+            encode_control(&ControlMessage::PartitionRequest { channel_id: 1, job: 2, edge: 3, source_subtask: 4, subpartition: 5, initial_credit: 6 }, &mut out);
+            encode_control(&ControlMessage::Error { channel_id: 1, message: "x".repeat(20) }, &mut out);
+            if pos < out.len() { out[pos] = val; }
+            out.truncate(out.len().saturating_sub(cut));
+            let _ = roundtrip(&out);
+        }
+    }
+}

@@ -1,0 +1,527 @@
+//! Input gates: the consumer side of an edge.
+//!
+//! A gate has one channel per producer subtask it reads from. A local
+//! channel's producer pushes events straight into the gate's queue (bounded
+//! per channel); a remote channel's buffers are read from the socket into
+//! segments the channel holds as credit. The consuming task pops items in
+//! arrival order (so each channel stays in order) through an [`InputReader`],
+//! which decodes remote buffers, recycles their segments (re-announcing the
+//! credit) and merges watermarks and end-of-partition across channels.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow_array::RecordBatch;
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::frame::{BufferKind, ControlMessage};
+use super::ipc::ChannelDecoder;
+use super::{GateId, NetworkError, StreamEvent};
+use crate::memory::{NetworkBufferPool, Segment};
+
+/// An item in the gate's queue.
+pub enum GateItem {
+    Local(StreamEvent),
+    Remote {
+        kind: BufferKind,
+        segment: Segment,
+        len: usize,
+        floating: bool,
+    },
+}
+
+/// Where a remote channel announces credit: the connection's control sender
+/// and the channel id the connection assigned.
+#[derive(Clone)]
+pub struct CreditLink {
+    pub control: UnboundedSender<ControlMessage>,
+    pub channel_id: u32,
+}
+
+struct RemoteCredit {
+    /// Segments granted to the sender as credit and not yet filled.
+    free: Vec<(Segment, bool)>,
+    exclusive_total: usize,
+    backlog: u32,
+    link: Option<CreditLink>,
+}
+
+struct GateState {
+    queue: VecDeque<(usize, GateItem)>,
+    local_queued: Vec<usize>,
+    remote: Vec<Option<RemoteCredit>>,
+    floating: Vec<Segment>,
+    floating_waiters: VecDeque<usize>,
+    failure: Option<NetworkError>,
+    closed: bool,
+}
+
+pub struct InputGate {
+    pub id: GateId,
+    channel_count: usize,
+    local_capacity: usize,
+    state: Mutex<GateState>,
+    readable: Condvar,
+    writable: Condvar,
+    /// Bytes received over the network by this gate.
+    pub remote_bytes: AtomicU64,
+}
+
+/// How a gate's channels are reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChannelKind {
+    Local,
+    Remote,
+}
+
+/// Sizes of a gate's buffers, from the configuration.
+#[derive(Clone, Copy, Debug)]
+pub struct GateBuffers {
+    pub exclusive_per_channel: usize,
+    pub floating_per_gate: usize,
+    pub max_per_channel: usize,
+}
+
+impl InputGate {
+    /// Creates a gate, taking its exclusive and floating segments from the
+    /// pool up front (Flink fails the deployment when they are not there).
+    pub fn new(
+        id: GateId,
+        channels: &[ChannelKind],
+        buffers: GateBuffers,
+        pool: &Arc<NetworkBufferPool>,
+    ) -> Result<Arc<Self>, NetworkError> {
+        let remote_count = channels
+            .iter()
+            .filter(|c| **c == ChannelKind::Remote)
+            .count();
+        let floating_count = if remote_count > 0 {
+            buffers.floating_per_gate
+        } else {
+            0
+        };
+        let needed = remote_count * buffers.exclusive_per_channel + floating_count;
+        let mut segments = pool
+            .request_many(needed)
+            .map_err(|e| NetworkError::Memory(e.to_string()))?;
+        let floating = segments.split_off(segments.len() - floating_count);
+        let mut exclusive = segments.into_iter();
+        let remote = channels
+            .iter()
+            .map(|kind| {
+                (*kind == ChannelKind::Remote).then(|| RemoteCredit {
+                    free: exclusive
+                        .by_ref()
+                        .take(buffers.exclusive_per_channel)
+                        .map(|s| (s, false))
+                        .collect(),
+                    exclusive_total: buffers.exclusive_per_channel,
+                    backlog: 0,
+                    link: None,
+                })
+            })
+            .collect();
+        Ok(Arc::new(Self {
+            id,
+            channel_count: channels.len(),
+            local_capacity: buffers.max_per_channel.max(1),
+            state: Mutex::new(GateState {
+                queue: VecDeque::new(),
+                local_queued: vec![0; channels.len()],
+                remote,
+                floating,
+                floating_waiters: VecDeque::new(),
+                failure: None,
+                closed: false,
+            }),
+            readable: Condvar::new(),
+            writable: Condvar::new(),
+            remote_bytes: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.channel_count
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Pushes an event from a local producer, waiting while the channel is
+    /// full. Returns the time spent blocked (back-pressure).
+    pub fn push_local(
+        &self,
+        channel: usize,
+        event: StreamEvent,
+        canceled: &dyn Fn() -> bool,
+    ) -> Result<Duration, NetworkError> {
+        let mut state = self.lock();
+        let mut blocked_since = None;
+        while state.local_queued[channel] >= self.local_capacity && !state.closed {
+            if canceled() {
+                return Err(NetworkError::Canceled);
+            }
+            blocked_since.get_or_insert_with(Instant::now);
+            state = self
+                .writable
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        if state.closed {
+            return Err(NetworkError::ConsumerGone);
+        }
+        state.local_queued[channel] += 1;
+        state.queue.push_back((channel, GateItem::Local(event)));
+        drop(state);
+        self.readable.notify_one();
+        Ok(blocked_since.map_or(Duration::ZERO, |t| t.elapsed()))
+    }
+
+    /// Binds a remote channel to its connection; returns the initial credit.
+    pub fn bind_remote(&self, channel: usize, link: CreditLink) -> u32 {
+        let mut state = self.lock();
+        let credit = state.remote[channel]
+            .as_mut()
+            .expect("bind_remote on a local channel");
+        credit.link = Some(link);
+        credit.free.len() as u32
+    }
+
+    /// Takes the segment that the sender's credit stands for. No free segment
+    /// means the sender sent without credit: a protocol error.
+    pub fn take_segment(&self, channel: usize) -> Result<(Segment, bool), NetworkError> {
+        let mut state = self.lock();
+        if let Some(failure) = &state.failure {
+            return Err(failure.clone());
+        }
+        let credit = state.remote.get_mut(channel).and_then(Option::as_mut);
+        credit
+            .and_then(|c| c.free.pop())
+            .ok_or_else(|| NetworkError::Channel {
+                gate: self.id,
+                channel,
+                detail: "sender sent a buffer without credit".into(),
+            })
+    }
+
+    /// Queues a received buffer and borrows floating segments for the
+    /// sender's backlog.
+    pub fn push_remote(&self, channel: usize, item: GateItem, len: usize, backlog: u32) {
+        self.remote_bytes.fetch_add(len as u64, Ordering::Relaxed);
+        let mut state = self.lock();
+        if state.closed {
+            return;
+        }
+        state.queue.push_back((channel, item));
+        if let Some(c) = state.remote[channel].as_mut() {
+            c.backlog = backlog;
+        }
+        grant_floating(&mut state, channel);
+        drop(state);
+        self.readable.notify_one();
+    }
+
+    /// Returns a consumed segment to its channel or to the floating pool,
+    /// re-announcing it as credit.
+    fn recycle(&self, channel: usize, segment: Segment, floating: bool) {
+        let mut state = self.lock();
+        if state.closed {
+            return;
+        }
+        if !floating {
+            let c = state.remote[channel]
+                .as_mut()
+                .expect("exclusive segment of a local channel");
+            c.free.push((segment, false));
+            announce(c, 1);
+            return;
+        }
+        state.floating.push(segment);
+        while let Some(waiter) = state.floating_waiters.pop_front() {
+            if grant_floating(&mut state, waiter) || state.floating.is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// Pops the next item, waiting up to `timeout`.
+    pub fn pop(&self, timeout: Duration) -> Result<Option<(usize, GateItem)>, NetworkError> {
+        let mut state = self.lock();
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(failure) = &state.failure {
+                return Err(failure.clone());
+            }
+            if let Some((channel, item)) = state.queue.pop_front() {
+                if matches!(item, GateItem::Local(_)) {
+                    state.local_queued[channel] -= 1;
+                    drop(state);
+                    self.writable.notify_all();
+                }
+                return Ok(Some((channel, item)));
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Ok(None);
+            }
+            state = self
+                .readable
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Fails the gate: the consumer sees `error` at its next pop.
+    pub fn fail(&self, error: NetworkError) {
+        let mut state = self.lock();
+        if state.failure.is_none() {
+            state.failure = Some(error);
+        }
+        drop(state);
+        self.readable.notify_all();
+        self.writable.notify_all();
+    }
+
+    /// The consumer is done (or gone): drop queued data and release every
+    /// producer waiting on a local channel.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.queue.clear();
+        for c in state.remote.iter_mut().flatten() {
+            if let Some(link) = &c.link {
+                let _ = link.control.send(ControlMessage::CancelPartition {
+                    channel_id: link.channel_id,
+                });
+            }
+        }
+        drop(state);
+        self.writable.notify_all();
+        self.readable.notify_all();
+    }
+
+    /// Segments held as credit or floating: for tests of the credit balance.
+    pub fn free_segment_count(&self) -> usize {
+        let state = self.lock();
+        state.floating.len()
+            + state
+                .remote
+                .iter()
+                .flatten()
+                .map(|c| c.free.len())
+                .sum::<usize>()
+    }
+}
+
+/// Borrows floating segments until the channel holds enough for the
+/// sender's backlog; returns whether its need is met.
+fn grant_floating(state: &mut GateState, channel: usize) -> bool {
+    let Some(c) = state.remote[channel].as_mut() else {
+        return true;
+    };
+    let need = c.backlog as usize + c.exclusive_total;
+    let mut granted = 0;
+    while c.free.len() < need {
+        let Some(segment) = state.floating.pop() else {
+            break;
+        };
+        c.free.push((segment, true));
+        granted += 1;
+    }
+    announce(c, granted);
+    let met = c.free.len() >= need;
+    if !met && !state.floating_waiters.contains(&channel) {
+        state.floating_waiters.push_back(channel);
+    }
+    met
+}
+
+fn announce(c: &RemoteCredit, credit: u32) {
+    if credit == 0 {
+        return;
+    }
+    if let Some(link) = &c.link {
+        // The connection may already be gone; its reader then fails the gate.
+        let _ = link.control.send(ControlMessage::AddCredit {
+            channel_id: link.channel_id,
+            credit,
+        });
+    }
+}
+
+/// What a task reads from its inputs.
+#[derive(Debug)]
+pub enum InputEvent {
+    Batch(RecordBatch),
+    /// The minimum watermark over all channels advanced to this value.
+    Watermark(i64),
+    /// Every channel of every gate has ended.
+    End,
+}
+
+/// The task-side reader over one or more gates (one per input edge).
+pub struct InputReader {
+    gates: Vec<Arc<InputGate>>,
+    decoders: Vec<Vec<ChannelDecoder>>,
+    watermarks: Vec<Vec<i64>>,
+    ended: Vec<Vec<bool>>,
+    open_channels: usize,
+    current_watermark: i64,
+    next_gate: usize,
+}
+
+impl InputReader {
+    pub fn new(gates: Vec<Arc<InputGate>>) -> Self {
+        let decoders = gates
+            .iter()
+            .map(|g| {
+                (0..g.channel_count())
+                    .map(|_| ChannelDecoder::default())
+                    .collect()
+            })
+            .collect();
+        let watermarks = gates
+            .iter()
+            .map(|g| vec![i64::MIN; g.channel_count()])
+            .collect();
+        let ended = gates
+            .iter()
+            .map(|g| vec![false; g.channel_count()])
+            .collect();
+        let open_channels = gates.iter().map(|g| g.channel_count()).sum();
+        Self {
+            gates,
+            decoders,
+            watermarks,
+            ended,
+            open_channels,
+            current_watermark: i64::MIN,
+            next_gate: 0,
+        }
+    }
+
+    /// Next event, or `None` after `timeout` with nothing to read.
+    pub fn next(&mut self, timeout: Duration) -> Result<Option<InputEvent>, NetworkError> {
+        if self.open_channels == 0 {
+            return Ok(Some(InputEvent::End));
+        }
+        let gate_count = self.gates.len();
+        // Poll gates round-robin; wait on the last one tried.
+        for attempt in 0..gate_count {
+            let g = (self.next_gate + attempt) % gate_count;
+            let wait = if attempt + 1 == gate_count {
+                timeout
+            } else {
+                Duration::ZERO
+            };
+            if let Some((channel, item)) = self.gates[g].pop(wait)? {
+                self.next_gate = (g + 1) % gate_count;
+                return self.on_item(g, channel, item);
+            }
+        }
+        Ok(None)
+    }
+
+    fn on_item(
+        &mut self,
+        g: usize,
+        channel: usize,
+        item: GateItem,
+    ) -> Result<Option<InputEvent>, NetworkError> {
+        let event = match item {
+            GateItem::Local(event) => event,
+            GateItem::Remote {
+                kind,
+                segment,
+                len,
+                floating,
+            } => {
+                let event = self.decode(g, channel, kind, &segment.as_slice()[..len]);
+                self.gates[g].recycle(channel, segment, floating);
+                event?
+            }
+        };
+        Ok(match event {
+            StreamEvent::Batch(batch) => Some(InputEvent::Batch(batch)),
+            StreamEvent::Watermark(wm) => {
+                let slot = &mut self.watermarks[g][channel];
+                *slot = (*slot).max(wm);
+                self.advance_watermark()
+            }
+            StreamEvent::EndOfPartition => {
+                if !std::mem::replace(&mut self.ended[g][channel], true) {
+                    self.open_channels -= 1;
+                    self.watermarks[g][channel] = i64::MAX;
+                }
+                if self.open_channels == 0 {
+                    Some(InputEvent::End)
+                } else {
+                    self.advance_watermark()
+                }
+            }
+        })
+    }
+
+    fn advance_watermark(&mut self) -> Option<InputEvent> {
+        let min = self
+            .watermarks
+            .iter()
+            .flatten()
+            .copied()
+            .min()
+            .unwrap_or(i64::MIN);
+        (min > self.current_watermark && min != i64::MAX).then(|| {
+            self.current_watermark = min;
+            InputEvent::Watermark(min)
+        })
+    }
+
+    fn decode(
+        &mut self,
+        g: usize,
+        channel: usize,
+        kind: BufferKind,
+        payload: &[u8],
+    ) -> Result<StreamEvent, NetworkError> {
+        let gate = self.gates[g].id;
+        let bad = |detail: String| NetworkError::Channel {
+            gate,
+            channel,
+            detail,
+        };
+        match kind {
+            BufferKind::Ipc => self.decoders[g][channel]
+                .decode(payload)
+                .map(StreamEvent::Batch)
+                .map_err(|e| bad(e.to_string())),
+            BufferKind::Watermark => {
+                let bytes: [u8; 8] = payload
+                    .try_into()
+                    .map_err(|_| bad(format!("watermark of {} bytes", payload.len())))?;
+                Ok(StreamEvent::Watermark(i64::from_be_bytes(bytes)))
+            }
+            BufferKind::EndOfPartition => Ok(StreamEvent::EndOfPartition),
+        }
+    }
+
+    /// Closes every gate (the task is done or failed).
+    pub fn close(&self) {
+        for g in &self.gates {
+            g.close();
+        }
+    }
+
+    pub fn remote_bytes(&self) -> u64 {
+        self.gates
+            .iter()
+            .map(|g| g.remote_bytes.load(Ordering::Relaxed))
+            .sum()
+    }
+}

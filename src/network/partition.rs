@@ -1,0 +1,416 @@
+//! Result partitions: the producer side of an edge.
+//!
+//! A [`RecordWriter`] routes each batch to target subtasks (forward, hash by
+//! key group, rebalance, global) and hands the pieces to local channels or
+//! to [`Subpartition`]s, whose buffers the data server sends under credit.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use arrow_array::{ArrayRef, RecordBatch, UInt32Array};
+use arrow_select::take::take_record_batch;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use super::frame::BufferKind;
+use super::gate::InputGate;
+use super::ipc::ChannelEncoder;
+use super::{NetworkError, PartitionId, StreamEvent};
+use crate::kernels::cpu::hash::{hash_columns, subtask_for_hash};
+use crate::memory::{NetworkBufferPool, Segment};
+
+/// How an edge routes rows to the consumer's subtasks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Partitioner {
+    /// Producer subtask i feeds consumer subtask i (equal parallelism).
+    Forward,
+    /// By key group of the stable hash of the key columns.
+    Hash { key_columns: Vec<usize> },
+    /// Whole batches round-robin over consumers.
+    Rebalance,
+    /// Everything to consumer subtask 0.
+    Global,
+}
+
+impl Partitioner {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Partitioner::Forward => "FORWARD",
+            Partitioner::Hash { .. } => "HASH",
+            Partitioner::Rebalance => "REBALANCE",
+            Partitioner::Global => "GLOBAL",
+        }
+    }
+}
+
+/// A buffer waiting in a subpartition.
+pub struct OutBuffer {
+    pub kind: BufferKind,
+    pub payload: Payload,
+}
+
+pub enum Payload {
+    Segment { segment: Segment, len: usize },
+    Inline { bytes: [u8; 8], len: usize },
+}
+
+impl Payload {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Payload::Segment { segment, len } => &segment.as_slice()[..*len],
+            Payload::Inline { bytes, len } => &bytes[..*len],
+        }
+    }
+}
+
+struct SubState {
+    queue: VecDeque<OutBuffer>,
+    credit: u32,
+    waker: Option<Arc<Notify>>,
+    released: Option<String>,
+}
+
+/// One target's queue of encoded buffers, drained by the data server.
+pub struct Subpartition {
+    capacity: usize,
+    state: Mutex<SubState>,
+    space: Condvar,
+}
+
+impl Subpartition {
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self {
+            capacity: capacity.max(1),
+            state: Mutex::new(SubState {
+                queue: VecDeque::new(),
+                credit: 0,
+                waker: None,
+                released: None,
+            }),
+            space: Condvar::new(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, SubState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a buffer, waiting while the queue is full.
+    fn push(
+        &self,
+        buffer: OutBuffer,
+        canceled: &dyn Fn() -> bool,
+    ) -> Result<Duration, NetworkError> {
+        let mut state = self.lock();
+        let mut blocked_since = None;
+        while state.queue.len() >= self.capacity && state.released.is_none() {
+            if canceled() {
+                return Err(NetworkError::Canceled);
+            }
+            blocked_since.get_or_insert_with(Instant::now);
+            state = self
+                .space
+                .wait_timeout(state, Duration::from_millis(50))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+        if state.released.is_some() {
+            return Err(NetworkError::ConsumerGone);
+        }
+        state.queue.push_back(buffer);
+        let waker = state.waker.clone();
+        drop(state);
+        if let Some(w) = waker {
+            w.notify_one();
+        }
+        Ok(blocked_since.map_or(Duration::ZERO, |t| t.elapsed()))
+    }
+
+    /// The consumer's connection attached: credit starts at its initial value.
+    pub fn attach(&self, waker: Arc<Notify>, initial_credit: u32) {
+        let mut state = self.lock();
+        state.credit = initial_credit;
+        state.waker = Some(Arc::clone(&waker));
+        drop(state);
+        waker.notify_one();
+    }
+
+    pub fn add_credit(&self, credit: u32) {
+        let mut state = self.lock();
+        state.credit = state.credit.saturating_add(credit);
+        let waker = state.waker.clone();
+        drop(state);
+        if let Some(w) = waker {
+            w.notify_one();
+        }
+    }
+
+    /// Takes the next buffer if the consumer has credit for it; returns it
+    /// with the backlog left behind it.
+    pub fn poll_next(&self) -> Option<(OutBuffer, u32)> {
+        let mut state = self.lock();
+        if state.credit == 0 {
+            return None;
+        }
+        let buffer = state.queue.pop_front()?;
+        state.credit -= 1;
+        let backlog = state.queue.len() as u32;
+        drop(state);
+        self.space.notify_one();
+        Some((buffer, backlog))
+    }
+
+    /// The consumer is gone: drop queued data and fail later pushes.
+    pub fn release(&self, reason: &str) {
+        let mut state = self.lock();
+        state.queue.clear();
+        state.released.get_or_insert_with(|| reason.to_owned());
+        drop(state);
+        self.space.notify_all();
+    }
+
+    pub fn credit(&self) -> u32 {
+        self.lock().credit
+    }
+    pub fn queued(&self) -> usize {
+        self.lock().queue.len()
+    }
+}
+
+/// A producer subtask's remote subpartitions on one edge, by target index
+/// (`None` where the target is local).
+pub struct ResultPartition {
+    pub id: PartitionId,
+    pub subpartitions: Vec<Option<Arc<Subpartition>>>,
+}
+
+impl ResultPartition {
+    pub fn release(&self, reason: &str) {
+        for s in self.subpartitions.iter().flatten() {
+            s.release(reason);
+        }
+    }
+}
+
+/// Where one target subtask is reached.
+pub enum Target {
+    Local {
+        gate: Arc<InputGate>,
+        channel: usize,
+    },
+    Remote {
+        sub: Arc<Subpartition>,
+        encoder: Box<ChannelEncoder>,
+    },
+}
+
+/// Exchange counters of one writer, shared with the task's metrics.
+#[derive(Default, Debug)]
+pub struct WriterMetrics {
+    pub remote_bytes: AtomicU64,
+    pub remote_buffers: AtomicU64,
+    pub local_rows: AtomicU64,
+    pub backpressure_nanos: AtomicU64,
+}
+
+/// Writes a task's output on one edge.
+pub struct RecordWriter {
+    partitioner: Partitioner,
+    targets: Vec<Target>,
+    max_parallelism: u32,
+    pool: Arc<NetworkBufferPool>,
+    canceled: Arc<dyn Fn() -> bool + Send + Sync>,
+    metrics: Arc<WriterMetrics>,
+    hashes: Vec<u64>,
+    rows_by_target: Vec<Vec<u32>>,
+    next_target: usize,
+}
+
+impl RecordWriter {
+    pub fn new(
+        partitioner: Partitioner,
+        targets: Vec<Target>,
+        max_parallelism: u32,
+        pool: Arc<NetworkBufferPool>,
+        canceled: Arc<dyn Fn() -> bool + Send + Sync>,
+        metrics: Arc<WriterMetrics>,
+    ) -> Self {
+        assert!(!targets.is_empty());
+        let n = targets.len();
+        Self {
+            partitioner,
+            targets,
+            max_parallelism,
+            pool,
+            canceled,
+            metrics,
+            hashes: Vec::new(),
+            rows_by_target: vec![Vec::new(); n],
+            next_target: 0,
+        }
+    }
+
+    pub fn emit(&mut self, batch: RecordBatch) -> Result<(), NetworkError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        match &self.partitioner {
+            Partitioner::Forward | Partitioner::Global => self.send(0, batch),
+            Partitioner::Rebalance => {
+                let t = self.next_target;
+                self.next_target = (t + 1) % self.targets.len();
+                self.send(t, batch)
+            }
+            Partitioner::Hash { key_columns } => {
+                if self.targets.len() == 1 {
+                    return self.send(0, batch);
+                }
+                let keys: Vec<ArrayRef> = key_columns
+                    .iter()
+                    .map(|&i| Arc::clone(batch.column(i)))
+                    .collect();
+                hash_columns(&keys, &mut self.hashes)
+                    .map_err(|e| NetworkError::Encode(e.to_string()))?;
+                let parallelism = self.targets.len() as u32;
+                for rows in &mut self.rows_by_target {
+                    rows.clear();
+                }
+                for (row, &h) in self.hashes.iter().enumerate() {
+                    let t = subtask_for_hash(h, self.max_parallelism, parallelism);
+                    self.rows_by_target[t as usize].push(row as u32);
+                }
+                for t in 0..self.targets.len() {
+                    if self.rows_by_target[t].is_empty() {
+                        continue;
+                    }
+                    let indices = UInt32Array::from(std::mem::take(&mut self.rows_by_target[t]));
+                    let piece = take_record_batch(&batch, &indices)
+                        .map_err(|e| NetworkError::Encode(e.to_string()))?;
+                    self.send(t, piece)?;
+                    // Reuse the index allocation for the next batch.
+                    let (_, values, _) = indices.into_parts();
+                    self.rows_by_target[t] = values.into_inner().into_vec().unwrap_or_default();
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn send(&mut self, t: usize, batch: RecordBatch) -> Result<(), NetworkError> {
+        let canceled = Arc::clone(&self.canceled);
+        match &mut self.targets[t] {
+            Target::Local { gate, channel } => {
+                self.metrics
+                    .local_rows
+                    .fetch_add(batch.num_rows() as u64, Ordering::Relaxed);
+                let blocked = gate.push_local(*channel, StreamEvent::Batch(batch), &*canceled)?;
+                self.record_blocked(blocked);
+                Ok(())
+            }
+            Target::Remote { sub, encoder } => {
+                let pool = &self.pool;
+                let metrics = &self.metrics;
+                let mut blocked = Duration::ZERO;
+                let mut failure = None;
+                let result = encoder.encode(&batch, &mut |bytes| {
+                    let pushed =
+                        acquire_segment(pool, &*canceled).and_then(|(mut segment, waited)| {
+                            segment.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
+                            let payload = Payload::Segment {
+                                segment,
+                                len: bytes.len(),
+                            };
+                            let b = sub.push(
+                                OutBuffer {
+                                    kind: BufferKind::Ipc,
+                                    payload,
+                                },
+                                &*canceled,
+                            )?;
+                            Ok(waited + b)
+                        });
+                    match pushed {
+                        Ok(b) => {
+                            blocked += b;
+                            metrics
+                                .remote_bytes
+                                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                            metrics.remote_buffers.fetch_add(1, Ordering::Relaxed);
+                            Ok(())
+                        }
+                        Err(e) => {
+                            failure = Some(e);
+                            Err(super::ipc::IpcError::NoBatch)
+                        }
+                    }
+                });
+                self.record_blocked(blocked);
+                match (result, failure) {
+                    (_, Some(e)) => Err(e),
+                    (Err(e), None) => Err(NetworkError::Encode(e.to_string())),
+                    (Ok(()), None) => Ok(()),
+                }
+            }
+        }
+    }
+
+    fn record_blocked(&self, blocked: Duration) {
+        if !blocked.is_zero() {
+            self.metrics
+                .backpressure_nanos
+                .fetch_add(blocked.as_nanos() as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Sends an event to every target.
+    fn broadcast_event(&mut self, event: StreamEvent) -> Result<(), NetworkError> {
+        for t in 0..self.targets.len() {
+            let blocked = match &self.targets[t] {
+                Target::Local { gate, channel } => {
+                    gate.push_local(*channel, event.clone(), &*self.canceled)?
+                }
+                Target::Remote { sub, .. } => {
+                    let (kind, bytes, len) = match event {
+                        StreamEvent::Watermark(wm) => (BufferKind::Watermark, wm.to_be_bytes(), 8),
+                        StreamEvent::EndOfPartition => (BufferKind::EndOfPartition, [0; 8], 0),
+                        StreamEvent::Batch(_) => unreachable!("batches are not broadcast"),
+                    };
+                    let payload = Payload::Inline { bytes, len };
+                    sub.push(OutBuffer { kind, payload }, &*self.canceled)?
+                }
+            };
+            self.record_blocked(blocked);
+        }
+        Ok(())
+    }
+
+    pub fn watermark(&mut self, watermark: i64) -> Result<(), NetworkError> {
+        self.broadcast_event(StreamEvent::Watermark(watermark))
+    }
+
+    pub fn finish(&mut self) -> Result<(), NetworkError> {
+        self.broadcast_event(StreamEvent::EndOfPartition)
+    }
+}
+
+fn acquire_segment(
+    pool: &Arc<NetworkBufferPool>,
+    canceled: &dyn Fn() -> bool,
+) -> Result<(Segment, Duration), NetworkError> {
+    if let Some(s) = pool.try_request() {
+        return Ok((s, Duration::ZERO));
+    }
+    let start = Instant::now();
+    loop {
+        if canceled() {
+            return Err(NetworkError::Canceled);
+        }
+        if let Some(s) = pool.request_timeout(Duration::from_millis(50)) {
+            return Ok((s, start.elapsed()));
+        }
+    }
+}

@@ -1,0 +1,498 @@
+//! The TCP transport: a data server per TaskManager that serves its result
+//! partitions, and a connection manager that opens one multiplexed
+//! connection per peer TaskManager for the local input channels.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+
+use super::frame::{
+    BufferHeader, BufferKind, ControlMessage, Incoming, ReadError, encode_buffer_header,
+    encode_control, read_incoming,
+};
+use super::gate::{CreditLink, GateItem, InputGate};
+use super::partition::Subpartition;
+use super::{NetworkError, NetworkRegistry, PartitionId};
+
+/// How long a partition request waits for its producer to be deployed.
+const PARTITION_WAIT: Duration = Duration::from_secs(30);
+const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Serves this TaskManager's result partitions to remote consumers.
+pub struct DataServer {
+    pub local_addr: SocketAddr,
+}
+
+impl DataServer {
+    pub async fn start(
+        bind: SocketAddr,
+        registry: Arc<NetworkRegistry>,
+        segment_size: usize,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(bind).await?;
+        let local_addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((stream, peer)) => {
+                        let _ = stream.set_nodelay(true);
+                        let registry = Arc::clone(&registry);
+                        tokio::spawn(serve_connection(stream, peer, registry, segment_size));
+                    }
+                    Err(e) => {
+                        tracing::warn!("data server accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            }
+        });
+        Ok(Self { local_addr })
+    }
+}
+
+/// A subpartition being sent on a connection.
+struct Attached {
+    channel_id: u32,
+    partition: PartitionId,
+    subpartition: u32,
+    sub: Arc<Subpartition>,
+    seq: u32,
+}
+
+type AttachedList = Arc<Mutex<Vec<Attached>>>;
+
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    registry: Arc<NetworkRegistry>,
+    segment_size: usize,
+) {
+    let (mut reader, writer) = stream.into_split();
+    let attached: AttachedList = Arc::default();
+    let wake = Arc::new(Notify::new());
+    let (errors_tx, errors_rx) = unbounded_channel();
+    let writer_task = tokio::spawn(send_loop(
+        writer,
+        Arc::clone(&attached),
+        Arc::clone(&wake),
+        errors_rx,
+    ));
+    let outcome = loop {
+        match read_incoming(&mut reader, segment_size).await {
+            Ok(Some(Incoming::Control(msg))) => match msg {
+                ControlMessage::PartitionRequest {
+                    channel_id,
+                    job,
+                    edge,
+                    source_subtask,
+                    subpartition,
+                    initial_credit,
+                } => {
+                    let id = PartitionId {
+                        job,
+                        edge,
+                        source_subtask,
+                    };
+                    let registry = Arc::clone(&registry);
+                    let attached = Arc::clone(&attached);
+                    let wake = Arc::clone(&wake);
+                    let errors = errors_tx.clone();
+                    // Waiting for a producer must not stall credit for others.
+                    tokio::spawn(async move {
+                        match find_subpartition(&registry, id, subpartition).await {
+                            Some(sub) => {
+                                lock(&attached).push(Attached {
+                                    channel_id,
+                                    partition: id,
+                                    subpartition,
+                                    sub: Arc::clone(&sub),
+                                    seq: 0,
+                                });
+                                sub.attach(wake, initial_credit);
+                            }
+                            None => {
+                                let _ = errors.send(ControlMessage::Error {
+                                    channel_id,
+                                    message: format!(
+                                        "partition {id:?} subpartition {subpartition} not found after {PARTITION_WAIT:?}"
+                                    ),
+                                });
+                                wake.notify_one();
+                            }
+                        }
+                    });
+                }
+                ControlMessage::AddCredit { channel_id, credit } => {
+                    if let Some(a) = lock(&attached).iter().find(|a| a.channel_id == channel_id) {
+                        a.sub.add_credit(credit);
+                    }
+                }
+                ControlMessage::CancelPartition { channel_id } => {
+                    let mut list = lock(&attached);
+                    if let Some(pos) = list.iter().position(|a| a.channel_id == channel_id) {
+                        list.remove(pos)
+                            .sub
+                            .release("consumer canceled the partition");
+                    }
+                }
+                ControlMessage::Close => break Ok(()),
+                ControlMessage::Error { message, .. } => {
+                    tracing::warn!("consumer {peer} reported: {message}");
+                }
+            },
+            Ok(Some(Incoming::Buffer(_))) => {
+                break Err(format!(
+                    "consumer {peer} sent a data buffer to the data server"
+                ));
+            }
+            Ok(None) => break Ok(()),
+            Err(e) => break Err(format!("{e}")),
+        }
+    };
+    if let Err(reason) = &outcome {
+        tracing::warn!("data connection from {peer} closed: {reason}");
+    }
+    for a in lock(&attached).drain(..) {
+        a.sub.release("consumer connection closed");
+    }
+    writer_task.abort();
+}
+
+async fn find_subpartition(
+    registry: &NetworkRegistry,
+    id: PartitionId,
+    subpartition: u32,
+) -> Option<Arc<Subpartition>> {
+    let deadline = Instant::now() + PARTITION_WAIT;
+    loop {
+        if let Some(p) = registry.partition(&id) {
+            return p
+                .subpartitions
+                .get(subpartition as usize)
+                .and_then(Option::clone);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Sends every attached subpartition's buffers while it has credit.
+async fn send_loop(
+    writer: OwnedWriteHalf,
+    attached: AttachedList,
+    wake: Arc<Notify>,
+    mut errors: UnboundedReceiver<ControlMessage>,
+) -> std::io::Result<()> {
+    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
+    let mut head = Vec::with_capacity(64);
+    let mut next = 0usize;
+    loop {
+        while let Ok(msg) = errors.try_recv() {
+            head.clear();
+            encode_control(&msg, &mut head);
+            writer.write_all(&head).await?;
+        }
+        let ready = {
+            let mut list = lock(&attached);
+            let n = list.len();
+            let mut found = None;
+            for i in 0..n {
+                let idx = (next + i) % n;
+                if let Some((buffer, backlog)) = list[idx].sub.poll_next() {
+                    let a = &mut list[idx];
+                    let seq = a.seq;
+                    a.seq = a.seq.wrapping_add(1);
+                    let header = BufferHeader {
+                        channel_id: a.channel_id,
+                        edge: a.partition.edge,
+                        source_subtask: a.partition.source_subtask,
+                        target_subtask: a.subpartition,
+                        seq,
+                        backlog,
+                        kind: buffer.kind,
+                        crc: crc32c::crc32c(buffer.payload.as_slice()),
+                        size: buffer.payload.as_slice().len() as u32,
+                    };
+                    if buffer.kind == BufferKind::EndOfPartition {
+                        list.remove(idx);
+                    }
+                    next = idx + 1;
+                    found = Some((header, buffer));
+                    break;
+                }
+            }
+            found
+        };
+        match ready {
+            Some((header, buffer)) => {
+                head.clear();
+                encode_buffer_header(&header, &mut head);
+                writer.write_all(&head).await?;
+                writer.write_all(buffer.payload.as_slice()).await?;
+            }
+            None => {
+                writer.flush().await?;
+                wake.notified().await;
+            }
+        }
+    }
+}
+
+/// Binding of a connection's channel id to a gate channel.
+struct Binding {
+    gate: Arc<InputGate>,
+    channel: usize,
+    expected_seq: u32,
+}
+
+/// One connection to a peer TaskManager's data server, shared by every
+/// remote input channel that reads from that peer.
+pub struct PeerConnection {
+    peer: String,
+    control: UnboundedSender<ControlMessage>,
+    bindings: Arc<Mutex<HashMap<u32, Binding>>>,
+    next_channel_id: AtomicU32,
+    closed: Arc<Mutex<Option<NetworkError>>>,
+}
+
+impl PeerConnection {
+    /// Attaches a gate channel to a remote subpartition; the request carries
+    /// the channel's initial credit.
+    pub fn request_partition(
+        &self,
+        gate: &Arc<InputGate>,
+        channel: usize,
+        partition: PartitionId,
+        subpartition: u32,
+    ) -> Result<(), NetworkError> {
+        if let Some(e) = lock(&self.closed).clone() {
+            return Err(e);
+        }
+        let channel_id = self.next_channel_id.fetch_add(1, Ordering::Relaxed);
+        lock(&self.bindings).insert(
+            channel_id,
+            Binding {
+                gate: Arc::clone(gate),
+                channel,
+                expected_seq: 0,
+            },
+        );
+        let initial_credit = gate.bind_remote(
+            channel,
+            CreditLink {
+                control: self.control.clone(),
+                channel_id,
+            },
+        );
+        self.control
+            .send(ControlMessage::PartitionRequest {
+                channel_id,
+                job: partition.job,
+                edge: partition.edge,
+                source_subtask: partition.source_subtask,
+                subpartition,
+                initial_credit,
+            })
+            .map_err(|_| NetworkError::PeerLost {
+                peer: self.peer.clone(),
+                reason: "connection closed".into(),
+            })
+    }
+
+    pub fn is_closed(&self) -> bool {
+        lock(&self.closed).is_some()
+    }
+}
+
+/// Opens and caches connections to peer TaskManagers.
+#[derive(Default)]
+pub struct ConnectionManager {
+    connections: tokio::sync::Mutex<HashMap<SocketAddr, Arc<PeerConnection>>>,
+}
+
+impl ConnectionManager {
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        peer_name: &str,
+        segment_size: usize,
+    ) -> Result<Arc<PeerConnection>, NetworkError> {
+        let mut map = self.connections.lock().await;
+        if let Some(c) = map.get(&addr)
+            && !c.is_closed()
+        {
+            return Ok(Arc::clone(c));
+        }
+        let peer = format!("{peer_name} ({addr})");
+        let stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| NetworkError::Connect {
+                peer: peer.clone(),
+                reason: e.to_string(),
+            })?;
+        let _ = stream.set_nodelay(true);
+        let (reader, writer) = stream.into_split();
+        let (control, control_rx) = unbounded_channel();
+        let conn = Arc::new(PeerConnection {
+            peer: peer.clone(),
+            control,
+            bindings: Arc::default(),
+            next_channel_id: AtomicU32::new(0),
+            closed: Arc::default(),
+        });
+        tokio::spawn(control_loop(writer, control_rx));
+        tokio::spawn(receive_loop(
+            reader,
+            peer,
+            Arc::clone(&conn.bindings),
+            Arc::clone(&conn.closed),
+            segment_size,
+        ));
+        map.insert(addr, Arc::clone(&conn));
+        Ok(conn)
+    }
+}
+
+async fn control_loop(writer: OwnedWriteHalf, mut rx: UnboundedReceiver<ControlMessage>) {
+    let mut writer = BufWriter::new(writer);
+    let mut out = Vec::with_capacity(64);
+    while let Some(msg) = rx.recv().await {
+        out.clear();
+        encode_control(&msg, &mut out);
+        // Coalesce whatever else is queued into the same flush.
+        while let Ok(more) = rx.try_recv() {
+            encode_control(&more, &mut out);
+        }
+        if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn receive_loop(
+    mut reader: OwnedReadHalf,
+    peer: String,
+    bindings: Arc<Mutex<HashMap<u32, Binding>>>,
+    closed: Arc<Mutex<Option<NetworkError>>>,
+    segment_size: usize,
+) {
+    let error = loop {
+        match receive_one(&mut reader, &peer, &bindings, segment_size).await {
+            Ok(true) => continue,
+            Ok(false) => {
+                break NetworkError::PeerLost {
+                    peer: peer.clone(),
+                    reason: "connection closed by peer".into(),
+                };
+            }
+            Err(e) => break e,
+        }
+    };
+    *lock(&closed) = Some(error.clone());
+    let gates: Vec<_> = lock(&bindings).drain().map(|(_, b)| b.gate).collect();
+    if !gates.is_empty() {
+        tracing::warn!("{error}");
+    }
+    for g in gates {
+        g.fail(error.clone());
+    }
+}
+
+/// Receives one frame; `Ok(false)` at a clean end of stream.
+async fn receive_one(
+    reader: &mut OwnedReadHalf,
+    peer: &str,
+    bindings: &Mutex<HashMap<u32, Binding>>,
+    segment_size: usize,
+) -> Result<bool, NetworkError> {
+    let protocol = |detail: String| NetworkError::Protocol {
+        peer: peer.to_owned(),
+        detail,
+    };
+    let incoming = match read_incoming(reader, segment_size).await {
+        Ok(Some(i)) => i,
+        Ok(None) => return Ok(false),
+        Err(ReadError::Io(e)) => {
+            return Err(NetworkError::PeerLost {
+                peer: peer.to_owned(),
+                reason: e.to_string(),
+            });
+        }
+        Err(ReadError::Frame(e)) => return Err(protocol(e.to_string())),
+    };
+    match incoming {
+        Incoming::Buffer(h) => {
+            let (gate, channel) = {
+                let mut map = lock(bindings);
+                let b = map.get_mut(&h.channel_id).ok_or_else(|| {
+                    protocol(format!("buffer for unknown channel {}", h.channel_id))
+                })?;
+                if h.seq != b.expected_seq {
+                    return Err(protocol(format!(
+                        "channel {} expected buffer #{} but got #{}",
+                        h.channel_id, b.expected_seq, h.seq
+                    )));
+                }
+                b.expected_seq = b.expected_seq.wrapping_add(1);
+                let found = (Arc::clone(&b.gate), b.channel);
+                if h.kind == BufferKind::EndOfPartition {
+                    map.remove(&h.channel_id);
+                }
+                found
+            };
+            let (mut segment, floating) = gate.take_segment(channel)?;
+            let len = h.size as usize;
+            reader
+                .read_exact(&mut segment.as_mut_slice()[..len])
+                .await
+                .map_err(|e| NetworkError::PeerLost {
+                    peer: peer.to_owned(),
+                    reason: e.to_string(),
+                })?;
+            let crc = crc32c::crc32c(&segment.as_slice()[..len]);
+            if crc != h.crc {
+                return Err(protocol(format!(
+                    "CRC mismatch on channel {} buffer #{}: header {:#010x}, payload {crc:#010x}",
+                    h.channel_id, h.seq, h.crc
+                )));
+            }
+            let item = GateItem::Remote {
+                kind: h.kind,
+                segment,
+                len,
+                floating,
+            };
+            gate.push_remote(channel, item, len, h.backlog);
+            Ok(true)
+        }
+        Incoming::Control(ControlMessage::Error {
+            channel_id,
+            message,
+        }) => {
+            let binding = lock(bindings).remove(&channel_id);
+            match binding {
+                Some(b) => {
+                    b.gate.fail(protocol(message));
+                    Ok(true)
+                }
+                None => Err(protocol(message)),
+            }
+        }
+        Incoming::Control(ControlMessage::Close) => Ok(false),
+        Incoming::Control(other) => Err(protocol(format!("unexpected message {other:?}"))),
+    }
+}

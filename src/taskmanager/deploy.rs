@@ -1,0 +1,445 @@
+//! Deploying a job's tasks on this TaskManager: gates and partitions first
+//! (so local producers find their consumers), then remote partition
+//! requests, then one thread per task.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::{JobTasks, Services, lock};
+use crate::cluster::rpc::{ExecutionState, Message, TaskDeploymentDescriptor};
+use crate::exec::ExecError;
+use crate::exec::build::{BuildContext, build_operator, build_source};
+use crate::exec::task::{Chain, Task, TaskInput};
+use crate::job::graph::JobGraph;
+use crate::job::{LogicalPlan, parse_job, plan};
+use crate::metrics::{OperatorMetrics, TaskMetrics};
+use crate::network::gate::{ChannelKind, GateBuffers};
+use crate::network::ipc::ChannelEncoder;
+use crate::network::partition::{Target, WriterMetrics};
+use crate::network::{
+    GateId, InputGate, InputReader, NetworkError, PartitionId, RecordWriter, ResultPartition,
+    Subpartition,
+};
+
+struct Prepared {
+    tdd: TaskDeploymentDescriptor,
+    gates: Vec<Arc<InputGate>>,
+    writers: Vec<RecordWriter>,
+    writer_metrics: Vec<Arc<WriterMetrics>>,
+}
+
+fn status(
+    out: &UnboundedSender<Message>,
+    job: u64,
+    tdd: &TaskDeploymentDescriptor,
+    state: ExecutionState,
+    error: Option<String>,
+    metrics: Option<&TaskMetrics>,
+) {
+    let _ = out.send(Message::TaskStatus {
+        job,
+        vertex: tdd.vertex,
+        subtask: tdd.subtask,
+        state,
+        error,
+        metrics: metrics.map(TaskMetrics::snapshot),
+    });
+}
+
+pub(super) async fn deploy(
+    services: &Arc<Services>,
+    job: u64,
+    job_text: &str,
+    job_path: &str,
+    default_parallelism: u32,
+    tasks: Vec<TaskDeploymentDescriptor>,
+    out: UnboundedSender<Message>,
+) {
+    let canceled = Arc::new(AtomicBool::new(false));
+    for tdd in &tasks {
+        status(&out, job, tdd, ExecutionState::Deploying, None, None);
+    }
+    let planned = parse_job(job_text, Path::new(job_path)).and_then(plan);
+    let plan = match planned {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            for tdd in &tasks {
+                status(
+                    &out,
+                    job,
+                    tdd,
+                    ExecutionState::Failed,
+                    Some(e.to_string()),
+                    None,
+                );
+            }
+            return;
+        }
+    };
+    let graph = Arc::new(JobGraph::build(&plan, default_parallelism));
+    {
+        let mut slots = lock(&services.slots);
+        for tdd in &tasks {
+            if let Err(e) = slots.allocate(tdd.slot, job) {
+                drop(slots);
+                for tdd in &tasks {
+                    status(
+                        &out,
+                        job,
+                        tdd,
+                        ExecutionState::Failed,
+                        Some(e.to_string()),
+                        None,
+                    );
+                }
+                return;
+            }
+        }
+    }
+    let prepared = match prepare(services, job, tasks.clone(), &canceled).await {
+        Ok(p) => p,
+        Err(e) => {
+            services.registry.release_job(job, "deployment failed");
+            for tdd in &tasks {
+                status(
+                    &out,
+                    job,
+                    tdd,
+                    ExecutionState::Failed,
+                    Some(e.to_string()),
+                    None,
+                );
+            }
+            return;
+        }
+    };
+    lock(&services.jobs).insert(
+        job,
+        JobTasks {
+            canceled: Arc::clone(&canceled),
+            running: prepared.len(),
+            tasks: Vec::new(),
+        },
+    );
+    let printed = Arc::new(AtomicU64::new(0));
+    for p in prepared {
+        let services = Arc::clone(services);
+        let (plan, graph, out, canceled, printed) = (
+            Arc::clone(&plan),
+            Arc::clone(&graph),
+            out.clone(),
+            Arc::clone(&canceled),
+            Arc::clone(&printed),
+        );
+        let name = format!(
+            "{} ({}/{})",
+            graph.vertex_name(&plan, p.tdd.vertex),
+            p.tdd.subtask + 1,
+            p.tdd.parallelism
+        );
+        lock(&services.slots).task_started(p.tdd.slot).ok();
+        let spawned = std::thread::Builder::new()
+            .name(name.chars().take(15).collect())
+            .spawn(move || {
+                run_task(
+                    &services, job, &plan, &graph, p, name, canceled, printed, out,
+                )
+            });
+        if let Err(e) = spawned {
+            tracing::error!("cannot spawn a task thread: {e}");
+        }
+    }
+}
+
+/// Creates and registers gates and partitions, builds writers, and
+/// requests remote partitions.
+async fn prepare(
+    services: &Arc<Services>,
+    job: u64,
+    tasks: Vec<TaskDeploymentDescriptor>,
+    canceled: &Arc<AtomicBool>,
+) -> Result<Vec<Prepared>, NetworkError> {
+    let config = &services.config;
+    let me = services.name();
+    let segment = config.segment_size_bytes as usize;
+    let buffers = GateBuffers {
+        exclusive_per_channel: config.buffers_per_channel as usize,
+        floating_per_gate: config.floating_buffers_per_gate as usize,
+        max_per_channel: config.max_buffers_per_channel as usize,
+    };
+    let mut all_gates = Vec::new();
+    for tdd in &tasks {
+        let mut gates = Vec::new();
+        for input in &tdd.inputs {
+            let kinds: Vec<ChannelKind> = input
+                .channels
+                .iter()
+                .map(|c| {
+                    if c.taskmanager == me {
+                        ChannelKind::Local
+                    } else {
+                        ChannelKind::Remote
+                    }
+                })
+                .collect();
+            let id = GateId {
+                job,
+                edge: input.edge,
+                target_subtask: tdd.subtask,
+            };
+            let gate = InputGate::new(id, &kinds, buffers, &services.netpool)?;
+            services.registry.register_gate(Arc::clone(&gate));
+            gates.push(gate);
+        }
+        all_gates.push(gates);
+    }
+    let mut partitions = Vec::new();
+    for tdd in &tasks {
+        let mut parts = Vec::new();
+        for output in &tdd.outputs {
+            let subpartitions = output
+                .targets
+                .iter()
+                .map(|t| (t.taskmanager != me).then(|| Subpartition::new(buffers.max_per_channel)))
+                .collect();
+            let partition = Arc::new(ResultPartition {
+                id: PartitionId {
+                    job,
+                    edge: output.edge,
+                    source_subtask: tdd.subtask,
+                },
+                subpartitions,
+            });
+            services.registry.register_partition(Arc::clone(&partition));
+            parts.push(partition);
+        }
+        partitions.push(parts);
+    }
+    let cancel_flag = Arc::clone(canceled);
+    let is_canceled: Arc<dyn Fn() -> bool + Send + Sync> =
+        Arc::new(move || cancel_flag.load(Ordering::Relaxed));
+    let mut prepared = Vec::new();
+    for ((tdd, gates), parts) in tasks.into_iter().zip(all_gates).zip(partitions) {
+        let mut writers = Vec::new();
+        let mut writer_metrics = Vec::new();
+        for (output, partition) in tdd.outputs.iter().zip(&parts) {
+            let targets =
+                output
+                    .targets
+                    .iter()
+                    .zip(&partition.subpartitions)
+                    .map(|(t, sub)| match sub {
+                        Some(sub) => Ok(Target::Remote {
+                            sub: Arc::clone(sub),
+                            encoder: Box::new(ChannelEncoder::new(segment)),
+                        }),
+                        None => {
+                            let id = GateId {
+                                job,
+                                edge: output.edge,
+                                target_subtask: t.subtask,
+                            };
+                            let gate = services.registry.gate(&id).ok_or_else(|| {
+                                NetworkError::Channel {
+                                    gate: id,
+                                    channel: t.index as usize,
+                                    detail:
+                                        "local consumer gate is not deployed on this TaskManager"
+                                            .into(),
+                                }
+                            })?;
+                            Ok(Target::Local {
+                                gate,
+                                channel: t.index as usize,
+                            })
+                        }
+                    })
+                    .collect::<Result<Vec<_>, NetworkError>>()?;
+            let metrics = Arc::new(WriterMetrics::default());
+            writers.push(RecordWriter::new(
+                output.partitioner.clone(),
+                targets,
+                config.max_parallelism,
+                Arc::clone(&services.netpool),
+                Arc::clone(&is_canceled),
+                Arc::clone(&metrics),
+            ));
+            writer_metrics.push(metrics);
+        }
+        for (input, gate) in tdd.inputs.iter().zip(&gates) {
+            for (channel, c) in input.channels.iter().enumerate() {
+                if c.taskmanager == me {
+                    continue;
+                }
+                let conn = services
+                    .connections
+                    .connect(c.data_addr, &c.taskmanager, segment)
+                    .await?;
+                let partition = PartitionId {
+                    job,
+                    edge: input.edge,
+                    source_subtask: c.subtask,
+                };
+                conn.request_partition(gate, channel, partition, c.index)?;
+            }
+        }
+        prepared.push(Prepared {
+            tdd,
+            gates,
+            writers,
+            writer_metrics,
+        });
+    }
+    Ok(prepared)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_task(
+    services: &Arc<Services>,
+    job: u64,
+    plan: &LogicalPlan,
+    graph: &JobGraph,
+    p: Prepared,
+    name: String,
+    canceled: Arc<AtomicBool>,
+    printed: Arc<AtomicU64>,
+    out: UnboundedSender<Message>,
+) {
+    let tdd = p.tdd.clone();
+    status(&out, job, &tdd, ExecutionState::Initializing, None, None);
+    let vertex = &graph.vertices[tdd.vertex];
+    let operator_metrics: Vec<(usize, Arc<OperatorMetrics>)> = vertex
+        .operators
+        .iter()
+        .map(|&op| (op, Arc::new(OperatorMetrics::default())))
+        .collect();
+    let metrics = Arc::new(TaskMetrics {
+        operators: operator_metrics.clone(),
+        writers: p.writer_metrics.clone(),
+        ..TaskMetrics::default()
+    });
+    let memory = services.slot_memory[tdd.slot].clone();
+    let result = build_and_run(
+        plan,
+        vertex,
+        &tdd,
+        p,
+        &name,
+        memory.clone(),
+        &canceled,
+        printed,
+        &metrics,
+        &operator_metrics,
+        services,
+        job,
+        &out,
+    );
+    metrics
+        .managed_peak_bytes
+        .store(memory.peak_bytes(), Ordering::Relaxed);
+    let (state, error) = match result {
+        Ok(()) => (ExecutionState::Finished, None),
+        Err(ExecError::Canceled) | Err(ExecError::Network(NetworkError::Canceled)) => {
+            (ExecutionState::Canceled, None)
+        }
+        Err(ExecError::Network(NetworkError::ConsumerGone)) => (ExecutionState::Canceled, None),
+        Err(e) if canceled.load(Ordering::Relaxed) => {
+            tracing::debug!("task {name} ended after cancel: {e}");
+            (ExecutionState::Canceled, None)
+        }
+        Err(e) => {
+            tracing::warn!("task {name} failed: {e}");
+            (
+                ExecutionState::Failed,
+                Some(format!("task {name} on {} failed: {e}", services.name())),
+            )
+        }
+    };
+    status(&out, job, &tdd, state, error, Some(&metrics));
+    lock(&services.slots).task_ended(tdd.slot).ok();
+    let mut jobs = lock(&services.jobs);
+    let done = jobs.get_mut(&job).is_some_and(|t| {
+        t.tasks
+            .retain(|(v, s, _)| !(*v == tdd.vertex && *s == tdd.subtask));
+        t.running -= 1;
+        t.running == 0
+    });
+    if done {
+        jobs.remove(&job);
+        drop(jobs);
+        services.registry.release_job(job, "job ended");
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_and_run(
+    plan: &LogicalPlan,
+    vertex: &crate::job::graph::JobVertex,
+    tdd: &TaskDeploymentDescriptor,
+    p: Prepared,
+    name: &str,
+    memory: crate::memory::MemoryManager,
+    canceled: &Arc<AtomicBool>,
+    printed: Arc<AtomicU64>,
+    metrics: &Arc<TaskMetrics>,
+    operator_metrics: &[(usize, Arc<OperatorMetrics>)],
+    services: &Arc<Services>,
+    job: u64,
+    out: &UnboundedSender<Message>,
+) -> Result<(), ExecError> {
+    let ctx = BuildContext {
+        plan,
+        subtask: tdd.subtask,
+        parallelism: tdd.parallelism,
+        memory,
+        printed,
+    };
+    let head = vertex.operators[0];
+    let is_source = plan.spec.operators[head].input.is_none();
+    let (input, chained, head_metrics) = if is_source {
+        let (input, expected) = build_source(&ctx, head)?;
+        metrics
+            .source_rows_expected
+            .store(expected.unwrap_or(0), Ordering::Relaxed);
+        (
+            input,
+            &vertex.operators[1..],
+            Some(Arc::clone(&operator_metrics[0].1)),
+        )
+    } else {
+        (
+            TaskInput::Gates(InputReader::new(p.gates)),
+            &vertex.operators[..],
+            None,
+        )
+    };
+    let operators = chained
+        .iter()
+        .map(|&op| build_operator(&ctx, op))
+        .collect::<Result<Vec<_>, _>>()?;
+    let skip = usize::from(is_source);
+    let chain = Chain {
+        operators,
+        metrics: operator_metrics[skip..]
+            .iter()
+            .map(|(_, m)| Arc::clone(m))
+            .collect(),
+        writers: p.writers,
+        head: head_metrics,
+    };
+    if let Some(t) = lock(&services.jobs).get_mut(&job) {
+        t.tasks.push((tdd.vertex, tdd.subtask, Arc::clone(metrics)));
+    }
+    status(out, job, tdd, ExecutionState::Running, None, None);
+    let task = Task {
+        name: name.to_owned(),
+        input,
+        chain,
+        canceled: Arc::clone(canceled),
+        metrics: Arc::clone(metrics),
+    };
+    task.run()
+}

@@ -1,0 +1,346 @@
+//! The TaskManager: slots, memory, the data plane, and the tasks it runs.
+//!
+//! Start-up allocates (and pre-touches) managed memory and the network
+//! buffer pool from the memory layout, starts the data server, then
+//! registers with the JobManager — retrying with exponential backoff from
+//! `cluster.registration.initial-timeout` to `max-timeout` and giving up
+//! after `taskmanager.registration.timeout`. While registered it sends a
+//! heartbeat with its slot report every `heartbeat.interval`, runs the tasks
+//! it is deployed, and reports their states and metrics.
+
+mod deploy;
+pub mod slots;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
+
+use crate::cluster::rpc::{Message, ResourceProfile, RpcError, read_message, write_message};
+use crate::config::Config;
+use crate::memory::{MemoryManager, NetworkBufferPool, PagePool};
+use crate::metrics::TaskMetrics;
+use crate::network::NetworkRegistry;
+use crate::network::tcp::{ConnectionManager, DataServer};
+use slots::SlotTable;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TaskManagerError {
+    #[error(
+        "could not register with the JobManager at {address} within {timeout:?} \
+         (taskmanager.registration.timeout): {last_error}"
+    )]
+    RegistrationTimeout {
+        address: String,
+        timeout: Duration,
+        last_error: String,
+    },
+    #[error("cannot start the data server on {address}: {source}")]
+    DataServer {
+        address: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid TaskManager address '{address}': {reason}")]
+    Address { address: String, reason: String },
+}
+
+/// A running job's tasks on this TaskManager.
+struct JobTasks {
+    canceled: Arc<AtomicBool>,
+    running: usize,
+    tasks: Vec<(usize, u32, Arc<TaskMetrics>)>,
+}
+
+/// Services shared by the TaskManager's tasks.
+pub struct Services {
+    pub config: Config,
+    pub name: Mutex<String>,
+    pub slot_memory: Vec<MemoryManager>,
+    pub netpool: Arc<NetworkBufferPool>,
+    pub registry: Arc<NetworkRegistry>,
+    pub connections: ConnectionManager,
+    pub data_addr: SocketAddr,
+    slots: Mutex<SlotTable>,
+    jobs: Mutex<HashMap<u64, JobTasks>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Services {
+    pub fn name(&self) -> String {
+        lock(&self.name).clone()
+    }
+
+    fn cancel_all(&self, reason: &str) {
+        for (job, tasks) in lock(&self.jobs).iter() {
+            tracing::warn!("canceling job {job:016x}: {reason}");
+            tasks.canceled.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// A TaskManager that has started its services but not yet registered.
+pub struct TaskManager {
+    services: Arc<Services>,
+}
+
+impl TaskManager {
+    /// Allocates memory and starts the data server.
+    pub async fn start(config: Config) -> Result<Self, TaskManagerError> {
+        let layout = *config.memory_layout();
+        let slot_count = config.slot_count as usize;
+        let page_size = config.page_size_bytes as usize;
+        let pages = PagePool::new(layout.managed_per_slot * slot_count as u64, page_size);
+        let slot_memory = (0..slot_count)
+            .map(|i| pages.slot_manager(i, layout.managed_per_slot))
+            .collect();
+        let netpool = NetworkBufferPool::new(
+            layout.network_segment_count as usize,
+            config.segment_size_bytes as usize,
+        );
+        let registry = Arc::new(NetworkRegistry::default());
+        let bind = format!("{}:{}", config.host, config.data_port);
+        let bind_addr: SocketAddr = tokio::net::lookup_host(&bind)
+            .await
+            .ok()
+            .and_then(|mut a| a.next())
+            .ok_or_else(|| TaskManagerError::Address {
+                address: bind.clone(),
+                reason: "cannot resolve taskmanager.host".into(),
+            })?;
+        let server = DataServer::start(
+            bind_addr,
+            Arc::clone(&registry),
+            config.segment_size_bytes as usize,
+        )
+        .await
+        .map_err(|source| TaskManagerError::DataServer {
+            address: bind.clone(),
+            source,
+        })?;
+        let profile = ResourceProfile {
+            cpu_cores: 1.0,
+            managed_memory_bytes: layout.managed_per_slot,
+            network_memory_bytes: layout.network / slot_count.max(1) as u64,
+            gpu: None,
+        };
+        tracing::info!(
+            "TaskManager started: {slot_count} slots, managed memory {} MiB ({} pages of {} KiB, pre-touched), network {} segments of {} KiB, data port {}, no GPU (CPU slots only), transport tcp",
+            layout.managed >> 20,
+            pages.page_count(),
+            page_size >> 10,
+            layout.network_segment_count,
+            config.segment_size_bytes >> 10,
+            server.local_addr
+        );
+        Ok(Self {
+            services: Arc::new(Services {
+                name: Mutex::new(String::from("unregistered")),
+                slot_memory,
+                netpool,
+                registry,
+                connections: ConnectionManager::default(),
+                data_addr: server.local_addr,
+                slots: Mutex::new(SlotTable::new(slot_count, profile)),
+                jobs: Mutex::default(),
+                config,
+            }),
+        })
+    }
+
+    pub fn data_addr(&self) -> SocketAddr {
+        self.services.data_addr
+    }
+
+    /// Registers with the JobManager and serves it until `shutdown` is set.
+    /// Re-registers after losing the JobManager.
+    pub async fn run(
+        self,
+        jobmanager: String,
+        shutdown: Arc<AtomicBool>,
+    ) -> Result<(), TaskManagerError> {
+        let services = self.services;
+        let config = &services.config;
+        loop {
+            let stream = connect_with_backoff(&jobmanager, config, &shutdown).await?;
+            let Some(stream) = stream else {
+                return Ok(());
+            };
+            match session(stream, &services, &shutdown).await {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    services.cancel_all("lost the JobManager");
+                    tracing::warn!(
+                        "lost connection to JobManager at {jobmanager}: {e}; re-registering"
+                    );
+                }
+            }
+        }
+    }
+}
+
+async fn connect_with_backoff(
+    address: &str,
+    config: &Config,
+    shutdown: &AtomicBool,
+) -> Result<Option<TcpStream>, TaskManagerError> {
+    let started = Instant::now();
+    let mut backoff = config.registration_initial_timeout;
+    loop {
+        if shutdown.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let error = match TcpStream::connect(address).await {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(Some(s));
+            }
+            Err(e) => e.to_string(),
+        };
+        if started.elapsed() >= config.registration_timeout {
+            return Err(TaskManagerError::RegistrationTimeout {
+                address: address.to_owned(),
+                timeout: config.registration_timeout,
+                last_error: error,
+            });
+        }
+        tracing::warn!(
+            "could not reach JobManager at {address}: {error}; retrying in {} ms",
+            backoff.as_millis()
+        );
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(config.registration_max_timeout);
+    }
+}
+
+async fn session(
+    stream: TcpStream,
+    services: &Arc<Services>,
+    shutdown: &AtomicBool,
+) -> Result<(), RpcError> {
+    let (mut reader, mut writer) = stream.into_split();
+    let slots = lock(&services.slots).report();
+    write_message(
+        &mut writer,
+        &Message::RegisterTaskManager {
+            name: None,
+            data_addr: services.data_addr,
+            slots,
+        },
+    )
+    .await?;
+    let Message::Registered { taskmanager } = read_message(&mut reader).await? else {
+        return Err(RpcError::Closed);
+    };
+    tracing::info!("registered with the JobManager as {taskmanager}");
+    *lock(&services.name) = taskmanager;
+    let (out, mut out_rx) = unbounded_channel::<Message>();
+    let writer_task = tokio::spawn(async move {
+        while let Some(msg) = out_rx.recv().await {
+            if write_message(&mut writer, &msg).await.is_err() {
+                break;
+            }
+        }
+    });
+    let ticker = tokio::spawn(report_loop(Arc::clone(services), out.clone()));
+    let last_ack = Arc::new(Mutex::new(Instant::now()));
+    let result = loop {
+        if shutdown.load(Ordering::Relaxed) {
+            break Ok(());
+        }
+        let timeout = services.config.heartbeat_timeout;
+        let msg = match tokio::time::timeout(Duration::from_millis(200), read_message(&mut reader))
+            .await
+        {
+            Err(_) => {
+                if lock(&last_ack).elapsed() > timeout {
+                    break Err(RpcError::Io(std::io::Error::other(format!(
+                        "no heartbeat answer from the JobManager for {timeout:?} (heartbeat.timeout)"
+                    ))));
+                }
+                continue;
+            }
+            Ok(Err(e)) => break Err(e),
+            Ok(Ok(m)) => m,
+        };
+        *lock(&last_ack) = Instant::now();
+        match msg {
+            Message::DeployTasks {
+                job,
+                job_text,
+                job_path,
+                default_parallelism,
+                tasks,
+            } => {
+                let services = Arc::clone(services);
+                let out = out.clone();
+                tokio::spawn(async move {
+                    deploy::deploy(
+                        &services,
+                        job,
+                        &job_text,
+                        &job_path,
+                        default_parallelism,
+                        tasks,
+                        out,
+                    )
+                    .await;
+                });
+            }
+            Message::CancelJob { job, reason } => {
+                if let Some(tasks) = lock(&services.jobs).get(&job) {
+                    tracing::info!("canceling job {job:016x}: {reason}");
+                    tasks.canceled.store(true, Ordering::Relaxed);
+                }
+            }
+            Message::HeartbeatAck => {}
+            other => tracing::warn!("unexpected message from the JobManager: {other:?}"),
+        }
+    };
+    ticker.abort();
+    writer_task.abort();
+    result
+}
+
+/// Sends heartbeats with slot reports, and running tasks' metrics.
+async fn report_loop(services: Arc<Services>, out: UnboundedSender<Message>) {
+    let interval = services.config.heartbeat_interval;
+    let mut last_heartbeat = Instant::now() - interval;
+    loop {
+        if last_heartbeat.elapsed() >= interval {
+            last_heartbeat = Instant::now();
+            let slots = lock(&services.slots).report();
+            if out.send(Message::Heartbeat { slots }).is_err() {
+                return;
+            }
+        }
+        let updates: Vec<Message> = lock(&services.jobs)
+            .iter()
+            .flat_map(|(job, t)| {
+                t.tasks
+                    .iter()
+                    .map(|(vertex, subtask, m)| Message::TaskStatus {
+                        job: *job,
+                        vertex: *vertex,
+                        subtask: *subtask,
+                        state: crate::cluster::rpc::ExecutionState::Running,
+                        error: None,
+                        metrics: Some(m.snapshot()),
+                    })
+            })
+            .collect();
+        for u in updates {
+            if out.send(u).is_err() {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(250).min(interval)).await;
+    }
+}

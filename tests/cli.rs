@@ -1,0 +1,146 @@
+//! The real CLI: clear errors for bad config, bad job files and an
+//! unreachable JobManager, and a full run with its summary.
+
+use std::process::Command;
+
+fn strata() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    c.env("STRATA_LOG", "warn,strata=info");
+    c
+}
+
+fn output(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("running strata");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn config_prints_the_flink_memory_layout() {
+    let (code, stdout, stderr) = output(strata().args(["config"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("taskmanager.memory.process.size"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("512"),
+        "managed memory of the default layout: {stdout}"
+    );
+}
+
+#[test]
+fn bad_config_value_names_key_value_and_reason() {
+    let (code, _, stderr) =
+        output(strata().args(["config", "-D", "taskmanager.memory.managed.fraction=1.5"]));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("taskmanager.memory.managed.fraction") && stderr.contains("1.5"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn unknown_config_key_in_a_file_names_file_line_and_suggestion() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("strata.yaml");
+    std::fs::write(
+        &file,
+        "# cluster\ntaskmanager.numberOfTaskSlots: 2\ntaskmanager.numberOfTaskSlot: 4\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = output(strata().args(["config", "--file"]).arg(&file));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("strata.yaml") && stderr.contains(":3"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("taskmanager.numberOfTaskSlots"),
+        "suggestion: {stderr}"
+    );
+}
+
+#[test]
+fn bad_job_file_names_file_line_and_expectation() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("bad.toml");
+    std::fs::write(
+        &job,
+        "[job]\nname = \"bad\"\n\n[[operator]]\ntype = \"datagen\"\nrows = 10\nkeys = 2\nseed = 1\n\n[[operator]]\ntype = \"filter\"\npredicate = \"vlaue > 3\"\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = output(strata().arg("run").arg(&job));
+    assert_ne!(code, 0);
+    assert!(stderr.contains("bad.toml:12"), "{stderr}");
+    assert!(
+        stderr.contains("vlaue") && stderr.contains("value"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn submit_to_an_unreachable_jobmanager_names_the_address() {
+    let (code, _, stderr) = output(strata().args([
+        "submit",
+        "examples/project_and_print.toml",
+        "--jobmanager",
+        "127.0.0.1:1",
+        "--no-progress",
+    ]));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("cannot reach the JobManager at 127.0.0.1:1"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn taskmanager_retries_then_gives_up_naming_the_address() {
+    let (code, _, stderr) = output(strata().args([
+        "taskmanager",
+        "--jobmanager",
+        "127.0.0.1:1",
+        "-D",
+        "taskmanager.registration.timeout=1s",
+        "-D",
+        "taskmanager.memory.process.size=1g",
+    ]));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("could not reach JobManager at 127.0.0.1:1"),
+        "retry log line: {stderr}"
+    );
+    assert!(stderr.contains("retrying in"), "{stderr}");
+    assert!(
+        stderr.contains("could not register with the JobManager at 127.0.0.1:1"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_prints_a_summary_and_the_results() {
+    let (code, stdout, stderr) = output(strata().args([
+        "run",
+        "examples/project_and_print.toml",
+        "--taskmanagers",
+        "2",
+        "--slots",
+        "1",
+        "--no-progress",
+        "-D",
+        "taskmanager.memory.process.size=1g",
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("+I["), "printed result row: {stdout}");
+    assert!(stdout.contains("FINISHED"), "{stdout}");
+    assert!(stdout.contains("rows in 1,000,000"), "{stdout}");
+    assert!(stdout.contains("parallelism 2"), "{stdout}");
+    assert!(
+        stdout.contains("tm-1/slot0") && stdout.contains("tm-2/slot0"),
+        "placement: {stdout}"
+    );
+}

@@ -1,0 +1,197 @@
+//! End-to-end jobs on the embedded mini-cluster, through the public API.
+
+mod common;
+
+use common::*;
+use strata::cluster::client::submit_job;
+use strata::cluster::minicluster::MiniCluster;
+use strata::cluster::rpc::JobState;
+use strata::config::Config;
+
+fn config(slots: u32, extra: &[&str]) -> Config {
+    let mut overrides: Vec<String> = SMALL_MEMORY.iter().map(|s| s.to_string()).collect();
+    overrides.push(format!("taskmanager.numberOfTaskSlots={slots}"));
+    overrides.extend(extra.iter().map(|s| s.to_string()));
+    Config::from_overrides(&overrides).expect("test config")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keyed_aggregation_on_two_taskmanagers_equals_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let job = keyed_job(300_000, 5_000, 42, 4, &out, "");
+    let cluster = MiniCluster::start(config(2, &[]), 2).await.unwrap();
+    let summary = submit_job(
+        &cluster.address().to_string(),
+        job,
+        "keyed.toml".into(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.state, JobState::Finished, "{:?}", summary.reason);
+    assert_eq!(summary.rows_in, 300_000);
+    assert!(
+        summary.remote_bytes > 0,
+        "4 slots on 2 TaskManagers must cross TCP"
+    );
+    assert!(summary.local_rows > 0, "and use local channels too");
+    let reference = reference_aggregation(300_000, 5_000, 42, 10);
+    assert_eq!(summary.rows_out as usize, reference.groups.len());
+    assert_matches_reference(&read_csv_parts(&out), &reference);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_do_not_depend_on_parallelism_or_segment_size() {
+    let reference = reference_aggregation(100_000, 777, 9, 10);
+    for (parallelism, taskmanagers, segment) in [(1, 1, "32kb"), (3, 3, "4kb"), (2, 1, "64kb")] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        let job = keyed_job(100_000, 777, 9, parallelism, &out, "");
+        let seg = format!("taskmanager.memory.segment-size={segment}");
+        let cluster = MiniCluster::start(
+            config(1.max(parallelism.div_ceil(taskmanagers as u32)), &[&seg]),
+            taskmanagers,
+        )
+        .await
+        .unwrap();
+        let summary = submit_job(
+            &cluster.address().to_string(),
+            job,
+            "keyed.toml".into(),
+            false,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            summary.state,
+            JobState::Finished,
+            "p={parallelism}: {:?}",
+            summary.reason
+        );
+        assert_matches_reference(&read_csv_parts(&out), &reference);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_few_slots_is_rejected_with_the_numbers() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = keyed_job(1000, 10, 1, 8, &dir.path().join("out"), "");
+    let cluster = MiniCluster::start(config(2, &[]), 1).await.unwrap();
+    let err = submit_job(
+        &cluster.address().to_string(),
+        job,
+        "keyed.toml".into(),
+        false,
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("needs 8") && err.contains("2 free"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aggregation_beyond_managed_memory_fails_naming_the_key_to_raise() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = keyed_job(400_000, 400_000, 5, 1, &dir.path().join("out"), "");
+    // 1 MiB of managed memory per slot cannot hold 400k groups.
+    let cluster = MiniCluster::start(
+        config(
+            1,
+            &[
+                "taskmanager.memory.managed.fraction=0.004",
+                "taskmanager.memory.page-size=4kb",
+            ],
+        ),
+        1,
+    )
+    .await
+    .unwrap();
+    let summary = submit_job(
+        &cluster.address().to_string(),
+        job,
+        "keyed.toml".into(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.state, JobState::Failed);
+    let reason = summary.reason.unwrap_or_default();
+    assert!(
+        reason.contains("managed memory budget exceeded")
+            && reason.contains("taskmanager.memory.managed.fraction"),
+        "{reason}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn windows_and_global_aggregates_match_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("win");
+    let job = format!(
+        r#"
+[job]
+name = "windows"
+parallelism = 2
+[[operator]]
+type = "datagen"
+rows = 50000
+keys = 20
+seed = 11
+ts_step_ms = 1
+ts_disorder_ms = 300
+[[operator]]
+type = "key_by"
+keys = ["key"]
+[[operator]]
+type = "window"
+time_column = "ts"
+size = "5s"
+aggs = ["count(*) as n", "sum(value) as s"]
+[[operator]]
+type = "csv_sink"
+path = "{}"
+"#,
+        out.display()
+    );
+    let cluster = MiniCluster::start(config(2, &[]), 1).await.unwrap();
+    let summary = submit_job(&cluster.address().to_string(), job, "w.toml".into(), false)
+        .await
+        .unwrap();
+    assert_eq!(summary.state, JobState::Finished, "{:?}", summary.reason);
+    assert_eq!(
+        summary.late_rows, 0,
+        "watermarks trail the disorder, so nothing is late"
+    );
+    let spec = strata::job::DatagenSpec {
+        rows: 50000,
+        keys: 20,
+        seed: 11,
+        rows_per_second: None,
+        batch_size: 8192,
+        columns: vec!["key".into(), "value".into(), "price".into(), "ts".into()],
+        ts_step_ms: 1,
+        ts_disorder_ms: 300,
+        watermark: None,
+    };
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..50000 {
+        let r = strata::exec::source::datagen_row(&spec, i);
+        let start = r.ts - r.ts.rem_euclid(5000);
+        let e = expected.entry((r.key, start)).or_insert((0i64, 0i64));
+        e.0 += 1;
+        e.1 += r.value;
+    }
+    let rows = read_csv_parts(&out);
+    assert_eq!(rows.len(), expected.len());
+    for row in rows {
+        let key: i64 = row[0].parse().unwrap();
+        let start: i64 = row[1].parse().unwrap();
+        let end: i64 = row[2].parse().unwrap();
+        assert_eq!(end - start, 5000);
+        assert_eq!(
+            (row[3].parse().unwrap(), row[4].parse().unwrap()),
+            expected[&(key, start)]
+        );
+    }
+}

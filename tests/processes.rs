@@ -1,0 +1,167 @@
+//! A JobManager and TaskManagers as separate OS processes over real sockets.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const FAST_HEARTBEATS: &[&str] = &[
+    "-D",
+    "heartbeat.interval=500ms",
+    "-D",
+    "heartbeat.timeout=3s",
+    "-D",
+    "taskmanager.memory.process.size=1g",
+    "-D",
+    "taskmanager.memory.managed.fraction=0.2",
+    "-D",
+    "taskmanager.numberOfTaskSlots=2",
+];
+
+/// Kills the process when dropped, so a failing test leaves nothing behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn strata() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    c.env("STRATA_LOG", "warn,strata=info");
+    c
+}
+
+/// Starts a JobManager on an ephemeral port and returns it with its address.
+fn jobmanager() -> (Proc, String) {
+    let mut child = strata()
+        .args(["jobmanager", "--bind", "127.0.0.1:0"])
+        .args(FAST_HEARTBEATS)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("JobManager listening on ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (Proc(child), addr)
+}
+
+/// Starts a TaskManager; returns it with its data address.
+fn taskmanager(jm: &str) -> (Proc, String) {
+    let mut child = strata()
+        .args(["taskmanager", "--jobmanager", jm])
+        .args(FAST_HEARTBEATS)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let data = line
+        .trim()
+        .strip_prefix("TaskManager data port ")
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (Proc(child), data)
+}
+
+fn submit(jm: &str, job: &std::path::Path) -> std::process::Output {
+    strata()
+        .args(["submit", "--no-progress", "--jobmanager", jm])
+        .arg(job)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn separate_processes_run_a_keyed_job_over_sockets() {
+    let (_jm, addr) = jobmanager();
+    let _tm1 = taskmanager(&addr);
+    let _tm2 = taskmanager(&addr);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let job = dir.path().join("job.toml");
+    std::fs::write(&job, keyed_job(200_000, 3_000, 17, 4, &out, "")).unwrap();
+    // The TaskManagers register within a moment; submit retries via slots.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let output = loop {
+        let o = submit(&addr, &job);
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        if o.status.success()
+            || !stderr.contains("not enough free task slots")
+            || Instant::now() > deadline
+        {
+            break o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("FINISHED") && stdout.contains("tm-2/slot"),
+        "{stdout}"
+    );
+    assert_matches_reference(
+        &read_csv_parts(&out),
+        &reference_aggregation(200_000, 3_000, 17, 10),
+    );
+}
+
+#[test]
+fn killing_a_taskmanager_fails_the_job_naming_it_within_the_heartbeat_timeout() {
+    let (_jm, addr) = jobmanager();
+    let _tm1 = taskmanager(&addr);
+    let (mut tm2, tm2_data) = taskmanager(&addr);
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("slow.toml");
+    // 100k rows/s for 2M rows: ~20 s unless something fails it.
+    std::fs::write(
+        &job,
+        keyed_job(
+            2_000_000,
+            1000,
+            3,
+            4,
+            &dir.path().join("out"),
+            "rows_per_second = 100_000",
+        ),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let submitter = strata()
+        .args(["submit", "--no-progress", "--jobmanager", &addr])
+        .arg(&job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let killed_at = Instant::now();
+    tm2.0.kill().unwrap(); // SIGKILL
+    let output = submitter.wait_with_output().unwrap();
+    let elapsed = killed_at.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(stdout.contains("FAILED"), "{stdout}");
+    assert!(
+        stdout.contains(&tm2_data),
+        "the cause names the lost TaskManager ({tm2_data}): {stdout}"
+    );
+    assert!(elapsed < Duration::from_secs(3 + 5), "took {elapsed:?}");
+}
