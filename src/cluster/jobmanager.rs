@@ -461,6 +461,9 @@ fn end_job(s: &mut State, job: u64, final_state: JobState, reason: Option<String
         }
     } else {
         tracing::info!("job {} ({job:016x}) finished", entry.name);
+        for tm in &s.taskmanagers {
+            let _ = tm.tx.send(Message::ReleaseJob { job });
+        }
     }
     for tm in &mut s.taskmanagers {
         for a in &mut tm.allocated {

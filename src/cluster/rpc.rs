@@ -208,6 +208,10 @@ pub enum Message {
         reason: String,
     },
     HeartbeatAck,
+    /// The job ended everywhere: drop its partitions and gates.
+    ReleaseJob {
+        job: u64,
+    },
     // Client → JobManager
     SubmitJob {
         job_text: String,

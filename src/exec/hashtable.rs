@@ -151,7 +151,7 @@ impl PagedHashTable {
             self.grow_index()?;
             return self.find_or_insert(hash, key, init);
         }
-        if self.key_used + key.len() > self.page_size {
+        if self.key_pages.is_empty() || self.key_used + key.len() > self.page_size {
             self.key_pages.extend(self.mem.allocate_pages(1)?);
             self.key_used = 0;
         }

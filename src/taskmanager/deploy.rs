@@ -322,21 +322,35 @@ fn run_task(
         ..TaskMetrics::default()
     });
     let memory = services.slot_memory[tdd.slot].clone();
-    let result = build_and_run(
-        plan,
-        vertex,
-        &tdd,
-        p,
-        &name,
-        memory.clone(),
-        &canceled,
-        printed,
-        &metrics,
-        &operator_metrics,
-        services,
-        job,
-        &out,
-    );
+    // A panic is a bug, but it must fail the task, not leave the job hanging.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        build_and_run(
+            plan,
+            vertex,
+            &tdd,
+            p,
+            &name,
+            memory.clone(),
+            &canceled,
+            printed,
+            &metrics,
+            &operator_metrics,
+            services,
+            job,
+            &out,
+        )
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| panic.downcast_ref::<&str>().copied())
+            .unwrap_or("unknown panic");
+        Err(ExecError::State {
+            operator: name.clone(),
+            detail: format!("internal error (panic): {what}"),
+        })
+    });
     metrics
         .managed_peak_bytes
         .store(memory.peak_bytes(), Ordering::Relaxed);
@@ -368,9 +382,10 @@ fn run_task(
         t.running == 0
     });
     if done {
+        // The job's result partitions stay registered: remote consumers may
+        // still be draining them. The JobManager releases them when the job
+        // ends cluster-wide (ReleaseJob or CancelJob).
         jobs.remove(&job);
-        drop(jobs);
-        services.registry.release_job(job, "job ended");
     }
 }
 

@@ -250,27 +250,38 @@ async fn session(
         }
     });
     let ticker = tokio::spawn(report_loop(Arc::clone(services), out.clone()));
-    let last_ack = Arc::new(Mutex::new(Instant::now()));
+    // `read_message` is not cancel-safe, so it runs in its own task and the
+    // loop below waits on a channel, which is.
+    let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Result<Message, RpcError>>(64);
+    let reader_task = tokio::spawn(async move {
+        loop {
+            let msg = read_message(&mut reader).await;
+            let failed = msg.is_err();
+            if in_tx.send(msg).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    let mut last_message = Instant::now();
     let result = loop {
         if shutdown.load(Ordering::Relaxed) {
             break Ok(());
         }
         let timeout = services.config.heartbeat_timeout;
-        let msg = match tokio::time::timeout(Duration::from_millis(200), read_message(&mut reader))
-            .await
-        {
+        let msg = match tokio::time::timeout(Duration::from_millis(200), in_rx.recv()).await {
             Err(_) => {
-                if lock(&last_ack).elapsed() > timeout {
+                if last_message.elapsed() > timeout {
                     break Err(RpcError::Io(std::io::Error::other(format!(
                         "no heartbeat answer from the JobManager for {timeout:?} (heartbeat.timeout)"
                     ))));
                 }
                 continue;
             }
-            Ok(Err(e)) => break Err(e),
-            Ok(Ok(m)) => m,
+            Ok(None) => break Err(RpcError::Closed),
+            Ok(Some(Err(e))) => break Err(e),
+            Ok(Some(Ok(m))) => m,
         };
-        *lock(&last_ack) = Instant::now();
+        last_message = Instant::now();
         match msg {
             Message::DeployTasks {
                 job,
@@ -299,6 +310,10 @@ async fn session(
                     tracing::info!("canceling job {job:016x}: {reason}");
                     tasks.canceled.store(true, Ordering::Relaxed);
                 }
+                services.registry.release_job(job, &reason);
+            }
+            Message::ReleaseJob { job } => {
+                services.registry.release_job(job, "job finished");
             }
             Message::HeartbeatAck => {}
             other => tracing::warn!("unexpected message from the JobManager: {other:?}"),
@@ -306,6 +321,7 @@ async fn session(
     };
     ticker.abort();
     writer_task.abort();
+    reader_task.abort();
     result
 }
 
