@@ -10,7 +10,8 @@ use strata::cluster::jobmanager::JobManager;
 use strata::cluster::minicluster::MiniCluster;
 use strata::cluster::rpc::JobState;
 use strata::cluster::summary;
-use strata::config::Config;
+use strata::config::{Config, ConfigSource};
+use strata::job::graph::JobGraph;
 use strata::taskmanager::TaskManager;
 
 #[derive(Parser)]
@@ -157,17 +158,30 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if let Some(s) = slots {
                 overrides.push(format!("taskmanager.numberOfTaskSlots={s}"));
             }
-            let config = ConfigArgs {
+            let mut args = ConfigArgs {
                 overrides,
                 ..config
-            }
-            .load()?;
+            };
+            let mut config = args.load()?;
             let (text, path) = read_job(&job)?;
             // Validate the job before starting anything.
-            strata::job::load_job(&job)?;
+            let plan = strata::job::load_job(&job)?;
+            let taskmanagers = taskmanagers.max(1);
+            if matches!(
+                config.source_of("taskmanager.numberOfTaskSlots"),
+                Some(ConfigSource::Default) | None
+            ) {
+                // Like Flink's local MiniCluster: enough slots for the job.
+                // Reloaded so that the memory layout is derived for them.
+                let needed = JobGraph::build(&plan, config.default_parallelism).slots_needed();
+                let slots = needed.div_ceil(taskmanagers as u32).max(1);
+                args.overrides
+                    .push(format!("taskmanager.numberOfTaskSlots={slots}"));
+                config = args.load()?;
+            }
             let rt = runtime()?;
             rt.block_on(async {
-                let cluster = MiniCluster::start(config, taskmanagers.max(1)).await?;
+                let cluster = MiniCluster::start(config, taskmanagers).await?;
                 let summary =
                     submit_job(&cluster.address().to_string(), text, path, !no_progress).await?;
                 Ok(finish(&summary))

@@ -23,10 +23,17 @@ impl MiniCluster {
         let jobmanager = JobManager::start(config.clone(), "127.0.0.1:0").await?;
         let shutdown = Arc::new(AtomicBool::new(false));
         let address = jobmanager.addr.to_string();
+        // Start the TaskManagers side by side: each pre-touches its memory.
+        let mut starting = tokio::task::JoinSet::new();
         for _ in 0..taskmanagers {
             let mut tm_config = config.clone();
             tm_config.data_port = 0;
-            let tm = TaskManager::start(tm_config).await?;
+            starting.spawn(TaskManager::start(tm_config));
+        }
+        while let Some(started) = starting.join_next().await {
+            let tm = started.map_err(|e| ClusterError::Startup {
+                reason: e.to_string(),
+            })??;
             let (address, shutdown) = (address.clone(), Arc::clone(&shutdown));
             tokio::spawn(async move {
                 if let Err(e) = tm.run(address, shutdown).await {

@@ -45,6 +45,8 @@ pub enum TaskManagerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("allocating managed memory and network buffers failed: {reason}")]
+    MemoryPools { reason: String },
     #[error("invalid TaskManager address '{address}': {reason}")]
     Address { address: String, reason: String },
 }
@@ -97,14 +99,21 @@ impl TaskManager {
         let layout = *config.memory_layout();
         let slot_count = config.slot_count as usize;
         let page_size = config.page_size_bytes as usize;
-        let pages = PagePool::new(layout.managed_per_slot * slot_count as u64, page_size);
+        let segment_size = config.segment_size_bytes as usize;
+        // Touching hundreds of MiB takes seconds: keep it off the async workers.
+        let (pages, netpool) = tokio::task::spawn_blocking(move || {
+            (
+                PagePool::new(layout.managed_per_slot * slot_count as u64, page_size),
+                NetworkBufferPool::new(layout.network_segment_count as usize, segment_size),
+            )
+        })
+        .await
+        .map_err(|e| TaskManagerError::MemoryPools {
+            reason: e.to_string(),
+        })?;
         let slot_memory = (0..slot_count)
             .map(|i| pages.slot_manager(i, layout.managed_per_slot))
             .collect();
-        let netpool = NetworkBufferPool::new(
-            layout.network_segment_count as usize,
-            config.segment_size_bytes as usize,
-        );
         let registry = Arc::new(NetworkRegistry::default());
         let bind = format!("{}:{}", config.host, config.data_port);
         let bind_addr: SocketAddr = tokio::net::lookup_host(&bind)
