@@ -112,6 +112,7 @@ struct Grouper {
     memory: MemoryManager,
     hashes: Vec<u64>,
     key_scratch: Vec<u8>,
+    group_ids: Vec<u32>,
 }
 
 impl Grouper {
@@ -150,6 +151,7 @@ impl Grouper {
             memory,
             hashes: Vec::new(),
             key_scratch: Vec::with_capacity(64),
+            group_ids: Vec::new(),
         })
     }
 
@@ -197,7 +199,9 @@ impl Grouper {
                 &all
             }
         };
+        // Phase 1: the group of every row.
         let accs = &self.accs;
+        self.group_ids.clear();
         for &row in rows {
             let row = row as usize;
             self.key_scratch.clear();
@@ -206,26 +210,28 @@ impl Grouper {
             }
             // Remix: the routing hash's low bits are skewed by key groups.
             let probe = fmix64(self.hashes.get(row).copied().unwrap_or(0) ^ 0x5BD1_E995);
-            let id = match groups
+            match groups
                 .table
                 .find_or_insert(probe, &self.key_scratch, |acc| init_accs(accs, acc))
             {
-                Ok(id) => id,
+                Ok(id) => self.group_ids.push(id as u32),
                 Err(e) => return Err(self.table_error(e)),
-            };
-            let acc = groups.table.acc_mut(id);
-            for (i, (plan, input)) in accs.iter().zip(&inputs).enumerate() {
-                update_acc(
-                    plan,
-                    input,
-                    row,
-                    &mut acc[i * ACC_WIDTH..(i + 1) * ACC_WIDTH],
-                )
-                .map_err(|()| ExecError::Overflow {
-                    operator: self.operator.clone(),
-                    column: plan.output.clone(),
-                })?;
             }
+        }
+        // Phase 2: one tight loop per accumulator, column at a time.
+        for (i, (plan, input)) in accs.iter().zip(&inputs).enumerate() {
+            accumulate(
+                &mut groups.table,
+                plan,
+                input,
+                rows,
+                &self.group_ids,
+                i * ACC_WIDTH,
+            )
+            .map_err(|()| ExecError::Overflow {
+                operator: self.operator.clone(),
+                column: plan.output.clone(),
+            })?;
         }
         Ok(())
     }
@@ -389,52 +395,108 @@ fn init_accs(accs: &[AccPlan], bytes: &mut [u8]) {
     }
 }
 
-/// Updates one accumulator; `Err(())` on integer overflow.
-#[inline]
-fn update_acc(plan: &AccPlan, input: &AccInput, row: usize, slot: &mut [u8]) -> Result<(), ()> {
-    let count = read_u64(slot, 8);
+/// Folds one input column into one accumulator of each row's group;
+/// `Err(())` on integer overflow.
+fn accumulate(
+    table: &mut PagedHashTable,
+    plan: &AccPlan,
+    input: &AccInput,
+    rows: &[u32],
+    ids: &[u32],
+    offset: usize,
+) -> Result<(), ()> {
     match (plan.kind, input) {
         (AccKind::CountStar, _) => {
-            write_u64(slot, 8, count + 1);
+            for &id in ids {
+                bump_count(table.acc_mut(id as usize), offset);
+            }
+            Ok(())
         }
         (AccKind::Count, AccInput::Int(a)) => {
-            if a.is_valid(row) {
-                write_u64(slot, 8, count + 1);
+            for (&row, &id) in rows.iter().zip(ids) {
+                if a.is_valid(row as usize) {
+                    bump_count(table.acc_mut(id as usize), offset);
+                }
             }
+            Ok(())
         }
-        (kind, AccInput::Int(a)) => {
-            if a.is_null(row) {
-                return Ok(());
-            }
-            let v = a.value(row);
-            let cur = read_u64(slot, 0) as i64;
-            let next = match kind {
-                AccKind::SumInt => cur.checked_add(v).ok_or(())?,
-                AccKind::MinInt => cur.min(v),
-                AccKind::MaxInt => cur.max(v),
-                _ => cur,
-            };
-            write_u64(slot, 0, next as u64);
-            write_u64(slot, 8, count + 1);
+        (AccKind::SumInt, AccInput::Int(a)) => {
+            fold_int(table, a, rows, ids, offset, i64::checked_add)
         }
-        (kind, AccInput::Float(a)) => {
-            if a.is_null(row) {
-                return Ok(());
-            }
-            let v = a.value(row);
-            let cur = f64::from_bits(read_u64(slot, 0));
-            let next = match kind {
-                AccKind::SumFloat | AccKind::Avg => cur + v,
-                AccKind::MinFloat => cur.min(v),
-                AccKind::MaxFloat => cur.max(v),
-                _ => cur,
-            };
-            write_u64(slot, 0, next.to_bits());
-            write_u64(slot, 8, count + 1);
+        (AccKind::MinInt, AccInput::Int(a)) => {
+            fold_int(table, a, rows, ids, offset, |c, v| Some(c.min(v)))
         }
-        (_, AccInput::None) => {}
+        (AccKind::MaxInt, AccInput::Int(a)) => {
+            fold_int(table, a, rows, ids, offset, |c, v| Some(c.max(v)))
+        }
+        (AccKind::SumFloat | AccKind::Avg, AccInput::Float(a)) => {
+            fold_float(table, a, rows, ids, offset, |c, v| c + v);
+            Ok(())
+        }
+        (AccKind::MinFloat, AccInput::Float(a)) => {
+            fold_float(table, a, rows, ids, offset, f64::min);
+            Ok(())
+        }
+        (AccKind::MaxFloat, AccInput::Float(a)) => {
+            fold_float(table, a, rows, ids, offset, f64::max);
+            Ok(())
+        }
+        (kind, _) => unreachable!("accumulator {kind:?} prepared with the wrong input"),
+    }
+}
+
+#[inline]
+fn bump_count(acc: &mut [u8], offset: usize) {
+    let count = read_u64(acc, offset + 8);
+    write_u64(acc, offset + 8, count + 1);
+}
+
+#[inline]
+fn fold_int(
+    table: &mut PagedHashTable,
+    a: &Int64Array,
+    rows: &[u32],
+    ids: &[u32],
+    offset: usize,
+    f: impl Fn(i64, i64) -> Option<i64>,
+) -> Result<(), ()> {
+    let values = a.values();
+    let nulls = a.nulls();
+    for (&row, &id) in rows.iter().zip(ids) {
+        let row = row as usize;
+        if nulls.is_some_and(|n| n.is_null(row)) {
+            continue;
+        }
+        let acc = table.acc_mut(id as usize);
+        let cur = read_u64(acc, offset) as i64;
+        let next = f(cur, values[row]).ok_or(())?;
+        write_u64(acc, offset, next as u64);
+        bump_count(acc, offset);
     }
     Ok(())
+}
+
+#[inline]
+fn fold_float(
+    table: &mut PagedHashTable,
+    a: &Float64Array,
+    rows: &[u32],
+    ids: &[u32],
+    offset: usize,
+    f: impl Fn(f64, f64) -> f64,
+) {
+    let values = a.values();
+    let nulls = a.nulls();
+    for (&row, &id) in rows.iter().zip(ids) {
+        let row = row as usize;
+        if nulls.is_some_and(|n| n.is_null(row)) {
+            continue;
+        }
+        let acc = table.acc_mut(id as usize);
+        let cur = f64::from_bits(read_u64(acc, offset));
+        write_u64(acc, offset, f(cur, values[row]).to_bits());
+        bump_count(acc, offset);
+    }
 }
 
 fn build_acc(

@@ -7,12 +7,16 @@
 //! takes pages from the budget; a refusal is a [`MemoryError`] that leaves the
 //! table unchanged (the caller fails or, later, spills).
 //!
-//! Entry layout: `hash: u64 | key_page: u32 | key_offset: u32 | key_len: u32 |
-//! pad: u32 | accumulators: acc_width bytes`.
+//! Entry layout: `hash: u64 | key_len: u32 | key_page: u32 | key_offset: u32
+//! | pad: u32 | inline key: 16 bytes | accumulators: acc_width bytes`. Keys of
+//! at most 16 encoded bytes (every single fixed-width key) live inline, so a
+//! probe touches one entry; longer keys live in the arena. Entries per page
+//! and index slots per page are powers of two, so locating one is a shift.
 
 use crate::memory::{MemoryError, MemoryManager, Page};
 
-const ENTRY_HEADER: usize = 24;
+const INLINE_KEY: usize = 16;
+const ENTRY_HEADER: usize = 24 + INLINE_KEY;
 /// Index slots hold entry id + 1; 0 is empty.
 const EMPTY: u32 = 0;
 
@@ -32,7 +36,10 @@ pub struct PagedHashTable {
     mem: MemoryManager,
     page_size: usize,
     entry_width: usize,
-    entries_per_page: usize,
+    /// log2 of entries per entry page.
+    entry_shift: u32,
+    /// log2 of index slots per index page.
+    slot_shift: u32,
     entry_pages: Vec<Page>,
     entry_count: usize,
     key_pages: Vec<Page>,
@@ -44,15 +51,19 @@ pub struct PagedHashTable {
 impl PagedHashTable {
     pub fn new(mem: MemoryManager, acc_width: usize) -> Result<Self, TableError> {
         let page_size = mem.page_size_bytes();
+        assert!(page_size.is_power_of_two());
         let entry_width = (ENTRY_HEADER + acc_width).next_multiple_of(8);
         assert!(entry_width <= page_size, "accumulators wider than a page");
+        let per_page = page_size / entry_width;
+        let entry_shift = usize::BITS - 1 - per_page.leading_zeros();
         let mut index_pages = mem.allocate_pages(1)?;
         // Pages come back from the pool as their last user left them.
         index_pages[0].as_mut_slice().fill(0);
         Ok(Self {
             page_size,
             entry_width,
-            entries_per_page: page_size / entry_width,
+            entry_shift,
+            slot_shift: (page_size / 4).trailing_zeros(),
             entry_pages: Vec::new(),
             entry_count: 0,
             key_pages: Vec::new(),
@@ -74,48 +85,60 @@ impl PagedHashTable {
         (self.entry_pages.len() + self.key_pages.len() + self.index_pages.len()) * self.page_size
     }
 
+    #[inline]
     fn slot(&self, i: usize) -> u32 {
-        let per = self.page_size / 4;
-        let b = &self.index_pages[i / per].as_slice()[(i % per) * 4..][..4];
+        let mask = (1usize << self.slot_shift) - 1;
+        let b = &self.index_pages[i >> self.slot_shift].as_slice()[(i & mask) * 4..][..4];
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 
-    fn set_slot(pages: &mut [Page], page_size: usize, i: usize, v: u32) {
-        let per = page_size / 4;
-        pages[i / per].as_mut_slice()[(i % per) * 4..][..4].copy_from_slice(&v.to_le_bytes());
+    fn set_slot(pages: &mut [Page], shift: u32, i: usize, v: u32) {
+        let mask = (1usize << shift) - 1;
+        pages[i >> shift].as_mut_slice()[(i & mask) * 4..][..4].copy_from_slice(&v.to_le_bytes());
     }
 
+    #[inline]
     fn entry(&self, id: usize) -> &[u8] {
-        let page = &self.entry_pages[id / self.entries_per_page];
-        &page.as_slice()[(id % self.entries_per_page) * self.entry_width..][..self.entry_width]
+        let mask = (1usize << self.entry_shift) - 1;
+        let page = &self.entry_pages[id >> self.entry_shift];
+        &page.as_slice()[(id & mask) * self.entry_width..][..self.entry_width]
     }
 
+    #[inline]
     fn entry_mut(&mut self, id: usize) -> &mut [u8] {
-        let (w, per) = (self.entry_width, self.entries_per_page);
-        let page = &mut self.entry_pages[id / per];
-        &mut page.as_mut_slice()[(id % per) * w..][..w]
+        let (w, shift) = (self.entry_width, self.entry_shift);
+        let mask = (1usize << shift) - 1;
+        let page = &mut self.entry_pages[id >> shift];
+        &mut page.as_mut_slice()[(id & mask) * w..][..w]
     }
 
     /// The encoded key of an entry.
+    #[inline]
     pub fn key(&self, id: usize) -> &[u8] {
         let e = self.entry(id);
-        let page = read_u32(e, 8) as usize;
-        let offset = read_u32(e, 12) as usize;
-        let len = read_u32(e, 16) as usize;
+        let len = read_u32(e, 8) as usize;
+        if len <= INLINE_KEY {
+            return &e[24..24 + len];
+        }
+        let page = read_u32(e, 12) as usize;
+        let offset = read_u32(e, 16) as usize;
         &self.key_pages[page].as_slice()[offset..offset + len]
     }
 
     /// The accumulator bytes of an entry.
+    #[inline]
     pub fn acc(&self, id: usize) -> &[u8] {
         &self.entry(id)[ENTRY_HEADER..]
     }
 
+    #[inline]
     pub fn acc_mut(&mut self, id: usize) -> &mut [u8] {
         &mut self.entry_mut(id)[ENTRY_HEADER..]
     }
 
     /// Finds the entry for `key` (hashed to `hash`), inserting it with
     /// accumulators set by `init` when absent. Returns the entry id.
+    #[inline]
     pub fn find_or_insert(
         &mut self,
         hash: u64,
@@ -135,6 +158,17 @@ impl PagedHashTable {
             }
             i = (i + 1) & mask;
         }
+        self.insert_at(i, hash, key, init)
+    }
+
+    #[cold]
+    fn insert_at(
+        &mut self,
+        i: usize,
+        hash: u64,
+        key: &[u8],
+        init: impl FnOnce(&mut [u8]),
+    ) -> Result<usize, TableError> {
         // Reserve everything the insert needs before changing anything.
         if key.len() > self.page_size {
             return Err(TableError::KeyTooLarge {
@@ -151,28 +185,36 @@ impl PagedHashTable {
             self.grow_index()?;
             return self.find_or_insert(hash, key, init);
         }
-        if self.key_pages.is_empty() || self.key_used + key.len() > self.page_size {
+        let inline = key.len() <= INLINE_KEY;
+        if !inline && (self.key_pages.is_empty() || self.key_used + key.len() > self.page_size) {
             self.key_pages.extend(self.mem.allocate_pages(1)?);
             self.key_used = 0;
         }
         let id = self.entry_count;
-        if id / self.entries_per_page == self.entry_pages.len() {
+        if id >> self.entry_shift == self.entry_pages.len() {
             self.entry_pages.extend(self.mem.allocate_pages(1)?);
         }
-        let key_page = self.key_pages.len() - 1;
-        let key_offset = self.key_used;
-        self.key_pages[key_page].as_mut_slice()[key_offset..key_offset + key.len()]
-            .copy_from_slice(key);
-        self.key_used += key.len();
+        let (key_page, key_offset) = if inline {
+            (0, 0)
+        } else {
+            let page = self.key_pages.len() - 1;
+            let offset = self.key_used;
+            self.key_pages[page].as_mut_slice()[offset..offset + key.len()].copy_from_slice(key);
+            self.key_used += key.len();
+            (page, offset)
+        };
         let e = self.entry_mut(id);
+        e.fill(0);
         e[0..8].copy_from_slice(&hash.to_le_bytes());
-        e[8..12].copy_from_slice(&(key_page as u32).to_le_bytes());
-        e[12..16].copy_from_slice(&(key_offset as u32).to_le_bytes());
-        e[16..20].copy_from_slice(&(key.len() as u32).to_le_bytes());
-        e[20..].fill(0);
+        e[8..12].copy_from_slice(&(key.len() as u32).to_le_bytes());
+        e[12..16].copy_from_slice(&(key_page as u32).to_le_bytes());
+        e[16..20].copy_from_slice(&(key_offset as u32).to_le_bytes());
+        if inline {
+            e[24..24 + key.len()].copy_from_slice(key);
+        }
         init(&mut e[ENTRY_HEADER..]);
         self.entry_count += 1;
-        Self::set_slot(&mut self.index_pages, self.page_size, i, id as u32 + 1);
+        Self::set_slot(&mut self.index_pages, self.slot_shift, i, id as u32 + 1);
         Ok(id)
     }
 
@@ -184,18 +226,18 @@ impl PagedHashTable {
             p.as_mut_slice().fill(0);
         }
         let mask = capacity - 1;
+        let slot_mask = (1usize << self.slot_shift) - 1;
         for id in 0..self.entry_count {
             let hash = read_u64(self.entry(id), 0);
             let mut i = (hash as usize) & mask;
             loop {
-                let per = self.page_size / 4;
-                let b = &pages[i / per].as_slice()[(i % per) * 4..][..4];
+                let b = &pages[i >> self.slot_shift].as_slice()[(i & slot_mask) * 4..][..4];
                 if u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == EMPTY {
                     break;
                 }
                 i = (i + 1) & mask;
             }
-            Self::set_slot(&mut pages, self.page_size, i, id as u32 + 1);
+            Self::set_slot(&mut pages, self.slot_shift, i, id as u32 + 1);
         }
         self.index_pages = pages;
         self.index_capacity = capacity;
@@ -233,7 +275,12 @@ mod tests {
         let mut reference = HashMap::new();
         for i in 0..50_000u64 {
             let k = (i * 7919) % 20_011;
-            let key = format!("key-{k}");
+            // Short keys live inline in the entry, long ones in the arena.
+            let key = if k % 2 == 0 {
+                format!("key-{k}")
+            } else {
+                format!("a-key-long-enough-for-the-arena-{k}")
+            };
             let h = crate::kernels::cpu::hash::hash_bytes(key.as_bytes()) & 0xFF; // force collisions
             let id = t
                 .find_or_insert(h, key.as_bytes(), |acc| acc.fill(0))
