@@ -496,3 +496,189 @@ async fn receive_one(
         Incoming::Control(other) => Err(protocol(format!("unexpected message {other:?}"))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Int64Type;
+    use arrow_array::{Int64Array, RecordBatch};
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+    use crate::memory::NetworkBufferPool;
+    use crate::network::gate::{ChannelKind, GateBuffers, InputEvent};
+    use crate::network::ipc::ChannelEncoder;
+    use crate::network::partition::{Partitioner, Target, WriterMetrics};
+    use crate::network::{GateId, InputReader, RecordWriter, ResultPartition};
+
+    const SEGMENT: usize = 4096;
+    const BUFFERS: GateBuffers = GateBuffers {
+        exclusive_per_channel: 2,
+        floating_per_gate: 3,
+        max_per_channel: 4,
+    };
+    const PARTITION: PartitionId = PartitionId {
+        job: 1,
+        edge: 0,
+        source_subtask: 0,
+    };
+    const GATE: GateId = GateId {
+        job: 1,
+        edge: 0,
+        target_subtask: 0,
+    };
+
+    fn drain(mut reader: InputReader) -> Result<Vec<i64>, NetworkError> {
+        let mut values = Vec::new();
+        loop {
+            match reader.next(Duration::from_secs(10))? {
+                Some(InputEvent::Batch(b)) => values.extend(
+                    b.column(0)
+                        .as_primitive::<Int64Type>()
+                        .values()
+                        .iter()
+                        .copied(),
+                ),
+                Some(InputEvent::End) => return Ok(values),
+                Some(InputEvent::Watermark(_)) => {}
+                None => panic!("no progress for 10 s"),
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn tcp_channel_delivers_every_batch_once_in_order_and_returns_all_credit() {
+        let registry = Arc::new(NetworkRegistry::default());
+        let pool = NetworkBufferPool::new(64, SEGMENT);
+        let server = DataServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::clone(&registry),
+            SEGMENT,
+        )
+        .await
+        .unwrap();
+        let sub = Subpartition::new(BUFFERS.max_per_channel);
+        registry.register_partition(Arc::new(ResultPartition {
+            id: PARTITION,
+            subpartitions: vec![Some(Arc::clone(&sub))],
+        }));
+        let gate = InputGate::new(GATE, &[ChannelKind::Remote], BUFFERS, &pool).unwrap();
+        let connections = ConnectionManager::default();
+        let conn = connections
+            .connect(server.local_addr, "tm-test", SEGMENT)
+            .await
+            .unwrap();
+        conn.request_partition(&gate, 0, PARTITION, 0).unwrap();
+
+        let producer_pool = Arc::clone(&pool);
+        let producer = std::thread::spawn(move || {
+            let mut writer = RecordWriter::new(
+                Partitioner::Forward,
+                vec![Target::Remote {
+                    sub,
+                    encoder: Box::new(ChannelEncoder::new(SEGMENT)),
+                }],
+                128,
+                producer_pool,
+                Arc::new(|| false),
+                Arc::new(WriterMetrics::default()),
+            );
+            // 2000 rows of 8 bytes do not fit one 4 KiB segment: batches are cut.
+            for start in (0..200_000i64).step_by(2000) {
+                let column = Int64Array::from_iter_values(start..start + 2000);
+                let batch = RecordBatch::try_from_iter([("v", Arc::new(column) as _)]).unwrap();
+                writer.emit(batch).unwrap();
+            }
+            writer.finish().unwrap();
+        });
+        let reader = InputReader::new(vec![Arc::clone(&gate)]);
+        let values = tokio::task::spawn_blocking(move || drain(reader))
+            .await
+            .unwrap()
+            .unwrap();
+        producer.join().unwrap();
+        assert_eq!(values, (0..200_000).collect::<Vec<_>>());
+        // Every credit came back: exclusive and floating segments are free.
+        assert_eq!(gate.free_segment_count(), 2 + 3);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_vanishing_mid_transfer_fails_the_gate_naming_the_peer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut header = Vec::new();
+            encode_buffer_header(
+                &BufferHeader {
+                    channel_id: 0,
+                    edge: 0,
+                    source_subtask: 0,
+                    target_subtask: 0,
+                    seq: 0,
+                    backlog: 5,
+                    kind: BufferKind::Ipc,
+                    crc: 0,
+                    size: 100,
+                },
+                &mut header,
+            );
+            // Half a frame, then the process "dies".
+            s.write_all(&header).await.unwrap();
+            s.write_all(&[0u8; 40]).await.unwrap();
+        });
+        let pool = NetworkBufferPool::new(16, SEGMENT);
+        let gate = InputGate::new(GATE, &[ChannelKind::Remote], BUFFERS, &pool).unwrap();
+        let connections = ConnectionManager::default();
+        let conn = connections.connect(addr, "tm-9", SEGMENT).await.unwrap();
+        conn.request_partition(&gate, 0, PARTITION, 0).unwrap();
+        let reader = InputReader::new(vec![Arc::clone(&gate)]);
+        let err = tokio::task::spawn_blocking(move || drain(reader))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(matches!(err, NetworkError::PeerLost { .. }), "{err}");
+        assert!(err.to_string().contains("tm-9"), "{err}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_corrupted_buffer_is_a_protocol_error_not_data() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let payload = 7i64.to_be_bytes();
+            let mut frame = Vec::new();
+            encode_buffer_header(
+                &BufferHeader {
+                    channel_id: 0,
+                    edge: 0,
+                    source_subtask: 0,
+                    target_subtask: 0,
+                    seq: 0,
+                    backlog: 0,
+                    kind: BufferKind::Watermark,
+                    crc: crc32c::crc32c(&payload) ^ 1,
+                    size: 8,
+                },
+                &mut frame,
+            );
+            frame.extend_from_slice(&payload);
+            s.write_all(&frame).await.unwrap();
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        });
+        let pool = NetworkBufferPool::new(16, SEGMENT);
+        let gate = InputGate::new(GATE, &[ChannelKind::Remote], BUFFERS, &pool).unwrap();
+        let connections = ConnectionManager::default();
+        let conn = connections.connect(addr, "tm-9", SEGMENT).await.unwrap();
+        conn.request_partition(&gate, 0, PARTITION, 0).unwrap();
+        let reader = InputReader::new(vec![Arc::clone(&gate)]);
+        let err = tokio::task::spawn_blocking(move || drain(reader))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(err.to_string().contains("CRC mismatch"), "{err}");
+    }
+}
