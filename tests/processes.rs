@@ -37,10 +37,11 @@ fn strata() -> Command {
     c
 }
 
-/// Starts a JobManager on an ephemeral port and returns it with its address.
-fn jobmanager() -> (Proc, String) {
+/// Starts `strata ARGS` and returns it with what it announces on its
+/// first line of standard output after `prefix`.
+fn spawn_announcing(args: &[&str], prefix: &str) -> (Proc, String) {
     let mut child = strata()
-        .args(["jobmanager", "--bind", "127.0.0.1:0"])
+        .args(args)
         .args(FAST_HEARTBEATS)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -49,32 +50,28 @@ fn jobmanager() -> (Proc, String) {
     let stdout = child.stdout.take().unwrap();
     let mut line = String::new();
     BufReader::new(stdout).read_line(&mut line).unwrap();
-    let addr = line
+    let value = line
         .trim()
-        .strip_prefix("JobManager listening on ")
+        .strip_prefix(prefix)
         .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
         .to_owned();
-    (Proc(child), addr)
+    (Proc(child), value)
 }
 
-/// Starts a TaskManager; returns it with its data address.
+/// A JobManager on an ephemeral port, with its address.
+fn jobmanager() -> (Proc, String) {
+    spawn_announcing(
+        &["jobmanager", "--bind", "127.0.0.1:0"],
+        "JobManager listening on ",
+    )
+}
+
+/// A TaskManager, with its data address.
 fn taskmanager(jm: &str) -> (Proc, String) {
-    let mut child = strata()
-        .args(["taskmanager", "--jobmanager", jm])
-        .args(FAST_HEARTBEATS)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let data = line
-        .trim()
-        .strip_prefix("TaskManager data port ")
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    (Proc(child), data)
+    spawn_announcing(
+        &["taskmanager", "--jobmanager", jm],
+        "TaskManager data port ",
+    )
 }
 
 fn submit(jm: &str, job: &std::path::Path) -> std::process::Output {

@@ -18,7 +18,7 @@ use super::rpc::{
 };
 use crate::config::Config;
 use crate::job::graph::JobGraph;
-use crate::job::{LogicalPlan, OperatorKind, parse_job, plan};
+use crate::job::{LogicalPlan, parse_job, plan};
 use crate::metrics::TaskSnapshot;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -482,33 +482,6 @@ fn end_job(s: &mut State, job: u64, final_state: JobState, reason: Option<String
     }
 }
 
-fn kind_name(kind: &OperatorKind) -> &'static str {
-    match kind {
-        OperatorKind::Datagen(_) => "datagen",
-        OperatorKind::CsvSource(_) => "csv_source",
-        OperatorKind::ParquetSource(_) => "parquet_source",
-        OperatorKind::Filter { .. } => "filter",
-        OperatorKind::Project { .. } => "project",
-        OperatorKind::KeyBy { .. } => "key_by",
-        OperatorKind::Aggregate { .. } => "aggregate",
-        OperatorKind::Window { .. } => "window",
-        OperatorKind::Blackhole => "blackhole",
-        OperatorKind::Print { .. } => "print",
-        OperatorKind::CsvSink { .. } => "csv_sink",
-        OperatorKind::ParquetSink { .. } => "parquet_sink",
-    }
-}
-
-fn is_sink(kind: &OperatorKind) -> bool {
-    matches!(
-        kind,
-        OperatorKind::Blackhole
-            | OperatorKind::Print { .. }
-            | OperatorKind::CsvSink { .. }
-            | OperatorKind::ParquetSink { .. }
-    )
-}
-
 fn summarize(job: u64, entry: &JobEntry, taskmanagers: usize, slots: usize) -> JobSummary {
     let plan = &entry.plan;
     let graph = &entry.graph;
@@ -553,7 +526,7 @@ fn summarize(job: u64, entry: &JobEntry, taskmanagers: usize, slots: usize) -> J
         if op.input.is_none() {
             summary.rows_in += rows_out_by_op[i];
         }
-        if is_sink(&op.kind) {
+        if op.kind.is_sink() {
             summary.rows_out += rows_in_by_op[i];
         }
     }
@@ -579,7 +552,7 @@ fn summarize(job: u64, entry: &JobEntry, taskmanagers: usize, slots: usize) -> J
                 .iter()
                 .map(|&i| OperatorSummary {
                     name: ops[i].name.clone(),
-                    kind: kind_name(&ops[i].kind).into(),
+                    kind: ops[i].kind.type_name().into(),
                     rows_in: rows_in_by_op[i],
                     rows_out: rows_out_by_op[i],
                 })

@@ -610,6 +610,12 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
+            // A real producer answers only after the partition request.
+            let request = read_incoming(&mut s, SEGMENT).await.unwrap();
+            assert!(matches!(
+                request,
+                Some(Incoming::Control(ControlMessage::PartitionRequest { .. }))
+            ));
             let mut header = Vec::new();
             encode_buffer_header(
                 &BufferHeader {
@@ -649,6 +655,12 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
+            // A real producer answers only after the partition request.
+            let request = read_incoming(&mut s, SEGMENT).await.unwrap();
+            assert!(matches!(
+                request,
+                Some(Incoming::Control(ControlMessage::PartitionRequest { .. }))
+            ));
             let payload = 7i64.to_be_bytes();
             let mut frame = Vec::new();
             encode_buffer_header(

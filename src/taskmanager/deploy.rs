@@ -49,6 +49,24 @@ fn status(
     });
 }
 
+fn fail_all(
+    out: &UnboundedSender<Message>,
+    job: u64,
+    tasks: &[TaskDeploymentDescriptor],
+    error: &str,
+) {
+    for tdd in tasks {
+        status(
+            out,
+            job,
+            tdd,
+            ExecutionState::Failed,
+            Some(error.to_owned()),
+            None,
+        );
+    }
+}
+
 pub(super) async fn deploy(
     services: &Arc<Services>,
     job: u64,
@@ -66,16 +84,7 @@ pub(super) async fn deploy(
     let plan = match planned {
         Ok(p) => Arc::new(p),
         Err(e) => {
-            for tdd in &tasks {
-                status(
-                    &out,
-                    job,
-                    tdd,
-                    ExecutionState::Failed,
-                    Some(e.to_string()),
-                    None,
-                );
-            }
+            fail_all(&out, job, &tasks, &e.to_string());
             return;
         }
     };
@@ -85,16 +94,7 @@ pub(super) async fn deploy(
         for tdd in &tasks {
             if let Err(e) = slots.allocate(tdd.slot, job) {
                 drop(slots);
-                for tdd in &tasks {
-                    status(
-                        &out,
-                        job,
-                        tdd,
-                        ExecutionState::Failed,
-                        Some(e.to_string()),
-                        None,
-                    );
-                }
+                fail_all(&out, job, &tasks, &e.to_string());
                 return;
             }
         }
@@ -103,16 +103,7 @@ pub(super) async fn deploy(
         Ok(p) => p,
         Err(e) => {
             services.registry.release_job(job, "deployment failed");
-            for tdd in &tasks {
-                status(
-                    &out,
-                    job,
-                    tdd,
-                    ExecutionState::Failed,
-                    Some(e.to_string()),
-                    None,
-                );
-            }
+            fail_all(&out, job, &tasks, &e.to_string());
             return;
         }
     };
