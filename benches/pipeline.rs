@@ -48,5 +48,53 @@ fn ipc(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, hash, ipc);
+/// Collects nothing: the bench measures the aggregation's update path.
+struct Discard;
+
+impl strata::exec::operators::Output for Discard {
+    fn emit(&mut self, _batch: RecordBatch) -> Result<(), strata::exec::ExecError> {
+        Ok(())
+    }
+    fn watermark(&mut self, _w: i64) -> Result<(), strata::exec::ExecError> {
+        Ok(())
+    }
+}
+
+fn aggregate(c: &mut Criterion) {
+    use strata::exec::aggregate::AggregateOperator;
+    use strata::exec::operators::Operator;
+    use strata::job::{AggFunc, AggSpec};
+    let spec = |func, column: Option<&str>, output: &str| AggSpec {
+        func,
+        column: column.map(str::to_owned),
+        output: output.to_owned(),
+    };
+    let aggs = vec![
+        spec(AggFunc::Count, None, "cnt"),
+        spec(AggFunc::Sum, Some("value"), "total"),
+        spec(AggFunc::Min, Some("value"), "lo"),
+        spec(AggFunc::Max, Some("value"), "hi"),
+    ];
+    let input = batch(8192);
+    let schema =
+        strata::job::aggregate_output_schema(&input.schema(), &[0], &aggs, false).expect("schema");
+    let pool = strata::memory::PagePool::new(256 << 20, 32 * 1024);
+    let mut op = AggregateOperator::new(
+        "bench",
+        &input.schema(),
+        vec![0],
+        &aggs,
+        schema,
+        pool.slot_manager(0, 256 << 20),
+    )
+    .expect("operator");
+    let mut g = c.benchmark_group("exec/aggregate");
+    g.throughput(Throughput::Elements(8192));
+    g.bench_function("keys=100k/aggs=4/rows=8192", |bench| {
+        bench.iter(|| op.process(input.clone(), &mut Discard).expect("process"))
+    });
+    g.finish();
+}
+
+criterion_group!(benches, hash, ipc, aggregate);
 criterion_main!(benches);
