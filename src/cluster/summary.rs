@@ -77,7 +77,7 @@ pub fn render(s: &JobSummary) -> String {
     );
     let _ = writeln!(
         out,
-        "  managed memory peak per slot {}   late rows dropped {}   spilled bytes 0",
+        "  managed memory peak per slot {}   late rows dropped {}   spilled 0 B (spilling is not implemented yet)",
         human_bytes(s.managed_peak_bytes),
         human_count(s.late_rows)
     );
