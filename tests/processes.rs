@@ -162,3 +162,54 @@ fn killing_a_taskmanager_fails_the_job_naming_it_within_the_heartbeat_timeout() 
     );
     assert!(elapsed < Duration::from_secs(3 + 5), "took {elapsed:?}");
 }
+
+#[test]
+fn a_frozen_taskmanager_is_declared_lost_after_the_heartbeat_timeout() {
+    let (_jm, addr) = jobmanager();
+    let _tm1 = taskmanager(&addr);
+    let (tm2, tm2_data) = taskmanager(&addr);
+    let dir = tempfile::tempdir().unwrap();
+    let job = dir.path().join("slow.toml");
+    std::fs::write(
+        &job,
+        keyed_job(
+            2_000_000,
+            1000,
+            3,
+            4,
+            &dir.path().join("out"),
+            "rows_per_second = 100_000",
+        ),
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    let submitter = strata()
+        .args(["submit", "--no-progress", "--jobmanager", &addr])
+        .arg(&job)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    // SIGSTOP: sockets stay open, heartbeats stop; only the timeout can tell.
+    let stopped = Command::new("kill")
+        .args(["-STOP", &tm2.0.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(stopped.success());
+    let frozen_at = Instant::now();
+    let output = submitter.wait_with_output().unwrap();
+    let elapsed = frozen_at.elapsed();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(stdout.contains("lost: no heartbeat"), "{stdout}");
+    assert!(
+        stdout.contains(&tm2_data),
+        "names the frozen TaskManager ({tm2_data}): {stdout}"
+    );
+    assert!(
+        elapsed >= Duration::from_secs(2),
+        "declared lost before the timeout: {elapsed:?}"
+    );
+    assert!(elapsed < Duration::from_secs(3 + 5), "took {elapsed:?}");
+}
