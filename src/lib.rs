@@ -36,6 +36,7 @@
 //! - [`memory`]: managed memory pages and budgets, network buffer pool.
 //! - [`kernels`]: hot loops over Arrow buffers (stable hash, partitioning).
 //! - [`metrics`]: counters shared by tasks and reported to the JobManager.
+//! - [`web`]: the JobManager's REST API, Prometheus endpoint and web UI.
 #![deny(unsafe_code)]
 
 pub mod cluster;
@@ -47,3 +48,4 @@ pub mod memory;
 pub mod metrics;
 pub mod network;
 pub mod taskmanager;
+pub mod web;

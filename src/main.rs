@@ -141,6 +141,11 @@ fn finish(summary: &strata::cluster::rpc::JobSummary) -> ExitCode {
     }
 }
 
+/// The host part of a HOST:PORT bind address.
+fn jm_host(bind: &str) -> &str {
+    bind.rsplit_once(':').map_or(bind, |(host, _)| host)
+}
+
 fn jm_address(explicit: Option<String>, config: &Config) -> String {
     explicit.unwrap_or_else(|| format!("{}:{}", config.jobmanager_address, config.jobmanager_port))
 }
@@ -181,7 +186,18 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             let rt = runtime()?;
             rt.block_on(async {
+                let rest_port = config.rest_port;
                 let cluster = MiniCluster::start(config, taskmanagers).await?;
+                // The configured port when free, else any: a busy 8081 must
+                // not stop a local run.
+                let jm = &cluster.jobmanager;
+                if jm
+                    .serve_rest(&format!("127.0.0.1:{rest_port}"))
+                    .await
+                    .is_err()
+                {
+                    jm.serve_rest("127.0.0.1:0").await?;
+                }
                 let summary =
                     submit_job(&cluster.address().to_string(), text, path, !no_progress).await?;
                 Ok(finish(&summary))
@@ -194,8 +210,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             });
             let rt = runtime()?;
             rt.block_on(async {
+                let rest = format!("{}:{}", jm_host(&bind), config.rest_port);
                 let jm = JobManager::start(config, &bind).await?;
                 println!("JobManager listening on {}", jm.addr);
+                if let Err(e) = jm.serve_rest(&rest).await {
+                    tracing::warn!("{e}; running without the web UI (set rest.port)");
+                }
                 tokio::signal::ctrl_c().await.ok();
                 Ok(ExitCode::SUCCESS)
             })

@@ -195,3 +195,62 @@ path = "{}"
         );
     }
 }
+
+/// A plain HTTP/1.1 GET; returns (status line, body).
+fn http_get(addr: std::net::SocketAddr, path: &str) -> (String, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (
+        head.lines().next().unwrap_or("").to_owned(),
+        body.to_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_api_and_prometheus_show_taskmanagers_and_finished_jobs() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = keyed_job(20_000, 100, 1, 2, &dir.path().join("out"), "");
+    let cluster = MiniCluster::start(config(1, &[]), 2).await.unwrap();
+    let rest = cluster.jobmanager.serve_rest("127.0.0.1:0").await.unwrap();
+    let summary = submit_job(&cluster.address().to_string(), job, "j.toml".into(), false)
+        .await
+        .unwrap();
+    let id = format!("{:016x}", summary.job);
+    let (status, body) = tokio::task::spawn_blocking(move || {
+        let tms = http_get(rest, "/taskmanagers");
+        let jobs = http_get(rest, "/jobs");
+        let one = http_get(rest, &format!("/jobs/{id}"));
+        let metrics = http_get(rest, "/metrics");
+        let page = http_get(rest, "/");
+        assert!(
+            tms.0.contains("200") && tms.1.contains("tm-1") && tms.1.contains("tm-2"),
+            "{tms:?}"
+        );
+        assert!(
+            jobs.1.contains(&id) && jobs.1.contains("Finished"),
+            "{jobs:?}"
+        );
+        assert!(one.1.contains("\"rows_in\":20000"), "{one:?}");
+        assert!(metrics.1.contains("strata_taskmanagers 2"), "{}", metrics.1);
+        assert!(
+            metrics.1.contains(&format!(
+                "strata_job_rows_in_total{{job=\"{id}\",name=\"keyed-test\"}} 20000"
+            )),
+            "{}",
+            metrics.1
+        );
+        assert!(page.1.contains("<title>strata"), "{page:?}");
+        http_get(rest, "/jobs/not-hex")
+    })
+    .await
+    .unwrap();
+    assert!(status.contains("400"), "{status}: {body}");
+}

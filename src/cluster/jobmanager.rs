@@ -57,8 +57,31 @@ struct JobEntry {
 struct State {
     taskmanagers: Vec<TmEntry>,
     jobs: HashMap<u64, JobEntry>,
+    /// The most recent ended jobs, newest last (at most `COMPLETED_JOBS_MAX`).
+    completed: std::collections::VecDeque<JobSummary>,
     next_tm: u32,
     next_job: u64,
+}
+
+/// Ended jobs kept for the REST API and the web UI.
+const COMPLETED_JOBS_MAX: usize = 100;
+
+/// A TaskManager as the REST API shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TaskManagerInfo {
+    pub id: String,
+    pub data_addr: SocketAddr,
+    pub slots: Vec<SlotStatus>,
+    pub allocated: Vec<Option<u64>>,
+    pub last_heartbeat_ms: u64,
+}
+
+/// Everything the REST API and `/metrics` read, copied under one lock.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ClusterSnapshot {
+    pub taskmanagers: Vec<TaskManagerInfo>,
+    pub running: Vec<JobSummary>,
+    pub completed: Vec<JobSummary>,
 }
 
 /// A running JobManager.
@@ -97,6 +120,24 @@ impl JobManager {
     /// TaskManagers currently registered.
     pub fn taskmanager_count(&self) -> usize {
         lock(&self.state).taskmanagers.len()
+    }
+
+    /// A consistent copy of the cluster's state for the REST API.
+    pub fn snapshot(&self) -> ClusterSnapshot {
+        snapshot(&lock(&self.state))
+    }
+
+    /// Serves the REST API, `/metrics` and the web UI on `address`.
+    pub async fn serve_rest(&self, address: &str) -> Result<SocketAddr, crate::web::WebError> {
+        let bound = crate::web::serve(address, self.snapshot_source()).await?;
+        tracing::info!("web UI and REST API at http://{bound}/ (Prometheus: /metrics)");
+        Ok(bound)
+    }
+
+    /// A handle the REST server polls.
+    pub fn snapshot_source(&self) -> impl Fn() -> ClusterSnapshot + Send + Sync + 'static {
+        let state = Arc::clone(&self.state);
+        move || snapshot(&lock(&state))
     }
 }
 
@@ -476,9 +517,39 @@ fn end_job(s: &mut State, job: u64, final_state: JobState, reason: Option<String
     let slot_count = s.taskmanagers.iter().map(|t| t.slots.len()).sum();
     if let Some(entry) = s.jobs.remove(&job) {
         let summary = summarize(job, &entry, tm_count, slot_count);
+        if s.completed.len() == COMPLETED_JOBS_MAX {
+            s.completed.pop_front();
+        }
+        s.completed.push_back(summary.clone());
         let _ = entry.client.send(Message::JobFinished {
             summary: Box::new(summary),
         });
+    }
+}
+
+fn snapshot(s: &State) -> ClusterSnapshot {
+    let tm_count = s.taskmanagers.len();
+    let slot_count = s.taskmanagers.iter().map(|t| t.slots.len()).sum();
+    let mut running: Vec<JobSummary> = s
+        .jobs
+        .iter()
+        .map(|(&job, entry)| summarize(job, entry, tm_count, slot_count))
+        .collect();
+    running.sort_by_key(|j| j.job);
+    ClusterSnapshot {
+        taskmanagers: s
+            .taskmanagers
+            .iter()
+            .map(|t| TaskManagerInfo {
+                id: t.name.clone(),
+                data_addr: t.data_addr,
+                slots: t.slots.clone(),
+                allocated: t.allocated.clone(),
+                last_heartbeat_ms: t.last_heartbeat.elapsed().as_millis() as u64,
+            })
+            .collect(),
+        running,
+        completed: s.completed.iter().cloned().collect(),
     }
 }
 

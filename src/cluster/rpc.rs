@@ -154,6 +154,8 @@ pub struct OperatorSummary {
 /// The end-of-job report.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobSummary {
+    /// Serialized as 16 hex digits: JSON numbers lose 64-bit ids in browsers.
+    #[serde(with = "hex_id")]
     pub job: u64,
     pub name: String,
     pub state: JobState,
@@ -235,6 +237,20 @@ pub enum Message {
     JobFinished {
         summary: Box<JobSummary>,
     },
+}
+
+/// Job ids as 16 hex digits in JSON.
+mod hex_id {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{id:016x}"))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let text = String::deserialize(d)?;
+        u64::from_str_radix(&text, 16).map_err(serde::de::Error::custom)
+    }
 }
 
 pub async fn write_message<W: AsyncWrite + Unpin>(

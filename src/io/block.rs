@@ -22,7 +22,7 @@ pub const BLOCK_MAGIC: u32 = u32::from_le_bytes(*b"STSB");
 pub const BLOCK_VERSION: u16 = 1;
 pub const BLOCK_HEADER_BYTES: usize = 32;
 
-const _: () = assert!(DIRECT_IO_ALIGN % BLOCK_HEADER_BYTES == 0);
+const _: () = assert!(DIRECT_IO_ALIGN.is_multiple_of(BLOCK_HEADER_BYTES));
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BlockHeader {
@@ -61,7 +61,11 @@ impl BlockMismatch {
         if expected == found {
             Ok(())
         } else {
-            Err(Self { field, expected, found })
+            Err(Self {
+                field,
+                expected,
+                found,
+            })
         }
     }
 }
@@ -99,10 +103,22 @@ impl BlockHeader {
     pub fn decode(bytes: &[u8; BLOCK_HEADER_BYTES]) -> Result<Self, BlockMismatch> {
         let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
         let header_crc = crc32c::crc32c(&bytes[0..28]);
-        BlockMismatch::check(BlockField::HeaderChecksum, u64::from(u32_at(28)), u64::from(header_crc))?;
-        BlockMismatch::check(BlockField::Magic, u64::from(BLOCK_MAGIC), u64::from(u32_at(0)))?;
+        BlockMismatch::check(
+            BlockField::HeaderChecksum,
+            u64::from(u32_at(28)),
+            u64::from(header_crc),
+        )?;
+        BlockMismatch::check(
+            BlockField::Magic,
+            u64::from(BLOCK_MAGIC),
+            u64::from(u32_at(0)),
+        )?;
         let version = u16::from_le_bytes([bytes[4], bytes[5]]);
-        BlockMismatch::check(BlockField::Version, u64::from(BLOCK_VERSION), u64::from(version))?;
+        BlockMismatch::check(
+            BlockField::Version,
+            u64::from(BLOCK_VERSION),
+            u64::from(version),
+        )?;
         let header = Self {
             block_len: u32_at(8),
             payload_len: u32_at(12),
@@ -110,14 +126,22 @@ impl BlockHeader {
             payload_crc: u32_at(24),
         };
         let expected_len = block_len_for(header.payload_len as usize) as u64;
-        BlockMismatch::check(BlockField::Length, expected_len, u64::from(header.block_len))?;
+        BlockMismatch::check(
+            BlockField::Length,
+            expected_len,
+            u64::from(header.block_len),
+        )?;
         Ok(header)
     }
 
     /// Verifies a payload against this header.
     pub fn verify_payload(&self, payload: &[u8]) -> Result<(), BlockMismatch> {
         let found = crc32c::crc32c(payload);
-        BlockMismatch::check(BlockField::PayloadChecksum, u64::from(self.payload_crc), u64::from(found))
+        BlockMismatch::check(
+            BlockField::PayloadChecksum,
+            u64::from(self.payload_crc),
+            u64::from(found),
+        )
     }
 }
 
@@ -144,16 +168,22 @@ mod tests {
         }
 
         #[test]
-        fn any_flipped_header_bit_is_detected(payload_len in 0u32..(64 << 20), index: u64, crc: u32,
-                                              bit in 0usize..BLOCK_HEADER_BYTES * 8) {
+        fn any_flipped_header_bit_is_detected(
+            payload_len in 0u32..(64 << 20),
+            index: u64,
+            crc: u32,
+            bit in 0usize..BLOCK_HEADER_BYTES * 8,
+        ) {
             let mut bytes = header(payload_len, index, crc).encode();
             bytes[bit / 8] ^= 1 << (bit % 8);
             prop_assert!(BlockHeader::decode(&bytes).is_err());
         }
 
         #[test]
-        fn payload_checksum_matches_only_its_payload(payload in proptest::collection::vec(any::<u8>(), 1..4096),
-                                                     bit in 0usize..8) {
+        fn payload_checksum_matches_only_its_payload(
+            payload in proptest::collection::vec(any::<u8>(), 1..4096),
+            bit in 0usize..8,
+        ) {
             let h = BlockHeader::new(0, &payload);
             prop_assert!(h.verify_payload(&payload).is_ok());
             let mut flipped = payload.clone();

@@ -127,10 +127,15 @@ pub struct BufPool {
 impl BufPool {
     /// Allocates and pre-touches `buf_count_max` buffers of `buf_size_bytes`.
     pub fn new(buf_size_bytes: usize, buf_count_max: usize) -> Self {
-        assert!(buf_size_bytes > 0 && buf_size_bytes % DIRECT_IO_ALIGN == 0);
-        assert!(buf_size_bytes <= u32::MAX as usize, "one op moves at most 4 GiB");
+        assert!(buf_size_bytes > 0 && buf_size_bytes.is_multiple_of(DIRECT_IO_ALIGN));
+        assert!(
+            buf_size_bytes <= u32::MAX as usize,
+            "one op moves at most 4 GiB"
+        );
         assert!(buf_count_max > 0 && buf_count_max <= u16::MAX as usize);
-        let total = buf_size_bytes.checked_mul(buf_count_max).expect("pool size");
+        let total = buf_size_bytes
+            .checked_mul(buf_count_max)
+            .expect("pool size");
         let layout = Layout::from_size_align(total, DIRECT_IO_ALIGN).expect("pool layout");
         // SAFETY: `layout` has a non-zero size (both factors are > 0).
         let ptr = unsafe { std::alloc::alloc(layout) };
@@ -219,13 +224,25 @@ mod tests {
         for buf in &mut bufs {
             assert_eq!(buf.base_ptr() as usize % DIRECT_IO_ALIGN, 0);
             buf.set_len(8192);
-            buf.as_mut_slice().fill(buf.buf_index() as u8 + 1);
+            let fill = buf.buf_index() as u8 + 1;
+            buf.as_mut_slice().fill(fill);
         }
         for buf in &bufs {
-            assert!(buf.as_slice().iter().all(|&b| b == buf.buf_index() as u8 + 1));
+            assert!(
+                buf.as_slice()
+                    .iter()
+                    .all(|&b| b == buf.buf_index() as u8 + 1)
+            );
         }
         let err = pool.try_acquire(2).unwrap_err();
-        assert!(matches!(err, IoError::BuffersExhausted { requested: 2, free: 1, .. }));
+        assert!(matches!(
+            err,
+            IoError::BuffersExhausted {
+                requested: 2,
+                free: 1,
+                ..
+            }
+        ));
         drop(bufs);
         assert_eq!(pool.free_count(), 4);
     }

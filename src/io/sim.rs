@@ -16,7 +16,9 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::DIRECT_IO_ALIGN;
-use super::storage::{Completion, FileId, FileTable, Op, OpKind, Slots, Storage, Ticket, open_file};
+use super::storage::{
+    Completion, FileId, FileTable, Op, OpKind, Slots, Storage, Ticket, open_file,
+};
 use super::threadpool::transfer;
 
 /// Parts per million, for fault probabilities.
@@ -112,7 +114,10 @@ impl SimStorage {
     }
 
     fn write(&self, state: &mut State, op: &mut Op) -> io::Result<usize> {
-        let space_left = self.options.space_bytes_max.map_or(u64::MAX, |max| max.saturating_sub(state.bytes_written));
+        let space_left = self
+            .options
+            .space_bytes_max
+            .map_or(u64::MAX, |max| max.saturating_sub(state.bytes_written));
         let mut len = op.io_len();
         if (len as u64) > space_left {
             len = align_down(space_left as usize);
@@ -137,7 +142,11 @@ impl SimStorage {
             let bit = state.rng.below(8) as u8;
             op.buf.as_mut_slice()[op.start + byte_index] ^= 1 << bit;
             let offset = op.offset + byte_index as u64;
-            state.flips.push(SimFlip { file: op.file, offset, bit });
+            state.flips.push(SimFlip {
+                file: op.file,
+                offset,
+                bit,
+            });
         }
         Ok(count)
     }
@@ -175,7 +184,10 @@ impl Storage for SimStorage {
         let max_nanos = self.options.latency_max.as_nanos() as u64;
         let latency = Duration::from_nanos(state.rng.below(max_nanos.saturating_add(1)));
         let index = state.slots.insert(());
-        state.slots.complete(index, |()| Completion { buf: op.buf, result });
+        state.slots.complete(index, |()| Completion {
+            buf: op.buf,
+            result,
+        });
         if state.latency.len() <= index as usize {
             state.latency.resize(index as usize + 1, Duration::ZERO);
         }
@@ -186,7 +198,10 @@ impl Storage for SimStorage {
     fn wait(&self, ticket: Ticket) -> Completion {
         let mut state = self.lock();
         let latency = state.latency[ticket.0 as usize];
-        let completion = state.slots.take_done(ticket.0).expect("sim ops complete on submit");
+        let completion = state
+            .slots
+            .take_done(ticket.0)
+            .expect("sim ops complete on submit");
         drop(state);
         std::thread::sleep(latency);
         completion

@@ -9,7 +9,6 @@
 //! can share one backend. Every ticket must be waited exactly once: the
 //! completion (and its buffer) stays parked in the backend until it is.
 
-use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
@@ -147,7 +146,9 @@ impl<T> FileTable<T> {
     }
 
     pub(super) fn get(&self, file: FileId) -> &T {
-        self.entries[file.0 as usize].as_ref().expect("file is open")
+        self.entries[file.0 as usize]
+            .as_ref()
+            .expect("file is open")
     }
 
     pub(super) fn remove(&mut self, file: FileId) -> T {
@@ -218,6 +219,3 @@ impl<P> Slots<P> {
         Some(completion)
     }
 }
-
-/// FIFO helper for callers that pipeline: tickets with the offset they cover.
-pub(super) type InFlight = VecDeque<(Ticket, u64)>;

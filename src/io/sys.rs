@@ -7,8 +7,10 @@ use std::os::fd::AsRawFd;
 
 /// `fallocate(fd, 0, offset, len)`: reserves blocks and extends the size.
 pub(super) fn fallocate(file: &File, offset: u64, len: u64) -> io::Result<()> {
-    let offset = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let len = libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let len =
+        libc::off_t::try_from(len).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `file` is an open descriptor for the duration of the call and
     // fallocate touches no memory of ours.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, offset, len) };

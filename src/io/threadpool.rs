@@ -14,7 +14,9 @@ use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
-use super::storage::{Completion, FileId, FileTable, Op, OpKind, Slots, Storage, Ticket, open_file};
+use super::storage::{
+    Completion, FileId, FileTable, Op, OpKind, Slots, Storage, Ticket, open_file,
+};
 use super::sys;
 
 #[derive(Debug, Clone)]
@@ -101,7 +103,10 @@ fn worker(shared: &Shared) {
         drop(state);
         let result = transfer(&file, &mut op);
         state = shared.lock();
-        state.slots.complete(index, |()| Completion { buf: op.buf, result });
+        state.slots.complete(index, |()| Completion {
+            buf: op.buf,
+            result,
+        });
         shared.completed.notify_all();
     }
 }
@@ -142,7 +147,11 @@ impl Storage for ThreadPoolStorage {
     fn submit(&self, op: Op) -> Ticket {
         let mut state = self.shared.lock();
         while state.slots.in_flight >= self.options.queue_depth {
-            state = self.shared.completed.wait(state).expect("thread pool state lock");
+            state = self
+                .shared
+                .completed
+                .wait(state)
+                .expect("thread pool state lock");
         }
         let file = state.files.get(op.file).clone();
         let index = state.slots.insert(());
@@ -157,7 +166,11 @@ impl Storage for ThreadPoolStorage {
             if let Some(completion) = state.slots.take_done(ticket.0) {
                 return completion;
             }
-            state = self.shared.completed.wait(state).expect("thread pool state lock");
+            state = self
+                .shared
+                .completed
+                .wait(state)
+                .expect("thread pool state lock");
         }
     }
 

@@ -25,7 +25,9 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 use io_uring::{IoUring, opcode, squeue, types};
 
 use super::buf::BufPool;
-use super::storage::{Completion, FileId, FileTable, Op, OpKind, Slots, Storage, Ticket, open_file};
+use super::storage::{
+    Completion, FileId, FileTable, Op, OpKind, Slots, Storage, Ticket, open_file,
+};
 use super::sys;
 
 /// Why io_uring could not be used; shown in logs and the run summary.
@@ -48,7 +50,9 @@ impl UringRefusal {
         let errno = err.raw_os_error().unwrap_or(0);
         match (errno, sysctl) {
             (libc::ENOSYS, _) => Self::NotSupported,
-            (libc::EPERM | libc::EACCES, Some(value)) if value > 0 => Self::DisabledBySysctl { value },
+            (libc::EPERM | libc::EACCES, Some(value)) if value > 0 => {
+                Self::DisabledBySysctl { value }
+            }
             (libc::EPERM | libc::EACCES, _) => Self::PermissionDenied { errno },
             _ => Self::SetupFailed { errno },
         }
@@ -66,7 +70,11 @@ impl fmt::Display for UringRefusal {
                 io::Error::from_raw_os_error(*errno)
             ),
             Self::SetupFailed { errno } => {
-                write!(f, "io_uring_setup failed: {}", io::Error::from_raw_os_error(*errno))
+                write!(
+                    f,
+                    "io_uring_setup failed: {}",
+                    io::Error::from_raw_os_error(*errno)
+                )
             }
         }
     }
@@ -111,7 +119,10 @@ struct State {
 impl UringStorage {
     /// Creates a ring and, when `pool` is given and the memlock limit allows,
     /// registers the pool's buffers. Returns why registration was skipped.
-    pub fn new(options: UringOptions, pool: Option<&BufPool>) -> io::Result<(Self, Option<String>)> {
+    pub fn new(
+        options: UringOptions,
+        pool: Option<&BufPool>,
+    ) -> io::Result<(Self, Option<String>)> {
         assert!(options.queue_depth > 0);
         let entries = options.queue_depth.next_power_of_two();
         let mut builder = IoUring::builder();
@@ -156,8 +167,12 @@ impl UringStorage {
         let fixed = self.fixed.as_ref().filter(|pool| op.buf.is_from(pool));
         let buf_index = u16::try_from(op.buf.buf_index()).expect("pool has ≤ u16::MAX buffers");
         match (op.kind, fixed) {
-            (OpKind::Write, Some(_)) => opcode::WriteFixed::new(fd, ptr, len, buf_index).offset(op.offset).build(),
-            (OpKind::Read, Some(_)) => opcode::ReadFixed::new(fd, ptr, len, buf_index).offset(op.offset).build(),
+            (OpKind::Write, Some(_)) => opcode::WriteFixed::new(fd, ptr, len, buf_index)
+                .offset(op.offset)
+                .build(),
+            (OpKind::Read, Some(_)) => opcode::ReadFixed::new(fd, ptr, len, buf_index)
+                .offset(op.offset)
+                .build(),
             (OpKind::Write, None) => opcode::Write::new(fd, ptr, len).offset(op.offset).build(),
             (OpKind::Read, None) => opcode::Read::new(fd, ptr, len).offset(op.offset).build(),
         }
@@ -237,7 +252,8 @@ fn register(ring: &IoUring, pool: &BufPool) -> Result<(), String> {
     let pinned_bytes = pool.total_bytes() as u64;
     if !is_root && pinned_bytes > limit_bytes {
         return Err(format!(
-            "RLIMIT_MEMLOCK {limit_bytes} bytes < buffer pool {pinned_bytes} bytes (raise `ulimit -l`)"
+            "RLIMIT_MEMLOCK {limit_bytes} bytes < buffer pool {pinned_bytes} bytes \
+             (raise `ulimit -l`)"
         ));
     }
     let iovecs = pool.iovecs();

@@ -9,8 +9,8 @@
 //! bits past the last row cleared; a kernel writes the same bytes followed by
 //! zero padding up to a 32-bit word.
 
-use arrow_array::{ArrowPrimitiveType, PrimitiveArray};
-use arrow_buffer::{BooleanBuffer, Buffer, NullBuffer};
+use arrow_array::{Array, ArrowPrimitiveType, PrimitiveArray};
+use arrow_buffer::{ArrowNativeType, BooleanBuffer, Buffer, NullBuffer};
 
 /// An Arrow validity bitmap: row `i` is valid when bit `offset + i` is set.
 #[derive(Clone, Copy, Debug)]
@@ -34,7 +34,8 @@ impl<'a> Validity<'a> {
         (self.bits[bit / 8] >> (bit % 8)) & 1 == 1
     }
 
-    fn covers(&self, row_count: usize) -> bool {
+    /// Whether the bitmap has a bit for each of `row_count` rows.
+    pub fn covers(&self, row_count: usize) -> bool {
         self.bits.len() * 8 >= self.offset + row_count
     }
 }
@@ -62,14 +63,6 @@ impl<'a, T: Copy> Column<'a, T> {
         Column { values, validity }
     }
 
-    /// A view of an Arrow primitive array's buffers (no copy).
-    pub fn from_array<A>(array: &'a PrimitiveArray<A>) -> Self
-    where
-        A: ArrowPrimitiveType<Native = T>,
-    {
-        Column::new(array.values(), Validity::from_nulls(array.nulls()))
-    }
-
     pub fn values(&self) -> &'a [T] {
         self.values
     }
@@ -91,6 +84,16 @@ impl<'a, T: Copy> Column<'a, T> {
     #[inline]
     pub fn get(&self, row: usize) -> Option<T> {
         self.is_valid(row).then(|| self.values[row])
+    }
+}
+
+impl<'a, T: ArrowNativeType> Column<'a, T> {
+    /// A view of an Arrow primitive array's buffers (no copy).
+    pub fn from_array<A>(array: &'a PrimitiveArray<A>) -> Self
+    where
+        A: ArrowPrimitiveType<Native = T>,
+    {
+        Column::new(array.values(), Validity::from_nulls(array.nulls()))
     }
 }
 
