@@ -34,6 +34,8 @@
 //! - [`exec`]: task runtime, operators, sources and sinks.
 //! - [`network`]: frames, result partitions, input gates, TCP transport.
 //! - [`memory`]: managed memory pages and budgets, network buffer pool.
+//! - [`io`]: the IOManager: io_uring / thread-pool / simulated storage and
+//!   checksummed spill files (not yet used by operators).
 //! - [`kernels`]: hot loops over Arrow buffers (stable hash, partitioning).
 //! - [`metrics`]: counters shared by tasks and reported to the JobManager.
 //! - [`web`]: the JobManager's REST API, Prometheus endpoint and web UI.
@@ -42,6 +44,7 @@
 pub mod cluster;
 pub mod config;
 pub mod exec;
+pub mod io;
 pub mod job;
 pub mod kernels;
 pub mod memory;

@@ -357,46 +357,37 @@ fn create_own_dir(tmp_dir: &Path, direct_io: bool) -> Result<SpillDir, IoError> 
     let random = RandomState::new().build_hasher().finish();
     let path = tmp_dir.join(format!("{DIR_PREFIX}{pid}-{random:016x}"));
     std::fs::create_dir(&path).map_err(dir_error(&path))?;
-    let mut dir = SpillDir {
-        path,
-        direct_io: false,
-        direct_io_refused: None,
-        fixed_buffers: false,
-    };
     let marker = format!("{pid} {}\n", process_start_ticks(pid).unwrap_or(0));
-    let written = std::fs::write(dir.path.join(OWNER_MARKER), marker);
-    let probed = if direct_io {
-        probe_direct_io(&dir.path)
-    } else {
-        Err(io::ErrorKind::Unsupported.into())
+    let direct_io_refused = std::fs::write(path.join(OWNER_MARKER), marker)
+        .and_then(|()| {
+            if direct_io {
+                probe_direct_io(&path)
+            } else {
+                Ok(())
+            }
+        })
+        .map(|()| None)
+        .or_else(|e| match e.raw_os_error() {
+            Some(libc::EINVAL) => Ok(Some(libc::EINVAL)),
+            _ => Err(e),
+        });
+    let direct_io_refused = match direct_io_refused {
+        Ok(refused) => refused,
+        Err(source) => {
+            let _ = std::fs::remove_dir_all(&path);
+            return Err(IoError::Directory { path, source });
+        }
     };
-    match (written, probed) {
-        (Err(source), _) => {
-            let _ = std::fs::remove_dir_all(&dir.path);
-            Err(IoError::Directory {
-                path: dir.path,
-                source,
-            })
-        }
-        (Ok(()), Ok(())) => {
-            dir.direct_io = true;
-            Ok(dir)
-        }
-        (Ok(()), Err(e)) if direct_io && e.raw_os_error() == Some(libc::EINVAL) => {
-            let path = dir.path.display();
-            tracing::warn!(%path, "file system refuses O_DIRECT (EINVAL); spilling buffered");
-            dir.direct_io_refused = Some(libc::EINVAL);
-            Ok(dir)
-        }
-        (Ok(()), Err(_)) if !direct_io => Ok(dir),
-        (Ok(()), Err(source)) => {
-            let _ = std::fs::remove_dir_all(&dir.path);
-            Err(IoError::Directory {
-                path: dir.path,
-                source,
-            })
-        }
+    if direct_io_refused.is_some() {
+        let path = path.display();
+        tracing::warn!(%path, "file system refuses O_DIRECT (EINVAL); spilling buffered");
     }
+    Ok(SpillDir {
+        path,
+        direct_io: direct_io && direct_io_refused.is_none(),
+        direct_io_refused,
+        fixed_buffers: false,
+    })
 }
 
 /// Removes the `strata-io-*` directories in `tmp_dirs` whose owner process

@@ -462,3 +462,13 @@ fn limits_are_typed_errors() {
         "{err}"
     );
 }
+
+#[test]
+fn spill_handles_move_between_threads() {
+    fn assert_send<T: Send>() {}
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send::<SpillWriter>();
+    assert_send::<SpillReader>();
+    assert_send::<SpillFile>();
+    assert_send_sync::<IoManager>();
+}

@@ -65,7 +65,12 @@ impl SpillWriter {
     }
 
     /// Appends one block of `payload_len` bytes that `fill` writes in place
-    /// (no copy); returns its block index.
+    /// (no copy); returns its block index. `fill` must write every byte: the
+    /// buffer still holds an earlier block.
+    ///
+    /// # Panics
+    /// If called after an error: the file is gone then, and the caller must
+    /// fail the task (or start a new writer).
     pub fn write_block_with(
         &mut self,
         payload_len: usize,
