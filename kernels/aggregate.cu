@@ -9,7 +9,8 @@
 //   overflows when the exact total does not fit in i64. That makes overflow
 //   independent of the order in which threads add (an intermediate wrap that
 //   a later value undoes is not an overflow); `aggregate_compact` reports it
-//   per group.
+//   per group, and the dispatcher names the smallest overflowing key (the
+//   null key first) in its error, as the CPU twin does.
 //
 // The table: `capacity` (a power of two) open-addressing slots plus two
 // special slots. Slot keys start as EMPTY_KEY (i64::MIN) and are claimed with

@@ -15,7 +15,8 @@
 //   operators, so that no compiler flag (--fmad, --use_fast_math) can contract
 //   or approximate it: results are then bit-identical to the CPU twin except
 //   for NaN payloads, which IEEE 754 leaves unspecified.
-// - Grid sizes are free: every kernel loops grid-stride over its work.
+// - Grid sizes are free: kernels loop grid-stride over their work (the one
+//   exception, partition_offsets, is a single-block scan).
 //
 // The pure helpers (no thread indices, no intrinsics) also compile as host
 // C++, which is how tests/kernels_nvrtc.rs checks them against the Rust twins

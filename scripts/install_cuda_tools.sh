@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the two CUDA tools that CI needs to compile the kernels in
 # kernels/*.cu without a GPU or a CUDA toolkit: NVRTC (CUDA C++ → PTX, loaded
-# by tests/kernels_nvrtc.rs through ctypes) and ptxas (PTX → sm_90 cubin).
+# by tests/kernels_nvrtc.rs through ctypes) and ptxas (PTX → sm_80/sm_90 cubins).
 # Both come from NVIDIA's PyPI wheels. Versions are pinned so that the PTX ISA
 # CI checks is the one the runtime compiles; the script is idempotent and
 # touches the network only when a pinned version is missing.
@@ -12,7 +12,12 @@ NVCC_VERSION="12.9.86"
 PYTHON="${PYTHON:-python3}"
 
 installed_version() {
-  "$PYTHON" -m pip show "$1" 2>/dev/null | sed -n 's/^Version: //p'
+  "$PYTHON" -c 'import sys
+from importlib.metadata import version, PackageNotFoundError
+try:
+    print(version(sys.argv[1]))
+except PackageNotFoundError:
+    pass' "$1"
 }
 
 wanted=()
@@ -22,7 +27,9 @@ wanted=()
   wanted+=("nvidia-cuda-nvcc-cu12==$NVCC_VERSION")
 
 if ((${#wanted[@]} > 0)); then
-  "$PYTHON" -m pip install --quiet --disable-pip-version-check "${wanted[@]}"
+  # CI runs as root; pip's warning about that is noise here.
+  PIP_ROOT_USER_ACTION=ignore "$PYTHON" -m pip install --quiet \
+    --disable-pip-version-check "${wanted[@]}"
 fi
 
 "$PYTHON" - <<'PY'

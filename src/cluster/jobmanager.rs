@@ -27,6 +27,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 struct TmEntry {
     name: String,
+    io: String,
     data_addr: SocketAddr,
     slots: Vec<SlotStatus>,
     /// The job each slot is allocated to, as the JobManager sees it.
@@ -183,7 +184,10 @@ async fn serve(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, co
     });
     match first {
         Message::RegisterTaskManager {
-            data_addr, slots, ..
+            data_addr,
+            slots,
+            io,
+            ..
         } => {
             let name = {
                 let mut s = lock(&state);
@@ -192,6 +196,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, co
                 let allocated = vec![None; slots.len()];
                 s.taskmanagers.push(TmEntry {
                     name: name.clone(),
+                    io,
                     data_addr,
                     slots,
                     allocated,
@@ -513,10 +518,8 @@ fn end_job(s: &mut State, job: u64, final_state: JobState, reason: Option<String
             }
         }
     }
-    let tm_count = s.taskmanagers.len();
-    let slot_count = s.taskmanagers.iter().map(|t| t.slots.len()).sum();
     if let Some(entry) = s.jobs.remove(&job) {
-        let summary = summarize(job, &entry, tm_count, slot_count);
+        let summary = summarize(job, &entry, &s.taskmanagers);
         if s.completed.len() == COMPLETED_JOBS_MAX {
             s.completed.pop_front();
         }
@@ -528,12 +531,10 @@ fn end_job(s: &mut State, job: u64, final_state: JobState, reason: Option<String
 }
 
 fn snapshot(s: &State) -> ClusterSnapshot {
-    let tm_count = s.taskmanagers.len();
-    let slot_count = s.taskmanagers.iter().map(|t| t.slots.len()).sum();
     let mut running: Vec<JobSummary> = s
         .jobs
         .iter()
-        .map(|(&job, entry)| summarize(job, entry, tm_count, slot_count))
+        .map(|(&job, entry)| summarize(job, entry, &s.taskmanagers))
         .collect();
     running.sort_by_key(|j| j.job);
     ClusterSnapshot {
@@ -553,7 +554,16 @@ fn snapshot(s: &State) -> ClusterSnapshot {
     }
 }
 
-fn summarize(job: u64, entry: &JobEntry, taskmanagers: usize, slots: usize) -> JobSummary {
+fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
+    let taskmanagers = tms.len();
+    let slots = tms.iter().map(|t| t.slots.len()).sum();
+    let mut io: Vec<String> = tms
+        .iter()
+        .filter(|t| entry.tasks.values().any(|task| task.taskmanager == t.name))
+        .map(|t| t.io.clone())
+        .collect();
+    io.sort();
+    io.dedup();
     let plan = &entry.plan;
     let graph = &entry.graph;
     let ops = &plan.spec.operators;
@@ -577,6 +587,7 @@ fn summarize(job: u64, entry: &JobEntry, taskmanagers: usize, slots: usize) -> J
         transport:
             "tcp between TaskManagers, local channels within one (no RDMA transport in this build)"
                 .into(),
+        io,
         taskmanagers,
         slots,
     };

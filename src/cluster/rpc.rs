@@ -171,6 +171,8 @@ pub struct JobSummary {
     pub late_rows: u64,
     pub managed_peak_bytes: u64,
     pub transport: String,
+    /// Each distinct IOManager backend line of the job's TaskManagers.
+    pub io: Vec<String>,
     pub taskmanagers: usize,
     pub slots: usize,
 }
@@ -182,6 +184,8 @@ pub enum Message {
         name: Option<String>,
         data_addr: SocketAddr,
         slots: Vec<SlotStatus>,
+        /// The IOManager's backend line (io_uring or the fallback and why).
+        io: String,
     },
     Heartbeat {
         slots: Vec<SlotStatus>,

@@ -75,6 +75,9 @@ pub fn render(s: &JobSummary) -> String {
         human_count(s.local_rows),
         s.backpressure_ms
     );
+    for io in &s.io {
+        let _ = writeln!(out, "  spill {io}");
+    }
     let _ = writeln!(
         out,
         "  managed memory peak per slot {}   late rows dropped {}   spilled 0 B (spilling is not implemented yet)",

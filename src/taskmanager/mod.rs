@@ -22,6 +22,7 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::cluster::rpc::{Message, ResourceProfile, RpcError, read_message, write_message};
 use crate::config::Config;
+use crate::io::{IoConfig, IoManager};
 use crate::memory::{MemoryManager, NetworkBufferPool, PagePool};
 use crate::metrics::TaskMetrics;
 use crate::network::NetworkRegistry;
@@ -45,6 +46,8 @@ pub enum TaskManagerError {
         #[source]
         source: std::io::Error,
     },
+    #[error("starting the IOManager: {0}")]
+    Io(#[source] crate::io::IoError),
     #[error("allocating managed memory and network buffers failed: {reason}")]
     MemoryPools { reason: String },
     #[error("invalid TaskManager address '{address}': {reason}")]
@@ -67,9 +70,14 @@ pub struct Services {
     pub registry: Arc<NetworkRegistry>,
     pub connections: ConnectionManager,
     pub data_addr: SocketAddr,
+    /// Spill storage; operators do not spill yet (the job fails instead).
+    pub io: IoManager,
     slots: Mutex<SlotTable>,
     jobs: Mutex<HashMap<u64, JobTasks>>,
 }
+
+/// 1 MiB spill buffers per TaskManager (16 MiB, pre-touched).
+const IO_BUFFERS_MAX: usize = 16;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -111,6 +119,18 @@ impl TaskManager {
         .map_err(|e| TaskManagerError::MemoryPools {
             reason: e.to_string(),
         })?;
+        let io_config = IoConfig {
+            tmp_dirs: config.tmp_dirs.clone(),
+            buf_count_max: IO_BUFFERS_MAX,
+            ..IoConfig::default()
+        };
+        let io = tokio::task::spawn_blocking(move || IoManager::new(io_config))
+            .await
+            .map_err(|e| TaskManagerError::MemoryPools {
+                reason: e.to_string(),
+            })?
+            .map_err(TaskManagerError::Io)?;
+        tracing::info!("{}", io.summary());
         let slot_memory = (0..slot_count)
             .map(|i| pages.slot_manager(i, layout.managed_per_slot))
             .collect();
@@ -157,6 +177,7 @@ impl TaskManager {
                 registry,
                 connections: ConnectionManager::default(),
                 data_addr: server.local_addr,
+                io,
                 slots: Mutex::new(SlotTable::new(slot_count, profile)),
                 jobs: Mutex::default(),
                 config,
@@ -242,6 +263,7 @@ async fn session(
             name: None,
             data_addr: services.data_addr,
             slots,
+            io: services.io.summary(),
         },
     )
     .await?;

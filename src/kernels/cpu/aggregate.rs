@@ -271,7 +271,6 @@ pub fn aggregate_i64_arrays(input: KeyedArrays<'_>) -> Result<AggregateColumns, 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use arrow_array::Array;
     use proptest::prelude::*;
     use std::collections::BTreeMap;
 
@@ -279,7 +278,9 @@ mod tests {
 
     /// The plain-language definition: a sorted map, exact i128 sums, and
     /// overflow judged on each group's total.
-    fn reference(rows: &[(Option<i64>, Option<i64>)]) -> Result<BTreeMap<Option<i64>, Stats>, Option<i64>> {
+    fn reference(
+        rows: &[(Option<i64>, Option<i64>)],
+    ) -> Result<BTreeMap<Option<i64>, Stats>, Option<i64>> {
         let mut groups: BTreeMap<Option<i64>, Vec<i64>> = BTreeMap::new();
         for (key, value) in rows {
             let values = groups.entry(*key).or_default();
@@ -306,7 +307,12 @@ mod tests {
     fn as_map(groups: &[Group]) -> BTreeMap<Option<i64>, Stats> {
         let map: BTreeMap<_, _> = groups
             .iter()
-            .map(|g| (g.key, (g.stats.count, g.stats.sum, g.stats.min, g.stats.max)))
+            .map(|g| {
+                (
+                    g.key,
+                    (g.stats.count, g.stats.sum, g.stats.min, g.stats.max),
+                )
+            })
             .collect();
         assert_eq!(map.len(), groups.len(), "a key appears in two groups");
         map
@@ -315,7 +321,13 @@ mod tests {
     fn key() -> impl Strategy<Value = Option<i64>> {
         prop::option::weighted(
             0.9,
-            prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(0), -20i64..20, any::<i64>()],
+            prop_oneof![
+                Just(i64::MIN),
+                Just(i64::MAX),
+                Just(0),
+                -20i64..20,
+                any::<i64>()
+            ],
         )
     }
 
@@ -333,9 +345,14 @@ mod tests {
         )
     }
 
+    fn arrays(rows: &[(Option<i64>, Option<i64>)]) -> (Int64Array, Int64Array) {
+        let keys = rows.iter().map(|r| r.0).collect();
+        let values = rows.iter().map(|r| r.1).collect();
+        (keys, values)
+    }
+
     fn run(rows: &[(Option<i64>, Option<i64>)]) -> Result<Vec<Group>, AggregateError> {
-        let keys = Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>());
-        let values = Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+        let (keys, values) = arrays(rows);
         aggregate_i64(KeyedValues {
             keys: Column::from_array(&keys),
             values: Column::from_array(&values),
@@ -349,7 +366,9 @@ mod tests {
         ) {
             match (run(&rows), reference(&rows)) {
                 (Ok(groups), Ok(expected)) => prop_assert_eq!(as_map(&groups), expected),
-                (Err(AggregateError::SumOverflow { key }), Err(expected)) => prop_assert_eq!(key, expected),
+                (Err(AggregateError::SumOverflow { key }), Err(expected)) => {
+                    prop_assert_eq!(key, expected)
+                }
                 (got, expected) => panic!("got {got:?}, expected {expected:?}"),
             }
         }
@@ -362,9 +381,11 @@ mod tests {
             let split = split.min(rows.len());
             let mut table = I64GroupTable::new();
             for batch in [&rows[..split], &rows[split..]] {
-                let keys = Int64Array::from(batch.iter().map(|r| r.0).collect::<Vec<_>>());
-                let values = Int64Array::from(batch.iter().map(|r| r.1).collect::<Vec<_>>());
-                table.update(KeyedValues { keys: Column::from_array(&keys), values: Column::from_array(&values) });
+                let (keys, values) = arrays(batch);
+                table.update(KeyedValues {
+                    keys: Column::from_array(&keys),
+                    values: Column::from_array(&values),
+                });
             }
             let batched = table.finish().map(|g| as_map(&g));
             let whole = run(&rows).map(|g| as_map(&g));
@@ -375,7 +396,11 @@ mod tests {
     #[test]
     fn aggregate_sum_overflow_is_judged_on_the_exact_total() {
         // MAX + 1 wraps half way, but the total MAX + 1 - 1 fits.
-        let rows = [(Some(7), Some(i64::MAX)), (Some(7), Some(1)), (Some(7), Some(-1))];
+        let rows = [
+            (Some(7), Some(i64::MAX)),
+            (Some(7), Some(1)),
+            (Some(7), Some(-1)),
+        ];
         let groups = run(&rows).unwrap();
         assert_eq!(groups[0].stats.sum, Some(i64::MAX));
         let rows = [(Some(7), Some(i64::MIN)), (Some(7), Some(-1))];

@@ -165,6 +165,12 @@ mod tests {
     #[should_panic(expected = "cannot cover")]
     fn short_validity_bitmap_is_rejected() {
         let bits = [0xFFu8];
-        Column::new(&[0i64; 9], Some(Validity { bits: &bits, offset: 0 }));
+        Column::new(
+            &[0i64; 9],
+            Some(Validity {
+                bits: &bits,
+                offset: 0,
+            }),
+        );
     }
 }

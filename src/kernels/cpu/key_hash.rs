@@ -138,12 +138,16 @@ pub fn hash_key_columns(columns: &[ArrayRef], hashes: &mut Vec<u64>) -> Result<(
     for (index, array) in columns.iter().enumerate() {
         let mode = HashMode::mode_for_column(index);
         match array.data_type() {
-            DataType::Int64 => {
-                hash_i64_column(Column::from_array(array.as_primitive::<Int64Type>()), mode, hashes)
-            }
-            DataType::Int32 => {
-                hash_i32_column(Column::from_array(array.as_primitive::<Int32Type>()), mode, hashes)
-            }
+            DataType::Int64 => hash_i64_column(
+                Column::from_array(array.as_primitive::<Int64Type>()),
+                mode,
+                hashes,
+            ),
+            DataType::Int32 => hash_i32_column(
+                Column::from_array(array.as_primitive::<Int32Type>()),
+                mode,
+                hashes,
+            ),
             DataType::Float64 => hash_f64_column(
                 Column::from_array(array.as_primitive::<Float64Type>()),
                 mode,
@@ -154,9 +158,11 @@ pub fn hash_key_columns(columns: &[ArrayRef], hashes: &mut Vec<u64>) -> Result<(
                 mode,
                 hashes,
             ),
-            DataType::Utf8 => {
-                hash_utf8_column(Utf8Column::from_array(array.as_string::<i32>()), mode, hashes)
-            }
+            DataType::Utf8 => hash_utf8_column(
+                Utf8Column::from_array(array.as_string::<i32>()),
+                mode,
+                hashes,
+            ),
             DataType::LargeUtf8 => hash_large_utf8_column(
                 Utf8Column::from_array(array.as_string::<i64>()),
                 mode,
@@ -205,7 +211,9 @@ fn store(slot: &mut u64, hash: u64, mode: HashMode) {
 mod tests {
     use super::*;
     use crate::kernels::cpu::hash::hash_columns;
-    use arrow_array::{Float32Array, Float64Array, Int32Array, Int64Array, LargeStringArray, StringArray};
+    use arrow_array::{
+        Float32Array, Float64Array, Int32Array, Int64Array, LargeStringArray, StringArray,
+    };
     use proptest::prelude::*;
     use std::sync::Arc;
 
@@ -222,7 +230,13 @@ mod tests {
     }
 
     fn edge_i64() -> impl Strategy<Value = i64> {
-        prop_oneof![Just(i64::MIN), Just(i64::MAX), Just(0), Just(-1), any::<i64>()]
+        prop_oneof![
+            Just(i64::MIN),
+            Just(i64::MAX),
+            Just(0),
+            Just(-1),
+            any::<i64>()
+        ]
     }
 
     /// A batch of key columns of the GPU-supported types, all the same length,
@@ -233,7 +247,11 @@ mod tests {
                 let total = row_count + offset;
                 let columns: Vec<BoxedStrategy<ArrayRef>> = kinds
                     .into_iter()
-                    .map(|kind| column_of_kind(kind, total).prop_map(move |a| a.slice(offset, row_count)).boxed())
+                    .map(|kind| {
+                        column_of_kind(kind, total)
+                            .prop_map(move |a| a.slice(offset, row_count))
+                            .boxed()
+                    })
                     .collect();
                 columns
             },
@@ -249,18 +267,32 @@ mod tests {
 
     fn column_of_kind(kind: u8, rows: usize) -> BoxedStrategy<ArrayRef> {
         match kind {
-            0 => nullable(edge_i64().boxed(), rows).prop_map(|v| Arc::new(Int64Array::from(v)) as ArrayRef).boxed(),
-            1 => nullable(any::<i32>().boxed(), rows).prop_map(|v| Arc::new(Int32Array::from(v)) as ArrayRef).boxed(),
-            2 => nullable(edge_f64().boxed(), rows).prop_map(|v| Arc::new(Float64Array::from(v)) as ArrayRef).boxed(),
-            3 => nullable(any::<f32>().boxed(), rows).prop_map(|v| Arc::new(Float32Array::from(v)) as ArrayRef).boxed(),
-            4 => nullable(".{0,20}".boxed(), rows).prop_map(|v| Arc::new(StringArray::from(v)) as ArrayRef).boxed(),
-            _ => nullable(".{0,20}".boxed(), rows).prop_map(|v| Arc::new(LargeStringArray::from(v)) as ArrayRef).boxed(),
+            0 => nullable(edge_i64().boxed(), rows)
+                .prop_map(|v| Arc::new(Int64Array::from(v)) as ArrayRef)
+                .boxed(),
+            1 => nullable(any::<i32>().boxed(), rows)
+                .prop_map(|v| Arc::new(Int32Array::from(v)) as ArrayRef)
+                .boxed(),
+            2 => nullable(edge_f64().boxed(), rows)
+                .prop_map(|v| Arc::new(Float64Array::from(v)) as ArrayRef)
+                .boxed(),
+            3 => nullable(any::<f32>().boxed(), rows)
+                .prop_map(|v| Arc::new(Float32Array::from(v)) as ArrayRef)
+                .boxed(),
+            4 => nullable(".{0,20}".boxed(), rows)
+                .prop_map(|v| Arc::new(StringArray::from(v)) as ArrayRef)
+                .boxed(),
+            _ => nullable(".{0,20}".boxed(), rows)
+                .prop_map(|v| Arc::new(LargeStringArray::from(v)) as ArrayRef)
+                .boxed(),
         }
     }
 
     proptest! {
         #[test]
-        fn kernel_twins_hash_like_hash_columns_across_types_nulls_and_slices(columns in key_columns()) {
+        fn kernel_twins_hash_like_hash_columns_across_types_nulls_and_slices(
+            columns in key_columns(),
+        ) {
             let (mut expected, mut got) = (Vec::new(), Vec::new());
             hash_columns(&columns, &mut expected).unwrap();
             hash_key_columns(&columns, &mut got).unwrap();
@@ -268,9 +300,11 @@ mod tests {
         }
 
         #[test]
-        fn int32_and_int64_keys_hash_alike(values in prop::collection::vec(prop::option::of(any::<i32>()), 0..50)) {
+        fn int32_and_int64_keys_hash_alike(
+            values in prop::collection::vec(prop::option::of(any::<i32>()), 0..50),
+        ) {
             let narrow = Int32Array::from(values.clone());
-            let wide = Int64Array::from(values.iter().map(|v| v.map(i64::from)).collect::<Vec<_>>());
+            let wide: Int64Array = values.iter().map(|v| v.map(i64::from)).collect();
             let (mut a, mut b) = (vec![0; values.len()], vec![0; values.len()]);
             hash_i32_column(Column::from_array(&narrow), HashMode::Replace, &mut a);
             hash_i64_column(Column::from_array(&wide), HashMode::Replace, &mut b);
@@ -287,7 +321,13 @@ mod tests {
 
     #[test]
     fn every_nan_and_both_zeros_hash_alike() {
-        let values = Float64Array::from(vec![f64::NAN, -f64::NAN, f64::from_bits(0x7FF0_0000_0000_0001), 0.0, -0.0]);
+        let values = Float64Array::from(vec![
+            f64::NAN,
+            -f64::NAN,
+            f64::from_bits(0x7FF0_0000_0000_0001),
+            0.0,
+            -0.0,
+        ]);
         let mut hashes = vec![0; values.len()];
         hash_f64_column(Column::from_array(&values), HashMode::Replace, &mut hashes);
         assert_eq!(hashes[0], hashes[1]);

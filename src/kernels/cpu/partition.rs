@@ -104,7 +104,11 @@ pub fn assign_partitions(
     partition_ids: &mut [u32],
     partition_counts: &mut [u32],
 ) {
-    assert_eq!(partition_ids.len(), hashes.len(), "one partition id per row");
+    assert_eq!(
+        partition_ids.len(),
+        hashes.len(),
+        "one partition id per row"
+    );
     assert_eq!(
         partition_counts.len(),
         routing.parallelism as usize,
@@ -204,11 +208,18 @@ mod tests {
     use std::sync::Arc;
 
     /// The plain-language definition: each row goes to its subtask, in order.
-    fn reference(hashes: &[u64], max_parallelism: u32, parallelism: u32) -> BTreeMap<u32, Vec<u32>> {
+    fn reference(
+        hashes: &[u64],
+        max_parallelism: u32,
+        parallelism: u32,
+    ) -> BTreeMap<u32, Vec<u32>> {
         let mut partitions = BTreeMap::new();
         for (row, &hash) in hashes.iter().enumerate() {
             let target = subtask_for_hash(hash, max_parallelism, parallelism);
-            partitions.entry(target).or_insert_with(Vec::new).push(row as u32);
+            partitions
+                .entry(target)
+                .or_insert_with(Vec::new)
+                .push(row as u32);
         }
         partitions
     }
@@ -220,7 +231,12 @@ mod tests {
     }
 
     fn hash_values() -> impl Strategy<Value = u64> {
-        prop_oneof![Just(0), Just(u64::MAX), any::<u64>(), (0u64..1000).prop_map(hash_u64)]
+        prop_oneof![
+            Just(0),
+            Just(u64::MAX),
+            any::<u64>(),
+            (0u64..1000).prop_map(hash_u64)
+        ]
     }
 
     proptest! {
@@ -258,7 +274,12 @@ mod tests {
     fn key_columns_route_like_the_hash_exchange() {
         let keys: Vec<ArrayRef> = vec![
             Arc::new(Int64Array::from(vec![Some(1), None, Some(3), Some(1)])),
-            Arc::new(StringArray::from(vec![Some("a"), Some("b"), None, Some("a")])),
+            Arc::new(StringArray::from(vec![
+                Some("a"),
+                Some("b"),
+                None,
+                Some("a"),
+            ])),
         ];
         let routing = Routing::new(128, 4).unwrap();
         let got = partition_key_columns(&keys, routing).unwrap();

@@ -138,11 +138,14 @@ pub fn project_i64(
 /// # Panics
 /// If a column operand or the output bitmap does not match
 /// `output.values.len()` rows.
-pub fn project_f64(op: ArithOp, operands: Operands<Operand<'_, f64>>, output: ProjectOutput<'_, f64>) {
+pub fn project_f64(
+    op: ArithOp,
+    operands: Operands<Operand<'_, f64>>,
+    output: ProjectOutput<'_, f64>,
+) {
     let apply = float_op(op);
-    let Ok(()) = project_rows::<_, Infallible>(operands, output, |_, left, right| {
-        Ok(apply(left, right))
-    });
+    let Ok(()) =
+        project_rows::<_, Infallible>(operands, output, |_, left, right| Ok(apply(left, right)));
 }
 
 /// `left <op> right` over Int64 arrays and literals.
@@ -297,7 +300,7 @@ mod tests {
     }
 
     /// The reference computes in i128 and checks the range, row by row.
-    fn reference_i64(op: ArithOp, rows: &[(Option<i64>, Option<i64>)]) -> Result<Vec<Option<i64>>, usize> {
+    fn reference_i64(op: ArithOp, rows: &[RowPair<i64>]) -> Result<Vec<Option<i64>>, usize> {
         let mut out = Vec::new();
         for (row, pair) in rows.iter().enumerate() {
             let value = match *pair {
@@ -342,24 +345,52 @@ mod tests {
     {
         for row in 0..array.len() {
             if array.is_null(row) {
-                assert!(array.values()[row] == A::Native::default(), "null row {row} not zero");
+                assert!(
+                    array.values()[row] == A::Native::default(),
+                    "null row {row} not zero"
+                );
             }
         }
+    }
+
+    /// One row's (left, right) operands.
+    type RowPair<T> = (Option<T>, Option<T>);
+
+    /// Row pairs of (left, right) operands, 15% null on each side.
+    fn row_pairs<S: Strategy>(
+        values: impl Fn() -> S,
+    ) -> impl Strategy<Value = Vec<RowPair<S::Value>>> {
+        let side = || prop::option::weighted(0.85, values());
+        prop::collection::vec((side(), side()), 0..100)
+    }
+
+    fn arrays<'a, A: ArrowPrimitiveType>(
+        left: &'a PrimitiveArray<A>,
+        right: &'a PrimitiveArray<A>,
+    ) -> Operands<ArrayOperand<'a, A>> {
+        Operands {
+            left: ArrayOperand::Array(left),
+            right: ArrayOperand::Array(right),
+        }
+    }
+
+    fn split<T: Copy, A>(rows: &[RowPair<T>]) -> (PrimitiveArray<A>, PrimitiveArray<A>)
+    where
+        A: ArrowPrimitiveType<Native = T>,
+    {
+        let left = rows.iter().map(|r| r.0).collect();
+        let right = rows.iter().map(|r| r.1).collect();
+        (left, right)
     }
 
     proptest! {
         #[test]
         fn project_i64_columns_match_i128_reference_or_name_the_first_overflow(
-            rows in prop::collection::vec(
-                (prop::option::weighted(0.85, edge_i64()), prop::option::weighted(0.85, edge_i64())),
-                0..100,
-            ),
+            rows in row_pairs(edge_i64),
             op in int_op(),
         ) {
-            let left = Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>());
-            let right = Int64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
-            let operands = Operands { left: ArrayOperand::Array(&left), right: ArrayOperand::Array(&right) };
-            let got = project_i64_array(op, operands);
+            let (left, right) = split::<i64, Int64Type>(&rows);
+            let got = project_i64_array(op, arrays(&left, &right));
             match reference_i64(op, &rows) {
                 Ok(expected) => {
                     let got = got.unwrap();
@@ -367,11 +398,11 @@ mod tests {
                     check_null_slots_are_zero(&got);
                 }
                 Err(row) => {
-                    let Err(ProjectError::Overflow { row: got_row, left: l, right: r, .. }) = got else {
+                    let Err(ProjectError::Overflow { row: got_row, left, right, .. }) = got else {
                         panic!("expected overflow at row {row}, got {got:?}");
                     };
                     prop_assert_eq!(got_row, row);
-                    prop_assert_eq!((Some(l), Some(r)), rows[row]);
+                    prop_assert_eq!((Some(left), Some(right)), rows[row]);
                 }
             }
         }
@@ -384,41 +415,37 @@ mod tests {
             op in int_op(),
         ) {
             let array = Int64Array::from(column.clone());
+            let (column_side, literal_side) = (ArrayOperand::Array(&array), ArrayOperand::Literal(literal));
             let (operands, rows): (_, Vec<_>) = if literal_on_left {
-                (Operands { left: ArrayOperand::Literal(literal), right: ArrayOperand::Array(&array) },
-                 column.iter().map(|v| (Some(literal), *v)).collect())
+                let rows = column.iter().map(|v| (Some(literal), *v)).collect();
+                (Operands { left: literal_side, right: column_side }, rows)
             } else {
-                (Operands { left: ArrayOperand::Array(&array), right: ArrayOperand::Literal(literal) },
-                 column.iter().map(|v| (*v, Some(literal))).collect())
+                let rows = column.iter().map(|v| (*v, Some(literal))).collect();
+                (Operands { left: column_side, right: literal_side }, rows)
             };
             let got = project_i64_array(op, operands).map(|a| a.iter().collect::<Vec<_>>());
-            let expected = reference_i64(op, &rows);
-            match (got, expected) {
+            match (got, reference_i64(op, &rows)) {
                 (Ok(got), Ok(expected)) => prop_assert_eq!(got, expected),
-                (Err(ProjectError::Overflow { row, .. }), Err(expected_row)) => prop_assert_eq!(row, expected_row),
+                (Err(ProjectError::Overflow { row, .. }), Err(expected)) => prop_assert_eq!(row, expected),
                 (got, expected) => panic!("got {got:?}, expected {expected:?}"),
             }
         }
 
         #[test]
         fn project_f64_is_ieee_with_nulls_propagating(
-            rows in prop::collection::vec(
-                (prop::option::weighted(0.85, edge_f64()), prop::option::weighted(0.85, edge_f64())),
-                0..100,
-            ),
+            rows in row_pairs(edge_f64),
             offset in 0usize..9,
             op in any_op(),
         ) {
-            let left = Float64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>());
-            let right = Float64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>());
+            let (left, right) = split::<f64, Float64Type>(&rows);
             let offset = offset.min(rows.len());
-            let (left, right) = (left.slice(offset, rows.len() - offset), right.slice(offset, rows.len() - offset));
-            let operands = Operands { left: ArrayOperand::Array(&left), right: ArrayOperand::Array(&right) };
-            let got = project_f64_array(op, operands).unwrap();
+            let length = rows.len() - offset;
+            let (left, right) = (left.slice(offset, length), right.slice(offset, length));
+            let got = project_f64_array(op, arrays(&left, &right)).unwrap();
             check_null_slots_are_zero(&got);
             let expected = left.iter().zip(right.iter()).map(|(l, r)| reference_f64(op, l, r));
             for (row, (value, expected)) in got.iter().zip(expected).enumerate() {
-                prop_assert!(same_f64(value, expected), "row {}: {:?} vs {:?}", row, value, expected);
+                prop_assert!(same_f64(value, expected), "row {row}: {value:?} vs {expected:?}");
             }
         }
     }

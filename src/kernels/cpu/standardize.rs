@@ -219,12 +219,18 @@ mod tests {
     }
 
     fn counted(rows: &[Option<f64>]) -> Vec<f64> {
-        rows.iter().flatten().copied().filter(|x| !x.is_nan()).collect()
+        rows.iter()
+            .flatten()
+            .copied()
+            .filter(|x| !x.is_nan())
+            .collect()
     }
 
     /// Each row's contribution in row position: a null or NaN adds zero.
     fn contributions(rows: &[Option<f64>]) -> Vec<f64> {
-        rows.iter().map(|x| x.filter(|x| !x.is_nan()).unwrap_or(0.0)).collect()
+        rows.iter()
+            .map(|x| x.filter(|x| !x.is_nan()).unwrap_or(0.0))
+            .collect()
     }
 
     fn value() -> impl Strategy<Value = Option<f64>> {
@@ -246,14 +252,15 @@ mod tests {
     proptest! {
         #[test]
         fn moments_follow_the_kernel_tree_bit_for_bit(
-            rows in prop::collection::vec(value(), 0..2000),
+            rows in prop::collection::vec(value(), 0..1100),
         ) {
             let array = Float64Array::from(rows.clone());
             let moments = column_moments(Column::from_array(&array));
             prop_assert_eq!(moments.count, counted(&rows).len() as u64);
             let values = contributions(&rows);
             prop_assert!(same(moments.sum, reference_sum(values.clone())));
-            prop_assert!(same(moments.sum_squares, reference_sum(values.iter().map(|x| x * x).collect())));
+            let squares = values.iter().map(|x| x * x).collect();
+            prop_assert!(same(moments.sum_squares, reference_sum(squares)));
         }
 
         #[test]
@@ -269,10 +276,10 @@ mod tests {
                 values.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / n
             };
             let scale = 1.0 + mean.abs() + variance.sqrt();
-            prop_assert!((stats.mean - mean).abs() <= 1e-9 * scale, "mean {} vs {}", stats.mean, mean);
+            prop_assert!((stats.mean - mean).abs() <= 1e-9 * scale, "mean {} vs {mean}", stats.mean);
             // sum_squares / n - mean^2 cancels: allow for the lost digits.
-            prop_assert!((stats.std * stats.std - variance).abs() <= 1e-9 * scale * scale,
-                "std {} vs {}", stats.std, variance.sqrt());
+            let variance_error = (stats.std * stats.std - variance).abs();
+            prop_assert!(variance_error <= 1e-9 * scale * scale, "std {} vs {}", stats.std, variance.sqrt());
             prop_assert_eq!(z.nulls(), array.nulls());
             for (row, input) in rows.iter().enumerate() {
                 let got = z.values()[row];
@@ -287,10 +294,34 @@ mod tests {
     }
 
     #[test]
+    fn moments_past_256_chunks_take_a_second_merge_level_in_tree_order() {
+        // 70 000 rows: 274 chunks, so the partials are merged twice.
+        let rows: Vec<Option<f64>> = (0..70_000u32)
+            .map(|i| (i % 97 != 0).then(|| f64::from(i % 1009) * 1.1 - 500.0))
+            .collect();
+        assert!(chunk_count(chunk_count(rows.len())) > 1);
+        let array = Float64Array::from(rows.clone());
+        let moments = column_moments(Column::from_array(&array));
+        let values = contributions(&rows);
+        assert_eq!(moments.count, counted(&rows).len() as u64);
+        assert!(same(moments.sum, reference_sum(values.clone())));
+        assert!(same(
+            moments.sum_squares,
+            reference_sum(values.iter().map(|x| x * x).collect())
+        ));
+    }
+
+    #[test]
     fn standardize_constant_column_gives_zeros_not_nan() {
         let array = Float64Array::from(vec![Some(3.0), None, Some(3.0), Some(f64::NAN)]);
         let (z, stats) = standardize_column(&array);
-        assert_eq!(stats, ColumnStats { mean: 3.0, std: 0.0 });
+        assert_eq!(
+            stats,
+            ColumnStats {
+                mean: 3.0,
+                std: 0.0
+            }
+        );
         assert_eq!(z.value(0), 0.0);
         assert!(z.is_null(1));
         assert_eq!(z.value(2), 0.0);
@@ -301,11 +332,23 @@ mod tests {
     fn standardize_all_null_or_nan_column_has_zero_stats() {
         let array = Float64Array::from(vec![None, Some(f64::NAN)]);
         let (z, stats) = standardize_column(&array);
-        assert_eq!(stats, ColumnStats { mean: 0.0, std: 0.0 });
+        assert_eq!(
+            stats,
+            ColumnStats {
+                mean: 0.0,
+                std: 0.0
+            }
+        );
         assert!(z.is_null(0));
         assert!(z.value(1).is_nan());
         let empty = Float64Array::from(Vec::<f64>::new());
-        assert_eq!(fit_column(&empty), ColumnStats { mean: 0.0, std: 0.0 });
+        assert_eq!(
+            fit_column(&empty),
+            ColumnStats {
+                mean: 0.0,
+                std: 0.0
+            }
+        );
     }
 
     #[test]
@@ -322,7 +365,10 @@ mod tests {
         let (z, stats) = standardize_column(&array);
         assert_eq!(stats.mean, 2.5);
         assert_eq!(stats.std, 1.25f64.sqrt());
-        let expected: Vec<f64> = [1.0, 2.0, 3.0, 4.0].iter().map(|x| (x - 2.5) / 1.25f64.sqrt()).collect();
+        let expected: Vec<f64> = [1.0, 2.0, 3.0, 4.0]
+            .iter()
+            .map(|x| (x - 2.5) / 1.25f64.sqrt())
+            .collect();
         assert_eq!(z.values().to_vec(), expected);
     }
 
@@ -330,7 +376,8 @@ mod tests {
     fn moments_of_batches_combine_in_sequence() {
         let a = Float64Array::from(vec![1.0, 2.0]);
         let b = Float64Array::from(vec![3.0]);
-        let merged = column_moments(Column::from_array(&a)).combine(column_moments(Column::from_array(&b)));
+        let merged =
+            column_moments(Column::from_array(&a)).combine(column_moments(Column::from_array(&b)));
         assert_eq!(
             merged,
             Moments {
