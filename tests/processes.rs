@@ -120,35 +120,55 @@ fn separate_processes_run_a_keyed_job_over_sockets() {
     );
 }
 
+/// A JobManager, two TaskManagers and a 20-second job running on both.
+struct SlowJob {
+    _jm: Proc,
+    _tm1: (Proc, String),
+    tm2: Proc,
+    tm2_data: String,
+    submitter: Option<Child>,
+    _dir: tempfile::TempDir,
+}
+
+impl SlowJob {
+    fn start() -> Self {
+        let (jm, addr) = jobmanager();
+        let tm1 = taskmanager(&addr);
+        let (tm2, tm2_data) = taskmanager(&addr);
+        let dir = tempfile::tempdir().unwrap();
+        let job = dir.path().join("slow.toml");
+        // 100k rows/s for 2M rows: ~20 s unless something fails it.
+        let extra = "rows_per_second = 100_000";
+        std::fs::write(
+            &job,
+            keyed_job(2_000_000, 1000, 3, 4, &dir.path().join("out"), extra),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        let submitter = strata()
+            .args(["submit", "--no-progress", "--jobmanager", &addr])
+            .arg(&job)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_secs(3));
+        Self {
+            _jm: jm,
+            _tm1: tm1,
+            tm2,
+            tm2_data,
+            submitter: Some(submitter),
+            _dir: dir,
+        }
+    }
+}
+
 #[test]
 fn killing_a_taskmanager_fails_the_job_naming_it_within_the_heartbeat_timeout() {
-    let (_jm, addr) = jobmanager();
-    let _tm1 = taskmanager(&addr);
-    let (mut tm2, tm2_data) = taskmanager(&addr);
-    let dir = tempfile::tempdir().unwrap();
-    let job = dir.path().join("slow.toml");
-    // 100k rows/s for 2M rows: ~20 s unless something fails it.
-    std::fs::write(
-        &job,
-        keyed_job(
-            2_000_000,
-            1000,
-            3,
-            4,
-            &dir.path().join("out"),
-            "rows_per_second = 100_000",
-        ),
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let submitter = strata()
-        .args(["submit", "--no-progress", "--jobmanager", &addr])
-        .arg(&job)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    let mut c = SlowJob::start();
+    let (tm2, tm2_data) = (&mut c.tm2, c.tm2_data.clone());
+    let submitter = c.submitter.take().unwrap();
     let killed_at = Instant::now();
     tm2.0.kill().unwrap(); // SIGKILL
     let output = submitter.wait_with_output().unwrap();
@@ -165,32 +185,9 @@ fn killing_a_taskmanager_fails_the_job_naming_it_within_the_heartbeat_timeout() 
 
 #[test]
 fn a_frozen_taskmanager_is_declared_lost_after_the_heartbeat_timeout() {
-    let (_jm, addr) = jobmanager();
-    let _tm1 = taskmanager(&addr);
-    let (tm2, tm2_data) = taskmanager(&addr);
-    let dir = tempfile::tempdir().unwrap();
-    let job = dir.path().join("slow.toml");
-    std::fs::write(
-        &job,
-        keyed_job(
-            2_000_000,
-            1000,
-            3,
-            4,
-            &dir.path().join("out"),
-            "rows_per_second = 100_000",
-        ),
-    )
-    .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
-    let submitter = strata()
-        .args(["submit", "--no-progress", "--jobmanager", &addr])
-        .arg(&job)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_secs(3));
+    let mut c = SlowJob::start();
+    let (tm2, tm2_data) = (&c.tm2, c.tm2_data.clone());
+    let submitter = c.submitter.take().unwrap();
     // SIGSTOP: sockets stay open, heartbeats stop; only the timeout can tell.
     let stopped = Command::new("kill")
         .args(["-STOP", &tm2.0.id().to_string()])
