@@ -241,6 +241,13 @@ async fn rest_api_and_prometheus_show_taskmanagers_and_finished_jobs() {
         assert!(one.1.contains("\"rows_in\":20000"), "{one:?}");
         assert!(metrics.1.contains("strata_taskmanagers 2"), "{}", metrics.1);
         assert!(
+            metrics
+                .1
+                .contains("strata_taskmanager_info{taskmanager=\"tm-1\",transport=\"tcp"),
+            "{}",
+            metrics.1
+        );
+        assert!(
             metrics.1.contains(&format!(
                 "strata_job_rows_in_total{{job=\"{id}\",name=\"keyed-test\"}} 20000"
             )),

@@ -75,6 +75,8 @@ pub struct TaskManagerInfo {
     pub slots: Vec<SlotStatus>,
     pub allocated: Vec<Option<u64>>,
     pub last_heartbeat_ms: u64,
+    /// The IOManager's backend line, fallback reason included.
+    pub io: String,
 }
 
 /// Everything the REST API and `/metrics` read, copied under one lock.
@@ -547,6 +549,7 @@ fn snapshot(s: &State) -> ClusterSnapshot {
                 slots: t.slots.clone(),
                 allocated: t.allocated.clone(),
                 last_heartbeat_ms: t.last_heartbeat.elapsed().as_millis() as u64,
+                io: t.io.clone(),
             })
             .collect(),
         running,

@@ -67,6 +67,20 @@ pub fn render(s: &ClusterSnapshot) -> String {
     }
     family(
         &mut out,
+        "strata_taskmanager_info",
+        "gauge",
+        "Tiers chosen by each TaskManager, with the reason for every fallback.",
+    );
+    for tm in &s.taskmanagers {
+        let _ = writeln!(
+            out,
+            "strata_taskmanager_info{{taskmanager=\"{}\",transport=\"tcp (no RDMA transport in this build)\",tier=\"cpu (no GPU tier in this build)\",io=\"{}\"}} 1",
+            escape(&tm.id),
+            escape(&tm.io)
+        );
+    }
+    family(
+        &mut out,
         "strata_taskmanager_heartbeat_age_seconds",
         "gauge",
         "Time since the TaskManager's last heartbeat.",
