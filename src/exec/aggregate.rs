@@ -20,7 +20,7 @@ use arrow_cast::cast;
 use arrow_schema::{DataType, SchemaRef};
 
 use super::ExecError;
-use super::hashtable::{PagedHashTable, TableError, read_u64, write_u64};
+use super::hashtable::{NO_CANDIDATE, PagedHashTable, TableError, read_u64, write_u64};
 use super::operators::{Operator, Output};
 use crate::job::{AggFunc, AggSpec};
 use crate::kernels::cpu::hash::{fmix64, hash_columns};
@@ -113,6 +113,7 @@ struct Grouper {
     hashes: Vec<u64>,
     key_scratch: Vec<u8>,
     group_ids: Vec<u32>,
+    probes: Vec<u64>,
 }
 
 impl Grouper {
@@ -152,6 +153,7 @@ impl Grouper {
             hashes: Vec::new(),
             key_scratch: Vec::with_capacity(64),
             group_ids: Vec::new(),
+            probes: Vec::new(),
         })
     }
 
@@ -199,22 +201,38 @@ impl Grouper {
                 &all
             }
         };
-        // Phase 1: the group of every row.
+        // Phase 1a: every row's first candidate entry. These index loads do
+        // not depend on each other, so their cache misses overlap.
         let accs = &self.accs;
+        self.probes.clear();
         self.group_ids.clear();
         for &row in rows {
-            let row = row as usize;
+            // Remix: the routing hash's low bits are skewed by key groups.
+            let probe = fmix64(self.hashes.get(row as usize).copied().unwrap_or(0) ^ 0x5BD1_E995);
+            self.probes.push(probe);
+            self.group_ids.push(groups.table.first_candidate(probe));
+        }
+        // Phase 1b: confirm each candidate (again independent loads), and
+        // take the full probe-or-insert path only on a miss.
+        for (i, &row) in rows.iter().enumerate() {
             self.key_scratch.clear();
             for k in &key_cols {
-                encode_key(k, row, &mut self.key_scratch);
+                encode_key(k, row as usize, &mut self.key_scratch);
             }
-            // Remix: the routing hash's low bits are skewed by key groups.
-            let probe = fmix64(self.hashes.get(row).copied().unwrap_or(0) ^ 0x5BD1_E995);
+            let probe = self.probes[i];
+            let candidate = self.group_ids[i];
+            if candidate != NO_CANDIDATE
+                && groups
+                    .table
+                    .matches(candidate as usize, probe, &self.key_scratch)
+            {
+                continue;
+            }
             match groups
                 .table
                 .find_or_insert(probe, &self.key_scratch, |acc| init_accs(accs, acc))
             {
-                Ok(id) => self.group_ids.push(id as u32),
+                Ok(id) => self.group_ids[i] = id as u32,
                 Err(e) => return Err(self.table_error(e)),
             }
         }

@@ -19,6 +19,8 @@ const INLINE_KEY: usize = 16;
 const ENTRY_HEADER: usize = 24 + INLINE_KEY;
 /// Index slots hold entry id + 1; 0 is empty.
 const EMPTY: u32 = 0;
+/// What [`PagedHashTable::first_candidate`] returns for an empty slot.
+pub const NO_CANDIDATE: u32 = u32::MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TableError {
@@ -134,6 +136,20 @@ impl PagedHashTable {
     #[inline]
     pub fn acc_mut(&mut self, id: usize) -> &mut [u8] {
         &mut self.entry_mut(id)[ENTRY_HEADER..]
+    }
+
+    /// The entry in `hash`'s home slot, or [`NO_CANDIDATE`]: the likely match,
+    /// to be confirmed with [`Self::matches`].
+    #[inline]
+    pub fn first_candidate(&self, hash: u64) -> u32 {
+        let v = self.slot((hash as usize) & (self.index_capacity - 1));
+        v.wrapping_sub(1)
+    }
+
+    /// Whether entry `id` holds `key` hashed to `hash`.
+    #[inline]
+    pub fn matches(&self, id: usize, hash: u64, key: &[u8]) -> bool {
+        id < self.entry_count && read_u64(self.entry(id), 0) == hash && self.key(id) == key
     }
 
     /// Finds the entry for `key` (hashed to `hash`), inserting it with
