@@ -144,3 +144,21 @@ fn run_prints_a_summary_and_the_results() {
         "placement: {stdout}"
     );
 }
+
+#[test]
+fn asking_for_rdma_without_a_verbs_transport_is_a_clear_error() {
+    let (code, _, stderr) = output(strata().args([
+        "run",
+        "examples/project_and_print.toml",
+        "--no-progress",
+        "-D",
+        "taskmanager.network.transport=rdma",
+        "-D",
+        "taskmanager.memory.process.size=1g",
+    ]));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("taskmanager.network.transport = rdma cannot be used"),
+        "{stderr}"
+    );
+}

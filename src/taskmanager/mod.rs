@@ -21,7 +21,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::cluster::rpc::{Message, ResourceProfile, RpcError, read_message, write_message};
-use crate::config::Config;
+use crate::config::{Config, Transport};
 use crate::io::{IoConfig, IoManager};
 use crate::memory::{MemoryManager, NetworkBufferPool, PagePool};
 use crate::metrics::TaskMetrics;
@@ -45,6 +45,11 @@ pub enum TaskManagerError {
         address: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("taskmanager.network.transport = {requested} cannot be used: {reason}")]
+    TransportUnavailable {
+        requested: &'static str,
+        reason: &'static str,
     },
     #[error("starting the IOManager: {0}")]
     Io(#[source] crate::io::IoError),
@@ -104,6 +109,12 @@ pub struct TaskManager {
 impl TaskManager {
     /// Allocates memory and starts the data server.
     pub async fn start(config: Config) -> Result<Self, TaskManagerError> {
+        if config.transport == Transport::Rdma {
+            return Err(TaskManagerError::TransportUnavailable {
+                requested: "rdma",
+                reason: "this build has no RDMA verbs transport yet; use tcp or auto",
+            });
+        }
         let layout = *config.memory_layout();
         let slot_count = config.slot_count as usize;
         let page_size = config.page_size_bytes as usize;
@@ -161,13 +172,14 @@ impl TaskManager {
             gpu: None,
         };
         tracing::info!(
-            "TaskManager started: {slot_count} slots, managed memory {} MiB ({} pages of {} KiB, pre-touched), network {} segments of {} KiB, data port {}, no GPU (CPU slots only), transport tcp",
+            "TaskManager started: {slot_count} slots, managed memory {} MiB ({} pages of {} KiB, pre-touched), network {} segments of {} KiB, data port {}, no GPU (CPU slots only), transport tcp (taskmanager.network.transport = {}: no RDMA transport in this build)",
             layout.managed >> 20,
             pages.page_count(),
             page_size >> 10,
             layout.network_segment_count,
             config.segment_size_bytes >> 10,
-            server.local_addr
+            server.local_addr,
+            config.transport
         );
         Ok(Self {
             services: Arc::new(Services {
