@@ -19,17 +19,7 @@ fn main() {
     let rows = args.first().copied().unwrap_or(50_000_000);
     let keys = args.get(1).copied().unwrap_or(100_000);
     let seed = args.get(2).copied().unwrap_or(42);
-    let spec = DatagenSpec {
-        rows,
-        keys,
-        seed,
-        rows_per_second: None,
-        batch_size: 8192,
-        columns: vec!["key".into(), "value".into(), "price".into(), "ts".into()],
-        ts_step_ms: 1,
-        ts_disorder_ms: 0,
-        watermark: None,
-    };
+    let spec = DatagenSpec::new(rows, keys, seed);
     let started = Instant::now();
     let mut groups: HashMap<i64, (i64, i64, i64, i64, f64)> = HashMap::with_capacity(keys as usize);
     for i in 0..rows {

@@ -164,15 +164,8 @@ path = "{}"
         "watermarks trail the disorder, so nothing is late"
     );
     let spec = strata::job::DatagenSpec {
-        rows: 50000,
-        keys: 20,
-        seed: 11,
-        rows_per_second: None,
-        batch_size: 8192,
-        columns: vec!["key".into(), "value".into(), "price".into(), "ts".into()],
-        ts_step_ms: 1,
         ts_disorder_ms: 300,
-        watermark: None,
+        ..strata::job::DatagenSpec::new(50000, 20, 11)
     };
     let mut expected = std::collections::BTreeMap::new();
     for i in 0..50000 {

@@ -163,6 +163,27 @@ pub struct DatagenSpec {
     pub watermark: Option<WatermarkSpec>,
 }
 
+impl DatagenSpec {
+    /// A generator with the job file's defaults for everything but the row
+    /// count, key cardinality and seed (no watermark).
+    pub fn new(rows: u64, keys: u64, seed: u64) -> Self {
+        Self {
+            rows,
+            keys,
+            seed,
+            rows_per_second: None,
+            batch_size: BATCH_SIZE_DEFAULT,
+            columns: crate::job::DATAGEN_COLUMNS
+                .iter()
+                .map(|c| (*c).to_owned())
+                .collect(),
+            ts_step_ms: 1,
+            ts_disorder_ms: 0,
+            watermark: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct CsvSourceSpec {
     pub path: PathBuf,

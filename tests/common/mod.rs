@@ -40,17 +40,7 @@ pub struct Reference {
 }
 
 pub fn reference_aggregation(rows: u64, keys: u64, seed: u64, min_value: i64) -> Reference {
-    let spec = strata::job::DatagenSpec {
-        rows,
-        keys,
-        seed,
-        rows_per_second: None,
-        batch_size: 8192,
-        columns: vec!["key".into(), "value".into(), "price".into(), "ts".into()],
-        ts_step_ms: 1,
-        ts_disorder_ms: 0,
-        watermark: None,
-    };
+    let spec = strata::job::DatagenSpec::new(rows, keys, seed);
     let mut groups: HashMap<i64, (i64, i64, i64, i64, f64)> = HashMap::new();
     for i in 0..rows {
         let r = strata::exec::source::datagen_row(&spec, i);
