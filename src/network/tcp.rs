@@ -604,8 +604,10 @@ mod tests {
         assert_eq!(gate.free_segment_count(), 2 + 3);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_peer_vanishing_mid_transfer_fails_the_gate_naming_the_peer() {
+    /// A producer that answers the partition request with `bytes` and then
+    /// either closes the connection or holds it open; returns the error the
+    /// consuming gate sees.
+    async fn consume_from_fake_producer(bytes: Vec<u8>, hold_open: bool) -> NetworkError {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -616,24 +618,10 @@ mod tests {
                 request,
                 Some(Incoming::Control(ControlMessage::PartitionRequest { .. }))
             ));
-            let mut header = Vec::new();
-            encode_buffer_header(
-                &BufferHeader {
-                    channel_id: 0,
-                    edge: 0,
-                    source_subtask: 0,
-                    target_subtask: 0,
-                    seq: 0,
-                    backlog: 5,
-                    kind: BufferKind::Ipc,
-                    crc: 0,
-                    size: 100,
-                },
-                &mut header,
-            );
-            // Half a frame, then the process "dies".
-            s.write_all(&header).await.unwrap();
-            s.write_all(&[0u8; 40]).await.unwrap();
+            s.write_all(&bytes).await.unwrap();
+            if hold_open {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
         });
         let pool = NetworkBufferPool::new(16, SEGMENT);
         let gate = InputGate::new(GATE, &[ChannelKind::Remote], BUFFERS, &pool).unwrap();
@@ -641,56 +629,45 @@ mod tests {
         let conn = connections.connect(addr, "tm-9", SEGMENT).await.unwrap();
         conn.request_partition(&gate, 0, PARTITION, 0).unwrap();
         let reader = InputReader::new(vec![Arc::clone(&gate)]);
-        let err = tokio::task::spawn_blocking(move || drain(reader))
+        tokio::task::spawn_blocking(move || drain(reader))
             .await
             .unwrap()
-            .unwrap_err();
+            .unwrap_err()
+    }
+
+    fn header(kind: BufferKind, backlog: u32, crc: u32, size: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        let h = BufferHeader {
+            channel_id: 0,
+            edge: 0,
+            source_subtask: 0,
+            target_subtask: 0,
+            seq: 0,
+            backlog,
+            kind,
+            crc,
+            size,
+        };
+        encode_buffer_header(&h, &mut out);
+        out
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_peer_vanishing_mid_transfer_fails_the_gate_naming_the_peer() {
+        // Half a frame, then the process "dies".
+        let mut bytes = header(BufferKind::Ipc, 5, 0, 100);
+        bytes.extend_from_slice(&[0u8; 40]);
+        let err = consume_from_fake_producer(bytes, false).await;
         assert!(matches!(err, NetworkError::PeerLost { .. }), "{err}");
         assert!(err.to_string().contains("tm-9"), "{err}");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_corrupted_buffer_is_a_protocol_error_not_data() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            // A real producer answers only after the partition request.
-            let request = read_incoming(&mut s, SEGMENT).await.unwrap();
-            assert!(matches!(
-                request,
-                Some(Incoming::Control(ControlMessage::PartitionRequest { .. }))
-            ));
-            let payload = 7i64.to_be_bytes();
-            let mut frame = Vec::new();
-            encode_buffer_header(
-                &BufferHeader {
-                    channel_id: 0,
-                    edge: 0,
-                    source_subtask: 0,
-                    target_subtask: 0,
-                    seq: 0,
-                    backlog: 0,
-                    kind: BufferKind::Watermark,
-                    crc: crc32c::crc32c(&payload) ^ 1,
-                    size: 8,
-                },
-                &mut frame,
-            );
-            frame.extend_from_slice(&payload);
-            s.write_all(&frame).await.unwrap();
-            tokio::time::sleep(Duration::from_secs(5)).await;
-        });
-        let pool = NetworkBufferPool::new(16, SEGMENT);
-        let gate = InputGate::new(GATE, &[ChannelKind::Remote], BUFFERS, &pool).unwrap();
-        let connections = ConnectionManager::default();
-        let conn = connections.connect(addr, "tm-9", SEGMENT).await.unwrap();
-        conn.request_partition(&gate, 0, PARTITION, 0).unwrap();
-        let reader = InputReader::new(vec![Arc::clone(&gate)]);
-        let err = tokio::task::spawn_blocking(move || drain(reader))
-            .await
-            .unwrap()
-            .unwrap_err();
+        let payload = 7i64.to_be_bytes();
+        let mut bytes = header(BufferKind::Watermark, 0, crc32c::crc32c(&payload) ^ 1, 8);
+        bytes.extend_from_slice(&payload);
+        let err = consume_from_fake_producer(bytes, true).await;
         assert!(err.to_string().contains("CRC mismatch"), "{err}");
     }
 }
