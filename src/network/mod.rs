@@ -25,6 +25,9 @@ pub mod gate;
 pub mod ipc;
 pub mod partition;
 pub mod tcp;
+// Registered memory: raw addresses handed to the NIC or to the emulation.
+#[allow(unsafe_code)]
+pub mod verbs;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
