@@ -28,6 +28,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct TmEntry {
     name: String,
     io: String,
+    transport: String,
     data_addr: SocketAddr,
     slots: Vec<SlotStatus>,
     /// The job each slot is allocated to, as the JobManager sees it.
@@ -77,6 +78,8 @@ pub struct TaskManagerInfo {
     pub last_heartbeat_ms: u64,
     /// The IOManager's backend line, fallback reason included.
     pub io: String,
+    /// The data-plane transport and why it was chosen.
+    pub transport: String,
 }
 
 /// Everything the REST API and `/metrics` read, copied under one lock.
@@ -189,6 +192,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, co
             data_addr,
             slots,
             io,
+            transport,
             ..
         } => {
             let name = {
@@ -199,6 +203,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, co
                 s.taskmanagers.push(TmEntry {
                     name: name.clone(),
                     io,
+                    transport,
                     data_addr,
                     slots,
                     allocated,
@@ -550,6 +555,7 @@ fn snapshot(s: &State) -> ClusterSnapshot {
                 allocated: t.allocated.clone(),
                 last_heartbeat_ms: t.last_heartbeat.elapsed().as_millis() as u64,
                 io: t.io.clone(),
+                transport: t.transport.clone(),
             })
             .collect(),
         running,
@@ -567,6 +573,13 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         .collect();
     io.sort();
     io.dedup();
+    let mut transports: Vec<String> = tms
+        .iter()
+        .filter(|t| entry.tasks.values().any(|task| task.taskmanager == t.name))
+        .map(|t| t.transport.clone())
+        .collect();
+    transports.sort();
+    transports.dedup();
     let plan = &entry.plan;
     let graph = &entry.graph;
     let ops = &plan.spec.operators;
@@ -587,9 +600,10 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         backpressure_ms: 0,
         late_rows: 0,
         managed_peak_bytes: 0,
-        transport:
-            "tcp between TaskManagers, local channels within one (no RDMA transport in this build)"
-                .into(),
+        transport: format!(
+            "{} between TaskManagers, local channels within one",
+            transports.join("; ")
+        ),
         io,
         taskmanagers,
         slots,

@@ -186,6 +186,9 @@ pub enum Message {
         slots: Vec<SlotStatus>,
         /// The IOManager's backend line (io_uring or the fallback and why).
         io: String,
+        /// The data-plane transport and why it was chosen.
+        #[serde(default)]
+        transport: String,
     },
     Heartbeat {
         slots: Vec<SlotStatus>,

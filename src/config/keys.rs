@@ -61,6 +61,12 @@ keys! {
     "taskmanager.network.memory.floating-buffers-per-gate" => floating_buffers_per_gate: count, show;
     "taskmanager.network.memory.max-buffers-per-channel"   => max_buffers_per_channel: at_least_one, show;
     "taskmanager.network.transport"                        => transport: transport, show;
+    "taskmanager.network.compression.enabled"              => compression_enabled: boolean, show;
+    "taskmanager.network.compression.codec"                => compression_codec: codec, show;
+    "taskmanager.network.memory.buffer-debloat.enabled"    => debloat_enabled: boolean, show;
+    "taskmanager.network.memory.buffer-debloat.target"     => debloat_target: positive_duration, show_duration;
+    "taskmanager.network.memory.buffer-debloat.period"     => debloat_period: positive_duration, show_duration;
+    "taskmanager.network.memory.buffer-debloat.min-buffer-size" => debloat_min_buffer_bytes: memory, show_memory;
     "taskmanager.host"                                     => host: text, show;
     "taskmanager.data.port"                                => data_port: port, show;
     "taskmanager.rpc.port"                                 => rpc_port: port, show;
@@ -220,8 +226,29 @@ fn paths(value: &RawValue) -> Result<Vec<PathBuf>, &'static str> {
     Ok(dirs)
 }
 
+fn boolean(value: &RawValue) -> Result<bool, &'static str> {
+    const SYNTAX: &str = "expected true or false";
+    match value {
+        RawValue::Bool(b) => Ok(*b),
+        RawValue::Text(text) => match text.trim().to_ascii_lowercase().as_str() {
+            "true" => Ok(true),
+            "false" => Ok(false),
+            _ => Err(SYNTAX),
+        },
+        _ => Err(SYNTAX),
+    }
+}
+
+fn codec(value: &RawValue) -> Result<String, &'static str> {
+    const SYNTAX: &str = "expected LZ4 (the only shuffle compression codec strata supports)";
+    match value {
+        RawValue::Text(text) if text.trim().eq_ignore_ascii_case("lz4") => Ok("LZ4".to_owned()),
+        _ => Err(SYNTAX),
+    }
+}
+
 fn transport(value: &RawValue) -> Result<Transport, &'static str> {
-    const SYNTAX: &str = "expected one of auto, tcp, rdma";
+    const SYNTAX: &str = "expected one of auto, tcp, rdma, rdma-emulated";
     let RawValue::Text(text) = value else {
         return Err(SYNTAX);
     };
@@ -229,6 +256,7 @@ fn transport(value: &RawValue) -> Result<Transport, &'static str> {
         "auto" => Ok(Transport::Auto),
         "tcp" => Ok(Transport::Tcp),
         "rdma" => Ok(Transport::Rdma),
+        "rdma-emulated" => Ok(Transport::RdmaEmulated),
         _ => Err(SYNTAX),
     }
 }

@@ -40,14 +40,15 @@ use source::Entry;
 
 const MIB: u64 = 1 << 20;
 
-/// The data-plane transport. Parsed and validated now; `Auto` picks TCP until
-/// another transport exists.
+/// The data-plane transport between TaskManagers (`taskmanager.network.transport`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Transport {
     #[default]
     Auto,
     Tcp,
     Rdma,
+    /// The verbs protocol over the user-space emulation (no NIC needed).
+    RdmaEmulated,
 }
 
 /// The effective TaskManager configuration. Each field names the Flink key it
@@ -93,6 +94,20 @@ pub struct Config {
     pub max_buffers_per_channel: u32,
     /// `taskmanager.network.transport`.
     pub transport: Transport,
+    /// `taskmanager.network.compression.enabled`: LZ4 on shuffle buffers
+    /// between TaskManagers (Arrow IPC body compression).
+    pub compression_enabled: bool,
+    /// `taskmanager.network.compression.codec` (Flink's key; LZ4 only).
+    pub compression_codec: String,
+    /// `taskmanager.network.memory.buffer-debloat.enabled`.
+    pub debloat_enabled: bool,
+    /// `taskmanager.network.memory.buffer-debloat.target`: the time the
+    /// buffered data of a gate should take to consume.
+    pub debloat_target: Duration,
+    /// `taskmanager.network.memory.buffer-debloat.period`.
+    pub debloat_period: Duration,
+    /// `taskmanager.network.memory.buffer-debloat.min-buffer-size`.
+    pub debloat_min_buffer_bytes: u64,
     /// `taskmanager.host`.
     pub host: String,
     /// `taskmanager.data.port`; 0 binds any free port.
@@ -223,6 +238,12 @@ impl Config {
             floating_buffers_per_gate: 8,
             max_buffers_per_channel: 10,
             transport: Transport::Auto,
+            compression_enabled: false,
+            compression_codec: "LZ4".to_owned(),
+            debloat_enabled: false,
+            debloat_target: Duration::from_secs(1),
+            debloat_period: Duration::from_millis(200),
+            debloat_min_buffer_bytes: 256,
             host: "127.0.0.1".to_owned(),
             data_port: 0,
             rpc_port: 0,
@@ -319,6 +340,7 @@ impl fmt::Display for Transport {
             Transport::Auto => "auto",
             Transport::Tcp => "tcp",
             Transport::Rdma => "rdma",
+            Transport::RdmaEmulated => "rdma-emulated",
         })
     }
 }

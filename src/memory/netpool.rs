@@ -83,6 +83,16 @@ impl NetworkBufferPool {
         self.available.notify_one();
     }
 
+    /// Base address and length of every segment now in the pool, for
+    /// registering them with an RDMA device at start-up (before any is
+    /// handed out, so the list covers the whole pool).
+    pub fn free_segment_ptrs(&self) -> Vec<(*mut u8, usize)> {
+        self.lock()
+            .iter_mut()
+            .map(|s| (s.as_mut_ptr(), s.len()))
+            .collect()
+    }
+
     pub fn try_request(self: &Arc<Self>) -> Option<Segment> {
         let bytes = self.lock().pop()?;
         Some(Segment {

@@ -12,6 +12,8 @@
 
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use super::verbs::QpEndpoint;
+
 pub const MAGIC: u32 = 0xBADC_0FFE;
 pub const HEAD_LEN: usize = 9;
 /// Fixed part of a BufferResponse body, before the payload.
@@ -23,6 +25,13 @@ const ID_PARTITION_REQUEST: u8 = 2;
 const ID_CANCEL: u8 = 4;
 const ID_CLOSE: u8 = 5;
 const ID_ADD_CREDIT: u8 = 6;
+const ID_VERBS_CONNECT: u8 = 7;
+const ID_VERBS_CREDIT: u8 = 8;
+const ID_BUFFER_SIZE: u8 = 9;
+/// Longest emulated-device address in a VerbsConnect.
+const DEVICE_TEXT_MAX: usize = 256;
+const VERBS_CONNECT_FIXED: usize = 4 + 4 + 2 + 16 + 2;
+const VERBS_CREDIT_LEN: usize = 4 + 4 + 8 + 4 + 4;
 /// Longest error text a peer may send.
 const ERROR_TEXT_MAX: usize = 16 * 1024;
 
@@ -101,6 +110,20 @@ pub enum ControlMessage {
     Close,
     /// Either side: the channel (or the connection, for `u32::MAX`) failed.
     Error { channel_id: u32, message: String },
+    /// Either side, first on a connection that moves buffers over verbs: the
+    /// sender's queue pair endpoint (the consumer asks, the producer answers).
+    VerbsConnect { endpoint: QpEndpoint },
+    /// Consumer → producer over verbs: one credit, as the registered buffer
+    /// the producer may write into (`slot` comes back as the immediate).
+    VerbsCredit {
+        channel_id: u32,
+        slot: u32,
+        addr: u64,
+        rkey: u32,
+        len: u32,
+    },
+    /// Consumer → producer: buffer debloating's new buffer size for a channel.
+    BufferSize { channel_id: u32, size: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -165,6 +188,35 @@ pub fn encode_control(msg: &ControlMessage, out: &mut Vec<u8>) {
             ID_CANCEL
         }
         ControlMessage::Close => ID_CLOSE,
+        ControlMessage::VerbsConnect { endpoint } => {
+            let device = truncate_utf8(&endpoint.device, DEVICE_TEXT_MAX);
+            body.extend_from_slice(&endpoint.qpn.to_be_bytes());
+            body.extend_from_slice(&endpoint.psn.to_be_bytes());
+            body.extend_from_slice(&endpoint.lid.to_be_bytes());
+            body.extend_from_slice(&endpoint.gid);
+            body.extend_from_slice(&(device.len() as u16).to_be_bytes());
+            body.extend_from_slice(device.as_bytes());
+            ID_VERBS_CONNECT
+        }
+        ControlMessage::VerbsCredit {
+            channel_id,
+            slot,
+            addr,
+            rkey,
+            len,
+        } => {
+            body.extend_from_slice(&channel_id.to_be_bytes());
+            body.extend_from_slice(&slot.to_be_bytes());
+            body.extend_from_slice(&addr.to_be_bytes());
+            body.extend_from_slice(&rkey.to_be_bytes());
+            body.extend_from_slice(&len.to_be_bytes());
+            ID_VERBS_CREDIT
+        }
+        ControlMessage::BufferSize { channel_id, size } => {
+            body.extend_from_slice(&channel_id.to_be_bytes());
+            body.extend_from_slice(&size.to_be_bytes());
+            ID_BUFFER_SIZE
+        }
         ControlMessage::Error {
             channel_id,
             message,
@@ -205,6 +257,9 @@ pub fn parse_head(head: &[u8; HEAD_LEN], payload_max: usize) -> Result<(u8, usiz
         ID_CANCEL => (4, 4),
         ID_CLOSE => (0, 0),
         ID_ERROR => (4, 4 + ERROR_TEXT_MAX),
+        ID_VERBS_CONNECT => (VERBS_CONNECT_FIXED, VERBS_CONNECT_FIXED + DEVICE_TEXT_MAX),
+        ID_VERBS_CREDIT => (VERBS_CREDIT_LEN, VERBS_CREDIT_LEN),
+        ID_BUFFER_SIZE => (8, 8),
         _ => return Err(FrameError::UnknownId { id }),
     };
     let body = length.checked_sub(HEAD_LEN).ok_or(FrameError::BadLength {
@@ -244,17 +299,7 @@ pub fn parse_body(id: u8, body: &[u8], body_len: usize) -> Result<Incoming, Fram
                     actual: body_len,
                 });
             }
-            Ok(Incoming::Buffer(BufferHeader {
-                channel_id: be32(body, 0),
-                edge: be32(body, 4),
-                source_subtask: be32(body, 8),
-                target_subtask: be32(body, 12),
-                seq: be32(body, 16),
-                backlog: be32(body, 20),
-                kind: BufferKind::from_u8(body[24])?,
-                crc: be32(body, 25),
-                size,
-            }))
+            decode_routing_header(body).map(Incoming::Buffer)
         }
         _ => {
             if body.len() != body_len {
@@ -268,8 +313,85 @@ pub fn parse_body(id: u8, body: &[u8], body_len: usize) -> Result<Incoming, Fram
     }
 }
 
+/// Writes a buffer's routing header alone (the verbs transport puts it in
+/// front of the payload in the receiver's segment).
+pub fn encode_routing_header(h: &BufferHeader, out: &mut [u8; BUFFER_HEADER_LEN]) {
+    for (i, v) in [
+        h.channel_id,
+        h.edge,
+        h.source_subtask,
+        h.target_subtask,
+        h.seq,
+        h.backlog,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        out[i * 4..i * 4 + 4].copy_from_slice(&v.to_be_bytes());
+    }
+    out[24] = h.kind as u8;
+    out[25..29].copy_from_slice(&h.crc.to_be_bytes());
+    out[29..33].copy_from_slice(&h.size.to_be_bytes());
+}
+
+/// Reads a routing header; `body` holds at least [`BUFFER_HEADER_LEN`] bytes.
+pub fn decode_routing_header(body: &[u8]) -> Result<BufferHeader, FrameError> {
+    if body.len() < BUFFER_HEADER_LEN {
+        return Err(FrameError::Truncated {
+            expected: BUFFER_HEADER_LEN,
+            actual: body.len(),
+        });
+    }
+    Ok(BufferHeader {
+        channel_id: be32(body, 0),
+        edge: be32(body, 4),
+        source_subtask: be32(body, 8),
+        target_subtask: be32(body, 12),
+        seq: be32(body, 16),
+        backlog: be32(body, 20),
+        kind: BufferKind::from_u8(body[24])?,
+        crc: be32(body, 25),
+        size: be32(body, 29),
+    })
+}
+
 fn parse_control(id: u8, body: &[u8]) -> Result<ControlMessage, FrameError> {
     Ok(match id {
+        ID_VERBS_CONNECT => {
+            let device_len = u16::from_be_bytes([body[26], body[27]]) as usize;
+            if body.len() != VERBS_CONNECT_FIXED + device_len {
+                return Err(FrameError::Truncated {
+                    expected: VERBS_CONNECT_FIXED + device_len,
+                    actual: body.len(),
+                });
+            }
+            let mut gid = [0u8; 16];
+            gid.copy_from_slice(&body[10..26]);
+            ControlMessage::VerbsConnect {
+                endpoint: QpEndpoint {
+                    qpn: be32(body, 0),
+                    psn: be32(body, 4),
+                    lid: u16::from_be_bytes([body[8], body[9]]),
+                    gid,
+                    device: std::str::from_utf8(&body[VERBS_CONNECT_FIXED..])
+                        .map_err(|_| FrameError::BadText)?
+                        .to_owned(),
+                },
+            }
+        }
+        ID_VERBS_CREDIT => ControlMessage::VerbsCredit {
+            channel_id: be32(body, 0),
+            slot: be32(body, 4),
+            addr: u64::from_be_bytes([
+                body[8], body[9], body[10], body[11], body[12], body[13], body[14], body[15],
+            ]),
+            rkey: be32(body, 16),
+            len: be32(body, 20),
+        },
+        ID_BUFFER_SIZE => ControlMessage::BufferSize {
+            channel_id: be32(body, 0),
+            size: be32(body, 4),
+        },
         ID_PARTITION_REQUEST => ControlMessage::PartitionRequest {
             channel_id: be32(body, 0),
             job: u64::from_be_bytes(body[4..12].try_into().map_err(|_| FrameError::Truncated {
@@ -369,6 +491,26 @@ mod tests {
                 channel_id: 5,
                 message: "boom".into(),
             },
+            ControlMessage::VerbsConnect {
+                endpoint: QpEndpoint {
+                    qpn: 0x1234,
+                    psn: 77,
+                    lid: 3,
+                    gid: [9; 16],
+                    device: "emu-1-0@127.0.0.1:4000".into(),
+                },
+            },
+            ControlMessage::VerbsCredit {
+                channel_id: 2,
+                slot: 17,
+                addr: 0x7f00_dead_beef,
+                rkey: 0xabc,
+                len: 32768,
+            },
+            ControlMessage::BufferSize {
+                channel_id: 4,
+                size: 4096,
+            },
         ] {
             let mut out = Vec::new();
             encode_control(&msg, &mut out);
@@ -424,10 +566,12 @@ mod tests {
         }
 
         #[test]
-        fn decoder_never_panics_on_mutated_frames(pos in 0usize..64, val in any::<u8>(), cut in 0usize..64) {
+        fn decoder_never_panics_on_mutated_frames(pos in 0usize..160, val in any::<u8>(), cut in 0usize..160) {
             let mut out = Vec::new();
             encode_control(&ControlMessage::PartitionRequest { channel_id: 1, job: 2, edge: 3, source_subtask: 4, subpartition: 5, initial_credit: 6 }, &mut out);
             encode_control(&ControlMessage::Error { channel_id: 1, message: "x".repeat(20) }, &mut out);
+            encode_control(&ControlMessage::VerbsConnect { endpoint: QpEndpoint { qpn: 1, psn: 2, lid: 3, gid: [4; 16], device: "d@h:1".into() } }, &mut out);
+            encode_control(&ControlMessage::VerbsCredit { channel_id: 1, slot: 2, addr: 3, rkey: 4, len: 5 }, &mut out);
             if pos < out.len() { out[pos] = val; }
             out.truncate(out.len().saturating_sub(cut));
             let _ = roundtrip(&out);

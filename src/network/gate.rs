@@ -27,6 +27,9 @@ pub enum GateItem {
     Remote {
         kind: BufferKind,
         segment: Segment,
+        /// The payload is `segment[offset..offset + len]`: TCP reads it to
+        /// the start, verbs writes a header in front of it.
+        offset: usize,
         len: usize,
         floating: bool,
     },
@@ -43,6 +46,9 @@ pub struct CreditLink {
 struct RemoteCredit {
     /// Segments granted to the sender as credit and not yet filled.
     free: Vec<(Segment, bool)>,
+    /// Granted segments lent out to the verbs transport (their address and
+    /// key are with the sender); they count as credit like `free`.
+    lent: usize,
     exclusive_total: usize,
     backlog: u32,
     link: Option<CreditLink>,
@@ -117,6 +123,7 @@ impl InputGate {
                         .take(buffers.exclusive_per_channel)
                         .map(|s| (s, false))
                         .collect(),
+                    lent: 0,
                     exclusive_total: buffers.exclusive_per_channel,
                     backlog: 0,
                     link: None,
@@ -208,6 +215,57 @@ impl InputGate {
                 channel,
                 detail: "sender sent a buffer without credit".into(),
             })
+    }
+
+    /// Lends a credited segment to the verbs transport, whose peer writes
+    /// into it; it comes back through [`Self::push_lent`] (filled) or
+    /// [`Self::return_lent`] (unused). `None` when the channel holds no
+    /// unlent credit, or the gate has failed or closed.
+    pub fn lend_segment(&self, channel: usize) -> Option<(Segment, bool)> {
+        let mut state = self.lock();
+        if state.failure.is_some() || state.closed {
+            return None;
+        }
+        let c = state.remote.get_mut(channel).and_then(Option::as_mut)?;
+        let lent = c.free.pop()?;
+        c.lent += 1;
+        Some(lent)
+    }
+
+    /// A lent segment came back filled: queue it like a received buffer.
+    pub fn push_lent(&self, channel: usize, item: GateItem, len: usize, backlog: u32) {
+        if let Some(c) = self.lock().remote.get_mut(channel).and_then(Option::as_mut) {
+            c.lent -= 1;
+        }
+        self.push_remote(channel, item, len, backlog);
+    }
+
+    /// A lent segment came back unused (its channel ended): it is credit
+    /// again, without a new announcement.
+    pub fn return_lent(&self, channel: usize, segment: Segment, floating: bool) {
+        {
+            let mut state = self.lock();
+            let Some(c) = state.remote.get_mut(channel).and_then(Option::as_mut) else {
+                return;
+            };
+            c.lent -= 1;
+            if !floating {
+                c.free.push((segment, false));
+                return;
+            }
+        }
+        // A floating segment goes back to the gate's pool, to a waiter first.
+        self.recycle(channel, segment, true);
+    }
+
+    /// Credit a channel holds: free plus lent segments (tests of the balance).
+    pub fn channel_credit(&self, channel: usize) -> usize {
+        let state = self.lock();
+        state
+            .remote
+            .get(channel)
+            .and_then(Option::as_ref)
+            .map_or(0, |c| c.free.len() + c.lent)
     }
 
     /// Queues a received buffer and borrows floating segments for the
@@ -328,7 +386,7 @@ fn grant_floating(state: &mut GateState, channel: usize) -> bool {
     };
     let need = c.backlog as usize + c.exclusive_total;
     let mut granted = 0;
-    while c.free.len() < need {
+    while c.free.len() + c.lent < need {
         let Some(segment) = state.floating.pop() else {
             break;
         };
@@ -336,7 +394,7 @@ fn grant_floating(state: &mut GateState, channel: usize) -> bool {
         granted += 1;
     }
     announce(c, granted);
-    let met = c.free.len() >= need;
+    let met = c.free.len() + c.lent >= need;
     if !met && !state.floating_waiters.contains(&channel) {
         state.floating_waiters.push_back(channel);
     }
@@ -440,10 +498,12 @@ impl InputReader {
             GateItem::Remote {
                 kind,
                 segment,
+                offset,
                 len,
                 floating,
             } => {
-                let event = self.decode(g, channel, kind, &segment.as_slice()[..len]);
+                let payload = &segment.as_slice()[offset..offset + len];
+                let event = self.decode(g, channel, kind, payload);
                 self.gates[g].recycle(channel, segment, floating);
                 event?
             }

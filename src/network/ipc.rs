@@ -36,6 +36,10 @@ pub struct ChannelEncoder {
     options: IpcWriteOptions,
     context: IpcWriteContext,
     schema_sent: bool,
+    /// The segment's room for payload.
+    segment_payload_max: usize,
+    /// What buffers are cut to now: the segment's room, or less when buffer
+    /// debloating asked for smaller buffers.
     payload_max: usize,
 }
 
@@ -47,8 +51,27 @@ impl ChannelEncoder {
             options: IpcWriteOptions::default(),
             context: IpcWriteContext::default(),
             schema_sent: false,
+            segment_payload_max: payload_max,
             payload_max,
         }
+    }
+
+    /// Cuts later buffers to at most `bytes` of payload (never more than a
+    /// segment holds); `None` restores whole segments.
+    pub fn set_buffer_size(&mut self, bytes: Option<usize>) {
+        self.payload_max = bytes.map_or(self.segment_payload_max, |b| {
+            b.clamp(1, self.segment_payload_max)
+        });
+    }
+
+    /// Compresses the body buffers of every later batch with LZ4 (frame
+    /// format), as Arrow IPC allows; receivers decompress transparently.
+    pub fn enable_lz4(&mut self) -> Result<(), IpcError> {
+        self.options = self
+            .options
+            .clone()
+            .try_with_compression(Some(arrow_ipc::CompressionType::LZ4_FRAME))?;
+        Ok(())
     }
 
     /// Encodes `batch` into one or more payloads, each at most `payload_max`

@@ -24,7 +24,11 @@ pub mod frame;
 pub mod gate;
 pub mod ipc;
 pub mod partition;
+// Registers network memory with the verbs device (raw addresses).
+#[allow(unsafe_code)]
+pub mod rdma;
 pub mod tcp;
+pub mod transport;
 // Registered memory: raw addresses handed to the NIC or to the emulation.
 #[allow(unsafe_code)]
 pub mod verbs;
@@ -37,6 +41,12 @@ use serde::{Deserialize, Serialize};
 
 pub use gate::{InputGate, InputReader};
 pub use partition::{Partitioner, RecordWriter, ResultPartition, Subpartition};
+
+/// Bytes a producer leaves free at the start of every network segment: the
+/// verbs transport writes the routing header there, in front of the payload,
+/// so an encoded buffer carries at most `segment size - PAYLOAD_HEADROOM`
+/// bytes whatever the transport.
+pub const PAYLOAD_HEADROOM: usize = 64;
 
 /// What flows through a channel, in order.
 #[derive(Debug, Clone)]

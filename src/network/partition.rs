@@ -5,7 +5,7 @@
 //! to [`Subpartition`]s, whose buffers the data server sends under credit.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,6 +75,9 @@ struct SubState {
 /// One target's queue of encoded buffers, drained by the data server.
 pub struct Subpartition {
     capacity: usize,
+    /// Buffer debloating: the most payload bytes per buffer the consumer
+    /// asked for; 0 until it asks (whole segments).
+    buffer_size: AtomicUsize,
     state: Mutex<SubState>,
     space: Condvar,
 }
@@ -83,6 +86,7 @@ impl Subpartition {
     pub fn new(capacity: usize) -> Arc<Self> {
         Arc::new(Self {
             capacity: capacity.max(1),
+            buffer_size: AtomicUsize::new(0),
             state: Mutex::new(SubState {
                 queue: VecDeque::new(),
                 credit: 0,
@@ -171,6 +175,18 @@ impl Subpartition {
         state.released.get_or_insert_with(|| reason.to_owned());
         drop(state);
         self.space.notify_all();
+    }
+
+    /// The consumer's debloated buffer size (payload bytes per buffer).
+    pub fn set_buffer_size(&self, bytes: usize) {
+        self.buffer_size.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn buffer_size(&self) -> Option<usize> {
+        match self.buffer_size.load(Ordering::Relaxed) {
+            0 => None,
+            n => Some(n),
+        }
     }
 
     pub fn credit(&self) -> u32 {
@@ -312,6 +328,7 @@ impl RecordWriter {
                 Ok(())
             }
             Target::Remote { sub, encoder } => {
+                encoder.set_buffer_size(sub.buffer_size());
                 let pool = &self.pool;
                 let metrics = &self.metrics;
                 let mut blocked = Duration::ZERO;

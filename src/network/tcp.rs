@@ -2,7 +2,7 @@
 //! partitions, and a connection manager that opens one multiplexed
 //! connection per peer TaskManager for the local input channels.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,12 +19,18 @@ use super::frame::{
     encode_control, read_incoming,
 };
 use super::gate::{CreditLink, GateItem, InputGate};
-use super::partition::Subpartition;
+use super::partition::{OutBuffer, Subpartition};
+use super::rdma::{ChannelRouter, RemoteBuffer, VerbsEnv, VerbsReceiver, VerbsSender};
 use super::{NetworkError, NetworkRegistry, PartitionId};
 
 /// How long a partition request waits for its producer to be deployed.
 const PARTITION_WAIT: Duration = Duration::from_secs(30);
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// How long a consumer waits for the producer's answer to `VerbsConnect`.
+const VERBS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Verbs credits a producer holds for channels whose partition request is
+/// still waiting for its producer task.
+const PENDING_CREDIT_MAX: usize = 64 * 1024;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -36,10 +42,13 @@ pub struct DataServer {
 }
 
 impl DataServer {
+    /// Listens on `bind`. With `verbs`, consumers that ask for it get their
+    /// buffers over RDMA writes; others over this socket.
     pub async fn start(
         bind: SocketAddr,
         registry: Arc<NetworkRegistry>,
         segment_size: usize,
+        verbs: Option<Arc<VerbsEnv>>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(bind).await?;
         let local_addr = listener.local_addr()?;
@@ -49,7 +58,14 @@ impl DataServer {
                     Ok((stream, peer)) => {
                         let _ = stream.set_nodelay(true);
                         let registry = Arc::clone(&registry);
-                        tokio::spawn(serve_connection(stream, peer, registry, segment_size));
+                        let verbs = verbs.clone();
+                        tokio::spawn(serve_connection(
+                            stream,
+                            peer,
+                            registry,
+                            segment_size,
+                            verbs,
+                        ));
                     }
                     Err(e) => {
                         tracing::warn!("data server accept failed: {e}");
@@ -69,28 +85,90 @@ struct Attached {
     subpartition: u32,
     sub: Arc<Subpartition>,
     seq: u32,
+    /// Verbs only: the buffers the consumer lent, one per credit.
+    remote: VecDeque<RemoteBuffer>,
 }
 
-type AttachedList = Arc<Mutex<Vec<Attached>>>;
+#[derive(Default)]
+struct Attachments {
+    list: Vec<Attached>,
+    /// Verbs credit that arrived before its channel was attached.
+    pending: HashMap<u32, VecDeque<RemoteBuffer>>,
+    pending_count: usize,
+}
+
+type AttachedList = Arc<Mutex<Attachments>>;
 
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     registry: Arc<NetworkRegistry>,
     segment_size: usize,
+    verbs: Option<Arc<VerbsEnv>>,
 ) {
-    let (mut reader, writer) = stream.into_split();
+    let (mut reader, mut writer) = stream.into_split();
+    // The first frame says whether this consumer wants its buffers over verbs.
+    let mut first = match read_incoming(&mut reader, segment_size).await {
+        Ok(Some(first)) => Some(first),
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!("data connection from {peer} closed: {e}");
+            return;
+        }
+    };
+    let mut sender = None;
+    if let Some(Incoming::Control(ControlMessage::VerbsConnect { endpoint })) = &first {
+        let answer = match accept_verbs(verbs.as_ref(), endpoint, peer) {
+            Ok(s) => {
+                let endpoint = s.endpoint();
+                sender = Some(s);
+                ControlMessage::VerbsConnect { endpoint }
+            }
+            Err(message) => {
+                tracing::warn!("verbs connection from {peer} refused: {message}");
+                ControlMessage::Error {
+                    channel_id: u32::MAX,
+                    message,
+                }
+            }
+        };
+        let mut out = Vec::new();
+        encode_control(&answer, &mut out);
+        if writer.write_all(&out).await.is_err() || sender.is_none() {
+            return;
+        }
+        first = None;
+    }
     let attached: AttachedList = Arc::default();
     let wake = Arc::new(Notify::new());
     let (errors_tx, errors_rx) = unbounded_channel();
-    let writer_task = tokio::spawn(send_loop(
-        writer,
-        Arc::clone(&attached),
-        Arc::clone(&wake),
-        errors_rx,
-    ));
+    let writer_task = match &sender {
+        Some(s) => {
+            if let Err(e) = s.start(Arc::clone(&wake)) {
+                tracing::warn!("verbs completion thread for {peer}: {e}");
+                return;
+            }
+            tokio::spawn(send_loop_verbs(
+                writer,
+                Arc::clone(&attached),
+                Arc::clone(&wake),
+                errors_rx,
+                Arc::clone(s),
+            ))
+        }
+        None => tokio::spawn(send_loop(
+            writer,
+            Arc::clone(&attached),
+            Arc::clone(&wake),
+            errors_rx,
+        )),
+    };
     let outcome = loop {
-        match read_incoming(&mut reader, segment_size).await {
+        let next = match first.take() {
+            Some(incoming) => Ok(Some(incoming)),
+            None => read_incoming(&mut reader, segment_size).await,
+        };
+        match next {
             Ok(Some(Incoming::Control(msg))) => match msg {
                 ControlMessage::PartitionRequest {
                     channel_id,
@@ -113,14 +191,21 @@ async fn serve_connection(
                     tokio::spawn(async move {
                         match find_subpartition(&registry, id, subpartition).await {
                             Some(sub) => {
-                                lock(&attached).push(Attached {
+                                let mut state = lock(&attached);
+                                let remote = state.pending.remove(&channel_id).unwrap_or_default();
+                                state.pending_count -= remote.len();
+                                let credit = initial_credit + remote.len() as u32;
+                                state.list.push(Attached {
                                     channel_id,
                                     partition: id,
                                     subpartition,
                                     sub: Arc::clone(&sub),
                                     seq: 0,
+                                    remote,
                                 });
-                                sub.attach(wake, initial_credit);
+                                // Under the lock, so no credit that arrives
+                                // meanwhile is overwritten.
+                                sub.attach(wake, credit);
                             }
                             None => {
                                 let _ = errors.send(ControlMessage::Error {
@@ -135,14 +220,28 @@ async fn serve_connection(
                     });
                 }
                 ControlMessage::AddCredit { channel_id, credit } => {
-                    if let Some(a) = lock(&attached).iter().find(|a| a.channel_id == channel_id) {
+                    let state = lock(&attached);
+                    if let Some(a) = state.list.iter().find(|a| a.channel_id == channel_id) {
                         a.sub.add_credit(credit);
                     }
                 }
+                ControlMessage::VerbsCredit { .. } if sender.is_some() => {
+                    if let Err(reason) = add_verbs_credit(&attached, &msg) {
+                        break Err(reason);
+                    }
+                }
+                ControlMessage::BufferSize { channel_id, size } => {
+                    let state = lock(&attached);
+                    if let Some(a) = state.list.iter().find(|a| a.channel_id == channel_id) {
+                        a.sub.set_buffer_size(size as usize);
+                    }
+                }
                 ControlMessage::CancelPartition { channel_id } => {
-                    let mut list = lock(&attached);
-                    if let Some(pos) = list.iter().position(|a| a.channel_id == channel_id) {
-                        list.remove(pos)
+                    let mut state = lock(&attached);
+                    if let Some(pos) = state.list.iter().position(|a| a.channel_id == channel_id) {
+                        state
+                            .list
+                            .remove(pos)
                             .sub
                             .release("consumer canceled the partition");
                     }
@@ -151,6 +250,7 @@ async fn serve_connection(
                 ControlMessage::Error { message, .. } => {
                     tracing::warn!("consumer {peer} reported: {message}");
                 }
+                other => break Err(format!("consumer {peer} sent unexpected {other:?}")),
             },
             Ok(Some(Incoming::Buffer(_))) => {
                 break Err(format!(
@@ -164,10 +264,53 @@ async fn serve_connection(
     if let Err(reason) = &outcome {
         tracing::warn!("data connection from {peer} closed: {reason}");
     }
-    for a in lock(&attached).drain(..) {
+    for a in lock(&attached).list.drain(..) {
         a.sub.release("consumer connection closed");
     }
     writer_task.abort();
+    if let Some(s) = &sender {
+        super::rdma::stop_sender(s);
+    }
+}
+
+/// Sets up the producer's queue pair for a consumer that asked for verbs.
+fn accept_verbs(
+    verbs: Option<&Arc<VerbsEnv>>,
+    endpoint: &super::verbs::QpEndpoint,
+    peer: SocketAddr,
+) -> Result<Arc<VerbsSender>, String> {
+    let env = verbs.ok_or_else(|| {
+        "this TaskManager serves its partitions over TCP only (taskmanager.network.transport)"
+            .to_owned()
+    })?;
+    let sender = VerbsSender::new(env, &peer.to_string()).map_err(|e| e.to_string())?;
+    sender.connect(endpoint).map_err(|e| e.to_string())?;
+    Ok(sender)
+}
+
+/// One verbs credit from the consumer: a buffer for the channel's next write.
+fn add_verbs_credit(attached: &AttachedList, msg: &ControlMessage) -> Result<(), String> {
+    let Some((channel_id, remote)) = RemoteBuffer::from_credit(msg) else {
+        return Ok(());
+    };
+    let mut state = lock(attached);
+    if let Some(a) = state.list.iter_mut().find(|a| a.channel_id == channel_id) {
+        a.remote.push_back(remote);
+        a.sub.add_credit(1);
+        return Ok(());
+    }
+    if state.pending_count >= PENDING_CREDIT_MAX {
+        return Err(format!(
+            "more than {PENDING_CREDIT_MAX} verbs credits for channels not yet attached"
+        ));
+    }
+    state.pending_count += 1;
+    state
+        .pending
+        .entry(channel_id)
+        .or_default()
+        .push_back(remote);
+    Ok(())
 }
 
 async fn find_subpartition(
@@ -190,6 +333,46 @@ async fn find_subpartition(
     }
 }
 
+/// The next buffer that may be sent, round-robin over the attached
+/// subpartitions: its routing header, the buffer, and (verbs) the remote
+/// buffer its credit stands for.
+fn next_ready(
+    attached: &AttachedList,
+    next: &mut usize,
+) -> Option<(BufferHeader, OutBuffer, Option<RemoteBuffer>)> {
+    let mut state = lock(attached);
+    let list = &mut state.list;
+    let n = list.len();
+    for i in 0..n {
+        let idx = (*next + i) % n;
+        let Some((buffer, backlog)) = list[idx].sub.poll_next() else {
+            continue;
+        };
+        let a = &mut list[idx];
+        let seq = a.seq;
+        a.seq = a.seq.wrapping_add(1);
+        let payload = buffer.payload.as_slice();
+        let header = BufferHeader {
+            channel_id: a.channel_id,
+            edge: a.partition.edge,
+            source_subtask: a.partition.source_subtask,
+            target_subtask: a.subpartition,
+            seq,
+            backlog,
+            kind: buffer.kind,
+            crc: crc32c::crc32c(payload),
+            size: payload.len() as u32,
+        };
+        let remote = a.remote.pop_front();
+        if buffer.kind == BufferKind::EndOfPartition {
+            list.remove(idx);
+        }
+        *next = idx + 1;
+        return Some((header, buffer, remote));
+    }
+    None
+}
+
 /// Sends every attached subpartition's buffers while it has credit.
 async fn send_loop(
     writer: OwnedWriteHalf,
@@ -206,39 +389,8 @@ async fn send_loop(
             encode_control(&msg, &mut head);
             writer.write_all(&head).await?;
         }
-        let ready = {
-            let mut list = lock(&attached);
-            let n = list.len();
-            let mut found = None;
-            for i in 0..n {
-                let idx = (next + i) % n;
-                if let Some((buffer, backlog)) = list[idx].sub.poll_next() {
-                    let a = &mut list[idx];
-                    let seq = a.seq;
-                    a.seq = a.seq.wrapping_add(1);
-                    let header = BufferHeader {
-                        channel_id: a.channel_id,
-                        edge: a.partition.edge,
-                        source_subtask: a.partition.source_subtask,
-                        target_subtask: a.subpartition,
-                        seq,
-                        backlog,
-                        kind: buffer.kind,
-                        crc: crc32c::crc32c(buffer.payload.as_slice()),
-                        size: buffer.payload.as_slice().len() as u32,
-                    };
-                    if buffer.kind == BufferKind::EndOfPartition {
-                        list.remove(idx);
-                    }
-                    next = idx + 1;
-                    found = Some((header, buffer));
-                    break;
-                }
-            }
-            found
-        };
-        match ready {
-            Some((header, buffer)) => {
+        match next_ready(&attached, &mut next) {
+            Some((header, buffer, _)) => {
                 head.clear();
                 encode_buffer_header(&header, &mut head);
                 writer.write_all(&head).await?;
@@ -252,6 +404,46 @@ async fn send_loop(
     }
 }
 
+/// Sends every attached subpartition's buffers as RDMA writes into the
+/// buffers the consumer lent; the socket carries only error messages.
+async fn send_loop_verbs(
+    writer: OwnedWriteHalf,
+    attached: AttachedList,
+    wake: Arc<Notify>,
+    mut errors: UnboundedReceiver<ControlMessage>,
+    sender: Arc<VerbsSender>,
+) -> std::io::Result<()> {
+    let mut writer = BufWriter::new(writer);
+    let mut head = Vec::with_capacity(64);
+    let mut next = 0usize;
+    loop {
+        while let Ok(msg) = errors.try_recv() {
+            head.clear();
+            encode_control(&msg, &mut head);
+            writer.write_all(&head).await?;
+            writer.flush().await?;
+        }
+        if let Some(reason) = sender.failure() {
+            return Err(std::io::Error::other(reason));
+        }
+        if !sender.has_room() {
+            wake.notified().await;
+            continue;
+        }
+        match next_ready(&attached, &mut next) {
+            Some((header, buffer, remote)) => {
+                // Verbs credit is granted as buffers: a credit without one
+                // is a broken invariant of this side, not the peer's fault.
+                let remote = remote.expect("verbs credit without a lent buffer");
+                sender
+                    .send(&header, buffer, remote)
+                    .map_err(std::io::Error::other)?;
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
 /// Binding of a connection's channel id to a gate channel.
 struct Binding {
     gate: Arc<InputGate>,
@@ -259,19 +451,71 @@ struct Binding {
     expected_seq: u32,
 }
 
+/// A connection's channels, shared by its socket reader, its verbs
+/// completion thread and its control writer.
+struct Bindings {
+    peer: String,
+    map: Mutex<HashMap<u32, Binding>>,
+    closed: Mutex<Option<NetworkError>>,
+}
+
+impl ChannelRouter for Bindings {
+    fn route(&self, h: &BufferHeader) -> Result<(Arc<InputGate>, usize), NetworkError> {
+        let mut map = lock(&self.map);
+        let protocol = |detail: String| NetworkError::Protocol {
+            peer: self.peer.clone(),
+            detail,
+        };
+        let b = map
+            .get_mut(&h.channel_id)
+            .ok_or_else(|| protocol(format!("buffer for unknown channel {}", h.channel_id)))?;
+        if h.seq != b.expected_seq {
+            return Err(protocol(format!(
+                "channel {} expected buffer #{} but got #{}",
+                h.channel_id, b.expected_seq, h.seq
+            )));
+        }
+        b.expected_seq = b.expected_seq.wrapping_add(1);
+        let found = (Arc::clone(&b.gate), b.channel);
+        if h.kind == BufferKind::EndOfPartition {
+            map.remove(&h.channel_id);
+        }
+        Ok(found)
+    }
+
+    fn lookup(&self, channel_id: u32) -> Option<(Arc<InputGate>, usize)> {
+        lock(&self.map)
+            .get(&channel_id)
+            .map(|b| (Arc::clone(&b.gate), b.channel))
+    }
+
+    fn fail_all(&self, error: NetworkError) {
+        lock(&self.closed).get_or_insert_with(|| error.clone());
+        let gates: Vec<_> = lock(&self.map).drain().map(|(_, b)| b.gate).collect();
+        if !gates.is_empty() {
+            tracing::warn!("{error}");
+        }
+        for g in gates {
+            g.fail(error.clone());
+        }
+    }
+}
+
 /// One connection to a peer TaskManager's data server, shared by every
 /// remote input channel that reads from that peer.
 pub struct PeerConnection {
     peer: String,
     control: UnboundedSender<ControlMessage>,
-    bindings: Arc<Mutex<HashMap<u32, Binding>>>,
+    bindings: Arc<Bindings>,
     next_channel_id: AtomicU32,
-    closed: Arc<Mutex<Option<NetworkError>>>,
+    /// Set when buffers arrive over verbs rather than this socket.
+    verbs: Option<Arc<VerbsReceiver>>,
 }
 
 impl PeerConnection {
     /// Attaches a gate channel to a remote subpartition; the request carries
-    /// the channel's initial credit.
+    /// the channel's initial credit (over verbs, the credit follows as lent
+    /// buffers).
     pub fn request_partition(
         &self,
         gate: &Arc<InputGate>,
@@ -279,11 +523,11 @@ impl PeerConnection {
         partition: PartitionId,
         subpartition: u32,
     ) -> Result<(), NetworkError> {
-        if let Some(e) = lock(&self.closed).clone() {
+        if let Some(e) = lock(&self.bindings.closed).clone() {
             return Err(e);
         }
         let channel_id = self.next_channel_id.fetch_add(1, Ordering::Relaxed);
-        lock(&self.bindings).insert(
+        lock(&self.bindings.map).insert(
             channel_id,
             Binding {
                 gate: Arc::clone(gate),
@@ -291,13 +535,18 @@ impl PeerConnection {
                 expected_seq: 0,
             },
         );
-        let initial_credit = gate.bind_remote(
+        let credit = gate.bind_remote(
             channel,
             CreditLink {
                 control: self.control.clone(),
                 channel_id,
             },
         );
+        let initial_credit = if self.verbs.is_some() { 0 } else { credit };
+        let lost = |_| NetworkError::PeerLost {
+            peer: self.peer.clone(),
+            reason: "connection closed".into(),
+        };
         self.control
             .send(ControlMessage::PartitionRequest {
                 channel_id,
@@ -307,14 +556,22 @@ impl PeerConnection {
                 subpartition,
                 initial_credit,
             })
-            .map_err(|_| NetworkError::PeerLost {
-                peer: self.peer.clone(),
-                reason: "connection closed".into(),
-            })
+            .map_err(lost)?;
+        if self.verbs.is_some() {
+            self.control
+                .send(ControlMessage::AddCredit { channel_id, credit })
+                .map_err(lost)?;
+        }
+        Ok(())
     }
 
     pub fn is_closed(&self) -> bool {
-        lock(&self.closed).is_some()
+        lock(&self.bindings.closed).is_some()
+    }
+
+    /// Whether buffers arrive over verbs on this connection.
+    pub fn uses_verbs(&self) -> bool {
+        self.verbs.is_some()
     }
 }
 
@@ -322,9 +579,18 @@ impl PeerConnection {
 #[derive(Default)]
 pub struct ConnectionManager {
     connections: tokio::sync::Mutex<HashMap<SocketAddr, Arc<PeerConnection>>>,
+    /// With a verbs device, every connection asks its producer for RDMA.
+    verbs: Option<Arc<VerbsEnv>>,
 }
 
 impl ConnectionManager {
+    pub fn new(verbs: Option<Arc<VerbsEnv>>) -> Self {
+        Self {
+            connections: tokio::sync::Mutex::default(),
+            verbs,
+        }
+    }
+
     pub async fn connect(
         &self,
         addr: SocketAddr,
@@ -338,44 +604,112 @@ impl ConnectionManager {
             return Ok(Arc::clone(c));
         }
         let peer = format!("{peer_name} ({addr})");
+        let connect_err = |reason: String| NetworkError::Connect {
+            peer: peer.clone(),
+            reason,
+        };
         let stream = TcpStream::connect(addr)
             .await
-            .map_err(|e| NetworkError::Connect {
-                peer: peer.clone(),
-                reason: e.to_string(),
-            })?;
+            .map_err(|e| connect_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
-        let (reader, writer) = stream.into_split();
+        let (mut reader, mut writer) = stream.into_split();
+        let verbs = match &self.verbs {
+            Some(env) => Some(
+                verbs_handshake(env, &mut reader, &mut writer, &peer, segment_size)
+                    .await
+                    .map_err(connect_err)?,
+            ),
+            None => None,
+        };
         let (control, control_rx) = unbounded_channel();
+        let bindings = Arc::new(Bindings {
+            peer: peer.clone(),
+            map: Mutex::default(),
+            closed: Mutex::default(),
+        });
+        if let Some(receiver) = &verbs {
+            let router: Arc<dyn ChannelRouter> = Arc::clone(&bindings) as _;
+            receiver
+                .start(router)
+                .map_err(|e| connect_err(e.to_string()))?;
+        }
         let conn = Arc::new(PeerConnection {
             peer: peer.clone(),
             control,
-            bindings: Arc::default(),
+            bindings: Arc::clone(&bindings),
             next_channel_id: AtomicU32::new(0),
-            closed: Arc::default(),
+            verbs: verbs.clone(),
         });
-        tokio::spawn(control_loop(writer, control_rx));
-        tokio::spawn(receive_loop(
-            reader,
-            peer,
-            Arc::clone(&conn.bindings),
-            Arc::clone(&conn.closed),
-            segment_size,
-        ));
+        let granter = verbs.clone().map(|r| (r, Arc::clone(&bindings)));
+        tokio::spawn(control_loop(writer, control_rx, granter));
+        tokio::spawn(receive_loop(reader, bindings, verbs, segment_size));
         map.insert(addr, Arc::clone(&conn));
         Ok(conn)
     }
 }
 
-async fn control_loop(writer: OwnedWriteHalf, mut rx: UnboundedReceiver<ControlMessage>) {
+/// The consumer's half of the verbs set-up: its endpoint out, the
+/// producer's back, both queue pairs connected.
+async fn verbs_handshake(
+    env: &Arc<VerbsEnv>,
+    reader: &mut OwnedReadHalf,
+    writer: &mut OwnedWriteHalf,
+    peer: &str,
+    segment_size: usize,
+) -> Result<Arc<VerbsReceiver>, String> {
+    let receiver = VerbsReceiver::new(env, peer).map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    encode_control(
+        &ControlMessage::VerbsConnect {
+            endpoint: receiver.endpoint(),
+        },
+        &mut out,
+    );
+    writer.write_all(&out).await.map_err(|e| e.to_string())?;
+    let answer = tokio::time::timeout(VERBS_HANDSHAKE_TIMEOUT, read_incoming(reader, segment_size))
+        .await
+        .map_err(|_| {
+            format!("no answer to the verbs handshake within {VERBS_HANDSHAKE_TIMEOUT:?}")
+        })?
+        .map_err(|e| e.to_string())?;
+    match answer {
+        Some(Incoming::Control(ControlMessage::VerbsConnect { endpoint })) => {
+            receiver.connect(&endpoint).map_err(|e| e.to_string())?;
+            Ok(receiver)
+        }
+        Some(Incoming::Control(ControlMessage::Error { message, .. })) => Err(message),
+        other => Err(format!(
+            "unexpected answer to the verbs handshake: {other:?}"
+        )),
+    }
+}
+
+async fn control_loop(
+    writer: OwnedWriteHalf,
+    mut rx: UnboundedReceiver<ControlMessage>,
+    verbs: Option<(Arc<VerbsReceiver>, Arc<Bindings>)>,
+) {
     let mut writer = BufWriter::new(writer);
     let mut out = Vec::with_capacity(64);
+    let mut grants = Vec::new();
     while let Some(msg) = rx.recv().await {
         out.clear();
-        encode_control(&msg, &mut out);
+        let mut next = Some(msg);
         // Coalesce whatever else is queued into the same flush.
-        while let Ok(more) = rx.try_recv() {
-            encode_control(&more, &mut out);
+        while let Some(msg) = next.take().or_else(|| rx.try_recv().ok()) {
+            match (&msg, &verbs) {
+                (ControlMessage::AddCredit { channel_id, credit }, Some((receiver, bindings))) => {
+                    grants.clear();
+                    if let Err(e) = receiver.grant(&**bindings, *channel_id, *credit, &mut grants) {
+                        bindings.fail_all(e);
+                        return;
+                    }
+                    for g in &grants {
+                        encode_control(g, &mut out);
+                    }
+                }
+                _ => encode_control(&msg, &mut out),
+            }
         }
         if writer.write_all(&out).await.is_err() || writer.flush().await.is_err() {
             return;
@@ -385,40 +719,35 @@ async fn control_loop(writer: OwnedWriteHalf, mut rx: UnboundedReceiver<ControlM
 
 async fn receive_loop(
     mut reader: OwnedReadHalf,
-    peer: String,
-    bindings: Arc<Mutex<HashMap<u32, Binding>>>,
-    closed: Arc<Mutex<Option<NetworkError>>>,
+    bindings: Arc<Bindings>,
+    verbs: Option<Arc<VerbsReceiver>>,
     segment_size: usize,
 ) {
     let error = loop {
-        match receive_one(&mut reader, &peer, &bindings, segment_size).await {
+        match receive_one(&mut reader, &bindings, segment_size).await {
             Ok(true) => continue,
             Ok(false) => {
                 break NetworkError::PeerLost {
-                    peer: peer.clone(),
+                    peer: bindings.peer.clone(),
                     reason: "connection closed by peer".into(),
                 };
             }
             Err(e) => break e,
         }
     };
-    *lock(&closed) = Some(error.clone());
-    let gates: Vec<_> = lock(&bindings).drain().map(|(_, b)| b.gate).collect();
-    if !gates.is_empty() {
-        tracing::warn!("{error}");
+    if let Some(v) = &verbs {
+        v.stop();
     }
-    for g in gates {
-        g.fail(error.clone());
-    }
+    bindings.fail_all(error);
 }
 
 /// Receives one frame; `Ok(false)` at a clean end of stream.
 async fn receive_one(
     reader: &mut OwnedReadHalf,
-    peer: &str,
-    bindings: &Mutex<HashMap<u32, Binding>>,
+    bindings: &Bindings,
     segment_size: usize,
 ) -> Result<bool, NetworkError> {
+    let peer = &bindings.peer;
     let protocol = |detail: String| NetworkError::Protocol {
         peer: peer.to_owned(),
         detail,
@@ -436,24 +765,7 @@ async fn receive_one(
     };
     match incoming {
         Incoming::Buffer(h) => {
-            let (gate, channel) = {
-                let mut map = lock(bindings);
-                let b = map.get_mut(&h.channel_id).ok_or_else(|| {
-                    protocol(format!("buffer for unknown channel {}", h.channel_id))
-                })?;
-                if h.seq != b.expected_seq {
-                    return Err(protocol(format!(
-                        "channel {} expected buffer #{} but got #{}",
-                        h.channel_id, b.expected_seq, h.seq
-                    )));
-                }
-                b.expected_seq = b.expected_seq.wrapping_add(1);
-                let found = (Arc::clone(&b.gate), b.channel);
-                if h.kind == BufferKind::EndOfPartition {
-                    map.remove(&h.channel_id);
-                }
-                found
-            };
+            let (gate, channel) = bindings.route(&h)?;
             let (mut segment, floating) = gate.take_segment(channel)?;
             let len = h.size as usize;
             reader
@@ -473,6 +785,7 @@ async fn receive_one(
             let item = GateItem::Remote {
                 kind: h.kind,
                 segment,
+                offset: 0,
                 len,
                 floating,
             };
@@ -483,7 +796,7 @@ async fn receive_one(
             channel_id,
             message,
         }) => {
-            let binding = lock(bindings).remove(&channel_id);
+            let binding = lock(&bindings.map).remove(&channel_id);
             match binding {
                 Some(b) => {
                     b.gate.fail(protocol(message));
@@ -556,6 +869,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             Arc::clone(&registry),
             SEGMENT,
+            None,
         )
         .await
         .unwrap();

@@ -20,8 +20,8 @@ use crate::network::gate::{ChannelKind, GateBuffers};
 use crate::network::ipc::ChannelEncoder;
 use crate::network::partition::{Target, WriterMetrics};
 use crate::network::{
-    GateId, InputGate, InputReader, NetworkError, PartitionId, RecordWriter, ResultPartition,
-    Subpartition,
+    GateId, InputGate, InputReader, NetworkError, PAYLOAD_HEADROOM, PartitionId, RecordWriter,
+    ResultPartition, Subpartition,
 };
 
 struct Prepared {
@@ -225,7 +225,7 @@ async fn prepare(
                     .map(|(t, sub)| match sub {
                         Some(sub) => Ok(Target::Remote {
                             sub: Arc::clone(sub),
-                            encoder: Box::new(ChannelEncoder::new(segment)),
+                            encoder: Box::new(ChannelEncoder::new(segment - PAYLOAD_HEADROOM)),
                         }),
                         None => {
                             let id = GateId {

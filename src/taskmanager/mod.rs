@@ -21,12 +21,13 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::cluster::rpc::{Message, ResourceProfile, RpcError, read_message, write_message};
-use crate::config::{Config, Transport};
+use crate::config::Config;
 use crate::io::{IoConfig, IoManager};
 use crate::memory::{MemoryManager, NetworkBufferPool, PagePool};
 use crate::metrics::TaskMetrics;
 use crate::network::NetworkRegistry;
 use crate::network::tcp::{ConnectionManager, DataServer};
+use crate::network::transport;
 use slots::SlotTable;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,11 +47,8 @@ pub enum TaskManagerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("taskmanager.network.transport = {requested} cannot be used: {reason}")]
-    TransportUnavailable {
-        requested: &'static str,
-        reason: &'static str,
-    },
+    #[error(transparent)]
+    Transport(crate::network::transport::TransportError),
     #[error("starting the IOManager: {0}")]
     Io(#[source] crate::io::IoError),
     #[error("allocating managed memory and network buffers failed: {reason}")]
@@ -74,6 +72,8 @@ pub struct Services {
     pub netpool: Arc<NetworkBufferPool>,
     pub registry: Arc<NetworkRegistry>,
     pub connections: ConnectionManager,
+    /// The data-plane transport and why it was chosen (log, summary, metric).
+    pub transport: String,
     pub data_addr: SocketAddr,
     /// Spill storage; operators do not spill yet (the job fails instead).
     pub io: IoManager,
@@ -109,12 +109,6 @@ pub struct TaskManager {
 impl TaskManager {
     /// Allocates memory and starts the data server.
     pub async fn start(config: Config) -> Result<Self, TaskManagerError> {
-        if config.transport == Transport::Rdma {
-            return Err(TaskManagerError::TransportUnavailable {
-                requested: "rdma",
-                reason: "this build has no RDMA verbs transport yet; use tcp or auto",
-            });
-        }
         let layout = *config.memory_layout();
         let slot_count = config.slot_count as usize;
         let page_size = config.page_size_bytes as usize;
@@ -155,10 +149,18 @@ impl TaskManager {
                 address: bind.clone(),
                 reason: "cannot resolve taskmanager.host".into(),
             })?;
+        let transport = transport::choose(config.transport, &config.host, &netpool)
+            .map_err(TaskManagerError::Transport)?;
+        tracing::info!(
+            "data-plane transport {}: {}",
+            transport.kind.name(),
+            transport.reason
+        );
         let server = DataServer::start(
             bind_addr,
             Arc::clone(&registry),
             config.segment_size_bytes as usize,
+            transport.verbs.clone(),
         )
         .await
         .map_err(|source| TaskManagerError::DataServer {
@@ -172,14 +174,15 @@ impl TaskManager {
             gpu: None,
         };
         tracing::info!(
-            "TaskManager started: {slot_count} slots, managed memory {} MiB ({} pages of {} KiB, pre-touched), network {} segments of {} KiB, data port {}, no GPU (CPU slots only), transport tcp (taskmanager.network.transport = {}: no RDMA transport in this build)",
+            "TaskManager started: {slot_count} slots, managed memory {} MiB ({} pages of {} KiB, pre-touched), network {} segments of {} KiB, data port {}, no GPU (CPU slots only), transport {} ({})",
             layout.managed >> 20,
             pages.page_count(),
             page_size >> 10,
             layout.network_segment_count,
             config.segment_size_bytes >> 10,
             server.local_addr,
-            config.transport
+            transport.kind.name(),
+            transport.reason
         );
         Ok(Self {
             services: Arc::new(Services {
@@ -187,7 +190,8 @@ impl TaskManager {
                 slot_memory,
                 netpool,
                 registry,
-                connections: ConnectionManager::default(),
+                connections: ConnectionManager::new(transport.verbs.clone()),
+                transport: format!("{} ({})", transport.kind.name(), transport.reason),
                 data_addr: server.local_addr,
                 io,
                 slots: Mutex::new(SlotTable::new(slot_count, profile)),
@@ -276,6 +280,7 @@ async fn session(
             data_addr: services.data_addr,
             slots,
             io: services.io.summary(),
+            transport: services.transport.clone(),
         },
     )
     .await?;

@@ -74,8 +74,9 @@ pub fn render(s: &ClusterSnapshot) -> String {
     for tm in &s.taskmanagers {
         let _ = writeln!(
             out,
-            "strata_taskmanager_info{{taskmanager=\"{}\",transport=\"tcp (no RDMA transport in this build)\",tier=\"cpu (no GPU tier in this build)\",io=\"{}\"}} 1",
+            "strata_taskmanager_info{{taskmanager=\"{}\",transport=\"{}\",tier=\"cpu (no GPU tier in this build)\",io=\"{}\"}} 1",
             escape(&tm.id),
+            escape(&tm.transport),
             escape(&tm.io)
         );
     }

@@ -36,7 +36,8 @@
 //! depth is [`VerbsError::QueueFull`]; a completion queue that overflows puts
 //! its queue pairs in the error state, as on hardware.
 
-// pub mod emu; (next commit)
+pub mod emu;
+pub mod probe;
 
 use std::sync::Arc;
 use std::time::Duration;
