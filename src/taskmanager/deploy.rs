@@ -223,10 +223,18 @@ async fn prepare(
                     .iter()
                     .zip(&partition.subpartitions)
                     .map(|(t, sub)| match sub {
-                        Some(sub) => Ok(Target::Remote {
-                            sub: Arc::clone(sub),
-                            encoder: Box::new(ChannelEncoder::new(segment - PAYLOAD_HEADROOM)),
-                        }),
+                        Some(sub) => {
+                            let mut encoder = ChannelEncoder::new(segment - PAYLOAD_HEADROOM);
+                            if config.compression_enabled {
+                                encoder
+                                    .enable_lz4()
+                                    .map_err(|e| NetworkError::Encode(e.to_string()))?;
+                            }
+                            Ok(Target::Remote {
+                                sub: Arc::clone(sub),
+                                encoder: Box::new(encoder),
+                            })
+                        }
                         None => {
                             let id = GateId {
                                 job,
