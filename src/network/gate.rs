@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use arrow_array::RecordBatch;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::debloat::{DebloatConfig, Debloater};
 use super::frame::{BufferKind, ControlMessage};
 use super::ipc::ChannelDecoder;
 use super::{GateId, NetworkError, StreamEvent};
@@ -73,6 +74,8 @@ pub struct InputGate {
     writable: Condvar,
     /// Bytes received over the network by this gate.
     pub remote_bytes: AtomicU64,
+    /// Exclusive and floating segments taken for the remote channels.
+    remote_buffer_total: usize,
 }
 
 /// How a gate's channels are reached.
@@ -146,6 +149,7 @@ impl InputGate {
             readable: Condvar::new(),
             writable: Condvar::new(),
             remote_bytes: AtomicU64::new(0),
+            remote_buffer_total: needed,
         }))
     }
 
@@ -365,6 +369,25 @@ impl InputGate {
         self.readable.notify_all();
     }
 
+    /// Exclusive plus floating buffers of the remote channels (what buffer
+    /// debloating divides the in-flight budget by).
+    pub fn remote_buffer_count(&self) -> usize {
+        self.remote_buffer_total
+    }
+
+    /// Tells every remote channel's producer to cut buffers to `bytes`.
+    pub fn announce_buffer_size(&self, bytes: usize) {
+        let state = self.lock();
+        for c in state.remote.iter().flatten() {
+            if let Some(link) = &c.link {
+                let _ = link.control.send(ControlMessage::BufferSize {
+                    channel_id: link.channel_id,
+                    size: bytes as u32,
+                });
+            }
+        }
+    }
+
     /// Segments held as credit or floating: for tests of the credit balance.
     pub fn free_segment_count(&self) -> usize {
         let state = self.lock();
@@ -433,6 +456,9 @@ pub struct InputReader {
     open_channels: usize,
     current_watermark: i64,
     next_gate: usize,
+    /// Buffer debloating per gate, when enabled.
+    debloaters: Vec<Option<Debloater>>,
+    started: Instant,
 }
 
 impl InputReader {
@@ -462,7 +488,22 @@ impl InputReader {
             open_channels,
             current_watermark: i64::MIN,
             next_gate: 0,
+            debloaters: Vec::new(),
+            started: Instant::now(),
         }
+    }
+
+    /// Enables buffer debloating on every gate with remote channels.
+    pub fn with_debloating(mut self, config: DebloatConfig) -> Self {
+        self.debloaters = self
+            .gates
+            .iter()
+            .map(|g| {
+                let buffers = g.remote_buffer_count();
+                (buffers > 0).then(|| Debloater::new(config, buffers))
+            })
+            .collect();
+        self
     }
 
     /// Next event, or `None` after `timeout` with nothing to read.
@@ -504,6 +545,15 @@ impl InputReader {
             } => {
                 let payload = &segment.as_slice()[offset..offset + len];
                 let event = self.decode(g, channel, kind, payload);
+                if let Some(Some(d)) = self.debloaters.get_mut(g)
+                    && let Some(size) = d.on_consumed(len, self.started.elapsed())
+                {
+                    tracing::debug!(
+                        "gate {:?}: debloated buffer size {size} B",
+                        self.gates[g].id
+                    );
+                    self.gates[g].announce_buffer_size(size);
+                }
                 self.gates[g].recycle(channel, segment, floating);
                 event?
             }

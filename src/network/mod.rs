@@ -20,6 +20,7 @@
 //! queued events per local channel ≤ the same; received buffers per gate ≤
 //! its exclusive + floating segments; frames ≤ one segment of payload.
 
+pub mod debloat;
 pub mod frame;
 pub mod gate;
 pub mod ipc;

@@ -425,7 +425,7 @@ fn build_and_run(
         )
     } else {
         (
-            TaskInput::Gates(InputReader::new(p.gates)),
+            TaskInput::Gates(debloated(InputReader::new(p.gates), &services.config)),
             &vertex.operators[..],
             None,
         )
@@ -456,4 +456,17 @@ fn build_and_run(
         metrics: Arc::clone(metrics),
     };
     task.run()
+}
+
+/// Turns buffer debloating on for a task's inputs when configured.
+fn debloated(reader: InputReader, config: &crate::config::Config) -> InputReader {
+    if !config.debloat_enabled {
+        return reader;
+    }
+    reader.with_debloating(crate::network::debloat::DebloatConfig {
+        target: config.debloat_target,
+        period: config.debloat_period,
+        min_buffer_bytes: config.debloat_min_buffer_bytes as usize,
+        max_buffer_bytes: config.segment_size_bytes as usize - PAYLOAD_HEADROOM,
+    })
 }
