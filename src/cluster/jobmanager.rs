@@ -596,6 +596,8 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         vertices: Vec::new(),
         remote_bytes: 0,
         remote_buffers: 0,
+        in_pool_usage_permille: 0,
+        out_pool_usage_permille: 0,
         local_rows: 0,
         backpressure_ms: 0,
         late_rows: 0,
@@ -616,6 +618,11 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         }
         summary.remote_bytes += m.remote_bytes_out;
         summary.remote_buffers += m.remote_buffers_out;
+        summary.in_pool_usage_permille =
+            summary.in_pool_usage_permille.max(m.in_pool_usage_permille);
+        summary.out_pool_usage_permille = summary
+            .out_pool_usage_permille
+            .max(m.out_pool_usage_permille);
         summary.local_rows += m.local_rows_out;
         summary.backpressure_ms += m.backpressure_ms;
         summary.late_rows += m.late_rows;

@@ -166,6 +166,12 @@ pub struct JobSummary {
     pub vertices: Vec<VertexSummary>,
     pub remote_bytes: u64,
     pub remote_buffers: u64,
+    /// Highest inPoolUsage / outPoolUsage over the job's tasks, ‰ (running
+    /// jobs: the last reports).
+    #[serde(default)]
+    pub in_pool_usage_permille: u64,
+    #[serde(default)]
+    pub out_pool_usage_permille: u64,
     pub local_rows: u64,
     pub backpressure_ms: u64,
     pub late_rows: u64,

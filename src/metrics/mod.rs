@@ -8,7 +8,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
-use crate::network::partition::WriterMetrics;
+use crate::network::InputGate;
+use crate::network::partition::{Subpartition, WriterMetrics};
 
 #[derive(Default, Debug)]
 pub struct OperatorMetrics {
@@ -17,7 +18,7 @@ pub struct OperatorMetrics {
 }
 
 /// Counters of one running task.
-#[derive(Default, Debug)]
+#[derive(Default)]
 pub struct TaskMetrics {
     /// By the vertex's operator order: (logical operator index, counters).
     pub operators: Vec<(usize, Arc<OperatorMetrics>)>,
@@ -26,6 +27,10 @@ pub struct TaskMetrics {
     pub late_rows: AtomicU64,
     pub managed_peak_bytes: AtomicU64,
     pub source_rows_expected: AtomicU64,
+    /// The task's input gates and remote output queues, read for Flink's
+    /// inPoolUsage and outPoolUsage.
+    pub gates: Vec<Arc<InputGate>>,
+    pub subpartitions: Vec<Arc<Subpartition>>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -47,6 +52,12 @@ pub struct TaskSnapshot {
     pub late_rows: u64,
     pub managed_peak_bytes: u64,
     pub source_rows_expected: u64,
+    /// Share of the input gates' remote buffers holding unconsumed data, ‰.
+    #[serde(default)]
+    pub in_pool_usage_permille: u64,
+    /// Share of the remote output queues' capacity in use, ‰.
+    #[serde(default)]
+    pub out_pool_usage_permille: u64,
 }
 
 impl TaskMetrics {
@@ -72,6 +83,27 @@ impl TaskMetrics {
             late_rows: r(&self.late_rows),
             managed_peak_bytes: r(&self.managed_peak_bytes),
             source_rows_expected: r(&self.source_rows_expected),
+            in_pool_usage_permille: self.in_pool_usage_permille(),
+            out_pool_usage_permille: self.out_pool_usage_permille(),
         }
     }
+
+    fn in_pool_usage_permille(&self) -> u64 {
+        let total: usize = self.gates.iter().map(|g| g.remote_buffer_count()).sum();
+        let free: usize = self.gates.iter().map(|g| g.free_segment_count()).sum();
+        permille(total.saturating_sub(free), total)
+    }
+
+    fn out_pool_usage_permille(&self) -> u64 {
+        let total: usize = self.subpartitions.iter().map(|s| s.capacity()).sum();
+        let queued: usize = self.subpartitions.iter().map(|s| s.queued()).sum();
+        permille(queued, total)
+    }
+}
+
+fn permille(used: usize, total: usize) -> u64 {
+    if total == 0 {
+        return 0;
+    }
+    (used.min(total) * 1000 / total) as u64
 }

@@ -204,6 +204,11 @@ impl InputGate {
         credit.free.len() as u32
     }
 
+    /// Whether the gate has failed (its consumer will see the error).
+    pub fn has_failed(&self) -> bool {
+        self.lock().failure.is_some()
+    }
+
     /// Takes the segment that the sender's credit stands for. No free segment
     /// means the sender sent without credit: a protocol error.
     pub fn take_segment(&self, channel: usize) -> Result<(Segment, bool), NetworkError> {

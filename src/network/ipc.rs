@@ -41,6 +41,9 @@ pub struct ChannelEncoder {
     /// What buffers are cut to now: the segment's room, or less when buffer
     /// debloating asked for smaller buffers.
     payload_max: usize,
+    /// Reused for every piece: at most one segment's payload plus what a
+    /// piece that did not fit overshot by.
+    scratch: Vec<u8>,
 }
 
 impl ChannelEncoder {
@@ -53,6 +56,7 @@ impl ChannelEncoder {
             schema_sent: false,
             segment_payload_max: payload_max,
             payload_max,
+            scratch: Vec::with_capacity(payload_max),
         }
     }
 
@@ -81,8 +85,20 @@ impl ChannelEncoder {
         batch: &RecordBatch,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), IpcError>,
     ) -> Result<(), IpcError> {
-        let mut scratch = Vec::with_capacity(self.payload_max);
-        let mut pending = vec![(0usize, batch.num_rows())];
+        let mut scratch = std::mem::take(&mut self.scratch);
+        let result = self.encode_pieces(batch, sink, &mut scratch);
+        self.scratch = scratch;
+        result
+    }
+
+    fn encode_pieces(
+        &mut self,
+        batch: &RecordBatch,
+        sink: &mut dyn FnMut(&[u8]) -> Result<(), IpcError>,
+        scratch: &mut Vec<u8>,
+    ) -> Result<(), IpcError> {
+        let mut pending = Vec::new();
+        push_pieces(&mut pending, 0, batch.num_rows(), self.first_cut(batch));
         while let Some((offset, rows)) = pending.pop() {
             scratch.clear();
             if !self.schema_sent {
@@ -91,7 +107,7 @@ impl ChannelEncoder {
                     &mut self.tracker,
                     &self.options,
                 );
-                write_message(&mut scratch, schema, &self.options)?;
+                write_message(&mut *scratch, schema, &self.options)?;
             }
             let piece = batch.slice(offset, rows);
             let (dicts, encoded) = self.generator.encode(
@@ -101,11 +117,11 @@ impl ChannelEncoder {
                 &mut self.context,
             )?;
             for dict in dicts {
-                write_message(&mut scratch, dict, &self.options)?;
+                write_message(&mut *scratch, dict, &self.options)?;
             }
-            write_message(&mut scratch, encoded, &self.options)?;
+            write_message(&mut *scratch, encoded, &self.options)?;
             if scratch.len() <= self.payload_max {
-                sink(&scratch)?;
+                sink(scratch)?;
                 self.schema_sent = true;
                 continue;
             }
@@ -115,14 +131,46 @@ impl ChannelEncoder {
                     segment_bytes: self.payload_max,
                 });
             }
-            // Split proportionally to the overshoot, then keep order by
-            // pushing the later half first.
-            let keep = ((rows as u128 * self.payload_max as u128 * 9 / 10) / scratch.len() as u128)
+            // Cut the rest into pieces sized from this encoding, 10% under
+            // the limit, all at once: re-encoding the remainder after every
+            // piece would cost quadratic time on large batches. Pushed in
+            // reverse so they pop in order; a piece that still does not fit
+            // is cut again.
+            let piece_rows = ((rows as u128 * self.payload_max as u128 * 9 / 10)
+                / scratch.len() as u128)
                 .clamp(1, rows as u128 - 1) as usize;
-            pending.push((offset + keep, rows - keep));
-            pending.push((offset, keep));
+            push_pieces(&mut pending, offset, rows, piece_rows);
         }
         Ok(())
+    }
+}
+
+impl ChannelEncoder {
+    /// Rows per piece for a first cut, estimated from the batch's buffer
+    /// bytes (10% headroom for IPC metadata and padding), so a large batch
+    /// is not encoded whole just to learn that it does not fit.
+    fn first_cut(&self, batch: &RecordBatch) -> usize {
+        let rows = batch.num_rows().max(1);
+        let bytes: usize = batch
+            .columns()
+            .iter()
+            .map(|c| c.to_data().get_slice_memory_size().unwrap_or(0))
+            .sum();
+        if bytes <= self.payload_max * 9 / 10 {
+            return rows;
+        }
+        (rows * (self.payload_max * 9 / 10) / bytes).clamp(1, rows)
+    }
+}
+
+/// Queues `rows` rows from `offset` as pieces of `piece_rows`, so that they
+/// pop from `pending` in order.
+fn push_pieces(pending: &mut Vec<(usize, usize)>, offset: usize, rows: usize, piece_rows: usize) {
+    let piece_rows = piece_rows.max(1);
+    let count = rows.div_ceil(piece_rows);
+    for i in (0..count).rev() {
+        let start = offset + i * piece_rows;
+        pending.push((start, piece_rows.min(offset + rows - start)));
     }
 }
 

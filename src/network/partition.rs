@@ -189,6 +189,10 @@ impl Subpartition {
         }
     }
 
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
     pub fn credit(&self) -> u32 {
         self.lock().credit
     }

@@ -741,6 +741,24 @@ async fn receive_loop(
     bindings.fail_all(error);
 }
 
+/// Skips `len` payload bytes of a buffer nobody will read.
+async fn discard(reader: &mut OwnedReadHalf, len: usize, peer: &str) -> Result<(), NetworkError> {
+    let mut sink = [0u8; 4096];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(sink.len());
+        reader
+            .read_exact(&mut sink[..n])
+            .await
+            .map_err(|e| NetworkError::PeerLost {
+                peer: peer.to_owned(),
+                reason: e.to_string(),
+            })?;
+        left -= n;
+    }
+    Ok(())
+}
+
 /// Receives one frame; `Ok(false)` at a clean end of stream.
 async fn receive_one(
     reader: &mut OwnedReadHalf,
@@ -766,8 +784,18 @@ async fn receive_one(
     match incoming {
         Incoming::Buffer(h) => {
             let (gate, channel) = bindings.route(&h)?;
-            let (mut segment, floating) = gate.take_segment(channel)?;
             let len = h.size as usize;
+            let (mut segment, floating) = match gate.take_segment(channel) {
+                Ok(taken) => taken,
+                Err(_) if gate.has_failed() => {
+                    // The gate failed for another reason (another peer was
+                    // lost): drop its buffer and keep the connection, which
+                    // other gates, even other jobs', share.
+                    discard(reader, len, peer).await?;
+                    return Ok(true);
+                }
+                Err(e) => return Err(e),
+            };
             reader
                 .read_exact(&mut segment.as_mut_slice()[..len])
                 .await

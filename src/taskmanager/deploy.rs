@@ -29,6 +29,8 @@ struct Prepared {
     gates: Vec<Arc<InputGate>>,
     writers: Vec<RecordWriter>,
     writer_metrics: Vec<Arc<WriterMetrics>>,
+    /// The remote queues of the task's outputs (outPoolUsage).
+    subpartitions: Vec<Arc<Subpartition>>,
 }
 
 fn status(
@@ -285,11 +287,16 @@ async fn prepare(
                 conn.request_partition(gate, channel, partition, c.index)?;
             }
         }
+        let subpartitions = parts
+            .iter()
+            .flat_map(|p| p.subpartitions.iter().flatten().cloned())
+            .collect();
         prepared.push(Prepared {
             tdd,
             gates,
             writers,
             writer_metrics,
+            subpartitions,
         });
     }
     Ok(prepared)
@@ -318,6 +325,8 @@ fn run_task(
     let metrics = Arc::new(TaskMetrics {
         operators: operator_metrics.clone(),
         writers: p.writer_metrics.clone(),
+        gates: p.gates.clone(),
+        subpartitions: p.subpartitions.clone(),
         ..TaskMetrics::default()
     });
     let memory = services.slot_memory[tdd.slot].clone();

@@ -7,6 +7,7 @@ use crate::cluster::rpc::{JobState, JobSummary, SlotState};
 
 /// A per-job counter: metric name, help text, and how to read it.
 type JobCounter = (&'static str, &'static str, fn(&JobSummary) -> u64);
+type JobCounterFn = fn(&JobSummary) -> u64;
 
 fn escape(v: &str) -> String {
     v.replace('\\', "\\\\")
@@ -151,6 +152,53 @@ pub fn render(s: &ClusterSnapshot) -> String {
                 j.job,
                 escape(&j.name),
                 value(j)
+            );
+        }
+    }
+    // Per transport: the job's TaskManagers' transport names the label.
+    for (name, help, value) in [
+        (
+            "strata_job_exchange_remote_buffers_total",
+            "Buffers sent between TaskManagers, by transport.",
+            (|j| j.remote_buffers) as JobCounterFn,
+        ),
+        (
+            "strata_job_exchange_transport_bytes_total",
+            "Bytes sent between TaskManagers, by transport.",
+            |j| j.remote_bytes,
+        ),
+    ] {
+        family(&mut out, name, "counter", help);
+        for j in &jobs {
+            let transport = j.transport.split_whitespace().next().unwrap_or("tcp");
+            let _ = writeln!(
+                out,
+                "{name}{{job=\"{:016x}\",transport=\"{}\"}} {}",
+                j.job,
+                escape(transport),
+                value(j)
+            );
+        }
+    }
+    for (name, help, value) in [
+        (
+            "strata_job_in_pool_usage",
+            "Highest share of a task's input network buffers holding data (Flink's inPoolUsage).",
+            (|j| j.in_pool_usage_permille) as JobCounterFn,
+        ),
+        (
+            "strata_job_out_pool_usage",
+            "Highest share of a task's remote output queues in use (Flink's outPoolUsage).",
+            |j| j.out_pool_usage_permille,
+        ),
+    ] {
+        family(&mut out, name, "gauge", help);
+        for j in &s.running {
+            let _ = writeln!(
+                out,
+                "{name}{{job=\"{:016x}\"}} {:.3}",
+                j.job,
+                value(j) as f64 / 1000.0
             );
         }
     }
