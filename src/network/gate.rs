@@ -318,6 +318,28 @@ impl InputGate {
                 .map(|c| c.free.len())
                 .sum::<usize>()
     }
+
+    /// Credit a remote channel holds: the free segments granted to its
+    /// sender (for the simulator's credit balance).
+    pub fn channel_credit(&self, channel: usize) -> usize {
+        let state = self.lock();
+        state
+            .remote
+            .get(channel)
+            .and_then(Option::as_ref)
+            .map_or(0, |c| c.free.len())
+    }
+
+    /// Received buffers queued and not yet read, one segment each (for the
+    /// simulator's segment balance).
+    pub fn queued_remote_count(&self) -> usize {
+        let state = self.lock();
+        state
+            .queue
+            .iter()
+            .filter(|(_, item)| matches!(item, GateItem::Remote { .. }))
+            .count()
+    }
 }
 
 /// Borrows floating segments until the channel holds enough for the

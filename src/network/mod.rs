@@ -24,6 +24,7 @@ pub mod frame;
 pub mod gate;
 pub mod ipc;
 pub mod partition;
+pub mod sim;
 pub mod tcp;
 // Registered memory: raw addresses handed to the NIC or to the emulation.
 #[allow(unsafe_code)]
