@@ -404,6 +404,17 @@ impl InputGate {
                 .map(|c| c.free.len())
                 .sum::<usize>()
     }
+
+    /// Received buffers queued and not yet read, one segment each (for the
+    /// simulator's segment balance).
+    pub fn queued_remote_count(&self) -> usize {
+        let state = self.lock();
+        state
+            .queue
+            .iter()
+            .filter(|(_, item)| matches!(item, GateItem::Remote { .. }))
+            .count()
+    }
 }
 
 /// Borrows floating segments until the channel holds enough for the

@@ -28,6 +28,7 @@ pub mod partition;
 // Registers network memory with the verbs device (raw addresses).
 #[allow(unsafe_code)]
 pub mod rdma;
+pub mod sim;
 pub mod tcp;
 pub mod transport;
 // Registered memory: raw addresses handed to the NIC or to the emulation.
