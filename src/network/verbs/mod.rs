@@ -37,6 +37,9 @@
 //! its queue pairs in the error state, as on hardware.
 
 // pub mod emu; (next commit)
+#[cfg(feature = "rdma")]
+pub mod hw;
+pub mod probe;
 
 use std::sync::Arc;
 use std::time::Duration;
