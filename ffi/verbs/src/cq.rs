@@ -13,7 +13,7 @@ use rdma_sys::{
 };
 
 use crate::device::{Context, Device};
-use crate::error::{Error, call_failed, last_errno, rc_failed};
+use crate::error::{Error, call_failed, check_limit, last_errno, rc_failed};
 
 /// Work completions fetched per `ibv_poll_cq` call (on the stack).
 const POLL_BATCH: usize = 16;
@@ -179,6 +179,7 @@ unsafe impl Sync for CompletionQueue {}
 impl Device {
     /// A completion queue of at least `depth` entries.
     pub fn create_cq(&self, depth: u32) -> Result<Arc<CompletionQueue>, Error> {
+        check_limit("completion queue depth", depth, self.limits().0)?;
         let cqe = i32::try_from(depth).map_err(|_| Error::Call {
             call: "ibv_create_cq",
             errno: libc::EINVAL,

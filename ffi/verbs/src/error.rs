@@ -34,6 +34,21 @@ pub enum Error {
     TooManySges { count: usize, max: u32 },
     #[error("queue pair {qpn} is not connected")]
     NotConnected { qpn: u32 },
+    /// A queue asked for more than the device supports.
+    #[error("{what} of {asked} exceeds the device's maximum of {max}")]
+    Limit {
+        what: &'static str,
+        asked: u32,
+        max: u32,
+    },
+}
+
+/// `asked` must not exceed the device's `max` (0: the device did not say).
+pub(crate) fn check_limit(what: &'static str, asked: u32, max: u32) -> Result<(), Error> {
+    if max != 0 && asked > max {
+        return Err(Error::Limit { what, asked, max });
+    }
+    Ok(())
 }
 
 impl Error {
@@ -134,6 +149,17 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "no RDMA device named \"mlx5_9\" (found: mlx5_0, mlx5_1)"
+        );
+    }
+
+    #[test]
+    fn limits_are_checked_unless_unknown() {
+        assert_eq!(check_limit("send queue depth", 64, 32768), Ok(()));
+        assert_eq!(check_limit("send queue depth", 64, 0), Ok(()));
+        let e = check_limit("completion queue depth", 5_000_000, 4_194_303).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "completion queue depth of 5000000 exceeds the device's maximum of 4194303"
         );
     }
 

@@ -14,7 +14,7 @@ use rdma_sys::{
 
 use crate::cq::CompletionQueue;
 use crate::device::{Device, LinkLayer, PortInfo, ProtectionDomain};
-use crate::error::{Error, call_failed, rc_failed};
+use crate::error::{Error, call_failed, check_limit, rc_failed};
 
 /// Local ACK timeout exponent: 4.096 µs × 2^14 ≈ 67 ms per try.
 pub const TIMEOUT: u8 = 14;
@@ -121,6 +121,14 @@ impl Device {
         cq: &Arc<CompletionQueue>,
         caps: QpCaps,
     ) -> Result<QueuePair, Error> {
+        let (_, max_wr, max_sge) = self.limits();
+        check_limit("send queue depth", caps.send_depth, max_wr)?;
+        check_limit("receive queue depth", caps.recv_depth, max_wr)?;
+        check_limit(
+            "scatter/gather entries per send",
+            caps.send_sge_max,
+            max_sge,
+        )?;
         let mut init = ibv_qp_init_attr {
             qp_context: std::ptr::null_mut(),
             send_cq: cq.cq.as_ptr(),

@@ -297,8 +297,19 @@ fn map_error(e: ffi::Error) -> VerbsError {
         ffi::Error::QueueFull { qpn, queue, depth } => VerbsError::QueueFull { qpn, queue, depth },
         ffi::Error::TooManySges { count, max } => VerbsError::TooManySges { count, max },
         ffi::Error::NotConnected { qpn } => VerbsError::NotConnected { qpn },
-        other => VerbsError::NoDevice {
-            reason: other.to_string(),
+        ffi::Error::Limit { what, .. } => {
+            let call = if what.starts_with("completion") {
+                "ibv_create_cq"
+            } else {
+                "ibv_create_qp"
+            };
+            VerbsError::Call {
+                call,
+                reason: e.to_string(),
+            }
+        }
+        _ => VerbsError::NoDevice {
+            reason: e.to_string(),
         },
     }
 }
@@ -674,6 +685,17 @@ mod tests {
             VerbsError::Call {
                 call: "ibv_reg_mr",
                 reason: std::io::Error::from_raw_os_error(libc::EFAULT).to_string(),
+            }
+        );
+        assert_eq!(
+            map_error(ffi::Error::Limit {
+                what: "send queue depth",
+                asked: 70000,
+                max: 32768
+            }),
+            VerbsError::Call {
+                call: "ibv_create_qp",
+                reason: "send queue depth of 70000 exceeds the device's maximum of 32768".into(),
             }
         );
         assert_eq!(
