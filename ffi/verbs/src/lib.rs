@@ -44,7 +44,9 @@ mod error;
 mod mr;
 mod qp;
 
-pub use cq::{Completion, CompletionOpcode, CompletionQueue, CompletionStatus, RawCompletion};
+pub use cq::{
+    Completion, CompletionOpcode, CompletionQueue, CompletionStatus, RawCompletion, status_text,
+};
 pub use device::{
     Device, GidCandidate, LinkLayer, OpenOptions, PortInfo, choose_gid_index, format_gid,
 };

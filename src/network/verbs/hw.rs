@@ -37,6 +37,9 @@ use super::{
     SGE_MAX, SendOp, SendRequest, VerbsDevice, VerbsError, WcOpcode, WcStatus, WorkCompletion,
 };
 
+// The interface's gather lists must fit the FFI crate's on-stack list.
+const _: () = assert!(SGE_MAX <= ffi::SGE_PER_SEND_MAX);
+
 /// Which device, port and GID to open.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct HwOptions {
