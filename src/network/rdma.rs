@@ -127,11 +127,7 @@ impl VerbsEnv {
         self.device.describe()
     }
 
-    fn queue_pair(
-        &self,
-        send_depth: u32,
-        recv_depth: u32,
-    ) -> Result<(Arc<dyn QueuePair>, Arc<dyn CompletionQueue>), VerbsError> {
+    fn queue_pair(&self, send_depth: u32, recv_depth: u32) -> Result<QueuePairWithCq, VerbsError> {
         let cq = self.device.create_cq(send_depth + recv_depth)?;
         let qp = self.device.create_qp(
             &cq,
@@ -144,6 +140,8 @@ impl VerbsEnv {
         Ok((qp, cq))
     }
 }
+
+type QueuePairWithCq = (Arc<dyn QueuePair>, Arc<dyn CompletionQueue>);
 
 /// A buffer the consumer lent for one write: where, and the slot to name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

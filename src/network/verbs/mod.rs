@@ -37,6 +37,8 @@
 //! its queue pairs in the error state, as on hardware.
 
 pub mod emu;
+#[cfg(feature = "rdma")]
+pub mod hw;
 pub mod probe;
 
 use std::sync::Arc;
