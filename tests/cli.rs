@@ -146,7 +146,7 @@ fn run_prints_a_summary_and_the_results() {
 }
 
 #[test]
-fn asking_for_rdma_without_a_verbs_transport_is_a_clear_error() {
+fn asking_for_rdma_without_a_device_is_a_clear_error() {
     let (code, _, stderr) = output(strata().args([
         "run",
         "examples/project_and_print.toml",
@@ -158,7 +158,8 @@ fn asking_for_rdma_without_a_verbs_transport_is_a_clear_error() {
     ]));
     assert_ne!(code, 0);
     assert!(
-        stderr.contains("taskmanager.network.transport = rdma cannot be used"),
+        stderr.contains("taskmanager.network.transport = rdma, but no RDMA device"),
         "{stderr}"
     );
+    assert!(stderr.contains("rdma-emulated"), "{stderr}");
 }

@@ -66,13 +66,14 @@ fn jobmanager() -> (Proc, String) {
     )
 }
 
-/// A TaskManager, with its data address.
-fn taskmanager(jm: &str) -> (Proc, String) {
-    spawn_announcing(
-        &["taskmanager", "--jobmanager", jm],
-        "TaskManager data port ",
-    )
+/// A TaskManager with extra arguments (`-D key=value`), with its data address.
+fn taskmanager_with(jm: &str, extra: &[&str]) -> (Proc, String) {
+    let mut args = vec!["taskmanager", "--jobmanager", jm];
+    args.extend_from_slice(extra);
+    spawn_announcing(&args, "TaskManager data port ")
 }
+
+const EMULATED_VERBS: &[&str] = &["-D", "taskmanager.network.transport=rdma-emulated"];
 
 fn submit(jm: &str, job: &std::path::Path) -> std::process::Output {
     strata()
@@ -84,9 +85,20 @@ fn submit(jm: &str, job: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn separate_processes_run_a_keyed_job_over_sockets() {
+    keyed_job_across_processes(&[], "transport: tcp (");
+}
+
+/// The verbs protocol between processes: the emulated devices talk over
+/// their TCP link, as two NICs would over the fabric.
+#[test]
+fn separate_processes_run_a_keyed_job_over_emulated_verbs() {
+    keyed_job_across_processes(EMULATED_VERBS, "transport: rdma-emulated (");
+}
+
+fn keyed_job_across_processes(tm_args: &[&str], transport: &str) {
     let (_jm, addr) = jobmanager();
-    let _tm1 = taskmanager(&addr);
-    let _tm2 = taskmanager(&addr);
+    let _tm1 = taskmanager_with(&addr, tm_args);
+    let _tm2 = taskmanager_with(&addr, tm_args);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let job = dir.path().join("job.toml");
@@ -114,6 +126,7 @@ fn separate_processes_run_a_keyed_job_over_sockets() {
         stdout.contains("FINISHED") && stdout.contains("tm-2/slot"),
         "{stdout}"
     );
+    assert!(stdout.contains(transport), "{stdout}");
     assert_matches_reference(
         &read_csv_parts(&out),
         &reference_aggregation(200_000, 3_000, 17, 10),
@@ -132,9 +145,13 @@ struct SlowJob {
 
 impl SlowJob {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    fn start_with(tm_args: &[&str]) -> Self {
         let (jm, addr) = jobmanager();
-        let tm1 = taskmanager(&addr);
-        let (tm2, tm2_data) = taskmanager(&addr);
+        let tm1 = taskmanager_with(&addr, tm_args);
+        let (tm2, tm2_data) = taskmanager_with(&addr, tm_args);
         let dir = tempfile::tempdir().unwrap();
         let job = dir.path().join("slow.toml");
         // 100k rows/s for 2M rows: ~20 s unless something fails it.
@@ -166,7 +183,15 @@ impl SlowJob {
 
 #[test]
 fn killing_a_taskmanager_fails_the_job_naming_it_within_the_heartbeat_timeout() {
-    let mut c = SlowJob::start();
+    kill_mid_job(SlowJob::start());
+}
+
+#[test]
+fn killing_a_taskmanager_mid_transfer_over_emulated_verbs_names_it() {
+    kill_mid_job(SlowJob::start_with(EMULATED_VERBS));
+}
+
+fn kill_mid_job(mut c: SlowJob) {
     let (tm2, tm2_data) = (&mut c.tm2, c.tm2_data.clone());
     let submitter = c.submitter.take().unwrap();
     let killed_at = Instant::now();

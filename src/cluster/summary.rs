@@ -69,7 +69,7 @@ pub fn render(s: &JobSummary) -> String {
     );
     let _ = writeln!(
         out,
-        "  exchange: {} in {} buffers over TCP, {} rows over local channels, back-pressured {} ms",
+        "  exchange: {} in {} buffers between TaskManagers, {} rows over local channels, back-pressured {} ms",
         human_bytes(s.remote_bytes),
         human_count(s.remote_buffers),
         human_count(s.local_rows),

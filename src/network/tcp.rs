@@ -994,6 +994,80 @@ mod tests {
         assert_eq!(producer_side.available_count(), 64);
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_frames_close_only_their_connection_and_the_server_keeps_serving() {
+        use tokio::io::AsyncReadExt;
+        let registry = Arc::new(NetworkRegistry::default());
+        let server = DataServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::clone(&registry),
+            SEGMENT,
+            None,
+        )
+        .await
+        .unwrap();
+        let mut request = Vec::new();
+        encode_control(
+            &ControlMessage::PartitionRequest {
+                channel_id: 0,
+                job: PARTITION.job,
+                edge: PARTITION.edge,
+                source_subtask: PARTITION.source_subtask,
+                subpartition: 0,
+                initial_credit: 1,
+            },
+            &mut request,
+        );
+        let mut bad_magic = request.clone();
+        bad_magic[4] ^= 0xff;
+        let mut too_long = request.clone();
+        too_long[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let truncated = request[..request.len() - 3].to_vec();
+        for garbage in [vec![0xa5; 64], bad_magic, too_long, truncated] {
+            let mut s = TcpStream::connect(server.local_addr).await.unwrap();
+            s.write_all(&garbage).await.unwrap();
+            // A truncated frame is only known as such at end of stream.
+            s.shutdown().await.unwrap();
+            let mut buf = [0u8; 64];
+            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("the server neither answered nor closed")
+                .unwrap_or(0);
+            assert_eq!(n, 0, "the server must close a connection that sent garbage");
+        }
+        // The data server still serves well-formed consumers.
+        let sub = Subpartition::new(4);
+        registry.register_partition(Arc::new(ResultPartition {
+            id: PARTITION,
+            subpartitions: vec![Some(Arc::clone(&sub))],
+        }));
+        let pool = NetworkBufferPool::new(4, SEGMENT);
+        let mut writer = RecordWriter::new(
+            Partitioner::Forward,
+            vec![Target::Remote {
+                sub,
+                encoder: Box::new(ChannelEncoder::new(
+                    SEGMENT - crate::network::PAYLOAD_HEADROOM,
+                )),
+            }],
+            128,
+            pool,
+            Arc::new(|| false),
+            Arc::new(WriterMetrics::default()),
+        );
+        writer.finish().unwrap();
+        let mut s = TcpStream::connect(server.local_addr).await.unwrap();
+        s.write_all(&request).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), read_incoming(&mut s, SEGMENT))
+            .await
+            .unwrap()
+            .unwrap();
+        match answer {
+            Some(Incoming::Buffer(h)) => assert_eq!(h.kind, BufferKind::EndOfPartition),
+            other => panic!("expected the end-of-partition buffer, got {other:?}"),
+        }
+    }
+
     /// A producer that answers the partition request with `bytes` and then
     /// either closes the connection or holds it open; returns the error the
     /// consuming gate sees.
