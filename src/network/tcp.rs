@@ -26,6 +26,8 @@ use super::{NetworkError, NetworkRegistry, PartitionId};
 /// How long a partition request waits for its producer to be deployed.
 const PARTITION_WAIT: Duration = Duration::from_secs(30);
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// Payloads at least this large bypass the write buffer.
+const LARGE_PAYLOAD_BYTES: usize = 8 * 1024;
 /// How long a consumer waits for the producer's answer to `VerbsConnect`.
 const VERBS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Verbs credits a producer holds for channels whose partition request is
@@ -373,6 +375,32 @@ fn next_ready(
     None
 }
 
+/// Writes `head` then `payload` with as few system calls as the socket allows.
+async fn write_all_vectored(
+    stream: &mut OwnedWriteHalf,
+    head: &[u8],
+    payload: &[u8],
+) -> std::io::Result<()> {
+    let mut done = 0usize;
+    let total = head.len() + payload.len();
+    while done < total {
+        let n = if done < head.len() {
+            let parts = [
+                std::io::IoSlice::new(&head[done..]),
+                std::io::IoSlice::new(payload),
+            ];
+            stream.write_vectored(&parts).await?
+        } else {
+            stream.write(&payload[done - head.len()..]).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        done += n;
+    }
+    Ok(())
+}
+
 /// Sends every attached subpartition's buffers while it has credit.
 async fn send_loop(
     writer: OwnedWriteHalf,
@@ -393,8 +421,16 @@ async fn send_loop(
             Some((header, buffer, _)) => {
                 head.clear();
                 encode_buffer_header(&header, &mut head);
-                writer.write_all(&head).await?;
-                writer.write_all(buffer.payload.as_slice()).await?;
+                let payload = buffer.payload.as_slice();
+                if payload.len() < LARGE_PAYLOAD_BYTES {
+                    writer.write_all(&head).await?;
+                    writer.write_all(payload).await?;
+                } else {
+                    // A large buffer goes from its segment to the socket in
+                    // one gathered write: no copy through the write buffer.
+                    writer.flush().await?;
+                    write_all_vectored(writer.get_mut(), &head, payload).await?;
+                }
             }
             None => {
                 writer.flush().await?;
