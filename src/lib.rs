@@ -32,7 +32,9 @@
 //!   heartbeats), the embedded mini-cluster and the job client.
 //! - [`taskmanager`]: slot table, task deployment and lifecycle.
 //! - [`exec`]: task runtime, operators, sources and sinks.
-//! - [`network`]: frames, result partitions, input gates, TCP transport.
+//! - [`network`]: frames, result partitions, input gates, credit-based flow
+//!   control; TCP and RDMA verbs (hardware or emulated) transports; a seeded
+//!   network simulator.
 //! - [`memory`]: managed memory pages and budgets, network buffer pool.
 //! - [`io`]: the IOManager: io_uring / thread-pool / simulated storage and
 //!   checksummed spill files (not yet used by operators).

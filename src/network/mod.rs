@@ -8,6 +8,14 @@
 //! TaskManager's data server ([`tcp`]) sends to the consumer's TaskManager
 //! only while the consumer has granted credit.
 //!
+//! Transports between TaskManagers ([`transport`] chooses and says why):
+//! TCP frames on the data connection ([`tcp`]), or RDMA writes into credited
+//! registered segments ([`rdma`]) over a verbs-shaped interface ([`verbs`])
+//! that a NIC (feature `rdma`) or the user-space emulation implements. The
+//! data connection stays the control channel in both. [`sim`] replaces the
+//! wire with a seeded simulation for tests; [`debloat`] sizes buffers from
+//! the measured throughput.
+//!
 //! Credit: a receiving channel owns `buffers-per-channel` exclusive segments
 //! and may borrow from its gate's `floating-buffers-per-gate`; every free
 //! segment it holds is one credit announced to the sender. The sender reports
