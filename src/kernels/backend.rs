@@ -458,3 +458,115 @@ impl KernelBackend for TieredKernels {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
+    use crate::kernels::gpu::sim::SimulatedGpuBackend;
+
+    const ROWS: usize = 10_000;
+
+    /// A tiered backend over a simulated GPU whose one slot has
+    /// `budget_bytes` of device memory.
+    fn tiered(budget_bytes: u64) -> TieredKernels {
+        let pool = DevicePool::new(PoolConfig::even(budget_bytes, 1)).unwrap();
+        TieredKernels::new(
+            Arc::new(SimulatedGpuBackend::new(pool.slot(0))),
+            Arc::default(),
+        )
+    }
+
+    fn values() -> Int64Array {
+        (0..ROWS as i64)
+            .map(|v| (v % 13 != 0).then_some(v * 7 - 30_000))
+            .collect()
+    }
+
+    #[test]
+    fn oom_splits_the_batch_and_the_result_equals_the_cpu_twin() {
+        let array = values();
+        // A quarter of the batch fits; half does not.
+        let kernels = tiered(30_000);
+        let gpu = kernels.filter_i64(&array, CmpOp::Ge, 100).unwrap();
+        assert_eq!(gpu, CpuBackend.filter_i64(&array, CmpOp::Ge, 100).unwrap());
+        let stats = kernels.stats().snapshot();
+        assert_eq!(stats.oom_splits, 3, "{stats:?}");
+        assert_eq!(stats.gpu_batches, 4, "{stats:?}");
+        assert_eq!(stats.cpu_fallback_batches, 0, "{stats:?}");
+    }
+
+    #[test]
+    fn piece_that_never_fits_runs_on_the_cpu_twin_and_is_counted() {
+        let array = values();
+        let kernels = tiered(100);
+        let mut hashes = vec![0; ROWS];
+        kernels
+            .hash_i64(&array, HashMode::Replace, &mut hashes)
+            .unwrap();
+        let mut expected = vec![0; ROWS];
+        CpuBackend
+            .hash_i64(&array, HashMode::Replace, &mut expected)
+            .unwrap();
+        assert_eq!(hashes, expected);
+        let stats = kernels.stats().snapshot();
+        assert_eq!(stats.gpu_batches, 0);
+        assert_eq!(stats.cpu_fallback_batches, 1 << OOM_SPLIT_DEPTH_MAX);
+        assert_eq!(stats.cpu_fallback_rows, ROWS as u64);
+    }
+
+    #[test]
+    fn batch_that_fits_runs_whole_on_the_gpu() {
+        let array = values();
+        let kernels = tiered(1 << 20);
+        let doubled = kernels
+            .project_i64(
+                ArithOp::Mul,
+                Operands {
+                    left: ArrayOperand::Array(&array),
+                    right: ArrayOperand::Literal(2),
+                },
+            )
+            .unwrap();
+        assert_eq!(doubled.value(1), 2 * array.value(1));
+        assert_eq!(kernels.stats().snapshot().gpu_batches, 1);
+        assert_eq!(kernels.stats().snapshot().oom_splits, 0);
+    }
+
+    #[test]
+    fn overflow_after_a_split_names_the_row_of_the_whole_batch() {
+        let mut rows: Vec<i64> = (0..ROWS as i64).collect();
+        rows[7_000] = i64::MAX;
+        let array = Int64Array::from(rows);
+        let operands = Operands {
+            left: ArrayOperand::Array(&array),
+            right: ArrayOperand::Literal(1),
+        };
+        let expected = CpuBackend.project_i64(ArithOp::Add, operands).unwrap_err();
+        let split = tiered(60_000)
+            .project_i64(ArithOp::Add, operands)
+            .unwrap_err();
+        assert_eq!(split.to_string(), expected.to_string());
+        assert!(split.to_string().contains("row 7000"), "{split}");
+    }
+
+    #[test]
+    fn split_float_projection_keeps_nulls_and_nan() {
+        let left: Float64Array = (0..ROWS)
+            .map(|i| match i % 5 {
+                0 => None,
+                1 => Some(f64::NAN),
+                _ => Some(i as f64 * 0.5),
+            })
+            .collect();
+        let operands = Operands {
+            left: ArrayOperand::Array(&left),
+            right: ArrayOperand::Literal(0.0),
+        };
+        let expected = CpuBackend.project_f64(ArithOp::Div, operands).unwrap();
+        let split = tiered(100_000).project_f64(ArithOp::Div, operands).unwrap();
+        assert_eq!(split.nulls(), expected.nulls());
+        let bits = |a: &Float64Array| a.values().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&split), bits(&expected));
+    }
+}

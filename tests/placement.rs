@@ -1,0 +1,218 @@
+//! `strata explain` and `strata bench --calibrate` through the real CLI:
+//! placement on a node without a GPU, and with a simulated calibration that
+//! declares one.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use strata::kernels::backend::Tier;
+use strata::placement::Placement;
+
+fn examples() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut jobs: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    jobs.sort();
+    jobs
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples")
+        .join(name)
+}
+
+/// `strata` as on a machine without a GPU and without a calibration file.
+fn strata(scratch: &Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    c.env("STRATA_LOG", "warn")
+        .env("STRATA_DISABLE_GPU", "1")
+        .env("STRATA_CALIBRATION", scratch.join("absent.json"));
+    c
+}
+
+fn run(cmd: &mut Command) -> (i32, String, String) {
+    let out = cmd.output().expect("running strata");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn explain_json(cmd: &mut Command) -> Placement {
+    let (code, stdout, stderr) = run(cmd.arg("--json"));
+    assert_eq!(code, 0, "{stderr}");
+    serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"))
+}
+
+fn tier_of(placement: &Placement, name: &str) -> Tier {
+    placement
+        .operators
+        .iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("no operator {name}"))
+        .tier
+}
+
+/// A calibration of an H100-class node with the built-in CPU rates.
+fn gpu_calibration(dir: &Path) -> PathBuf {
+    let path = dir.join("gpu-node.json");
+    std::fs::write(
+        &path,
+        r#"{
+  "origin": "simulated H100 node",
+  "cpu": {"filter_rows_per_s": 3e8, "project_rows_per_s": 2e8,
+          "hash_rows_per_s": 3e8, "aggregate_rows_per_s": 3e7},
+  "gpu": {"device": "NVIDIA H100 (simulated)", "memory_bytes": 85899345920,
+          "rates": {"filter_rows_per_s": 2e10, "project_rows_per_s": 1.5e10,
+                    "hash_rows_per_s": 2e10, "aggregate_rows_per_s": 2e9},
+          "link_bytes_per_s": 2.5e10, "launch_overhead_s": 1e-5}
+}"#,
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn explain_without_a_gpu_places_every_example_operator_on_the_cpu_with_a_reason() {
+    let scratch = tempfile::tempdir().unwrap();
+    for job in examples() {
+        let (code, stdout, stderr) = run(strata(scratch.path()).arg("explain").arg(&job));
+        assert_eq!(code, 0, "{}: {stderr}", job.display());
+        assert!(stdout.contains("GPU tier:    none"), "{stdout}");
+        assert!(stdout.contains("CPU COST"), "{stdout}");
+        let placement = explain_json(strata(scratch.path()).arg("explain").arg(&job));
+        for op in &placement.operators {
+            assert_eq!(op.tier, Tier::Cpu, "{}: {op:?}", job.display());
+            assert!(!op.reason.is_empty(), "{op:?}");
+        }
+    }
+    let placement = explain_json(
+        strata(scratch.path())
+            .arg("explain")
+            .arg(example("gpu_pipeline.toml")),
+    );
+    let filter = &placement.operators[2];
+    assert!(
+        filter.reason.contains("no GPU tier on this node"),
+        "{filter:?}"
+    );
+    assert!(filter.cpu_cost_s.is_some() && filter.gpu_cost_s.is_none());
+}
+
+#[test]
+fn explain_with_a_simulated_gpu_calibration_puts_filter_project_aggregate_chains_on_the_gpu() {
+    let scratch = tempfile::tempdir().unwrap();
+    let calibration = gpu_calibration(scratch.path());
+    let placement = explain_json(
+        strata(scratch.path())
+            .arg("explain")
+            .arg(example("gpu_pipeline.toml"))
+            .arg("--calibration")
+            .arg(&calibration),
+    );
+    for name in ["scaled", "large", "totals"] {
+        assert_eq!(tier_of(&placement, name), Tier::Gpu, "{placement:#?}");
+    }
+    for name in ["events", "by-key", "out"] {
+        assert_eq!(tier_of(&placement, name), Tier::Cpu, "{placement:#?}");
+    }
+    // The project -> filter chain is decided as one.
+    assert_eq!(placement.operators[1].reason, placement.operators[2].reason);
+    assert!(placement.operators[1].reason.contains("scaled → large"));
+    assert!(
+        placement.gpu_tier.contains("H100"),
+        "{}",
+        placement.gpu_tier
+    );
+
+    // The 50M-row example: a lone filter does not pay for its transfers,
+    // and avg over Float64 has no GPU aggregate.
+    let placement = explain_json(
+        strata(scratch.path())
+            .arg("explain")
+            .arg(example("keyed_aggregation.toml"))
+            .arg("--calibration")
+            .arg(&calibration),
+    );
+    let filter = &placement.operators[1];
+    assert_eq!(filter.tier, Tier::Cpu);
+    assert!(filter.reason.contains("transfers"), "{filter:?}");
+    assert!(placement.operators[3].reason.contains("avg(price)"));
+}
+
+#[test]
+fn placement_mode_gpu_without_a_gpu_is_a_clear_error() {
+    let scratch = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = run(strata(scratch.path())
+        .arg("explain")
+        .arg(example("gpu_pipeline.toml"))
+        .args(["-D", "placement.mode=gpu"]));
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("placement.mode = gpu, but this node has no GPU tier"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("STRATA_DISABLE_GPU"), "{stderr}");
+}
+
+#[test]
+fn placement_modes_override_the_cost_model() {
+    let scratch = tempfile::tempdir().unwrap();
+    let calibration = gpu_calibration(scratch.path());
+    let forced = explain_json(
+        strata(scratch.path())
+            .arg("explain")
+            .arg(example("keyed_aggregation.toml"))
+            .args(["-D", "placement.mode=gpu", "-D"])
+            .arg(format!(
+                "placement.calibration-file={}",
+                calibration.display()
+            )),
+    );
+    assert_eq!(tier_of(&forced, "positive"), Tier::Gpu, "{forced:#?}");
+    assert_eq!(
+        tier_of(&forced, "totals"),
+        Tier::Cpu,
+        "no kernel for avg(price)"
+    );
+    let cpu = explain_json(
+        strata(scratch.path())
+            .arg("explain")
+            .arg(example("gpu_pipeline.toml"))
+            .args(["-D", "placement.mode=cpu", "--calibration"])
+            .arg(&calibration),
+    );
+    assert!(cpu.operators.iter().all(|op| op.tier == Tier::Cpu));
+    assert_eq!(cpu.operators[4].reason, "CPU: placement.mode = cpu");
+}
+
+#[test]
+fn bench_calibrate_writes_the_file_that_explain_prices_with() {
+    let scratch = tempfile::tempdir().unwrap();
+    let path = scratch.path().join("measured.json");
+    let (code, stdout, stderr) = run(strata(scratch.path())
+        .args(["bench", "--calibrate", "--rows", "50000", "--output"])
+        .arg(&path));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("calibration written to"), "{stdout}");
+    assert!(stdout.contains("GPU  none"), "{stdout}");
+    let placement = explain_json(
+        strata(scratch.path())
+            .arg("explain")
+            .arg(example("project_and_print.toml"))
+            .arg("--calibration")
+            .arg(&path),
+    );
+    assert!(
+        placement
+            .calibration_origin
+            .contains("measured by `strata bench --calibrate`"),
+        "{}",
+        placement.calibration_origin
+    );
+}
