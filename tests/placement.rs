@@ -98,7 +98,9 @@ fn explain_without_a_gpu_places_every_example_operator_on_the_cpu_with_a_reason(
     );
     let filter = &placement.operators[2];
     assert!(
-        filter.reason.contains("no GPU tier on this node"),
+        filter
+            .reason
+            .contains("no GPU tier (disabled by STRATA_DISABLE_GPU)"),
         "{filter:?}"
     );
     assert!(filter.cpu_cost_s.is_some() && filter.gpu_cost_s.is_none());
@@ -214,5 +216,83 @@ fn bench_calibrate_writes_the_file_that_explain_prices_with() {
             .contains("measured by `strata bench --calibrate`"),
         "{}",
         placement.calibration_origin
+    );
+}
+
+fn tiny_job(dir: &Path) -> PathBuf {
+    let path = dir.join("tiny.toml");
+    std::fs::write(
+        &path,
+        r#"[job]
+name = "tiny"
+parallelism = 1
+
+[[operator]]
+name = "events"
+type = "datagen"
+rows = 5000
+columns = ["key", "value"]
+
+[[operator]]
+name = "small"
+type = "filter"
+predicate = "value < 500"
+
+[[operator]]
+name = "out"
+type = "blackhole"
+"#,
+    )
+    .unwrap();
+    path
+}
+
+#[test]
+fn run_summary_shows_the_placement_and_that_the_cluster_has_no_gpu() {
+    let scratch = tempfile::tempdir().unwrap();
+    let job = tiny_job(scratch.path());
+    let (code, stdout, stderr) = run(strata(scratch.path()).arg("run").arg(&job).args([
+        "--no-progress",
+        "--taskmanagers",
+        "1",
+        "-D",
+        "rest.port=0",
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("gpu no GPU (disabled by STRATA_DISABLE_GPU): CPU slots only"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "placement (placement.mode = auto; GPU tier: none (no TaskManager offers a GPU slot))"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("small                CPU  CPU: no GPU tier"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn run_with_placement_mode_gpu_on_a_cluster_without_gpus_is_refused() {
+    let scratch = tempfile::tempdir().unwrap();
+    let job = tiny_job(scratch.path());
+    let (code, stdout, stderr) = run(strata(scratch.path()).arg("run").arg(&job).args([
+        "--no-progress",
+        "--taskmanagers",
+        "1",
+        "-D",
+        "rest.port=0",
+        "-D",
+        "placement.mode=gpu",
+    ]));
+    assert_ne!(code, 0, "{stdout}");
+    assert!(
+        stderr.contains(
+            "placement.mode = gpu, but this node has no GPU tier (no TaskManager offers a GPU slot)"
+        ),
+        "{stderr}"
     );
 }

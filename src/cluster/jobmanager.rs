@@ -28,6 +28,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct TmEntry {
     name: String,
     io: String,
+    /// The TaskManager's GPU line (its GPUs, or why it has none).
+    gpu: String,
     data_addr: SocketAddr,
     slots: Vec<SlotStatus>,
     /// The job each slot is allocated to, as the JobManager sees it.
@@ -45,6 +47,7 @@ struct TaskEntry {
 
 struct JobEntry {
     name: String,
+    placement: crate::placement::Placement,
     plan: Arc<LogicalPlan>,
     graph: Arc<JobGraph>,
     state: JobState,
@@ -77,6 +80,8 @@ pub struct TaskManagerInfo {
     pub last_heartbeat_ms: u64,
     /// The IOManager's backend line, fallback reason included.
     pub io: String,
+    /// The GPUs the TaskManager found, or why it offers CPU slots only.
+    pub gpu: String,
 }
 
 /// Everything the REST API and `/metrics` read, copied under one lock.
@@ -189,6 +194,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, co
             data_addr,
             slots,
             io,
+            gpu,
             ..
         } => {
             let name = {
@@ -199,6 +205,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, co
                 s.taskmanagers.push(TmEntry {
                     name: name.clone(),
                     io,
+                    gpu,
                     data_addr,
                     slots,
                     allocated,
@@ -268,6 +275,15 @@ fn submit(
     };
     let graph = Arc::new(JobGraph::build(&plan, config.default_parallelism));
     let mut s = lock(state);
+    let tiers = match place_on_cluster(&plan, &graph, config, &s.taskmanagers) {
+        Ok(tiers) => tiers,
+        Err(e) => {
+            let _ = client.send(Message::JobRejected {
+                reason: e.to_string(),
+            });
+            return;
+        }
+    };
     let needed = graph.slots_needed() as usize;
     let free = free_slots(&s.taskmanagers);
     let total: usize = s.taskmanagers.iter().map(|t| t.slots.len()).sum();
@@ -341,6 +357,7 @@ fn submit(
         job,
         JobEntry {
             name,
+            placement: tiers,
             plan,
             graph,
             state: JobState::Running,
@@ -350,6 +367,52 @@ fn submit(
             started: Instant::now(),
         },
     );
+}
+
+/// Places the job's operators on the tiers the cluster offers: the GPU tier
+/// exists when some TaskManager reported a GPU slot (priced with the
+/// configured calibration, else the defaults). Placement is logged.
+fn place_on_cluster(
+    plan: &LogicalPlan,
+    graph: &JobGraph,
+    config: &Config,
+    tms: &[TmEntry],
+) -> Result<crate::placement::Placement, crate::placement::PlacementError> {
+    use crate::placement::{PlacementInput, calibration, place};
+    let gpu_slot = tms
+        .iter()
+        .flat_map(|t| t.slots.iter().map(move |slot| (t, slot)))
+        .find_map(|(t, slot)| slot.profile.gpu.map(|(id, bytes)| (t, id, bytes)));
+    let device = gpu_slot.map(|(t, id, bytes)| crate::kernels::gpu::GpuDevice {
+        ordinal: id,
+        name: format!("{}: {}", t.name, t.gpu),
+        memory_bytes: bytes,
+        compute_capability: (0, 0),
+    });
+    let mut calibration = calibration::load(None, &config.calibration_file, device.as_ref())?;
+    if device.is_none() {
+        // A calibration measured on a GPU node does not make these
+        // TaskManagers GPU nodes.
+        calibration.gpu = None;
+    }
+    let absent = "no TaskManager offers a GPU slot";
+    let placement = place(&PlacementInput {
+        plan,
+        graph,
+        calibration: &calibration,
+        mode: config.placement_mode,
+        gpu_absent_reason: absent,
+    })?;
+    for op in &placement.operators {
+        tracing::info!(
+            "placement: {} ({}) on {}: {}",
+            op.name,
+            op.kind,
+            op.tier,
+            op.reason
+        );
+    }
+    Ok(placement)
 }
 
 /// Free slots, interleaved across TaskManagers so a job spreads evenly
@@ -550,6 +613,7 @@ fn snapshot(s: &State) -> ClusterSnapshot {
                 allocated: t.allocated.clone(),
                 last_heartbeat_ms: t.last_heartbeat.elapsed().as_millis() as u64,
                 io: t.io.clone(),
+                gpu: t.gpu.clone(),
             })
             .collect(),
         running,
@@ -593,6 +657,13 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         io,
         taskmanagers,
         slots,
+        placement: Some(entry.placement.clone()),
+        gpu: {
+            let mut gpu: Vec<String> = tms.iter().map(|t| t.gpu.clone()).collect();
+            gpu.sort();
+            gpu.dedup();
+            gpu
+        },
     };
     for t in entry.tasks.values() {
         let m = &t.metrics;
@@ -631,7 +702,7 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
                 .inputs
                 .first()
                 .map(|&e| graph.edges[e].partitioner.name().to_owned()),
-            tier: "CPU (no GPU tier in this build)".into(),
+            tier: entry.placement.vertex_tier(graph, v.id),
             operators: v
                 .operators
                 .iter()

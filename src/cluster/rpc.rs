@@ -84,7 +84,7 @@ pub struct ResourceProfile {
     pub cpu_cores: f64,
     pub managed_memory_bytes: u64,
     pub network_memory_bytes: u64,
-    /// GPU id and memory; empty until the GPU tier exists.
+    /// GPU id and this slot's device memory budget; `None` for a CPU slot.
     pub gpu: Option<(u32, u64)>,
 }
 
@@ -175,6 +175,12 @@ pub struct JobSummary {
     pub io: Vec<String>,
     pub taskmanagers: usize,
     pub slots: usize,
+    /// Where each operator ran and why (`placement.mode` and the cost model).
+    #[serde(default)]
+    pub placement: Option<crate::placement::Placement>,
+    /// Each distinct GPU line of the job's TaskManagers ("no GPU (…)").
+    #[serde(default)]
+    pub gpu: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -186,6 +192,9 @@ pub enum Message {
         slots: Vec<SlotStatus>,
         /// The IOManager's backend line (io_uring or the fallback and why).
         io: String,
+        /// The GPUs found, or why there are none.
+        #[serde(default)]
+        gpu: String,
     },
     Heartbeat {
         slots: Vec<SlotStatus>,

@@ -84,6 +84,25 @@ pub fn render(s: &JobSummary) -> String {
         human_bytes(s.managed_peak_bytes),
         human_count(s.late_rows)
     );
+    for gpu in &s.gpu {
+        let _ = writeln!(out, "  gpu {gpu}");
+    }
+    if let Some(placement) = &s.placement {
+        let _ = writeln!(
+            out,
+            "  placement (placement.mode = {}; GPU tier: {}):",
+            placement.mode, placement.gpu_tier
+        );
+        for op in &placement.operators {
+            let _ = writeln!(
+                out,
+                "    {:<20} {:<4} {}",
+                op.name,
+                op.tier.to_string(),
+                op.reason
+            );
+        }
+    }
     let _ = writeln!(out, "  vertices:");
     for v in &s.vertices {
         let _ = writeln!(

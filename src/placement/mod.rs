@@ -248,10 +248,7 @@ fn place_chain(
     let cpu_total: f64 = chain.iter().filter_map(|&i| operators[i].cpu_cost_s).sum();
     let Some(gpu) = gpu else {
         for &i in chain {
-            operators[i].reason = format!(
-                "CPU: no GPU tier on this node ({})",
-                input.gpu_absent_reason
-            );
+            operators[i].reason = format!("CPU: no GPU tier ({})", input.gpu_absent_reason);
         }
         return;
     };

@@ -171,8 +171,12 @@ impl TaskManager {
             network_memory_bytes: layout.network / slot_count.max(1) as u64,
             gpu: None,
         };
+        let gpu = crate::kernels::gpu::detect();
+        let profiles = slots::gpu_slot_profiles(&profile, slot_count, gpu.devices());
+        let gpu_slot_count = profiles.iter().filter(|p| p.gpu.is_some()).count();
         tracing::info!(
-            "TaskManager started: {slot_count} slots, managed memory {} MiB ({} pages of {} KiB, pre-touched), network {} segments of {} KiB, data port {}, no GPU (CPU slots only), transport tcp (taskmanager.network.transport = {}: no RDMA transport in this build)",
+            "TaskManager started: {slot_count} slots ({gpu_slot_count} with a GPU; {}), managed memory {} MiB ({} pages of {} KiB, pre-touched), network {} segments of {} KiB, data port {}, transport tcp (taskmanager.network.transport = {}: no RDMA transport in this build)",
+            gpu.describe(),
             layout.managed >> 20,
             pages.page_count(),
             page_size >> 10,
@@ -190,7 +194,7 @@ impl TaskManager {
                 connections: ConnectionManager::default(),
                 data_addr: server.local_addr,
                 io,
-                slots: Mutex::new(SlotTable::new(slot_count, profile)),
+                slots: Mutex::new(SlotTable::with_profiles(profiles)),
                 jobs: Mutex::default(),
                 config,
             }),
@@ -276,6 +280,7 @@ async fn session(
             data_addr: services.data_addr,
             slots,
             io: services.io.summary(),
+            gpu: crate::kernels::gpu::detect().describe(),
         },
     )
     .await?;

@@ -67,6 +67,20 @@ pub fn render(s: &ClusterSnapshot) -> String {
     }
     family(
         &mut out,
+        "strata_taskmanager_gpu_slots",
+        "gauge",
+        "Slots with a GPU (0 on a TaskManager without one: CPU slots only).",
+    );
+    for tm in &s.taskmanagers {
+        let gpu_slots = tm.slots.iter().filter(|x| x.profile.gpu.is_some()).count();
+        let _ = writeln!(
+            out,
+            "strata_taskmanager_gpu_slots{{taskmanager=\"{}\"}} {gpu_slots}",
+            escape(&tm.id)
+        );
+    }
+    family(
+        &mut out,
         "strata_taskmanager_info",
         "gauge",
         "Tiers chosen by each TaskManager, with the reason for every fallback.",
@@ -74,8 +88,9 @@ pub fn render(s: &ClusterSnapshot) -> String {
     for tm in &s.taskmanagers {
         let _ = writeln!(
             out,
-            "strata_taskmanager_info{{taskmanager=\"{}\",transport=\"tcp (no RDMA transport in this build)\",tier=\"cpu (no GPU tier in this build)\",io=\"{}\"}} 1",
+            "strata_taskmanager_info{{taskmanager=\"{}\",transport=\"tcp (no RDMA transport in this build)\",tier=\"{}\",io=\"{}\"}} 1",
             escape(&tm.id),
+            escape(&tm.gpu),
             escape(&tm.io)
         );
     }
