@@ -296,3 +296,85 @@ fn run_with_placement_mode_gpu_on_a_cluster_without_gpus_is_refused() {
         "{stderr}"
     );
 }
+
+/// The `small` filter's "in … out …" line of a run summary.
+fn filter_line(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("small") && l.contains(" filter "))
+        .unwrap_or_else(|| panic!("no filter line in {stdout}"))
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[test]
+fn filter_placed_on_a_simulated_gpu_splits_on_out_of_memory_and_keeps_the_cpu_result() {
+    let scratch = tempfile::tempdir().unwrap();
+    let job = scratch.path().join("gpu-filter.toml");
+    std::fs::write(
+        &job,
+        r#"[job]
+name = "gpu-filter"
+parallelism = 1
+
+[[operator]]
+name = "events"
+type = "datagen"
+rows = 100000
+keys = 50
+seed = 5
+columns = ["key", "value"]
+
+[[operator]]
+name = "small"
+type = "filter"
+predicate = "value < 500 and key != 3 or 990 <= value"
+
+[[operator]]
+name = "out"
+type = "blackhole"
+"#,
+    )
+    .unwrap();
+    let args = ["--no-progress", "--taskmanagers", "1", "-D", "rest.port=0"];
+    let (code, cpu_run, stderr) = run(strata(scratch.path()).arg("run").arg(&job).args(args));
+    assert_eq!(code, 0, "{stderr}");
+    // One 8192-row launch needs ~68 KB of device memory; the slot gets 90%
+    // of 55 KB, so every batch is split in two.
+    let (code, gpu_run, stderr) = run(strata(scratch.path())
+        .env("STRATA_SIMULATE_GPU_BYTES", "55000")
+        .arg("run")
+        .arg(&job)
+        .args(args)
+        .args(["-D", "placement.mode=gpu"]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(gpu_run.contains("tier GPU for small"), "{gpu_run}");
+    assert!(gpu_run.contains("gpu GPU 0 simulated GPU"), "{gpu_run}");
+    let offload = gpu_run
+        .lines()
+        .find(|l| l.contains("gpu offload:"))
+        .unwrap_or_else(|| panic!("no offload line in {gpu_run}"));
+    assert!(!offload.contains(" 0 out-of-memory splits"), "{offload}");
+    assert!(!offload.contains("gpu offload: 0 batch"), "{offload}");
+    assert_eq!(filter_line(&gpu_run), filter_line(&cpu_run));
+
+    // A budget that no piece of a full batch fits even split 8 ways: those
+    // pieces run on the CPU twin, and are counted.
+    let (code, starved_run, stderr) = run(strata(scratch.path())
+        .env("STRATA_SIMULATE_GPU_BYTES", "2000")
+        .arg("run")
+        .arg(&job)
+        .args(args)
+        .args(["-D", "placement.mode=gpu"]));
+    assert_eq!(code, 0, "{stderr}");
+    let offload = starved_run
+        .lines()
+        .find(|l| l.contains("gpu offload:"))
+        .unwrap_or_else(|| panic!("no offload line in {starved_run}"));
+    assert!(
+        !offload.contains(" 0 pieces (0 rows) on the CPU twin"),
+        "{offload}"
+    );
+    assert_eq!(filter_line(&starved_run), filter_line(&cpu_run));
+}

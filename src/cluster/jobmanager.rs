@@ -319,7 +319,13 @@ fn submit(
     let mut tasks = HashMap::new();
     for v in &graph.vertices {
         for subtask in 0..v.parallelism {
-            let tdd = descriptor(&graph, v.id, subtask, &placement);
+            let mut tdd = descriptor(&graph, v.id, subtask, &placement);
+            tdd.gpu_operators = v
+                .operators
+                .iter()
+                .copied()
+                .filter(|&op| tiers.operators[op].tier == crate::kernels::backend::Tier::Gpu)
+                .collect();
             let (tm, _, slot) = &placement[subtask as usize];
             tasks.insert(
                 (v.id, subtask),
@@ -385,9 +391,10 @@ fn place_on_cluster(
         .find_map(|(t, slot)| slot.profile.gpu.map(|(id, bytes)| (t, id, bytes)));
     let device = gpu_slot.map(|(t, id, bytes)| crate::kernels::gpu::GpuDevice {
         ordinal: id,
-        name: format!("{}: {}", t.name, t.gpu),
+        name: format!("{} on {}", t.gpu, t.name),
         memory_bytes: bytes,
         compute_capability: (0, 0),
+        simulated: false,
     });
     let mut calibration = calibration::load(None, &config.calibration_file, device.as_ref())?;
     if device.is_none() {
@@ -503,6 +510,7 @@ fn descriptor(
         attempt: 0,
         inputs,
         outputs,
+        gpu_operators: Vec::new(),
     }
 }
 
@@ -658,6 +666,7 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         taskmanagers,
         slots,
         placement: Some(entry.placement.clone()),
+        gpu_offload: Default::default(),
         gpu: {
             let mut gpu: Vec<String> = tms.iter().map(|t| t.gpu.clone()).collect();
             gpu.sort();
@@ -677,6 +686,11 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         summary.backpressure_ms += m.backpressure_ms;
         summary.late_rows += m.late_rows;
         summary.managed_peak_bytes = summary.managed_peak_bytes.max(m.managed_peak_bytes);
+        let offload = &mut summary.gpu_offload;
+        offload.gpu_batches += m.gpu.gpu_batches;
+        offload.oom_splits += m.gpu.oom_splits;
+        offload.cpu_fallback_batches += m.gpu.cpu_fallback_batches;
+        offload.cpu_fallback_rows += m.gpu.cpu_fallback_rows;
     }
     for (i, op) in ops.iter().enumerate() {
         if op.input.is_none() {

@@ -130,6 +130,9 @@ pub struct TaskDeploymentDescriptor {
     pub attempt: u32,
     pub inputs: Vec<InputGateDeployment>,
     pub outputs: Vec<OutputDeployment>,
+    /// The vertex's operators that placement put on the GPU.
+    #[serde(default)]
+    pub gpu_operators: Vec<usize>,
 }
 
 /// Per-vertex lines of a job summary.
@@ -181,6 +184,10 @@ pub struct JobSummary {
     /// Each distinct GPU line of the job's TaskManagers ("no GPU (…)").
     #[serde(default)]
     pub gpu: Vec<String>,
+    /// GPU launches, out-of-memory splits and CPU-twin fallbacks, summed
+    /// over the job's tasks.
+    #[serde(default)]
+    pub gpu_offload: crate::kernels::backend::OffloadSnapshot,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]

@@ -102,6 +102,17 @@ pub fn render(s: &JobSummary) -> String {
                 op.reason
             );
         }
+        if placement.gpu_operator_count() > 0 {
+            let o = &s.gpu_offload;
+            let _ = writeln!(
+                out,
+                "  gpu offload: {} batch pieces on the GPU, {} out-of-memory splits, {} pieces ({} rows) on the CPU twin after out-of-memory",
+                human_count(o.gpu_batches),
+                human_count(o.oom_splits),
+                human_count(o.cpu_fallback_batches),
+                human_count(o.cpu_fallback_rows)
+            );
+        }
     }
     let _ = writeln!(out, "  vertices:");
     for v in &s.vertices {

@@ -57,7 +57,7 @@ pub enum KernelError {
     DeviceOutOfMemory(PoolError),
     #[error(transparent)]
     Gpu(#[from] GpuError),
-    #[error("joining split results: {0}")]
+    #[error("combining kernel results: {0}")]
     Arrow(#[from] ArrowError),
 }
 

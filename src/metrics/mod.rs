@@ -26,6 +26,8 @@ pub struct TaskMetrics {
     pub late_rows: AtomicU64,
     pub managed_peak_bytes: AtomicU64,
     pub source_rows_expected: AtomicU64,
+    /// GPU launches, out-of-memory splits and CPU-twin fallbacks.
+    pub gpu: Arc<crate::kernels::backend::OffloadStats>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -47,6 +49,8 @@ pub struct TaskSnapshot {
     pub late_rows: u64,
     pub managed_peak_bytes: u64,
     pub source_rows_expected: u64,
+    #[serde(default)]
+    pub gpu: crate::kernels::backend::OffloadSnapshot,
 }
 
 impl TaskMetrics {
@@ -72,6 +76,7 @@ impl TaskMetrics {
             late_rows: r(&self.late_rows),
             managed_peak_bytes: r(&self.managed_peak_bytes),
             source_rows_expected: r(&self.source_rows_expected),
+            gpu: self.gpu.snapshot(),
         }
     }
 }

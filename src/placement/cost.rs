@@ -153,9 +153,10 @@ fn operand_type(expr: &Expr, schema: &Schema) -> Option<DataType> {
     }
 }
 
-/// A predicate the filter kernel runs: comparisons of an Int64 or Float64
-/// column with a literal, joined by `and`, `or` and `not` (the selection
-/// bitmaps combine word by word).
+/// A predicate the filter runs on the kernels (`exec::gpu_filter`):
+/// comparisons of an Int64 column with an Int64 literal, joined by `and`
+/// and `or`. Float64 comparisons and `not` stay on the evaluator, whose NaN
+/// and null semantics differ from a kernel selection's.
 fn gpu_predicate(expr: &Expr, schema: &Schema) -> Result<(), String> {
     match expr {
         Expr::Binary {
@@ -163,7 +164,6 @@ fn gpu_predicate(expr: &Expr, schema: &Schema) -> Result<(), String> {
             left,
             right,
         } => gpu_predicate(left, schema).and_then(|()| gpu_predicate(right, schema)),
-        Expr::Not(inner) => gpu_predicate(inner, schema),
         Expr::Binary {
             op: BinOp::Eq | BinOp::NotEq | BinOp::Lt | BinOp::LtEq | BinOp::Gt | BinOp::GtEq,
             left,
@@ -175,9 +175,9 @@ fn gpu_predicate(expr: &Expr, schema: &Schema) -> Result<(), String> {
             );
             let types = (operand_type(left, schema), operand_type(right, schema));
             match types {
-                (Some(l), Some(r)) if column_and_literal && l == r => Ok(()),
+                (Some(DataType::Int64), Some(DataType::Int64)) if column_and_literal => Ok(()),
                 _ => Err(format!(
-                    "`{expr}` is not a comparison of an Int64/Float64 column with a literal of its type"
+                    "`{expr}` is not a comparison of an Int64 column with an Int64 literal"
                 )),
             }
         }

@@ -18,9 +18,12 @@
 //! for the GPU explicitly and silently getting the CPU would hide a broken
 //! driver install.
 //!
-//! Today placement is advisory at run time: the decision is shown by
-//! `explain`, logged and put in the run summary, while the operators still
-//! execute through the CPU kernels (see README, "GPU tier").
+//! At run time the JobManager places each job on the tiers its TaskManagers
+//! offer, logs every decision, sends the GPU operators in the deployment
+//! descriptors and reports the placement in the run summary. Of the GPU
+//! operators, filters execute on the kernel backend today; projections and
+//! aggregates are priced and reported but still run on the CPU (README, "GPU
+//! tier").
 
 pub mod calibration;
 pub mod cost;

@@ -179,6 +179,7 @@ mod tests {
             name: "sim".into(),
             memory_bytes: 10 << 30,
             compute_capability: (9, 0),
+            simulated: false,
         };
         let profiles = gpu_slot_profiles(&base, 3, &[gpu(0), gpu(1)]);
         let gpus: Vec<_> = profiles.iter().map(|p| p.gpu).collect();

@@ -119,6 +119,7 @@ fn list_devices() -> Result<Vec<GpuDevice>, GpuError> {
                 name,
                 memory_bytes: memory_bytes as u64,
                 compute_capability: (major.max(0) as u32, minor.max(0) as u32),
+                simulated: false,
             })
         })
         .collect()

@@ -52,6 +52,10 @@ pub struct GpuDevice {
     pub memory_bytes: u64,
     /// `(major, minor)`, e.g. `(9, 0)` for an H100.
     pub compute_capability: (u32, u32),
+    /// A device of the simulator (`STRATA_SIMULATE_GPU_BYTES`): its kernels
+    /// are the CPU twins behind the same device-memory budgets.
+    #[serde(default)]
+    pub simulated: bool,
 }
 
 impl GpuDevice {
@@ -83,6 +87,14 @@ impl GpuDetection {
             GpuDetection::Present(devices) => devices
                 .iter()
                 .map(|d| {
+                    if d.simulated {
+                        return format!(
+                            "GPU {} {} ({} KiB)",
+                            d.ordinal,
+                            d.name,
+                            d.memory_bytes >> 10
+                        );
+                    }
                     format!(
                         "GPU {} {} ({} MiB, sm_{}{})",
                         d.ordinal,
@@ -103,6 +115,18 @@ impl GpuDetection {
 pub fn detect() -> &'static GpuDetection {
     static DETECTION: std::sync::OnceLock<GpuDetection> = std::sync::OnceLock::new();
     DETECTION.get_or_init(|| {
+        if let Some(memory_bytes) = std::env::var("STRATA_SIMULATE_GPU_BYTES")
+            .ok()
+            .and_then(|bytes| bytes.trim().parse::<u64>().ok())
+        {
+            return GpuDetection::Present(vec![GpuDevice {
+                ordinal: 0,
+                name: "simulated GPU (CPU twins, STRATA_SIMULATE_GPU_BYTES)".into(),
+                memory_bytes,
+                compute_capability: (0, 0),
+                simulated: true,
+            }]);
+        }
         if std::env::var_os("STRATA_DISABLE_GPU").is_some() {
             return GpuDetection::Absent {
                 reason: "disabled by STRATA_DISABLE_GPU".into(),
@@ -110,6 +134,21 @@ pub fn detect() -> &'static GpuDetection {
         }
         cuda::probe()
     })
+}
+
+/// The kernel backend of one GPU slot: the CUDA kernels, or the simulator's
+/// CPU twins behind the same budget for a simulated device.
+pub fn open_backend(
+    device: &GpuDevice,
+    pool: pool::SlotPool,
+) -> Result<std::sync::Arc<dyn crate::kernels::backend::KernelBackend>, GpuError> {
+    if device.simulated {
+        return Ok(std::sync::Arc::new(sim::SimulatedGpuBackend::new(pool)));
+    }
+    let cache = source::PtxCache::new(source::PtxCache::default_dir());
+    Ok(std::sync::Arc::new(cuda::CudaBackend::new(
+        device, pool, &cache,
+    )?))
 }
 
 /// Device bytes a launch over `row_count` rows allocates: the input columns
