@@ -217,7 +217,10 @@ impl CudaBackend {
                     functions.insert(*name, function);
                 }
             }
-            Ok((context.default_stream(), functions))
+            // One stream per slot backend, so that slots sharing a GPU do
+            // not serialise on the legacy default stream.
+            let stream = context.new_stream().map_err(driver("cuStreamCreate"))?;
+            Ok((stream, functions))
         };
         let (stream, functions) =
             catch_unwind(AssertUnwindSafe(open)).map_err(|_| GpuError::NoGpu {
