@@ -337,6 +337,10 @@ impl CudaBackend {
         T::Native: DeviceRepr,
     {
         let row_count = array.len();
+        if row_count == 0 {
+            // The driver refuses zero-byte allocations; nothing to launch.
+            return Ok(BooleanArray::new(boolean_buffer(Vec::new(), 0), None));
+        }
         let bytes = LaunchBytes { row_count }.filter();
         let _held = self.reserve(bytes)?;
         let values = self.upload(array.values().as_ref(), bytes)?;
@@ -398,6 +402,9 @@ impl CudaBackend {
                 right_rows: right.len(),
             }
             .into());
+        }
+        if row_count == 0 {
+            return Ok((Vec::new(), Vec::new(), None));
         }
         let bytes = LaunchBytes { row_count }.project();
         let _held = self.reserve(bytes)?;
