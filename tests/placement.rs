@@ -297,19 +297,19 @@ fn run_with_placement_mode_gpu_on_a_cluster_without_gpus_is_refused() {
     );
 }
 
-/// The `small` filter's "in … out …" line of a run summary.
+/// The "in … out …" lines of the filters of a run summary.
 fn filter_line(stdout: &str) -> String {
-    stdout
+    let lines: Vec<String> = stdout
         .lines()
-        .find(|l| l.trim_start().starts_with("small") && l.contains(" filter "))
-        .unwrap_or_else(|| panic!("no filter line in {stdout}"))
-        .split_whitespace()
-        .collect::<Vec<_>>()
-        .join(" ")
+        .filter(|l| l.contains(" filter ") && l.contains(" in "))
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    assert_eq!(lines.len(), 2, "{stdout}");
+    lines.join("; ")
 }
 
 #[test]
-fn filter_placed_on_a_simulated_gpu_splits_on_out_of_memory_and_keeps_the_cpu_result() {
+fn project_and_filters_on_a_simulated_gpu_split_on_out_of_memory_and_keep_the_cpu_result() {
     let scratch = tempfile::tempdir().unwrap();
     let job = scratch.path().join("gpu-filter.toml");
     std::fs::write(
@@ -327,9 +327,19 @@ seed = 5
 columns = ["key", "value"]
 
 [[operator]]
+name = "scaled"
+type = "project"
+columns = ["key", "value * 3 as value", "value - key as spread"]
+
+[[operator]]
 name = "small"
 type = "filter"
-predicate = "value < 500 and key != 3 or 990 <= value"
+predicate = "value < 1500 and key != 3 or 2970 <= value"
+
+[[operator]]
+name = "wide"
+type = "filter"
+predicate = "spread > 10"
 
 [[operator]]
 name = "out"
@@ -349,7 +359,10 @@ type = "blackhole"
         .args(args)
         .args(["-D", "placement.mode=gpu"]));
     assert_eq!(code, 0, "{stderr}");
-    assert!(gpu_run.contains("tier GPU for small"), "{gpu_run}");
+    assert!(
+        gpu_run.contains("tier GPU for scaled, small, wide"),
+        "{gpu_run}"
+    );
     assert!(gpu_run.contains("gpu GPU 0 simulated GPU"), "{gpu_run}");
     let offload = gpu_run
         .lines()

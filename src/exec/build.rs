@@ -90,7 +90,11 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
             }
         }
         OperatorKind::Project { columns } => {
-            Box::new(ProjectOperator::new(&spec.name, columns.clone(), output))
+            let project = ProjectOperator::new(&spec.name, columns.clone(), output);
+            match ctx.gpu.as_ref().filter(|g| g.operators.contains(&op)) {
+                Some(gpu) => Box::new(project.on_gpu(Arc::clone(&gpu.kernels) as _)),
+                None => Box::new(project),
+            }
         }
         OperatorKind::Aggregate { aggs } => Box::new(AggregateOperator::new(
             &spec.name,

@@ -1,4 +1,13 @@
-//! Filter predicates on the kernel backend: the selection of a predicate
+//! Filters and projections on the kernel backend.
+//!
+//! A projected column `left <op> right` (`+ - *` on Int64, `+ - * /` on
+//! Float64, each side a column or a literal of the same type) is one project
+//! launch; any other expression returns `None` and the evaluator computes
+//! it. Results equal the evaluator's: nulls propagate, Float64 is IEEE, and
+//! an Int64 overflow fails the batch (the message names the row instead of
+//! the expression).
+//!
+//! Filter predicates: the selection of a predicate
 //! made of Int64 `column <op> literal` comparisons joined by `and` / `or`,
 //! one filter launch per comparison and the selection bitmaps combined on
 //! the host.
@@ -11,13 +20,16 @@
 //! agree with SQL's three-valued logic once a null result is dropped: a
 //! comparison on a null row selects nothing, and so does its null result.
 
+use std::sync::Arc;
+
 use arrow_array::cast::AsArray;
-use arrow_array::types::Int64Type;
-use arrow_array::{BooleanArray, RecordBatch};
+use arrow_array::types::{Float64Type, Int64Type};
+use arrow_array::{ArrayRef, BooleanArray, RecordBatch};
 
 use crate::job::{BinOp, Expr, ScalarValue};
 use crate::kernels::backend::{KernelBackend, KernelError};
 use crate::kernels::cpu::filter::CmpOp;
+use crate::kernels::cpu::project::{ArithOp, ArrayOperand, Operands};
 
 /// The rows `predicate` selects, or `None` when it is not of the supported
 /// shape (the caller evaluates it on the CPU).
@@ -30,6 +42,75 @@ pub fn selection(
         return Ok(None);
     }
     evaluate(predicate, batch, kernels).map(Some)
+}
+
+/// One side of a kernel projection.
+fn operand<'b, T: arrow_array::ArrowPrimitiveType>(
+    expr: &Expr,
+    batch: &'b RecordBatch,
+    literal: impl Fn(&ScalarValue) -> Option<T::Native>,
+) -> Option<ArrayOperand<'b, T>> {
+    match expr {
+        Expr::Column(name) => {
+            let index = batch.schema().index_of(name).ok()?;
+            batch
+                .column(index)
+                .as_primitive_opt::<T>()
+                .map(ArrayOperand::Array)
+        }
+        Expr::Literal(value) => literal(value).map(ArrayOperand::Literal),
+        _ => None,
+    }
+}
+
+/// The column `expr` computes, when it is one kernel projection; `None`
+/// otherwise (the caller evaluates it).
+pub fn projection(
+    expr: &Expr,
+    batch: &RecordBatch,
+    kernels: &dyn KernelBackend,
+) -> Result<Option<ArrayRef>, KernelError> {
+    let Expr::Binary { op, left, right } = expr else {
+        return Ok(None);
+    };
+    let op = match op {
+        BinOp::Add => ArithOp::Add,
+        BinOp::Sub => ArithOp::Sub,
+        BinOp::Mul => ArithOp::Mul,
+        BinOp::Div => ArithOp::Div,
+        _ => return Ok(None),
+    };
+    if matches!(
+        (left.as_ref(), right.as_ref()),
+        (Expr::Literal(_), Expr::Literal(_))
+    ) {
+        return Ok(None);
+    }
+    let int = |v: &ScalarValue| match v {
+        ScalarValue::Int64(v) => Some(*v),
+        _ => None,
+    };
+    let float = |v: &ScalarValue| match v {
+        ScalarValue::Float64(v) => Some(*v),
+        _ => None,
+    };
+    if op != ArithOp::Div
+        && let (Some(l), Some(r)) = (
+            operand::<Int64Type>(left, batch, int),
+            operand::<Int64Type>(right, batch, int),
+        )
+    {
+        let operands = Operands { left: l, right: r };
+        return Ok(Some(Arc::new(kernels.project_i64(op, operands)?)));
+    }
+    if let (Some(l), Some(r)) = (
+        operand::<Float64Type>(left, batch, float),
+        operand::<Float64Type>(right, batch, float),
+    ) {
+        let operands = Operands { left: l, right: r };
+        return Ok(Some(Arc::new(kernels.project_f64(op, operands)?)));
+    }
+    Ok(None)
 }
 
 /// A comparison's column, operator (as `column <op> literal`) and literal.
@@ -105,8 +186,6 @@ fn evaluate(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use arrow_array::{Array, Float64Array, Int64Array};
     use arrow_schema::{DataType, Field, Schema};
 
@@ -155,6 +234,32 @@ mod tests {
             assert_eq!(selection.null_count(), 0);
             let kernel: Vec<bool> = selection.iter().map(|v| v == Some(true)).collect();
             assert_eq!(kernel, evaluator_selection(&predicate, &batch), "{text}");
+        }
+    }
+
+    #[test]
+    fn kernel_projection_equals_the_evaluator() {
+        let batch = batch();
+        for text in [
+            "value * 3",
+            "value + key",
+            "7 - value",
+            "price / 4.0",
+            "price * price",
+        ] {
+            let expr = Expr::parse(text).unwrap();
+            let kernel = projection(&expr, &batch, &CpuBackend)
+                .unwrap()
+                .unwrap_or_else(|| panic!("{text} should run on the kernels"));
+            let evaluated = expr.eval(&batch).unwrap();
+            assert_eq!(kernel.as_ref(), evaluated.as_ref(), "{text}");
+        }
+        for text in ["value / 2", "value % 7", "price * value", "1 + 2", "key"] {
+            let expr = Expr::parse(text).unwrap();
+            assert!(
+                projection(&expr, &batch, &CpuBackend).unwrap().is_none(),
+                "{text}"
+            );
         }
     }
 

@@ -105,6 +105,8 @@ pub struct ProjectOperator {
     name: String,
     columns: Vec<NamedExpr>,
     schema: SchemaRef,
+    /// The GPU kernels, when placement put this projection on the GPU.
+    kernels: Option<Arc<dyn KernelBackend>>,
 }
 
 impl ProjectOperator {
@@ -113,7 +115,30 @@ impl ProjectOperator {
             name: name.to_owned(),
             columns,
             schema,
+            kernels: None,
         }
+    }
+
+    /// Computes `left <op> right` columns with `kernels` (see
+    /// [`super::gpu_filter::projection`]), the rest with the evaluator.
+    pub fn on_gpu(mut self, kernels: Arc<dyn KernelBackend>) -> Self {
+        self.kernels = Some(kernels);
+        self
+    }
+
+    fn evaluate(&self, expr: &Expr, batch: &RecordBatch) -> Result<ArrayRef, ExecError> {
+        let expression_error = |detail: String| ExecError::Expression {
+            operator: self.name.clone(),
+            detail,
+        };
+        if let Some(kernels) = &self.kernels
+            && let Some(array) = super::gpu_filter::projection(expr, batch, kernels.as_ref())
+                .map_err(|e| expression_error(e.to_string()))?
+        {
+            return Ok(array);
+        }
+        expr.eval(batch)
+            .map_err(|e| expression_error(e.to_string()))
     }
 }
 
@@ -124,10 +149,7 @@ impl Operator for ProjectOperator {
             .iter()
             .zip(self.schema.fields())
             .map(|(c, field)| {
-                let a = c.expr.eval(&batch).map_err(|e| ExecError::Expression {
-                    operator: self.name.clone(),
-                    detail: e.to_string(),
-                })?;
+                let a = self.evaluate(&c.expr, &batch)?;
                 if a.data_type() == field.data_type() {
                     Ok(a)
                 } else {

@@ -21,7 +21,7 @@
 //! At run time the JobManager places each job on the tiers its TaskManagers
 //! offer, logs every decision, sends the GPU operators in the deployment
 //! descriptors and reports the placement in the run summary. Of the GPU
-//! operators, filters execute on the kernel backend today; projections and
+//! operators, filters and projections execute on the kernel backend today;
 //! aggregates are priced and reported but still run on the CPU (README, "GPU
 //! tier").
 
