@@ -206,3 +206,39 @@ fn gpu_detection_never_panics_and_explains_an_absent_gpu() {
         }
     }
 }
+
+#[test]
+fn nvrtc_compiles_the_embedded_kernels_through_cudarc_and_caches_them() {
+    use strata::kernels::gpu::cuda::{ENTRY_POINTS, compile_modules, nvrtc_version};
+    let version = match nvrtc_version() {
+        Ok(version) => version,
+        Err(e) => {
+            println!(
+                "skipped: no NVRTC ({e}; put the nvidia-cuda-nvrtc-cu12 lib dir on LD_LIBRARY_PATH)"
+            );
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("scratch dir");
+    let cache = PtxCache::new(dir.path());
+    for arch in ["compute_80", "compute_90"] {
+        let modules = compile_modules(arch, &cache).expect("NVRTC compiles every kernel");
+        for (stem, name) in ENTRY_POINTS {
+            let (_, ptx) = modules
+                .iter()
+                .find(|(s, _)| *s == stem)
+                .unwrap_or_else(|| panic!("no module {stem}"));
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{stem}: {name} for {arch}"
+            );
+        }
+    }
+    let cached = std::fs::read_dir(dir.path()).expect("cache dir").count();
+    assert_eq!(cached, 6, "three sources × two architectures");
+    // A second compile is served from the cache: same PTX, no new files.
+    let again = compile_modules("compute_90", &cache).expect("cached");
+    assert_eq!(again.len(), 3);
+    assert_eq!(std::fs::read_dir(dir.path()).expect("cache dir").count(), 6);
+    println!("NVRTC {version}: every dispatched kernel compiles for sm_80 and sm_90");
+}

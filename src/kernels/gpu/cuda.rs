@@ -50,8 +50,8 @@ const BLOCK_THREADS: u32 = 256;
 const GRID_BLOCKS_MAX: u32 = 4096;
 const _: () = assert!(BLOCK_THREADS.is_multiple_of(32));
 
-/// Every entry point the backend launches.
-const ENTRY_POINTS: [(&str, &str); 7] = [
+/// Every entry point the backend launches, by source stem.
+pub const ENTRY_POINTS: [(&str, &str); 7] = [
     ("filter", "filter_i64"),
     ("filter", "filter_f64"),
     ("project", "project_i64_columns"),
@@ -154,8 +154,12 @@ pub fn nvrtc_version() -> Result<String, GpuError> {
     }
 }
 
-/// Compiles (or loads from the cache) every kernel source for `arch`.
-fn compile_modules(arch: &str, cache: &PtxCache) -> Result<Vec<(&'static str, String)>, GpuError> {
+/// Compiles (or loads from the cache) every kernel source for `arch`
+/// (`compute_90`): `(stem, PTX)` per source. Needs only NVRTC, not a GPU.
+pub fn compile_modules(
+    arch: &str,
+    cache: &PtxCache,
+) -> Result<Vec<(&'static str, String)>, GpuError> {
     let nvrtc_version = nvrtc_version()?;
     SOURCES
         .iter()
