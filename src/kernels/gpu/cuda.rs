@@ -129,8 +129,8 @@ fn list_devices() -> Result<Vec<GpuDevice>, GpuError> {
 pub fn nvrtc_version() -> Result<String, GpuError> {
     // SAFETY: as for the driver: only a `dlopen` probe.
     if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(GpuError::NoGpu {
-            reason: "libnvrtc.so not found: kernels cannot be compiled".into(),
+        return Err(GpuError::NvrtcUnavailable {
+            reason: "libnvrtc.so not found, so kernels cannot be compiled".into(),
         });
     }
     let query = || {
@@ -148,7 +148,7 @@ pub fn nvrtc_version() -> Result<String, GpuError> {
             call: "nvrtcVersion",
             reason: format!("{status:?}"),
         }),
-        Err(_) => Err(GpuError::NoGpu {
+        Err(_) => Err(GpuError::NvrtcUnavailable {
             reason: "libnvrtc panicked while loading".into(),
         }),
     }

@@ -30,6 +30,8 @@ use serde::{Deserialize, Serialize};
 pub enum GpuError {
     #[error("no GPU: {reason}")]
     NoGpu { reason: String },
+    #[error("NVRTC unavailable: {reason}")]
+    NvrtcUnavailable { reason: String },
     #[error("CUDA driver call {call} failed: {reason}")]
     Driver { call: &'static str, reason: String },
     #[error("NVRTC could not compile kernels/{stem}.cu for {arch}: {log}")]
