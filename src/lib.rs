@@ -38,11 +38,17 @@
 //! - [`memory`]: managed memory pages and budgets, network buffer pool.
 //! - [`io`]: the IOManager: io_uring / thread-pool / simulated storage and
 //!   checksummed spill files (not yet used by operators).
-//! - [`kernels`]: hot loops over Arrow buffers (stable hash, partitioning).
+//! - [`kernels`]: hot loops over Arrow buffers on two tiers: CPU twins and
+//!   CUDA kernels behind the `KernelBackend` seam, GPU detection and the
+//!   per-slot device memory pool.
+//! - [`bench`]: `strata bench --calibrate`, the rates placement prices with.
+//! - [`placement`]: the tier cost model, calibration files and the table
+//!   `strata explain` prints.
 //! - [`metrics`]: counters shared by tasks and reported to the JobManager.
 //! - [`web`]: the JobManager's REST API, Prometheus endpoint and web UI.
 #![deny(unsafe_code)]
 
+pub mod bench;
 pub mod cluster;
 pub mod config;
 pub mod exec;
@@ -52,5 +58,6 @@ pub mod kernels;
 pub mod memory;
 pub mod metrics;
 pub mod network;
+pub mod placement;
 pub mod taskmanager;
 pub mod web;

@@ -89,6 +89,36 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
+    /// Print where each operator of a job would run (CPU or GPU), why, and
+    /// its estimated cost on each tier.
+    Explain {
+        job: PathBuf,
+        /// Calibration file to price with (default: placement.calibration-file,
+        /// else ~/.config/strata/calibration.json, else built-in defaults).
+        #[arg(long)]
+        calibration: Option<PathBuf>,
+        /// Print the placement as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
+    /// Measure this machine's kernel rates (CPU twins, and GPU kernels and
+    /// the PCIe link when a GPU exists).
+    Bench {
+        /// Write the rates as the calibration file placement reads.
+        #[arg(long)]
+        calibrate: bool,
+        /// Where to write it (default: placement.calibration-file, else
+        /// ~/.config/strata/calibration.json).
+        #[arg(long)]
+        output: Option<PathBuf>,
+        /// Rows per kernel measurement.
+        #[arg(long, default_value_t = 4 << 20)]
+        rows: usize,
+        #[command(flatten)]
+        config: ConfigArgs,
+    },
     /// Print the effective configuration and memory layout.
     Config {
         /// Configuration file (same as --config).
@@ -246,6 +276,57 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let summary = submit_job(&address, text, path, !no_progress).await?;
                 Ok(finish(&summary))
             })
+        }
+        Command::Explain {
+            job,
+            calibration,
+            json,
+            config,
+        } => {
+            let config = config.load()?;
+            let plan = strata::job::load_job(&job)?;
+            let graph = JobGraph::build(&plan, config.default_parallelism);
+            let placement = strata::placement::place_on_this_node(
+                &plan,
+                &graph,
+                &config,
+                calibration.as_deref(),
+            )?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&placement)?);
+            } else {
+                print!(
+                    "{}",
+                    strata::placement::explain::render(&plan.spec.name, &placement)
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Bench {
+            calibrate,
+            output,
+            rows,
+            config,
+        } => {
+            let config = config.load()?;
+            eprintln!("{}", strata::kernels::gpu::detect().describe());
+            let options = strata::bench::CalibrateOptions {
+                rows: rows.max(1),
+                ..Default::default()
+            };
+            let measured = strata::bench::calibrate(options)?;
+            print!("{}", strata::bench::render(&measured));
+            if calibrate {
+                let path = output
+                    .or_else(|| {
+                        (!config.calibration_file.is_empty())
+                            .then(|| PathBuf::from(&config.calibration_file))
+                    })
+                    .unwrap_or_else(strata::placement::calibration::default_path);
+                measured.write(&path)?;
+                println!("calibration written to {}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
         }
         Command::Config { file, config } => {
             let args = ConfigArgs {

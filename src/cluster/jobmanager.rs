@@ -29,6 +29,8 @@ struct TmEntry {
     name: String,
     io: String,
     transport: String,
+    /// The TaskManager's GPU line (its GPUs, or why it has none).
+    gpu: String,
     data_addr: SocketAddr,
     slots: Vec<SlotStatus>,
     /// The job each slot is allocated to, as the JobManager sees it.
@@ -46,6 +48,7 @@ struct TaskEntry {
 
 struct JobEntry {
     name: String,
+    placement: crate::placement::Placement,
     plan: Arc<LogicalPlan>,
     graph: Arc<JobGraph>,
     state: JobState,
@@ -80,6 +83,8 @@ pub struct TaskManagerInfo {
     pub io: String,
     /// The data-plane transport and why it was chosen.
     pub transport: String,
+    /// The GPUs the TaskManager found, or why it offers CPU slots only.
+    pub gpu: String,
 }
 
 /// Everything the REST API and `/metrics` read, copied under one lock.
@@ -193,6 +198,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, co
             slots,
             io,
             transport,
+            gpu,
             ..
         } => {
             let name = {
@@ -204,6 +210,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, co
                     name: name.clone(),
                     io,
                     transport,
+                    gpu,
                     data_addr,
                     slots,
                     allocated,
@@ -273,6 +280,15 @@ fn submit(
     };
     let graph = Arc::new(JobGraph::build(&plan, config.default_parallelism));
     let mut s = lock(state);
+    let tiers = match place_on_cluster(&plan, &graph, config, &s.taskmanagers) {
+        Ok(tiers) => tiers,
+        Err(e) => {
+            let _ = client.send(Message::JobRejected {
+                reason: e.to_string(),
+            });
+            return;
+        }
+    };
     let needed = graph.slots_needed() as usize;
     let free = free_slots(&s.taskmanagers);
     let total: usize = s.taskmanagers.iter().map(|t| t.slots.len()).sum();
@@ -308,7 +324,13 @@ fn submit(
     let mut tasks = HashMap::new();
     for v in &graph.vertices {
         for subtask in 0..v.parallelism {
-            let tdd = descriptor(&graph, v.id, subtask, &placement);
+            let mut tdd = descriptor(&graph, v.id, subtask, &placement);
+            tdd.gpu_operators = v
+                .operators
+                .iter()
+                .copied()
+                .filter(|&op| tiers.operators[op].tier == crate::kernels::backend::Tier::Gpu)
+                .collect();
             let (tm, _, slot) = &placement[subtask as usize];
             tasks.insert(
                 (v.id, subtask),
@@ -346,6 +368,7 @@ fn submit(
         job,
         JobEntry {
             name,
+            placement: tiers,
             plan,
             graph,
             state: JobState::Running,
@@ -355,6 +378,53 @@ fn submit(
             started: Instant::now(),
         },
     );
+}
+
+/// Places the job's operators on the tiers the cluster offers: the GPU tier
+/// exists when some TaskManager reported a GPU slot (priced with the
+/// configured calibration, else the defaults). Placement is logged.
+fn place_on_cluster(
+    plan: &LogicalPlan,
+    graph: &JobGraph,
+    config: &Config,
+    tms: &[TmEntry],
+) -> Result<crate::placement::Placement, crate::placement::PlacementError> {
+    use crate::placement::{PlacementInput, calibration, place};
+    let gpu_slot = tms
+        .iter()
+        .flat_map(|t| t.slots.iter().map(move |slot| (t, slot)))
+        .find_map(|(t, slot)| slot.profile.gpu.map(|(id, bytes)| (t, id, bytes)));
+    let device = gpu_slot.map(|(t, id, bytes)| crate::kernels::gpu::GpuDevice {
+        ordinal: id,
+        name: format!("{} on {}", t.gpu, t.name),
+        memory_bytes: bytes,
+        compute_capability: (0, 0),
+        simulated: false,
+    });
+    let mut calibration = calibration::load(None, &config.calibration_file, device.as_ref())?;
+    if device.is_none() {
+        // A calibration measured on a GPU node does not make these
+        // TaskManagers GPU nodes.
+        calibration.gpu = None;
+    }
+    let absent = "no TaskManager offers a GPU slot";
+    let placement = place(&PlacementInput {
+        plan,
+        graph,
+        calibration: &calibration,
+        mode: config.placement_mode,
+        gpu_absent_reason: absent,
+    })?;
+    for op in &placement.operators {
+        tracing::info!(
+            "placement: {} ({}) on {}: {}",
+            op.name,
+            op.kind,
+            op.tier,
+            op.reason
+        );
+    }
+    Ok(placement)
 }
 
 /// Free slots, interleaved across TaskManagers so a job spreads evenly
@@ -445,6 +515,7 @@ fn descriptor(
         attempt: 0,
         inputs,
         outputs,
+        gpu_operators: Vec::new(),
     }
 }
 
@@ -556,6 +627,7 @@ fn snapshot(s: &State) -> ClusterSnapshot {
                 last_heartbeat_ms: t.last_heartbeat.elapsed().as_millis() as u64,
                 io: t.io.clone(),
                 transport: t.transport.clone(),
+                gpu: t.gpu.clone(),
             })
             .collect(),
         running,
@@ -609,6 +681,14 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         io,
         taskmanagers,
         slots,
+        placement: Some(entry.placement.clone()),
+        gpu_offload: Default::default(),
+        gpu: {
+            let mut gpu: Vec<String> = tms.iter().map(|t| t.gpu.clone()).collect();
+            gpu.sort();
+            gpu.dedup();
+            gpu
+        },
     };
     for t in entry.tasks.values() {
         let m = &t.metrics;
@@ -627,6 +707,11 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         summary.backpressure_ms += m.backpressure_ms;
         summary.late_rows += m.late_rows;
         summary.managed_peak_bytes = summary.managed_peak_bytes.max(m.managed_peak_bytes);
+        let offload = &mut summary.gpu_offload;
+        offload.gpu_batches += m.gpu.gpu_batches;
+        offload.oom_splits += m.gpu.oom_splits;
+        offload.cpu_fallback_batches += m.gpu.cpu_fallback_batches;
+        offload.cpu_fallback_rows += m.gpu.cpu_fallback_rows;
     }
     for (i, op) in ops.iter().enumerate() {
         if op.input.is_none() {
@@ -652,7 +737,7 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
                 .inputs
                 .first()
                 .map(|&e| graph.edges[e].partitioner.name().to_owned()),
-            tier: "CPU (no GPU tier in this build)".into(),
+            tier: entry.placement.vertex_tier(graph, v.id),
             operators: v
                 .operators
                 .iter()

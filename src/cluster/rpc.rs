@@ -84,7 +84,7 @@ pub struct ResourceProfile {
     pub cpu_cores: f64,
     pub managed_memory_bytes: u64,
     pub network_memory_bytes: u64,
-    /// GPU id and memory; empty until the GPU tier exists.
+    /// GPU id and this slot's device memory budget; `None` for a CPU slot.
     pub gpu: Option<(u32, u64)>,
 }
 
@@ -130,6 +130,9 @@ pub struct TaskDeploymentDescriptor {
     pub attempt: u32,
     pub inputs: Vec<InputGateDeployment>,
     pub outputs: Vec<OutputDeployment>,
+    /// The vertex's operators that placement put on the GPU.
+    #[serde(default)]
+    pub gpu_operators: Vec<usize>,
 }
 
 /// Per-vertex lines of a job summary.
@@ -181,6 +184,16 @@ pub struct JobSummary {
     pub io: Vec<String>,
     pub taskmanagers: usize,
     pub slots: usize,
+    /// Where each operator ran and why (`placement.mode` and the cost model).
+    #[serde(default)]
+    pub placement: Option<crate::placement::Placement>,
+    /// Each distinct GPU line of the job's TaskManagers ("no GPU (…)").
+    #[serde(default)]
+    pub gpu: Vec<String>,
+    /// GPU launches, out-of-memory splits and CPU-twin fallbacks, summed
+    /// over the job's tasks.
+    #[serde(default)]
+    pub gpu_offload: crate::kernels::backend::OffloadSnapshot,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -195,6 +208,9 @@ pub enum Message {
         /// The data-plane transport and why it was chosen.
         #[serde(default)]
         transport: String,
+        /// The GPUs found, or why there are none.
+        #[serde(default)]
+        gpu: String,
     },
     Heartbeat {
         slots: Vec<SlotStatus>,

@@ -84,6 +84,36 @@ pub fn render(s: &JobSummary) -> String {
         human_bytes(s.managed_peak_bytes),
         human_count(s.late_rows)
     );
+    for gpu in &s.gpu {
+        let _ = writeln!(out, "  gpu {gpu}");
+    }
+    if let Some(placement) = &s.placement {
+        let _ = writeln!(
+            out,
+            "  placement (placement.mode = {}; GPU tier: {}):",
+            placement.mode, placement.gpu_tier
+        );
+        for op in &placement.operators {
+            let _ = writeln!(
+                out,
+                "    {:<20} {:<4} {}",
+                op.name,
+                op.tier.to_string(),
+                op.reason
+            );
+        }
+        if placement.gpu_operator_count() > 0 {
+            let o = &s.gpu_offload;
+            let _ = writeln!(
+                out,
+                "  gpu offload: {} batch pieces on the GPU, {} out-of-memory splits, {} pieces ({} rows) on the CPU twin after out-of-memory",
+                human_count(o.gpu_batches),
+                human_count(o.oom_splits),
+                human_count(o.cpu_fallback_batches),
+                human_count(o.cpu_fallback_rows)
+            );
+        }
+    }
     let _ = writeln!(out, "  vertices:");
     for v in &s.vertices {
         let _ = writeln!(

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::source::RawValue;
 use super::units::{self, DURATION_SYNTAX, MEMORY_SYNTAX};
-use super::{Config, Transport};
+use super::{Config, PlacementMode, Transport};
 
 /// Flink caps max parallelism at 2^15 (`KeyGroupRangeAssignment.UPPER_BOUND_MAX_PARALLELISM`).
 pub(super) const MAX_PARALLELISM_LIMIT: u32 = 1 << 15;
@@ -83,6 +83,8 @@ keys! {
     "execution.buffer-timeout.interval"                    => buffer_timeout: duration, show_duration;
     "rest.port"                                            => rest_port: port, show;
     "metrics.reporter.prom.port"                           => prometheus_port: port, show;
+    "placement.mode"                                       => placement_mode: placement_mode, show;
+    "placement.calibration-file"                           => calibration_file: optional_text, show;
 }
 
 pub(super) fn find(name: &str) -> Option<&'static Key> {
@@ -261,6 +263,27 @@ fn transport(value: &RawValue) -> Result<Transport, &'static str> {
     }
 }
 
+fn placement_mode(value: &RawValue) -> Result<PlacementMode, &'static str> {
+    const SYNTAX: &str = "expected one of auto, cpu, gpu";
+    let RawValue::Text(text) = value else {
+        return Err(SYNTAX);
+    };
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(PlacementMode::Auto),
+        "cpu" => Ok(PlacementMode::Cpu),
+        "gpu" => Ok(PlacementMode::Gpu),
+        _ => Err(SYNTAX),
+    }
+}
+
+/// A string that may be empty (empty means "the default").
+fn optional_text(value: &RawValue) -> Result<String, &'static str> {
+    match value {
+        RawValue::Text(text) => Ok(text.trim().to_owned()),
+        _ => Err("expected a string"),
+    }
+}
+
 fn show(value: &impl Display) -> String {
     value.to_string()
 }
@@ -352,6 +375,8 @@ mod tests {
         assert!(max_parallelism(&text_value("32769")).is_err());
         assert_eq!(transport(&text_value("RDMA")), Ok(Transport::Rdma));
         assert!(transport(&text_value("udp")).is_err());
+        assert_eq!(placement_mode(&text_value("GPU")), Ok(PlacementMode::Gpu));
+        assert!(placement_mode(&text_value("tpu")).is_err());
         assert!(text(&text_value("  ")).is_err());
     }
 

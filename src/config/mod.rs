@@ -51,6 +51,28 @@ pub enum Transport {
     RdmaEmulated,
 }
 
+/// `placement.mode`: where operators may run. `Auto` lets the cost model
+/// choose per operator; `Cpu` keeps everything on the CPU; `Gpu` puts every
+/// operator that has a GPU kernel on the GPU and is an error on a machine
+/// (or calibration) without one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PlacementMode {
+    #[default]
+    Auto,
+    Cpu,
+    Gpu,
+}
+
+impl fmt::Display for PlacementMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PlacementMode::Auto => "auto",
+            PlacementMode::Cpu => "cpu",
+            PlacementMode::Gpu => "gpu",
+        })
+    }
+}
+
 /// The effective TaskManager configuration. Each field names the Flink key it
 /// comes from; defaults are Flink's.
 #[derive(Debug, Clone)]
@@ -140,6 +162,11 @@ pub struct Config {
     pub rest_port: u16,
     /// `metrics.reporter.prom.port`.
     pub prometheus_port: u16,
+    /// `placement.mode`.
+    pub placement_mode: PlacementMode,
+    /// `placement.calibration-file`: the rates `strata bench --calibrate`
+    /// wrote; empty means the default location (see `placement::calibration`).
+    pub calibration_file: String,
     layout: MemoryLayout,
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -260,6 +287,8 @@ impl Config {
             buffer_timeout: Duration::from_millis(100),
             rest_port: 8081,
             prometheus_port: 9249,
+            placement_mode: PlacementMode::Auto,
+            calibration_file: String::new(),
             layout: MemoryLayout::default(),
             origins: keys::KEYS
                 .iter()

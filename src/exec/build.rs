@@ -12,6 +12,14 @@ use super::task::TaskInput;
 use crate::job::{LogicalPlan, OperatorKind, WatermarkSpec};
 use crate::memory::MemoryManager;
 
+/// The GPU side of a task placed (in part) on the GPU.
+pub struct GpuContext {
+    /// The slot's GPU kernels with split-and-retry and CPU fallback.
+    pub kernels: Arc<crate::kernels::backend::TieredKernels>,
+    /// Logical operators that placement put on the GPU.
+    pub operators: Vec<usize>,
+}
+
 /// Per-subtask context for building operators.
 pub struct BuildContext<'a> {
     pub plan: &'a LogicalPlan,
@@ -20,6 +28,8 @@ pub struct BuildContext<'a> {
     pub memory: MemoryManager,
     /// Shared by the print sinks of one job so `limit` is job-wide.
     pub printed: Arc<AtomicU64>,
+    /// `None` when no operator of the task is on the GPU.
+    pub gpu: Option<GpuContext>,
 }
 
 /// The task input for a source operator.
@@ -73,10 +83,18 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
     let keys = || plan.keyed[input_op].clone().unwrap_or_default();
     Ok(match &spec.kind {
         OperatorKind::Filter { predicate } => {
-            Box::new(FilterOperator::new(&spec.name, predicate.clone()))
+            let filter = FilterOperator::new(&spec.name, predicate.clone());
+            match ctx.gpu.as_ref().filter(|g| g.operators.contains(&op)) {
+                Some(gpu) => Box::new(filter.on_gpu(Arc::clone(&gpu.kernels) as _)),
+                None => Box::new(filter),
+            }
         }
         OperatorKind::Project { columns } => {
-            Box::new(ProjectOperator::new(&spec.name, columns.clone(), output))
+            let project = ProjectOperator::new(&spec.name, columns.clone(), output);
+            match ctx.gpu.as_ref().filter(|g| g.operators.contains(&op)) {
+                Some(gpu) => Box::new(project.on_gpu(Arc::clone(&gpu.kernels) as _)),
+                None => Box::new(project),
+            }
         }
         OperatorKind::Aggregate { aggs } => Box::new(AggregateOperator::new(
             &spec.name,

@@ -8,6 +8,7 @@
 
 pub mod aggregate;
 pub mod build;
+pub mod gpu_filter;
 pub mod hashtable;
 pub mod operators;
 pub mod sink;

@@ -13,6 +13,7 @@ use arrow_select::filter::filter_record_batch;
 
 use super::ExecError;
 use crate::job::{Expr, NamedExpr};
+use crate::kernels::backend::KernelBackend;
 
 /// Where an operator sends its results.
 pub trait Output {
@@ -39,6 +40,8 @@ pub trait Operator: Send {
 pub struct FilterOperator {
     name: String,
     predicate: Expr,
+    /// The GPU kernels, when placement put this filter on the GPU.
+    kernels: Option<Arc<dyn KernelBackend>>,
 }
 
 impl FilterOperator {
@@ -46,12 +49,34 @@ impl FilterOperator {
         Self {
             name: name.to_owned(),
             predicate,
+            kernels: None,
         }
+    }
+
+    /// Evaluates the predicate with `kernels` where it has their shape
+    /// (see [`super::gpu_filter`]), else with the expression evaluator.
+    pub fn on_gpu(mut self, kernels: Arc<dyn KernelBackend>) -> Self {
+        self.kernels = Some(kernels);
+        self
     }
 }
 
 impl Operator for FilterOperator {
     fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError> {
+        if let Some(kernels) = &self.kernels {
+            let mask = super::gpu_filter::selection(&self.predicate, &batch, kernels.as_ref())
+                .map_err(|e| ExecError::Expression {
+                    operator: self.name.clone(),
+                    detail: e.to_string(),
+                })?;
+            if let Some(mask) = mask {
+                let kept = filter_record_batch(&batch, &mask)?;
+                if kept.num_rows() > 0 {
+                    out.emit(kept)?;
+                }
+                return Ok(());
+            }
+        }
         let mask = self
             .predicate
             .eval(&batch)
@@ -80,6 +105,8 @@ pub struct ProjectOperator {
     name: String,
     columns: Vec<NamedExpr>,
     schema: SchemaRef,
+    /// The GPU kernels, when placement put this projection on the GPU.
+    kernels: Option<Arc<dyn KernelBackend>>,
 }
 
 impl ProjectOperator {
@@ -88,7 +115,30 @@ impl ProjectOperator {
             name: name.to_owned(),
             columns,
             schema,
+            kernels: None,
         }
+    }
+
+    /// Computes `left <op> right` columns with `kernels` (see
+    /// [`super::gpu_filter::projection`]), the rest with the evaluator.
+    pub fn on_gpu(mut self, kernels: Arc<dyn KernelBackend>) -> Self {
+        self.kernels = Some(kernels);
+        self
+    }
+
+    fn evaluate(&self, expr: &Expr, batch: &RecordBatch) -> Result<ArrayRef, ExecError> {
+        let expression_error = |detail: String| ExecError::Expression {
+            operator: self.name.clone(),
+            detail,
+        };
+        if let Some(kernels) = &self.kernels
+            && let Some(array) = super::gpu_filter::projection(expr, batch, kernels.as_ref())
+                .map_err(|e| expression_error(e.to_string()))?
+        {
+            return Ok(array);
+        }
+        expr.eval(batch)
+            .map_err(|e| expression_error(e.to_string()))
     }
 }
 
@@ -99,10 +149,7 @@ impl Operator for ProjectOperator {
             .iter()
             .zip(self.schema.fields())
             .map(|(c, field)| {
-                let a = c.expr.eval(&batch).map_err(|e| ExecError::Expression {
-                    operator: self.name.clone(),
-                    detail: e.to_string(),
-                })?;
+                let a = self.evaluate(&c.expr, &batch)?;
                 if a.data_type() == field.data_type() {
                     Ok(a)
                 } else {

@@ -31,6 +31,8 @@ pub struct TaskMetrics {
     /// inPoolUsage and outPoolUsage.
     pub gates: Vec<Arc<InputGate>>,
     pub subpartitions: Vec<Arc<Subpartition>>,
+    /// GPU launches, out-of-memory splits and CPU-twin fallbacks.
+    pub gpu: Arc<crate::kernels::backend::OffloadStats>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -58,6 +60,8 @@ pub struct TaskSnapshot {
     /// Share of the remote output queues' capacity in use, ‰.
     #[serde(default)]
     pub out_pool_usage_permille: u64,
+    #[serde(default)]
+    pub gpu: crate::kernels::backend::OffloadSnapshot,
 }
 
 impl TaskMetrics {
@@ -85,6 +89,7 @@ impl TaskMetrics {
             source_rows_expected: r(&self.source_rows_expected),
             in_pool_usage_permille: self.in_pool_usage_permille(),
             out_pool_usage_permille: self.out_pool_usage_permille(),
+            gpu: self.gpu.snapshot(),
         }
     }
 

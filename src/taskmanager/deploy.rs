@@ -11,10 +11,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use super::{JobTasks, Services, lock};
 use crate::cluster::rpc::{ExecutionState, Message, TaskDeploymentDescriptor};
 use crate::exec::ExecError;
-use crate::exec::build::{BuildContext, build_operator, build_source};
+use crate::exec::build::{BuildContext, GpuContext, build_operator, build_source};
 use crate::exec::task::{Chain, Task, TaskInput};
 use crate::job::graph::JobGraph;
 use crate::job::{LogicalPlan, parse_job, plan};
+use crate::kernels::backend::TieredKernels;
 use crate::metrics::{OperatorMetrics, TaskMetrics};
 use crate::network::gate::{ChannelKind, GateBuffers};
 use crate::network::ipc::ChannelEncoder;
@@ -413,12 +414,30 @@ fn build_and_run(
     job: u64,
     out: &UnboundedSender<Message>,
 ) -> Result<(), ExecError> {
+    let gpu = match services.gpu_kernels.get(tdd.slot) {
+        Some(Some(backend)) if !tdd.gpu_operators.is_empty() => Some(GpuContext {
+            kernels: Arc::new(TieredKernels::new(
+                Arc::clone(backend),
+                Arc::clone(&metrics.gpu),
+            )),
+            operators: tdd.gpu_operators.clone(),
+        }),
+        _ if !tdd.gpu_operators.is_empty() => {
+            tracing::warn!(
+                "{name}: placed on the GPU but slot {} has no GPU backend; running on the CPU",
+                tdd.slot
+            );
+            None
+        }
+        _ => None,
+    };
     let ctx = BuildContext {
         plan,
         subtask: tdd.subtask,
         parallelism: tdd.parallelism,
         memory,
         printed,
+        gpu,
     };
     let head = vertex.operators[0];
     let is_source = plan.spec.operators[head].input.is_none();

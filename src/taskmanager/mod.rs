@@ -79,6 +79,9 @@ pub struct Services {
     pub io: IoManager,
     slots: Mutex<SlotTable>,
     jobs: Mutex<HashMap<u64, JobTasks>>,
+    /// Each GPU slot's kernel backend; `None` for a CPU slot (or a GPU that
+    /// could not be opened, which the log says).
+    pub gpu_kernels: Vec<Option<Arc<dyn crate::kernels::backend::KernelBackend>>>,
 }
 
 /// 1 MiB spill buffers per TaskManager (16 MiB, pre-touched).
@@ -99,6 +102,51 @@ impl Services {
             tasks.canceled.store(true, Ordering::Relaxed);
         }
     }
+}
+
+/// One kernel backend per GPU slot, each within its slot's device budget.
+fn open_gpu_slots(
+    profiles: &[ResourceProfile],
+    devices: &[crate::kernels::gpu::GpuDevice],
+) -> Vec<Option<Arc<dyn crate::kernels::backend::KernelBackend>>> {
+    use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
+    let pools: Vec<Option<DevicePool>> = devices
+        .iter()
+        .map(|device| {
+            let budgets: Vec<u64> = profiles
+                .iter()
+                .filter_map(|p| p.gpu.filter(|(id, _)| *id == device.ordinal))
+                .map(|(_, bytes)| bytes)
+                .collect();
+            let config = PoolConfig {
+                pool_bytes_max: budgets.iter().sum(),
+                slot_count: budgets.len(),
+                slot_budget_bytes: budgets.iter().copied().min().unwrap_or(0),
+            };
+            DevicePool::new(config)
+                .map_err(|e| {
+                    tracing::warn!("GPU {}: {e}; its slots run on the CPU", device.ordinal)
+                })
+                .ok()
+        })
+        .collect();
+    let mut next_in_pool = vec![0usize; devices.len()];
+    profiles
+        .iter()
+        .enumerate()
+        .map(|(slot_index, profile)| {
+            let (id, _) = profile.gpu?;
+            let device_index = devices.iter().position(|d| d.ordinal == id)?;
+            let pool = pools[device_index].as_ref()?;
+            let slot_pool = pool.slot(next_in_pool[device_index]);
+            next_in_pool[device_index] += 1;
+            crate::kernels::gpu::open_backend(&devices[device_index], slot_pool)
+                .map_err(|e| {
+                    tracing::warn!("slot {slot_index}: cannot open GPU {id} ({e}); its GPU operators run on the CPU")
+                })
+                .ok()
+        })
+        .collect()
 }
 
 /// A TaskManager that has started its services but not yet registered.
@@ -173,8 +221,12 @@ impl TaskManager {
             network_memory_bytes: layout.network / slot_count.max(1) as u64,
             gpu: None,
         };
+        let gpu = crate::kernels::gpu::detect();
+        let profiles = slots::gpu_slot_profiles(&profile, slot_count, gpu.devices());
+        let gpu_slot_count = profiles.iter().filter(|p| p.gpu.is_some()).count();
         tracing::info!(
-            "TaskManager started: {slot_count} slots, managed memory {} MiB ({} pages of {} KiB, pre-touched), network {} segments of {} KiB, data port {}, no GPU (CPU slots only), transport {} ({})",
+            "TaskManager started: {slot_count} slots ({gpu_slot_count} with a GPU; {}), managed memory {} MiB ({} pages of {} KiB, pre-touched), network {} segments of {} KiB, data port {}, transport {} ({})",
+            gpu.describe(),
             layout.managed >> 20,
             pages.page_count(),
             page_size >> 10,
@@ -194,7 +246,8 @@ impl TaskManager {
                 transport: format!("{} ({})", transport.kind.name(), transport.reason),
                 data_addr: server.local_addr,
                 io,
-                slots: Mutex::new(SlotTable::new(slot_count, profile)),
+                gpu_kernels: open_gpu_slots(&profiles, gpu.devices()),
+                slots: Mutex::new(SlotTable::with_profiles(profiles)),
                 jobs: Mutex::default(),
                 config,
             }),
@@ -281,6 +334,7 @@ async fn session(
             slots,
             io: services.io.summary(),
             transport: services.transport.clone(),
+            gpu: crate::kernels::gpu::detect().describe(),
         },
     )
     .await?;

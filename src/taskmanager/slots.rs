@@ -1,5 +1,11 @@
 //! The slot table: N static slots with a resource profile each, and their
 //! states free → allocated → active → releasing → free.
+//!
+//! On a node with GPUs every slot is also a GPU slot: slot `i` gets GPU
+//! `i mod gpu_count` and an equal share of that GPU's memory (less a reserve
+//! for the CUDA context and the kernels), which becomes its device memory
+//! budget ([`gpu_slot_profiles`]). A node without a GPU offers CPU slots
+//! only.
 
 use crate::cluster::rpc::{ResourceProfile, SlotState, SlotStatus};
 
@@ -11,6 +17,33 @@ pub enum SlotError {
     Occupied { index: usize, job: u64 },
 }
 
+/// Device memory kept out of the slots' budgets on each GPU, for the CUDA
+/// context, the loaded kernels and the driver's own allocations.
+pub const GPU_MEMORY_RESERVE_FRACTION: f64 = 0.1;
+
+/// The profile of each of `slot_count` slots: `base` for all, plus GPU id
+/// and device-memory budget spread round-robin over `gpus`.
+pub fn gpu_slot_profiles(
+    base: &ResourceProfile,
+    slot_count: usize,
+    gpus: &[crate::kernels::gpu::GpuDevice],
+) -> Vec<ResourceProfile> {
+    (0..slot_count)
+        .map(|slot_index| {
+            let mut profile = base.clone();
+            if !gpus.is_empty() {
+                let gpu = &gpus[slot_index % gpus.len()];
+                let sharing = (0..slot_count)
+                    .filter(|s| s % gpus.len() == slot_index % gpus.len())
+                    .count();
+                let usable = gpu.memory_bytes as f64 * (1.0 - GPU_MEMORY_RESERVE_FRACTION);
+                profile.gpu = Some((gpu.ordinal, (usable / sharing as f64) as u64));
+            }
+            profile
+        })
+        .collect()
+}
+
 struct Slot {
     state: SlotState,
     job: Option<u64>,
@@ -19,20 +52,25 @@ struct Slot {
 
 pub struct SlotTable {
     slots: Vec<Slot>,
-    profile: ResourceProfile,
+    profiles: Vec<ResourceProfile>,
 }
 
 impl SlotTable {
     pub fn new(count: usize, profile: ResourceProfile) -> Self {
+        Self::with_profiles(vec![profile; count])
+    }
+
+    /// One slot per profile (GPU slots differ in their GPU).
+    pub fn with_profiles(profiles: Vec<ResourceProfile>) -> Self {
         Self {
-            slots: (0..count)
+            slots: (0..profiles.len())
                 .map(|_| Slot {
                     state: SlotState::Free,
                     job: None,
                     running_tasks: 0,
                 })
                 .collect(),
-            profile,
+            profiles,
         }
     }
 
@@ -97,7 +135,7 @@ impl SlotTable {
                 index,
                 state: s.state,
                 job: s.job,
-                profile: self.profile.clone(),
+                profile: self.profiles[index].clone(),
             })
             .collect()
     }
@@ -131,6 +169,33 @@ mod tests {
         assert_eq!(t.report()[0].state, SlotState::Active);
         t.task_ended(0).unwrap();
         assert_eq!(t.report()[0].state, SlotState::Free);
+    }
+
+    #[test]
+    fn gpu_slots_spread_over_the_gpus_and_share_their_memory() {
+        let base = table().report()[0].profile.clone();
+        let gpu = |ordinal| crate::kernels::gpu::GpuDevice {
+            ordinal,
+            name: "sim".into(),
+            memory_bytes: 10 << 30,
+            compute_capability: (9, 0),
+            simulated: false,
+        };
+        let profiles = gpu_slot_profiles(&base, 3, &[gpu(0), gpu(1)]);
+        let gpus: Vec<_> = profiles.iter().map(|p| p.gpu).collect();
+        let nine_tenths = (10u64 << 30) as f64 * 0.9;
+        assert_eq!(
+            gpus,
+            vec![
+                Some((0, (nine_tenths / 2.0) as u64)),
+                Some((1, nine_tenths as u64)),
+                Some((0, (nine_tenths / 2.0) as u64)),
+            ]
+        );
+        let cpu_only = gpu_slot_profiles(&base, 2, &[]);
+        assert!(cpu_only.iter().all(|p| p.gpu.is_none()));
+        let table = SlotTable::with_profiles(profiles);
+        assert_eq!(table.report()[1].profile.gpu.map(|g| g.0), Some(1));
     }
 
     #[test]

@@ -68,6 +68,20 @@ pub fn render(s: &ClusterSnapshot) -> String {
     }
     family(
         &mut out,
+        "strata_taskmanager_gpu_slots",
+        "gauge",
+        "Slots with a GPU (0 on a TaskManager without one: CPU slots only).",
+    );
+    for tm in &s.taskmanagers {
+        let gpu_slots = tm.slots.iter().filter(|x| x.profile.gpu.is_some()).count();
+        let _ = writeln!(
+            out,
+            "strata_taskmanager_gpu_slots{{taskmanager=\"{}\"}} {gpu_slots}",
+            escape(&tm.id)
+        );
+    }
+    family(
+        &mut out,
         "strata_taskmanager_info",
         "gauge",
         "Tiers chosen by each TaskManager, with the reason for every fallback.",
@@ -75,9 +89,10 @@ pub fn render(s: &ClusterSnapshot) -> String {
     for tm in &s.taskmanagers {
         let _ = writeln!(
             out,
-            "strata_taskmanager_info{{taskmanager=\"{}\",transport=\"{}\",tier=\"cpu (no GPU tier in this build)\",io=\"{}\"}} 1",
+            "strata_taskmanager_info{{taskmanager=\"{}\",transport=\"{}\",tier=\"{}\",io=\"{}\"}} 1",
             escape(&tm.id),
             escape(&tm.transport),
+            escape(&tm.gpu),
             escape(&tm.io)
         );
     }
@@ -111,7 +126,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         let _ = writeln!(out, "strata_jobs{{state=\"{label}\"}} {n}");
     }
     let jobs: Vec<&JobSummary> = s.running.iter().chain(&s.completed).collect();
-    let per_job: [JobCounter; 6] = [
+    let per_job: [JobCounter; 9] = [
         (
             "strata_job_rows_in_total",
             "Rows read by the job's sources.",
@@ -141,6 +156,21 @@ pub fn render(s: &ClusterSnapshot) -> String {
             "strata_job_late_rows_total",
             "Rows dropped as late by windows.",
             |j| j.late_rows,
+        ),
+        (
+            "strata_job_gpu_batches_total",
+            "Batch pieces that GPU-placed operators ran on the GPU.",
+            |j| j.gpu_offload.gpu_batches,
+        ),
+        (
+            "strata_job_gpu_oom_splits_total",
+            "Batches split in two after the GPU ran out of device memory.",
+            |j| j.gpu_offload.oom_splits,
+        ),
+        (
+            "strata_job_gpu_cpu_fallback_batches_total",
+            "Batch pieces of GPU-placed operators run on the CPU twin after out-of-memory.",
+            |j| j.gpu_offload.cpu_fallback_batches,
         ),
     ];
     for (name, help, value) in per_job {

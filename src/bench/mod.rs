@@ -1,0 +1,232 @@
+//! `strata bench --calibrate`: measures the kernel rates the placement cost
+//! model divides by, on this machine.
+//!
+//! The CPU twins run on generated Int64 columns of [`CalibrateOptions::rows`]
+//! rows in batches of 8192 (the job files' batch size), single-threaded, and
+//! the best of [`CalibrateOptions::repetitions`] runs counts. When a GPU is
+//! detected, the CUDA kernels run on the same input through
+//! [`crate::kernels::gpu::cuda::CudaBackend`] (copies included in the kernel
+//! time) and a round trip of a large buffer measures the link. Without a
+//! GPU the calibration has no GPU section, and says why.
+
+use std::time::Instant;
+
+use arrow_array::Int64Array;
+
+use crate::kernels::backend::{CpuBackend, KernelBackend, KernelError};
+use crate::kernels::cpu::aggregate::{KeyedArrays, aggregate_i64_arrays};
+use crate::kernels::cpu::filter::CmpOp;
+use crate::kernels::cpu::key_hash::HashMode;
+use crate::kernels::cpu::project::{ArithOp, ArrayOperand, Operands};
+use crate::kernels::gpu::{self, GpuDetection};
+use crate::placement::calibration::{
+    Calibration, GpuCalibration, KernelRates, LAUNCH_DEFAULT_OVERHEAD_S,
+};
+
+/// Rows per batch, as the sources make them.
+const BATCH_ROWS: usize = 8192;
+/// Distinct keys of the aggregation input.
+const AGGREGATE_KEYS: i64 = 100_000;
+
+/// Errors of the calibration run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error("aggregation kernel: {0}")]
+    Aggregate(#[from] crate::kernels::cpu::aggregate::AggregateError),
+    #[error(transparent)]
+    Gpu(#[from] gpu::GpuError),
+    #[error(transparent)]
+    Pool(#[from] gpu::pool::PoolError),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CalibrateOptions {
+    pub rows: usize,
+    pub repetitions: u32,
+}
+
+impl Default for CalibrateOptions {
+    fn default() -> Self {
+        CalibrateOptions {
+            rows: 4 << 20,
+            repetitions: 3,
+        }
+    }
+}
+
+/// Deterministic input: values spread over ±2^40, keys over
+/// [`AGGREGATE_KEYS`] (a multiplicative hash of the row, no RNG needed).
+fn input_batches(rows: usize) -> Vec<(Int64Array, Int64Array)> {
+    (0..rows)
+        .step_by(BATCH_ROWS)
+        .map(|start| {
+            let end = (start + BATCH_ROWS).min(rows);
+            let mix = |row: usize| (row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let values = (start..end).map(|r| (mix(r) >> 24) as i64 - (1 << 39));
+            let keys = (start..end).map(|r| (mix(r) >> 40) as i64 % AGGREGATE_KEYS);
+            (
+                Int64Array::from_iter_values(keys),
+                Int64Array::from_iter_values(values),
+            )
+        })
+        .collect()
+}
+
+/// Rows per second of `run` over every batch, best of `repetitions`.
+fn rate(
+    options: CalibrateOptions,
+    batches: &[(Int64Array, Int64Array)],
+    mut run: impl FnMut(&Int64Array, &Int64Array) -> Result<(), BenchError>,
+) -> Result<f64, BenchError> {
+    let mut best_s = f64::INFINITY;
+    for _ in 0..options.repetitions.max(1) {
+        let started = Instant::now();
+        for (keys, values) in batches {
+            run(keys, values)?;
+        }
+        best_s = best_s.min(started.elapsed().as_secs_f64());
+    }
+    Ok(options.rows as f64 / best_s.max(1e-9))
+}
+
+/// The four kernel families' rates on `backend`.
+fn backend_rates(
+    backend: &dyn KernelBackend,
+    options: CalibrateOptions,
+    batches: &[(Int64Array, Int64Array)],
+) -> Result<KernelRates, BenchError> {
+    let filter_rows_per_s = rate(options, batches, |_, values| {
+        std::hint::black_box(backend.filter_i64(values, CmpOp::Ge, 0)?);
+        Ok(())
+    })?;
+    let project_rows_per_s = rate(options, batches, |keys, values| {
+        let operands = Operands {
+            left: ArrayOperand::Array(values),
+            right: ArrayOperand::Array(keys),
+        };
+        std::hint::black_box(backend.project_i64(ArithOp::Add, operands)?);
+        Ok(())
+    })?;
+    let mut hashes = vec![0u64; BATCH_ROWS];
+    let hash_rows_per_s = rate(options, batches, |keys, _| {
+        backend.hash_i64(keys, HashMode::Replace, &mut hashes[..keys.len()])?;
+        std::hint::black_box(&hashes);
+        Ok(())
+    })?;
+    let aggregate_rows_per_s = rate(options, batches, |keys, values| {
+        std::hint::black_box(aggregate_i64_arrays(KeyedArrays { keys, values })?);
+        Ok(())
+    })?;
+    Ok(KernelRates {
+        filter_rows_per_s,
+        project_rows_per_s,
+        hash_rows_per_s,
+        aggregate_rows_per_s,
+    })
+}
+
+/// Measures this machine.
+pub fn calibrate(options: CalibrateOptions) -> Result<Calibration, BenchError> {
+    let batches = input_batches(options.rows);
+    let cpu = backend_rates(&CpuBackend, options, &batches)?;
+    let detection = gpu::detect();
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "this machine".into());
+    let gpu = match detection {
+        GpuDetection::Present(devices) => Some(measure_gpu(&devices[0], options, &batches, cpu)?),
+        GpuDetection::Absent { .. } => None,
+    };
+    Ok(Calibration {
+        origin: format!(
+            "measured by `strata bench --calibrate` on {host}, {} rows, best of {}; {}",
+            options.rows,
+            options.repetitions,
+            detection.describe()
+        ),
+        cpu,
+        gpu,
+    })
+}
+
+/// The CUDA kernels' rates and the link, on the first GPU. The aggregate
+/// rate is the CPU twin's scaled by the filter speed-up until the
+/// aggregation kernel has a dispatcher.
+fn measure_gpu(
+    device: &gpu::GpuDevice,
+    options: CalibrateOptions,
+    batches: &[(Int64Array, Int64Array)],
+    cpu: KernelRates,
+) -> Result<GpuCalibration, BenchError> {
+    use crate::kernels::gpu::cuda::CudaBackend;
+    use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
+    use crate::kernels::gpu::source::PtxCache;
+    let pool = DevicePool::new(PoolConfig::even(device.memory_bytes / 2, 1))?;
+    let backend = CudaBackend::new(
+        device,
+        pool.slot(0),
+        &PtxCache::new(PtxCache::default_dir()),
+    )?;
+    let mut rates = backend_rates(&backend, options, batches)?;
+    rates.aggregate_rows_per_s =
+        cpu.aggregate_rows_per_s * (rates.filter_rows_per_s / cpu.filter_rows_per_s).max(1.0);
+    let link_bytes_per_s = backend.link_bytes_per_s(256 << 20)?;
+    Ok(GpuCalibration {
+        device: device.name.clone(),
+        memory_bytes: device.memory_bytes,
+        rates,
+        link_bytes_per_s,
+        launch_overhead_s: LAUNCH_DEFAULT_OVERHEAD_S,
+    })
+}
+
+/// The rates as a table.
+pub fn render(calibration: &Calibration) -> String {
+    let row = |name: &str, rates: &KernelRates| {
+        format!(
+            "  {name:<4} filter {:>8.1}  project {:>8.1}  hash {:>8.1}  aggregate {:>8.1}  (M rows/s)\n",
+            rates.filter_rows_per_s / 1e6,
+            rates.project_rows_per_s / 1e6,
+            rates.hash_rows_per_s / 1e6,
+            rates.aggregate_rows_per_s / 1e6
+        )
+    };
+    let mut out = format!("{}\n", calibration.origin);
+    out.push_str(&row("CPU", &calibration.cpu));
+    match &calibration.gpu {
+        Some(gpu) => {
+            out.push_str(&row("GPU", &gpu.rates));
+            out.push_str(&format!(
+                "  link {:.2} GB/s host<->device, launch {:.0} µs ({})\n",
+                gpu.link_bytes_per_s / 1e9,
+                gpu.launch_overhead_s * 1e6,
+                gpu.device
+            ));
+        }
+        None => out.push_str("  GPU  none\n"),
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibration_of_the_cpu_twins_gives_positive_rates() {
+        let calibration = calibrate(CalibrateOptions {
+            rows: 20_000,
+            repetitions: 1,
+        })
+        .unwrap();
+        let cpu = calibration.cpu;
+        for rate in [
+            cpu.filter_rows_per_s,
+            cpu.project_rows_per_s,
+            cpu.hash_rows_per_s,
+            cpu.aggregate_rows_per_s,
+        ] {
+            assert!(rate.is_finite() && rate > 0.0, "{cpu:?}");
+        }
+    }
+}

@@ -1,0 +1,572 @@
+//! The `KernelBackend` seam: operators call one interface, and the tier
+//! behind it is the CPU twins or the CUDA kernels.
+//!
+//! A backend takes Arrow arrays and gives back Arrow arrays, so that the
+//! buffers handed to a device are owned by the call until its results are
+//! back on the host: nothing is lent across a launch. Every backend must
+//! return exactly what [`CpuBackend`] returns on the same input; the GPU
+//! equality tests (`tests/gpu_kernels.rs`) hold the CUDA backend to that.
+//!
+//! [`TieredKernels`] is what an operator placed on the GPU holds: a GPU
+//! backend whose device-memory refusals it answers by splitting the batch
+//! and retrying the halves, and, when a piece still does not fit, by running
+//! the CPU twin for that piece and counting it. The CPU fallback is never
+//! silent: [`OffloadStats`] feeds the task metrics and the run summary.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arrow_array::types::{Float64Type, Int64Type};
+use arrow_array::{Array, BooleanArray, Float64Array, Int64Array, PrimitiveArray};
+use arrow_schema::ArrowError;
+
+use super::cpu::column::Column;
+use super::cpu::filter::{CmpOp, filter_f64_array, filter_i64_array};
+use super::cpu::key_hash::{HashMode, hash_i64_column};
+use super::cpu::project::{
+    ArithOp, ArrayOperand, Operands, ProjectError, project_f64_array, project_i64_array,
+};
+use super::gpu::GpuError;
+use super::gpu::pool::PoolError;
+
+/// Where a kernel runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Tier {
+    Cpu,
+    Gpu,
+}
+
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Tier::Cpu => "CPU",
+            Tier::Gpu => "GPU",
+        })
+    }
+}
+
+/// Errors of a kernel call, whatever the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Project(#[from] ProjectError),
+    /// The slot's device budget (or the device itself) cannot hold the
+    /// launch's buffers: the caller may split the batch.
+    #[error("GPU out of memory: {0}")]
+    DeviceOutOfMemory(PoolError),
+    #[error(transparent)]
+    Gpu(#[from] GpuError),
+    #[error("combining kernel results: {0}")]
+    Arrow(#[from] ArrowError),
+}
+
+/// The kernels an operator can call, on one tier.
+pub trait KernelBackend: Send + Sync {
+    fn tier(&self) -> Tier;
+
+    /// One line for logs and the summary: the tier and the device.
+    fn describe(&self) -> String;
+
+    /// The selection mask of `array <op> literal` (nulls never selected).
+    fn filter_i64(
+        &self,
+        array: &Int64Array,
+        op: CmpOp,
+        literal: i64,
+    ) -> Result<BooleanArray, KernelError>;
+
+    fn filter_f64(
+        &self,
+        array: &Float64Array,
+        op: CmpOp,
+        literal: f64,
+    ) -> Result<BooleanArray, KernelError>;
+
+    /// `left <op> right` over Int64; overflow is an error naming the row.
+    fn project_i64(
+        &self,
+        op: ArithOp,
+        operands: Operands<ArrayOperand<'_, Int64Type>>,
+    ) -> Result<Int64Array, KernelError>;
+
+    fn project_f64(
+        &self,
+        op: ArithOp,
+        operands: Operands<ArrayOperand<'_, Float64Type>>,
+    ) -> Result<Float64Array, KernelError>;
+
+    /// Hashes one Int64 key column into `hashes` (one per row).
+    fn hash_i64(
+        &self,
+        array: &Int64Array,
+        mode: HashMode,
+        hashes: &mut [u64],
+    ) -> Result<(), KernelError>;
+}
+
+/// The CPU twins.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuBackend;
+
+impl KernelBackend for CpuBackend {
+    fn tier(&self) -> Tier {
+        Tier::Cpu
+    }
+
+    fn describe(&self) -> String {
+        "CPU (twin kernels)".into()
+    }
+
+    fn filter_i64(
+        &self,
+        array: &Int64Array,
+        op: CmpOp,
+        literal: i64,
+    ) -> Result<BooleanArray, KernelError> {
+        Ok(filter_i64_array(array, op, literal))
+    }
+
+    fn filter_f64(
+        &self,
+        array: &Float64Array,
+        op: CmpOp,
+        literal: f64,
+    ) -> Result<BooleanArray, KernelError> {
+        Ok(filter_f64_array(array, op, literal))
+    }
+
+    fn project_i64(
+        &self,
+        op: ArithOp,
+        operands: Operands<ArrayOperand<'_, Int64Type>>,
+    ) -> Result<Int64Array, KernelError> {
+        Ok(project_i64_array(op, operands)?)
+    }
+
+    fn project_f64(
+        &self,
+        op: ArithOp,
+        operands: Operands<ArrayOperand<'_, Float64Type>>,
+    ) -> Result<Float64Array, KernelError> {
+        Ok(project_f64_array(op, operands)?)
+    }
+
+    fn hash_i64(
+        &self,
+        array: &Int64Array,
+        mode: HashMode,
+        hashes: &mut [u64],
+    ) -> Result<(), KernelError> {
+        hash_i64_column(Column::from_array(array), mode, hashes);
+        Ok(())
+    }
+}
+
+/// Counters of the GPU offload of one operator (or one task).
+#[derive(Debug, Default)]
+pub struct OffloadStats {
+    /// Pieces of batches that ran on the GPU.
+    pub gpu_batches: AtomicU64,
+    /// Times a piece was split in two after a device-memory refusal.
+    pub oom_splits: AtomicU64,
+    /// Pieces that ran on the CPU twin because they did not fit even split.
+    pub cpu_fallback_batches: AtomicU64,
+    pub cpu_fallback_rows: AtomicU64,
+}
+
+impl OffloadStats {
+    pub fn snapshot(&self) -> OffloadSnapshot {
+        OffloadSnapshot {
+            gpu_batches: self.gpu_batches.load(Ordering::Relaxed),
+            oom_splits: self.oom_splits.load(Ordering::Relaxed),
+            cpu_fallback_batches: self.cpu_fallback_batches.load(Ordering::Relaxed),
+            cpu_fallback_rows: self.cpu_fallback_rows.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A copy of [`OffloadStats`] at one moment.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct OffloadSnapshot {
+    pub gpu_batches: u64,
+    pub oom_splits: u64,
+    pub cpu_fallback_batches: u64,
+    pub cpu_fallback_rows: u64,
+}
+
+/// Halvings of one batch before its pieces fall back to the CPU: a batch
+/// becomes at most 2^3 = 8 pieces.
+pub const OOM_SPLIT_DEPTH_MAX: u32 = 3;
+
+/// Runs a kernel on rows `offset..offset + length` of a batch on a backend.
+type PieceCall<'a, T> = dyn FnMut(&dyn KernelBackend, usize, usize) -> Result<T, KernelError> + 'a;
+
+/// A GPU backend with split-and-retry on device out-of-memory and the CPU
+/// twin as the last resort, per piece.
+#[derive(Clone)]
+pub struct TieredKernels {
+    gpu: Arc<dyn KernelBackend>,
+    cpu: CpuBackend,
+    stats: Arc<OffloadStats>,
+    split_depth_max: u32,
+}
+
+impl TieredKernels {
+    pub fn new(gpu: Arc<dyn KernelBackend>, stats: Arc<OffloadStats>) -> Self {
+        TieredKernels {
+            gpu,
+            cpu: CpuBackend,
+            stats,
+            split_depth_max: OOM_SPLIT_DEPTH_MAX,
+        }
+    }
+
+    pub fn stats(&self) -> &Arc<OffloadStats> {
+        &self.stats
+    }
+
+    /// Runs `call` on the GPU backend over rows `0..row_count`, halving the
+    /// range on out-of-memory and running it on the CPU twin once it has
+    /// been halved `split_depth_max` times. `call(backend, offset, length)`
+    /// returns the piece's result; `join` puts two adjacent pieces together.
+    fn run_split<T>(
+        &self,
+        row_count: usize,
+        call: &mut PieceCall<'_, T>,
+        join: &dyn Fn(T, T) -> Result<T, KernelError>,
+    ) -> Result<T, KernelError> {
+        self.run_piece(0, row_count, 0, call, join)
+    }
+
+    fn run_piece<T>(
+        &self,
+        offset: usize,
+        length: usize,
+        depth: u32,
+        call: &mut PieceCall<'_, T>,
+        join: &dyn Fn(T, T) -> Result<T, KernelError>,
+    ) -> Result<T, KernelError> {
+        match call(self.gpu.as_ref(), offset, length) {
+            Ok(result) => {
+                self.stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
+                Ok(result)
+            }
+            Err(KernelError::DeviceOutOfMemory(refusal)) => {
+                if depth >= self.split_depth_max || length < 2 {
+                    tracing::debug!(
+                        "GPU piece of {length} rows does not fit ({refusal}); CPU twin runs it"
+                    );
+                    self.stats
+                        .cpu_fallback_batches
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .cpu_fallback_rows
+                        .fetch_add(length as u64, Ordering::Relaxed);
+                    return call(&self.cpu, offset, length);
+                }
+                self.stats.oom_splits.fetch_add(1, Ordering::Relaxed);
+                let half = length / 2;
+                let first = self.run_piece(offset, half, depth + 1, call, join)?;
+                let second = self.run_piece(offset + half, length - half, depth + 1, call, join)?;
+                join(first, second)
+            }
+            Err(other) => Err(other),
+        }
+    }
+}
+
+fn join_boolean(first: BooleanArray, second: BooleanArray) -> Result<BooleanArray, KernelError> {
+    let joined = arrow_select::concat::concat(&[&first, &second])?;
+    Ok(arrow_array::cast::AsArray::as_boolean(joined.as_ref()).clone())
+}
+
+fn join_primitive<T: arrow_array::ArrowPrimitiveType>(
+    first: PrimitiveArray<T>,
+    second: PrimitiveArray<T>,
+) -> Result<PrimitiveArray<T>, KernelError> {
+    let joined = arrow_select::concat::concat(&[&first, &second])?;
+    Ok(arrow_array::cast::AsArray::as_primitive::<T>(joined.as_ref()).clone())
+}
+
+/// The rows `offset..offset + length` of an operand.
+fn slice_operand<T: arrow_array::ArrowPrimitiveType>(
+    operand: ArrayOperand<'_, T>,
+    offset: usize,
+    length: usize,
+) -> SlicedOperand<T> {
+    match operand {
+        ArrayOperand::Array(array) => SlicedOperand::Array(array.slice(offset, length)),
+        ArrayOperand::Literal(value) => SlicedOperand::Literal(value),
+    }
+}
+
+enum SlicedOperand<T: arrow_array::ArrowPrimitiveType> {
+    Array(PrimitiveArray<T>),
+    Literal(T::Native),
+}
+
+impl<T: arrow_array::ArrowPrimitiveType> SlicedOperand<T> {
+    fn as_operand(&self) -> ArrayOperand<'_, T> {
+        match self {
+            SlicedOperand::Array(array) => ArrayOperand::Array(array),
+            SlicedOperand::Literal(value) => ArrayOperand::Literal(*value),
+        }
+    }
+}
+
+/// The row count of a projection's operands (a literal has none).
+fn operands_row_count<T: arrow_array::ArrowPrimitiveType>(
+    operands: &Operands<ArrayOperand<'_, T>>,
+) -> usize {
+    [operands.left, operands.right]
+        .iter()
+        .find_map(|operand| match operand {
+            ArrayOperand::Array(array) => Some(array.len()),
+            ArrayOperand::Literal(_) => None,
+        })
+        .unwrap_or(0)
+}
+
+/// A projection over rows `offset..offset + length`, with an overflow's row
+/// reported in the whole batch's numbering.
+fn project_piece<T, R>(
+    operands: Operands<ArrayOperand<'_, T>>,
+    offset: usize,
+    length: usize,
+    project: impl FnOnce(Operands<ArrayOperand<'_, T>>) -> Result<R, KernelError>,
+) -> Result<R, KernelError>
+where
+    T: arrow_array::ArrowPrimitiveType,
+{
+    let left = slice_operand(operands.left, offset, length);
+    let right = slice_operand(operands.right, offset, length);
+    let sliced = Operands {
+        left: left.as_operand(),
+        right: right.as_operand(),
+    };
+    project(sliced).map_err(|e| match e {
+        KernelError::Project(ProjectError::Overflow {
+            row,
+            op,
+            left,
+            right,
+        }) => KernelError::Project(ProjectError::Overflow {
+            row: row + offset,
+            op,
+            left,
+            right,
+        }),
+        other => other,
+    })
+}
+
+impl KernelBackend for TieredKernels {
+    fn tier(&self) -> Tier {
+        self.gpu.tier()
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "{} (out of memory: split up to {}×, then the CPU twin)",
+            self.gpu.describe(),
+            1u32 << self.split_depth_max
+        )
+    }
+
+    fn filter_i64(
+        &self,
+        array: &Int64Array,
+        op: CmpOp,
+        literal: i64,
+    ) -> Result<BooleanArray, KernelError> {
+        self.run_split(
+            array.len(),
+            &mut |backend, offset, length| {
+                backend.filter_i64(&array.slice(offset, length), op, literal)
+            },
+            &join_boolean,
+        )
+    }
+
+    fn filter_f64(
+        &self,
+        array: &Float64Array,
+        op: CmpOp,
+        literal: f64,
+    ) -> Result<BooleanArray, KernelError> {
+        self.run_split(
+            array.len(),
+            &mut |backend, offset, length| {
+                backend.filter_f64(&array.slice(offset, length), op, literal)
+            },
+            &join_boolean,
+        )
+    }
+
+    fn project_i64(
+        &self,
+        op: ArithOp,
+        operands: Operands<ArrayOperand<'_, Int64Type>>,
+    ) -> Result<Int64Array, KernelError> {
+        let row_count = operands_row_count(&operands);
+        self.run_split(
+            row_count,
+            &mut |backend, offset, length| {
+                project_piece(operands, offset, length, |sliced| {
+                    backend.project_i64(op, sliced)
+                })
+            },
+            &join_primitive,
+        )
+    }
+
+    fn project_f64(
+        &self,
+        op: ArithOp,
+        operands: Operands<ArrayOperand<'_, Float64Type>>,
+    ) -> Result<Float64Array, KernelError> {
+        let row_count = operands_row_count(&operands);
+        self.run_split(
+            row_count,
+            &mut |backend, offset, length| {
+                project_piece(operands, offset, length, |sliced| {
+                    backend.project_f64(op, sliced)
+                })
+            },
+            &join_primitive,
+        )
+    }
+
+    fn hash_i64(
+        &self,
+        array: &Int64Array,
+        mode: HashMode,
+        hashes: &mut [u64],
+    ) -> Result<(), KernelError> {
+        assert_eq!(hashes.len(), array.len(), "one hash per row");
+        self.run_split(
+            array.len(),
+            &mut |backend, offset, length| {
+                backend.hash_i64(
+                    &array.slice(offset, length),
+                    mode,
+                    &mut hashes[offset..offset + length],
+                )
+            },
+            &|(), ()| Ok(()),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
+    use crate::kernels::gpu::sim::SimulatedGpuBackend;
+
+    const ROWS: usize = 10_000;
+
+    /// A tiered backend over a simulated GPU whose one slot has
+    /// `budget_bytes` of device memory.
+    fn tiered(budget_bytes: u64) -> TieredKernels {
+        let pool = DevicePool::new(PoolConfig::even(budget_bytes, 1)).unwrap();
+        TieredKernels::new(
+            Arc::new(SimulatedGpuBackend::new(pool.slot(0))),
+            Arc::default(),
+        )
+    }
+
+    fn values() -> Int64Array {
+        (0..ROWS as i64)
+            .map(|v| (v % 13 != 0).then_some(v * 7 - 30_000))
+            .collect()
+    }
+
+    #[test]
+    fn oom_splits_the_batch_and_the_result_equals_the_cpu_twin() {
+        let array = values();
+        // A quarter of the batch fits; half does not.
+        let kernels = tiered(30_000);
+        let gpu = kernels.filter_i64(&array, CmpOp::Ge, 100).unwrap();
+        assert_eq!(gpu, CpuBackend.filter_i64(&array, CmpOp::Ge, 100).unwrap());
+        let stats = kernels.stats().snapshot();
+        assert_eq!(stats.oom_splits, 3, "{stats:?}");
+        assert_eq!(stats.gpu_batches, 4, "{stats:?}");
+        assert_eq!(stats.cpu_fallback_batches, 0, "{stats:?}");
+    }
+
+    #[test]
+    fn piece_that_never_fits_runs_on_the_cpu_twin_and_is_counted() {
+        let array = values();
+        let kernels = tiered(100);
+        let mut hashes = vec![0; ROWS];
+        kernels
+            .hash_i64(&array, HashMode::Replace, &mut hashes)
+            .unwrap();
+        let mut expected = vec![0; ROWS];
+        CpuBackend
+            .hash_i64(&array, HashMode::Replace, &mut expected)
+            .unwrap();
+        assert_eq!(hashes, expected);
+        let stats = kernels.stats().snapshot();
+        assert_eq!(stats.gpu_batches, 0);
+        assert_eq!(stats.cpu_fallback_batches, 1 << OOM_SPLIT_DEPTH_MAX);
+        assert_eq!(stats.cpu_fallback_rows, ROWS as u64);
+    }
+
+    #[test]
+    fn batch_that_fits_runs_whole_on_the_gpu() {
+        let array = values();
+        let kernels = tiered(1 << 20);
+        let doubled = kernels
+            .project_i64(
+                ArithOp::Mul,
+                Operands {
+                    left: ArrayOperand::Array(&array),
+                    right: ArrayOperand::Literal(2),
+                },
+            )
+            .unwrap();
+        assert_eq!(doubled.value(1), 2 * array.value(1));
+        assert_eq!(kernels.stats().snapshot().gpu_batches, 1);
+        assert_eq!(kernels.stats().snapshot().oom_splits, 0);
+    }
+
+    #[test]
+    fn overflow_after_a_split_names_the_row_of_the_whole_batch() {
+        let mut rows: Vec<i64> = (0..ROWS as i64).collect();
+        rows[7_000] = i64::MAX;
+        let array = Int64Array::from(rows);
+        let operands = Operands {
+            left: ArrayOperand::Array(&array),
+            right: ArrayOperand::Literal(1),
+        };
+        let expected = CpuBackend.project_i64(ArithOp::Add, operands).unwrap_err();
+        let split = tiered(60_000)
+            .project_i64(ArithOp::Add, operands)
+            .unwrap_err();
+        assert_eq!(split.to_string(), expected.to_string());
+        assert!(split.to_string().contains("row 7000"), "{split}");
+    }
+
+    #[test]
+    fn split_float_projection_keeps_nulls_and_nan() {
+        let left: Float64Array = (0..ROWS)
+            .map(|i| match i % 5 {
+                0 => None,
+                1 => Some(f64::NAN),
+                _ => Some(i as f64 * 0.5),
+            })
+            .collect();
+        let operands = Operands {
+            left: ArrayOperand::Array(&left),
+            right: ArrayOperand::Literal(0.0),
+        };
+        let expected = CpuBackend.project_f64(ArithOp::Div, operands).unwrap();
+        let split = tiered(100_000).project_f64(ArithOp::Div, operands).unwrap();
+        assert_eq!(split.nulls(), expected.nulls());
+        let bits = |a: &Float64Array| a.values().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&split), bits(&expected));
+    }
+}

@@ -1,0 +1,632 @@
+//! The CUDA backend: Arrow buffers to the device, one kernel launch, the
+//! results back to the host.
+//!
+//! Each call reserves its device bytes in the slot's [`SlotPool`] first (a
+//! refusal is [`KernelError::DeviceOutOfMemory`], which `TieredKernels`
+//! answers by splitting the batch), copies its inputs with `clone_htod`,
+//! launches on the backend's stream, copies the outputs back and
+//! synchronizes the stream before it returns. So the input arrays (borrowed
+//! for the call, kept alive by the caller's `Arc`ed Arrow buffers) and the
+//! device buffers (owned by the call) outlive every use the device makes of
+//! them, and nothing is lent across the kernel boundary.
+//!
+//! Kernels are compiled at start-up with NVRTC for the device's compute
+//! capability and cached on disk ([`PtxCache`]); no fast-math, no FMA
+//! contraction flags, so the results equal the CPU twins (the kernels use
+//! the `__d*_rn` intrinsics as well).
+//!
+//! This is the one module of the crate's GPU tier that needs `unsafe`: the
+//! driver probe, the NVRTC version query and kernel launches are `unsafe` in
+//! `cudarc`. Each block says what it relies on.
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::Arc;
+
+use arrow_array::types::{Float64Type, Int64Type};
+use arrow_array::{
+    Array, ArrowPrimitiveType, BooleanArray, Float64Array, Int64Array, PrimitiveArray,
+};
+use arrow_buffer::ScalarBuffer;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig,
+    PushKernelArg, ValidAsZeroBits,
+};
+use cudarc::nvrtc::{CompileOptions, Ptx};
+
+use super::pool::{PoolError, SlotPool};
+use super::source::{CacheKey, PtxCache, SOURCES, expand_includes};
+use super::{GpuDetection, GpuDevice, GpuError, LaunchBytes};
+use crate::kernels::backend::{KernelBackend, KernelError, Tier};
+use crate::kernels::cpu::column::{bitmap_len_bytes, boolean_buffer, null_buffer};
+use crate::kernels::cpu::filter::CmpOp;
+use crate::kernels::cpu::key_hash::HashMode;
+use crate::kernels::cpu::project::{ArithOp, ArrayOperand, Operands, ProjectError};
+
+/// Threads per block: a multiple of 32, as the bitmap kernels require.
+const BLOCK_THREADS: u32 = 256;
+/// Blocks per launch at most; the kernels loop grid-stride beyond it.
+const GRID_BLOCKS_MAX: u32 = 4096;
+const _: () = assert!(BLOCK_THREADS.is_multiple_of(32));
+
+/// Every entry point the backend launches, by source stem.
+pub const ENTRY_POINTS: [(&str, &str); 7] = [
+    ("filter", "filter_i64"),
+    ("filter", "filter_f64"),
+    ("project", "project_i64_columns"),
+    ("project", "project_i64_literal"),
+    ("project", "project_f64_columns"),
+    ("project", "project_f64_literal"),
+    ("hash", "hash_i64"),
+];
+
+/// Finds the GPUs, or says why there are none. Never panics: `cudarc`
+/// panics when `libcuda` cannot be loaded, so the library's presence is
+/// checked first and every driver call runs under `catch_unwind`.
+pub fn probe() -> GpuDetection {
+    // SAFETY: `is_culib_present` only tries to `dlopen` the driver library
+    // by its usual names and closes it again; it touches no CUDA state.
+    let present = unsafe { cudarc::driver::sys::is_culib_present() };
+    if !present {
+        return GpuDetection::Absent {
+            reason: "libcuda.so not found (no NVIDIA driver)".into(),
+        };
+    }
+    match catch_unwind(list_devices) {
+        Ok(Ok(devices)) if devices.is_empty() => GpuDetection::Absent {
+            reason: "the CUDA driver reports no device".into(),
+        },
+        Ok(Ok(devices)) => GpuDetection::Present(devices),
+        Ok(Err(e)) => GpuDetection::Absent {
+            reason: e.to_string(),
+        },
+        Err(_) => GpuDetection::Absent {
+            reason: "the CUDA driver library panicked while loading".into(),
+        },
+    }
+}
+
+fn driver(call: &'static str) -> impl Fn(DriverError) -> GpuError {
+    move |e| GpuError::Driver {
+        call,
+        reason: format!("{e:?}"),
+    }
+}
+
+fn list_devices() -> Result<Vec<GpuDevice>, GpuError> {
+    use cudarc::driver::result::{device, init};
+    use cudarc::driver::sys::CUdevice_attribute as Attr;
+    init().map_err(driver("cuInit"))?;
+    let count = device::get_count().map_err(driver("cuDeviceGetCount"))?;
+    (0..count)
+        .map(|ordinal| {
+            let dev = device::get(ordinal).map_err(driver("cuDeviceGet"))?;
+            let name = device::get_name(dev).map_err(driver("cuDeviceGetName"))?;
+            // SAFETY: `dev` was just returned by `cuDeviceGet` for an
+            // ordinal below the device count.
+            let (memory_bytes, major, minor) = unsafe {
+                (
+                    device::total_mem(dev).map_err(driver("cuDeviceTotalMem"))?,
+                    device::get_attribute(dev, Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)
+                        .map_err(driver("cuDeviceGetAttribute"))?,
+                    device::get_attribute(dev, Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)
+                        .map_err(driver("cuDeviceGetAttribute"))?,
+                )
+            };
+            Ok(GpuDevice {
+                ordinal: ordinal as u32,
+                name,
+                memory_bytes: memory_bytes as u64,
+                compute_capability: (major.max(0) as u32, minor.max(0) as u32),
+                simulated: false,
+            })
+        })
+        .collect()
+}
+
+/// `major.minor` of the NVRTC library, or why it cannot be used.
+pub fn nvrtc_version() -> Result<String, GpuError> {
+    // SAFETY: as for the driver: only a `dlopen` probe.
+    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
+        return Err(GpuError::NvrtcUnavailable {
+            reason: "libnvrtc.so not found, so kernels cannot be compiled".into(),
+        });
+    }
+    let query = || {
+        let (mut major, mut minor) = (0, 0);
+        // SAFETY: both pointers are to live locals for the duration of the
+        // call, which writes two ints and keeps neither pointer.
+        let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
+        (status, major, minor)
+    };
+    match catch_unwind(query) {
+        Ok((cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS, major, minor)) => {
+            Ok(format!("{major}.{minor}"))
+        }
+        Ok((status, _, _)) => Err(GpuError::Driver {
+            call: "nvrtcVersion",
+            reason: format!("{status:?}"),
+        }),
+        Err(_) => Err(GpuError::NvrtcUnavailable {
+            reason: "libnvrtc panicked while loading".into(),
+        }),
+    }
+}
+
+/// Compiles (or loads from the cache) every kernel source for `arch`
+/// (`compute_90`): `(stem, PTX)` per source. Needs only NVRTC, not a GPU.
+pub fn compile_modules(
+    arch: &str,
+    cache: &PtxCache,
+) -> Result<Vec<(&'static str, String)>, GpuError> {
+    let nvrtc_version = nvrtc_version()?;
+    SOURCES
+        .iter()
+        .map(|source| {
+            let expanded = expand_includes(*source)?;
+            let key = CacheKey {
+                expanded_source: &expanded,
+                arch,
+                nvrtc_version: &nvrtc_version,
+            };
+            let (ptx, outcome) = cache.get_or_compile(source.stem, key, || {
+                let options = CompileOptions {
+                    options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()],
+                    name: Some(format!("{}.cu", source.stem)),
+                    ..Default::default()
+                };
+                cudarc::nvrtc::compile_ptx_with_opts(&expanded, options)
+                    .map(|ptx| ptx.to_src())
+                    .map_err(|e| GpuError::Compile {
+                        stem: source.stem,
+                        arch: arch.to_owned(),
+                        log: format!("{e:?}"),
+                    })
+            })?;
+            tracing::debug!("kernels/{}.cu for {arch}: {outcome:?}", source.stem);
+            Ok((source.stem, ptx))
+        })
+        .collect()
+}
+
+/// A projection's values, Arrow validity bytes and first overflowing row.
+type ProjectResult<T> = (Vec<T>, Vec<u8>, Option<u64>);
+
+/// The kernels of one GPU, launched on one stream, within one slot's budget.
+pub struct CudaBackend {
+    device: GpuDevice,
+    stream: Arc<CudaStream>,
+    functions: HashMap<&'static str, CudaFunction>,
+    pool: SlotPool,
+}
+
+impl CudaBackend {
+    /// Opens `device`, compiles the kernels (or loads them from `cache`) and
+    /// loads them; launches then reserve device memory from `pool`.
+    pub fn new(device: &GpuDevice, pool: SlotPool, cache: &PtxCache) -> Result<Self, GpuError> {
+        let open = || -> Result<_, GpuError> {
+            let context =
+                CudaContext::new(device.ordinal as usize).map_err(driver("cuCtxCreate"))?;
+            let modules = compile_modules(&device.nvrtc_arch(), cache)?;
+            let mut functions = HashMap::new();
+            for (stem, ptx) in modules {
+                let module = context
+                    .load_module(Ptx::from_src(ptx))
+                    .map_err(driver("cuModuleLoadData"))?;
+                for (_, name) in ENTRY_POINTS.iter().filter(|(s, _)| *s == stem) {
+                    let function = module
+                        .load_function(name)
+                        .map_err(driver("cuModuleGetFunction"))?;
+                    functions.insert(*name, function);
+                }
+            }
+            // One stream per slot backend, so that slots sharing a GPU do
+            // not serialise on the legacy default stream.
+            let stream = context.new_stream().map_err(driver("cuStreamCreate"))?;
+            Ok((stream, functions))
+        };
+        let (stream, functions) =
+            catch_unwind(AssertUnwindSafe(open)).map_err(|_| GpuError::NoGpu {
+                reason: format!("opening GPU {} panicked in the CUDA driver", device.ordinal),
+            })??;
+        Ok(CudaBackend {
+            device: device.clone(),
+            stream,
+            functions,
+            pool,
+        })
+    }
+
+    /// Host→device→host bandwidth: one round trip of `bytes` bytes.
+    pub fn link_bytes_per_s(&self, bytes: usize) -> Result<f64, KernelError> {
+        let _held = self.reserve(bytes as u64)?;
+        let host = vec![0u8; bytes];
+        let started = std::time::Instant::now();
+        let device = self.upload(&host, bytes as u64)?;
+        let back = self.download(&device)?;
+        let elapsed_s = started.elapsed().as_secs_f64();
+        assert_eq!(back.len(), bytes, "round trip length");
+        Ok(2.0 * bytes as f64 / elapsed_s.max(1e-9))
+    }
+
+    fn function(&self, name: &'static str) -> Result<&CudaFunction, KernelError> {
+        self.functions
+            .get(name)
+            .ok_or(KernelError::Gpu(GpuError::MissingKernel { name }))
+    }
+
+    fn reserve(&self, bytes: u64) -> Result<super::pool::DeviceReservation, KernelError> {
+        self.pool
+            .reserve(bytes)
+            .map_err(KernelError::DeviceOutOfMemory)
+    }
+
+    /// A driver error as a kernel error; the device's own out-of-memory is
+    /// one the caller may split on, like the pool's.
+    fn driver_error(&self, call: &'static str, bytes: u64) -> impl Fn(DriverError) -> KernelError {
+        let slot_index = self.pool.slot_index();
+        move |e| {
+            if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+                KernelError::DeviceOutOfMemory(PoolError::DeviceRefused {
+                    slot_index,
+                    requested_bytes: bytes,
+                })
+            } else {
+                KernelError::Gpu(driver(call)(e))
+            }
+        }
+    }
+
+    fn upload<T: DeviceRepr>(&self, host: &[T], bytes: u64) -> Result<CudaSlice<T>, KernelError> {
+        self.stream
+            .clone_htod(host)
+            .map_err(self.driver_error("cuMemcpyHtoD", bytes))
+    }
+
+    fn zeros<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        len: usize,
+        bytes: u64,
+    ) -> Result<CudaSlice<T>, KernelError> {
+        self.stream
+            .alloc_zeros(len.max(1))
+            .map_err(self.driver_error("cuMemAlloc", bytes))
+    }
+
+    fn download<T: DeviceRepr>(&self, device: &CudaSlice<T>) -> Result<Vec<T>, KernelError> {
+        let host = self
+            .stream
+            .clone_dtoh(device)
+            .map_err(self.driver_error("cuMemcpyDtoH", 0))?;
+        self.stream
+            .synchronize()
+            .map_err(self.driver_error("cuStreamSynchronize", 0))?;
+        Ok(host)
+    }
+
+    /// A column's validity on the device (its whole bitmap buffer and the
+    /// bit offset of row 0), or `None` when every row is valid.
+    fn upload_validity(
+        &self,
+        array: &dyn Array,
+        bytes: u64,
+    ) -> Result<(Option<CudaSlice<u8>>, u64), KernelError> {
+        match array.nulls() {
+            None => Ok((None, 0)),
+            Some(nulls) => Ok((
+                Some(self.upload(nulls.inner().values(), bytes)?),
+                nulls.offset() as u64,
+            )),
+        }
+    }
+
+    fn launch_config(&self, work_items: usize) -> LaunchConfig {
+        let blocks = work_items.div_ceil(BLOCK_THREADS as usize).max(1);
+        LaunchConfig {
+            grid_dim: (blocks.min(GRID_BLOCKS_MAX as usize) as u32, 1, 1),
+            block_dim: (BLOCK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
+    }
+
+    fn filter<T: ArrowPrimitiveType>(
+        &self,
+        name: &'static str,
+        array: &PrimitiveArray<T>,
+        op: CmpOp,
+        literal: T::Native,
+    ) -> Result<BooleanArray, KernelError>
+    where
+        T::Native: DeviceRepr,
+    {
+        let row_count = array.len();
+        if row_count == 0 {
+            // The driver refuses zero-byte allocations; nothing to launch.
+            return Ok(BooleanArray::new(boolean_buffer(Vec::new(), 0), None));
+        }
+        let bytes = LaunchBytes { row_count }.filter();
+        let _held = self.reserve(bytes)?;
+        let values = self.upload(array.values().as_ref(), bytes)?;
+        let (validity, validity_offset) = self.upload_validity(array, bytes)?;
+        let word_count = row_count.div_ceil(32);
+        let mut selection = self.zeros::<u32>(word_count, bytes)?;
+        let mut selected_count = self.zeros::<u64>(1, bytes)?;
+        let null_pointer = 0u64;
+        let (rows, code) = (row_count as u64, op.code());
+        let function = self.function(name)?;
+        let mut launch = self.stream.launch_builder(function);
+        launch.arg(&values);
+        match &validity {
+            Some(bits) => launch.arg(bits),
+            None => launch.arg(&null_pointer),
+        };
+        launch
+            .arg(&validity_offset)
+            .arg(&rows)
+            .arg(&code)
+            .arg(&literal)
+            .arg(&mut selection)
+            .arg(&mut selected_count);
+        // SAFETY: the arguments match `filter_<type>` in kernels/filter.cu
+        // one for one (values, validity or a null pointer, bit offset, row
+        // count, operator code, literal, selection words, counter); the
+        // device buffers hold `row_count` values, the validity bits of
+        // `validity_offset + row_count` rows and `word_count` words; all of
+        // them live until `download` has synchronized the stream.
+        unsafe { launch.launch(self.launch_config(word_count * 32)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        let words = self.download(&selection)?;
+        let mut bitmap: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        bitmap.truncate(bitmap_len_bytes(row_count));
+        Ok(BooleanArray::new(boolean_buffer(bitmap, row_count), None))
+    }
+
+    fn project<T: ArrowPrimitiveType>(
+        &self,
+        names: (&'static str, &'static str),
+        op: ArithOp,
+        operands: Operands<ArrayOperand<'_, T>>,
+        checks_overflow: bool,
+    ) -> Result<ProjectResult<T::Native>, KernelError>
+    where
+        T::Native: DeviceRepr + ValidAsZeroBits,
+    {
+        let (column_name, literal_name) = names;
+        let row_count = match (operands.left, operands.right) {
+            (ArrayOperand::Array(array), _) | (_, ArrayOperand::Array(array)) => array.len(),
+            _ => return Err(ProjectError::NoColumnOperand.into()),
+        };
+        if let (ArrayOperand::Array(left), ArrayOperand::Array(right)) =
+            (operands.left, operands.right)
+            && left.len() != right.len()
+        {
+            return Err(ProjectError::RowCountMismatch {
+                left_rows: left.len(),
+                right_rows: right.len(),
+            }
+            .into());
+        }
+        if row_count == 0 {
+            return Ok((Vec::new(), Vec::new(), None));
+        }
+        let bytes = LaunchBytes { row_count }.project();
+        let _held = self.reserve(bytes)?;
+        let word_count = row_count.div_ceil(32);
+        let mut out = self.zeros::<T::Native>(row_count, bytes)?;
+        let mut out_validity = self.zeros::<u32>(word_count, bytes)?;
+        let mut first_overflow_row = self.upload(&[u64::MAX], bytes)?;
+        let null_pointer = 0u64;
+        let (rows, code) = (row_count as u64, op.code());
+        let config = self.launch_config(word_count * 32);
+        match (operands.left, operands.right) {
+            (ArrayOperand::Array(left), ArrayOperand::Array(right)) => {
+                let left_values = self.upload(left.values().as_ref(), bytes)?;
+                let right_values = self.upload(right.values().as_ref(), bytes)?;
+                let (left_validity, left_offset) = self.upload_validity(left, bytes)?;
+                let (right_validity, right_offset) = self.upload_validity(right, bytes)?;
+                let function = self.function(column_name)?;
+                let mut launch = self.stream.launch_builder(function);
+                launch.arg(&left_values);
+                match &left_validity {
+                    Some(bits) => launch.arg(bits),
+                    None => launch.arg(&null_pointer),
+                };
+                launch.arg(&left_offset).arg(&right_values);
+                match &right_validity {
+                    Some(bits) => launch.arg(bits),
+                    None => launch.arg(&null_pointer),
+                };
+                launch
+                    .arg(&right_offset)
+                    .arg(&rows)
+                    .arg(&code)
+                    .arg(&mut out)
+                    .arg(&mut out_validity);
+                if checks_overflow {
+                    launch.arg(&mut first_overflow_row);
+                }
+                // SAFETY: the arguments match `project_<type>_columns` in
+                // kernels/project.cu one for one (the f64 entry has no
+                // overflow row); both columns hold `row_count` values and
+                // their validity bits; the outputs hold `row_count` values
+                // and `word_count` words; every buffer lives until
+                // `download` has synchronized the stream.
+                unsafe { launch.launch(config) }
+                    .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+            }
+            (column, literal) => {
+                let literal_on_left = u32::from(matches!(column, ArrayOperand::Literal(_)));
+                let (ArrayOperand::Array(array), ArrayOperand::Literal(value)) =
+                    (if literal_on_left == 1 {
+                        (literal, column)
+                    } else {
+                        (column, literal)
+                    })
+                else {
+                    return Err(ProjectError::NoColumnOperand.into());
+                };
+                let values = self.upload(array.values().as_ref(), bytes)?;
+                let (validity, offset) = self.upload_validity(array, bytes)?;
+                let function = self.function(literal_name)?;
+                let mut launch = self.stream.launch_builder(function);
+                launch.arg(&values);
+                match &validity {
+                    Some(bits) => launch.arg(bits),
+                    None => launch.arg(&null_pointer),
+                };
+                launch
+                    .arg(&offset)
+                    .arg(&value)
+                    .arg(&literal_on_left)
+                    .arg(&rows)
+                    .arg(&code)
+                    .arg(&mut out)
+                    .arg(&mut out_validity);
+                if checks_overflow {
+                    launch.arg(&mut first_overflow_row);
+                }
+                // SAFETY: the arguments match `project_<type>_literal` in
+                // kernels/project.cu one for one; the column holds
+                // `row_count` values and their validity bits; the outputs
+                // hold `row_count` values and `word_count` words; every
+                // buffer lives until `download` has synchronized the stream.
+                unsafe { launch.launch(config) }
+                    .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+            }
+        }
+        let values = self.download(&out)?;
+        let words = self.download(&out_validity)?;
+        let mut validity: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        validity.truncate(bitmap_len_bytes(row_count));
+        let overflow_row = if checks_overflow {
+            self.download(&first_overflow_row)?
+                .first()
+                .copied()
+                .filter(|row| *row != u64::MAX)
+        } else {
+            None
+        };
+        Ok((values, validity, overflow_row))
+    }
+}
+
+impl KernelBackend for CudaBackend {
+    fn tier(&self) -> Tier {
+        Tier::Gpu
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "CUDA GPU {} {} (slot {} budget {} MiB)",
+            self.device.ordinal,
+            self.device.name,
+            self.pool.slot_index(),
+            self.pool.budget_bytes() >> 20
+        )
+    }
+
+    fn filter_i64(
+        &self,
+        array: &Int64Array,
+        op: CmpOp,
+        literal: i64,
+    ) -> Result<BooleanArray, KernelError> {
+        self.filter("filter_i64", array, op, literal)
+    }
+
+    fn filter_f64(
+        &self,
+        array: &Float64Array,
+        op: CmpOp,
+        literal: f64,
+    ) -> Result<BooleanArray, KernelError> {
+        self.filter("filter_f64", array, op, literal)
+    }
+
+    fn project_i64(
+        &self,
+        op: ArithOp,
+        operands: Operands<ArrayOperand<'_, Int64Type>>,
+    ) -> Result<Int64Array, KernelError> {
+        if op == ArithOp::Div {
+            return Err(ProjectError::UnsupportedInt64Op { op }.into());
+        }
+        let names = ("project_i64_columns", "project_i64_literal");
+        let (values, validity, overflow_row) = self.project(names, op, operands, true)?;
+        if let Some(row) = overflow_row {
+            // The kernel names the row; the operands come from the host.
+            let row = row as usize;
+            let value_at = |operand: ArrayOperand<'_, Int64Type>| match operand {
+                ArrayOperand::Array(array) => array.value(row),
+                ArrayOperand::Literal(value) => value,
+            };
+            return Err(ProjectError::Overflow {
+                row,
+                op,
+                left: value_at(operands.left),
+                right: value_at(operands.right),
+            }
+            .into());
+        }
+        let row_count = values.len();
+        Ok(Int64Array::new(
+            ScalarBuffer::from(values),
+            null_buffer(validity, row_count),
+        ))
+    }
+
+    fn project_f64(
+        &self,
+        op: ArithOp,
+        operands: Operands<ArrayOperand<'_, Float64Type>>,
+    ) -> Result<Float64Array, KernelError> {
+        let names = ("project_f64_columns", "project_f64_literal");
+        let (values, validity, _) = self.project(names, op, operands, false)?;
+        let row_count = values.len();
+        Ok(Float64Array::new(
+            ScalarBuffer::from(values),
+            null_buffer(validity, row_count),
+        ))
+    }
+
+    fn hash_i64(
+        &self,
+        array: &Int64Array,
+        mode: HashMode,
+        hashes: &mut [u64],
+    ) -> Result<(), KernelError> {
+        let row_count = array.len();
+        assert_eq!(hashes.len(), row_count, "one hash per row");
+        if row_count == 0 {
+            return Ok(());
+        }
+        let bytes = LaunchBytes { row_count }.hash();
+        let _held = self.reserve(bytes)?;
+        let values = self.upload(array.values().as_ref(), bytes)?;
+        let (validity, validity_offset) = self.upload_validity(array, bytes)?;
+        let mut device_hashes = self.upload(hashes, bytes)?;
+        let null_pointer = 0u64;
+        let (rows, code) = (row_count as u64, mode.code());
+        let function = self.function("hash_i64")?;
+        let mut launch = self.stream.launch_builder(function);
+        launch.arg(&values);
+        match &validity {
+            Some(bits) => launch.arg(bits),
+            None => launch.arg(&null_pointer),
+        };
+        launch
+            .arg(&validity_offset)
+            .arg(&rows)
+            .arg(&code)
+            .arg(&mut device_hashes);
+        // SAFETY: the arguments match `hash_i64` in kernels/hash.cu one for
+        // one; `values` and `device_hashes` hold `row_count` elements and the
+        // validity the bits of its rows; all live until `download` has
+        // synchronized the stream.
+        unsafe { launch.launch(self.launch_config(row_count)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        hashes.copy_from_slice(&self.download(&device_hashes)?);
+        Ok(())
+    }
+}

@@ -1,0 +1,244 @@
+//! The CUDA kernels against their CPU twins, through the `KernelBackend`
+//! seam: on a machine with a GPU every kernel the dispatcher launches must
+//! return exactly what the twin returns (bit for bit, NaN and null rows
+//! included), on inputs with nulls, NaN, ±0.0, overflow edges and sliced
+//! arrays. Without a GPU each test prints "skipped: no GPU" and passes.
+
+use std::sync::Arc;
+
+use arrow_array::{Array, Float64Array, Int64Array};
+use strata::kernels::backend::{CpuBackend, KernelBackend, OffloadStats, TieredKernels};
+use strata::kernels::cpu::filter::CmpOp;
+use strata::kernels::cpu::key_hash::HashMode;
+use strata::kernels::cpu::project::{ArithOp, ArrayOperand, Operands};
+use strata::kernels::gpu::cuda::CudaBackend;
+use strata::kernels::gpu::pool::{DevicePool, PoolConfig};
+use strata::kernels::gpu::source::PtxCache;
+use strata::kernels::gpu::{GpuDetection, detect};
+
+const ROWS: usize = 100_003;
+
+/// The CUDA backend on GPU 0 with a 1 GiB slot budget, or `None` (having
+/// printed "skipped: no GPU") on a machine without one.
+fn cuda() -> Option<CudaBackend> {
+    let device = match detect() {
+        GpuDetection::Present(devices) => devices[0].clone(),
+        GpuDetection::Absent { reason } => {
+            println!("skipped: no GPU ({reason})");
+            return None;
+        }
+    };
+    let pool = DevicePool::new(PoolConfig::even(1 << 30, 1)).expect("pool");
+    let cache = PtxCache::new(std::env::temp_dir().join("strata-gpu-test-ptx"));
+    Some(CudaBackend::new(&device, pool.slot(0), &cache).expect("opening the GPU"))
+}
+
+/// A small deterministic generator (splitmix64), so failures replay.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+}
+
+fn int_column(seed: u64) -> Int64Array {
+    let mut rng = Rng(seed);
+    let edges = [i64::MIN, i64::MAX, -1, 0, 1, i64::MIN + 1, i64::MAX - 1];
+    (0..ROWS)
+        .map(|_| match rng.next() % 10 {
+            0 => None,
+            1 => Some(edges[(rng.next() % edges.len() as u64) as usize]),
+            _ => Some((rng.next() % 2_000_001) as i64 - 1_000_000),
+        })
+        .collect()
+}
+
+fn float_column(seed: u64) -> Float64Array {
+    let mut rng = Rng(seed);
+    let edges = [
+        f64::NAN,
+        -0.0,
+        0.0,
+        f64::INFINITY,
+        f64::NEG_INFINITY,
+        f64::MIN_POSITIVE,
+        f64::MAX,
+    ];
+    (0..ROWS)
+        .map(|_| match rng.next() % 10 {
+            0 => None,
+            1 => Some(edges[(rng.next() % edges.len() as u64) as usize]),
+            _ => Some((rng.next() % 1_000_000) as f64 / 7.0 - 70_000.0),
+        })
+        .collect()
+}
+
+fn float_bits(array: &Float64Array) -> Vec<(bool, u64)> {
+    (0..array.len())
+        .map(|i| {
+            let valid = array.is_valid(i);
+            let value = array.value(i);
+            // IEEE leaves NaN payloads unspecified: compare NaN as NaN.
+            (
+                valid,
+                if value.is_nan() {
+                    u64::MAX
+                } else {
+                    value.to_bits()
+                },
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn gpu_filter_equals_the_cpu_twin() {
+    let Some(gpu) = cuda() else { return };
+    let ints = int_column(1);
+    let floats = float_column(2);
+    for op in CmpOp::ALL {
+        for sliced in [false, true] {
+            let (ints, floats) = if sliced {
+                (ints.slice(3, ROWS - 10), floats.slice(5, ROWS - 10))
+            } else {
+                (ints.clone(), floats.clone())
+            };
+            assert_eq!(
+                gpu.filter_i64(&ints, op, 17).unwrap(),
+                CpuBackend.filter_i64(&ints, op, 17).unwrap(),
+                "{op:?} sliced={sliced}"
+            );
+            for literal in [0.0, -0.0, 12.5, f64::NAN] {
+                assert_eq!(
+                    gpu.filter_f64(&floats, op, literal).unwrap(),
+                    CpuBackend.filter_f64(&floats, op, literal).unwrap(),
+                    "{op:?} {literal} sliced={sliced}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn gpu_projection_equals_the_cpu_twin_including_overflow() {
+    let Some(gpu) = cuda() else { return };
+    let (left, right) = (int_column(3), int_column(4));
+    for op in [ArithOp::Add, ArithOp::Sub, ArithOp::Mul] {
+        let cases = [
+            Operands {
+                left: ArrayOperand::Array(&left),
+                right: ArrayOperand::Array(&right),
+            },
+            Operands {
+                left: ArrayOperand::Literal(3),
+                right: ArrayOperand::Array(&right),
+            },
+        ];
+        for operands in cases {
+            let expected = CpuBackend
+                .project_i64(op, operands)
+                .map_err(|e| e.to_string());
+            let actual = gpu.project_i64(op, operands).map_err(|e| e.to_string());
+            assert_eq!(actual, expected, "{op:?}");
+        }
+    }
+    let (left, right) = (float_column(5), float_column(6));
+    for op in ArithOp::ALL {
+        let operands = Operands {
+            left: ArrayOperand::Array(&left),
+            right: ArrayOperand::Array(&right),
+        };
+        let expected = CpuBackend.project_f64(op, operands).unwrap();
+        let actual = gpu.project_f64(op, operands).unwrap();
+        assert_eq!(float_bits(&actual), float_bits(&expected), "{op:?}");
+    }
+}
+
+#[test]
+fn gpu_key_hash_equals_the_cpu_twin() {
+    let Some(gpu) = cuda() else { return };
+    let (first, second) = (int_column(7), int_column(8));
+    let mut expected = vec![0; ROWS];
+    let mut actual = vec![0; ROWS];
+    for (column, mode) in [(&first, HashMode::Replace), (&second, HashMode::Combine)] {
+        CpuBackend.hash_i64(column, mode, &mut expected).unwrap();
+        gpu.hash_i64(column, mode, &mut actual).unwrap();
+        assert_eq!(actual, expected, "{mode:?}");
+    }
+}
+
+#[test]
+fn gpu_out_of_memory_splits_and_still_equals_the_cpu_twin() {
+    let Some(device) = detect().devices().first().cloned() else {
+        println!("skipped: no GPU");
+        return;
+    };
+    // A budget of about a quarter of one launch: the batch is split.
+    let pool = DevicePool::new(PoolConfig::even(300_000, 1)).expect("pool");
+    let cache = PtxCache::new(std::env::temp_dir().join("strata-gpu-test-ptx"));
+    let gpu = CudaBackend::new(&device, pool.slot(0), &cache).expect("opening the GPU");
+    let stats = Arc::new(OffloadStats::default());
+    let tiered = TieredKernels::new(Arc::new(gpu), Arc::clone(&stats));
+    let ints = int_column(9);
+    assert_eq!(
+        tiered.filter_i64(&ints, CmpOp::Lt, 5).unwrap(),
+        CpuBackend.filter_i64(&ints, CmpOp::Lt, 5).unwrap()
+    );
+    assert!(stats.snapshot().oom_splits > 0, "{:?}", stats.snapshot());
+}
+
+#[test]
+fn gpu_detection_never_panics_and_explains_an_absent_gpu() {
+    match detect() {
+        GpuDetection::Present(devices) => {
+            for device in devices {
+                assert!(device.memory_bytes > 0 && device.compute_capability.0 >= 5);
+            }
+        }
+        GpuDetection::Absent { reason } => {
+            assert!(!reason.is_empty());
+            println!("skipped: no GPU ({reason})");
+        }
+    }
+}
+
+#[test]
+fn nvrtc_compiles_the_embedded_kernels_through_cudarc_and_caches_them() {
+    use strata::kernels::gpu::cuda::{ENTRY_POINTS, compile_modules, nvrtc_version};
+    let version = match nvrtc_version() {
+        Ok(version) => version,
+        Err(e) => {
+            println!(
+                "skipped: no NVRTC ({e}; put the nvidia-cuda-nvrtc-cu12 lib dir on LD_LIBRARY_PATH)"
+            );
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().expect("scratch dir");
+    let cache = PtxCache::new(dir.path());
+    for arch in ["compute_80", "compute_90"] {
+        let modules = compile_modules(arch, &cache).expect("NVRTC compiles every kernel");
+        for (stem, name) in ENTRY_POINTS {
+            let (_, ptx) = modules
+                .iter()
+                .find(|(s, _)| *s == stem)
+                .unwrap_or_else(|| panic!("no module {stem}"));
+            assert!(
+                ptx.contains(&format!(".entry {name}(")),
+                "{stem}: {name} for {arch}"
+            );
+        }
+    }
+    let cached = std::fs::read_dir(dir.path()).expect("cache dir").count();
+    assert_eq!(cached, 6, "three sources × two architectures");
+    // A second compile is served from the cache: same PTX, no new files.
+    let again = compile_modules("compute_90", &cache).expect("cached");
+    assert_eq!(again.len(), 3);
+    assert_eq!(std::fs::read_dir(dir.path()).expect("cache dir").count(), 6);
+    println!("NVRTC {version}: every dispatched kernel compiles for sm_80 and sm_90");
+}
