@@ -90,26 +90,14 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
                 .iter()
                 .try_for_each(|column| gpu_projection(&column.expr, schema)),
         ),
-        (OperatorKind::Aggregate { aggs }, Some(schema)) => {
-            let keys = op
-                .input
-                .and_then(|input| plan.keyed[input].clone())
-                .unwrap_or_default();
-            let check = gpu_aggregate_keys(&keys, schema).and_then(|()| {
-                aggs.iter().try_for_each(|agg| match &agg.column {
-                    None => Ok(()),
-                    Some(column) => match column_type(schema, column) {
-                        Some(DataType::Int64) => Ok(()),
-                        other => Err(format!(
-                            "{}({column}): {} values (the GPU aggregate takes Int64)",
-                            agg.func,
-                            type_name(other)
-                        )),
-                    },
-                })
-            });
-            gpu_or(KernelFamily::Aggregate, check)
-        }
+        (OperatorKind::Aggregate { .. }, _) => Capability::CpuOnly {
+            family: KernelFamily::Aggregate,
+            // kernels/aggregate.cu compiles and has a CPU twin, but no
+            // dispatcher runs it yet: placing the aggregate on the GPU would
+            // report a tier it does not run on.
+            reason: "the GPU keyed aggregation is not dispatched yet (kernel compiled, not wired)"
+                .into(),
+        },
         (OperatorKind::Window { .. }, _) => Capability::CpuOnly {
             family: KernelFamily::Aggregate,
             reason: "no GPU kernel for event-time windows".into(),
@@ -126,19 +114,6 @@ fn column_type<'a>(schema: &'a Schema, name: &str) -> Option<&'a DataType> {
 
 fn type_name(data_type: Option<&DataType>) -> String {
     data_type.map_or_else(|| "unknown".into(), |t| t.to_string())
-}
-
-fn gpu_aggregate_keys(keys: &[usize], schema: &Schema) -> Result<(), String> {
-    match keys {
-        [] => Ok(()),
-        [key] if schema.field(*key).data_type() == &DataType::Int64 => Ok(()),
-        [key] => Err(format!(
-            "key '{}' is {} (the GPU aggregate takes one Int64 key)",
-            schema.field(*key).name(),
-            schema.field(*key).data_type()
-        )),
-        _ => Err("several key columns (the GPU aggregate takes one Int64 key)".into()),
-    }
 }
 
 /// The numeric type of a column or literal operand, if it is one.

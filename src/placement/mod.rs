@@ -22,8 +22,8 @@
 //! offer, logs every decision, sends the GPU operators in the deployment
 //! descriptors and reports the placement in the run summary. Of the GPU
 //! operators, filters and projections execute on the kernel backend today;
-//! aggregates are priced and reported but still run on the CPU (README, "GPU
-//! tier").
+//! aggregates stay on the CPU with that reason until their kernel is
+//! dispatched.
 
 pub mod calibration;
 pub mod cost;
