@@ -112,10 +112,6 @@ fn column_type<'a>(schema: &'a Schema, name: &str) -> Option<&'a DataType> {
     schema.field_with_name(name).ok().map(|f| f.data_type())
 }
 
-fn type_name(data_type: Option<&DataType>) -> String {
-    data_type.map_or_else(|| "unknown".into(), |t| t.to_string())
-}
-
 /// The numeric type of a column or literal operand, if it is one.
 fn operand_type(expr: &Expr, schema: &Schema) -> Option<DataType> {
     match expr {

@@ -389,6 +389,13 @@ impl QpInner {
             SendOp::Send { .. } => WcOpcode::Send,
             SendOp::WriteWithImm { .. } => WcOpcode::RdmaWrite,
         };
+        // As on hardware, the queue pair is in the error state before its
+        // error completion can be polled.
+        if status != WcStatus::Success {
+            self.fail(format!(
+                "send work request {wr_id} completed with {status:?}"
+            ));
+        }
         self.complete(WorkCompletion {
             wr_id,
             status,
@@ -397,11 +404,6 @@ impl QpInner {
             imm: None,
             qpn: self.qpn,
         });
-        if status != WcStatus::Success {
-            self.fail(format!(
-                "send work request {wr_id} completed with {status:?}"
-            ));
-        }
     }
 
     /// Moves to the error state and flushes the posted receives.
@@ -724,46 +726,102 @@ fn open_link(
     Ok(tx)
 }
 
+/// The link's send engine: writes each request's frame as it is posted
+/// (flushing when the queue runs dry), while [`link_acks`] completes them in
+/// order as the peer acknowledges. Many writes are in flight, as on a NIC.
 fn link_writer(stream: TcpStream, rx: Receiver<SendRequest>, qp: Weak<QpInner>, target_qpn: u32) {
     let Ok(read_half) = stream.try_clone() else {
         return;
     };
-    let mut reader = BufReader::new(read_half);
+    let pending: Arc<Mutex<VecDeque<SendRequest>>> = Arc::default();
+    let acks = {
+        let pending = Arc::clone(&pending);
+        let qp = qp.clone();
+        std::thread::Builder::new()
+            .name("emu-verbs-acks".into())
+            .spawn(move || link_acks(read_half, pending, qp))
+    };
+    if acks.is_err() {
+        return;
+    }
     let mut writer = BufWriter::with_capacity(256 * 1024, stream);
     let mut head = [0u8; FRAME_HEAD_LEN];
     let mut broken = false;
-    while let Ok(req) = rx.recv() {
+    let mut next = rx.recv().map_err(|_| ());
+    while let Ok(req) = next {
         let Some(qp) = qp.upgrade() else { return };
-        let status = {
+        let written = {
             // Held while the gather list is read: once the queue pair has
             // failed (or been destroyed), its memory is no longer touched.
             let state = lock(&qp.state);
             if !matches!(*state, QpState::Ready(_)) {
-                WcStatus::Flushed
+                Err(WcStatus::Flushed)
             } else if broken {
-                WcStatus::RetryExceeded
+                Err(WcStatus::RetryExceeded)
             } else {
-                match send_frame(&mut writer, &mut reader, &mut head, target_qpn, &req) {
-                    Ok(status) => status,
-                    Err(e) => {
-                        broken = true;
-                        tracing::debug!("emulated verbs link to qp {target_qpn} broke: {e}");
-                        WcStatus::RetryExceeded
-                    }
-                }
+                // Queued before it is written: the ack may come at once.
+                lock(&pending).push_back(req);
+                write_frame(&mut writer, &mut head, target_qpn, &req).map_err(|e| {
+                    tracing::debug!("emulated verbs link to qp {target_qpn} broke: {e}");
+                    broken = true;
+                    WcStatus::RetryExceeded
+                })
             }
         };
-        qp.complete_send(req.wr_id, req.op, status);
+        if let Err(status) = written {
+            if status == WcStatus::RetryExceeded {
+                // The ack reader sees the broken stream and fails the rest.
+                lock(&pending).retain(|p| p.wr_id != req.wr_id);
+            }
+            qp.complete_send(req.wr_id, req.op, status);
+        }
+        next = match rx.try_recv() {
+            Ok(req) => Ok(req),
+            Err(std::sync::mpsc::TryRecvError::Empty) => {
+                if !broken && writer.flush().is_err() {
+                    broken = true;
+                }
+                rx.recv().map_err(|_| ())
+            }
+            Err(std::sync::mpsc::TryRecvError::Disconnected) => Err(()),
+        };
     }
 }
 
-fn send_frame(
+/// Completes the link's sends in order as the peer acknowledges them; when
+/// the link breaks, fails whatever is still waiting.
+fn link_acks(stream: TcpStream, pending: Arc<Mutex<VecDeque<SendRequest>>>, qp: Weak<QpInner>) {
+    let mut reader = BufReader::new(stream);
+    let mut status = [0u8; 1];
+    loop {
+        let read = reader.read_exact(&mut status);
+        let Some(qp) = qp.upgrade() else { return };
+        if read.is_err() {
+            // Under the state lock: the writer may be reading the gather
+            // list of the last request queued; wait for it to finish.
+            let rest: Vec<_> = {
+                let _state = lock(&qp.state);
+                lock(&pending).drain(..).collect()
+            };
+            for req in rest {
+                qp.complete_send(req.wr_id, req.op, WcStatus::RetryExceeded);
+            }
+            return;
+        }
+        let Some(req) = lock(&pending).pop_front() else {
+            qp.fail("emulated verbs link acknowledged an operation never sent".into());
+            return;
+        };
+        qp.complete_send(req.wr_id, req.op, status_from_u8(status[0]));
+    }
+}
+
+fn write_frame(
     writer: &mut BufWriter<TcpStream>,
-    reader: &mut BufReader<TcpStream>,
     head: &mut [u8; FRAME_HEAD_LEN],
     target_qpn: u32,
     req: &SendRequest,
-) -> std::io::Result<WcStatus> {
+) -> std::io::Result<()> {
     let (op, imm, remote_addr, rkey) = match req.op {
         SendOp::Send { imm } => (OP_SEND, imm, 0, 0),
         SendOp::WriteWithImm {
@@ -784,15 +842,13 @@ fn send_frame(
     for sge in req.sges.as_slice() {
         // SAFETY: the entry lies inside a region registered on this device
         // (checked in post_send) whose owner keeps it alive and unwritten
-        // until this request's completion, which is pushed only after this
-        // write returns.
+        // until this request's completion, which comes from the peer's
+        // acknowledgement, after these bytes have been written (or from the
+        // broken link, after this write has returned).
         let bytes = unsafe { std::slice::from_raw_parts(sge.addr as *const u8, sge.len as usize) };
         writer.write_all(bytes)?;
     }
-    writer.flush()?;
-    let mut status = [0u8; 1];
-    reader.read_exact(&mut status)?;
-    Ok(status_from_u8(status[0]))
+    Ok(())
 }
 
 fn status_to_u8(s: WcStatus) -> u8 {
