@@ -587,6 +587,9 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         backpressure_ms: 0,
         late_rows: 0,
         managed_peak_bytes: 0,
+        spill_bytes_written: 0,
+        spill_bytes_read: 0,
+        spill_file_count: 0,
         transport:
             "tcp between TaskManagers, local channels within one (no RDMA transport in this build)"
                 .into(),
@@ -606,6 +609,9 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         summary.backpressure_ms += m.backpressure_ms;
         summary.late_rows += m.late_rows;
         summary.managed_peak_bytes = summary.managed_peak_bytes.max(m.managed_peak_bytes);
+        summary.spill_bytes_written += m.spill_bytes_written;
+        summary.spill_bytes_read += m.spill_bytes_read;
+        summary.spill_file_count += m.spill_file_count;
     }
     for (i, op) in ops.iter().enumerate() {
         if op.input.is_none() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::source::RawValue;
 use super::units::{self, DURATION_SYNTAX, MEMORY_SYNTAX};
-use super::{Config, Transport};
+use super::{Config, IoBackend, Transport};
 
 /// Flink caps max parallelism at 2^15 (`KeyGroupRangeAssignment.UPPER_BOUND_MAX_PARALLELISM`).
 pub(super) const MAX_PARALLELISM_LIMIT: u32 = 1 << 15;
@@ -72,6 +72,7 @@ keys! {
     "heartbeat.interval"                                   => heartbeat_interval: positive_duration, show_duration;
     "heartbeat.timeout"                                    => heartbeat_timeout: positive_duration, show_duration;
     "io.tmp.dirs"                                          => tmp_dirs: paths, show_paths;
+    "io.backend"                                           => io_backend: io_backend, show;
     "parallelism.default"                                  => default_parallelism: at_least_one, show;
     "pipeline.max-parallelism"                             => max_parallelism: max_parallelism, show;
     "execution.buffer-timeout.interval"                    => buffer_timeout: duration, show_duration;
@@ -218,6 +219,19 @@ fn paths(value: &RawValue) -> Result<Vec<PathBuf>, &'static str> {
         return Err("expected at least one directory");
     }
     Ok(dirs)
+}
+
+fn io_backend(value: &RawValue) -> Result<IoBackend, &'static str> {
+    const SYNTAX: &str = "expected one of auto, io_uring, threadpool";
+    let RawValue::Text(text) = value else {
+        return Err(SYNTAX);
+    };
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(IoBackend::Auto),
+        "io_uring" | "uring" => Ok(IoBackend::Uring),
+        "threadpool" | "thread-pool" => Ok(IoBackend::ThreadPool),
+        _ => Err(SYNTAX),
+    }
 }
 
 fn transport(value: &RawValue) -> Result<Transport, &'static str> {

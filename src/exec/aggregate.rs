@@ -19,15 +19,34 @@ use arrow_array::{
 use arrow_cast::cast;
 use arrow_schema::{DataType, SchemaRef};
 
+use arrow_array::UInt32Array;
+use arrow_select::concat::concat_batches;
+use arrow_select::take::take_record_batch;
+
 use super::ExecError;
 use super::hashtable::{NO_CANDIDATE, PagedHashTable, TableError, read_u64, write_u64};
 use super::operators::{Operator, Output};
+use super::spill::{RunReader, RunWriter, SpillContext};
 use crate::job::{AggFunc, AggSpec};
 use crate::kernels::cpu::hash::{fmix64, hash_columns};
-use crate::memory::MemoryManager;
+use crate::memory::{MemoryManager, Page};
+use crate::network::ipc::{ChannelDecoder, ChannelEncoder, IpcError};
 
 const ACC_WIDTH: usize = 16;
 const OUTPUT_BATCH_ROWS: usize = 8192;
+/// Partitions per spill level, picked by [`PARTITION_BITS`] hash bits.
+pub const PARTITION_COUNT: usize = 16;
+const PARTITION_BITS: u32 = PARTITION_COUNT.trailing_zeros();
+const _: () = assert!(PARTITION_COUNT.is_power_of_two());
+/// Spilled rows staged per partition before they are encoded into a block:
+/// bounds the heap the spill path uses to `PARTITION_COUNT × this` per level.
+const STAGED_BYTES_MAX: usize = 256 << 10;
+/// Pages a spilling grouper holds back from its table and hands to the
+/// re-aggregation of each partition: without them, a window firing while
+/// newer windows hold the whole budget could not re-aggregate anything.
+const RESERVE_PAGES: usize = 8;
+/// Levels of re-partitioning before giving up: 16 levels use all 64 bits.
+const SPILL_LEVEL_MAX: u32 = 64 / PARTITION_BITS;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum AccKind {
@@ -99,7 +118,44 @@ fn is_float(t: &DataType) -> bool {
 
 /// The grouping state of one aggregation (one window, for windows).
 struct Groups {
-    table: PagedHashTable,
+    /// `None` when not even the first page could be reserved.
+    table: Option<PagedHashTable>,
+    /// Set once the table was refused a page: it admits no new key after.
+    full: bool,
+    /// Rows of keys that are not in the table; created on the first refusal.
+    spilled: Option<SpilledRows>,
+    /// Spill level: which hash bits pick a row's partition.
+    level: u32,
+}
+
+impl Groups {
+    fn len(&self) -> usize {
+        self.table.as_ref().map_or(0, PagedHashTable::len)
+    }
+}
+
+/// Rows spilled by one [`Groups`]: one spill file, its blocks tagged by
+/// partition.
+struct SpilledRows {
+    writer: RunWriter,
+    partitions: Vec<PartitionRun>,
+    rows: u64,
+}
+
+#[derive(Default)]
+struct PartitionRun {
+    encoder: Option<ChannelEncoder>,
+    staged: Vec<RecordBatch>,
+    staged_bytes: usize,
+    /// Block indexes in the spill file, in write order.
+    blocks: Vec<usize>,
+}
+
+/// The partition of a row at `level`: the next [`PARTITION_BITS`] bits from
+/// the top of its probe hash (the table's index uses the low bits).
+#[inline]
+fn partition_of(probe: u64, level: u32) -> usize {
+    (probe.rotate_left(PARTITION_BITS * (level + 1)) as usize) & (PARTITION_COUNT - 1)
 }
 
 /// Shared machinery of aggregate and window operators.
@@ -110,10 +166,15 @@ struct Grouper {
     accs: Vec<AccPlan>,
     output_schema: SchemaRef,
     memory: MemoryManager,
+    spill: Option<SpillContext>,
     hashes: Vec<u64>,
     key_scratch: Vec<u8>,
     group_ids: Vec<u32>,
     probes: Vec<u64>,
+    kept_rows: Vec<u32>,
+    spill_rows: Vec<Vec<u32>>,
+    /// Held back for re-aggregation (see [`RESERVE_PAGES`]).
+    reserve: Vec<Page>,
 }
 
 impl Grouper {
@@ -124,6 +185,7 @@ impl Grouper {
         aggs: &[AggSpec],
         output_schema: SchemaRef,
         memory: MemoryManager,
+        spill: Option<SpillContext>,
     ) -> Result<Self, ExecError> {
         let key_classes = key_columns
             .iter()
@@ -150,17 +212,62 @@ impl Grouper {
             accs,
             output_schema,
             memory,
+            spill,
             hashes: Vec::new(),
             key_scratch: Vec::with_capacity(64),
             group_ids: Vec::new(),
             probes: Vec::new(),
+            kept_rows: Vec::new(),
+            spill_rows: vec![Vec::new(); PARTITION_COUNT],
+            reserve: Vec::new(),
+        }
+        .with_reserve())
+    }
+
+    /// Takes back the reserve pages, as many as the budget allows now.
+    fn with_reserve(mut self) -> Self {
+        self.refill_reserve();
+        self
+    }
+
+    fn refill_reserve(&mut self) {
+        if self.spill.is_none() {
+            return;
+        }
+        while self.reserve.len() < RESERVE_PAGES {
+            match self.memory.allocate_pages(1) {
+                Ok(pages) => self.reserve.extend(pages),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn new_groups(&self, level: u32) -> Result<Groups, ExecError> {
+        let table = match PagedHashTable::new(self.memory.clone(), ACC_WIDTH * self.accs.len()) {
+            Ok(table) => Some(table),
+            Err(TableError::Memory(e)) if self.spill.is_some() => {
+                self.log_spill_start(level, &e.to_string());
+                None
+            }
+            Err(e) => return Err(self.table_error(e)),
+        };
+        Ok(Groups {
+            full: table.is_none(),
+            table,
+            spilled: None,
+            level,
         })
     }
 
-    fn new_groups(&self) -> Result<Groups, ExecError> {
-        let table = PagedHashTable::new(self.memory.clone(), ACC_WIDTH * self.accs.len())
-            .map_err(|e| self.table_error(e))?;
-        Ok(Groups { table })
+    fn log_spill_start(&self, level: u32, reason: &str) {
+        tracing::info!(
+            operator = %self.operator,
+            level,
+            used_bytes = self.memory.used_bytes(),
+            budget_bytes = self.memory.budget_bytes(),
+            "aggregation state does not fit managed memory; spilling rows of new keys \
+             to {PARTITION_COUNT} hash partitions: {reason}"
+        );
     }
 
     fn table_error(&self, e: TableError) -> ExecError {
@@ -210,10 +317,17 @@ impl Grouper {
             // Remix: the routing hash's low bits are skewed by key groups.
             let probe = fmix64(self.hashes.get(row as usize).copied().unwrap_or(0) ^ 0x5BD1_E995);
             self.probes.push(probe);
-            self.group_ids.push(groups.table.first_candidate(probe));
+            let candidate = match &groups.table {
+                Some(table) => table.first_candidate(probe),
+                None => NO_CANDIDATE,
+            };
+            self.group_ids.push(candidate);
         }
         // Phase 1b: confirm each candidate (again independent loads), and
-        // take the full probe-or-insert path only on a miss.
+        // take the full probe-or-insert path only on a miss. Rows whose key
+        // is not (and may no longer be) in the table go to a partition.
+        self.kept_rows.clear();
+        let mut spilled_any = false;
         for (i, &row) in rows.iter().enumerate() {
             self.key_scratch.clear();
             for k in &key_cols {
@@ -221,37 +335,212 @@ impl Grouper {
             }
             let probe = self.probes[i];
             let candidate = self.group_ids[i];
-            if candidate != NO_CANDIDATE
-                && groups
-                    .table
-                    .matches(candidate as usize, probe, &self.key_scratch)
-            {
-                continue;
-            }
-            match groups
-                .table
-                .find_or_insert(probe, &self.key_scratch, |acc| init_accs(accs, acc))
-            {
-                Ok(id) => self.group_ids[i] = id as u32,
-                Err(e) => return Err(self.table_error(e)),
+            let found = match groups.table.as_mut() {
+                Some(table)
+                    if candidate != NO_CANDIDATE
+                        && table.matches(candidate as usize, probe, &self.key_scratch) =>
+                {
+                    Some(candidate as usize)
+                }
+                Some(table) if groups.full => table.find(probe, &self.key_scratch),
+                Some(table) => {
+                    match table.find_or_insert(probe, &self.key_scratch, |acc| init_accs(accs, acc))
+                    {
+                        Ok(id) => Some(id),
+                        Err(TableError::Memory(e)) if self.spill.is_some() => {
+                            groups.full = true;
+                            tracing::info!(
+                                operator = %self.operator,
+                                level = groups.level,
+                                groups = table.len(),
+                                table_bytes = table.memory_bytes(),
+                                used_bytes = self.memory.used_bytes(),
+                                budget_bytes = self.memory.budget_bytes(),
+                                "aggregation state does not fit managed memory; spilling rows \
+                                 of new keys to {PARTITION_COUNT} hash partitions: {e}"
+                            );
+                            None
+                        }
+                        Err(e) => {
+                            return Err(ExecError::State {
+                                operator: self.operator.clone(),
+                                detail: e.to_string(),
+                            });
+                        }
+                    }
+                }
+                None => None,
+            };
+            match found {
+                Some(id) => {
+                    self.group_ids[self.kept_rows.len()] = id as u32;
+                    self.kept_rows.push(row);
+                }
+                None => {
+                    self.spill_rows[partition_of(probe, groups.level)].push(row);
+                    spilled_any = true;
+                }
             }
         }
         // Phase 2: one tight loop per accumulator, column at a time.
-        for (i, (plan, input)) in accs.iter().zip(&inputs).enumerate() {
-            accumulate(
-                &mut groups.table,
-                plan,
-                input,
-                rows,
-                &self.group_ids,
-                i * ACC_WIDTH,
-            )
-            .map_err(|()| ExecError::Overflow {
-                operator: self.operator.clone(),
-                column: plan.output.clone(),
-            })?;
+        if let Some(table) = groups.table.as_mut() {
+            let kept = self.kept_rows.len();
+            for (i, (plan, input)) in accs.iter().zip(&inputs).enumerate() {
+                accumulate(
+                    table,
+                    plan,
+                    input,
+                    &self.kept_rows,
+                    &self.group_ids[..kept],
+                    i * ACC_WIDTH,
+                )
+                .map_err(|()| ExecError::Overflow {
+                    operator: self.operator.clone(),
+                    column: plan.output.clone(),
+                })?;
+            }
+        }
+        if spilled_any {
+            self.spill_partitions(groups, batch)?;
         }
         Ok(())
+    }
+
+    /// Stages the rows collected in `spill_rows` into their partitions,
+    /// writing a partition's block once enough is staged.
+    fn spill_partitions(
+        &mut self,
+        groups: &mut Groups,
+        batch: &RecordBatch,
+    ) -> Result<(), ExecError> {
+        if groups.spilled.is_none() {
+            let spill = self
+                .spill
+                .as_ref()
+                .expect("rows spill only with a spill context");
+            groups.spilled = Some(SpilledRows {
+                writer: spill.writer(&self.operator)?,
+                partitions: (0..PARTITION_COUNT)
+                    .map(|_| PartitionRun::default())
+                    .collect(),
+                rows: 0,
+            });
+        }
+        let spilled = groups.spilled.as_mut().expect("created above");
+        for (index, rows) in self.spill_rows.iter_mut().enumerate() {
+            if rows.is_empty() {
+                continue;
+            }
+            let indices = UInt32Array::from(rows.clone());
+            rows.clear();
+            let taken = take_record_batch(batch, &indices)?;
+            spilled.rows += taken.num_rows() as u64;
+            let partition = &mut spilled.partitions[index];
+            partition.staged_bytes += taken.get_array_memory_size();
+            partition.staged.push(taken);
+            if partition.staged_bytes >= STAGED_BYTES_MAX {
+                flush_partition(&self.operator, &mut spilled.writer, partition)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Emits `groups` (its table, then every spilled partition, re-aggregated
+    /// one at a time), freeing its memory as it goes.
+    fn emit_all(
+        &mut self,
+        mut groups: Groups,
+        window: Option<(i64, i64)>,
+        out: &mut dyn Output,
+    ) -> Result<(), ExecError> {
+        self.emit(&groups, window, out)?;
+        let in_memory = groups.len();
+        drop(groups.table.take());
+        let Some(spilled) = groups.spilled.take() else {
+            return Ok(());
+        };
+        self.drain(spilled, groups.level, in_memory, window, out)
+    }
+
+    /// Re-aggregates each partition of `spilled` (written at `level`) and
+    /// emits it; a partition that does not fit spills again one level down.
+    fn drain(
+        &mut self,
+        mut spilled: SpilledRows,
+        level: u32,
+        groups_in_memory: usize,
+        window: Option<(i64, i64)>,
+        out: &mut dyn Output,
+    ) -> Result<(), ExecError> {
+        if level + 1 >= SPILL_LEVEL_MAX {
+            return Err(self.no_progress(level, groups_in_memory));
+        }
+        for partition in &mut spilled.partitions {
+            flush_partition(&self.operator, &mut spilled.writer, partition)?;
+        }
+        let spill = self
+            .spill
+            .clone()
+            .expect("rows spill only with a spill context");
+        let file = spilled.writer.finish()?;
+        let mut reader = spill.reader(&self.operator, file)?;
+        tracing::debug!(
+            operator = %self.operator,
+            level,
+            rows = spilled.rows,
+            blocks = reader.block_count(),
+            "re-aggregating spilled partitions"
+        );
+        for partition in &spilled.partitions {
+            if partition.blocks.is_empty() {
+                continue;
+            }
+            self.reserve.clear();
+            let mut groups = self.new_groups(level + 1)?;
+            self.fold_partition(&mut groups, &mut reader, &partition.blocks)?;
+            // Each level must take at least one key off the disk, or the
+            // recursion would only copy rows from file to file.
+            if groups.len() == 0 && groups.spilled.is_some() {
+                return Err(self.no_progress(level + 1, 0));
+            }
+            self.emit_all(groups, window, out)?;
+            self.refill_reserve();
+        }
+        Ok(())
+    }
+
+    fn no_progress(&self, level: u32, groups_in_memory: usize) -> ExecError {
+        ExecError::State {
+            operator: self.operator.clone(),
+            detail: format!(
+                "cannot make progress re-aggregating spilled state at level {level}: the \
+                 managed memory budget of {} bytes holds {groups_in_memory} groups; raise \
+                 taskmanager.memory.managed.fraction",
+                self.memory.budget_bytes()
+            ),
+        }
+    }
+
+    fn fold_partition(
+        &mut self,
+        groups: &mut Groups,
+        reader: &mut RunReader,
+        blocks: &[usize],
+    ) -> Result<(), ExecError> {
+        let mut decoder = ChannelDecoder::default();
+        for &block in blocks {
+            let payload = reader.read_block(block)?;
+            let batch = decoder.decode(payload).map_err(|e| self.ipc_error(e))?;
+            self.update(groups, &batch, None)?;
+        }
+        Ok(())
+    }
+
+    fn ipc_error(&self, e: IpcError) -> ExecError {
+        ExecError::State {
+            operator: self.operator.clone(),
+            detail: format!("spilled rows: {e}"),
+        }
     }
 
     /// Builds the output batches of `groups`; `window` adds start/end columns.
@@ -261,11 +550,14 @@ impl Grouper {
         window: Option<(i64, i64)>,
         out: &mut dyn Output,
     ) -> Result<(), ExecError> {
-        let total = groups.table.len();
+        let Some(table) = &groups.table else {
+            return Ok(());
+        };
+        let total = table.len();
         let mut start = 0;
         while start < total {
             let end = (start + OUTPUT_BATCH_ROWS).min(total);
-            let batch = self.build(groups, start..end, window)?;
+            let batch = self.build(table, start..end, window)?;
             out.emit(batch)?;
             start = end;
         }
@@ -274,18 +566,18 @@ impl Grouper {
 
     fn build(
         &self,
-        groups: &Groups,
+        table: &PagedHashTable,
         ids: std::ops::Range<usize>,
         window: Option<(i64, i64)>,
     ) -> Result<RecordBatch, ExecError> {
         let n = ids.len();
-        let mut columns: Vec<ArrayRef> = decode_keys(&groups.table, ids.clone(), &self.key_classes);
+        let mut columns: Vec<ArrayRef> = decode_keys(table, ids.clone(), &self.key_classes);
         if let Some((ws, we)) = window {
             columns.push(Arc::new(Int64Array::from_value(ws, n)));
             columns.push(Arc::new(Int64Array::from_value(we, n)));
         }
         for (i, plan) in self.accs.iter().enumerate() {
-            columns.push(build_acc(plan, &groups.table, ids.clone(), i));
+            columns.push(build_acc(plan, table, ids.clone(), i));
         }
         let columns = columns
             .into_iter()
@@ -303,6 +595,38 @@ impl Grouper {
             columns,
         )?)
     }
+}
+
+/// Encodes a partition's staged rows into blocks of the spill file.
+fn flush_partition(
+    operator: &str,
+    writer: &mut RunWriter,
+    partition: &mut PartitionRun,
+) -> Result<(), ExecError> {
+    if partition.staged.is_empty() {
+        return Ok(());
+    }
+    let schema = partition.staged[0].schema();
+    let batch = concat_batches(&schema, &partition.staged)?;
+    partition.staged.clear();
+    partition.staged_bytes = 0;
+    let encoder = partition
+        .encoder
+        .get_or_insert_with(|| ChannelEncoder::new(writer.payload_bytes_max()));
+    let mut payloads = Vec::new();
+    encoder
+        .encode(&batch, &mut |payload| {
+            payloads.push(payload.to_vec());
+            Ok(())
+        })
+        .map_err(|e| ExecError::State {
+            operator: operator.to_owned(),
+            detail: format!("spilling rows: {e}"),
+        })?;
+    for payload in payloads {
+        partition.blocks.push(writer.write_block(&payload)?);
+    }
+    Ok(())
 }
 
 fn plan_acc(
@@ -681,7 +1005,8 @@ fn decode_keys(
 /// end of input.
 pub struct AggregateOperator {
     grouper: Grouper,
-    groups: Groups,
+    /// `None` once emitted.
+    groups: Option<Groups>,
 }
 
 impl AggregateOperator {
@@ -692,16 +1017,21 @@ impl AggregateOperator {
         aggs: &[AggSpec],
         output_schema: SchemaRef,
         memory: MemoryManager,
+        spill: Option<SpillContext>,
     ) -> Result<Self, ExecError> {
-        let grouper = Grouper::new(name, input, key_columns, aggs, output_schema, memory)?;
-        let groups = grouper.new_groups()?;
-        Ok(Self { grouper, groups })
+        let grouper = Grouper::new(name, input, key_columns, aggs, output_schema, memory, spill)?;
+        let groups = grouper.new_groups(0)?;
+        Ok(Self {
+            grouper,
+            groups: Some(groups),
+        })
     }
 }
 
 impl Operator for AggregateOperator {
     fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
-        self.grouper.update(&mut self.groups, &batch, None)
+        let groups = self.groups.as_mut().expect("input after finish");
+        self.grouper.update(groups, &batch, None)
     }
 
     fn watermark(&mut self, _watermark: i64, _out: &mut dyn Output) -> Result<(), ExecError> {
@@ -710,7 +1040,10 @@ impl Operator for AggregateOperator {
     }
 
     fn finish(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
-        self.grouper.emit(&self.groups, None, out)
+        match self.groups.take() {
+            Some(groups) => self.grouper.emit_all(groups, None, out),
+            None => Ok(()),
+        }
     }
 }
 
@@ -738,9 +1071,10 @@ impl WindowOperator {
         aggs: &[AggSpec],
         output_schema: SchemaRef,
         memory: MemoryManager,
+        spill: Option<SpillContext>,
     ) -> Result<Self, ExecError> {
         assert!(size_ms > 0);
-        let grouper = Grouper::new(name, input, key_columns, aggs, output_schema, memory)?;
+        let grouper = Grouper::new(name, input, key_columns, aggs, output_schema, memory, spill)?;
         Ok(Self {
             grouper,
             time_column,
@@ -763,7 +1097,7 @@ impl WindowOperator {
                 break;
             }
             if let Some((_, groups)) = self.windows.pop_first() {
-                self.grouper.emit(&groups, Some((start, end)), out)?;
+                self.grouper.emit_all(groups, Some((start, end)), out)?;
             }
         }
         Ok(())
@@ -801,7 +1135,7 @@ impl Operator for WindowOperator {
             .collect();
         for start in starts {
             if !self.windows.contains_key(&start) {
-                let groups = self.grouper.new_groups()?;
+                let groups = self.grouper.new_groups(0)?;
                 self.windows.insert(start, groups);
             }
             let rows = std::mem::take(self.rows_by_window.get_mut(&start).expect("window rows"));

@@ -8,6 +8,7 @@ use super::aggregate::{AggregateOperator, WindowOperator};
 use super::operators::{FilterOperator, Operator, ProjectOperator};
 use super::sink::{BlackholeSink, CsvSink, ParquetSink, PrintSink};
 use super::source::{CsvSource, DatagenSource, ParquetSource, Source, WatermarkGenerator};
+use super::spill::SpillContext;
 use super::task::TaskInput;
 use crate::job::{LogicalPlan, OperatorKind, WatermarkSpec};
 use crate::memory::MemoryManager;
@@ -18,6 +19,8 @@ pub struct BuildContext<'a> {
     pub subtask: u32,
     pub parallelism: u32,
     pub memory: MemoryManager,
+    /// How operators spill; `None` makes a budget refusal fail the task.
+    pub spill: Option<SpillContext>,
     /// Shared by the print sinks of one job so `limit` is job-wide.
     pub printed: Arc<AtomicU64>,
 }
@@ -85,6 +88,7 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
             aggs,
             output,
             ctx.memory.clone(),
+            ctx.spill.clone(),
         )?),
         OperatorKind::Window {
             time_column,
@@ -101,6 +105,7 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
                 aggs,
                 output,
                 ctx.memory.clone(),
+                ctx.spill.clone(),
             )?)
         }
         OperatorKind::Blackhole => Box::new(BlackholeSink),

@@ -12,6 +12,9 @@ pub mod hashtable;
 pub mod operators;
 pub mod sink;
 pub mod source;
+pub mod spill;
+#[cfg(test)]
+mod spill_tests;
 pub mod task;
 
 use std::path::PathBuf;
@@ -46,6 +49,12 @@ pub enum ExecError {
     Read { path: PathBuf, detail: String },
     #[error("writing {path}: {detail}")]
     Write { path: PathBuf, detail: String },
+    #[error("operator '{operator}': spilling failed: {source}")]
+    Spill {
+        operator: String,
+        #[source]
+        source: crate::io::IoError,
+    },
     #[error("task canceled")]
     Canceled,
 }

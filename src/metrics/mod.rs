@@ -16,6 +16,17 @@ pub struct OperatorMetrics {
     pub rows_out: AtomicU64,
 }
 
+/// What a task's operators spilled, through the IOManager.
+#[derive(Default, Debug)]
+pub struct SpillMetrics {
+    /// Block bytes written, headers and padding included.
+    pub bytes_written: AtomicU64,
+    /// Payload bytes read back (verified).
+    pub bytes_read: AtomicU64,
+    /// Spill files created.
+    pub file_count: AtomicU64,
+}
+
 /// Counters of one running task.
 #[derive(Default, Debug)]
 pub struct TaskMetrics {
@@ -26,6 +37,7 @@ pub struct TaskMetrics {
     pub late_rows: AtomicU64,
     pub managed_peak_bytes: AtomicU64,
     pub source_rows_expected: AtomicU64,
+    pub spill: Arc<SpillMetrics>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -47,6 +59,12 @@ pub struct TaskSnapshot {
     pub late_rows: u64,
     pub managed_peak_bytes: u64,
     pub source_rows_expected: u64,
+    #[serde(default)]
+    pub spill_bytes_written: u64,
+    #[serde(default)]
+    pub spill_bytes_read: u64,
+    #[serde(default)]
+    pub spill_file_count: u64,
 }
 
 impl TaskMetrics {
@@ -72,6 +90,9 @@ impl TaskMetrics {
             late_rows: r(&self.late_rows),
             managed_peak_bytes: r(&self.managed_peak_bytes),
             source_rows_expected: r(&self.source_rows_expected),
+            spill_bytes_written: r(&self.spill.bytes_written),
+            spill_bytes_read: r(&self.spill.bytes_read),
+            spill_file_count: r(&self.spill.file_count),
         }
     }
 }

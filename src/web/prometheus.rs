@@ -109,7 +109,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         let _ = writeln!(out, "strata_jobs{{state=\"{label}\"}} {n}");
     }
     let jobs: Vec<&JobSummary> = s.running.iter().chain(&s.completed).collect();
-    let per_job: [JobCounter; 6] = [
+    let per_job: [JobCounter; 9] = [
         (
             "strata_job_rows_in_total",
             "Rows read by the job's sources.",
@@ -139,6 +139,21 @@ pub fn render(s: &ClusterSnapshot) -> String {
             "strata_job_late_rows_total",
             "Rows dropped as late by windows.",
             |j| j.late_rows,
+        ),
+        (
+            "strata_job_spill_written_bytes_total",
+            "Spill block bytes written by the job's operators.",
+            |j| j.spill_bytes_written,
+        ),
+        (
+            "strata_job_spill_read_bytes_total",
+            "Spilled bytes read back by the job's operators.",
+            |j| j.spill_bytes_read,
+        ),
+        (
+            "strata_job_spill_files_total",
+            "Spill files created by the job's operators.",
+            |j| j.spill_file_count,
         ),
     ];
     for (name, help, value) in per_job {
