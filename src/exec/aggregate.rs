@@ -76,7 +76,7 @@ enum AccInput {
 }
 
 /// A key column prepared for encoding.
-enum KeyColumn {
+pub(super) enum KeyColumn {
     Int(Int64Array),
     Float(Float64Array),
     Bool(BooleanArray),
@@ -84,14 +84,14 @@ enum KeyColumn {
 }
 
 #[derive(Clone, Copy, Debug)]
-enum KeyClass {
+pub(super) enum KeyClass {
     Int,
     Float,
     Bool,
     Str,
 }
 
-fn key_class(t: &DataType) -> Option<KeyClass> {
+pub(super) fn key_class(t: &DataType) -> Option<KeyClass> {
     use DataType::*;
     match t {
         Int8
@@ -571,7 +571,8 @@ impl Grouper {
         window: Option<(i64, i64)>,
     ) -> Result<RecordBatch, ExecError> {
         let n = ids.len();
-        let mut columns: Vec<ArrayRef> = decode_keys(table, ids.clone(), &self.key_classes);
+        let mut columns: Vec<ArrayRef> =
+            decode_keys(ids.clone().map(|id| table.key(id)), n, &self.key_classes);
         if let Some((ws, we)) = window {
             columns.push(Arc::new(Int64Array::from_value(ws, n)));
             columns.push(Arc::new(Int64Array::from_value(we, n)));
@@ -882,7 +883,7 @@ fn build_acc(
     }
 }
 
-fn prepare_key(array: &ArrayRef, class: KeyClass) -> Result<KeyColumn, ExecError> {
+pub(super) fn prepare_key(array: &ArrayRef, class: KeyClass) -> Result<KeyColumn, ExecError> {
     Ok(match class {
         KeyClass::Int => KeyColumn::Int(
             cast(array, &DataType::Int64)?
@@ -900,7 +901,7 @@ fn prepare_key(array: &ArrayRef, class: KeyClass) -> Result<KeyColumn, ExecError
 }
 
 #[inline]
-fn encode_key(col: &KeyColumn, row: usize, out: &mut Vec<u8>) {
+pub(super) fn encode_key(col: &KeyColumn, row: usize, out: &mut Vec<u8>) {
     let valid = match col {
         KeyColumn::Int(a) => a.is_valid(row),
         KeyColumn::Float(a) => a.is_valid(row),
@@ -934,9 +935,11 @@ fn encode_key(col: &KeyColumn, row: usize, out: &mut Vec<u8>) {
     }
 }
 
-fn decode_keys(
-    table: &PagedHashTable,
-    ids: std::ops::Range<usize>,
+/// Builds one array per class from `n` encoded keys (as [`encode_key`]
+/// writes them, one after the other per key).
+pub(super) fn decode_keys<'a>(
+    keys: impl Iterator<Item = &'a [u8]>,
+    n: usize,
     classes: &[KeyClass],
 ) -> Vec<ArrayRef> {
     enum B {
@@ -945,7 +948,6 @@ fn decode_keys(
         Bool(BooleanBuilder),
         Str(StringBuilder),
     }
-    let n = ids.len();
     let mut builders: Vec<B> = classes
         .iter()
         .map(|c| match c {
@@ -955,8 +957,7 @@ fn decode_keys(
             KeyClass::Str => B::Str(StringBuilder::with_capacity(n, n * 8)),
         })
         .collect();
-    for id in ids {
-        let key = table.key(id);
+    for key in keys {
         let mut at = 0;
         for b in &mut builders {
             let valid = key[at] == 1;

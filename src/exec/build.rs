@@ -7,6 +7,7 @@ use super::ExecError;
 use super::aggregate::{AggregateOperator, WindowOperator};
 use super::operators::{FilterOperator, Operator, ProjectOperator};
 use super::sink::{BlackholeSink, CsvSink, ParquetSink, PrintSink};
+use super::sort::{SortColumn, SortOperator};
 use super::source::{CsvSource, DatagenSource, ParquetSource, Source, WatermarkGenerator};
 use super::spill::SpillContext;
 use super::task::TaskInput;
@@ -104,6 +105,25 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
                 *size_ms,
                 aggs,
                 output,
+                ctx.memory.clone(),
+                ctx.spill.clone(),
+            )?)
+        }
+        OperatorKind::Sort { keys, fan_in } => {
+            let keys = keys
+                .iter()
+                .map(|k| {
+                    Ok(SortColumn {
+                        column: input_schema.index_of(&k.column)?,
+                        descending: k.descending,
+                    })
+                })
+                .collect::<Result<Vec<_>, ExecError>>()?;
+            Box::new(SortOperator::new(
+                &spec.name,
+                input_schema,
+                keys,
+                *fan_in,
                 ctx.memory.clone(),
                 ctx.spill.clone(),
             )?)

@@ -11,6 +11,7 @@ pub mod build;
 pub mod hashtable;
 pub mod operators;
 pub mod sink;
+pub mod sort;
 pub mod source;
 pub mod spill;
 #[cfg(test)]

@@ -359,3 +359,257 @@ fn window_state_spills_and_fires_with_the_same_watermarks() {
     assert!(spill.metrics.file_count.load(Ordering::Relaxed) > 1);
     assert!(spill_files_in(dir.path()).is_empty(), "spill files left");
 }
+
+mod sort {
+    use std::cmp::Ordering as CmpOrdering;
+
+    use super::super::sort::{SortColumn, SortOperator};
+    use super::*;
+
+    /// Rows with many ties, nulls in every key, NaN, -0.0 and strings that
+    /// share prefixes (and one with a NUL byte).
+    fn sort_input(rows: usize, batch_rows: usize) -> Vec<RecordBatch> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < rows {
+            let end = (start + batch_rows).min(rows);
+            let ids: Vec<u64> = (start..end)
+                .map(|i| (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20)
+                .collect();
+            let key: Int64Array = ids
+                .iter()
+                .map(|&k| (k % 13 != 0).then_some((k % 50) as i64 - 25))
+                .collect();
+            let name: StringArray = ids
+                .iter()
+                .map(|&k| match k % 7 {
+                    0 => None,
+                    1 => Some("b\0x".to_string()),
+                    2 => Some("b".to_string()),
+                    _ => Some(format!("name-{}", k % 9)),
+                })
+                .collect();
+            let value = Int64Array::from_iter_values(start as i64..end as i64);
+            let price: Float64Array = ids
+                .iter()
+                .map(|&k| match k % 11 {
+                    0 => None,
+                    1 => Some(f64::NAN),
+                    2 => Some(-0.0),
+                    3 => Some(0.0),
+                    _ => Some((k % 5) as f64 - 2.5),
+                })
+                .collect();
+            let ts = Int64Array::from_iter_values((start..end).map(|i| i as i64));
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(key),
+                Arc::new(name),
+                Arc::new(value),
+                Arc::new(price),
+                Arc::new(ts),
+            ];
+            out.push(RecordBatch::try_new(input_schema(), columns).expect("batch"));
+            start = end;
+        }
+        out
+    }
+
+    /// `name desc, key, price`: the keys the tests sort by.
+    fn sort_keys() -> Vec<SortColumn> {
+        vec![
+            SortColumn {
+                column: 1,
+                descending: true,
+            },
+            SortColumn {
+                column: 0,
+                descending: false,
+            },
+            SortColumn {
+                column: 3,
+                descending: false,
+            },
+        ]
+    }
+
+    type Row = (Option<i64>, Option<String>, i64, Option<f64>);
+
+    fn rows(batches: &[RecordBatch]) -> Vec<Row> {
+        let mut rows = Vec::new();
+        for b in batches {
+            let key = b.column(0).as_primitive::<Int64Type>();
+            let name = b.column(1).as_string::<i32>();
+            let value = b.column(2).as_primitive::<Int64Type>();
+            let price = b.column(3).as_primitive::<Float64Type>();
+            for i in 0..b.num_rows() {
+                rows.push((
+                    key.is_valid(i).then(|| key.value(i)),
+                    name.is_valid(i).then(|| name.value(i).to_owned()),
+                    value.value(i),
+                    price.is_valid(i).then(|| price.value(i)),
+                ));
+            }
+        }
+        rows
+    }
+
+    /// Nulls last; `descending` reverses everything, so nulls come first.
+    fn nulls_last<T>(
+        a: &Option<T>,
+        b: &Option<T>,
+        f: impl Fn(&T, &T) -> CmpOrdering,
+    ) -> CmpOrdering {
+        match (a, b) {
+            (None, None) => CmpOrdering::Equal,
+            (None, Some(_)) => CmpOrdering::Greater,
+            (Some(_), None) => CmpOrdering::Less,
+            (Some(a), Some(b)) => f(a, b),
+        }
+    }
+
+    fn float_order(a: &f64, b: &f64) -> CmpOrdering {
+        match (a.is_nan(), b.is_nan()) {
+            (true, true) => CmpOrdering::Equal,
+            (true, false) => CmpOrdering::Greater,
+            (false, true) => CmpOrdering::Less,
+            // -0.0 == 0.0 here, as the sort wants.
+            _ => a.partial_cmp(b).expect("not NaN"),
+        }
+    }
+
+    fn reference(input: &[RecordBatch]) -> Vec<Row> {
+        let mut rows = rows(input);
+        rows.sort_by(|a, b| {
+            nulls_last(&a.1, &b.1, |x, y| x.as_bytes().cmp(y.as_bytes()))
+                .reverse()
+                .then_with(|| nulls_last(&a.0, &b.0, Ord::cmp))
+                .then_with(|| nulls_last(&a.3, &b.3, float_order))
+        });
+        rows
+    }
+
+    fn same(a: &[Row], b: &[Row]) -> bool {
+        if let Some(i) =
+            (0..a.len().min(b.len())).find(|&i| format!("{:?}", a[i]) != format!("{:?}", b[i]))
+        {
+            eprintln!("first difference at row {i}: {:?} vs {:?}", a[i], b[i]);
+        }
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                x.0 == y.0
+                    && x.1 == y.1
+                    && x.2 == y.2
+                    && match (x.3, y.3) {
+                        (Some(p), Some(q)) => p.to_bits() == q.to_bits(),
+                        (p, q) => p.is_none() && q.is_none(),
+                    }
+            })
+    }
+
+    fn sorted(
+        input: &[RecordBatch],
+        budget_pages: usize,
+        fan_in: usize,
+        spill: Option<SpillContext>,
+    ) -> Result<Vec<Row>, ExecError> {
+        let mut op = SortOperator::new(
+            "sort",
+            input_schema(),
+            sort_keys(),
+            fan_in,
+            memory(budget_pages),
+            spill,
+        )?;
+        let mut out = Collect::default();
+        for batch in input {
+            op.process(batch.clone(), &mut out)?;
+        }
+        op.finish(&mut out)?;
+        Ok(rows(&out.batches))
+    }
+
+    #[test]
+    fn in_memory_sort_equals_a_stable_std_sort() {
+        let input = sort_input(20_000, 3000);
+        let expected = reference(&input);
+        let got = sorted(&input, 4096, 16, None).expect("in memory");
+        assert!(
+            same(&got, &expected),
+            "in-memory sort differs from std sort"
+        );
+    }
+
+    #[test]
+    fn external_sort_with_multi_pass_merge_equals_a_stable_std_sort() {
+        let input = sort_input(60_000, 3000);
+        let expected = reference(&input);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spill = spill_context(dir.path(), sim());
+        // 48 pages of 4 KiB: dozens of runs; fan-in 3 takes several passes.
+        let got = sorted(&input, 48, 3, Some(spill.clone())).expect("external");
+        assert!(same(&got, &expected), "external sort differs from std sort");
+        let files = spill.metrics.file_count.load(Ordering::Relaxed);
+        assert!(
+            files >= 3,
+            "run file and at least two merge passes: {files}"
+        );
+        assert!(spill_files_in(dir.path()).is_empty(), "spill files left");
+    }
+
+    #[test]
+    fn external_sort_on_the_thread_pool_backend() {
+        let input = sort_input(30_000, 3000);
+        let expected = reference(&input);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spill = spill_context(dir.path(), BackendChoice::ThreadPool);
+        let got = sorted(&input, 32, 16, Some(spill)).expect("external");
+        assert!(same(&got, &expected), "external sort differs from std sort");
+    }
+
+    #[test]
+    fn a_canceled_sort_leaves_no_spill_files() {
+        let input = sort_input(30_000, 3000);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let spill = spill_context(dir.path(), sim());
+        let mut op = SortOperator::new(
+            "sort",
+            input_schema(),
+            sort_keys(),
+            4,
+            memory(32),
+            Some(spill),
+        )
+        .expect("operator");
+        let mut out = Collect::default();
+        for batch in &input {
+            op.process(batch.clone(), &mut out).expect("process");
+        }
+        assert!(!spill_files_in(dir.path()).is_empty(), "runs were spilled");
+        // A canceled task drops its operators without finishing them.
+        drop(op);
+        assert!(spill_files_in(dir.path()).is_empty(), "spill files left");
+    }
+
+    #[test]
+    fn enospc_while_spilling_runs_fails_and_leaves_nothing() {
+        let input = sort_input(60_000, 3000);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let options = SimOptions {
+            space_bytes_max: Some(256 << 10),
+            ..SimOptions::from_env(9)
+        };
+        let spill = spill_context(dir.path(), BackendChoice::Sim(options));
+        let err = sorted(&input, 32, 4, Some(spill)).expect_err("ENOSPC");
+        assert!(
+            matches!(
+                &err,
+                ExecError::Spill {
+                    source: IoError::NoSpace { .. },
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(spill_files_in(dir.path()).is_empty(), "spill files left");
+    }
+}
