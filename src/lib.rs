@@ -31,11 +31,13 @@
 //! - [`cluster`]: control RPC, JobManager (resource manager, scheduler,
 //!   heartbeats), the embedded mini-cluster and the job client.
 //! - [`taskmanager`]: slot table, task deployment and lifecycle.
-//! - [`exec`]: task runtime, operators, sources and sinks.
+//! - [`exec`]: task runtime, operators (the aggregation, windows and sort
+//!   spill through the IOManager when managed memory is full), sources and
+//!   sinks.
 //! - [`network`]: frames, result partitions, input gates, TCP transport.
 //! - [`memory`]: managed memory pages and budgets, network buffer pool.
 //! - [`io`]: the IOManager: io_uring / thread-pool / simulated storage and
-//!   checksummed spill files (not yet used by operators).
+//!   checksummed spill files, removed with the operator that owns them.
 //! - [`kernels`]: hot loops over Arrow buffers (stable hash, partitioning).
 //! - [`metrics`]: counters shared by tasks and reported to the JobManager.
 //! - [`web`]: the JobManager's REST API, Prometheus endpoint and web UI.

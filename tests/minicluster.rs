@@ -282,3 +282,88 @@ async fn rest_api_and_prometheus_show_taskmanagers_and_finished_jobs() {
     .unwrap();
     assert!(status.contains("400"), "{status}: {body}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sort_job_beyond_managed_memory_spills_and_equals_a_std_sort() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("sorted");
+    let rows = 100_000u64;
+    let job = format!(
+        r#"
+[job]
+name = "sort"
+parallelism = 1
+
+[[operator]]
+name = "events"
+type = "datagen"
+rows = {rows}
+keys = 500
+seed = 8
+batch_size = 4096
+
+[[operator]]
+name = "ordered"
+type = "sort"
+keys = ["key", "value desc", "ts"]
+fan_in = 4
+
+[[operator]]
+type = "csv_sink"
+path = "{}"
+"#,
+        out.display()
+    );
+    let cluster = MiniCluster::start(
+        config(
+            1,
+            &[
+                "taskmanager.memory.managed.fraction=0.004",
+                "taskmanager.memory.page-size=4kb",
+            ],
+        ),
+        1,
+    )
+    .await
+    .unwrap();
+    let summary = submit_job(
+        &cluster.address().to_string(),
+        job,
+        "sort.toml".into(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.state, JobState::Finished, "{:?}", summary.reason);
+    assert!(
+        summary.spill_file_count > 1,
+        "runs and merge passes spilled"
+    );
+    let spec = strata::job::DatagenSpec::new(rows, 500, 8);
+    let mut expected: Vec<(i64, i64, i64)> = (0..rows)
+        .map(|i| {
+            let r = strata::exec::source::datagen_row(&spec, i);
+            (r.key, r.value, r.ts)
+        })
+        .collect();
+    expected.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)).then(a.2.cmp(&b.2)));
+    let part = walk(&out)
+        .into_iter()
+        .find(|p| p.extension().is_some_and(|e| e == "csv"))
+        .expect("a part file");
+    let text = std::fs::read_to_string(part).unwrap();
+    let got: Vec<(i64, i64, i64)> = text
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let cells: Vec<&str> = line.split(',').collect();
+            (
+                cells[0].parse().unwrap(),
+                cells[1].parse().unwrap(),
+                cells[3].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(got.len(), expected.len());
+    assert!(got == expected, "sorted output differs from std sort");
+}

@@ -5,6 +5,12 @@
 //! edges. Each task runs on its own thread and owns all its state; it talks
 //! to the rest of the TaskManager only through its gates, writers, memory
 //! manager, cancel flag and metrics.
+//!
+//! Stateful operators (`aggregate`, `window`, `sort`) keep their state in the
+//! slot's managed memory and answer a budget refusal by spilling through the
+//! task's [`spill::SpillContext`] (the TaskManager's IOManager); their spill
+//! files go when the operators are dropped, so when the task ends, fails or
+//! is canceled.
 
 pub mod aggregate;
 pub mod build;
