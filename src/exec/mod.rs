@@ -15,6 +15,7 @@
 pub mod aggregate;
 pub mod build;
 pub mod hashtable;
+pub mod keycodec;
 pub mod operators;
 pub mod sink;
 pub mod sort;

@@ -33,8 +33,8 @@ use arrow_cast::cast;
 use arrow_schema::SchemaRef;
 
 use super::ExecError;
-use super::aggregate::{KeyClass, KeyColumn, decode_keys, encode_key, key_class, prepare_key};
 use super::hashtable::read_u32;
+use super::keycodec::{KeyClass, KeyColumn, decode_keys, encode_key, key_class, prepare_key};
 use super::operators::{Operator, Output};
 use super::spill::{RunReader, RunWriter, SpillContext};
 use crate::io::block::BLOCK_HEADER_BYTES;

@@ -1,36 +1,32 @@
 //! Keyed aggregation and tumbling event-time windows over the paged hash
 //! table.
 //!
-//! Keys are encoded row by row into bytes (a null tag, then the value:
-//! integers, dates and timestamps widened to i64, floats to f64 with a
-//! canonical zero and NaN, booleans, utf8 with a length), accumulators are 16
+//! Keys are encoded row by row into bytes ([`super::keycodec`]), accumulators are 16
 //! bytes each (value, non-null count). Results are built back into Arrow
 //! arrays and cast to the planned output types.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder};
+use arrow_array::builder::{Float64Builder, Int64Builder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
-use arrow_array::{
-    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
-};
+use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch};
 use arrow_cast::cast;
 use arrow_schema::{DataType, SchemaRef};
 
-use arrow_array::UInt32Array;
-use arrow_select::concat::concat_batches;
-use arrow_select::take::take_record_batch;
-
 use super::ExecError;
 use super::hashtable::{NO_CANDIDATE, PagedHashTable, TableError, read_u64, write_u64};
+use super::keycodec::{KeyClass, decode_keys, encode_key, key_class, prepare_key};
 use super::operators::{Operator, Output};
-use super::spill::{RunReader, RunWriter, SpillContext};
+use super::spill::SpillContext;
 use crate::job::{AggFunc, AggSpec};
 use crate::kernels::cpu::hash::{fmix64, hash_columns};
 use crate::memory::{MemoryManager, Page};
-use crate::network::ipc::{ChannelDecoder, ChannelEncoder, IpcError};
+
+mod spill;
+
+use spill::{SpilledRows, partition_of};
 
 const ACC_WIDTH: usize = 16;
 const OUTPUT_BATCH_ROWS: usize = 8192;
@@ -75,43 +71,6 @@ enum AccInput {
     Float(Float64Array),
 }
 
-/// A key column prepared for encoding.
-pub(super) enum KeyColumn {
-    Int(Int64Array),
-    Float(Float64Array),
-    Bool(BooleanArray),
-    Str(StringArray),
-}
-
-#[derive(Clone, Copy, Debug)]
-pub(super) enum KeyClass {
-    Int,
-    Float,
-    Bool,
-    Str,
-}
-
-pub(super) fn key_class(t: &DataType) -> Option<KeyClass> {
-    use DataType::*;
-    match t {
-        Int8
-        | Int16
-        | Int32
-        | Int64
-        | UInt8
-        | UInt16
-        | UInt32
-        | UInt64
-        | Date32
-        | Date64
-        | Timestamp(_, _) => Some(KeyClass::Int),
-        Float32 | Float64 => Some(KeyClass::Float),
-        Boolean => Some(KeyClass::Bool),
-        Utf8 | LargeUtf8 => Some(KeyClass::Str),
-        _ => None,
-    }
-}
-
 fn is_float(t: &DataType) -> bool {
     matches!(t, DataType::Float16 | DataType::Float32 | DataType::Float64)
 }
@@ -132,30 +91,6 @@ impl Groups {
     fn len(&self) -> usize {
         self.table.as_ref().map_or(0, PagedHashTable::len)
     }
-}
-
-/// Rows spilled by one [`Groups`]: one spill file, its blocks tagged by
-/// partition.
-struct SpilledRows {
-    writer: RunWriter,
-    partitions: Vec<PartitionRun>,
-    rows: u64,
-}
-
-#[derive(Default)]
-struct PartitionRun {
-    encoder: Option<ChannelEncoder>,
-    staged: Vec<RecordBatch>,
-    staged_bytes: usize,
-    /// Block indexes in the spill file, in write order.
-    blocks: Vec<usize>,
-}
-
-/// The partition of a row at `level`: the next [`PARTITION_BITS`] bits from
-/// the top of its probe hash (the table's index uses the low bits).
-#[inline]
-fn partition_of(probe: u64, level: u32) -> usize {
-    (probe.rotate_left(PARTITION_BITS * (level + 1)) as usize) & (PARTITION_COUNT - 1)
 }
 
 /// Shared machinery of aggregate and window operators.
@@ -406,143 +341,6 @@ impl Grouper {
         Ok(())
     }
 
-    /// Stages the rows collected in `spill_rows` into their partitions,
-    /// writing a partition's block once enough is staged.
-    fn spill_partitions(
-        &mut self,
-        groups: &mut Groups,
-        batch: &RecordBatch,
-    ) -> Result<(), ExecError> {
-        if groups.spilled.is_none() {
-            let spill = self
-                .spill
-                .as_ref()
-                .expect("rows spill only with a spill context");
-            groups.spilled = Some(SpilledRows {
-                writer: spill.writer(&self.operator)?,
-                partitions: (0..PARTITION_COUNT)
-                    .map(|_| PartitionRun::default())
-                    .collect(),
-                rows: 0,
-            });
-        }
-        let spilled = groups.spilled.as_mut().expect("created above");
-        for (index, rows) in self.spill_rows.iter_mut().enumerate() {
-            if rows.is_empty() {
-                continue;
-            }
-            let indices = UInt32Array::from(rows.clone());
-            rows.clear();
-            let taken = take_record_batch(batch, &indices)?;
-            spilled.rows += taken.num_rows() as u64;
-            let partition = &mut spilled.partitions[index];
-            partition.staged_bytes += taken.get_array_memory_size();
-            partition.staged.push(taken);
-            if partition.staged_bytes >= STAGED_BYTES_MAX {
-                flush_partition(&self.operator, &mut spilled.writer, partition)?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Emits `groups` (its table, then every spilled partition, re-aggregated
-    /// one at a time), freeing its memory as it goes.
-    fn emit_all(
-        &mut self,
-        mut groups: Groups,
-        window: Option<(i64, i64)>,
-        out: &mut dyn Output,
-    ) -> Result<(), ExecError> {
-        self.emit(&groups, window, out)?;
-        let in_memory = groups.len();
-        drop(groups.table.take());
-        let Some(spilled) = groups.spilled.take() else {
-            return Ok(());
-        };
-        self.drain(spilled, groups.level, in_memory, window, out)
-    }
-
-    /// Re-aggregates each partition of `spilled` (written at `level`) and
-    /// emits it; a partition that does not fit spills again one level down.
-    fn drain(
-        &mut self,
-        mut spilled: SpilledRows,
-        level: u32,
-        groups_in_memory: usize,
-        window: Option<(i64, i64)>,
-        out: &mut dyn Output,
-    ) -> Result<(), ExecError> {
-        if level + 1 >= SPILL_LEVEL_MAX {
-            return Err(self.no_progress(level, groups_in_memory));
-        }
-        for partition in &mut spilled.partitions {
-            flush_partition(&self.operator, &mut spilled.writer, partition)?;
-        }
-        let spill = self
-            .spill
-            .clone()
-            .expect("rows spill only with a spill context");
-        let file = spilled.writer.finish()?;
-        let mut reader = spill.reader(&self.operator, file)?;
-        tracing::debug!(
-            operator = %self.operator,
-            level,
-            rows = spilled.rows,
-            blocks = reader.block_count(),
-            "re-aggregating spilled partitions"
-        );
-        for partition in &spilled.partitions {
-            if partition.blocks.is_empty() {
-                continue;
-            }
-            self.reserve.clear();
-            let mut groups = self.new_groups(level + 1)?;
-            self.fold_partition(&mut groups, &mut reader, &partition.blocks)?;
-            // Each level must take at least one key off the disk, or the
-            // recursion would only copy rows from file to file.
-            if groups.len() == 0 && groups.spilled.is_some() {
-                return Err(self.no_progress(level + 1, 0));
-            }
-            self.emit_all(groups, window, out)?;
-            self.refill_reserve();
-        }
-        Ok(())
-    }
-
-    fn no_progress(&self, level: u32, groups_in_memory: usize) -> ExecError {
-        ExecError::State {
-            operator: self.operator.clone(),
-            detail: format!(
-                "cannot make progress re-aggregating spilled state at level {level}: the \
-                 managed memory budget of {} bytes holds {groups_in_memory} groups; raise \
-                 taskmanager.memory.managed.fraction",
-                self.memory.budget_bytes()
-            ),
-        }
-    }
-
-    fn fold_partition(
-        &mut self,
-        groups: &mut Groups,
-        reader: &mut RunReader,
-        blocks: &[usize],
-    ) -> Result<(), ExecError> {
-        let mut decoder = ChannelDecoder::default();
-        for &block in blocks {
-            let payload = reader.read_block(block)?;
-            let batch = decoder.decode(payload).map_err(|e| self.ipc_error(e))?;
-            self.update(groups, &batch, None)?;
-        }
-        Ok(())
-    }
-
-    fn ipc_error(&self, e: IpcError) -> ExecError {
-        ExecError::State {
-            operator: self.operator.clone(),
-            detail: format!("spilled rows: {e}"),
-        }
-    }
-
     /// Builds the output batches of `groups`; `window` adds start/end columns.
     fn emit(
         &self,
@@ -596,38 +394,6 @@ impl Grouper {
             columns,
         )?)
     }
-}
-
-/// Encodes a partition's staged rows into blocks of the spill file.
-fn flush_partition(
-    operator: &str,
-    writer: &mut RunWriter,
-    partition: &mut PartitionRun,
-) -> Result<(), ExecError> {
-    if partition.staged.is_empty() {
-        return Ok(());
-    }
-    let schema = partition.staged[0].schema();
-    let batch = concat_batches(&schema, &partition.staged)?;
-    partition.staged.clear();
-    partition.staged_bytes = 0;
-    let encoder = partition
-        .encoder
-        .get_or_insert_with(|| ChannelEncoder::new(writer.payload_bytes_max()));
-    let mut payloads = Vec::new();
-    encoder
-        .encode(&batch, &mut |payload| {
-            payloads.push(payload.to_vec());
-            Ok(())
-        })
-        .map_err(|e| ExecError::State {
-            operator: operator.to_owned(),
-            detail: format!("spilling rows: {e}"),
-        })?;
-    for payload in payloads {
-        partition.blocks.push(writer.write_block(&payload)?);
-    }
-    Ok(())
 }
 
 fn plan_acc(
@@ -882,126 +648,6 @@ fn build_acc(
         }
     }
 }
-
-pub(super) fn prepare_key(array: &ArrayRef, class: KeyClass) -> Result<KeyColumn, ExecError> {
-    Ok(match class {
-        KeyClass::Int => KeyColumn::Int(
-            cast(array, &DataType::Int64)?
-                .as_primitive::<Int64Type>()
-                .clone(),
-        ),
-        KeyClass::Float => KeyColumn::Float(
-            cast(array, &DataType::Float64)?
-                .as_primitive::<Float64Type>()
-                .clone(),
-        ),
-        KeyClass::Bool => KeyColumn::Bool(array.as_boolean().clone()),
-        KeyClass::Str => KeyColumn::Str(cast(array, &DataType::Utf8)?.as_string::<i32>().clone()),
-    })
-}
-
-#[inline]
-pub(super) fn encode_key(col: &KeyColumn, row: usize, out: &mut Vec<u8>) {
-    let valid = match col {
-        KeyColumn::Int(a) => a.is_valid(row),
-        KeyColumn::Float(a) => a.is_valid(row),
-        KeyColumn::Bool(a) => a.is_valid(row),
-        KeyColumn::Str(a) => a.is_valid(row),
-    };
-    if !valid {
-        out.push(0);
-        return;
-    }
-    out.push(1);
-    match col {
-        KeyColumn::Int(a) => out.extend_from_slice(&a.value(row).to_le_bytes()),
-        KeyColumn::Float(a) => {
-            let v = a.value(row);
-            let v = if v == 0.0 {
-                0.0
-            } else if v.is_nan() {
-                f64::NAN
-            } else {
-                v
-            };
-            out.extend_from_slice(&v.to_bits().to_le_bytes());
-        }
-        KeyColumn::Bool(a) => out.push(u8::from(a.value(row))),
-        KeyColumn::Str(a) => {
-            let s = a.value(row).as_bytes();
-            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            out.extend_from_slice(s);
-        }
-    }
-}
-
-/// Builds one array per class from `n` encoded keys (as [`encode_key`]
-/// writes them, one after the other per key).
-pub(super) fn decode_keys<'a>(
-    keys: impl Iterator<Item = &'a [u8]>,
-    n: usize,
-    classes: &[KeyClass],
-) -> Vec<ArrayRef> {
-    enum B {
-        Int(Int64Builder),
-        Float(Float64Builder),
-        Bool(BooleanBuilder),
-        Str(StringBuilder),
-    }
-    let mut builders: Vec<B> = classes
-        .iter()
-        .map(|c| match c {
-            KeyClass::Int => B::Int(Int64Builder::with_capacity(n)),
-            KeyClass::Float => B::Float(Float64Builder::with_capacity(n)),
-            KeyClass::Bool => B::Bool(BooleanBuilder::with_capacity(n)),
-            KeyClass::Str => B::Str(StringBuilder::with_capacity(n, n * 8)),
-        })
-        .collect();
-    for key in keys {
-        let mut at = 0;
-        for b in &mut builders {
-            let valid = key[at] == 1;
-            at += 1;
-            match b {
-                B::Int(b) if valid => {
-                    b.append_value(read_u64(key, at) as i64);
-                    at += 8;
-                }
-                B::Float(b) if valid => {
-                    b.append_value(f64::from_bits(read_u64(key, at)));
-                    at += 8;
-                }
-                B::Bool(b) if valid => {
-                    b.append_value(key[at] == 1);
-                    at += 1;
-                }
-                B::Str(b) if valid => {
-                    let len = super::hashtable::read_u32(key, at) as usize;
-                    at += 4;
-                    // Keys were encoded from valid UTF-8.
-                    b.append_value(String::from_utf8_lossy(&key[at..at + len]));
-                    at += len;
-                }
-                B::Int(b) => b.append_null(),
-                B::Float(b) => b.append_null(),
-                B::Bool(b) => b.append_null(),
-                B::Str(b) => b.append_null(),
-            }
-        }
-    }
-    builders
-        .into_iter()
-        .map(|b| -> ArrayRef {
-            match b {
-                B::Int(mut b) => Arc::new(b.finish()),
-                B::Float(mut b) => Arc::new(b.finish()),
-                B::Bool(mut b) => Arc::new(b.finish()),
-                B::Str(mut b) => Arc::new(b.finish()),
-            }
-        })
-        .collect()
-}
-
 /// Keyed (or global) aggregation over a bounded input: emits once, at the
 /// end of input.
 pub struct AggregateOperator {
