@@ -306,7 +306,7 @@ batch_size = 4096
 name = "ordered"
 type = "sort"
 keys = ["key", "value desc", "ts"]
-fan_in = 4
+fan_in = 2
 
 [[operator]]
 type = "csv_sink"

@@ -203,6 +203,16 @@ mod tests {
         };
         let text = render(&s);
         assert!(text.contains("# TYPE strata_taskmanagers gauge\nstrata_taskmanagers 0\n"));
+        for family in [
+            "strata_job_spill_written_bytes_total",
+            "strata_job_spill_read_bytes_total",
+            "strata_job_spill_files_total",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} counter")),
+                "{family}"
+            );
+        }
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').expect("name value");
             value.parse::<f64>().expect("numeric sample");
