@@ -641,3 +641,19 @@ fn datagen_schema_follows_the_requested_columns() {
         ]
     );
 }
+
+#[test]
+fn example_job_files_plan() {
+    for name in [
+        "keyed_aggregation.toml",
+        "project_and_print.toml",
+        "windowed_counts.toml",
+        "external_sort.toml",
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(name);
+        let text = std::fs::read_to_string(&path).expect("example");
+        plan(parse_job(&text, &path).expect("parses")).expect("plans");
+    }
+}
