@@ -259,79 +259,87 @@ impl Grouper {
             self.group_ids.push(candidate);
         }
         // Phase 1b: confirm each candidate (again independent loads), and
-        // take the full probe-or-insert path only on a miss. Rows whose key
-        // is not (and may no longer be) in the table go to a partition.
-        self.kept_rows.clear();
-        let mut spilled_any = false;
-        for (i, &row) in rows.iter().enumerate() {
-            self.key_scratch.clear();
-            for k in &key_cols {
-                encode_key(k, row as usize, &mut self.key_scratch);
-            }
-            let probe = self.probes[i];
-            let candidate = self.group_ids[i];
-            let found = match groups.table.as_mut() {
-                Some(table)
-                    if candidate != NO_CANDIDATE
-                        && table.matches(candidate as usize, probe, &self.key_scratch) =>
+        // take the full probe-or-insert path only on a miss. This loop is
+        // the hot path; it stops at the first row the budget refuses.
+        let mut refused_at = rows.len();
+        if let (false, Some(table)) = (groups.full, groups.table.as_mut()) {
+            for (i, &row) in rows.iter().enumerate() {
+                self.key_scratch.clear();
+                for k in &key_cols {
+                    encode_key(k, row as usize, &mut self.key_scratch);
+                }
+                let probe = self.probes[i];
+                let candidate = self.group_ids[i];
+                if candidate != NO_CANDIDATE
+                    && table.matches(candidate as usize, probe, &self.key_scratch)
                 {
-                    Some(candidate as usize)
+                    continue;
                 }
-                Some(table) if groups.full => table.find(probe, &self.key_scratch),
-                Some(table) => {
-                    match table.find_or_insert(probe, &self.key_scratch, |acc| init_accs(accs, acc))
-                    {
-                        Ok(id) => Some(id),
-                        Err(TableError::Memory(e)) if self.spill.is_some() => {
-                            groups.full = true;
-                            tracing::info!(
-                                operator = %self.operator,
-                                level = groups.level,
-                                groups = table.len(),
-                                table_bytes = table.memory_bytes(),
-                                used_bytes = self.memory.used_bytes(),
-                                budget_bytes = self.memory.budget_bytes(),
-                                "aggregation state does not fit managed memory; spilling rows \
-                                 of new keys to {PARTITION_COUNT} hash partitions: {e}"
-                            );
-                            None
-                        }
-                        Err(e) => {
-                            return Err(ExecError::State {
-                                operator: self.operator.clone(),
-                                detail: e.to_string(),
-                            });
-                        }
+                match table.find_or_insert(probe, &self.key_scratch, |acc| init_accs(accs, acc)) {
+                    Ok(id) => self.group_ids[i] = id as u32,
+                    Err(TableError::Memory(e)) if self.spill.is_some() => {
+                        tracing::info!(
+                            operator = %self.operator,
+                            level = groups.level,
+                            groups = table.len(),
+                            table_bytes = table.memory_bytes(),
+                            used_bytes = self.memory.used_bytes(),
+                            budget_bytes = self.memory.budget_bytes(),
+                            "aggregation state does not fit managed memory; spilling rows \
+                             of new keys to {PARTITION_COUNT} hash partitions: {e}"
+                        );
+                        groups.full = true;
+                        refused_at = i;
+                        break;
                     }
+                    Err(e) => return Err(self.table_error(e)),
                 }
-                None => None,
-            };
-            match found {
-                Some(id) => {
-                    self.group_ids[self.kept_rows.len()] = id as u32;
-                    self.kept_rows.push(row);
+            }
+        } else {
+            refused_at = 0;
+        }
+        // Phase 1c, once the table admits no new key: rows of keys in it are
+        // kept, the others go to their partitions.
+        let spilled_any = refused_at < rows.len();
+        if spilled_any {
+            self.kept_rows.clear();
+            self.kept_rows.extend_from_slice(&rows[..refused_at]);
+            for (i, &row) in rows.iter().enumerate().skip(refused_at) {
+                self.key_scratch.clear();
+                for k in &key_cols {
+                    encode_key(k, row as usize, &mut self.key_scratch);
                 }
-                None => {
-                    self.spill_rows[partition_of(probe, groups.level)].push(row);
-                    spilled_any = true;
+                let probe = self.probes[i];
+                let candidate = self.group_ids[i];
+                let found = groups.table.as_ref().and_then(|table| {
+                    if candidate != NO_CANDIDATE
+                        && table.matches(candidate as usize, probe, &self.key_scratch)
+                    {
+                        Some(candidate as usize)
+                    } else {
+                        table.find(probe, &self.key_scratch)
+                    }
+                });
+                match found {
+                    // Kept rows never overtake `i`, so this slot was read.
+                    Some(id) => {
+                        self.group_ids[self.kept_rows.len()] = id as u32;
+                        self.kept_rows.push(row);
+                    }
+                    None => self.spill_rows[partition_of(probe, groups.level)].push(row),
                 }
             }
         }
         // Phase 2: one tight loop per accumulator, column at a time.
+        let kept_rows = if spilled_any { &self.kept_rows } else { rows };
         if let Some(table) = groups.table.as_mut() {
-            let kept = self.kept_rows.len();
+            let ids = &self.group_ids[..kept_rows.len()];
             for (i, (plan, input)) in accs.iter().zip(&inputs).enumerate() {
-                accumulate(
-                    table,
-                    plan,
-                    input,
-                    &self.kept_rows,
-                    &self.group_ids[..kept],
-                    i * ACC_WIDTH,
-                )
-                .map_err(|()| ExecError::Overflow {
-                    operator: self.operator.clone(),
-                    column: plan.output.clone(),
+                accumulate(table, plan, input, kept_rows, ids, i * ACC_WIDTH).map_err(|()| {
+                    ExecError::Overflow {
+                        operator: self.operator.clone(),
+                        column: plan.output.clone(),
+                    }
                 })?;
             }
         }
