@@ -86,6 +86,7 @@ fn aggregate(c: &mut Criterion) {
         &aggs,
         schema,
         pool.slot_manager(0, 256 << 20),
+        None,
     )
     .expect("operator");
     let mut g = c.benchmark_group("exec/aggregate");

@@ -31,13 +31,15 @@
 //! - [`cluster`]: control RPC, JobManager (resource manager, scheduler,
 //!   heartbeats), the embedded mini-cluster and the job client.
 //! - [`taskmanager`]: slot table, task deployment and lifecycle.
-//! - [`exec`]: task runtime, operators, sources and sinks.
+//! - [`exec`]: task runtime, operators (the aggregation, windows and sort
+//!   spill through the IOManager when managed memory is full), sources and
+//!   sinks.
 //! - [`network`]: frames, result partitions, input gates, credit-based flow
 //!   control; TCP and RDMA verbs (hardware or emulated) transports; a seeded
 //!   network simulator.
 //! - [`memory`]: managed memory pages and budgets, network buffer pool.
 //! - [`io`]: the IOManager: io_uring / thread-pool / simulated storage and
-//!   checksummed spill files (not yet used by operators).
+//!   checksummed spill files, removed with the operator that owns them.
 //! - [`kernels`]: hot loops over Arrow buffers on two tiers: CPU twins and
 //!   CUDA kernels behind the `KernelBackend` seam, GPU detection and the
 //!   per-slot device memory pool.

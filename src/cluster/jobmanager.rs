@@ -674,6 +674,9 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         backpressure_ms: 0,
         late_rows: 0,
         managed_peak_bytes: 0,
+        spill_bytes_written: 0,
+        spill_bytes_read: 0,
+        spill_file_count: 0,
         transport: format!(
             "{} between TaskManagers, local channels within one",
             transports.join("; ")
@@ -712,6 +715,9 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         offload.oom_splits += m.gpu.oom_splits;
         offload.cpu_fallback_batches += m.gpu.cpu_fallback_batches;
         offload.cpu_fallback_rows += m.gpu.cpu_fallback_rows;
+        summary.spill_bytes_written += m.spill_bytes_written;
+        summary.spill_bytes_read += m.spill_bytes_read;
+        summary.spill_file_count += m.spill_file_count;
     }
     for (i, op) in ops.iter().enumerate() {
         if op.input.is_none() {

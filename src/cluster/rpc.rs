@@ -179,6 +179,15 @@ pub struct JobSummary {
     pub backpressure_ms: u64,
     pub late_rows: u64,
     pub managed_peak_bytes: u64,
+    /// Spill block bytes written by all tasks (headers and padding included).
+    #[serde(default)]
+    pub spill_bytes_written: u64,
+    /// Spilled payload bytes read back by all tasks.
+    #[serde(default)]
+    pub spill_bytes_read: u64,
+    /// Spill files created by all tasks.
+    #[serde(default)]
+    pub spill_file_count: u64,
     pub transport: String,
     /// Each distinct IOManager backend line of the job's TaskManagers.
     pub io: Vec<String>,

@@ -80,9 +80,16 @@ pub fn render(s: &JobSummary) -> String {
     }
     let _ = writeln!(
         out,
-        "  managed memory peak per slot {}   late rows dropped {}   spilled 0 B (spilling is not implemented yet)",
+        "  managed memory peak per slot {}   late rows dropped {}",
         human_bytes(s.managed_peak_bytes),
         human_count(s.late_rows)
+    );
+    let _ = writeln!(
+        out,
+        "  spilled {} written, {} read back, in {} file(s)",
+        human_bytes(s.spill_bytes_written),
+        human_bytes(s.spill_bytes_read),
+        human_count(s.spill_file_count)
     );
     for gpu in &s.gpu {
         let _ = writeln!(out, "  gpu {gpu}");

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::source::RawValue;
 use super::units::{self, DURATION_SYNTAX, MEMORY_SYNTAX};
-use super::{Config, PlacementMode, Transport};
+use super::{Config, IoBackend, PlacementMode, Transport};
 
 /// Flink caps max parallelism at 2^15 (`KeyGroupRangeAssignment.UPPER_BOUND_MAX_PARALLELISM`).
 pub(super) const MAX_PARALLELISM_LIMIT: u32 = 1 << 15;
@@ -78,6 +78,7 @@ keys! {
     "heartbeat.interval"                                   => heartbeat_interval: positive_duration, show_duration;
     "heartbeat.timeout"                                    => heartbeat_timeout: positive_duration, show_duration;
     "io.tmp.dirs"                                          => tmp_dirs: paths, show_paths;
+    "io.backend"                                           => io_backend: io_backend, show;
     "parallelism.default"                                  => default_parallelism: at_least_one, show;
     "pipeline.max-parallelism"                             => max_parallelism: max_parallelism, show;
     "execution.buffer-timeout.interval"                    => buffer_timeout: duration, show_duration;
@@ -245,6 +246,19 @@ fn codec(value: &RawValue) -> Result<String, &'static str> {
     const SYNTAX: &str = "expected LZ4 (the only shuffle compression codec strata supports)";
     match value {
         RawValue::Text(text) if text.trim().eq_ignore_ascii_case("lz4") => Ok("LZ4".to_owned()),
+        _ => Err(SYNTAX),
+    }
+}
+
+fn io_backend(value: &RawValue) -> Result<IoBackend, &'static str> {
+    const SYNTAX: &str = "expected one of auto, io_uring, threadpool";
+    let RawValue::Text(text) = value else {
+        return Err(SYNTAX);
+    };
+    match text.trim().to_ascii_lowercase().as_str() {
+        "auto" => Ok(IoBackend::Auto),
+        "io_uring" | "uring" => Ok(IoBackend::Uring),
+        "threadpool" | "thread-pool" => Ok(IoBackend::ThreadPool),
         _ => Err(SYNTAX),
     }
 }

@@ -73,6 +73,26 @@ impl fmt::Display for PlacementMode {
     }
 }
 
+/// `io.backend`: how spill files are read and written. `Auto` uses io_uring
+/// and falls back to the thread pool (with the reason logged) when refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoBackend {
+    #[default]
+    Auto,
+    Uring,
+    ThreadPool,
+}
+
+impl fmt::Display for IoBackend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            IoBackend::Auto => "auto",
+            IoBackend::Uring => "io_uring",
+            IoBackend::ThreadPool => "threadpool",
+        })
+    }
+}
+
 /// The effective TaskManager configuration. Each field names the Flink key it
 /// comes from; defaults are Flink's.
 #[derive(Debug, Clone)]
@@ -152,6 +172,8 @@ pub struct Config {
     pub heartbeat_timeout: Duration,
     /// `io.tmp.dirs`: spill directories, at least one.
     pub tmp_dirs: Vec<PathBuf>,
+    /// `io.backend`: `auto`, `io_uring` or `threadpool`.
+    pub io_backend: IoBackend,
     /// `parallelism.default`.
     pub default_parallelism: u32,
     /// `pipeline.max-parallelism`, in `default_parallelism..=32768`.
@@ -282,6 +304,7 @@ impl Config {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(50),
             tmp_dirs: vec![std::env::temp_dir()],
+            io_backend: IoBackend::Auto,
             default_parallelism: 1,
             max_parallelism: 128,
             buffer_timeout: Duration::from_millis(100),

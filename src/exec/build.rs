@@ -7,7 +7,9 @@ use super::ExecError;
 use super::aggregate::{AggregateOperator, WindowOperator};
 use super::operators::{FilterOperator, Operator, ProjectOperator};
 use super::sink::{BlackholeSink, CsvSink, ParquetSink, PrintSink};
+use super::sort::{SortColumn, SortOperator};
 use super::source::{CsvSource, DatagenSource, ParquetSource, Source, WatermarkGenerator};
+use super::spill::SpillContext;
 use super::task::TaskInput;
 use crate::job::{LogicalPlan, OperatorKind, WatermarkSpec};
 use crate::memory::MemoryManager;
@@ -26,6 +28,8 @@ pub struct BuildContext<'a> {
     pub subtask: u32,
     pub parallelism: u32,
     pub memory: MemoryManager,
+    /// How operators spill; `None` makes a budget refusal fail the task.
+    pub spill: Option<SpillContext>,
     /// Shared by the print sinks of one job so `limit` is job-wide.
     pub printed: Arc<AtomicU64>,
     /// `None` when no operator of the task is on the GPU.
@@ -103,6 +107,7 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
             aggs,
             output,
             ctx.memory.clone(),
+            ctx.spill.clone(),
         )?),
         OperatorKind::Window {
             time_column,
@@ -119,6 +124,26 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
                 aggs,
                 output,
                 ctx.memory.clone(),
+                ctx.spill.clone(),
+            )?)
+        }
+        OperatorKind::Sort { keys, fan_in } => {
+            let keys = keys
+                .iter()
+                .map(|k| {
+                    Ok(SortColumn {
+                        column: input_schema.index_of(&k.column)?,
+                        descending: k.descending,
+                    })
+                })
+                .collect::<Result<Vec<_>, ExecError>>()?;
+            Box::new(SortOperator::new(
+                &spec.name,
+                input_schema,
+                keys,
+                *fan_in,
+                ctx.memory.clone(),
+                ctx.spill.clone(),
             )?)
         }
         OperatorKind::Blackhole => Box::new(BlackholeSink),

@@ -152,6 +152,24 @@ impl PagedHashTable {
         id < self.entry_count && read_u64(self.entry(id), 0) == hash && self.key(id) == key
     }
 
+    /// Finds the entry for `key` (hashed to `hash`) without inserting.
+    #[inline]
+    pub fn find(&self, hash: u64, key: &[u8]) -> Option<usize> {
+        let mask = self.index_capacity - 1;
+        let mut i = (hash as usize) & mask;
+        loop {
+            let v = self.slot(i);
+            if v == EMPTY {
+                return None;
+            }
+            let id = (v - 1) as usize;
+            if read_u64(self.entry(id), 0) == hash && self.key(id) == key {
+                return Some(id);
+            }
+            i = (i + 1) & mask;
+        }
+    }
+
     /// Finds the entry for `key` (hashed to `hash`), inserting it with
     /// accumulators set by `init` when absent. Returns the entry id.
     #[inline]

@@ -5,14 +5,25 @@
 //! edges. Each task runs on its own thread and owns all its state; it talks
 //! to the rest of the TaskManager only through its gates, writers, memory
 //! manager, cancel flag and metrics.
+//!
+//! Stateful operators (`aggregate`, `window`, `sort`) keep their state in the
+//! slot's managed memory and answer a budget refusal by spilling through the
+//! task's [`spill::SpillContext`] (the TaskManager's IOManager); their spill
+//! files go when the operators are dropped, so when the task ends, fails or
+//! is canceled.
 
 pub mod aggregate;
 pub mod build;
 pub mod gpu_filter;
 pub mod hashtable;
+pub mod keycodec;
 pub mod operators;
 pub mod sink;
+pub mod sort;
 pub mod source;
+pub mod spill;
+#[cfg(test)]
+mod spill_tests;
 pub mod task;
 
 use std::path::PathBuf;
@@ -47,6 +58,12 @@ pub enum ExecError {
     Read { path: PathBuf, detail: String },
     #[error("writing {path}: {detail}")]
     Write { path: PathBuf, detail: String },
+    #[error("operator '{operator}': spilling failed: {source}")]
+    Spill {
+        operator: String,
+        #[source]
+        source: crate::io::IoError,
+    },
     #[error("task canceled")]
     Canceled,
 }

@@ -297,6 +297,23 @@ fn output(
                 .map_err(|e| at.error("time_column", e))?;
             aggregate_schema(at, schema, keys, aggs, true)?
         }
+        OperatorKind::Sort { keys, .. } => {
+            let columns: Vec<String> = keys.iter().map(|k| k.column.clone()).collect();
+            key_indices(at, schema, &columns)?;
+            // Every column travels through the sort's row format.
+            if let Some(field) = schema
+                .fields()
+                .iter()
+                .find(|f| !is_groupable(f.data_type()))
+            {
+                let error = JobError::KeyType {
+                    column: field.name().clone(),
+                    found: field.data_type().clone(),
+                };
+                return Err(at.error("type", error));
+            }
+            input.schema.clone()
+        }
         _ if at.op.kind.is_sink() => Arc::new(Schema::empty()),
         _ => unreachable!("sources have no input (checked by check_input)"),
     };

@@ -91,6 +91,12 @@ pub enum OperatorKind {
         size_ms: i64,
         aggs: Vec<AggSpec>,
     },
+    /// External merge sort of each subtask's input.
+    Sort {
+        keys: Vec<SortKey>,
+        /// Runs merged at once; more runs take several passes.
+        fan_in: usize,
+    },
     Blackhole,
     Print {
         limit: Option<u64>,
@@ -115,6 +121,7 @@ impl OperatorKind {
             OperatorKind::KeyBy { .. } => "key_by",
             OperatorKind::Aggregate { .. } => "aggregate",
             OperatorKind::Window { .. } => "window",
+            OperatorKind::Sort { .. } => "sort",
             OperatorKind::Blackhole => "blackhole",
             OperatorKind::Print { .. } => "print",
             OperatorKind::CsvSink { .. } => "csv_sink",
@@ -265,7 +272,18 @@ pub struct AggSpec {
     pub output: String,
 }
 
-const OPERATOR_TYPES: [&str; 12] = [
+/// One sort key: `"column"`, `"column asc"` or `"column desc"`. Nulls sort
+/// last ascending and first descending (as in PostgreSQL).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SortKey {
+    pub column: String,
+    pub descending: bool,
+}
+
+/// Runs a sort merges at once unless the job file sets `fan_in`.
+pub const SORT_FAN_IN_DEFAULT: usize = 16;
+
+const OPERATOR_TYPES: [&str; 13] = [
     "datagen",
     "csv_source",
     "parquet_source",
@@ -274,6 +292,7 @@ const OPERATOR_TYPES: [&str; 12] = [
     "key_by",
     "aggregate",
     "window",
+    "sort",
     "blackhole",
     "print",
     "csv_sink",
@@ -303,6 +322,7 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         "key_by" => &["keys"],
         "aggregate" => &["aggs"],
         "window" => &["time_column", "size", "aggs"],
+        "sort" => &["keys", "fan_in"],
         "print" => &["limit"],
         "csv_sink" | "parquet_sink" => &["path"],
         _ => &[],
@@ -494,6 +514,12 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
                 aggs: aggs(t)?,
             }
         }
+        "sort" => OperatorKind::Sort {
+            keys: sort_keys(t)?,
+            fan_in: t
+                .u64("fan_in", 2)?
+                .map_or(SORT_FAN_IN_DEFAULT, |n| n as usize),
+        },
         "blackhole" => OperatorKind::Blackhole,
         "print" => OperatorKind::Print {
             limit: t.u64("limit", 0)?,
@@ -558,6 +584,33 @@ fn batch_size(t: &Table<'_, '_>) -> Result<usize, JobError> {
 
 fn required_path(t: &Table<'_, '_>) -> Result<PathBuf, JobError> {
     Ok(PathBuf::from(t.required_str("path")?.into_inner()))
+}
+
+fn sort_keys(t: &Table<'_, '_>) -> Result<Vec<SortKey>, JobError> {
+    let items = required_strings(t, "keys")?;
+    let mut keys = Vec::with_capacity(items.len());
+    for item in &items {
+        let words: Vec<&str> = item.get_ref().split_whitespace().collect();
+        let descending = match words.as_slice() {
+            [_] => false,
+            [_, order] if order.eq_ignore_ascii_case("asc") => false,
+            [_, order] if order.eq_ignore_ascii_case("desc") => true,
+            _ => {
+                let value = format!("'{}'", item.get_ref());
+                return Err(t.invalid(
+                    "keys",
+                    &item.span(),
+                    value,
+                    "\"column\", \"column asc\" or \"column desc\"",
+                ));
+            }
+        };
+        keys.push(SortKey {
+            column: words[0].to_string(),
+            descending,
+        });
+    }
+    Ok(keys)
 }
 
 fn required_strings<'a>(t: &Table<'a, '_>, key: &str) -> Result<Vec<Spanned<&'a str>>, JobError> {

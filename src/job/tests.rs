@@ -383,6 +383,33 @@ fn load(text: &str) -> Result<LogicalPlan, JobError> {
 }
 
 #[test]
+fn sort_keys_parse_with_order_and_fan_in() {
+    let text = "[job]\nname = \"t\"\n\n[[operator]]\ntype = \"datagen\"\nrows = 10\n\n\
+                [[operator]]\ntype = \"sort\"\nkeys = [\"key\", \"value desc\", \"price ASC\"]\n\
+                fan_in = 3\n\n[[operator]]\ntype = \"blackhole\"\n";
+    let plan = load(text).expect("sort job");
+    let OperatorKind::Sort { keys, fan_in } = &plan.spec.operators[1].kind else {
+        panic!("not a sort: {:?}", plan.spec.operators[1].kind);
+    };
+    let keys: Vec<(&str, bool)> = keys
+        .iter()
+        .map(|k| (k.column.as_str(), k.descending))
+        .collect();
+    assert_eq!(keys, [("key", false), ("value", true), ("price", false)]);
+    assert_eq!(*fan_in, 3);
+    assert_eq!(
+        plan.schemas[1], plan.schemas[0],
+        "a sort keeps its input's schema"
+    );
+    let bad = text.replace("value desc", "value downwards");
+    let error = load(&bad).expect_err("bad order").to_string();
+    assert!(error.contains("\"column desc\""), "{error}");
+    let unknown = text.replace("value desc", "valeu desc");
+    let error = load(&unknown).expect_err("unknown column").to_string();
+    assert!(error.contains("valeu"), "{error}");
+}
+
+#[test]
 fn errors_name_the_file_the_line_and_a_hint() {
     for (operators, marker, fragments) in ERROR_CASES {
         let text = format!("[job]\nname = \"t\"\n\n{operators}");
@@ -613,4 +640,20 @@ fn datagen_schema_follows_the_requested_columns() {
             col("price", DataType::Float64, false)
         ]
     );
+}
+
+#[test]
+fn example_job_files_plan() {
+    for name in [
+        "keyed_aggregation.toml",
+        "project_and_print.toml",
+        "windowed_counts.toml",
+        "external_sort.toml",
+    ] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples")
+            .join(name);
+        let text = std::fs::read_to_string(&path).expect("example");
+        plan(parse_job(&text, &path).expect("parses")).expect("plans");
+    }
 }

@@ -17,6 +17,17 @@ pub struct OperatorMetrics {
     pub rows_out: AtomicU64,
 }
 
+/// What a task's operators spilled, through the IOManager.
+#[derive(Default, Debug)]
+pub struct SpillMetrics {
+    /// Block bytes written, headers and padding included.
+    pub bytes_written: AtomicU64,
+    /// Payload bytes read back (verified).
+    pub bytes_read: AtomicU64,
+    /// Spill files created.
+    pub file_count: AtomicU64,
+}
+
 /// Counters of one running task.
 #[derive(Default)]
 pub struct TaskMetrics {
@@ -33,6 +44,7 @@ pub struct TaskMetrics {
     pub subpartitions: Vec<Arc<Subpartition>>,
     /// GPU launches, out-of-memory splits and CPU-twin fallbacks.
     pub gpu: Arc<crate::kernels::backend::OffloadStats>,
+    pub spill: Arc<SpillMetrics>,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -62,6 +74,12 @@ pub struct TaskSnapshot {
     pub out_pool_usage_permille: u64,
     #[serde(default)]
     pub gpu: crate::kernels::backend::OffloadSnapshot,
+    #[serde(default)]
+    pub spill_bytes_written: u64,
+    #[serde(default)]
+    pub spill_bytes_read: u64,
+    #[serde(default)]
+    pub spill_file_count: u64,
 }
 
 impl TaskMetrics {
@@ -90,6 +108,9 @@ impl TaskMetrics {
             in_pool_usage_permille: self.in_pool_usage_permille(),
             out_pool_usage_permille: self.out_pool_usage_permille(),
             gpu: self.gpu.snapshot(),
+            spill_bytes_written: r(&self.spill.bytes_written),
+            spill_bytes_read: r(&self.spill.bytes_read),
+            spill_file_count: r(&self.spill.file_count),
         }
     }
 

@@ -436,6 +436,10 @@ fn build_and_run(
         subtask: tdd.subtask,
         parallelism: tdd.parallelism,
         memory,
+        spill: Some(crate::exec::spill::SpillContext::new(
+            Arc::clone(&services.io),
+            Arc::clone(&metrics.spill),
+        )),
         printed,
         gpu,
     };

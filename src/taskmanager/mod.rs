@@ -75,8 +75,8 @@ pub struct Services {
     /// The data-plane transport and why it was chosen (log, summary, metric).
     pub transport: String,
     pub data_addr: SocketAddr,
-    /// Spill storage; operators do not spill yet (the job fails instead).
-    pub io: IoManager,
+    /// Spill storage, shared by the tasks' spilling operators.
+    pub io: Arc<IoManager>,
     slots: Mutex<SlotTable>,
     jobs: Mutex<HashMap<u64, JobTasks>>,
     /// Each GPU slot's kernel backend; `None` for a CPU slot (or a GPU that
@@ -174,6 +174,11 @@ impl TaskManager {
         })?;
         let io_config = IoConfig {
             tmp_dirs: config.tmp_dirs.clone(),
+            backend: match config.io_backend {
+                crate::config::IoBackend::Auto => crate::io::BackendChoice::Auto,
+                crate::config::IoBackend::Uring => crate::io::BackendChoice::Uring,
+                crate::config::IoBackend::ThreadPool => crate::io::BackendChoice::ThreadPool,
+            },
             buf_count_max: IO_BUFFERS_MAX,
             ..IoConfig::default()
         };
@@ -182,7 +187,8 @@ impl TaskManager {
             .map_err(|e| TaskManagerError::MemoryPools {
                 reason: e.to_string(),
             })?
-            .map_err(TaskManagerError::Io)?;
+            .map_err(TaskManagerError::Io)
+            .map(Arc::new)?;
         tracing::info!("{}", io.summary());
         let slot_memory = (0..slot_count)
             .map(|i| pages.slot_manager(i, layout.managed_per_slot))

@@ -126,7 +126,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         let _ = writeln!(out, "strata_jobs{{state=\"{label}\"}} {n}");
     }
     let jobs: Vec<&JobSummary> = s.running.iter().chain(&s.completed).collect();
-    let per_job: [JobCounter; 9] = [
+    let per_job: [JobCounter; 12] = [
         (
             "strata_job_rows_in_total",
             "Rows read by the job's sources.",
@@ -171,6 +171,21 @@ pub fn render(s: &ClusterSnapshot) -> String {
             "strata_job_gpu_cpu_fallback_batches_total",
             "Batch pieces of GPU-placed operators run on the CPU twin after out-of-memory.",
             |j| j.gpu_offload.cpu_fallback_batches,
+        ),
+        (
+            "strata_job_spill_written_bytes_total",
+            "Spill block bytes written by the job's operators.",
+            |j| j.spill_bytes_written,
+        ),
+        (
+            "strata_job_spill_read_bytes_total",
+            "Spilled bytes read back by the job's operators.",
+            |j| j.spill_bytes_read,
+        ),
+        (
+            "strata_job_spill_files_total",
+            "Spill files created by the job's operators.",
+            |j| j.spill_file_count,
         ),
     ];
     for (name, help, value) in per_job {
@@ -267,6 +282,16 @@ mod tests {
         };
         let text = render(&s);
         assert!(text.contains("# TYPE strata_taskmanagers gauge\nstrata_taskmanagers 0\n"));
+        for family in [
+            "strata_job_spill_written_bytes_total",
+            "strata_job_spill_read_bytes_total",
+            "strata_job_spill_files_total",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} counter")),
+                "{family}"
+            );
+        }
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (_, value) = line.rsplit_once(' ').expect("name value");
             value.parse::<f64>().expect("numeric sample");

@@ -1,33 +1,48 @@
 //! Keyed aggregation and tumbling event-time windows over the paged hash
 //! table.
 //!
-//! Keys are encoded row by row into bytes (a null tag, then the value:
-//! integers, dates and timestamps widened to i64, floats to f64 with a
-//! canonical zero and NaN, booleans, utf8 with a length), accumulators are 16
+//! Keys are encoded row by row into bytes ([`super::keycodec`]), accumulators are 16
 //! bytes each (value, non-null count). Results are built back into Arrow
 //! arrays and cast to the planned output types.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use arrow_array::builder::{BooleanBuilder, Float64Builder, Int64Builder, StringBuilder};
+use arrow_array::builder::{Float64Builder, Int64Builder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{Float64Type, Int64Type};
-use arrow_array::{
-    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, StringArray,
-};
+use arrow_array::{Array, ArrayRef, Float64Array, Int64Array, RecordBatch};
 use arrow_cast::cast;
 use arrow_schema::{DataType, SchemaRef};
 
 use super::ExecError;
 use super::hashtable::{NO_CANDIDATE, PagedHashTable, TableError, read_u64, write_u64};
+use super::keycodec::{KeyClass, decode_keys, encode_key, key_class, prepare_key};
 use super::operators::{Operator, Output};
+use super::spill::SpillContext;
 use crate::job::{AggFunc, AggSpec};
 use crate::kernels::cpu::hash::{fmix64, hash_columns};
-use crate::memory::MemoryManager;
+use crate::memory::{MemoryManager, Page};
+
+mod spill;
+
+use spill::{SpilledRows, partition_of};
 
 const ACC_WIDTH: usize = 16;
 const OUTPUT_BATCH_ROWS: usize = 8192;
+/// Partitions per spill level, picked by [`PARTITION_BITS`] hash bits.
+pub const PARTITION_COUNT: usize = 16;
+const PARTITION_BITS: u32 = PARTITION_COUNT.trailing_zeros();
+const _: () = assert!(PARTITION_COUNT.is_power_of_two());
+/// Spilled rows staged per partition before they are encoded into a block:
+/// bounds the heap the spill path uses to `PARTITION_COUNT × this` per level.
+const STAGED_BYTES_MAX: usize = 256 << 10;
+/// Pages a spilling grouper holds back from its table and hands to the
+/// re-aggregation of each partition: without them, a window firing while
+/// newer windows hold the whole budget could not re-aggregate anything.
+const RESERVE_PAGES: usize = 8;
+/// Levels of re-partitioning before giving up: 16 levels use all 64 bits.
+const SPILL_LEVEL_MAX: u32 = 64 / PARTITION_BITS;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum AccKind {
@@ -56,50 +71,26 @@ enum AccInput {
     Float(Float64Array),
 }
 
-/// A key column prepared for encoding.
-enum KeyColumn {
-    Int(Int64Array),
-    Float(Float64Array),
-    Bool(BooleanArray),
-    Str(StringArray),
-}
-
-#[derive(Clone, Copy, Debug)]
-enum KeyClass {
-    Int,
-    Float,
-    Bool,
-    Str,
-}
-
-fn key_class(t: &DataType) -> Option<KeyClass> {
-    use DataType::*;
-    match t {
-        Int8
-        | Int16
-        | Int32
-        | Int64
-        | UInt8
-        | UInt16
-        | UInt32
-        | UInt64
-        | Date32
-        | Date64
-        | Timestamp(_, _) => Some(KeyClass::Int),
-        Float32 | Float64 => Some(KeyClass::Float),
-        Boolean => Some(KeyClass::Bool),
-        Utf8 | LargeUtf8 => Some(KeyClass::Str),
-        _ => None,
-    }
-}
-
 fn is_float(t: &DataType) -> bool {
     matches!(t, DataType::Float16 | DataType::Float32 | DataType::Float64)
 }
 
 /// The grouping state of one aggregation (one window, for windows).
 struct Groups {
-    table: PagedHashTable,
+    /// `None` when not even the first page could be reserved.
+    table: Option<PagedHashTable>,
+    /// Set once the table was refused a page: it admits no new key after.
+    full: bool,
+    /// Rows of keys that are not in the table; created on the first refusal.
+    spilled: Option<SpilledRows>,
+    /// Spill level: which hash bits pick a row's partition.
+    level: u32,
+}
+
+impl Groups {
+    fn len(&self) -> usize {
+        self.table.as_ref().map_or(0, PagedHashTable::len)
+    }
 }
 
 /// Shared machinery of aggregate and window operators.
@@ -110,10 +101,15 @@ struct Grouper {
     accs: Vec<AccPlan>,
     output_schema: SchemaRef,
     memory: MemoryManager,
+    spill: Option<SpillContext>,
     hashes: Vec<u64>,
     key_scratch: Vec<u8>,
     group_ids: Vec<u32>,
     probes: Vec<u64>,
+    kept_rows: Vec<u32>,
+    spill_rows: Vec<Vec<u32>>,
+    /// Held back for re-aggregation (see [`RESERVE_PAGES`]).
+    reserve: Vec<Page>,
 }
 
 impl Grouper {
@@ -124,6 +120,7 @@ impl Grouper {
         aggs: &[AggSpec],
         output_schema: SchemaRef,
         memory: MemoryManager,
+        spill: Option<SpillContext>,
     ) -> Result<Self, ExecError> {
         let key_classes = key_columns
             .iter()
@@ -150,17 +147,62 @@ impl Grouper {
             accs,
             output_schema,
             memory,
+            spill,
             hashes: Vec::new(),
             key_scratch: Vec::with_capacity(64),
             group_ids: Vec::new(),
             probes: Vec::new(),
+            kept_rows: Vec::new(),
+            spill_rows: vec![Vec::new(); PARTITION_COUNT],
+            reserve: Vec::new(),
+        }
+        .with_reserve())
+    }
+
+    /// Takes back the reserve pages, as many as the budget allows now.
+    fn with_reserve(mut self) -> Self {
+        self.refill_reserve();
+        self
+    }
+
+    fn refill_reserve(&mut self) {
+        if self.spill.is_none() {
+            return;
+        }
+        while self.reserve.len() < RESERVE_PAGES {
+            match self.memory.allocate_pages(1) {
+                Ok(pages) => self.reserve.extend(pages),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn new_groups(&self, level: u32) -> Result<Groups, ExecError> {
+        let table = match PagedHashTable::new(self.memory.clone(), ACC_WIDTH * self.accs.len()) {
+            Ok(table) => Some(table),
+            Err(TableError::Memory(e)) if self.spill.is_some() => {
+                self.log_spill_start(level, &e.to_string());
+                None
+            }
+            Err(e) => return Err(self.table_error(e)),
+        };
+        Ok(Groups {
+            full: table.is_none(),
+            table,
+            spilled: None,
+            level,
         })
     }
 
-    fn new_groups(&self) -> Result<Groups, ExecError> {
-        let table = PagedHashTable::new(self.memory.clone(), ACC_WIDTH * self.accs.len())
-            .map_err(|e| self.table_error(e))?;
-        Ok(Groups { table })
+    fn log_spill_start(&self, level: u32, reason: &str) {
+        tracing::info!(
+            operator = %self.operator,
+            level,
+            used_bytes = self.memory.used_bytes(),
+            budget_bytes = self.memory.budget_bytes(),
+            "aggregation state does not fit managed memory; spilling rows of new keys \
+             to {PARTITION_COUNT} hash partitions: {reason}"
+        );
     }
 
     fn table_error(&self, e: TableError) -> ExecError {
@@ -210,46 +252,99 @@ impl Grouper {
             // Remix: the routing hash's low bits are skewed by key groups.
             let probe = fmix64(self.hashes.get(row as usize).copied().unwrap_or(0) ^ 0x5BD1_E995);
             self.probes.push(probe);
-            self.group_ids.push(groups.table.first_candidate(probe));
+            let candidate = match &groups.table {
+                Some(table) => table.first_candidate(probe),
+                None => NO_CANDIDATE,
+            };
+            self.group_ids.push(candidate);
         }
         // Phase 1b: confirm each candidate (again independent loads), and
-        // take the full probe-or-insert path only on a miss.
-        for (i, &row) in rows.iter().enumerate() {
-            self.key_scratch.clear();
-            for k in &key_cols {
-                encode_key(k, row as usize, &mut self.key_scratch);
+        // take the full probe-or-insert path only on a miss. This loop is
+        // the hot path; it stops at the first row the budget refuses.
+        let mut refused_at = rows.len();
+        if let (false, Some(table)) = (groups.full, groups.table.as_mut()) {
+            for (i, &row) in rows.iter().enumerate() {
+                self.key_scratch.clear();
+                for k in &key_cols {
+                    encode_key(k, row as usize, &mut self.key_scratch);
+                }
+                let probe = self.probes[i];
+                let candidate = self.group_ids[i];
+                if candidate != NO_CANDIDATE
+                    && table.matches(candidate as usize, probe, &self.key_scratch)
+                {
+                    continue;
+                }
+                match table.find_or_insert(probe, &self.key_scratch, |acc| init_accs(accs, acc)) {
+                    Ok(id) => self.group_ids[i] = id as u32,
+                    Err(TableError::Memory(e)) if self.spill.is_some() => {
+                        tracing::info!(
+                            operator = %self.operator,
+                            level = groups.level,
+                            groups = table.len(),
+                            table_bytes = table.memory_bytes(),
+                            used_bytes = self.memory.used_bytes(),
+                            budget_bytes = self.memory.budget_bytes(),
+                            "aggregation state does not fit managed memory; spilling rows \
+                             of new keys to {PARTITION_COUNT} hash partitions: {e}"
+                        );
+                        groups.full = true;
+                        refused_at = i;
+                        break;
+                    }
+                    Err(e) => return Err(self.table_error(e)),
+                }
             }
-            let probe = self.probes[i];
-            let candidate = self.group_ids[i];
-            if candidate != NO_CANDIDATE
-                && groups
-                    .table
-                    .matches(candidate as usize, probe, &self.key_scratch)
-            {
-                continue;
-            }
-            match groups
-                .table
-                .find_or_insert(probe, &self.key_scratch, |acc| init_accs(accs, acc))
-            {
-                Ok(id) => self.group_ids[i] = id as u32,
-                Err(e) => return Err(self.table_error(e)),
+        } else {
+            refused_at = 0;
+        }
+        // Phase 1c, once the table admits no new key: rows of keys in it are
+        // kept, the others go to their partitions.
+        let spilled_any = refused_at < rows.len();
+        if spilled_any {
+            self.kept_rows.clear();
+            self.kept_rows.extend_from_slice(&rows[..refused_at]);
+            for (i, &row) in rows.iter().enumerate().skip(refused_at) {
+                self.key_scratch.clear();
+                for k in &key_cols {
+                    encode_key(k, row as usize, &mut self.key_scratch);
+                }
+                let probe = self.probes[i];
+                let candidate = self.group_ids[i];
+                let found = groups.table.as_ref().and_then(|table| {
+                    if candidate != NO_CANDIDATE
+                        && table.matches(candidate as usize, probe, &self.key_scratch)
+                    {
+                        Some(candidate as usize)
+                    } else {
+                        table.find(probe, &self.key_scratch)
+                    }
+                });
+                match found {
+                    // Kept rows never overtake `i`, so this slot was read.
+                    Some(id) => {
+                        self.group_ids[self.kept_rows.len()] = id as u32;
+                        self.kept_rows.push(row);
+                    }
+                    None => self.spill_rows[partition_of(probe, groups.level)].push(row),
+                }
             }
         }
         // Phase 2: one tight loop per accumulator, column at a time.
-        for (i, (plan, input)) in accs.iter().zip(&inputs).enumerate() {
-            accumulate(
-                &mut groups.table,
-                plan,
-                input,
-                rows,
-                &self.group_ids,
-                i * ACC_WIDTH,
-            )
-            .map_err(|()| ExecError::Overflow {
-                operator: self.operator.clone(),
-                column: plan.output.clone(),
-            })?;
+        let kept_rows = if spilled_any { &self.kept_rows } else { rows };
+        if let Some(table) = groups.table.as_mut() {
+            let ids = &self.group_ids[..kept_rows.len()];
+            for (i, (plan, input)) in accs.iter().zip(&inputs).enumerate() {
+                accumulate(table, plan, input, kept_rows, ids, i * ACC_WIDTH).map_err(|()| {
+                    ExecError::Overflow {
+                        operator: self.operator.clone(),
+                        column: plan.output.clone(),
+                    }
+                })?;
+            }
+        }
+        if spilled_any {
+            self.spill_partitions(groups, batch)?;
         }
         Ok(())
     }
@@ -261,11 +356,14 @@ impl Grouper {
         window: Option<(i64, i64)>,
         out: &mut dyn Output,
     ) -> Result<(), ExecError> {
-        let total = groups.table.len();
+        let Some(table) = &groups.table else {
+            return Ok(());
+        };
+        let total = table.len();
         let mut start = 0;
         while start < total {
             let end = (start + OUTPUT_BATCH_ROWS).min(total);
-            let batch = self.build(groups, start..end, window)?;
+            let batch = self.build(table, start..end, window)?;
             out.emit(batch)?;
             start = end;
         }
@@ -274,18 +372,19 @@ impl Grouper {
 
     fn build(
         &self,
-        groups: &Groups,
+        table: &PagedHashTable,
         ids: std::ops::Range<usize>,
         window: Option<(i64, i64)>,
     ) -> Result<RecordBatch, ExecError> {
         let n = ids.len();
-        let mut columns: Vec<ArrayRef> = decode_keys(&groups.table, ids.clone(), &self.key_classes);
+        let mut columns: Vec<ArrayRef> =
+            decode_keys(ids.clone().map(|id| table.key(id)), n, &self.key_classes);
         if let Some((ws, we)) = window {
             columns.push(Arc::new(Int64Array::from_value(ws, n)));
             columns.push(Arc::new(Int64Array::from_value(we, n)));
         }
         for (i, plan) in self.accs.iter().enumerate() {
-            columns.push(build_acc(plan, &groups.table, ids.clone(), i));
+            columns.push(build_acc(plan, table, ids.clone(), i));
         }
         let columns = columns
             .into_iter()
@@ -557,131 +656,12 @@ fn build_acc(
         }
     }
 }
-
-fn prepare_key(array: &ArrayRef, class: KeyClass) -> Result<KeyColumn, ExecError> {
-    Ok(match class {
-        KeyClass::Int => KeyColumn::Int(
-            cast(array, &DataType::Int64)?
-                .as_primitive::<Int64Type>()
-                .clone(),
-        ),
-        KeyClass::Float => KeyColumn::Float(
-            cast(array, &DataType::Float64)?
-                .as_primitive::<Float64Type>()
-                .clone(),
-        ),
-        KeyClass::Bool => KeyColumn::Bool(array.as_boolean().clone()),
-        KeyClass::Str => KeyColumn::Str(cast(array, &DataType::Utf8)?.as_string::<i32>().clone()),
-    })
-}
-
-#[inline]
-fn encode_key(col: &KeyColumn, row: usize, out: &mut Vec<u8>) {
-    let valid = match col {
-        KeyColumn::Int(a) => a.is_valid(row),
-        KeyColumn::Float(a) => a.is_valid(row),
-        KeyColumn::Bool(a) => a.is_valid(row),
-        KeyColumn::Str(a) => a.is_valid(row),
-    };
-    if !valid {
-        out.push(0);
-        return;
-    }
-    out.push(1);
-    match col {
-        KeyColumn::Int(a) => out.extend_from_slice(&a.value(row).to_le_bytes()),
-        KeyColumn::Float(a) => {
-            let v = a.value(row);
-            let v = if v == 0.0 {
-                0.0
-            } else if v.is_nan() {
-                f64::NAN
-            } else {
-                v
-            };
-            out.extend_from_slice(&v.to_bits().to_le_bytes());
-        }
-        KeyColumn::Bool(a) => out.push(u8::from(a.value(row))),
-        KeyColumn::Str(a) => {
-            let s = a.value(row).as_bytes();
-            out.extend_from_slice(&(s.len() as u32).to_le_bytes());
-            out.extend_from_slice(s);
-        }
-    }
-}
-
-fn decode_keys(
-    table: &PagedHashTable,
-    ids: std::ops::Range<usize>,
-    classes: &[KeyClass],
-) -> Vec<ArrayRef> {
-    enum B {
-        Int(Int64Builder),
-        Float(Float64Builder),
-        Bool(BooleanBuilder),
-        Str(StringBuilder),
-    }
-    let n = ids.len();
-    let mut builders: Vec<B> = classes
-        .iter()
-        .map(|c| match c {
-            KeyClass::Int => B::Int(Int64Builder::with_capacity(n)),
-            KeyClass::Float => B::Float(Float64Builder::with_capacity(n)),
-            KeyClass::Bool => B::Bool(BooleanBuilder::with_capacity(n)),
-            KeyClass::Str => B::Str(StringBuilder::with_capacity(n, n * 8)),
-        })
-        .collect();
-    for id in ids {
-        let key = table.key(id);
-        let mut at = 0;
-        for b in &mut builders {
-            let valid = key[at] == 1;
-            at += 1;
-            match b {
-                B::Int(b) if valid => {
-                    b.append_value(read_u64(key, at) as i64);
-                    at += 8;
-                }
-                B::Float(b) if valid => {
-                    b.append_value(f64::from_bits(read_u64(key, at)));
-                    at += 8;
-                }
-                B::Bool(b) if valid => {
-                    b.append_value(key[at] == 1);
-                    at += 1;
-                }
-                B::Str(b) if valid => {
-                    let len = super::hashtable::read_u32(key, at) as usize;
-                    at += 4;
-                    // Keys were encoded from valid UTF-8.
-                    b.append_value(String::from_utf8_lossy(&key[at..at + len]));
-                    at += len;
-                }
-                B::Int(b) => b.append_null(),
-                B::Float(b) => b.append_null(),
-                B::Bool(b) => b.append_null(),
-                B::Str(b) => b.append_null(),
-            }
-        }
-    }
-    builders
-        .into_iter()
-        .map(|b| -> ArrayRef {
-            match b {
-                B::Int(mut b) => Arc::new(b.finish()),
-                B::Float(mut b) => Arc::new(b.finish()),
-                B::Bool(mut b) => Arc::new(b.finish()),
-                B::Str(mut b) => Arc::new(b.finish()),
-            }
-        })
-        .collect()
-}
-
 /// Keyed (or global) aggregation over a bounded input: emits once, at the
 /// end of input.
 pub struct AggregateOperator {
     grouper: Grouper,
-    groups: Groups,
+    /// `None` once emitted.
+    groups: Option<Groups>,
 }
 
 impl AggregateOperator {
@@ -692,16 +672,21 @@ impl AggregateOperator {
         aggs: &[AggSpec],
         output_schema: SchemaRef,
         memory: MemoryManager,
+        spill: Option<SpillContext>,
     ) -> Result<Self, ExecError> {
-        let grouper = Grouper::new(name, input, key_columns, aggs, output_schema, memory)?;
-        let groups = grouper.new_groups()?;
-        Ok(Self { grouper, groups })
+        let grouper = Grouper::new(name, input, key_columns, aggs, output_schema, memory, spill)?;
+        let groups = grouper.new_groups(0)?;
+        Ok(Self {
+            grouper,
+            groups: Some(groups),
+        })
     }
 }
 
 impl Operator for AggregateOperator {
     fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
-        self.grouper.update(&mut self.groups, &batch, None)
+        let groups = self.groups.as_mut().expect("input after finish");
+        self.grouper.update(groups, &batch, None)
     }
 
     fn watermark(&mut self, _watermark: i64, _out: &mut dyn Output) -> Result<(), ExecError> {
@@ -710,7 +695,10 @@ impl Operator for AggregateOperator {
     }
 
     fn finish(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
-        self.grouper.emit(&self.groups, None, out)
+        match self.groups.take() {
+            Some(groups) => self.grouper.emit_all(groups, None, out),
+            None => Ok(()),
+        }
     }
 }
 
@@ -738,9 +726,10 @@ impl WindowOperator {
         aggs: &[AggSpec],
         output_schema: SchemaRef,
         memory: MemoryManager,
+        spill: Option<SpillContext>,
     ) -> Result<Self, ExecError> {
         assert!(size_ms > 0);
-        let grouper = Grouper::new(name, input, key_columns, aggs, output_schema, memory)?;
+        let grouper = Grouper::new(name, input, key_columns, aggs, output_schema, memory, spill)?;
         Ok(Self {
             grouper,
             time_column,
@@ -763,7 +752,7 @@ impl WindowOperator {
                 break;
             }
             if let Some((_, groups)) = self.windows.pop_first() {
-                self.grouper.emit(&groups, Some((start, end)), out)?;
+                self.grouper.emit_all(groups, Some((start, end)), out)?;
             }
         }
         Ok(())
@@ -801,7 +790,7 @@ impl Operator for WindowOperator {
             .collect();
         for start in starts {
             if !self.windows.contains_key(&start) {
-                let groups = self.grouper.new_groups()?;
+                let groups = self.grouper.new_groups(0)?;
                 self.windows.insert(start, groups);
             }
             let rows = std::mem::take(self.rows_by_window.get_mut(&start).expect("window rows"));
