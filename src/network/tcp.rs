@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -26,6 +26,8 @@ use super::{NetworkError, NetworkRegistry, PartitionId};
 /// How long a partition request waits for its producer to be deployed.
 const PARTITION_WAIT: Duration = Duration::from_secs(30);
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// Read buffer of a consumer's data connection.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Payloads at least this large bypass the write buffer.
 const LARGE_PAYLOAD_BYTES: usize = 8 * 1024;
 /// How long a consumer waits for the producer's answer to `VerbsConnect`.
@@ -754,11 +756,15 @@ async fn control_loop(
 }
 
 async fn receive_loop(
-    mut reader: OwnedReadHalf,
+    reader: OwnedReadHalf,
     bindings: Arc<Bindings>,
     verbs: Option<Arc<VerbsReceiver>>,
     segment_size: usize,
 ) {
+    // Frame heads come out of a small buffer (one system call for head and
+    // the start of the payload); a payload larger than the buffer is then
+    // read straight into its segment.
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     let error = loop {
         match receive_one(&mut reader, &bindings, segment_size).await {
             Ok(true) => continue,
@@ -778,7 +784,11 @@ async fn receive_loop(
 }
 
 /// Skips `len` payload bytes of a buffer nobody will read.
-async fn discard(reader: &mut OwnedReadHalf, len: usize, peer: &str) -> Result<(), NetworkError> {
+async fn discard(
+    reader: &mut BufReader<OwnedReadHalf>,
+    len: usize,
+    peer: &str,
+) -> Result<(), NetworkError> {
     let mut sink = [0u8; 4096];
     let mut left = len;
     while left > 0 {
@@ -797,7 +807,7 @@ async fn discard(reader: &mut OwnedReadHalf, len: usize, peer: &str) -> Result<(
 
 /// Receives one frame; `Ok(false)` at a clean end of stream.
 async fn receive_one(
-    reader: &mut OwnedReadHalf,
+    reader: &mut BufReader<OwnedReadHalf>,
     bindings: &Bindings,
     segment_size: usize,
 ) -> Result<bool, NetworkError> {
