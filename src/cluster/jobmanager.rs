@@ -13,8 +13,8 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 use super::ClusterError;
 use super::rpc::{
     ChannelLocation, ExecutionState, InputGateDeployment, JobState, JobSummary, Message,
-    OperatorSummary, OutputDeployment, SlotStatus, TaskDeploymentDescriptor, VertexSummary,
-    read_message, write_message,
+    OperatorSummary, OutputDeployment, SlotStatus, TaskDeploymentDescriptor, TaskNetworkMetrics,
+    VertexSummary, read_message, write_message,
 };
 use crate::config::Config;
 use crate::job::graph::JobGraph;
@@ -684,6 +684,7 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         io,
         taskmanagers,
         slots,
+        tasks: Vec::new(),
         placement: Some(entry.placement.clone()),
         gpu_offload: Default::default(),
         gpu: {
@@ -693,6 +694,24 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
             gpu
         },
     };
+    let mut task_keys: Vec<_> = entry.tasks.keys().copied().collect();
+    task_keys.sort_unstable();
+    summary.tasks = task_keys
+        .iter()
+        .filter_map(|key| entry.tasks.get(key).map(|t| (key, t)))
+        .map(|(&(vertex, subtask), t)| TaskNetworkMetrics {
+            vertex,
+            subtask,
+            taskmanager: t.taskmanager.clone(),
+            in_pool_usage_permille: t.metrics.in_pool_usage_permille,
+            out_pool_usage_permille: t.metrics.out_pool_usage_permille,
+            backpressured_ms_per_second: t.metrics.backpressured_ms_per_second,
+            backpressure_ms: t.metrics.backpressure_ms,
+            remote_bytes_out: t.metrics.remote_bytes_out,
+            remote_buffers_out: t.metrics.remote_buffers_out,
+            remote_bytes_in: t.metrics.remote_bytes_in,
+        })
+        .collect();
     for t in entry.tasks.values() {
         let m = &t.metrics;
         for o in &m.operators {

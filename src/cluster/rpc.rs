@@ -154,6 +154,21 @@ pub struct OperatorSummary {
     pub rows_out: u64,
 }
 
+/// One task's shuffle metrics, as the REST API and `/metrics` show them.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TaskNetworkMetrics {
+    pub vertex: usize,
+    pub subtask: u32,
+    pub taskmanager: String,
+    pub in_pool_usage_permille: u64,
+    pub out_pool_usage_permille: u64,
+    pub backpressured_ms_per_second: u64,
+    pub backpressure_ms: u64,
+    pub remote_bytes_out: u64,
+    pub remote_buffers_out: u64,
+    pub remote_bytes_in: u64,
+}
+
 /// The end-of-job report.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct JobSummary {
@@ -193,6 +208,9 @@ pub struct JobSummary {
     pub io: Vec<String>,
     pub taskmanagers: usize,
     pub slots: usize,
+    /// Network metrics of each task (Flink's per-task shuffle metrics).
+    #[serde(default)]
+    pub tasks: Vec<TaskNetworkMetrics>,
     /// Where each operator ran and why (`placement.mode` and the cost model).
     #[serde(default)]
     pub placement: Option<crate::placement::Placement>,

@@ -42,6 +42,8 @@ pub struct TaskMetrics {
     /// inPoolUsage and outPoolUsage.
     pub gates: Vec<Arc<InputGate>>,
     pub subpartitions: Vec<Arc<Subpartition>>,
+    /// When the previous snapshot was taken, and the back-pressure total then.
+    pub last_backpressure: std::sync::Mutex<Option<(std::time::Instant, u64)>>,
     /// GPU launches, out-of-memory splits and CPU-twin fallbacks.
     pub gpu: Arc<crate::kernels::backend::OffloadStats>,
     pub spill: Arc<SpillMetrics>,
@@ -72,6 +74,10 @@ pub struct TaskSnapshot {
     /// Share of the remote output queues' capacity in use, ‰.
     #[serde(default)]
     pub out_pool_usage_permille: u64,
+    /// Time blocked on credit or buffers per second since the last report
+    /// (Flink's backPressuredTimeMsPerSecond).
+    #[serde(default)]
+    pub backpressured_ms_per_second: u64,
     #[serde(default)]
     pub gpu: crate::kernels::backend::OffloadSnapshot,
     #[serde(default)]
@@ -105,6 +111,7 @@ impl TaskMetrics {
             late_rows: r(&self.late_rows),
             managed_peak_bytes: r(&self.managed_peak_bytes),
             source_rows_expected: r(&self.source_rows_expected),
+            backpressured_ms_per_second: self.backpressure_rate(sum(&|w| r(&w.backpressure_nanos))),
             in_pool_usage_permille: self.in_pool_usage_permille(),
             out_pool_usage_permille: self.out_pool_usage_permille(),
             gpu: self.gpu.snapshot(),
@@ -112,6 +119,23 @@ impl TaskMetrics {
             spill_bytes_read: r(&self.spill.bytes_read),
             spill_file_count: r(&self.spill.file_count),
         }
+    }
+
+    /// Back-pressured milliseconds per second since the previous snapshot.
+    fn backpressure_rate(&self, total_nanos: u64) -> u64 {
+        let now = std::time::Instant::now();
+        let mut last = self
+            .last_backpressure
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (since, before) = last.unwrap_or((now, total_nanos));
+        *last = Some((now, total_nanos));
+        let elapsed = now.duration_since(since).as_secs_f64();
+        if elapsed <= 0.0 {
+            return 0;
+        }
+        let blocked_ms = total_nanos.saturating_sub(before) as f64 / 1e6;
+        (blocked_ms / elapsed).min(1000.0) as u64
     }
 
     fn in_pool_usage_permille(&self) -> u64 {

@@ -247,6 +247,64 @@ pub fn render(s: &ClusterSnapshot) -> String {
             );
         }
     }
+    // Per task, for running jobs (Flink's task-level shuffle metrics).
+    type TaskGauge = fn(&crate::cluster::rpc::TaskNetworkMetrics) -> String;
+    let per_task: [(&str, &str, &str, TaskGauge); 6] = [
+        (
+            "strata_task_in_pool_usage",
+            "gauge",
+            "Share of the task's input network buffers holding data (inPoolUsage).",
+            |t| format!("{:.3}", t.in_pool_usage_permille as f64 / 1000.0),
+        ),
+        (
+            "strata_task_out_pool_usage",
+            "gauge",
+            "Share of the task's remote output queues in use (outPoolUsage).",
+            |t| format!("{:.3}", t.out_pool_usage_permille as f64 / 1000.0),
+        ),
+        (
+            "strata_task_backpressured_time_ms_per_second",
+            "gauge",
+            "Milliseconds per second the task waited for credit or buffers (backPressuredTimeMsPerSecond).",
+            |t| t.backpressured_ms_per_second.to_string(),
+        ),
+        (
+            "strata_task_exchange_out_bytes_total",
+            "counter",
+            "Bytes the task sent to other TaskManagers, by transport.",
+            |t| t.remote_bytes_out.to_string(),
+        ),
+        (
+            "strata_task_exchange_out_buffers_total",
+            "counter",
+            "Buffers the task sent to other TaskManagers, by transport.",
+            |t| t.remote_buffers_out.to_string(),
+        ),
+        (
+            "strata_task_exchange_in_bytes_total",
+            "counter",
+            "Bytes the task received from other TaskManagers, by transport.",
+            |t| t.remote_bytes_in.to_string(),
+        ),
+    ];
+    for (name, kind, help, value) in per_task {
+        family(&mut out, name, kind, help);
+        for j in &s.running {
+            let transport = j.transport.split_whitespace().next().unwrap_or("tcp");
+            for t in &j.tasks {
+                let _ = writeln!(
+                    out,
+                    "{name}{{job=\"{:016x}\",vertex=\"{}\",subtask=\"{}\",taskmanager=\"{}\",transport=\"{}\"}} {}",
+                    j.job,
+                    t.vertex,
+                    t.subtask,
+                    escape(&t.taskmanager),
+                    escape(transport),
+                    value(t)
+                );
+            }
+        }
+    }
     family(
         &mut out,
         "strata_operator_rows_in_total",
