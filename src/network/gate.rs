@@ -63,6 +63,10 @@ struct GateState {
     floating_waiters: VecDeque<usize>,
     failure: Option<NetworkError>,
     closed: bool,
+    /// Threads blocked in `pop` and in `push_local`: the condition variables
+    /// are signalled only when someone waits (each signal is a futex call).
+    readers_waiting: u32,
+    local_writers_waiting: u32,
 }
 
 pub struct InputGate {
@@ -145,6 +149,8 @@ impl InputGate {
                 floating_waiters: VecDeque::new(),
                 failure: None,
                 closed: false,
+                readers_waiting: 0,
+                local_writers_waiting: 0,
             }),
             readable: Condvar::new(),
             writable: Condvar::new(),
@@ -178,19 +184,24 @@ impl InputGate {
                 return Err(NetworkError::Canceled);
             }
             blocked_since.get_or_insert_with(Instant::now);
+            state.local_writers_waiting += 1;
             state = self
                 .writable
                 .wait_timeout(state, Duration::from_millis(50))
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
+            state.local_writers_waiting -= 1;
         }
         if state.closed {
             return Err(NetworkError::ConsumerGone);
         }
         state.local_queued[channel] += 1;
         state.queue.push_back((channel, GateItem::Local(event)));
+        let wake = state.readers_waiting > 0;
         drop(state);
-        self.readable.notify_one();
+        if wake {
+            self.readable.notify_one();
+        }
         Ok(blocked_since.map_or(Duration::ZERO, |t| t.elapsed()))
     }
 
@@ -290,8 +301,11 @@ impl InputGate {
             c.backlog = backlog;
         }
         grant_floating(&mut state, channel);
+        let wake = state.readers_waiting > 0;
         drop(state);
-        self.readable.notify_one();
+        if wake {
+            self.readable.notify_one();
+        }
     }
 
     /// Returns a consumed segment to its channel or to the floating pool,
@@ -328,8 +342,11 @@ impl InputGate {
             if let Some((channel, item)) = state.queue.pop_front() {
                 if matches!(item, GateItem::Local(_)) {
                     state.local_queued[channel] -= 1;
+                    let wake = state.local_writers_waiting > 0;
                     drop(state);
-                    self.writable.notify_all();
+                    if wake {
+                        self.writable.notify_all();
+                    }
                 }
                 return Ok(Some((channel, item)));
             }
@@ -337,11 +354,13 @@ impl InputGate {
             if now >= deadline {
                 return Ok(None);
             }
+            state.readers_waiting += 1;
             state = self
                 .readable
                 .wait_timeout(state, deadline - now)
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
+            state.readers_waiting -= 1;
         }
     }
 

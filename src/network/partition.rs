@@ -70,6 +70,9 @@ struct SubState {
     credit: u32,
     waker: Option<Arc<Notify>>,
     released: Option<String>,
+    /// Producers blocked on a full queue: only then does taking a buffer
+    /// signal the condition variable (a futex call per buffer otherwise).
+    producers_waiting: u32,
 }
 
 /// One target's queue of encoded buffers, drained by the data server.
@@ -92,6 +95,7 @@ impl Subpartition {
                 credit: 0,
                 waker: None,
                 released: None,
+                producers_waiting: 0,
             }),
             space: Condvar::new(),
         })
@@ -116,11 +120,13 @@ impl Subpartition {
                 return Err(NetworkError::Canceled);
             }
             blocked_since.get_or_insert_with(Instant::now);
+            state.producers_waiting += 1;
             state = self
                 .space
                 .wait_timeout(state, Duration::from_millis(50))
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
+            state.producers_waiting -= 1;
         }
         if state.released.is_some() {
             return Err(NetworkError::ConsumerGone);
@@ -163,8 +169,11 @@ impl Subpartition {
         let buffer = state.queue.pop_front()?;
         state.credit -= 1;
         let backlog = state.queue.len() as u32;
+        let wake = state.producers_waiting > 0;
         drop(state);
-        self.space.notify_one();
+        if wake {
+            self.space.notify_one();
+        }
         Some((buffer, backlog))
     }
 
