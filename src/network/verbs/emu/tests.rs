@@ -55,6 +55,45 @@ fn next(cq: &Arc<dyn CompletionQueue>) -> WorkCompletion {
     panic!("no completion within 2 s");
 }
 
+/// One gather entry of `len` bytes at `offset` in `mr`.
+fn sge(mr: &dyn MemoryRegion, offset: u64, len: u32) -> Sge {
+    Sge {
+        addr: mr.addr() + offset,
+        len,
+        lkey: mr.lkey(),
+    }
+}
+
+/// A WRITE WITH IMMEDIATE of `len` bytes from the start of `src` to
+/// `remote_addr` under `rkey`.
+fn write_imm(
+    wr_id: u64,
+    src: &dyn MemoryRegion,
+    len: u32,
+    remote_addr: u64,
+    rkey: u32,
+    imm: u32,
+) -> SendRequest {
+    SendRequest {
+        wr_id,
+        op: SendOp::WriteWithImm {
+            remote_addr,
+            rkey,
+            imm,
+        },
+        sges: SgeList::one(sge(src, 0, len)),
+    }
+}
+
+/// A SEND of `len` bytes from the start of `src`.
+fn send(wr_id: u64, src: &dyn MemoryRegion, len: u32, imm: Option<u32>) -> SendRequest {
+    SendRequest {
+        wr_id,
+        op: SendOp::Send { imm },
+        sges: SgeList::one(sge(src, 0, len)),
+    }
+}
+
 fn register(dev: &EmuDevice, buf: &mut [u8], access: Access) -> Box<dyn MemoryRegion> {
     // SAFETY: each test keeps `buf` alive and unread until the region and
     // every operation on it are done.
@@ -74,19 +113,14 @@ fn write_imm_lands_bytes_and_completes_with_imm(isolated: bool) {
         sge: None,
     })
     .unwrap();
-    p.a.post_send(SendRequest {
-        wr_id: 1,
-        op: SendOp::WriteWithImm {
-            remote_addr: dst_mr.addr() + 64,
-            rkey: dst_mr.rkey(),
-            imm: 0xabcd,
-        },
-        sges: SgeList::one(Sge {
-            addr: src_mr.addr(),
-            len: 100,
-            lkey: src_mr.lkey(),
-        }),
-    })
+    p.a.post_send(write_imm(
+        1,
+        &*src_mr,
+        100,
+        dst_mr.addr() + 64,
+        dst_mr.rkey(),
+        0xabcd,
+    ))
     .unwrap();
     let sent = next(&p.a_cq);
     assert_eq!((sent.wr_id, sent.status), (1, WcStatus::Success));
@@ -122,32 +156,19 @@ fn bad_rkey_is_a_remote_access_error_and_nothing_lands(isolated: bool) {
     })
     .unwrap();
     // Out of bounds by one byte.
-    p.a.post_send(SendRequest {
-        wr_id: 5,
-        op: SendOp::WriteWithImm {
-            remote_addr: dst_mr.addr() + 1,
-            rkey: dst_mr.rkey(),
-            imm: 0,
-        },
-        sges: SgeList::one(Sge {
-            addr: src_mr.addr(),
-            len: 64,
-            lkey: src_mr.lkey(),
-        }),
-    })
+    p.a.post_send(write_imm(
+        5,
+        &*src_mr,
+        64,
+        dst_mr.addr() + 1,
+        dst_mr.rkey(),
+        0,
+    ))
     .unwrap();
     let sent = next(&p.a_cq);
     assert_eq!(sent.status, WcStatus::RemoteAccess);
     // The requester is now in the error state.
-    let again = p.a.post_send(SendRequest {
-        wr_id: 6,
-        op: SendOp::Send { imm: None },
-        sges: SgeList::one(Sge {
-            addr: src_mr.addr(),
-            len: 1,
-            lkey: src_mr.lkey(),
-        }),
-    });
+    let again = p.a.post_send(send(6, &*src_mr, 1, None));
     assert!(
         matches!(again, Err(VerbsError::QpError { .. })),
         "{again:?}"
@@ -179,20 +200,8 @@ fn a_write_into_a_region_without_remote_write_is_refused() {
         sge: None,
     })
     .unwrap();
-    p.a.post_send(SendRequest {
-        wr_id: 1,
-        op: SendOp::WriteWithImm {
-            remote_addr: dst_mr.addr(),
-            rkey: dst_mr.rkey(),
-            imm: 0,
-        },
-        sges: SgeList::one(Sge {
-            addr: src_mr.addr(),
-            len: 8,
-            lkey: src_mr.lkey(),
-        }),
-    })
-    .unwrap();
+    p.a.post_send(write_imm(1, &*src_mr, 8, dst_mr.addr(), dst_mr.rkey(), 0))
+        .unwrap();
     assert_eq!(next(&p.a_cq).status, WcStatus::RemoteAccess);
 }
 
@@ -202,16 +211,7 @@ fn a_send_without_a_posted_receive_is_receiver_not_ready() {
     let (da, _) = devices(&p);
     let mut src = vec![1u8; 8];
     let src_mr = register(da, &mut src, Access::LOCAL);
-    p.a.post_send(SendRequest {
-        wr_id: 1,
-        op: SendOp::Send { imm: Some(3) },
-        sges: SgeList::one(Sge {
-            addr: src_mr.addr(),
-            len: 8,
-            lkey: src_mr.lkey(),
-        }),
-    })
-    .unwrap();
+    p.a.post_send(send(1, &*src_mr, 8, Some(3))).unwrap();
     assert_eq!(next(&p.a_cq).status, WcStatus::RnrRetryExceeded);
 }
 
@@ -226,16 +226,7 @@ fn a_gather_entry_outside_its_region_is_a_local_protection_error() {
         sge: None,
     })
     .unwrap();
-    p.a.post_send(SendRequest {
-        wr_id: 1,
-        op: SendOp::Send { imm: None },
-        sges: SgeList::one(Sge {
-            addr: src_mr.addr(),
-            len: 9,
-            lkey: src_mr.lkey(),
-        }),
-    })
-    .unwrap();
+    p.a.post_send(send(1, &*src_mr, 9, None)).unwrap();
     assert_eq!(next(&p.a_cq).status, WcStatus::LocalProtection);
 }
 
@@ -309,28 +300,20 @@ fn posting_past_the_send_depth_is_queue_full() {
     let src_mr = register(da, &mut src, Access::LOCAL);
     // No receives posted at the peer; over the link each send waits for
     // its acknowledgement, so the queue fills.
-    let mut full = false;
+    // Either the send queue fills (more than 8 unacknowledged) or the first
+    // receiver-not-ready error puts the queue pair in the error state first.
+    let mut stopped = false;
     for i in 0..64 {
-        let r = p.a.post_send(SendRequest {
-            wr_id: i,
-            op: SendOp::Send { imm: None },
-            sges: SgeList::one(Sge {
-                addr: src_mr.addr(),
-                len: 8,
-                lkey: src_mr.lkey(),
-            }),
-        });
-        match r {
+        match p.a.post_send(send(i, &*src_mr, 8, None)) {
             Ok(()) => {}
-            Err(VerbsError::QueueFull { depth: 8, .. }) => {
-                full = true;
+            Err(VerbsError::QueueFull { depth: 8, .. }) | Err(VerbsError::QpError { .. }) => {
+                stopped = true;
                 break;
             }
-            Err(VerbsError::QpError { .. }) => break,
             Err(e) => panic!("{e}"),
         }
     }
-    let _ = full;
+    assert!(stopped, "64 sends posted past a send queue of 8");
     let wc = next(&p.a_cq);
     assert_eq!(wc.status, WcStatus::RnrRetryExceeded);
 }
@@ -350,20 +333,8 @@ fn keys_of_a_dropped_region_are_refused() {
         sge: None,
     })
     .unwrap();
-    p.a.post_send(SendRequest {
-        wr_id: 1,
-        op: SendOp::WriteWithImm {
-            remote_addr: addr,
-            rkey,
-            imm: 0,
-        },
-        sges: SgeList::one(Sge {
-            addr: src_mr.addr(),
-            len: 8,
-            lkey: src_mr.lkey(),
-        }),
-    })
-    .unwrap();
+    p.a.post_send(write_imm(1, &*src_mr, 8, addr, rkey, 0))
+        .unwrap();
     assert_eq!(next(&p.a_cq).status, WcStatus::RemoteAccess);
     assert_eq!(dst, vec![0u8; 8]);
 }
