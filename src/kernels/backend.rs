@@ -23,9 +23,11 @@ use arrow_schema::ArrowError;
 use super::cpu::column::Column;
 use super::cpu::filter::{CmpOp, filter_f64_array, filter_i64_array};
 use super::cpu::key_hash::{HashMode, hash_i64_column};
+use super::cpu::partition::{PartitionError, Partitioning, Routing, partition_hashes};
 use super::cpu::project::{
     ArithOp, ArrayOperand, Operands, ProjectError, project_f64_array, project_i64_array,
 };
+use super::cpu::standardize::{ColumnStats, fit_column, transform_column};
 use super::gpu::GpuError;
 use super::gpu::pool::PoolError;
 
@@ -51,6 +53,8 @@ impl std::fmt::Display for Tier {
 pub enum KernelError {
     #[error(transparent)]
     Project(#[from] ProjectError),
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
     /// The slot's device budget (or the device itself) cannot hold the
     /// launch's buffers: the caller may split the batch.
     #[error("GPU out of memory: {0}")]
@@ -103,6 +107,29 @@ pub trait KernelBackend: Send + Sync {
         mode: HashMode,
         hashes: &mut [u64],
     ) -> Result<(), KernelError>;
+
+    /// Routes each row by its key hash (`kernels/partition.cu`) and groups
+    /// the row indices by partition, in row order inside each partition on
+    /// every tier (the CUDA backend sorts each partition's rows on the host,
+    /// since the kernel's scatter order is unspecified).
+    fn partition_hashes(
+        &self,
+        hashes: &[u64],
+        routing: Routing,
+    ) -> Result<Partitioning, KernelError>;
+
+    /// Mean and population std of a Float64 column, ignoring nulls and NaNs,
+    /// by the fixed reduction tree of `kernels/standardize.cu` (bit-identical
+    /// across tiers).
+    fn standardize_fit(&self, array: &Float64Array) -> Result<ColumnStats, KernelError>;
+
+    /// `(x - mean) / std` per row (`standardize_apply`); the nulls are the
+    /// input's, a NaN stays NaN and a zero std gives 0.0.
+    fn standardize_apply(
+        &self,
+        array: &Float64Array,
+        stats: ColumnStats,
+    ) -> Result<Float64Array, KernelError>;
 }
 
 /// The CPU twins.
@@ -160,6 +187,26 @@ impl KernelBackend for CpuBackend {
     ) -> Result<(), KernelError> {
         hash_i64_column(Column::from_array(array), mode, hashes);
         Ok(())
+    }
+
+    fn partition_hashes(
+        &self,
+        hashes: &[u64],
+        routing: Routing,
+    ) -> Result<Partitioning, KernelError> {
+        Ok(partition_hashes(hashes, routing)?)
+    }
+
+    fn standardize_fit(&self, array: &Float64Array) -> Result<ColumnStats, KernelError> {
+        Ok(fit_column(array))
+    }
+
+    fn standardize_apply(
+        &self,
+        array: &Float64Array,
+        stats: ColumnStats,
+    ) -> Result<Float64Array, KernelError> {
+        Ok(transform_column(array, stats))
     }
 }
 
@@ -274,6 +321,61 @@ impl TieredKernels {
             Err(other) => Err(other),
         }
     }
+
+    /// Runs an operation that cannot be split (its result depends on the
+    /// whole batch) on the GPU, and on the CPU twin when the device refuses
+    /// its memory, counting the fallback.
+    fn run_whole<T>(
+        &self,
+        row_count: usize,
+        call: &dyn Fn(&dyn KernelBackend) -> Result<T, KernelError>,
+    ) -> Result<T, KernelError> {
+        match call(self.gpu.as_ref()) {
+            Ok(result) => {
+                self.stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
+                Ok(result)
+            }
+            Err(KernelError::DeviceOutOfMemory(refusal)) => {
+                tracing::debug!(
+                    "GPU batch of {row_count} rows does not fit ({refusal}); CPU twin runs it"
+                );
+                self.stats
+                    .cpu_fallback_batches
+                    .fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .cpu_fallback_rows
+                    .fetch_add(row_count as u64, Ordering::Relaxed);
+                call(&self.cpu)
+            }
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// Two adjacent pieces' partitionings as one: the ids concatenated, the
+/// offsets added, each partition's rows of the first piece before those of
+/// the second (row indices are already in the whole batch's numbering).
+fn join_partitionings(
+    first: Partitioning,
+    second: Partitioning,
+) -> Result<Partitioning, KernelError> {
+    let partition_count = first.partition_count();
+    assert_eq!(partition_count, second.partition_count(), "same routing");
+    let mut partition_ids = first.partition_ids.clone();
+    partition_ids.extend_from_slice(&second.partition_ids);
+    let mut rows = Vec::with_capacity(first.rows.len() + second.rows.len());
+    let mut partition_offsets = Vec::with_capacity(partition_count + 1);
+    for partition in 0..partition_count {
+        partition_offsets.push(rows.len() as u32);
+        rows.extend_from_slice(first.rows_of(partition));
+        rows.extend_from_slice(second.rows_of(partition));
+    }
+    partition_offsets.push(rows.len() as u32);
+    Ok(Partitioning {
+        partition_ids,
+        partition_offsets,
+        rows,
+    })
 }
 
 fn join_boolean(first: BooleanArray, second: BooleanArray) -> Result<BooleanArray, KernelError> {
@@ -457,6 +559,49 @@ impl KernelBackend for TieredKernels {
             &|(), ()| Ok(()),
         )
     }
+
+    fn partition_hashes(
+        &self,
+        hashes: &[u64],
+        routing: Routing,
+    ) -> Result<Partitioning, KernelError> {
+        let row_count = hashes.len();
+        if u32::try_from(row_count).is_err() {
+            return Err(PartitionError::TooManyRows { row_count }.into());
+        }
+        self.run_split(
+            row_count,
+            &mut |backend, offset, length| {
+                let mut piece =
+                    backend.partition_hashes(&hashes[offset..offset + length], routing)?;
+                for row in &mut piece.rows {
+                    *row += offset as u32;
+                }
+                Ok(piece)
+            },
+            &join_partitionings,
+        )
+    }
+
+    fn standardize_fit(&self, array: &Float64Array) -> Result<ColumnStats, KernelError> {
+        // The reduction tree spans the whole column: split pieces would sum
+        // in another order, so a refusal runs the twin on the whole column.
+        self.run_whole(array.len(), &|backend| backend.standardize_fit(array))
+    }
+
+    fn standardize_apply(
+        &self,
+        array: &Float64Array,
+        stats: ColumnStats,
+    ) -> Result<Float64Array, KernelError> {
+        self.run_split(
+            array.len(),
+            &mut |backend, offset, length| {
+                backend.standardize_apply(&array.slice(offset, length), stats)
+            },
+            &join_primitive,
+        )
+    }
 }
 
 #[cfg(test)]
@@ -568,5 +713,112 @@ mod tests {
         assert_eq!(split.nulls(), expected.nulls());
         let bits = |a: &Float64Array| a.values().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&split), bits(&expected));
+    }
+
+    fn hashes() -> Vec<u64> {
+        let mut hashes = vec![0; ROWS];
+        CpuBackend
+            .hash_i64(&values(), HashMode::Replace, &mut hashes)
+            .unwrap();
+        hashes
+    }
+
+    #[test]
+    fn split_partitioning_equals_the_cpu_twin() {
+        let hashes = hashes();
+        let routing = Routing::new(128, 7).unwrap();
+        let expected = CpuBackend.partition_hashes(&hashes, routing).unwrap();
+        // 16 bytes a row: a quarter of the batch fits, half does not.
+        let kernels = tiered(50_000);
+        assert_eq!(
+            kernels.partition_hashes(&hashes, routing).unwrap(),
+            expected
+        );
+        let stats = kernels.stats().snapshot();
+        assert_eq!(stats.oom_splits, 3, "{stats:?}");
+        assert_eq!(stats.gpu_batches, 4, "{stats:?}");
+        assert_eq!(stats.cpu_fallback_batches, 0, "{stats:?}");
+        // Uneven pieces (an odd row count) and one partition join too.
+        let odd = &hashes[..ROWS - 3];
+        for routing in [
+            Routing::new(128, 1).unwrap(),
+            Routing::new(4096, 1000).unwrap(),
+        ] {
+            assert_eq!(
+                tiered(50_000).partition_hashes(odd, routing).unwrap(),
+                CpuBackend.partition_hashes(odd, routing).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn partitioning_that_never_fits_runs_on_the_cpu_twin_and_is_counted() {
+        let hashes = hashes();
+        let routing = Routing::new(128, 5).unwrap();
+        let kernels = tiered(100);
+        assert_eq!(
+            kernels.partition_hashes(&hashes, routing).unwrap(),
+            CpuBackend.partition_hashes(&hashes, routing).unwrap()
+        );
+        let stats = kernels.stats().snapshot();
+        assert_eq!(stats.gpu_batches, 0);
+        assert_eq!(stats.cpu_fallback_batches, 1 << OOM_SPLIT_DEPTH_MAX);
+        assert_eq!(stats.cpu_fallback_rows, ROWS as u64);
+        let empty = kernels.partition_hashes(&[], routing).unwrap();
+        assert_eq!(empty.partition_offsets, vec![0; 6]);
+    }
+
+    fn floats() -> Float64Array {
+        (0..ROWS)
+            .map(|i| match i % 7 {
+                0 => None,
+                1 => Some(f64::NAN),
+                2 => Some(-0.0),
+                _ => Some(i as f64 * 0.25 - 900.0),
+            })
+            .collect()
+    }
+
+    fn bits(array: &Float64Array) -> Vec<u64> {
+        array.values().iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn standardize_fit_refused_runs_whole_on_the_cpu_twin_and_apply_splits() {
+        let array = floats();
+        let expected_stats = CpuBackend.standardize_fit(&array).unwrap();
+        let expected = CpuBackend
+            .standardize_apply(&array, expected_stats)
+            .unwrap();
+        // The fit needs the whole column (over 80 kB); the apply pieces of
+        // a quarter (about 41 kB) fit.
+        let kernels = tiered(45_000);
+        let stats = kernels.standardize_fit(&array).unwrap();
+        assert_eq!(stats.mean.to_bits(), expected_stats.mean.to_bits());
+        assert_eq!(stats.std.to_bits(), expected_stats.std.to_bits());
+        let snapshot = kernels.stats().snapshot();
+        assert_eq!(snapshot.cpu_fallback_batches, 1, "{snapshot:?}");
+        assert_eq!(snapshot.cpu_fallback_rows, ROWS as u64, "{snapshot:?}");
+        assert_eq!(snapshot.oom_splits, 0, "{snapshot:?}");
+        let z = kernels.standardize_apply(&array, stats).unwrap();
+        assert_eq!(z.nulls(), expected.nulls());
+        assert_eq!(bits(&z), bits(&expected));
+        let snapshot = kernels.stats().snapshot();
+        assert_eq!(snapshot.oom_splits, 3, "{snapshot:?}");
+        assert_eq!(snapshot.gpu_batches, 4, "{snapshot:?}");
+    }
+
+    #[test]
+    fn standardize_that_fits_runs_on_the_gpu() {
+        let array = floats().slice(3, ROWS - 10);
+        let kernels = tiered(1 << 20);
+        let stats = kernels.standardize_fit(&array).unwrap();
+        let z = kernels.standardize_apply(&array, stats).unwrap();
+        let (expected, expected_stats) =
+            crate::kernels::cpu::standardize::standardize_column(&array);
+        assert_eq!(stats, expected_stats);
+        assert_eq!(bits(&z), bits(&expected));
+        assert_eq!(kernels.stats().snapshot().gpu_batches, 2);
+        assert_eq!(kernels.stats().snapshot().cpu_fallback_batches, 0);
     }
 }

@@ -185,4 +185,22 @@ impl LaunchBytes {
     pub fn hash(self) -> u64 {
         self.column(8) + (self.row_count * 8) as u64
     }
+
+    /// Hashes in; partition ids and row indices out; counts, offsets and
+    /// cursors per partition.
+    pub fn partition(self, parallelism: u32) -> u64 {
+        (self.row_count * (8 + 4 + 4)) as u64 + (parallelism as u64 * 3 + 1) * 4
+    }
+
+    /// One column in; two levels of (sum, sum of squares, count) partials
+    /// alive at once; mean and std out.
+    pub fn standardize_fit(self) -> u64 {
+        let partials = crate::kernels::cpu::standardize::chunk_count(self.row_count) as u64;
+        self.column(8) + 2 * partials * 24 + 16
+    }
+
+    /// One column and its statistics in, one value per row out.
+    pub fn standardize_apply(self) -> u64 {
+        self.column(8) + (self.row_count * 8) as u64 + 16
+    }
 }
