@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use arrow_array::{Array, Float64Array, Int64Array};
 use strata::kernels::backend::{CpuBackend, KernelBackend, OffloadStats, TieredKernels};
+use strata::kernels::cpu::aggregate::KeyedArrays;
 use strata::kernels::cpu::filter::CmpOp;
 use strata::kernels::cpu::key_hash::HashMode;
 use strata::kernels::cpu::partition::Routing;
@@ -251,6 +252,72 @@ fn gpu_standardization_equals_the_cpu_twin_bit_for_bit() {
 }
 
 #[test]
+fn gpu_aggregation_equals_the_cpu_twin() {
+    let Some(gpu) = cuda() else { return };
+    // Keys: nulls, i64::MIN (the kernel's special slot), a few thousand
+    // repeated keys and the other edges.
+    let key_source = int_column(14);
+    let few_keys: Int64Array = key_source
+        .iter()
+        .map(|k| {
+            k.map(|k| match k {
+                i64::MIN | i64::MAX | -1 | 0 | 1 => k,
+                _ => k % 3000,
+            })
+        })
+        .collect();
+    let distinct_keys = int_column(15);
+    // Values: small ones (no group overflows), and with the i64 edges.
+    let small: Int64Array = int_column(16)
+        .iter()
+        .map(|v| v.map(|v| v % 1_000_000))
+        .collect();
+    let with_edges = int_column(17);
+    for (what, keys, values) in [
+        ("few keys, small values", &few_keys, &small),
+        ("distinct keys, small values", &distinct_keys, &small),
+        ("few keys, edge values", &few_keys, &with_edges),
+        ("distinct keys, edge values", &distinct_keys, &with_edges),
+    ] {
+        for sliced in [false, true] {
+            let (keys, values) = if sliced {
+                (keys.slice(3, ROWS - 10), values.slice(3, ROWS - 10))
+            } else {
+                (keys.clone(), values.clone())
+            };
+            let input = KeyedArrays {
+                keys: &keys,
+                values: &values,
+            };
+            let expected = CpuBackend.aggregate_i64(input).map_err(|e| e.to_string());
+            let actual = gpu.aggregate_i64(input).map_err(|e| e.to_string());
+            assert_eq!(actual, expected, "{what} sliced={sliced}");
+        }
+    }
+    // An intermediate excursion past i64 that later rows undo is no
+    // overflow; a total past it is, naming the smallest key (null first).
+    let keys = Int64Array::from(vec![Some(7), Some(7), Some(7), None, None, Some(i64::MIN)]);
+    let values = Int64Array::from(vec![i64::MAX, 5, -10, i64::MIN, -1, 3]);
+    let input = KeyedArrays {
+        keys: &keys,
+        values: &values,
+    };
+    assert_eq!(
+        gpu.aggregate_i64(input).map_err(|e| e.to_string()),
+        CpuBackend.aggregate_i64(input).map_err(|e| e.to_string())
+    );
+    let all_null_values = Int64Array::from(vec![None::<i64>; 1000]);
+    let input = KeyedArrays {
+        keys: &few_keys.slice(0, 1000),
+        values: &all_null_values,
+    };
+    assert_eq!(
+        gpu.aggregate_i64(input).unwrap(),
+        CpuBackend.aggregate_i64(input).unwrap()
+    );
+}
+
+#[test]
 fn gpu_out_of_memory_splits_and_still_equals_the_cpu_twin() {
     let Some(device) = detect().devices().first().cloned() else {
         println!("skipped: no GPU");
@@ -328,7 +395,7 @@ fn nvrtc_compiles_the_embedded_kernels_through_cudarc_and_caches_them() {
         }
     }
     let cached = std::fs::read_dir(dir.path()).expect("cache dir").count();
-    assert_eq!(cached, 10, "five sources × two architectures");
+    assert_eq!(cached, 12, "six sources × two architectures");
     // A second compile is served from the cache: same PTX, no new files.
     let again = compile_modules("compute_90", &cache).expect("cached");
     assert_eq!(again.len(), 5);

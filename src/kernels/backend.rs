@@ -20,6 +20,7 @@ use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{Array, BooleanArray, Float64Array, Int64Array, PrimitiveArray};
 use arrow_schema::ArrowError;
 
+use super::cpu::aggregate::{AggregateError, Group, KeyedArrays, KeyedValues, aggregate_i64};
 use super::cpu::column::Column;
 use super::cpu::filter::{CmpOp, filter_f64_array, filter_i64_array};
 use super::cpu::key_hash::{HashMode, hash_i64_column};
@@ -55,6 +56,8 @@ pub enum KernelError {
     Project(#[from] ProjectError),
     #[error(transparent)]
     Partition(#[from] PartitionError),
+    #[error(transparent)]
+    Aggregate(#[from] AggregateError),
     /// The slot's device budget (or the device itself) cannot hold the
     /// launch's buffers: the caller may split the batch.
     #[error("GPU out of memory: {0}")]
@@ -130,6 +133,31 @@ pub trait KernelBackend: Send + Sync {
         array: &Float64Array,
         stats: ColumnStats,
     ) -> Result<Float64Array, KernelError>;
+
+    /// `GROUP BY key` with count, sum, min and max of the values
+    /// (`kernels/aggregate.cu`, semantics of `cpu::aggregate`), the groups
+    /// sorted by key with the null key first on every tier (the kernel's
+    /// group order is unspecified). A sum whose exact total does not fit in
+    /// i64 is an error naming the smallest such key.
+    fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError>;
+}
+
+/// Checks that the key and value columns have the same rows.
+pub(crate) fn check_keyed_rows(input: KeyedArrays<'_>) -> Result<usize, KernelError> {
+    let (key_rows, value_rows) = (input.keys.len(), input.values.len());
+    if key_rows != value_rows {
+        return Err(AggregateError::RowCountMismatch {
+            key_rows,
+            value_rows,
+        }
+        .into());
+    }
+    Ok(key_rows)
+}
+
+/// The seam's group order: by key, the null key first.
+pub(crate) fn sort_groups(groups: &mut [Group]) {
+    groups.sort_unstable_by_key(|group| group.key);
 }
 
 /// The CPU twins.
@@ -207,6 +235,16 @@ impl KernelBackend for CpuBackend {
         stats: ColumnStats,
     ) -> Result<Float64Array, KernelError> {
         Ok(transform_column(array, stats))
+    }
+
+    fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError> {
+        check_keyed_rows(input)?;
+        let mut groups = aggregate_i64(KeyedValues {
+            keys: Column::from_array(input.keys),
+            values: Column::from_array(input.values),
+        })?;
+        sort_groups(&mut groups);
+        Ok(groups)
     }
 }
 
@@ -602,6 +640,13 @@ impl KernelBackend for TieredKernels {
             &join_primitive,
         )
     }
+
+    fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError> {
+        // One device hash table holds every group of the batch: a refusal
+        // runs the twin on the whole batch.
+        let row_count = check_keyed_rows(input)?;
+        self.run_whole(row_count, &|backend| backend.aggregate_i64(input))
+    }
 }
 
 #[cfg(test)]
@@ -820,5 +865,68 @@ mod tests {
         assert_eq!(bits(&z), bits(&expected));
         assert_eq!(kernels.stats().snapshot().gpu_batches, 2);
         assert_eq!(kernels.stats().snapshot().cpu_fallback_batches, 0);
+    }
+
+    fn keyed() -> (Int64Array, Int64Array) {
+        let keys: Int64Array = (0..ROWS as i64)
+            .map(|i| match i % 11 {
+                0 => None,
+                1 => Some(i64::MIN),
+                _ => Some(i % 97 - 40),
+            })
+            .collect();
+        (keys, values())
+    }
+
+    #[test]
+    fn aggregate_refused_runs_whole_on_the_cpu_twin_and_is_counted() {
+        let (keys, values) = keyed();
+        let input = KeyedArrays {
+            keys: &keys,
+            values: &values,
+        };
+        let expected = CpuBackend.aggregate_i64(input).unwrap();
+        assert_eq!(
+            expected.first().map(|g| g.key),
+            Some(None),
+            "null key first"
+        );
+        let kernels = tiered(100_000);
+        assert_eq!(kernels.aggregate_i64(input).unwrap(), expected);
+        let stats = kernels.stats().snapshot();
+        assert_eq!(stats.cpu_fallback_batches, 1, "{stats:?}");
+        assert_eq!(stats.cpu_fallback_rows, ROWS as u64, "{stats:?}");
+        assert_eq!((stats.gpu_batches, stats.oom_splits), (0, 0), "{stats:?}");
+
+        let kernels = tiered(1 << 24);
+        assert_eq!(kernels.aggregate_i64(input).unwrap(), expected);
+        assert_eq!(kernels.stats().snapshot().gpu_batches, 1);
+    }
+
+    #[test]
+    fn aggregate_overflow_and_row_mismatch_are_errors_on_every_tier() {
+        let keys = Int64Array::from(vec![Some(5), Some(5), Some(3), None, Some(3)]);
+        let values = Int64Array::from(vec![i64::MAX, 1, i64::MAX, 1, -1]);
+        let input = KeyedArrays {
+            keys: &keys,
+            values: &values,
+        };
+        let expected = CpuBackend.aggregate_i64(input).unwrap_err().to_string();
+        assert!(expected.contains("key 5"), "{expected}");
+        let fallback = tiered(100).aggregate_i64(input).unwrap_err();
+        let fits = tiered(1 << 20).aggregate_i64(input).unwrap_err();
+        assert_eq!(fallback.to_string(), expected);
+        assert_eq!(fits.to_string(), expected);
+        let short = values.slice(0, 4);
+        let mismatch = KeyedArrays {
+            keys: &keys,
+            values: &short,
+        };
+        assert!(matches!(
+            tiered(1 << 20).aggregate_i64(mismatch),
+            Err(KernelError::Aggregate(
+                AggregateError::RowCountMismatch { .. }
+            ))
+        ));
     }
 }

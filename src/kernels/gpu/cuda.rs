@@ -38,7 +38,8 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use super::pool::{PoolError, SlotPool};
 use super::source::{CacheKey, PtxCache, SOURCES, expand_includes};
 use super::{GpuDetection, GpuDevice, GpuError, LaunchBytes};
-use crate::kernels::backend::{KernelBackend, KernelError, Tier};
+use crate::kernels::backend::{KernelBackend, KernelError, Tier, check_keyed_rows, sort_groups};
+use crate::kernels::cpu::aggregate::{AggregateError, Group, GroupStats, KeyedArrays};
 use crate::kernels::cpu::column::{bitmap_len_bytes, boolean_buffer, null_buffer};
 use crate::kernels::cpu::filter::CmpOp;
 use crate::kernels::cpu::key_hash::HashMode;
@@ -53,7 +54,7 @@ const GRID_BLOCKS_MAX: u32 = 4096;
 const _: () = assert!(BLOCK_THREADS.is_multiple_of(32));
 
 /// Every entry point the backend launches, by source stem.
-pub const ENTRY_POINTS: [(&str, &str); 14] = [
+pub const ENTRY_POINTS: [(&str, &str); 17] = [
     ("filter", "filter_i64"),
     ("filter", "filter_f64"),
     ("project", "project_i64_columns"),
@@ -68,6 +69,9 @@ pub const ENTRY_POINTS: [(&str, &str); 14] = [
     ("standardize", "standardize_moments_merge"),
     ("standardize", "standardize_stats"),
     ("standardize", "standardize_apply"),
+    ("aggregate", "aggregate_init"),
+    ("aggregate", "aggregate_update"),
+    ("aggregate", "aggregate_compact"),
 ];
 
 /// Threads of the reduction kernels' blocks (`REDUCE_CHUNK_ROWS` in
@@ -526,6 +530,165 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// One aggregation of a batch in a device table of `capacity` slots:
+    /// the groups in the kernel's order, or `None` when the table was full
+    /// (the caller retries with a bigger one).
+    fn aggregate_in_table(
+        &self,
+        input: KeyedArrays<'_>,
+        capacity: u64,
+    ) -> Result<Option<Vec<Group>>, KernelError> {
+        let row_count = input.keys.len();
+        let bytes = LaunchBytes { row_count }.aggregate(capacity);
+        let _held = self.reserve(bytes)?;
+        let slot_count = capacity as usize + 2;
+        let keys = self.upload(input.keys.values().as_ref(), bytes)?;
+        let (key_validity, key_validity_offset) = self.upload_validity(input.keys, bytes)?;
+        let values = self.upload(input.values.values().as_ref(), bytes)?;
+        let (value_validity, value_validity_offset) = self.upload_validity(input.values, bytes)?;
+        let mut table_keys = self.zeros::<i64>(slot_count, bytes)?;
+        let mut counts = self.zeros::<u64>(slot_count, bytes)?;
+        let mut sum_low = self.zeros::<u64>(slot_count, bytes)?;
+        let mut sum_high = self.zeros::<u64>(slot_count, bytes)?;
+        let mut mins = self.zeros::<i64>(slot_count, bytes)?;
+        let mut maxs = self.zeros::<i64>(slot_count, bytes)?;
+        let mut special_used = self.zeros::<u32>(2, bytes)?;
+        let mut table_full = self.zeros::<u32>(1, bytes)?;
+        let null_pointer = 0u64;
+        let rows = row_count as u64;
+
+        let mut launch = self.stream.launch_builder(self.function("aggregate_init")?);
+        launch
+            .arg(&mut table_keys)
+            .arg(&mut counts)
+            .arg(&mut sum_low)
+            .arg(&mut sum_high)
+            .arg(&mut mins)
+            .arg(&mut maxs)
+            .arg(&mut special_used)
+            .arg(&capacity);
+        // SAFETY: the arguments match `aggregate_init` in
+        // kernels/aggregate.cu one for one (table keys, counts, sum low and
+        // high words, mins, maxs, the two special-slot flags, capacity);
+        // `capacity` is a power of two (else the kernel traps); every table
+        // array holds `capacity + 2` entries and `special_used` two; all
+        // live until `download` has synchronized the stream.
+        unsafe { launch.launch(self.launch_config(slot_count)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("aggregate_update")?);
+        launch.arg(&keys);
+        match &key_validity {
+            Some(bits) => launch.arg(bits),
+            None => launch.arg(&null_pointer),
+        };
+        launch.arg(&key_validity_offset).arg(&values);
+        match &value_validity {
+            Some(bits) => launch.arg(bits),
+            None => launch.arg(&null_pointer),
+        };
+        launch
+            .arg(&value_validity_offset)
+            .arg(&rows)
+            .arg(&mut table_keys)
+            .arg(&mut counts)
+            .arg(&mut sum_low)
+            .arg(&mut sum_high)
+            .arg(&mut mins)
+            .arg(&mut maxs)
+            .arg(&mut special_used)
+            .arg(&capacity)
+            .arg(&mut table_full);
+        // SAFETY: the arguments match `aggregate_update` in
+        // kernels/aggregate.cu one for one (keys, key validity or a null
+        // pointer, its bit offset, values, value validity or a null pointer,
+        // its bit offset, row count, the seven table arrays in `init`'s
+        // order, capacity, the table-full flag); keys and values hold
+        // `row_count` elements and the validity their bits; the table is
+        // the one `aggregate_init` filled, earlier on the same stream.
+        unsafe { launch.launch(self.launch_config(row_count)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        if self.download(&table_full)?[0] != 0 {
+            return Ok(None);
+        }
+
+        // Every group got at least one row: `row_count` outputs suffice.
+        let mut group_keys = self.zeros::<i64>(row_count, bytes)?;
+        let mut group_key_valid = self.zeros::<u8>(row_count, bytes)?;
+        let mut group_counts = self.zeros::<u64>(row_count, bytes)?;
+        let mut group_sums = self.zeros::<i64>(row_count, bytes)?;
+        let mut group_sum_overflowed = self.zeros::<u8>(row_count, bytes)?;
+        let mut group_mins = self.zeros::<i64>(row_count, bytes)?;
+        let mut group_maxs = self.zeros::<i64>(row_count, bytes)?;
+        let mut group_count = self.zeros::<u64>(1, bytes)?;
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("aggregate_compact")?);
+        launch
+            .arg(&table_keys)
+            .arg(&counts)
+            .arg(&sum_low)
+            .arg(&sum_high)
+            .arg(&mins)
+            .arg(&maxs)
+            .arg(&special_used)
+            .arg(&capacity)
+            .arg(&mut group_keys)
+            .arg(&mut group_key_valid)
+            .arg(&mut group_counts)
+            .arg(&mut group_sums)
+            .arg(&mut group_sum_overflowed)
+            .arg(&mut group_mins)
+            .arg(&mut group_maxs)
+            .arg(&mut group_count);
+        // SAFETY: the arguments match `aggregate_compact` in
+        // kernels/aggregate.cu one for one (the seven table arrays,
+        // capacity, then group keys, key validity bytes, counts, sums,
+        // overflow bytes, mins, maxs, and the group counter, zeroed as it
+        // requires); the used slots are at most the distinct keys, so at
+        // most `row_count` (> 0) groups are written into outputs of
+        // `row_count` entries; all live until `download` has synchronized
+        // the stream.
+        unsafe { launch.launch(self.launch_config(slot_count)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        let group_count = self.download(&group_count)?[0] as usize;
+        assert!(group_count <= row_count, "more groups than rows");
+        let keys = self.download(&group_keys)?;
+        let key_valid = self.download(&group_key_valid)?;
+        let counts = self.download(&group_counts)?;
+        let sums = self.download(&group_sums)?;
+        let overflowed = self.download(&group_sum_overflowed)?;
+        let mins = self.download(&group_mins)?;
+        let maxs = self.download(&group_maxs)?;
+        let key_of = |group: usize| (key_valid[group] != 0).then_some(keys[group]);
+        let overflowed_key = (0..group_count)
+            .filter(|&group| overflowed[group] != 0)
+            .map(key_of)
+            .min();
+        if let Some(key) = overflowed_key {
+            return Err(AggregateError::SumOverflow { key }.into());
+        }
+        let groups = (0..group_count)
+            .map(|group| {
+                let present = counts[group] > 0;
+                Group {
+                    key: key_of(group),
+                    stats: GroupStats {
+                        count: counts[group],
+                        sum: present.then_some(sums[group]),
+                        min: present.then_some(mins[group]),
+                        max: present.then_some(maxs[group]),
+                    },
+                }
+            })
+            .collect();
+        Ok(Some(groups))
+    }
+}
+
 impl KernelBackend for CudaBackend {
     fn tier(&self) -> Tier {
         Tier::Gpu
@@ -908,5 +1071,23 @@ impl KernelBackend for CudaBackend {
             ScalarBuffer::from(z),
             array.nulls().cloned(),
         ))
+    }
+
+    fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError> {
+        let row_count = check_keyed_rows(input)?;
+        if row_count == 0 {
+            return Ok(Vec::new());
+        }
+        // Sized so that it cannot fill (twice the rows); a full table is
+        // still answered as the kernel asks, by a retry twice as big.
+        let mut capacity = super::aggregate_capacity(row_count);
+        loop {
+            if let Some(mut groups) = self.aggregate_in_table(input, capacity)? {
+                sort_groups(&mut groups);
+                return Ok(groups);
+            }
+            tracing::debug!("GPU aggregation table of {capacity} slots was full; retrying");
+            capacity *= 2;
+        }
     }
 }

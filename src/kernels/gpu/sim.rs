@@ -9,6 +9,7 @@ use arrow_array::{BooleanArray, Float64Array, Int64Array};
 use super::LaunchBytes;
 use super::pool::SlotPool;
 use crate::kernels::backend::{CpuBackend, KernelBackend, KernelError, Tier};
+use crate::kernels::cpu::aggregate::{Group, KeyedArrays};
 use crate::kernels::cpu::filter::CmpOp;
 use crate::kernels::cpu::key_hash::HashMode;
 use crate::kernels::cpu::partition::{Partitioning, Routing};
@@ -159,5 +160,12 @@ impl KernelBackend for SimulatedGpuBackend {
             .standardize_apply(),
         )?;
         CpuBackend.standardize_apply(array, stats)
+    }
+
+    fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError> {
+        let row_count = crate::kernels::backend::check_keyed_rows(input)?;
+        let capacity = super::aggregate_capacity(row_count);
+        let _held = self.reserve(LaunchBytes { row_count }.aggregate(capacity))?;
+        CpuBackend.aggregate_i64(input)
     }
 }

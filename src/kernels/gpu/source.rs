@@ -21,7 +21,7 @@ pub struct KernelSource {
 }
 
 /// The units the dispatcher launches from.
-pub const SOURCES: [KernelSource; 5] = [
+pub const SOURCES: [KernelSource; 6] = [
     KernelSource {
         stem: "filter",
         text: include_str!("../../../kernels/filter.cu"),
@@ -41,6 +41,10 @@ pub const SOURCES: [KernelSource; 5] = [
     KernelSource {
         stem: "standardize",
         text: include_str!("../../../kernels/standardize.cu"),
+    },
+    KernelSource {
+        stem: "aggregate",
+        text: include_str!("../../../kernels/aggregate.cu"),
     },
 ];
 
