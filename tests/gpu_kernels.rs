@@ -8,9 +8,12 @@ use std::sync::Arc;
 
 use arrow_array::{Array, Float64Array, Int64Array};
 use strata::kernels::backend::{CpuBackend, KernelBackend, OffloadStats, TieredKernels};
+use strata::kernels::cpu::aggregate::KeyedArrays;
 use strata::kernels::cpu::filter::CmpOp;
 use strata::kernels::cpu::key_hash::HashMode;
+use strata::kernels::cpu::partition::Routing;
 use strata::kernels::cpu::project::{ArithOp, ArrayOperand, Operands};
+use strata::kernels::cpu::standardize::ColumnStats;
 use strata::kernels::gpu::cuda::CudaBackend;
 use strata::kernels::gpu::pool::{DevicePool, PoolConfig};
 use strata::kernels::gpu::source::PtxCache;
@@ -173,6 +176,148 @@ fn gpu_key_hash_equals_the_cpu_twin() {
 }
 
 #[test]
+fn gpu_partitioning_equals_the_cpu_twin() {
+    let Some(gpu) = cuda() else { return };
+    // Key hashes of columns with nulls and edges, and raw 64-bit hashes.
+    let mut key_hashes = vec![0; ROWS];
+    CpuBackend
+        .hash_i64(&int_column(10), HashMode::Replace, &mut key_hashes)
+        .unwrap();
+    let mut rng = Rng(11);
+    let raw: Vec<u64> = (0..ROWS)
+        .map(|i| match i % 50 {
+            0 => 0,
+            1 => u64::MAX,
+            _ => rng.next(),
+        })
+        .collect();
+    // One partition, shared-memory counts, and (above 1024 partitions)
+    // global counts with a scan of several block-sized rounds.
+    let routings = [(128, 1), (128, 7), (128, 128), (4096, 1000), (32_768, 3000)];
+    for hashes in [&key_hashes[..], &raw[..], &raw[..31], &raw[..33]] {
+        for (max_parallelism, parallelism) in routings {
+            let routing = Routing::new(max_parallelism, parallelism).unwrap();
+            let expected = CpuBackend.partition_hashes(hashes, routing).unwrap();
+            let actual = gpu.partition_hashes(hashes, routing).unwrap();
+            assert_eq!(
+                actual,
+                expected,
+                "{} rows, routing {max_parallelism}/{parallelism}",
+                hashes.len()
+            );
+        }
+    }
+}
+
+fn assert_same_stats(actual: ColumnStats, expected: ColumnStats, what: &str) {
+    let bits = |v: f64| if v.is_nan() { u64::MAX } else { v.to_bits() };
+    assert_eq!(
+        (bits(actual.mean), bits(actual.std)),
+        (bits(expected.mean), bits(expected.std)),
+        "{what}: {actual:?} vs {expected:?}"
+    );
+}
+
+#[test]
+fn gpu_standardization_equals_the_cpu_twin_bit_for_bit() {
+    let Some(gpu) = cuda() else { return };
+    let with_edges = float_column(12);
+    // Without infinities the statistics are finite and the z-scores real.
+    let finite: Float64Array = with_edges
+        .iter()
+        .map(|v| v.map(|x| if x.is_infinite() { 1.5 } else { x }))
+        .collect();
+    let all_null = Float64Array::from(vec![None::<f64>; 1000]);
+    let constant = Float64Array::from(vec![Some(4.25); 70_000]);
+    let cases = [
+        ("edges", with_edges.clone()),
+        ("finite", finite.clone()),
+        ("finite sliced", finite.slice(7, ROWS - 300)),
+        ("one chunk", finite.slice(0, 200)),
+        ("two levels of merge", finite.slice(1, 256 * 256 + 5)),
+        ("all null", all_null),
+        ("constant", constant),
+        ("empty", finite.slice(0, 0)),
+    ];
+    for (what, column) in cases {
+        let expected_stats = CpuBackend.standardize_fit(&column).unwrap();
+        let stats = gpu.standardize_fit(&column).unwrap();
+        assert_same_stats(stats, expected_stats, what);
+        let expected = CpuBackend
+            .standardize_apply(&column, expected_stats)
+            .unwrap();
+        let actual = gpu.standardize_apply(&column, expected_stats).unwrap();
+        assert_eq!(float_bits(&actual), float_bits(&expected), "{what}");
+    }
+}
+
+#[test]
+fn gpu_aggregation_equals_the_cpu_twin() {
+    let Some(gpu) = cuda() else { return };
+    // Keys: nulls, i64::MIN (the kernel's special slot), a few thousand
+    // repeated keys and the other edges.
+    let key_source = int_column(14);
+    let few_keys: Int64Array = key_source
+        .iter()
+        .map(|k| {
+            k.map(|k| match k {
+                i64::MIN | i64::MAX | -1 | 0 | 1 => k,
+                _ => k % 3000,
+            })
+        })
+        .collect();
+    let distinct_keys = int_column(15);
+    // Values: small ones (no group overflows), and with the i64 edges.
+    let small: Int64Array = int_column(16)
+        .iter()
+        .map(|v| v.map(|v| v % 1_000_000))
+        .collect();
+    let with_edges = int_column(17);
+    for (what, keys, values) in [
+        ("few keys, small values", &few_keys, &small),
+        ("distinct keys, small values", &distinct_keys, &small),
+        ("few keys, edge values", &few_keys, &with_edges),
+        ("distinct keys, edge values", &distinct_keys, &with_edges),
+    ] {
+        for sliced in [false, true] {
+            let (keys, values) = if sliced {
+                (keys.slice(3, ROWS - 10), values.slice(3, ROWS - 10))
+            } else {
+                (keys.clone(), values.clone())
+            };
+            let input = KeyedArrays {
+                keys: &keys,
+                values: &values,
+            };
+            let expected = CpuBackend.aggregate_i64(input).map_err(|e| e.to_string());
+            let actual = gpu.aggregate_i64(input).map_err(|e| e.to_string());
+            assert_eq!(actual, expected, "{what} sliced={sliced}");
+        }
+    }
+    // An intermediate excursion past i64 that later rows undo is no
+    // overflow; a total past it is, naming the smallest key (null first).
+    let keys = Int64Array::from(vec![Some(7), Some(7), Some(7), None, None, Some(i64::MIN)]);
+    let values = Int64Array::from(vec![i64::MAX, 5, -10, i64::MIN, -1, 3]);
+    let input = KeyedArrays {
+        keys: &keys,
+        values: &values,
+    };
+    assert_eq!(
+        gpu.aggregate_i64(input).map_err(|e| e.to_string()),
+        CpuBackend.aggregate_i64(input).map_err(|e| e.to_string())
+    );
+    let all_null_values = Int64Array::from(vec![None::<i64>; 1000]);
+    let input = KeyedArrays {
+        keys: &few_keys.slice(0, 1000),
+        values: &all_null_values,
+    };
+    assert_eq!(
+        gpu.aggregate_i64(input).unwrap(),
+        CpuBackend.aggregate_i64(input).unwrap()
+    );
+}
+
+#[test]
 fn gpu_out_of_memory_splits_and_still_equals_the_cpu_twin() {
     let Some(device) = detect().devices().first().cloned() else {
         println!("skipped: no GPU");
@@ -190,6 +335,21 @@ fn gpu_out_of_memory_splits_and_still_equals_the_cpu_twin() {
         CpuBackend.filter_i64(&ints, CmpOp::Lt, 5).unwrap()
     );
     assert!(stats.snapshot().oom_splits > 0, "{:?}", stats.snapshot());
+    let mut hashes = vec![0; ROWS];
+    CpuBackend
+        .hash_i64(&ints, HashMode::Replace, &mut hashes)
+        .unwrap();
+    let routing = Routing::new(128, 9).unwrap();
+    assert_eq!(
+        tiered.partition_hashes(&hashes, routing).unwrap(),
+        CpuBackend.partition_hashes(&hashes, routing).unwrap()
+    );
+    let floats = float_column(13);
+    let fit = CpuBackend.standardize_fit(&floats).unwrap();
+    assert_eq!(
+        float_bits(&tiered.standardize_apply(&floats, fit).unwrap()),
+        float_bits(&CpuBackend.standardize_apply(&floats, fit).unwrap())
+    );
 }
 
 #[test]
@@ -235,10 +395,13 @@ fn nvrtc_compiles_the_embedded_kernels_through_cudarc_and_caches_them() {
         }
     }
     let cached = std::fs::read_dir(dir.path()).expect("cache dir").count();
-    assert_eq!(cached, 6, "three sources × two architectures");
+    assert_eq!(cached, 12, "six sources × two architectures");
     // A second compile is served from the cache: same PTX, no new files.
     let again = compile_modules("compute_90", &cache).expect("cached");
-    assert_eq!(again.len(), 3);
-    assert_eq!(std::fs::read_dir(dir.path()).expect("cache dir").count(), 6);
+    assert_eq!(again.len(), 6);
+    assert_eq!(
+        std::fs::read_dir(dir.path()).expect("cache dir").count(),
+        12
+    );
     println!("NVRTC {version}: every dispatched kernel compiles for sm_80 and sm_90");
 }

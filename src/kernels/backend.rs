@@ -20,12 +20,15 @@ use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{Array, BooleanArray, Float64Array, Int64Array, PrimitiveArray};
 use arrow_schema::ArrowError;
 
+use super::cpu::aggregate::{AggregateError, Group, KeyedArrays, KeyedValues, aggregate_i64};
 use super::cpu::column::Column;
 use super::cpu::filter::{CmpOp, filter_f64_array, filter_i64_array};
 use super::cpu::key_hash::{HashMode, hash_i64_column};
+use super::cpu::partition::{PartitionError, Partitioning, Routing, partition_hashes};
 use super::cpu::project::{
     ArithOp, ArrayOperand, Operands, ProjectError, project_f64_array, project_i64_array,
 };
+use super::cpu::standardize::{ColumnStats, fit_column, transform_column};
 use super::gpu::GpuError;
 use super::gpu::pool::PoolError;
 
@@ -51,6 +54,10 @@ impl std::fmt::Display for Tier {
 pub enum KernelError {
     #[error(transparent)]
     Project(#[from] ProjectError),
+    #[error(transparent)]
+    Partition(#[from] PartitionError),
+    #[error(transparent)]
+    Aggregate(#[from] AggregateError),
     /// The slot's device budget (or the device itself) cannot hold the
     /// launch's buffers: the caller may split the batch.
     #[error("GPU out of memory: {0}")]
@@ -103,6 +110,54 @@ pub trait KernelBackend: Send + Sync {
         mode: HashMode,
         hashes: &mut [u64],
     ) -> Result<(), KernelError>;
+
+    /// Routes each row by its key hash (`kernels/partition.cu`) and groups
+    /// the row indices by partition, in row order inside each partition on
+    /// every tier (the CUDA backend sorts each partition's rows on the host,
+    /// since the kernel's scatter order is unspecified).
+    fn partition_hashes(
+        &self,
+        hashes: &[u64],
+        routing: Routing,
+    ) -> Result<Partitioning, KernelError>;
+
+    /// Mean and population std of a Float64 column, ignoring nulls and NaNs,
+    /// by the fixed reduction tree of `kernels/standardize.cu` (bit-identical
+    /// across tiers).
+    fn standardize_fit(&self, array: &Float64Array) -> Result<ColumnStats, KernelError>;
+
+    /// `(x - mean) / std` per row (`standardize_apply`); the nulls are the
+    /// input's, a NaN stays NaN and a zero std gives 0.0.
+    fn standardize_apply(
+        &self,
+        array: &Float64Array,
+        stats: ColumnStats,
+    ) -> Result<Float64Array, KernelError>;
+
+    /// `GROUP BY key` with count, sum, min and max of the values
+    /// (`kernels/aggregate.cu`, semantics of `cpu::aggregate`), the groups
+    /// sorted by key with the null key first on every tier (the kernel's
+    /// group order is unspecified). A sum whose exact total does not fit in
+    /// i64 is an error naming the smallest such key.
+    fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError>;
+}
+
+/// Checks that the key and value columns have the same rows.
+pub(crate) fn check_keyed_rows(input: KeyedArrays<'_>) -> Result<usize, KernelError> {
+    let (key_rows, value_rows) = (input.keys.len(), input.values.len());
+    if key_rows != value_rows {
+        return Err(AggregateError::RowCountMismatch {
+            key_rows,
+            value_rows,
+        }
+        .into());
+    }
+    Ok(key_rows)
+}
+
+/// The seam's group order: by key, the null key first.
+pub(crate) fn sort_groups(groups: &mut [Group]) {
+    groups.sort_unstable_by_key(|group| group.key);
 }
 
 /// The CPU twins.
@@ -160,6 +215,36 @@ impl KernelBackend for CpuBackend {
     ) -> Result<(), KernelError> {
         hash_i64_column(Column::from_array(array), mode, hashes);
         Ok(())
+    }
+
+    fn partition_hashes(
+        &self,
+        hashes: &[u64],
+        routing: Routing,
+    ) -> Result<Partitioning, KernelError> {
+        Ok(partition_hashes(hashes, routing)?)
+    }
+
+    fn standardize_fit(&self, array: &Float64Array) -> Result<ColumnStats, KernelError> {
+        Ok(fit_column(array))
+    }
+
+    fn standardize_apply(
+        &self,
+        array: &Float64Array,
+        stats: ColumnStats,
+    ) -> Result<Float64Array, KernelError> {
+        Ok(transform_column(array, stats))
+    }
+
+    fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError> {
+        check_keyed_rows(input)?;
+        let mut groups = aggregate_i64(KeyedValues {
+            keys: Column::from_array(input.keys),
+            values: Column::from_array(input.values),
+        })?;
+        sort_groups(&mut groups);
+        Ok(groups)
     }
 }
 
@@ -274,6 +359,61 @@ impl TieredKernels {
             Err(other) => Err(other),
         }
     }
+
+    /// Runs an operation that cannot be split (its result depends on the
+    /// whole batch) on the GPU, and on the CPU twin when the device refuses
+    /// its memory, counting the fallback.
+    fn run_whole<T>(
+        &self,
+        row_count: usize,
+        call: &dyn Fn(&dyn KernelBackend) -> Result<T, KernelError>,
+    ) -> Result<T, KernelError> {
+        match call(self.gpu.as_ref()) {
+            Ok(result) => {
+                self.stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
+                Ok(result)
+            }
+            Err(KernelError::DeviceOutOfMemory(refusal)) => {
+                tracing::debug!(
+                    "GPU batch of {row_count} rows does not fit ({refusal}); CPU twin runs it"
+                );
+                self.stats
+                    .cpu_fallback_batches
+                    .fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .cpu_fallback_rows
+                    .fetch_add(row_count as u64, Ordering::Relaxed);
+                call(&self.cpu)
+            }
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// Two adjacent pieces' partitionings as one: the ids concatenated, the
+/// offsets added, each partition's rows of the first piece before those of
+/// the second (row indices are already in the whole batch's numbering).
+fn join_partitionings(
+    first: Partitioning,
+    second: Partitioning,
+) -> Result<Partitioning, KernelError> {
+    let partition_count = first.partition_count();
+    assert_eq!(partition_count, second.partition_count(), "same routing");
+    let mut partition_ids = first.partition_ids.clone();
+    partition_ids.extend_from_slice(&second.partition_ids);
+    let mut rows = Vec::with_capacity(first.rows.len() + second.rows.len());
+    let mut partition_offsets = Vec::with_capacity(partition_count + 1);
+    for partition in 0..partition_count {
+        partition_offsets.push(rows.len() as u32);
+        rows.extend_from_slice(first.rows_of(partition));
+        rows.extend_from_slice(second.rows_of(partition));
+    }
+    partition_offsets.push(rows.len() as u32);
+    Ok(Partitioning {
+        partition_ids,
+        partition_offsets,
+        rows,
+    })
 }
 
 fn join_boolean(first: BooleanArray, second: BooleanArray) -> Result<BooleanArray, KernelError> {
@@ -457,6 +597,56 @@ impl KernelBackend for TieredKernels {
             &|(), ()| Ok(()),
         )
     }
+
+    fn partition_hashes(
+        &self,
+        hashes: &[u64],
+        routing: Routing,
+    ) -> Result<Partitioning, KernelError> {
+        let row_count = hashes.len();
+        if u32::try_from(row_count).is_err() {
+            return Err(PartitionError::TooManyRows { row_count }.into());
+        }
+        self.run_split(
+            row_count,
+            &mut |backend, offset, length| {
+                let mut piece =
+                    backend.partition_hashes(&hashes[offset..offset + length], routing)?;
+                for row in &mut piece.rows {
+                    *row += offset as u32;
+                }
+                Ok(piece)
+            },
+            &join_partitionings,
+        )
+    }
+
+    fn standardize_fit(&self, array: &Float64Array) -> Result<ColumnStats, KernelError> {
+        // The reduction tree spans the whole column: split pieces would sum
+        // in another order, so a refusal runs the twin on the whole column.
+        self.run_whole(array.len(), &|backend| backend.standardize_fit(array))
+    }
+
+    fn standardize_apply(
+        &self,
+        array: &Float64Array,
+        stats: ColumnStats,
+    ) -> Result<Float64Array, KernelError> {
+        self.run_split(
+            array.len(),
+            &mut |backend, offset, length| {
+                backend.standardize_apply(&array.slice(offset, length), stats)
+            },
+            &join_primitive,
+        )
+    }
+
+    fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError> {
+        // One device hash table holds every group of the batch: a refusal
+        // runs the twin on the whole batch.
+        let row_count = check_keyed_rows(input)?;
+        self.run_whole(row_count, &|backend| backend.aggregate_i64(input))
+    }
 }
 
 #[cfg(test)]
@@ -568,5 +758,175 @@ mod tests {
         assert_eq!(split.nulls(), expected.nulls());
         let bits = |a: &Float64Array| a.values().iter().map(|v| v.to_bits()).collect::<Vec<_>>();
         assert_eq!(bits(&split), bits(&expected));
+    }
+
+    fn hashes() -> Vec<u64> {
+        let mut hashes = vec![0; ROWS];
+        CpuBackend
+            .hash_i64(&values(), HashMode::Replace, &mut hashes)
+            .unwrap();
+        hashes
+    }
+
+    #[test]
+    fn split_partitioning_equals_the_cpu_twin() {
+        let hashes = hashes();
+        let routing = Routing::new(128, 7).unwrap();
+        let expected = CpuBackend.partition_hashes(&hashes, routing).unwrap();
+        // 16 bytes a row: a quarter of the batch fits, half does not.
+        let kernels = tiered(50_000);
+        assert_eq!(
+            kernels.partition_hashes(&hashes, routing).unwrap(),
+            expected
+        );
+        let stats = kernels.stats().snapshot();
+        assert_eq!(stats.oom_splits, 3, "{stats:?}");
+        assert_eq!(stats.gpu_batches, 4, "{stats:?}");
+        assert_eq!(stats.cpu_fallback_batches, 0, "{stats:?}");
+        // Uneven pieces (an odd row count) and one partition join too.
+        let odd = &hashes[..ROWS - 3];
+        for routing in [
+            Routing::new(128, 1).unwrap(),
+            Routing::new(4096, 1000).unwrap(),
+        ] {
+            assert_eq!(
+                tiered(50_000).partition_hashes(odd, routing).unwrap(),
+                CpuBackend.partition_hashes(odd, routing).unwrap()
+            );
+        }
+    }
+
+    #[test]
+    fn partitioning_that_never_fits_runs_on_the_cpu_twin_and_is_counted() {
+        let hashes = hashes();
+        let routing = Routing::new(128, 5).unwrap();
+        let kernels = tiered(100);
+        assert_eq!(
+            kernels.partition_hashes(&hashes, routing).unwrap(),
+            CpuBackend.partition_hashes(&hashes, routing).unwrap()
+        );
+        let stats = kernels.stats().snapshot();
+        assert_eq!(stats.gpu_batches, 0);
+        assert_eq!(stats.cpu_fallback_batches, 1 << OOM_SPLIT_DEPTH_MAX);
+        assert_eq!(stats.cpu_fallback_rows, ROWS as u64);
+        let empty = kernels.partition_hashes(&[], routing).unwrap();
+        assert_eq!(empty.partition_offsets, vec![0; 6]);
+    }
+
+    fn floats() -> Float64Array {
+        (0..ROWS)
+            .map(|i| match i % 7 {
+                0 => None,
+                1 => Some(f64::NAN),
+                2 => Some(-0.0),
+                _ => Some(i as f64 * 0.25 - 900.0),
+            })
+            .collect()
+    }
+
+    fn bits(array: &Float64Array) -> Vec<u64> {
+        array.values().iter().map(|v| v.to_bits()).collect()
+    }
+
+    #[test]
+    fn standardize_fit_refused_runs_whole_on_the_cpu_twin_and_apply_splits() {
+        let array = floats();
+        let expected_stats = CpuBackend.standardize_fit(&array).unwrap();
+        let expected = CpuBackend
+            .standardize_apply(&array, expected_stats)
+            .unwrap();
+        // The fit needs the whole column (over 80 kB); the apply pieces of
+        // a quarter (about 41 kB) fit.
+        let kernels = tiered(45_000);
+        let stats = kernels.standardize_fit(&array).unwrap();
+        assert_eq!(stats.mean.to_bits(), expected_stats.mean.to_bits());
+        assert_eq!(stats.std.to_bits(), expected_stats.std.to_bits());
+        let snapshot = kernels.stats().snapshot();
+        assert_eq!(snapshot.cpu_fallback_batches, 1, "{snapshot:?}");
+        assert_eq!(snapshot.cpu_fallback_rows, ROWS as u64, "{snapshot:?}");
+        assert_eq!(snapshot.oom_splits, 0, "{snapshot:?}");
+        let z = kernels.standardize_apply(&array, stats).unwrap();
+        assert_eq!(z.nulls(), expected.nulls());
+        assert_eq!(bits(&z), bits(&expected));
+        let snapshot = kernels.stats().snapshot();
+        assert_eq!(snapshot.oom_splits, 3, "{snapshot:?}");
+        assert_eq!(snapshot.gpu_batches, 4, "{snapshot:?}");
+    }
+
+    #[test]
+    fn standardize_that_fits_runs_on_the_gpu() {
+        let array = floats().slice(3, ROWS - 10);
+        let kernels = tiered(1 << 20);
+        let stats = kernels.standardize_fit(&array).unwrap();
+        let z = kernels.standardize_apply(&array, stats).unwrap();
+        let (expected, expected_stats) =
+            crate::kernels::cpu::standardize::standardize_column(&array);
+        assert_eq!(stats, expected_stats);
+        assert_eq!(bits(&z), bits(&expected));
+        assert_eq!(kernels.stats().snapshot().gpu_batches, 2);
+        assert_eq!(kernels.stats().snapshot().cpu_fallback_batches, 0);
+    }
+
+    fn keyed() -> (Int64Array, Int64Array) {
+        let keys: Int64Array = (0..ROWS as i64)
+            .map(|i| match i % 11 {
+                0 => None,
+                1 => Some(i64::MIN),
+                _ => Some(i % 97 - 40),
+            })
+            .collect();
+        (keys, values())
+    }
+
+    #[test]
+    fn aggregate_refused_runs_whole_on_the_cpu_twin_and_is_counted() {
+        let (keys, values) = keyed();
+        let input = KeyedArrays {
+            keys: &keys,
+            values: &values,
+        };
+        let expected = CpuBackend.aggregate_i64(input).unwrap();
+        assert_eq!(
+            expected.first().map(|g| g.key),
+            Some(None),
+            "null key first"
+        );
+        let kernels = tiered(100_000);
+        assert_eq!(kernels.aggregate_i64(input).unwrap(), expected);
+        let stats = kernels.stats().snapshot();
+        assert_eq!(stats.cpu_fallback_batches, 1, "{stats:?}");
+        assert_eq!(stats.cpu_fallback_rows, ROWS as u64, "{stats:?}");
+        assert_eq!((stats.gpu_batches, stats.oom_splits), (0, 0), "{stats:?}");
+
+        let kernels = tiered(1 << 24);
+        assert_eq!(kernels.aggregate_i64(input).unwrap(), expected);
+        assert_eq!(kernels.stats().snapshot().gpu_batches, 1);
+    }
+
+    #[test]
+    fn aggregate_overflow_and_row_mismatch_are_errors_on_every_tier() {
+        let keys = Int64Array::from(vec![Some(5), Some(5), Some(3), None, Some(3)]);
+        let values = Int64Array::from(vec![i64::MAX, 1, i64::MAX, 1, -1]);
+        let input = KeyedArrays {
+            keys: &keys,
+            values: &values,
+        };
+        let expected = CpuBackend.aggregate_i64(input).unwrap_err().to_string();
+        assert!(expected.contains("key 5"), "{expected}");
+        let fallback = tiered(100).aggregate_i64(input).unwrap_err();
+        let fits = tiered(1 << 20).aggregate_i64(input).unwrap_err();
+        assert_eq!(fallback.to_string(), expected);
+        assert_eq!(fits.to_string(), expected);
+        let short = values.slice(0, 4);
+        let mismatch = KeyedArrays {
+            keys: &keys,
+            values: &short,
+        };
+        assert!(matches!(
+            tiered(1 << 20).aggregate_i64(mismatch),
+            Err(KernelError::Aggregate(
+                AggregateError::RowCountMismatch { .. }
+            ))
+        ));
     }
 }

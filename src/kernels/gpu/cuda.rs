@@ -38,11 +38,14 @@ use cudarc::nvrtc::{CompileOptions, Ptx};
 use super::pool::{PoolError, SlotPool};
 use super::source::{CacheKey, PtxCache, SOURCES, expand_includes};
 use super::{GpuDetection, GpuDevice, GpuError, LaunchBytes};
-use crate::kernels::backend::{KernelBackend, KernelError, Tier};
+use crate::kernels::backend::{KernelBackend, KernelError, Tier, check_keyed_rows, sort_groups};
+use crate::kernels::cpu::aggregate::{AggregateError, Group, GroupStats, KeyedArrays};
 use crate::kernels::cpu::column::{bitmap_len_bytes, boolean_buffer, null_buffer};
 use crate::kernels::cpu::filter::CmpOp;
 use crate::kernels::cpu::key_hash::HashMode;
+use crate::kernels::cpu::partition::{PartitionError, Partitioning, Routing};
 use crate::kernels::cpu::project::{ArithOp, ArrayOperand, Operands, ProjectError};
+use crate::kernels::cpu::standardize::{ColumnStats, REDUCE_CHUNK_ROWS, chunk_count};
 
 /// Threads per block: a multiple of 32, as the bitmap kernels require.
 const BLOCK_THREADS: u32 = 256;
@@ -51,7 +54,7 @@ const GRID_BLOCKS_MAX: u32 = 4096;
 const _: () = assert!(BLOCK_THREADS.is_multiple_of(32));
 
 /// Every entry point the backend launches, by source stem.
-pub const ENTRY_POINTS: [(&str, &str); 7] = [
+pub const ENTRY_POINTS: [(&str, &str); 17] = [
     ("filter", "filter_i64"),
     ("filter", "filter_f64"),
     ("project", "project_i64_columns"),
@@ -59,7 +62,23 @@ pub const ENTRY_POINTS: [(&str, &str); 7] = [
     ("project", "project_f64_columns"),
     ("project", "project_f64_literal"),
     ("hash", "hash_i64"),
+    ("partition", "partition_assign"),
+    ("partition", "partition_offsets"),
+    ("partition", "partition_scatter"),
+    ("standardize", "standardize_moments"),
+    ("standardize", "standardize_moments_merge"),
+    ("standardize", "standardize_stats"),
+    ("standardize", "standardize_apply"),
+    ("aggregate", "aggregate_init"),
+    ("aggregate", "aggregate_update"),
+    ("aggregate", "aggregate_compact"),
 ];
+
+/// Threads of the reduction kernels' blocks (`REDUCE_CHUNK_ROWS` in
+/// kernels/standardize.cu, which traps on any other block size).
+const REDUCE_BLOCK_THREADS: u32 = REDUCE_CHUNK_ROWS as u32;
+/// The most threads of `partition_offsets`' single block.
+const SCAN_BLOCK_THREADS_MAX: u32 = 1024;
 
 /// Finds the GPUs, or says why there are none. Never panics: `cudarc`
 /// panics when `libcuda` cannot be loaded, so the library's presence is
@@ -511,6 +530,165 @@ impl CudaBackend {
     }
 }
 
+impl CudaBackend {
+    /// One aggregation of a batch in a device table of `capacity` slots:
+    /// the groups in the kernel's order, or `None` when the table was full
+    /// (the caller retries with a bigger one).
+    fn aggregate_in_table(
+        &self,
+        input: KeyedArrays<'_>,
+        capacity: u64,
+    ) -> Result<Option<Vec<Group>>, KernelError> {
+        let row_count = input.keys.len();
+        let bytes = LaunchBytes { row_count }.aggregate(capacity);
+        let _held = self.reserve(bytes)?;
+        let slot_count = capacity as usize + 2;
+        let keys = self.upload(input.keys.values().as_ref(), bytes)?;
+        let (key_validity, key_validity_offset) = self.upload_validity(input.keys, bytes)?;
+        let values = self.upload(input.values.values().as_ref(), bytes)?;
+        let (value_validity, value_validity_offset) = self.upload_validity(input.values, bytes)?;
+        let mut table_keys = self.zeros::<i64>(slot_count, bytes)?;
+        let mut counts = self.zeros::<u64>(slot_count, bytes)?;
+        let mut sum_low = self.zeros::<u64>(slot_count, bytes)?;
+        let mut sum_high = self.zeros::<u64>(slot_count, bytes)?;
+        let mut mins = self.zeros::<i64>(slot_count, bytes)?;
+        let mut maxs = self.zeros::<i64>(slot_count, bytes)?;
+        let mut special_used = self.zeros::<u32>(2, bytes)?;
+        let mut table_full = self.zeros::<u32>(1, bytes)?;
+        let null_pointer = 0u64;
+        let rows = row_count as u64;
+
+        let mut launch = self.stream.launch_builder(self.function("aggregate_init")?);
+        launch
+            .arg(&mut table_keys)
+            .arg(&mut counts)
+            .arg(&mut sum_low)
+            .arg(&mut sum_high)
+            .arg(&mut mins)
+            .arg(&mut maxs)
+            .arg(&mut special_used)
+            .arg(&capacity);
+        // SAFETY: the arguments match `aggregate_init` in
+        // kernels/aggregate.cu one for one (table keys, counts, sum low and
+        // high words, mins, maxs, the two special-slot flags, capacity);
+        // `capacity` is a power of two (else the kernel traps); every table
+        // array holds `capacity + 2` entries and `special_used` two; all
+        // live until `download` has synchronized the stream.
+        unsafe { launch.launch(self.launch_config(slot_count)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("aggregate_update")?);
+        launch.arg(&keys);
+        match &key_validity {
+            Some(bits) => launch.arg(bits),
+            None => launch.arg(&null_pointer),
+        };
+        launch.arg(&key_validity_offset).arg(&values);
+        match &value_validity {
+            Some(bits) => launch.arg(bits),
+            None => launch.arg(&null_pointer),
+        };
+        launch
+            .arg(&value_validity_offset)
+            .arg(&rows)
+            .arg(&mut table_keys)
+            .arg(&mut counts)
+            .arg(&mut sum_low)
+            .arg(&mut sum_high)
+            .arg(&mut mins)
+            .arg(&mut maxs)
+            .arg(&mut special_used)
+            .arg(&capacity)
+            .arg(&mut table_full);
+        // SAFETY: the arguments match `aggregate_update` in
+        // kernels/aggregate.cu one for one (keys, key validity or a null
+        // pointer, its bit offset, values, value validity or a null pointer,
+        // its bit offset, row count, the seven table arrays in `init`'s
+        // order, capacity, the table-full flag); keys and values hold
+        // `row_count` elements and the validity their bits; the table is
+        // the one `aggregate_init` filled, earlier on the same stream.
+        unsafe { launch.launch(self.launch_config(row_count)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        if self.download(&table_full)?[0] != 0 {
+            return Ok(None);
+        }
+
+        // Every group got at least one row: `row_count` outputs suffice.
+        let mut group_keys = self.zeros::<i64>(row_count, bytes)?;
+        let mut group_key_valid = self.zeros::<u8>(row_count, bytes)?;
+        let mut group_counts = self.zeros::<u64>(row_count, bytes)?;
+        let mut group_sums = self.zeros::<i64>(row_count, bytes)?;
+        let mut group_sum_overflowed = self.zeros::<u8>(row_count, bytes)?;
+        let mut group_mins = self.zeros::<i64>(row_count, bytes)?;
+        let mut group_maxs = self.zeros::<i64>(row_count, bytes)?;
+        let mut group_count = self.zeros::<u64>(1, bytes)?;
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("aggregate_compact")?);
+        launch
+            .arg(&table_keys)
+            .arg(&counts)
+            .arg(&sum_low)
+            .arg(&sum_high)
+            .arg(&mins)
+            .arg(&maxs)
+            .arg(&special_used)
+            .arg(&capacity)
+            .arg(&mut group_keys)
+            .arg(&mut group_key_valid)
+            .arg(&mut group_counts)
+            .arg(&mut group_sums)
+            .arg(&mut group_sum_overflowed)
+            .arg(&mut group_mins)
+            .arg(&mut group_maxs)
+            .arg(&mut group_count);
+        // SAFETY: the arguments match `aggregate_compact` in
+        // kernels/aggregate.cu one for one (the seven table arrays,
+        // capacity, then group keys, key validity bytes, counts, sums,
+        // overflow bytes, mins, maxs, and the group counter, zeroed as it
+        // requires); the used slots are at most the distinct keys, so at
+        // most `row_count` (> 0) groups are written into outputs of
+        // `row_count` entries; all live until `download` has synchronized
+        // the stream.
+        unsafe { launch.launch(self.launch_config(slot_count)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        let group_count = self.download(&group_count)?[0] as usize;
+        assert!(group_count <= row_count, "more groups than rows");
+        let keys = self.download(&group_keys)?;
+        let key_valid = self.download(&group_key_valid)?;
+        let counts = self.download(&group_counts)?;
+        let sums = self.download(&group_sums)?;
+        let overflowed = self.download(&group_sum_overflowed)?;
+        let mins = self.download(&group_mins)?;
+        let maxs = self.download(&group_maxs)?;
+        let key_of = |group: usize| (key_valid[group] != 0).then_some(keys[group]);
+        let overflowed_key = (0..group_count)
+            .filter(|&group| overflowed[group] != 0)
+            .map(key_of)
+            .min();
+        if let Some(key) = overflowed_key {
+            return Err(AggregateError::SumOverflow { key }.into());
+        }
+        let groups = (0..group_count)
+            .map(|group| {
+                let present = counts[group] > 0;
+                Group {
+                    key: key_of(group),
+                    stats: GroupStats {
+                        count: counts[group],
+                        sum: present.then_some(sums[group]),
+                        min: present.then_some(mins[group]),
+                        max: present.then_some(maxs[group]),
+                    },
+                }
+            })
+            .collect();
+        Ok(Some(groups))
+    }
+}
+
 impl KernelBackend for CudaBackend {
     fn tier(&self) -> Tier {
         Tier::Gpu
@@ -628,5 +806,288 @@ impl KernelBackend for CudaBackend {
             .map_err(self.driver_error("cuLaunchKernel", bytes))?;
         hashes.copy_from_slice(&self.download(&device_hashes)?);
         Ok(())
+    }
+
+    fn partition_hashes(
+        &self,
+        hashes: &[u64],
+        routing: Routing,
+    ) -> Result<Partitioning, KernelError> {
+        let row_count = hashes.len();
+        if u32::try_from(row_count).is_err() {
+            return Err(PartitionError::TooManyRows { row_count }.into());
+        }
+        let parallelism = routing.parallelism();
+        let partition_count = parallelism as usize;
+        if row_count == 0 {
+            return Ok(Partitioning {
+                partition_ids: Vec::new(),
+                partition_offsets: vec![0; partition_count + 1],
+                rows: Vec::new(),
+            });
+        }
+        let bytes = LaunchBytes { row_count }.partition(parallelism);
+        let _held = self.reserve(bytes)?;
+        let device_hashes = self.upload(hashes, bytes)?;
+        let mut partition_ids = self.zeros::<u32>(row_count, bytes)?;
+        let mut partition_counts = self.zeros::<u32>(partition_count, bytes)?;
+        let mut partition_offsets = self.zeros::<u32>(partition_count + 1, bytes)?;
+        let mut cursors = self.zeros::<u32>(partition_count, bytes)?;
+        let mut rows = self.zeros::<u32>(row_count, bytes)?;
+        let (rows_u64, max_parallelism) = (row_count as u64, routing.max_parallelism());
+
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("partition_assign")?);
+        launch
+            .arg(&device_hashes)
+            .arg(&rows_u64)
+            .arg(&max_parallelism)
+            .arg(&parallelism)
+            .arg(&mut partition_ids)
+            .arg(&mut partition_counts);
+        // SAFETY: the arguments match `partition_assign` in
+        // kernels/partition.cu one for one (hashes, row count as u64, max
+        // parallelism and parallelism as u32, partition ids, counts); `Routing`
+        // guarantees 1 <= parallelism <= max parallelism (else the kernel
+        // traps); `device_hashes` and `partition_ids` hold `row_count`
+        // elements and `partition_counts` `parallelism`, zeroed as the kernel
+        // requires; all live until `download` has synchronized the stream.
+        unsafe { launch.launch(self.launch_config(row_count)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+
+        let scan_threads = parallelism
+            .div_ceil(32)
+            .saturating_mul(32)
+            .clamp(32, SCAN_BLOCK_THREADS_MAX);
+        let scan_config = LaunchConfig {
+            grid_dim: (1, 1, 1),
+            block_dim: (scan_threads, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("partition_offsets")?);
+        launch
+            .arg(&partition_counts)
+            .arg(&parallelism)
+            .arg(&mut partition_offsets)
+            .arg(&mut cursors);
+        // SAFETY: the arguments match `partition_offsets` in
+        // kernels/partition.cu one for one (counts, parallelism as u32,
+        // offsets, cursors); one block of a multiple of 32 threads, at most
+        // 1024, as the kernel requires; the offsets hold `parallelism + 1`
+        // entries and the counts and cursors `parallelism`; the launch is on
+        // the same stream, after `partition_assign`.
+        unsafe { launch.launch(scan_config) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+
+        let word_count = row_count.div_ceil(32);
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("partition_scatter")?);
+        launch
+            .arg(&partition_ids)
+            .arg(&rows_u64)
+            .arg(&mut cursors)
+            .arg(&mut rows);
+        // SAFETY: the arguments match `partition_scatter` in
+        // kernels/partition.cu one for one (partition ids, row count as u64,
+        // cursors, rows); whole warps (BLOCK_THREADS is a multiple of 32),
+        // one warp per 32 rows; `rows` holds `row_count` slots and the
+        // cursors start at the offsets, so every row gets one slot; the
+        // launch follows `partition_offsets` on the same stream.
+        unsafe { launch.launch(self.launch_config(word_count * 32)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+
+        let partition_ids = self.download(&partition_ids)?;
+        let mut partition_offsets = self.download(&partition_offsets)?;
+        let mut rows = self.download(&rows)?;
+        partition_offsets.truncate(partition_count + 1);
+        rows.truncate(row_count);
+        // The scatter's order inside a partition is unspecified: row order,
+        // as the twin gives, makes the result the same on every tier.
+        for window in partition_offsets.windows(2) {
+            rows[window[0] as usize..window[1] as usize].sort_unstable();
+        }
+        Ok(Partitioning {
+            partition_ids,
+            partition_offsets,
+            rows,
+        })
+    }
+
+    fn standardize_fit(&self, array: &Float64Array) -> Result<ColumnStats, KernelError> {
+        let row_count = array.len();
+        if row_count == 0 {
+            // No counted value: mean 0 and std 0, as `standardize_stats` says.
+            return Ok(ColumnStats {
+                mean: 0.0,
+                std: 0.0,
+            });
+        }
+        let bytes = LaunchBytes { row_count }.standardize_fit();
+        let _held = self.reserve(bytes)?;
+        let values = self.upload(array.values().as_ref(), bytes)?;
+        let (validity, validity_offset) = self.upload_validity(array, bytes)?;
+        let null_pointer = 0u64;
+        let rows = row_count as u64;
+        let reduce_config = |chunks: usize| LaunchConfig {
+            grid_dim: (chunks.min(GRID_BLOCKS_MAX as usize) as u32, 1, 1),
+            block_dim: (REDUCE_BLOCK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+
+        let mut partial_count = chunk_count(row_count);
+        let mut sums = self.zeros::<f64>(partial_count, bytes)?;
+        let mut sum_squares = self.zeros::<f64>(partial_count, bytes)?;
+        let mut counts = self.zeros::<u64>(partial_count, bytes)?;
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("standardize_moments")?);
+        launch.arg(&values);
+        match &validity {
+            Some(bits) => launch.arg(bits),
+            None => launch.arg(&null_pointer),
+        };
+        launch
+            .arg(&validity_offset)
+            .arg(&rows)
+            .arg(&mut sums)
+            .arg(&mut sum_squares)
+            .arg(&mut counts);
+        // SAFETY: the arguments match `standardize_moments` in
+        // kernels/standardize.cu one for one (values, validity or a null
+        // pointer, bit offset, row count, partial sums, sums of squares,
+        // counts); blocks of exactly REDUCE_CHUNK_ROWS threads as it
+        // requires; `values` holds `row_count` values and the validity their
+        // bits; the partials hold `chunk_count(row_count)` entries, one per
+        // chunk; all live until `download` has synchronized the stream.
+        unsafe { launch.launch(reduce_config(partial_count)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+
+        while partial_count > 1 {
+            let merged_count = chunk_count(partial_count);
+            let mut merged_sums = self.zeros::<f64>(merged_count, bytes)?;
+            let mut merged_squares = self.zeros::<f64>(merged_count, bytes)?;
+            let mut merged_counts = self.zeros::<u64>(merged_count, bytes)?;
+            let partials = partial_count as u64;
+            let mut launch = self
+                .stream
+                .launch_builder(self.function("standardize_moments_merge")?);
+            launch
+                .arg(&sums)
+                .arg(&sum_squares)
+                .arg(&counts)
+                .arg(&partials)
+                .arg(&mut merged_sums)
+                .arg(&mut merged_squares)
+                .arg(&mut merged_counts);
+            // SAFETY: the arguments match `standardize_moments_merge` in
+            // kernels/standardize.cu one for one (sums, sums of squares,
+            // counts, partial count, and the three merged outputs); blocks
+            // of REDUCE_CHUNK_ROWS threads; the inputs hold `partial_count`
+            // entries and the outputs `chunk_count(partial_count)`; the
+            // inputs replaced below are freed in stream order (cudarc's
+            // `CudaSlice` drop frees asynchronously on this stream, or
+            // synchronizes it first), so after this launch has read them.
+            unsafe { launch.launch(reduce_config(merged_count)) }
+                .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+            sums = merged_sums;
+            sum_squares = merged_squares;
+            counts = merged_counts;
+            partial_count = merged_count;
+        }
+
+        let mut mean = self.zeros::<f64>(1, bytes)?;
+        let mut std = self.zeros::<f64>(1, bytes)?;
+        let column_count = 1u64;
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("standardize_stats")?);
+        launch
+            .arg(&sums)
+            .arg(&sum_squares)
+            .arg(&counts)
+            .arg(&column_count)
+            .arg(&mut mean)
+            .arg(&mut std);
+        // SAFETY: the arguments match `standardize_stats` in
+        // kernels/standardize.cu one for one (sum, sum of squares, count,
+        // column count, mean, std); one column: the final moments hold one
+        // entry each, as do `mean` and `std`.
+        unsafe { launch.launch(self.launch_config(1)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        let mean = self.download(&mean)?[0];
+        let std = self.download(&std)?[0];
+        Ok(ColumnStats { mean, std })
+    }
+
+    fn standardize_apply(
+        &self,
+        array: &Float64Array,
+        stats: ColumnStats,
+    ) -> Result<Float64Array, KernelError> {
+        let row_count = array.len();
+        if row_count == 0 {
+            return Ok(Float64Array::new(
+                ScalarBuffer::from(Vec::<f64>::new()),
+                None,
+            ));
+        }
+        let bytes = LaunchBytes { row_count }.standardize_apply();
+        let _held = self.reserve(bytes)?;
+        let values = self.upload(array.values().as_ref(), bytes)?;
+        let (validity, validity_offset) = self.upload_validity(array, bytes)?;
+        let mean = self.upload(&[stats.mean], bytes)?;
+        let std = self.upload(&[stats.std], bytes)?;
+        let mut out = self.zeros::<f64>(row_count, bytes)?;
+        let null_pointer = 0u64;
+        let rows = row_count as u64;
+        let mut launch = self
+            .stream
+            .launch_builder(self.function("standardize_apply")?);
+        launch.arg(&values);
+        match &validity {
+            Some(bits) => launch.arg(bits),
+            None => launch.arg(&null_pointer),
+        };
+        launch
+            .arg(&validity_offset)
+            .arg(&rows)
+            .arg(&mean)
+            .arg(&std)
+            .arg(&mut out);
+        // SAFETY: the arguments match `standardize_apply` in
+        // kernels/standardize.cu one for one (values, validity or a null
+        // pointer, bit offset, row count, mean, std, out); `values` and `out`
+        // hold `row_count` values, `mean` and `std` one each; all live until
+        // `download` has synchronized the stream.
+        unsafe { launch.launch(self.launch_config(row_count)) }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        let mut z = self.download(&out)?;
+        z.truncate(row_count);
+        Ok(Float64Array::new(
+            ScalarBuffer::from(z),
+            array.nulls().cloned(),
+        ))
+    }
+
+    fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError> {
+        let row_count = check_keyed_rows(input)?;
+        if row_count == 0 {
+            return Ok(Vec::new());
+        }
+        // Sized so that it cannot fill (twice the rows); a full table is
+        // still answered as the kernel asks, by a retry twice as big.
+        let mut capacity = super::aggregate_capacity(row_count);
+        loop {
+            if let Some(mut groups) = self.aggregate_in_table(input, capacity)? {
+                sort_groups(&mut groups);
+                return Ok(groups);
+            }
+            tracing::debug!("GPU aggregation table of {capacity} slots was full; retrying");
+            capacity *= 2;
+        }
     }
 }

@@ -162,6 +162,13 @@ pub struct LaunchBytes {
     pub row_count: usize,
 }
 
+/// Open-addressing slots of the aggregation table for a batch: a power of
+/// two at least twice the row count (and so the group count), so that the
+/// table is never full.
+pub fn aggregate_capacity(row_count: usize) -> u64 {
+    (row_count as u64 * 2).next_power_of_two().max(16)
+}
+
 impl LaunchBytes {
     fn column(self, value_bytes: usize) -> u64 {
         (self.row_count * value_bytes + self.row_count.div_ceil(8)) as u64
@@ -184,5 +191,30 @@ impl LaunchBytes {
     /// One column in, one hash per row out.
     pub fn hash(self) -> u64 {
         self.column(8) + (self.row_count * 8) as u64
+    }
+
+    /// Hashes in; partition ids and row indices out; counts, offsets and
+    /// cursors per partition.
+    pub fn partition(self, parallelism: u32) -> u64 {
+        (self.row_count * (8 + 4 + 4)) as u64 + (parallelism as u64 * 3 + 1) * 4
+    }
+
+    /// One column in; two levels of (sum, sum of squares, count) partials
+    /// alive at once; mean and std out.
+    pub fn standardize_fit(self) -> u64 {
+        let partials = crate::kernels::cpu::standardize::chunk_count(self.row_count) as u64;
+        self.column(8) + 2 * partials * 24 + 16
+    }
+
+    /// Keys and values in; the device table of `capacity + 2` slots (key,
+    /// count, 128-bit sum, min, max), its flags; one output group per row
+    /// at most (key, validity, count, sum, overflow, min, max) and a counter.
+    pub fn aggregate(self, capacity: u64) -> u64 {
+        2 * self.column(8) + (capacity + 2) * 48 + 8 + 4 + (self.row_count * 42) as u64 + 8
+    }
+
+    /// One column and its statistics in, one value per row out.
+    pub fn standardize_apply(self) -> u64 {
+        self.column(8) + (self.row_count * 8) as u64 + 16
     }
 }

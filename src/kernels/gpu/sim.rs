@@ -9,9 +9,12 @@ use arrow_array::{BooleanArray, Float64Array, Int64Array};
 use super::LaunchBytes;
 use super::pool::SlotPool;
 use crate::kernels::backend::{CpuBackend, KernelBackend, KernelError, Tier};
+use crate::kernels::cpu::aggregate::{Group, KeyedArrays};
 use crate::kernels::cpu::filter::CmpOp;
 use crate::kernels::cpu::key_hash::HashMode;
+use crate::kernels::cpu::partition::{Partitioning, Routing};
 use crate::kernels::cpu::project::{ArithOp, ArrayOperand, Operands};
+use crate::kernels::cpu::standardize::ColumnStats;
 
 /// The CPU twins behind a GPU slot's device budget.
 #[derive(Clone, Debug)]
@@ -119,5 +122,50 @@ impl KernelBackend for SimulatedGpuBackend {
             .hash(),
         )?;
         CpuBackend.hash_i64(array, mode, hashes)
+    }
+
+    fn partition_hashes(
+        &self,
+        hashes: &[u64],
+        routing: Routing,
+    ) -> Result<Partitioning, KernelError> {
+        let _held = self.reserve(
+            LaunchBytes {
+                row_count: hashes.len(),
+            }
+            .partition(routing.parallelism()),
+        )?;
+        CpuBackend.partition_hashes(hashes, routing)
+    }
+
+    fn standardize_fit(&self, array: &Float64Array) -> Result<ColumnStats, KernelError> {
+        let _held = self.reserve(
+            LaunchBytes {
+                row_count: array.len(),
+            }
+            .standardize_fit(),
+        )?;
+        CpuBackend.standardize_fit(array)
+    }
+
+    fn standardize_apply(
+        &self,
+        array: &Float64Array,
+        stats: ColumnStats,
+    ) -> Result<Float64Array, KernelError> {
+        let _held = self.reserve(
+            LaunchBytes {
+                row_count: array.len(),
+            }
+            .standardize_apply(),
+        )?;
+        CpuBackend.standardize_apply(array, stats)
+    }
+
+    fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError> {
+        let row_count = crate::kernels::backend::check_keyed_rows(input)?;
+        let capacity = super::aggregate_capacity(row_count);
+        let _held = self.reserve(LaunchBytes { row_count }.aggregate(capacity))?;
+        CpuBackend.aggregate_i64(input)
     }
 }

@@ -21,7 +21,7 @@ pub struct KernelSource {
 }
 
 /// The units the dispatcher launches from.
-pub const SOURCES: [KernelSource; 3] = [
+pub const SOURCES: [KernelSource; 6] = [
     KernelSource {
         stem: "filter",
         text: include_str!("../../../kernels/filter.cu"),
@@ -33,6 +33,18 @@ pub const SOURCES: [KernelSource; 3] = [
     KernelSource {
         stem: "hash",
         text: include_str!("../../../kernels/hash.cu"),
+    },
+    KernelSource {
+        stem: "partition",
+        text: include_str!("../../../kernels/partition.cu"),
+    },
+    KernelSource {
+        stem: "standardize",
+        text: include_str!("../../../kernels/standardize.cu"),
+    },
+    KernelSource {
+        stem: "aggregate",
+        text: include_str!("../../../kernels/aggregate.cu"),
     },
 ];
 
