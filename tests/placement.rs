@@ -120,14 +120,19 @@ fn explain_with_a_simulated_gpu_calibration_puts_filter_project_chains_on_the_gp
     for name in ["scaled", "large"] {
         assert_eq!(tier_of(&placement, name), Tier::Gpu, "{placement:#?}");
     }
-    // The aggregation kernel compiles but is not dispatched: the aggregate
+    // The aggregate operator does not call the GPU kernel yet: the aggregate
     // stays on the CPU and says why.
     let totals = placement
         .operators
         .iter()
         .find(|o| o.name == "totals")
         .unwrap();
-    assert!(totals.reason.contains("not dispatched"), "{totals:?}");
+    assert!(
+        totals
+            .reason
+            .contains("does not run the GPU aggregation kernel"),
+        "{totals:?}"
+    );
     for name in ["events", "by-key", "totals", "out"] {
         assert_eq!(tier_of(&placement, name), Tier::Cpu, "{placement:#?}");
     }

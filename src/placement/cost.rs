@@ -92,11 +92,11 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
         ),
         (OperatorKind::Aggregate { .. }, _) => Capability::CpuOnly {
             family: KernelFamily::Aggregate,
-            // kernels/aggregate.cu compiles and has a CPU twin, but no
-            // dispatcher runs it yet: placing the aggregate on the GPU would
-            // report a tier it does not run on.
-            reason: "the GPU keyed aggregation is not dispatched yet (kernel compiled, not wired)"
-                .into(),
+            // The keyed-aggregation kernel is dispatched on the kernel
+            // backend (`aggregate_i64`), but the aggregate operator still
+            // keeps its state in managed memory on the CPU: placing it on the
+            // GPU would report a tier it does not run on.
+            reason: "the aggregate operator does not run the GPU aggregation kernel yet".into(),
         },
         (OperatorKind::Window { .. }, _) => Capability::CpuOnly {
             family: KernelFamily::Aggregate,
