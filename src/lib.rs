@@ -51,6 +51,7 @@
 #![deny(unsafe_code)]
 
 pub mod bench;
+pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod exec;

@@ -170,6 +170,9 @@ pub struct Config {
     pub heartbeat_interval: Duration,
     /// `heartbeat.timeout`, longer than the interval.
     pub heartbeat_timeout: Duration,
+    /// `execution.checkpointing.interval`; `None` (the default) turns
+    /// checkpointing off.
+    pub checkpoint_interval: Option<Duration>,
     /// `io.tmp.dirs`: spill directories, at least one.
     pub tmp_dirs: Vec<PathBuf>,
     /// `io.backend`: `auto`, `io_uring` or `threadpool`.
@@ -303,6 +306,7 @@ impl Config {
             jobmanager_port: 6123,
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(50),
+            checkpoint_interval: None,
             tmp_dirs: vec![std::env::temp_dir()],
             io_backend: IoBackend::Auto,
             default_parallelism: 1,

@@ -34,6 +34,8 @@ pub struct BuildContext<'a> {
     pub printed: Arc<AtomicU64>,
     /// `None` when no operator of the task is on the GPU.
     pub gpu: Option<GpuContext>,
+    /// Checkpointing is on for the job: file sinks write exactly-once (two-phase commit per checkpoint).
+    pub checkpointing: bool,
 }
 
 /// The task input for a source operator.

@@ -34,7 +34,47 @@ pub trait Operator: Send {
     fn finish(&mut self, _out: &mut dyn Output) -> Result<(), ExecError> {
         Ok(())
     }
+
+    /// Checkpoint `checkpoint`'s barrier reached this operator: returns the
+    /// operator's state at this point of the stream (`None`: it has none).
+    /// Called between batches; everything the operator emits after this
+    /// call belongs to the next checkpoint. A transactional sink stages
+    /// (pre-commits) its output here.
+    fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
+        Ok(None)
+    }
+
+    /// Called once before any input when checkpointing is on: `Some` with
+    /// what [`Operator::snapshot_state`] returned in the checkpoint the task
+    /// restarts from, `None` when it starts from the beginning (first run,
+    /// or no checkpoint completed). A transactional sink commits what the
+    /// restored checkpoint staged and discards everything after it.
+    fn restore_state(&mut self, state: Option<&[u8]>) -> Result<(), ExecError> {
+        match state {
+            None => Ok(()),
+            Some(_) => Err(ExecError::Unsupported {
+                operator: "operator".into(),
+                detail: "a checkpoint holds state for an operator that has none".into(),
+            }),
+        }
+    }
+
+    /// Checkpoint `checkpoint` completed on every task: a transactional sink
+    /// commits what it staged up to it. [`FINAL_CHECKPOINT`] follows
+    /// `finish` when the whole job has finished.
+    fn notify_checkpoint_complete(&mut self, _checkpoint: u64) -> Result<(), ExecError> {
+        Ok(())
+    }
+
+    /// After `finish`: whether output is staged that only
+    /// `notify_checkpoint_complete(FINAL_CHECKPOINT)` commits.
+    fn has_pending_commit(&self) -> bool {
+        false
+    }
 }
+
+/// The id of the commit that follows the end of the whole job.
+pub const FINAL_CHECKPOINT: u64 = u64::MAX;
 
 /// Keeps the rows for which the predicate is true (null counts as false).
 pub struct FilterOperator {

@@ -442,6 +442,7 @@ fn build_and_run(
         )),
         printed,
         gpu,
+        checkpointing: services.config.checkpoint_interval.is_some(),
     };
     let head = vertex.operators[0];
     let is_source = plan.spec.operators[head].input.is_none();
