@@ -409,6 +409,16 @@ impl WatermarkGenerator {
         })
     }
 
+    /// The largest event time seen (a checkpoint's generator state).
+    pub fn max_seen(&self) -> i64 {
+        self.max_seen
+    }
+
+    /// Continues from a checkpointed [`Self::max_seen`].
+    pub fn restore(&mut self, max_seen: i64) {
+        self.max_seen = max_seen;
+    }
+
     /// Observes a batch; returns the new watermark if it advanced.
     pub fn observe(&mut self, batch: &RecordBatch) -> Result<Option<i64>, ExecError> {
         let ts = arrow_cast::cast(batch.column(self.column), &arrow_schema::DataType::Int64)?;

@@ -1,15 +1,24 @@
 //! A task's thread: the loop that moves batches from a source or input
 //! gates through the operator chain into the record writers.
+//!
+//! With checkpointing on, the loop also takes part in checkpoints (see
+//! [`crate::checkpoint`]): between batches it reads its control channel —
+//! a source task injects a barrier when asked, every task commits on a
+//! completed checkpoint — and an aligned barrier from the inputs makes it
+//! snapshot its chain and forward the barrier. The state is handed to
+//! [`CheckpointContext::on_snapshot`], which writes and acknowledges it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, TryRecvError};
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 
 use super::ExecError;
-use super::operators::{Operator, Output};
+use super::operators::{FINAL_CHECKPOINT, Operator, Output};
 use super::source::{Source, WatermarkGenerator};
+use crate::checkpoint::state::TaskState;
 use crate::metrics::{OperatorMetrics, TaskMetrics};
 use crate::network::gate::InputEvent;
 use crate::network::{InputReader, RecordWriter};
@@ -25,6 +34,9 @@ pub struct Chain {
     /// Counts the rows that enter the chain's first operator from its head
     /// (the source's output, for source tasks).
     pub head: Option<Arc<OperatorMetrics>>,
+    /// Each operator's index in the job file (the key of its state in a
+    /// checkpoint).
+    pub operator_ids: Vec<usize>,
 }
 
 struct Link<'a> {
@@ -104,6 +116,45 @@ impl Chain {
         self.link().watermark(watermark)
     }
 
+    /// Checkpoint barrier `checkpoint`: every operator snapshots its state,
+    /// in chain order, then every edge gets the barrier.
+    pub fn snapshot(&mut self, checkpoint: u64) -> Result<Vec<(usize, Vec<u8>)>, ExecError> {
+        let mut states = Vec::new();
+        for (op, &id) in self.operators.iter_mut().zip(&self.operator_ids) {
+            if let Some(state) = op.snapshot_state(checkpoint)? {
+                states.push((id, state));
+            }
+        }
+        Ok(states)
+    }
+
+    /// Forwards barrier `checkpoint` on every edge.
+    pub fn barrier(&mut self, checkpoint: u64) -> Result<(), ExecError> {
+        for w in &mut self.writers {
+            w.barrier(checkpoint)?;
+        }
+        Ok(())
+    }
+
+    /// Restores every operator from `state` (`None`: from the beginning).
+    pub fn restore(&mut self, state: Option<&TaskState>) -> Result<(), ExecError> {
+        for (op, &id) in self.operators.iter_mut().zip(&self.operator_ids) {
+            op.restore_state(state.and_then(|s| s.operator(id)))?;
+        }
+        Ok(())
+    }
+
+    pub fn notify_checkpoint_complete(&mut self, checkpoint: u64) -> Result<(), ExecError> {
+        for op in &mut self.operators {
+            op.notify_checkpoint_complete(checkpoint)?;
+        }
+        Ok(())
+    }
+
+    fn has_pending_commit(&self) -> bool {
+        self.operators.iter().any(|op| op.has_pending_commit())
+    }
+
     /// End of input: each operator flushes into the rest of the chain, in
     /// order; then every edge gets its end-of-partition.
     pub fn finish(&mut self) -> Result<(), ExecError> {
@@ -135,6 +186,42 @@ pub enum TaskInput {
     Gates(InputReader),
 }
 
+/// What the TaskManager tells a running task.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskControl {
+    /// Source tasks: snapshot and inject barrier `n`.
+    TriggerCheckpoint(u64),
+    /// Checkpoint `n` completed on every task (or [`FINAL_CHECKPOINT`]:
+    /// the whole job finished): commit.
+    CheckpointComplete(u64),
+    /// Checkpoints up to `n` were aborted: stop aligning them.
+    AbortCheckpoint(u64),
+}
+
+/// A snapshot the task took, for the TaskManager to store and acknowledge.
+pub struct Snapshot {
+    pub checkpoint: u64,
+    pub state: TaskState,
+    /// How long the task's inputs were aligned for this barrier.
+    pub alignment: Duration,
+}
+
+/// How a task takes part in checkpoints (present when checkpointing is on).
+pub struct CheckpointContext {
+    /// Bounded by the TaskManager: triggers, completions and aborts.
+    pub control: Receiver<TaskControl>,
+    /// The state restored from, or `None` when starting from the beginning.
+    pub restore: Option<TaskState>,
+    /// The source's operator index (source tasks).
+    pub source_id: Option<usize>,
+    /// Stores the snapshot and acknowledges it; an error declines the
+    /// checkpoint (the task goes on).
+    pub on_snapshot: Box<dyn FnMut(Snapshot) -> Result<(), String> + Send>,
+    /// Called when input ended and the task's output waits for the job's
+    /// final commit.
+    pub on_final_commit_pending: Box<dyn FnMut() + Send>,
+}
+
 /// Everything a task thread needs.
 pub struct Task {
     pub name: String,
@@ -142,12 +229,25 @@ pub struct Task {
     pub chain: Chain,
     pub canceled: Arc<AtomicBool>,
     pub metrics: Arc<TaskMetrics>,
+    pub checkpoints: Option<CheckpointContext>,
+}
+
+/// A source's entry in a checkpoint: its offset and its watermark
+/// generator's position.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SourceCheckpoint {
+    offset: Vec<u8>,
+    watermark_max_seen: Option<i64>,
 }
 
 impl Task {
     /// Runs the task to its end. Gates are closed on every exit path so no
     /// producer stays blocked on a dead consumer.
     pub fn run(mut self) -> Result<(), ExecError> {
+        let mut checkpoints = self.checkpoints.take();
+        if let Some(cp) = &mut checkpoints {
+            restore(&mut self.input, &mut self.chain, cp)?;
+        }
         let result = match &mut self.input {
             TaskInput::Source {
                 source,
@@ -159,14 +259,134 @@ impl Task {
                 *rows_per_second,
                 &mut self.chain,
                 &self.canceled,
+                checkpoints.as_mut(),
             ),
             TaskInput::Gates(reader) => {
-                let r = run_gates(reader, &mut self.chain, &self.canceled, &self.metrics);
+                let r = run_gates(
+                    reader,
+                    &mut self.chain,
+                    &self.canceled,
+                    &self.metrics,
+                    checkpoints.as_mut(),
+                );
                 reader.close();
                 r
             }
         };
-        result.and_then(|()| self.chain.finish())
+        result.and_then(|()| self.chain.finish())?;
+        match checkpoints {
+            Some(cp) if self.chain.has_pending_commit() => {
+                await_final_commit(&mut self.chain, cp, &self.canceled)
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Restores the source offset and the operators before any input.
+fn restore(
+    input: &mut TaskInput,
+    chain: &mut Chain,
+    cp: &CheckpointContext,
+) -> Result<(), ExecError> {
+    let state = cp.restore.as_ref();
+    if let (
+        TaskInput::Source {
+            source, watermarks, ..
+        },
+        Some((_, bytes)),
+    ) = (input, state.and_then(|s| s.source.as_ref()))
+    {
+        let entry: SourceCheckpoint =
+            serde_json::from_slice(bytes).map_err(|e| ExecError::State {
+                operator: "source".into(),
+                detail: format!("source state in the checkpoint is unreadable: {e}"),
+            })?;
+        source.restore_offset(&entry.offset)?;
+        if let (Some(g), Some(m)) = (watermarks.as_mut(), entry.watermark_max_seen) {
+            g.restore(m);
+        }
+    }
+    chain.restore(state)
+}
+
+/// Snapshots the task at barrier `checkpoint`, hands the state over and
+/// forwards the barrier.
+fn take_checkpoint(
+    checkpoint: u64,
+    source: Option<(&dyn Source, Option<&WatermarkGenerator>)>,
+    chain: &mut Chain,
+    cp: &mut CheckpointContext,
+    alignment: Duration,
+) -> Result<(), ExecError> {
+    let mut state = TaskState::default();
+    if let (Some((source, watermarks)), Some(id)) = (source, cp.source_id) {
+        let entry = SourceCheckpoint {
+            offset: source.snapshot_offset()?,
+            watermark_max_seen: watermarks.map(WatermarkGenerator::max_seen),
+        };
+        let bytes = serde_json::to_vec(&entry).map_err(|e| ExecError::State {
+            operator: "source".into(),
+            detail: e.to_string(),
+        })?;
+        state.source = Some((id, bytes));
+    }
+    state.operators = chain.snapshot(checkpoint)?;
+    if let Err(reason) = (cp.on_snapshot)(Snapshot {
+        checkpoint,
+        state,
+        alignment,
+    }) {
+        tracing::warn!("checkpoint {checkpoint} declined: {reason}");
+    }
+    chain.barrier(checkpoint)
+}
+
+/// Handles the control messages waiting for the task. Returns the
+/// checkpoints a source task must trigger, in order.
+fn drain_control(
+    cp: &mut CheckpointContext,
+    chain: &mut Chain,
+    mut reader: Option<&mut InputReader>,
+) -> Result<Vec<u64>, ExecError> {
+    let mut triggers = Vec::new();
+    loop {
+        match cp.control.try_recv() {
+            Ok(TaskControl::TriggerCheckpoint(n)) => triggers.push(n),
+            Ok(TaskControl::CheckpointComplete(n)) => chain.notify_checkpoint_complete(n)?,
+            Ok(TaskControl::AbortCheckpoint(n)) => {
+                if let Some(r) = reader.as_deref_mut() {
+                    r.abort_checkpoint(n);
+                }
+            }
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => return Ok(triggers),
+        }
+    }
+}
+
+/// Input ended and output is staged: wait until the JobManager says the
+/// whole job finished, then commit.
+fn await_final_commit(
+    chain: &mut Chain,
+    mut cp: CheckpointContext,
+    canceled: &AtomicBool,
+) -> Result<(), ExecError> {
+    (cp.on_final_commit_pending)();
+    loop {
+        check_canceled(canceled)?;
+        match cp.control.recv_timeout(POLL) {
+            Ok(TaskControl::CheckpointComplete(n)) => {
+                chain.notify_checkpoint_complete(n)?;
+                if n == FINAL_CHECKPOINT {
+                    return Ok(());
+                }
+            }
+            Ok(_) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                return Err(ExecError::Canceled);
+            }
+        }
     }
 }
 
@@ -184,10 +404,20 @@ fn run_source(
     rows_per_second: Option<f64>,
     chain: &mut Chain,
     canceled: &AtomicBool,
+    mut checkpoints: Option<&mut CheckpointContext>,
 ) -> Result<(), ExecError> {
     let started = Instant::now();
     let mut produced = 0u64;
-    while let Some(batch) = source.next_batch()? {
+    loop {
+        if let Some(cp) = checkpoints.as_deref_mut() {
+            for n in drain_control(cp, chain, None)? {
+                let generator = watermarks.as_deref();
+                take_checkpoint(n, Some((&*source, generator)), chain, cp, Duration::ZERO)?;
+            }
+        }
+        let Some(batch) = source.next_batch()? else {
+            break;
+        };
         check_canceled(canceled)?;
         produced += batch.num_rows() as u64;
         let watermark = match watermarks.as_deref_mut() {
@@ -225,9 +455,13 @@ fn run_gates(
     chain: &mut Chain,
     canceled: &AtomicBool,
     metrics: &TaskMetrics,
+    mut checkpoints: Option<&mut CheckpointContext>,
 ) -> Result<(), ExecError> {
     loop {
         check_canceled(canceled)?;
+        if let Some(cp) = checkpoints.as_deref_mut() {
+            drain_control(cp, chain, Some(&mut *reader))?;
+        }
         let event = reader.next(POLL)?;
         metrics
             .remote_bytes_in
@@ -235,6 +469,11 @@ fn run_gates(
         match event {
             Some(InputEvent::Batch(batch)) => chain.push(batch)?,
             Some(InputEvent::Watermark(w)) => chain.watermark(w)?,
+            Some(InputEvent::Barrier(n)) => match checkpoints.as_deref_mut() {
+                Some(cp) => take_checkpoint(n, None, chain, cp, reader.last_alignment)?,
+                // Checkpointing is off here: pass the barrier on.
+                None => chain.barrier(n)?,
+            },
             Some(InputEvent::End) => return Ok(()),
             None => {}
         }

@@ -65,6 +65,9 @@ pub enum BufferKind {
     Watermark = 1,
     /// The producer subtask finished; no payload.
     EndOfPartition = 2,
+    /// A checkpoint barrier: 8 bytes, big-endian checkpoint id. Like every
+    /// event it needs no credit.
+    Barrier = 3,
 }
 
 impl BufferKind {
@@ -73,6 +76,7 @@ impl BufferKind {
             0 => Ok(Self::Ipc),
             1 => Ok(Self::Watermark),
             2 => Ok(Self::EndOfPartition),
+            3 => Ok(Self::Barrier),
             _ => Err(FrameError::UnknownKind { kind }),
         }
     }
@@ -535,6 +539,25 @@ mod tests {
         let mut out = Vec::new();
         encode_buffer_header(&h, &mut out);
         out.extend_from_slice(&[0; 8]);
+        assert_eq!(roundtrip(&out).unwrap().unwrap(), Incoming::Buffer(h));
+    }
+
+    #[test]
+    fn barrier_header_round_trips() {
+        let h = BufferHeader {
+            channel_id: 9,
+            edge: 1,
+            source_subtask: 0,
+            target_subtask: 2,
+            seq: 41,
+            backlog: 0,
+            kind: BufferKind::Barrier,
+            crc: crc32c::crc32c(&7u64.to_be_bytes()),
+            size: 8,
+        };
+        let mut out = Vec::new();
+        encode_buffer_header(&h, &mut out);
+        out.extend_from_slice(&7u64.to_be_bytes());
         assert_eq!(roundtrip(&out).unwrap().unwrap(), Incoming::Buffer(h));
     }
 

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use arrow_array::RecordBatch;
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::align::{AlignStep, BarrierAligner};
 use super::debloat::{DebloatConfig, Debloater};
 use super::frame::{BufferKind, ControlMessage};
 use super::ipc::ChannelDecoder;
@@ -63,6 +64,11 @@ struct GateState {
     floating_waiters: VecDeque<usize>,
     failure: Option<NetworkError>,
     closed: bool,
+    /// Channels held back while the task aligns a checkpoint barrier: `pop`
+    /// skips their items, which keep their segments (so their senders run
+    /// out of credit) and their local slots (so local producers block).
+    blocked: Vec<bool>,
+    blocked_count: usize,
     /// Threads blocked in `pop` and in `push_local`: the condition variables
     /// are signalled only when someone waits (each signal is a futex call).
     readers_waiting: u32,
@@ -149,6 +155,8 @@ impl InputGate {
                 floating_waiters: VecDeque::new(),
                 failure: None,
                 closed: false,
+                blocked: vec![false; channels.len()],
+                blocked_count: 0,
                 readers_waiting: 0,
                 local_writers_waiting: 0,
             }),
@@ -339,7 +347,14 @@ impl InputGate {
             if let Some(failure) = &state.failure {
                 return Err(failure.clone());
             }
-            if let Some((channel, item)) = state.queue.pop_front() {
+            let next = if state.blocked_count == 0 {
+                state.queue.pop_front()
+            } else {
+                let blocked = &state.blocked;
+                let i = state.queue.iter().position(|(c, _)| !blocked[*c]);
+                i.and_then(|i| state.queue.remove(i))
+            };
+            if let Some((channel, item)) = next {
                 if matches!(item, GateItem::Local(_)) {
                     state.local_queued[channel] -= 1;
                     let wake = state.local_writers_waiting > 0;
@@ -361,6 +376,29 @@ impl InputGate {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
             state.readers_waiting -= 1;
+        }
+    }
+
+    /// Holds back `channel` until [`Self::unblock_all`] (barrier alignment).
+    pub fn block_channel(&self, channel: usize) {
+        let mut state = self.lock();
+        if !std::mem::replace(&mut state.blocked[channel], true) {
+            state.blocked_count += 1;
+        }
+    }
+
+    /// Releases every blocked channel.
+    pub fn unblock_all(&self) {
+        let mut state = self.lock();
+        if state.blocked_count == 0 {
+            return;
+        }
+        state.blocked.iter_mut().for_each(|b| *b = false);
+        state.blocked_count = 0;
+        let wake = state.readers_waiting > 0;
+        drop(state);
+        if wake {
+            self.readable.notify_one();
         }
     }
 
@@ -478,6 +516,8 @@ pub enum InputEvent {
     Batch(RecordBatch),
     /// The minimum watermark over all channels advanced to this value.
     Watermark(i64),
+    /// Every open channel delivered barrier `n` (aligned): snapshot now.
+    Barrier(u64),
     /// Every channel of every gate has ended.
     End,
 }
@@ -494,6 +534,14 @@ pub struct InputReader {
     /// Buffer debloating per gate, when enabled.
     debloaters: Vec<Option<Debloater>>,
     started: Instant,
+    aligner: BarrierAligner,
+    /// When the current alignment started, and how long the last one took
+    /// (Flink's `checkpointAlignmentTime`).
+    alignment_started: Option<Instant>,
+    pub last_alignment: Duration,
+    /// Events decided but not yet returned (an end of partition that also
+    /// completes an alignment yields the barrier first).
+    ready: VecDeque<InputEvent>,
 }
 
 impl InputReader {
@@ -515,7 +563,12 @@ impl InputReader {
             .map(|g| vec![false; g.channel_count()])
             .collect();
         let open_channels = gates.iter().map(|g| g.channel_count()).sum();
+        let counts: Vec<usize> = gates.iter().map(|g| g.channel_count()).collect();
         Self {
+            aligner: BarrierAligner::new(&counts),
+            alignment_started: None,
+            last_alignment: Duration::ZERO,
+            ready: VecDeque::new(),
             gates,
             decoders,
             watermarks,
@@ -543,6 +596,9 @@ impl InputReader {
 
     /// Next event, or `None` after `timeout` with nothing to read.
     pub fn next(&mut self, timeout: Duration) -> Result<Option<InputEvent>, NetworkError> {
+        if let Some(event) = self.ready.pop_front() {
+            return Ok(Some(event));
+        }
         if self.open_channels == 0 {
             return Ok(Some(InputEvent::End));
         }
@@ -600,18 +656,71 @@ impl InputReader {
                 *slot = (*slot).max(wm);
                 self.advance_watermark()
             }
+            StreamEvent::Barrier(checkpoint) => {
+                let step = self
+                    .aligner
+                    .on_barrier(g, channel, checkpoint)
+                    .map_err(|e| NetworkError::Channel {
+                        gate: self.gates[g].id,
+                        channel,
+                        detail: e.to_string(),
+                    })?;
+                if self.alignment_started.is_none() || step.subsumed.is_some() {
+                    self.alignment_started = Some(Instant::now());
+                }
+                self.apply(step, Some((g, channel)))
+            }
             StreamEvent::EndOfPartition => {
                 if !std::mem::replace(&mut self.ended[g][channel], true) {
                     self.open_channels -= 1;
                     self.watermarks[g][channel] = i64::MAX;
                 }
-                if self.open_channels == 0 {
+                let step = self.aligner.on_end(g, channel);
+                let barrier = self.apply(step, None);
+                let next = if self.open_channels == 0 {
                     Some(InputEvent::End)
                 } else {
                     self.advance_watermark()
+                };
+                match (barrier, next) {
+                    (Some(b), Some(n)) => {
+                        self.ready.push_back(n);
+                        Some(b)
+                    }
+                    (b, n) => b.or(n),
                 }
             }
         })
+    }
+
+    /// Applies an alignment step to the gates; returns the barrier event
+    /// when the alignment completed.
+    fn apply(&mut self, step: AlignStep, from: Option<(usize, usize)>) -> Option<InputEvent> {
+        if step.unblock_all {
+            for gate in &self.gates {
+                gate.unblock_all();
+            }
+        }
+        if step.block
+            && let Some((g, channel)) = from
+        {
+            self.gates[g].block_channel(channel);
+        }
+        let checkpoint = step.complete?;
+        if let Some(t) = self.alignment_started.take() {
+            self.last_alignment = t.elapsed();
+        }
+        Some(InputEvent::Barrier(checkpoint))
+    }
+
+    /// The coordinator aborted checkpoints up to `checkpoint`: stop
+    /// aligning them and release the blocked channels.
+    pub fn abort_checkpoint(&mut self, checkpoint: u64) {
+        let step = self.aligner.abort(checkpoint);
+        if step.unblock_all {
+            self.alignment_started = None;
+        }
+        self.apply(step, None);
     }
 
     fn advance_watermark(&mut self) -> Option<InputEvent> {
@@ -652,6 +761,12 @@ impl InputReader {
                     .map_err(|_| bad(format!("watermark of {} bytes", payload.len())))?;
                 Ok(StreamEvent::Watermark(i64::from_be_bytes(bytes)))
             }
+            BufferKind::Barrier => {
+                let bytes: [u8; 8] = payload
+                    .try_into()
+                    .map_err(|_| bad(format!("barrier of {} bytes", payload.len())))?;
+                Ok(StreamEvent::Barrier(u64::from_be_bytes(bytes)))
+            }
             BufferKind::EndOfPartition => Ok(StreamEvent::EndOfPartition),
         }
     }
@@ -668,5 +783,94 @@ impl InputReader {
             .iter()
             .map(|g| g.remote_bytes.load(Ordering::Relaxed))
             .sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use arrow_array::{Int64Array, RecordBatch};
+
+    fn batch(v: i64) -> StreamEvent {
+        let column = Int64Array::from(vec![v]);
+        StreamEvent::Batch(RecordBatch::try_from_iter([("v", Arc::new(column) as _)]).unwrap())
+    }
+
+    fn value(event: Option<InputEvent>) -> String {
+        match event {
+            Some(InputEvent::Batch(b)) => {
+                use arrow_array::cast::AsArray;
+                let v = b.column(0).as_primitive::<arrow_array::types::Int64Type>();
+                format!("b{}", v.value(0))
+            }
+            Some(InputEvent::Barrier(n)) => format!("barrier{n}"),
+            Some(InputEvent::Watermark(w)) => format!("wm{w}"),
+            Some(InputEvent::End) => "end".into(),
+            None => "none".into(),
+        }
+    }
+
+    #[test]
+    fn a_channel_that_delivered_the_barrier_waits_until_the_others_align() {
+        let pool = NetworkBufferPool::new(4, 4096);
+        let id = GateId {
+            job: 1,
+            edge: 0,
+            target_subtask: 0,
+        };
+        let buffers = GateBuffers {
+            exclusive_per_channel: 2,
+            floating_per_gate: 2,
+            max_per_channel: 4,
+        };
+        let local = [ChannelKind::Local, ChannelKind::Local];
+        let gate = InputGate::new(id, &local, buffers, &pool).unwrap();
+        let never = || false;
+        gate.push_local(0, batch(1), &never).unwrap();
+        gate.push_local(0, StreamEvent::Barrier(1), &never).unwrap();
+        gate.push_local(0, batch(2), &never).unwrap();
+        gate.push_local(1, batch(10), &never).unwrap();
+        gate.push_local(1, StreamEvent::Barrier(1), &never).unwrap();
+        gate.push_local(1, batch(11), &never).unwrap();
+        gate.push_local(0, StreamEvent::EndOfPartition, &never)
+            .unwrap();
+        gate.push_local(1, StreamEvent::EndOfPartition, &never)
+            .unwrap();
+        let mut reader = InputReader::new(vec![Arc::clone(&gate)]);
+        let mut seen = Vec::new();
+        while seen.last().map(String::as_str) != Some("end") {
+            let event = value(reader.next(Duration::ZERO).unwrap());
+            if event != "none" {
+                seen.push(event);
+            }
+        }
+        // b2 (after channel 0's barrier) waits until channel 1 delivered
+        // its barrier: everything before the aligned barrier is pre-barrier
+        // data of both channels.
+        assert_eq!(seen, ["b1", "b10", "barrier1", "b2", "b11", "end"]);
+    }
+
+    #[test]
+    fn an_aborted_alignment_releases_the_blocked_channel() {
+        let pool = NetworkBufferPool::new(4, 4096);
+        let id = GateId {
+            job: 1,
+            edge: 0,
+            target_subtask: 0,
+        };
+        let buffers = GateBuffers {
+            exclusive_per_channel: 2,
+            floating_per_gate: 2,
+            max_per_channel: 4,
+        };
+        let local = [ChannelKind::Local, ChannelKind::Local];
+        let gate = InputGate::new(id, &local, buffers, &pool).unwrap();
+        let never = || false;
+        gate.push_local(0, StreamEvent::Barrier(3), &never).unwrap();
+        gate.push_local(0, batch(5), &never).unwrap();
+        let mut reader = InputReader::new(vec![Arc::clone(&gate)]);
+        assert_eq!(value(reader.next(Duration::ZERO).unwrap()), "none");
+        reader.abort_checkpoint(3);
+        assert_eq!(value(reader.next(Duration::ZERO).unwrap()), "b5");
     }
 }

@@ -28,6 +28,7 @@
 //! queued events per local channel ≤ the same; received buffers per gate ≤
 //! its exclusive + floating segments; frames ≤ one segment of payload.
 
+pub mod align;
 pub mod debloat;
 pub mod frame;
 pub mod gate;
@@ -63,6 +64,9 @@ pub const PAYLOAD_HEADROOM: usize = 64;
 pub enum StreamEvent {
     Batch(RecordBatch),
     Watermark(i64),
+    /// Checkpoint barrier `n`: everything before it belongs to checkpoint
+    /// `n`, everything after to later ones.
+    Barrier(u64),
     EndOfPartition,
 }
 

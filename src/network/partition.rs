@@ -406,6 +406,7 @@ impl RecordWriter {
                 Target::Remote { sub, .. } => {
                     let (kind, bytes, len) = match event {
                         StreamEvent::Watermark(wm) => (BufferKind::Watermark, wm.to_be_bytes(), 8),
+                        StreamEvent::Barrier(id) => (BufferKind::Barrier, id.to_be_bytes(), 8),
                         StreamEvent::EndOfPartition => (BufferKind::EndOfPartition, [0; 8], 0),
                         StreamEvent::Batch(_) => unreachable!("batches are not broadcast"),
                     };
@@ -420,6 +421,12 @@ impl RecordWriter {
 
     pub fn watermark(&mut self, watermark: i64) -> Result<(), NetworkError> {
         self.broadcast_event(StreamEvent::Watermark(watermark))
+    }
+
+    /// Sends checkpoint barrier `checkpoint` to every target, after all the
+    /// data emitted so far.
+    pub fn barrier(&mut self, checkpoint: u64) -> Result<(), NetworkError> {
+        self.broadcast_event(StreamEvent::Barrier(checkpoint))
     }
 
     pub fn finish(&mut self) -> Result<(), NetworkError> {

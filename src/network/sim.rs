@@ -611,7 +611,7 @@ impl Sim {
                 consumer.outcome = Some(Ok(()));
                 Ok(true)
             }
-            Ok(Some(InputEvent::Watermark(_))) => Ok(true),
+            Ok(Some(InputEvent::Watermark(_) | InputEvent::Barrier(_))) => Ok(true),
             // An end of partition that did not end the gate.
             Ok(None) => Ok(queued > 0),
             Err(error) => {

@@ -930,6 +930,8 @@ mod tests {
                 ),
                 Some(InputEvent::End) => return Ok(values),
                 Some(InputEvent::Watermark(_)) => {}
+                // A barrier is a marker in the value sequence.
+                Some(InputEvent::Barrier(n)) => values.push(i64::MIN + n as i64),
                 None => panic!("no progress for 10 s"),
             }
         }
@@ -1017,6 +1019,9 @@ mod tests {
                 let column = Int64Array::from_iter_values(start..start + 2000);
                 let batch = RecordBatch::try_from_iter([("v", Arc::new(column) as _)]).unwrap();
                 writer.emit(batch).unwrap();
+                if start % 50_000 == 48_000 {
+                    writer.barrier(1 + start as u64 / 50_000).unwrap();
+                }
             }
             writer.finish().unwrap();
         });
@@ -1026,7 +1031,15 @@ mod tests {
             .unwrap()
             .unwrap();
         producer.join().unwrap();
-        assert_eq!(values, (0..200_000).collect::<Vec<_>>());
+        // Barriers arrive in order with the data, after the batch before them.
+        let mut expected = Vec::new();
+        for v in 0..200_000i64 {
+            expected.push(v);
+            if v % 50_000 == 49_999 {
+                expected.push(i64::MIN + 1 + v / 50_000);
+            }
+        }
+        assert_eq!(values, expected);
         // Every credit came back: exclusive and floating segments are free
         // (over verbs, the ones still lent at the end are reclaimed).
         assert_eq!(gate.free_segment_count(), 2 + 3);

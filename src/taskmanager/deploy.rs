@@ -476,6 +476,7 @@ fn build_and_run(
             .collect(),
         writers: p.writers,
         head: head_metrics,
+        operator_ids: chained.to_vec(),
     };
     if let Some(t) = lock(&services.jobs).get_mut(&job) {
         t.tasks.push((tdd.vertex, tdd.subtask, Arc::clone(metrics)));
@@ -487,6 +488,7 @@ fn build_and_run(
         chain,
         canceled: Arc::clone(canceled),
         metrics: Arc::clone(metrics),
+        checkpoints: None,
     };
     task.run()
 }
