@@ -176,7 +176,8 @@ impl Chain {
     }
 }
 
-/// Where a task's input comes from.
+/// Where a task's input comes from. One per task: its size does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum TaskInput {
     Source {
         source: Box<dyn Source>,
