@@ -106,7 +106,7 @@ fn drain(mut reader: InputReader) -> u64 {
         match reader.next(Duration::from_secs(30)) {
             Ok(Some(InputEvent::Batch(b))) => rows += b.num_rows() as u64,
             Ok(Some(InputEvent::End)) => return rows,
-            Ok(Some(InputEvent::Watermark(_))) => {}
+            Ok(Some(InputEvent::Watermark(_) | InputEvent::Barrier(_))) => {}
             Ok(None) => panic!("no progress for 30 s"),
             Err(e) => panic!("consumer failed: {e}"),
         }
