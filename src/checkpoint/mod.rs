@@ -26,6 +26,7 @@
 //! each stateful operator's bytes keyed by the operator's index in the job
 //! file, so a restore does not depend on how operators were chained.
 
+pub mod coordinator;
 pub mod state;
 
 use std::path::PathBuf;
