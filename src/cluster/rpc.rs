@@ -135,6 +135,25 @@ pub struct TaskDeploymentDescriptor {
     pub gpu_operators: Vec<usize>,
 }
 
+/// How the tasks of one deployment take part in checkpoints.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckpointDeployment {
+    /// The job's checkpoint directory (`execution.checkpointing.dir`/<job>),
+    /// which JobManager and TaskManagers must all reach.
+    pub job_dir: std::path::PathBuf,
+    /// The completed checkpoint to restore from; `None` starts from the
+    /// beginning.
+    pub restore: Option<RestoreDeployment>,
+}
+
+/// A completed checkpoint's state files.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RestoreDeployment {
+    pub checkpoint: u64,
+    pub dir: std::path::PathBuf,
+    pub handles: Vec<crate::checkpoint::storage::StateHandle>,
+}
+
 /// Per-vertex lines of a job summary.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct VertexSummary {
@@ -221,6 +240,17 @@ pub struct JobSummary {
     /// over the job's tasks.
     #[serde(default)]
     pub gpu_offload: crate::kernels::backend::OffloadSnapshot,
+    /// Checkpoints taken (empty when checkpointing is off).
+    #[serde(default)]
+    pub checkpoints: crate::checkpoint::coordinator::CheckpointSummary,
+    /// Whether `execution.checkpointing.interval` is set.
+    #[serde(default)]
+    pub checkpointing: bool,
+    /// Restarts after failures, and the failure behind the latest one.
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default)]
+    pub last_failure: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -250,6 +280,30 @@ pub enum Message {
         error: Option<String>,
         metrics: Option<TaskSnapshot>,
     },
+    /// A task stored its state for `checkpoint`.
+    AcknowledgeCheckpoint {
+        job: u64,
+        vertex: usize,
+        subtask: u32,
+        checkpoint: u64,
+        handle: crate::checkpoint::storage::StateHandle,
+        alignment_ms: u64,
+    },
+    /// A task could not take `checkpoint`.
+    DeclineCheckpoint {
+        job: u64,
+        vertex: usize,
+        subtask: u32,
+        checkpoint: u64,
+        reason: String,
+    },
+    /// A task's input ended and its output waits for the job's final
+    /// commit.
+    FinalCommitPending {
+        job: u64,
+        vertex: usize,
+        subtask: u32,
+    },
     // JobManager → TaskManager
     Registered {
         taskmanager: String,
@@ -260,6 +314,24 @@ pub enum Message {
         job_path: String,
         default_parallelism: u32,
         tasks: Vec<TaskDeploymentDescriptor>,
+        /// Present when checkpointing is on.
+        #[serde(default)]
+        checkpointing: Option<CheckpointDeployment>,
+    },
+    /// Source tasks of `job` inject barrier `checkpoint`.
+    TriggerCheckpoint {
+        job: u64,
+        checkpoint: u64,
+    },
+    /// `checkpoint` completed (`u64::MAX`: the job finished): commit.
+    CheckpointComplete {
+        job: u64,
+        checkpoint: u64,
+    },
+    /// Checkpoints up to `checkpoint` were aborted.
+    AbortCheckpoint {
+        job: u64,
+        checkpoint: u64,
     },
     CancelJob {
         job: u64,

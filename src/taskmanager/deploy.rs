@@ -9,7 +9,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::{JobTasks, Services, lock};
-use crate::cluster::rpc::{ExecutionState, Message, TaskDeploymentDescriptor};
+use std::sync::mpsc::Receiver;
+
+use crate::checkpoint::state::TaskState;
+use crate::checkpoint::storage::CheckpointStorage;
+use crate::cluster::rpc::{
+    CheckpointDeployment, ExecutionState, Message, TaskDeploymentDescriptor,
+};
+use crate::exec::task::{CheckpointContext, Snapshot, TaskControl};
 use crate::exec::ExecError;
 use crate::exec::build::{BuildContext, GpuContext, build_operator, build_source};
 use crate::exec::task::{Chain, Task, TaskInput};
@@ -70,15 +77,29 @@ fn fail_all(
     }
 }
 
+/// What a `DeployTasks` message says about the job as a whole.
+pub(super) struct Deployment<'a> {
+    pub job: u64,
+    pub job_text: &'a str,
+    pub job_path: &'a str,
+    pub default_parallelism: u32,
+    pub checkpointing: Option<CheckpointDeployment>,
+}
+
 pub(super) async fn deploy(
     services: &Arc<Services>,
-    job: u64,
-    job_text: &str,
-    job_path: &str,
-    default_parallelism: u32,
+    deployment: Deployment<'_>,
     tasks: Vec<TaskDeploymentDescriptor>,
     out: UnboundedSender<Message>,
 ) {
+    let Deployment {
+        job,
+        job_text,
+        job_path,
+        default_parallelism,
+        checkpointing,
+    } = deployment;
+    let checkpointing = checkpointing.map(Arc::new);
     let canceled = Arc::new(AtomicBool::new(false));
     for tdd in &tasks {
         status(&out, job, tdd, ExecutionState::Deploying, None, None);
@@ -110,17 +131,36 @@ pub(super) async fn deploy(
             return;
         }
     };
+    let mut controls = Vec::new();
+    let mut receivers = Vec::new();
+    for p in &prepared {
+        if checkpointing.is_some() {
+            let (sender, receiver) = std::sync::mpsc::sync_channel(super::TASK_CONTROL_MAX);
+            let head = graph.vertices[p.tdd.vertex].operators[0];
+            controls.push(super::TaskControlHandle {
+                vertex: p.tdd.vertex,
+                subtask: p.tdd.subtask,
+                is_source: plan.spec.operators[head].input.is_none(),
+                sender,
+            });
+            receivers.push(Some(receiver));
+        } else {
+            receivers.push(None);
+        }
+    }
     lock(&services.jobs).insert(
         job,
         JobTasks {
             canceled: Arc::clone(&canceled),
             running: prepared.len(),
             tasks: Vec::new(),
+            controls,
         },
     );
     let printed = Arc::new(AtomicU64::new(0));
-    for p in prepared {
+    for (p, control) in prepared.into_iter().zip(receivers) {
         let services = Arc::clone(services);
+        let checkpoints = control.zip(checkpointing.clone());
         let (plan, graph, out, canceled, printed) = (
             Arc::clone(&plan),
             Arc::clone(&graph),
@@ -139,7 +179,16 @@ pub(super) async fn deploy(
             .name(name.chars().take(15).collect())
             .spawn(move || {
                 run_task(
-                    &services, job, &plan, &graph, p, name, canceled, printed, out,
+                    &services,
+                    job,
+                    &plan,
+                    &graph,
+                    p,
+                    name,
+                    canceled,
+                    printed,
+                    out,
+                    checkpoints,
                 )
             });
         if let Err(e) = spawned {
@@ -314,6 +363,7 @@ fn run_task(
     canceled: Arc<AtomicBool>,
     printed: Arc<AtomicU64>,
     out: UnboundedSender<Message>,
+    checkpoints: Option<(Receiver<TaskControl>, Arc<CheckpointDeployment>)>,
 ) {
     let tdd = p.tdd.clone();
     status(&out, job, &tdd, ExecutionState::Initializing, None, None);
@@ -347,6 +397,7 @@ fn run_task(
             services,
             job,
             &out,
+            checkpoints,
         )
     }))
     .unwrap_or_else(|panic| {
@@ -381,8 +432,10 @@ fn run_task(
             )
         }
     };
-    status(&out, job, &tdd, state, error, Some(&metrics));
+    // Free the slot before reporting the end: the JobManager may redeploy
+    // onto it as soon as it hears of it (a restart after a failure).
     lock(&services.slots).task_ended(tdd.slot).ok();
+    status(&out, job, &tdd, state, error, Some(&metrics));
     let mut jobs = lock(&services.jobs);
     let done = jobs.get_mut(&job).is_some_and(|t| {
         t.tasks
@@ -413,6 +466,7 @@ fn build_and_run(
     services: &Arc<Services>,
     job: u64,
     out: &UnboundedSender<Message>,
+    checkpoints: Option<(Receiver<TaskControl>, Arc<CheckpointDeployment>)>,
 ) -> Result<(), ExecError> {
     let gpu = match services.gpu_kernels.get(tdd.slot) {
         Some(Some(backend)) if !tdd.gpu_operators.is_empty() => Some(GpuContext {
@@ -442,7 +496,7 @@ fn build_and_run(
         )),
         printed,
         gpu,
-        checkpointing: services.config.checkpoint_interval.is_some(),
+        checkpointing: checkpoints.is_some(),
     };
     let head = vertex.operators[0];
     let is_source = plan.spec.operators[head].input.is_none();
@@ -488,9 +542,100 @@ fn build_and_run(
         chain,
         canceled: Arc::clone(canceled),
         metrics: Arc::clone(metrics),
-        checkpoints: None,
+        checkpoints: match checkpoints {
+            Some((control, deployment)) => Some(checkpoint_context(
+                control,
+                &deployment,
+                tdd,
+                is_source.then_some(head),
+                job,
+                out,
+            )?),
+            None => None,
+        },
     };
     task.run()
+}
+
+/// Wires a task into checkpoints: reads the state it restores from, and
+/// stores and acknowledges its snapshots.
+fn checkpoint_context(
+    control: Receiver<TaskControl>,
+    deployment: &CheckpointDeployment,
+    tdd: &TaskDeploymentDescriptor,
+    source_id: Option<usize>,
+    job: u64,
+    out: &UnboundedSender<Message>,
+) -> Result<CheckpointContext, ExecError> {
+    let (vertex, subtask) = (tdd.vertex, tdd.subtask);
+    let restore = match &deployment.restore {
+        Some(r) => {
+            let handle = r
+                .handles
+                .iter()
+                .find(|h| h.vertex == vertex && h.subtask == subtask);
+            match handle {
+                Some(h) => {
+                    let state_error = |e: crate::checkpoint::CheckpointError| ExecError::State {
+                        operator: format!("task {vertex}/{subtask}"),
+                        detail: format!("restoring checkpoint {}: {e}", r.checkpoint),
+                    };
+                    let bytes =
+                        CheckpointStorage::read_state_file(&r.dir, h).map_err(state_error)?;
+                    let path = r.dir.join(&h.file);
+                    Some(TaskState::decode(&bytes, &path).map_err(state_error)?)
+                }
+                // A checkpoint without this task holds no state for it.
+                None => Some(TaskState::default()),
+            }
+        }
+        None => None,
+    };
+    let job_dir = deployment.job_dir.clone();
+    let acks = out.clone();
+    let on_snapshot = Box::new(move |snapshot: Snapshot| {
+        let dir = CheckpointStorage::inprogress_dir(&job_dir, snapshot.checkpoint);
+        let bytes = snapshot.state.encode();
+        match CheckpointStorage::write_state_file(&dir, vertex, subtask, &bytes) {
+            Ok(handle) => {
+                let _ = acks.send(Message::AcknowledgeCheckpoint {
+                    job,
+                    vertex,
+                    subtask,
+                    checkpoint: snapshot.checkpoint,
+                    handle,
+                    alignment_ms: snapshot.alignment.as_millis() as u64,
+                });
+                Ok(())
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let _ = acks.send(Message::DeclineCheckpoint {
+                    job,
+                    vertex,
+                    subtask,
+                    checkpoint: snapshot.checkpoint,
+                    reason: reason.clone(),
+                });
+                Err(reason)
+            }
+        }
+    });
+    let pending = out.clone();
+    let on_final_commit_pending = Box::new(move || {
+        let _ = pending.send(Message::FinalCommitPending {
+            job,
+            vertex,
+            subtask,
+        });
+    });
+    Ok(CheckpointContext {
+        control,
+        restore,
+        source_id,
+        on_snapshot,
+        on_final_commit_pending,
+    })
 }
 
 /// Turns buffer debloating on for a task's inputs when configured.

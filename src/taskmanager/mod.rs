@@ -62,6 +62,54 @@ struct JobTasks {
     canceled: Arc<AtomicBool>,
     running: usize,
     tasks: Vec<(usize, u32, Arc<TaskMetrics>)>,
+    /// Control channels of the job's tasks (with checkpointing on).
+    controls: Vec<TaskControlHandle>,
+}
+
+/// Where the TaskManager sends a task's checkpoint messages.
+struct TaskControlHandle {
+    vertex: usize,
+    subtask: u32,
+    is_source: bool,
+    sender: std::sync::mpsc::SyncSender<crate::exec::task::TaskControl>,
+}
+
+/// Control messages queued per task at most: a task reads them between
+/// batches, and the JobManager has one checkpoint in flight at a time.
+const TASK_CONTROL_MAX: usize = 64;
+
+/// Delivers a checkpoint control message to a job's tasks (`sources_only`:
+/// barriers are injected by sources). A source that cannot take a trigger
+/// (it ended) declines it, so the checkpoint is aborted rather than left to
+/// time out.
+fn deliver_control(
+    services: &Services,
+    out: &UnboundedSender<Message>,
+    job: u64,
+    control: crate::exec::task::TaskControl,
+    sources_only: bool,
+) {
+    use crate::exec::task::TaskControl;
+    let jobs = lock(&services.jobs);
+    let Some(tasks) = jobs.get(&job) else {
+        if let TaskControl::TriggerCheckpoint(checkpoint) = control {
+            tracing::debug!("checkpoint {checkpoint} for job {job:016x}: no task here");
+        }
+        return;
+    };
+    for h in tasks.controls.iter().filter(|h| h.is_source || !sources_only) {
+        if let Err(e) = h.sender.try_send(control) {
+            if let TaskControl::TriggerCheckpoint(checkpoint) = control {
+                let _ = out.send(Message::DeclineCheckpoint {
+                    job,
+                    vertex: h.vertex,
+                    subtask: h.subtask,
+                    checkpoint,
+                    reason: format!("the task cannot take a barrier now: {e}"),
+                });
+            }
+        }
+    }
 }
 
 /// Services shared by the TaskManager's tasks.
@@ -397,21 +445,37 @@ async fn session(
                 job_path,
                 default_parallelism,
                 tasks,
+                checkpointing,
             } => {
                 let services = Arc::clone(services);
                 let out = out.clone();
                 tokio::spawn(async move {
                     deploy::deploy(
                         &services,
-                        job,
-                        &job_text,
-                        &job_path,
-                        default_parallelism,
+                        deploy::Deployment {
+                            job,
+                            job_text: &job_text,
+                            job_path: &job_path,
+                            default_parallelism,
+                            checkpointing,
+                        },
                         tasks,
                         out,
                     )
                     .await;
                 });
+            }
+            Message::TriggerCheckpoint { job, checkpoint } => {
+                let control = crate::exec::task::TaskControl::TriggerCheckpoint(checkpoint);
+                deliver_control(services, &out, job, control, true);
+            }
+            Message::CheckpointComplete { job, checkpoint } => {
+                let control = crate::exec::task::TaskControl::CheckpointComplete(checkpoint);
+                deliver_control(services, &out, job, control, false);
+            }
+            Message::AbortCheckpoint { job, checkpoint } => {
+                let control = crate::exec::task::TaskControl::AbortCheckpoint(checkpoint);
+                deliver_control(services, &out, job, control, false);
             }
             Message::CancelJob { job, reason } => {
                 if let Some(tasks) = lock(&services.jobs).get(&job) {

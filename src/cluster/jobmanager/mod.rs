@@ -1,7 +1,7 @@
 //! The JobManager: dispatcher, resource manager, scheduler and heartbeat
 //! monitor in one process.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -20,6 +20,8 @@ use crate::config::Config;
 use crate::job::graph::JobGraph;
 use crate::job::{LogicalPlan, parse_job, plan};
 use crate::metrics::TaskSnapshot;
+
+mod checkpointing;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -53,9 +55,33 @@ struct JobEntry {
     graph: Arc<JobGraph>,
     state: JobState,
     reason: Option<String>,
+    /// The current attempt's tasks.
     tasks: HashMap<(usize, u32), TaskEntry>,
     client: UnboundedSender<Message>,
     started: Instant,
+    /// The job file, to deploy restarts.
+    text: String,
+    path: String,
+    default_parallelism: u32,
+    /// Execution attempt: 0, then one more per restart.
+    attempt: u32,
+    /// The id TaskManagers know the current attempt by (the job id for
+    /// attempt 0): messages of an earlier attempt can never reach this one.
+    exec: u64,
+    /// Coordinator and storage, when checkpointing is on.
+    checkpointing: Option<checkpointing::JobCheckpointing>,
+    restart: crate::cluster::restart::RestartStrategy,
+    restarts: u32,
+    last_failure: Option<String>,
+    /// Set while the job waits to restart.
+    restart_at: Option<Instant>,
+    /// Tasks of the failed attempt that have not ended yet (taskmanager,
+    /// vertex, subtask): the restart waits for their slots.
+    draining: Vec<(String, usize, u32)>,
+    draining_exec: Option<u64>,
+    draining_since: Instant,
+    /// Tasks whose output waits for the job's final commit.
+    final_pending: HashSet<(usize, u32)>,
 }
 
 #[derive(Default)]
@@ -241,6 +267,43 @@ async fn serve(stream: TcpStream, peer: SocketAddr, state: Arc<Mutex<State>>, co
                         error,
                         metrics,
                     }) => on_task_status(&state, job, vertex, subtask, task_state, error, metrics),
+                    Ok(Message::AcknowledgeCheckpoint {
+                        job,
+                        vertex,
+                        subtask,
+                        checkpoint,
+                        handle,
+                        alignment_ms,
+                    }) => checkpointing::on_ack(
+                        &mut lock(&state),
+                        job,
+                        (vertex, subtask),
+                        checkpoint,
+                        handle,
+                        Duration::from_millis(alignment_ms),
+                    ),
+                    Ok(Message::DeclineCheckpoint {
+                        job,
+                        vertex,
+                        subtask,
+                        checkpoint,
+                        reason,
+                    }) => checkpointing::on_decline(
+                        &mut lock(&state),
+                        job,
+                        (vertex, subtask),
+                        checkpoint,
+                        &reason,
+                    ),
+                    Ok(Message::FinalCommitPending {
+                        job,
+                        vertex,
+                        subtask,
+                    }) => checkpointing::on_final_commit_pending(
+                        &mut lock(&state),
+                        job,
+                        (vertex, subtask),
+                    ),
                     Ok(other) => tracing::warn!("unexpected message from {name}: {other:?}"),
                     Err(e) => {
                         // Loss is declared by the heartbeat monitor, as in Flink.
@@ -294,22 +357,87 @@ fn submit(
     let total: usize = s.taskmanagers.iter().map(|t| t.slots.len()).sum();
     if free.len() < needed {
         let _ = client.send(Message::JobRejected {
-            reason: format!(
-                "not enough free task slots: the job needs {needed} (its largest operator parallelism), \
-                 the cluster has {} free of {total} on {} TaskManager(s); lower the parallelism or add \
-                 TaskManagers or taskmanager.numberOfTaskSlots",
-                free.len(),
-                s.taskmanagers.len()
-            ),
+            reason: not_enough_slots(needed, free.len(), total, s.taskmanagers.len()),
         });
         return;
     }
     s.next_job = s.next_job.wrapping_add(1);
     let job = s.next_job;
-    let chosen = &free[..needed];
-    for &(tm, slot) in chosen {
-        s.taskmanagers[tm].allocated[slot] = Some(job);
+    let name = plan.spec.name.clone();
+    let checkpointing = match checkpointing::JobCheckpointing::new(config, &name, job) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = client.send(Message::JobRejected {
+                reason: e.to_string(),
+            });
+            return;
+        }
+    };
+    let _ = client.send(Message::JobAccepted {
+        job,
+        name: name.clone(),
+    });
+    s.jobs.insert(
+        job,
+        JobEntry {
+            name,
+            placement: tiers,
+            plan,
+            graph,
+            state: JobState::Running,
+            reason: None,
+            tasks: HashMap::new(),
+            client,
+            started: Instant::now(),
+            text: text.to_owned(),
+            path: path.to_owned(),
+            default_parallelism: config.default_parallelism,
+            attempt: 0,
+            exec: job,
+            checkpointing,
+            restart: crate::cluster::restart::RestartStrategy::from_config(config),
+            restarts: 0,
+            last_failure: None,
+            restart_at: None,
+            draining: Vec::new(),
+            draining_exec: None,
+            draining_since: Instant::now(),
+            final_pending: HashSet::new(),
+        },
+    );
+    if let Err(e) = deploy_attempt(&mut s, job, None) {
+        end_job(&mut s, job, JobState::Failed, Some(e));
     }
+}
+
+fn not_enough_slots(needed: usize, free: usize, total: usize, tms: usize) -> String {
+    format!(
+        "not enough free task slots: the job needs {needed} (its largest operator parallelism), \
+         the cluster has {free} free of {total} on {tms} TaskManager(s); lower the parallelism or add \
+         TaskManagers or taskmanager.numberOfTaskSlots"
+    )
+}
+
+/// Deploys the job's current attempt on free slots, restoring `restore`.
+/// Returns why it could not.
+fn deploy_attempt(
+    s: &mut State,
+    job: u64,
+    restore: Option<crate::cluster::rpc::RestoreDeployment>,
+) -> Result<(), String> {
+    let free = free_slots(&s.taskmanagers);
+    let total: usize = s.taskmanagers.iter().map(|t| t.slots.len()).sum();
+    let tm_count = s.taskmanagers.len();
+    let Some(entry) = s.jobs.get_mut(&job) else {
+        return Ok(());
+    };
+    let graph = Arc::clone(&entry.graph);
+    let needed = graph.slots_needed() as usize;
+    if free.len() < needed {
+        return Err(not_enough_slots(needed, free.len(), total, tm_count));
+    }
+    let exec = entry.exec;
+    let chosen = &free[..needed];
     let placement: Vec<(String, SocketAddr, usize)> = chosen
         .iter()
         .map(|&(tm, slot)| {
@@ -325,11 +453,14 @@ fn submit(
     for v in &graph.vertices {
         for subtask in 0..v.parallelism {
             let mut tdd = descriptor(&graph, v.id, subtask, &placement);
+            tdd.attempt = entry.attempt;
             tdd.gpu_operators = v
                 .operators
                 .iter()
                 .copied()
-                .filter(|&op| tiers.operators[op].tier == crate::kernels::backend::Tier::Gpu)
+                .filter(|&op| {
+                    entry.placement.operators[op].tier == crate::kernels::backend::Tier::Gpu
+                })
                 .collect();
             let (tm, _, slot) = &placement[subtask as usize];
             tasks.insert(
@@ -344,40 +475,37 @@ fn submit(
             per_tm.entry(tm.clone()).or_default().push(tdd);
         }
     }
-    let name = plan.spec.name.clone();
-    let _ = client.send(Message::JobAccepted {
-        job,
-        name: name.clone(),
-    });
+    let checkpoint_deployment = entry
+        .checkpointing
+        .as_mut()
+        .map(|c| c.start_attempt(tasks.keys().copied(), restore, entry.started.elapsed()));
+    entry.tasks = tasks;
+    for &(tm, slot) in chosen {
+        s.taskmanagers[tm].allocated[slot] = Some(job);
+    }
+    let entry = &s.jobs[&job];
     for (tm, tdds) in per_tm {
         if let Some(t) = s.taskmanagers.iter().find(|t| t.name == tm) {
             let _ = t.tx.send(Message::DeployTasks {
-                job,
-                job_text: text.to_owned(),
-                job_path: path.to_owned(),
-                default_parallelism: config.default_parallelism,
+                job: exec,
+                job_text: entry.text.clone(),
+                job_path: entry.path.clone(),
+                default_parallelism: entry.default_parallelism,
                 tasks: tdds,
+                checkpointing: checkpoint_deployment.clone(),
             });
         }
     }
     tracing::info!(
-        "job {name} ({job:016x}) deployed: {} tasks on {needed} slots",
-        tasks.len()
-    );
-    s.jobs.insert(
-        job,
-        JobEntry {
-            name,
-            placement: tiers,
-            plan,
-            graph,
-            state: JobState::Running,
-            reason: None,
-            tasks,
-            client,
-            started: Instant::now(),
+        "job {} ({job:016x}) deployed{}: {} tasks on {needed} slots",
+        entry.name,
+        match entry.attempt {
+            0 => String::new(),
+            n => format!(" (attempt {n})"),
         },
+        entry.tasks.len()
     );
+    Ok(())
 }
 
 /// Places the job's operators on the tiers the cluster offers: the GPU tier
@@ -521,7 +649,7 @@ fn descriptor(
 
 fn on_task_status(
     state: &Arc<Mutex<State>>,
-    job: u64,
+    exec: u64,
     vertex: usize,
     subtask: u32,
     next: ExecutionState,
@@ -529,9 +657,19 @@ fn on_task_status(
     metrics: Option<TaskSnapshot>,
 ) {
     let mut s = lock(state);
-    let Some(entry) = s.jobs.get_mut(&job) else {
+    let Some(job) = job_of_exec(&s, exec) else {
         return;
     };
+    let entry = s.jobs.get_mut(&job).expect("job of exec");
+    if entry.exec != exec {
+        // A task of a failed attempt: the restart waits for it to end.
+        if next.is_terminal() {
+            entry
+                .draining
+                .retain(|(_, v, st)| (*v, *st) != (vertex, subtask));
+        }
+        return;
+    }
     let Some(task) = entry.tasks.get_mut(&(vertex, subtask)) else {
         return;
     };
@@ -543,24 +681,37 @@ fn on_task_status(
         return;
     }
     task.state = next;
-    if entry.state != JobState::Running {
+    if entry.state != JobState::Running || entry.restart_at.is_some() {
         return;
     }
     match next {
         ExecutionState::Failed => {
             let reason = error.unwrap_or_else(|| format!("task {vertex}/{subtask} failed"));
-            end_job(&mut s, job, JobState::Failed, Some(reason));
+            checkpointing::fail_or_restart(&mut s, job, reason);
         }
-        ExecutionState::Finished
+        ExecutionState::Finished => {
+            checkpointing::on_task_finished(&mut s, job, (vertex, subtask));
+            let entry = &s.jobs[&job];
             if entry
                 .tasks
                 .values()
-                .all(|t| t.state == ExecutionState::Finished) =>
-        {
-            end_job(&mut s, job, JobState::Finished, None);
+                .all(|t| t.state == ExecutionState::Finished)
+            {
+                end_job(&mut s, job, JobState::Finished, None);
+            } else {
+                checkpointing::commit_final_if_ready(&mut s, job);
+            }
         }
         _ => {}
     }
+}
+
+/// The job whose current or draining attempt is `exec`.
+fn job_of_exec(s: &State, exec: u64) -> Option<u64> {
+    s.jobs
+        .iter()
+        .find(|(_, e)| e.exec == exec || e.draining_exec == Some(exec))
+        .map(|(&job, _)| job)
 }
 
 /// Ends a job: cancels what still runs, frees its slots and reports to the
@@ -574,20 +725,24 @@ fn end_job(s: &mut State, job: u64, final_state: JobState, reason: Option<String
     }
     entry.state = final_state;
     entry.reason = reason.clone();
+    let exec = entry.exec;
     if final_state != JobState::Finished {
         let why = reason.clone().unwrap_or_default();
         tracing::warn!("job {} ({job:016x}) {final_state:?}: {why}", entry.name);
         for tm in &s.taskmanagers {
             let _ = tm.tx.send(Message::CancelJob {
-                job,
+                job: exec,
                 reason: why.clone(),
             });
         }
     } else {
         tracing::info!("job {} ({job:016x}) finished", entry.name);
         for tm in &s.taskmanagers {
-            let _ = tm.tx.send(Message::ReleaseJob { job });
+            let _ = tm.tx.send(Message::ReleaseJob { job: exec });
         }
+    }
+    if let Some(c) = &entry.checkpointing {
+        c.job_ended(final_state);
     }
     for tm in &mut s.taskmanagers {
         for a in &mut tm.allocated {
@@ -687,6 +842,14 @@ fn summarize(job: u64, entry: &JobEntry, tms: &[TmEntry]) -> JobSummary {
         tasks: Vec::new(),
         placement: Some(entry.placement.clone()),
         gpu_offload: Default::default(),
+        checkpoints: entry
+            .checkpointing
+            .as_ref()
+            .map(|c| c.coordinator.summary())
+            .unwrap_or_default(),
+        checkpointing: entry.checkpointing.is_some(),
+        restarts: entry.restarts,
+        last_failure: entry.last_failure.clone(),
         gpu: {
             let mut gpu: Vec<String> = tms.iter().map(|t| t.gpu.clone()).collect();
             gpu.sort();
@@ -806,9 +969,14 @@ async fn monitor_loop(state: Arc<Mutex<State>>, config: Arc<Config>) {
                 .map(|(id, _)| *id)
                 .collect();
             for job in affected {
-                end_job(&mut s, job, JobState::Failed, Some(reason.clone()));
+                checkpointing::fail_or_restart(&mut s, job, reason.clone());
+            }
+            // Tasks of failed attempts on the lost TaskManager end with it.
+            for entry in s.jobs.values_mut() {
+                entry.draining.retain(|(tm, _, _)| *tm != name);
             }
         }
+        checkpointing::tick(&mut s, &config);
         for (&job, entry) in &s.jobs {
             let mut rows_in = 0;
             let mut expected = 0;
