@@ -27,6 +27,7 @@
 //! file, so a restore does not depend on how operators were chained.
 
 pub mod state;
+pub mod storage;
 
 use std::path::PathBuf;
 
@@ -41,4 +42,7 @@ pub enum CheckpointError {
     },
     #[error("{path}: corrupt checkpoint state: {detail}")]
     Corrupt { path: PathBuf, detail: String },
+    /// A checkpoint id that already completed was begun or completed again.
+    #[error("{path}: checkpoint already exists")]
+    Exists { path: PathBuf },
 }
