@@ -28,6 +28,7 @@
 
 pub mod coordinator;
 pub mod state;
+pub mod storage;
 
 use std::path::PathBuf;
 
@@ -42,4 +43,7 @@ pub enum CheckpointError {
     },
     #[error("{path}: corrupt checkpoint state: {detail}")]
     Corrupt { path: PathBuf, detail: String },
+    /// A checkpoint id that already completed was begun or completed again.
+    #[error("{path}: checkpoint already exists")]
+    Exists { path: PathBuf },
 }

@@ -5,12 +5,15 @@
 //! slots, kept alive by heartbeats), schedules a job's subtasks onto slots
 //! with slot sharing (slot i runs subtask i of every vertex), deploys them,
 //! tracks every task's execution state, and fails a job with a reason when a
-//! task fails or a TaskManager is lost. The mini-cluster runs one JobManager
-//! and N TaskManagers in one process over real loopback sockets.
+//! task fails or a TaskManager is lost. The restart strategies ([`restart`])
+//! decide whether, and after how long, a failed job restarts. The
+//! mini-cluster runs one JobManager and N TaskManagers in one process over
+//! real loopback sockets.
 
 pub mod client;
 pub mod jobmanager;
 pub mod minicluster;
+pub mod restart;
 pub mod rpc;
 pub mod summary;
 

@@ -6,12 +6,12 @@
 //! in the memory layout.
 
 use std::fmt::Display;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::source::RawValue;
 use super::units::{self, DURATION_SYNTAX, MEMORY_SYNTAX};
-use super::{Config, IoBackend, PlacementMode, Transport};
+use super::{Config, IoBackend, PlacementMode, RestartStrategyKind, Transport};
 
 /// Flink caps max parallelism at 2^15 (`KeyGroupRangeAssignment.UPPER_BOUND_MAX_PARALLELISM`).
 pub(super) const MAX_PARALLELISM_LIMIT: u32 = 1 << 15;
@@ -82,14 +82,43 @@ keys! {
     "parallelism.default"                                  => default_parallelism: at_least_one, show;
     "pipeline.max-parallelism"                             => max_parallelism: max_parallelism, show;
     "execution.buffer-timeout.interval"                    => buffer_timeout: duration, show_duration;
+    "execution.checkpointing.interval"                     => checkpoint_interval: optional_positive_duration, show_optional_duration;
+    "execution.checkpointing.timeout"                      => checkpoint_timeout: positive_duration, show_duration;
+    "execution.checkpointing.dir"                          => checkpoint_dir: path, show_path;
+    "execution.checkpointing.num-retained"                 => checkpoints_retained: at_least_one, show;
+    "restart-strategy.type"                                => restart_strategy: restart_strategy, show_restart_strategy;
+    "restart-strategy.fixed-delay.attempts"                => restart_fixed_delay_attempts: count, show;
+    "restart-strategy.fixed-delay.delay"                   => restart_fixed_delay_delay: duration, show_duration;
+    "restart-strategy.exponential-delay.initial-backoff"   => restart_exp_initial_backoff: positive_duration, show_duration;
+    "restart-strategy.exponential-delay.max-backoff"       => restart_exp_max_backoff: positive_duration, show_duration;
+    "restart-strategy.exponential-delay.backoff-multiplier" => restart_exp_multiplier: multiplier, show;
+    "restart-strategy.exponential-delay.reset-backoff-threshold" => restart_exp_reset_threshold: positive_duration, show_duration;
+    "restart-strategy.exponential-delay.jitter-factor"     => restart_exp_jitter: fraction, show;
+    "restart-strategy.exponential-delay.attempts-before-reset-backoff" => restart_exp_attempts: at_least_one, show;
     "rest.port"                                            => rest_port: port, show;
     "metrics.reporter.prom.port"                           => prometheus_port: port, show;
     "placement.mode"                                       => placement_mode: placement_mode, show;
     "placement.calibration-file"                           => calibration_file: optional_text, show;
 }
 
+/// Older Flink names that set the same field as a current key: `(old, current)`.
+/// The current name is the one `strata config` prints.
+const ALIASES: &[(&str, &str)] = &[("state.checkpoints.dir", "execution.checkpointing.dir")];
+
+/// The key `name` sets, by its current name or an older alias.
 pub(super) fn find(name: &str) -> Option<&'static Key> {
+    let name = ALIASES
+        .iter()
+        .find(|(old, _)| *old == name)
+        .map_or(name, |(_, current)| current);
     KEYS.iter().find(|key| key.name == name)
+}
+
+/// Every accepted key name: the current ones, then the aliases.
+fn all_names() -> impl Iterator<Item = &'static str> {
+    KEYS.iter()
+        .map(|key| key.name)
+        .chain(ALIASES.iter().map(|(old, _)| *old))
 }
 
 /// The known key closest to `name` by edit distance (ignoring case), if it is
@@ -97,8 +126,8 @@ pub(super) fn find(name: &str) -> Option<&'static Key> {
 pub(super) fn closest(name: &str) -> Option<&'static str> {
     let name = name.to_lowercase();
     let allowed = (name.chars().count() / 4).max(2);
-    KEYS.iter()
-        .map(|key| (edit_distance(&name, &key.name.to_lowercase()), key.name))
+    all_names()
+        .map(|key| (edit_distance(&name, &key.to_lowercase()), key))
         .min_by_key(|(distance, _)| *distance)
         .filter(|(distance, _)| *distance <= allowed)
         .map(|(_, key)| key)
@@ -161,18 +190,44 @@ fn positive_duration(value: &RawValue) -> Result<Duration, &'static str> {
         .ok_or("must be longer than zero")
 }
 
+/// `strata config` prints `none` for "checkpointing off"; `off` is accepted too.
+fn optional_positive_duration(value: &RawValue) -> Result<Option<Duration>, &'static str> {
+    match value {
+        RawValue::Text(text) if is_one_of(text, &["none", "off"]) => Ok(None),
+        _ => positive_duration(value)
+            .map(Some)
+            .map_err(|reason| match reason {
+                DURATION_SYNTAX => "expected a duration like 10 s, 500 ms or 5 min, or none",
+                other => other,
+            }),
+    }
+}
+
+fn float(value: &RawValue, syntax: &'static str) -> Result<f64, &'static str> {
+    match value {
+        RawValue::Text(text) => text.trim().parse().map_err(|_| syntax),
+        RawValue::Float(number) => Ok(*number),
+        RawValue::Integer(number) => Ok(*number as f64),
+        _ => Err(syntax),
+    }
+}
+
 fn fraction(value: &RawValue) -> Result<f64, &'static str> {
-    const SYNTAX: &str = "expected a fraction like 0.4";
-    let number = match value {
-        RawValue::Text(text) => text.trim().parse().map_err(|_| SYNTAX)?,
-        RawValue::Float(number) => *number,
-        RawValue::Integer(number) => *number as f64,
-        _ => return Err(SYNTAX),
-    };
+    let number = float(value, "expected a fraction like 0.4")?;
     if (0.0..=1.0).contains(&number) {
         Ok(number)
     } else {
         Err("fraction must be in [0, 1]")
+    }
+}
+
+/// A back-off multiplier: finite and at least 1 (1 keeps the back-off constant).
+fn multiplier(value: &RawValue) -> Result<f64, &'static str> {
+    let number = float(value, "expected a number like 1.5")?;
+    if number.is_finite() && number >= 1.0 {
+        Ok(number)
+    } else {
+        Err("must be a finite number of at least 1.0")
     }
 }
 
@@ -227,6 +282,10 @@ fn paths(value: &RawValue) -> Result<Vec<PathBuf>, &'static str> {
         return Err("expected at least one directory");
     }
     Ok(dirs)
+}
+
+fn path(value: &RawValue) -> Result<PathBuf, &'static str> {
+    text(value).map(PathBuf::from)
 }
 
 fn boolean(value: &RawValue) -> Result<bool, &'static str> {
@@ -290,6 +349,27 @@ fn placement_mode(value: &RawValue) -> Result<PlacementMode, &'static str> {
     }
 }
 
+/// `default` (what `strata config` prints when unset) leaves the choice to
+/// Flink's rule; see [`Config::effective_restart_strategy`].
+fn restart_strategy(value: &RawValue) -> Result<Option<RestartStrategyKind>, &'static str> {
+    const SYNTAX: &str = "expected one of none, fixed-delay, exponential-delay or default";
+    let RawValue::Text(text) = value else {
+        return Err(SYNTAX);
+    };
+    match text.trim().to_ascii_lowercase().as_str() {
+        "default" => Ok(None),
+        "none" | "off" | "disable" => Ok(Some(RestartStrategyKind::None)),
+        "fixed-delay" | "fixeddelay" => Ok(Some(RestartStrategyKind::FixedDelay)),
+        "exponential-delay" | "exponentialdelay" => Ok(Some(RestartStrategyKind::ExponentialDelay)),
+        _ => Err(SYNTAX),
+    }
+}
+
+fn is_one_of(text: &str, words: &[&str]) -> bool {
+    let text = text.trim();
+    words.iter().any(|word| text.eq_ignore_ascii_case(word))
+}
+
 /// A string that may be empty (empty means "the default").
 fn optional_text(value: &RawValue) -> Result<String, &'static str> {
     match value {
@@ -310,6 +390,18 @@ fn show_duration(duration: &Duration) -> String {
     units::format_duration(*duration)
 }
 
+fn show_optional_duration(duration: &Option<Duration>) -> String {
+    duration.map_or_else(|| "none".to_owned(), units::format_duration)
+}
+
+fn show_path(path: &Path) -> String {
+    path.display().to_string()
+}
+
+fn show_restart_strategy(kind: &Option<RestartStrategyKind>) -> String {
+    kind.map_or_else(|| "default".to_owned(), |kind| kind.to_string())
+}
+
 fn show_paths(dirs: &[PathBuf]) -> String {
     let dirs: Vec<String> = dirs.iter().map(|dir| dir.display().to_string()).collect();
     dirs.join(",")
@@ -326,14 +418,22 @@ mod tests {
     #[test]
     fn key_names_are_unique_and_none_is_a_prefix_of_another() {
         // A key that is a dotted prefix of another could not be written in TOML.
-        for a in KEYS {
-            for b in KEYS {
-                if !std::ptr::eq(a, b) {
-                    assert_ne!(a.name, b.name);
-                    assert!(!b.name.starts_with(&format!("{}.", a.name)), "{}", a.name);
+        let names: Vec<&str> = all_names().collect();
+        for (i, a) in names.iter().enumerate() {
+            for (j, b) in names.iter().enumerate() {
+                if i != j {
+                    assert_ne!(a, b);
+                    assert!(!b.starts_with(&format!("{a}.")), "{a}");
                 }
             }
         }
+    }
+
+    #[test]
+    fn an_alias_finds_the_key_of_its_current_name() {
+        let key = find("state.checkpoints.dir").unwrap();
+        assert_eq!(key.name, "execution.checkpointing.dir");
+        assert!(ALIASES.iter().all(|(_, current)| find(current).is_some()));
     }
 
     #[test]
@@ -352,6 +452,15 @@ mod tests {
             (
                 "taskmanager.memory.process",
                 Some("taskmanager.memory.process.size"),
+            ),
+            (
+                "execution.checkpointing.intervall",
+                Some("execution.checkpointing.interval"),
+            ),
+            ("state.checkpoint.dir", Some("state.checkpoints.dir")),
+            (
+                "restart-strategy.fixed-delay.attempt",
+                Some("restart-strategy.fixed-delay.attempts"),
             ),
             ("state.backend.type", None),
             ("x", None),
@@ -392,6 +501,64 @@ mod tests {
         assert_eq!(placement_mode(&text_value("GPU")), Ok(PlacementMode::Gpu));
         assert!(placement_mode(&text_value("tpu")).is_err());
         assert!(text(&text_value("  ")).is_err());
+    }
+
+    #[test]
+    fn checkpoint_and_restart_parsers_accept_flink_forms_and_explain_refusals() {
+        assert_eq!(optional_positive_duration(&text_value("none")), Ok(None));
+        assert_eq!(optional_positive_duration(&text_value(" OFF ")), Ok(None));
+        assert_eq!(
+            optional_positive_duration(&text_value("30 s")),
+            Ok(Some(Duration::from_secs(30)))
+        );
+        assert_eq!(
+            optional_positive_duration(&RawValue::Integer(500)),
+            Ok(Some(Duration::from_millis(500)))
+        );
+        assert_eq!(
+            optional_positive_duration(&text_value("0 s")),
+            Err("must be longer than zero")
+        );
+        assert!(
+            optional_positive_duration(&text_value("never"))
+                .unwrap_err()
+                .ends_with("or none")
+        );
+        let kinds = [
+            ("default", None),
+            ("none", Some(RestartStrategyKind::None)),
+            ("off", Some(RestartStrategyKind::None)),
+            ("disable", Some(RestartStrategyKind::None)),
+            ("fixed-delay", Some(RestartStrategyKind::FixedDelay)),
+            ("FixedDelay", Some(RestartStrategyKind::FixedDelay)),
+            (
+                "exponential-delay",
+                Some(RestartStrategyKind::ExponentialDelay),
+            ),
+            (
+                "exponentialdelay",
+                Some(RestartStrategyKind::ExponentialDelay),
+            ),
+        ];
+        for (text, kind) in kinds {
+            assert_eq!(restart_strategy(&text_value(text)), Ok(kind), "{text}");
+            assert_eq!(
+                restart_strategy(&text_value(&show_restart_strategy(&kind))),
+                Ok(kind)
+            );
+        }
+        assert!(restart_strategy(&text_value("failure-rate")).is_err());
+        assert_eq!(multiplier(&text_value("1.5")), Ok(1.5));
+        assert_eq!(multiplier(&RawValue::Integer(2)), Ok(2.0));
+        for refused in ["0.5", "inf", "NaN", "-2"] {
+            assert!(multiplier(&text_value(refused)).is_err(), "{refused}");
+        }
+        assert_eq!(
+            multiplier(&text_value("fast")),
+            Err("expected a number like 1.5")
+        );
+        assert_eq!(path(&text_value(" /ck ")), Ok(PathBuf::from("/ck")));
+        assert!(path(&text_value("")).is_err());
     }
 
     #[test]

@@ -12,7 +12,8 @@
 //! - each value passed its own check (fractions in [0, 1], page and segment
 //!   sizes powers of two in 4 KiB..16 MiB, slot count ≥ 1, ...) and the keys
 //!   agree with each other (heartbeat timeout > interval, max parallelism ≥
-//!   default parallelism, registration back-off initial ≤ max);
+//!   default parallelism, registration back-off initial ≤ max, exponential
+//!   restart back-off initial ≤ max);
 //! - [`Config::memory_layout`] was derived from these fields and is feasible.
 //!
 //! Limits: the fields are public for reading; assigning to one afterwards does
@@ -35,6 +36,7 @@ use std::time::Duration;
 pub use error::ConfigError;
 pub use layout::MemoryLayout;
 pub use source::{ConfigSource, Origin};
+pub use units::format_duration;
 
 use source::Entry;
 
@@ -89,6 +91,30 @@ impl fmt::Display for IoBackend {
             IoBackend::Auto => "auto",
             IoBackend::Uring => "io_uring",
             IoBackend::ThreadPool => "threadpool",
+        })
+    }
+}
+
+/// `restart-strategy.type`: what the JobManager does when a job fails
+/// (Flink's restart back-off time strategies; `failure-rate` is not offered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RestartStrategyKind {
+    /// Fail the job on its first failure.
+    None,
+    /// `restart-strategy.fixed-delay.*`: a fixed number of restarts, each
+    /// after the same delay.
+    FixedDelay,
+    /// `restart-strategy.exponential-delay.*`: a growing back-off with
+    /// jitter that starts over after the job ran long enough.
+    ExponentialDelay,
+}
+
+impl fmt::Display for RestartStrategyKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RestartStrategyKind::None => "none",
+            RestartStrategyKind::FixedDelay => "fixed-delay",
+            RestartStrategyKind::ExponentialDelay => "exponential-delay",
         })
     }
 }
@@ -173,6 +199,36 @@ pub struct Config {
     /// `execution.checkpointing.interval`; `None` (the default) turns
     /// checkpointing off.
     pub checkpoint_interval: Option<Duration>,
+    /// `execution.checkpointing.timeout`: a checkpoint that has not
+    /// completed after this long is aborted.
+    pub checkpoint_timeout: Duration,
+    /// `execution.checkpointing.dir` (older name `state.checkpoints.dir`):
+    /// completed checkpoints live under `<dir>/<job>/chk-<n>/`.
+    pub checkpoint_dir: PathBuf,
+    /// `execution.checkpointing.num-retained`: completed checkpoints kept, at least 1.
+    pub checkpoints_retained: u32,
+    /// `restart-strategy.type`; `None` (unset, printed `default`) is Flink's
+    /// default: exponential-delay when checkpointing is on, none otherwise.
+    /// [`Config::effective_restart_strategy`] resolves it.
+    pub restart_strategy: Option<RestartStrategyKind>,
+    /// `restart-strategy.fixed-delay.attempts`: restarts before giving up.
+    pub restart_fixed_delay_attempts: u32,
+    /// `restart-strategy.fixed-delay.delay`.
+    pub restart_fixed_delay_delay: Duration,
+    /// `restart-strategy.exponential-delay.initial-backoff`.
+    pub restart_exp_initial_backoff: Duration,
+    /// `restart-strategy.exponential-delay.max-backoff`, at least the initial backoff.
+    pub restart_exp_max_backoff: Duration,
+    /// `restart-strategy.exponential-delay.backoff-multiplier`, at least 1.
+    pub restart_exp_multiplier: f64,
+    /// `restart-strategy.exponential-delay.reset-backoff-threshold`: a job
+    /// that ran this long since its last restart starts the back-off over.
+    pub restart_exp_reset_threshold: Duration,
+    /// `restart-strategy.exponential-delay.jitter-factor`, in [0, 1].
+    pub restart_exp_jitter: f64,
+    /// `restart-strategy.exponential-delay.attempts-before-reset-backoff`:
+    /// restarts allowed between two resets.
+    pub restart_exp_attempts: u32,
     /// `io.tmp.dirs`: spill directories, at least one.
     pub tmp_dirs: Vec<PathBuf>,
     /// `io.backend`: `auto`, `io_uring` or `threadpool`.
@@ -230,6 +286,16 @@ impl Config {
 
     pub fn memory_layout(&self) -> &MemoryLayout {
         &self.layout
+    }
+
+    /// `restart-strategy.type` with Flink's default resolved: exponential-delay
+    /// when checkpointing is on, none otherwise.
+    pub fn effective_restart_strategy(&self) -> RestartStrategyKind {
+        match (self.restart_strategy, self.checkpoint_interval) {
+            (Some(kind), _) => kind,
+            (None, Some(_)) => RestartStrategyKind::ExponentialDelay,
+            (None, None) => RestartStrategyKind::None,
+        }
     }
 
     /// Which source set `key`; `None` for a key this module does not know.
@@ -307,6 +373,18 @@ impl Config {
             heartbeat_interval: Duration::from_secs(10),
             heartbeat_timeout: Duration::from_secs(50),
             checkpoint_interval: None,
+            checkpoint_timeout: Duration::from_secs(10 * 60),
+            checkpoint_dir: std::env::temp_dir().join("strata-checkpoints"),
+            checkpoints_retained: 1,
+            restart_strategy: None,
+            restart_fixed_delay_attempts: 1,
+            restart_fixed_delay_delay: Duration::from_secs(1),
+            restart_exp_initial_backoff: Duration::from_secs(1),
+            restart_exp_max_backoff: Duration::from_secs(60),
+            restart_exp_multiplier: 1.5,
+            restart_exp_reset_threshold: Duration::from_secs(60 * 60),
+            restart_exp_jitter: 0.1,
+            restart_exp_attempts: u32::MAX,
             tmp_dirs: vec![std::env::temp_dir()],
             io_backend: IoBackend::Auto,
             default_parallelism: 1,
@@ -365,6 +443,14 @@ impl Config {
                     "cluster.registration.max-timeout",
                 ),
                 "the initial registration back-off must not exceed the maximum",
+            ),
+            (
+                self.restart_exp_max_backoff >= self.restart_exp_initial_backoff,
+                (
+                    "restart-strategy.exponential-delay.max-backoff",
+                    "restart-strategy.exponential-delay.initial-backoff",
+                ),
+                "the maximum restart back-off must not be shorter than the initial back-off",
             ),
         ];
         let Some((_, (key, other_key), reason)) = rules.into_iter().find(|(holds, ..)| !holds)
@@ -475,9 +561,116 @@ mod tests {
         assert_eq!(config.jobmanager_port, 6123);
         assert_eq!(config.max_parallelism, 128);
         assert_eq!(config.prometheus_port, 9249);
+        assert_eq!(config.checkpoint_interval, None);
+        assert_eq!(config.checkpoint_timeout, Duration::from_secs(600));
+        let checkpoint_dir = std::env::temp_dir().join("strata-checkpoints");
+        assert_eq!(config.checkpoint_dir, checkpoint_dir);
+        assert_eq!(config.checkpoints_retained, 1);
+        assert_eq!(config.restart_strategy, None);
+        assert_eq!(config.restart_fixed_delay_attempts, 1);
+        assert_eq!(config.restart_exp_max_backoff, Duration::from_secs(60));
+        assert_eq!(config.restart_exp_multiplier, 1.5);
+        assert_eq!(config.restart_exp_jitter, 0.1);
+        assert_eq!(config.restart_exp_attempts, u32::MAX);
         assert_eq!(config.memory_layout().task_heap, 384 * MIB);
         assert_eq!(config.source_of("rest.port"), Some(&ConfigSource::Default));
         assert_eq!(config.source_of("no.such.key"), None);
+    }
+
+    #[test]
+    fn default_restart_strategy_follows_checkpointing() {
+        let config = Config::default();
+        assert_eq!(
+            config.effective_restart_strategy(),
+            RestartStrategyKind::None
+        );
+        let config =
+            Config::from_overrides(&args(&["execution.checkpointing.interval=10 s"])).unwrap();
+        assert_eq!(config.checkpoint_interval, Some(Duration::from_secs(10)));
+        assert_eq!(
+            config.effective_restart_strategy(),
+            RestartStrategyKind::ExponentialDelay
+        );
+        let config = Config::from_overrides(&args(&[
+            "execution.checkpointing.interval=10 s",
+            "restart-strategy.type=none",
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.effective_restart_strategy(),
+            RestartStrategyKind::None
+        );
+    }
+
+    #[test]
+    fn checkpoint_and_restart_keys_set_their_fields() {
+        let config = Config::from_overrides(&args(&[
+            "execution.checkpointing.interval=500 ms",
+            "execution.checkpointing.timeout=2 min",
+            "execution.checkpointing.dir=/ck",
+            "execution.checkpointing.num-retained=3",
+            "restart-strategy.type=fixed-delay",
+            "restart-strategy.fixed-delay.attempts=0",
+            "restart-strategy.fixed-delay.delay=250 ms",
+            "restart-strategy.exponential-delay.initial-backoff=2 s",
+            "restart-strategy.exponential-delay.max-backoff=2 s",
+            "restart-strategy.exponential-delay.backoff-multiplier=2",
+            "restart-strategy.exponential-delay.reset-backoff-threshold=5 min",
+            "restart-strategy.exponential-delay.jitter-factor=0",
+            "restart-strategy.exponential-delay.attempts-before-reset-backoff=4",
+        ]))
+        .unwrap();
+        assert_eq!(config.checkpoint_interval, Some(Duration::from_millis(500)));
+        assert_eq!(config.checkpoint_timeout, Duration::from_secs(120));
+        assert_eq!(config.checkpoint_dir, PathBuf::from("/ck"));
+        assert_eq!(config.checkpoints_retained, 3);
+        assert_eq!(
+            config.restart_strategy,
+            Some(RestartStrategyKind::FixedDelay)
+        );
+        assert_eq!(config.restart_fixed_delay_attempts, 0);
+        assert_eq!(config.restart_fixed_delay_delay, Duration::from_millis(250));
+        assert_eq!(config.restart_exp_initial_backoff, Duration::from_secs(2));
+        assert_eq!(config.restart_exp_max_backoff, Duration::from_secs(2));
+        assert_eq!(config.restart_exp_multiplier, 2.0);
+        assert_eq!(config.restart_exp_reset_threshold, Duration::from_secs(300));
+        assert_eq!(config.restart_exp_jitter, 0.0);
+        assert_eq!(config.restart_exp_attempts, 4);
+    }
+
+    #[test]
+    fn older_checkpoint_dir_name_sets_the_same_field() {
+        let file = TempFile::new("legacy.yaml", "state.checkpoints.dir: /old/ck\n");
+        let config = Config::load(Some(&file.0), None, &[]).unwrap();
+        assert_eq!(config.checkpoint_dir, PathBuf::from("/old/ck"));
+        let file_source = ConfigSource::File(file.0.clone());
+        assert_eq!(
+            config.source_of("execution.checkpointing.dir"),
+            Some(&file_source)
+        );
+        let overrides = args(&["execution.checkpointing.dir=/new/ck"]);
+        let config = Config::load(Some(&file.0), None, &overrides).unwrap();
+        assert_eq!(config.checkpoint_dir, PathBuf::from("/new/ck"));
+    }
+
+    #[test]
+    fn max_restart_backoff_must_not_be_below_initial() {
+        let error = Config::from_overrides(&args(&[
+            "restart-strategy.exponential-delay.initial-backoff=2 min",
+        ]))
+        .unwrap_err();
+        let message = error.to_string();
+        assert!(matches!(error, ConfigError::Conflict { .. }), "{message}");
+        assert!(
+            message.contains(
+                "`restart-strategy.exponential-delay.max-backoff` = 1 min (from default)"
+            ),
+            "{message}"
+        );
+        assert!(
+            message.contains("`restart-strategy.exponential-delay.initial-backoff` = 2 min"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -612,6 +805,31 @@ mod tests {
             ),
             ("pipeline.max-parallelism=40000", "between 1 and 32768"),
             ("rest.port=99999", "expected a port number"),
+            (
+                "execution.checkpointing.interval=0",
+                "must be longer than zero",
+            ),
+            ("execution.checkpointing.interval=sometimes", "or none"),
+            (
+                "execution.checkpointing.num-retained=0",
+                "must be at least 1",
+            ),
+            (
+                "restart-strategy.type=failure-rate",
+                "expected one of none, fixed-delay",
+            ),
+            (
+                "restart-strategy.exponential-delay.backoff-multiplier=0.5",
+                "at least 1.0",
+            ),
+            (
+                "restart-strategy.exponential-delay.jitter-factor=1.5",
+                "fraction must be in [0, 1]",
+            ),
+            (
+                "restart-strategy.exponential-delay.attempts-before-reset-backoff=0",
+                "must be at least 1",
+            ),
         ];
         for (argument, reason) in cases {
             let error = Config::from_overrides(&args(&[argument])).unwrap_err();
@@ -744,5 +962,43 @@ mod tests {
         assert_eq!(shown(&reloaded), shown(&config));
         assert_eq!(reloaded.memory_layout(), config.memory_layout());
         assert_eq!(reloaded.heartbeat_timeout, Duration::from_secs(120));
+    }
+
+    #[test]
+    fn rendered_checkpoint_and_restart_values_load_back() {
+        for overrides in [
+            args(&[]),
+            args(&[
+                "execution.checkpointing.interval=30 s",
+                "state.checkpoints.dir=/ck",
+                "restart-strategy.type=exponentialdelay",
+                "restart-strategy.exponential-delay.backoff-multiplier=1.25",
+            ]),
+        ] {
+            let config = Config::from_overrides(&overrides).unwrap();
+            let shown: Vec<String> = keys::KEYS
+                .iter()
+                .map(|key| format!("{}={}", key.name, (key.show)(&config)))
+                .collect();
+            let reloaded = Config::from_overrides(&shown).unwrap();
+            assert_eq!(reloaded.checkpoint_interval, config.checkpoint_interval);
+            assert_eq!(reloaded.checkpoint_dir, config.checkpoint_dir);
+            assert_eq!(reloaded.restart_strategy, config.restart_strategy);
+            assert_eq!(
+                reloaded.restart_exp_multiplier,
+                config.restart_exp_multiplier
+            );
+            assert_eq!(reloaded.restart_exp_attempts, config.restart_exp_attempts);
+        }
+        let table = Config::default().render_table();
+        for expected in [
+            "execution.checkpointing.interval",
+            "none",
+            "restart-strategy.type",
+            "default",
+            "4294967295",
+        ] {
+            assert!(table.contains(expected), "missing {expected} in\n{table}");
+        }
     }
 }

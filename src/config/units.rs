@@ -81,7 +81,7 @@ pub(super) fn format_memory_size(bytes: u64) -> String {
 }
 
 /// Prints a duration in the largest exact unit: `10 s`, `5 min`, `100 ms`.
-pub(super) fn format_duration(duration: Duration) -> String {
+pub fn format_duration(duration: Duration) -> String {
     let nanos = duration.as_nanos();
     let exact = DURATION_UNITS
         .iter()
