@@ -6,7 +6,9 @@ use std::sync::atomic::AtomicU64;
 use super::ExecError;
 use super::aggregate::{AggregateOperator, WindowOperator};
 use super::operators::{FilterOperator, Operator, ProjectOperator};
-use super::sink::{BlackholeSink, CsvSink, ParquetSink, PrintSink};
+use super::sink::{
+    BlackholeSink, CsvSink, ParquetSink, PrintSink, TwoPhaseCsvSink, TwoPhaseParquetSink,
+};
 use super::sort::{SortColumn, SortOperator};
 use super::source::{CsvSource, DatagenSource, ParquetSource, Source, WatermarkGenerator};
 use super::spill::SpillContext;
@@ -155,6 +157,15 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
             *limit,
             Arc::clone(&ctx.printed),
         )),
+        OperatorKind::CsvSink { path } if ctx.checkpointing => Box::new(TwoPhaseCsvSink::new(
+            &spec.name,
+            path,
+            ctx.subtask,
+            input_schema,
+        )?),
+        OperatorKind::ParquetSink { path } if ctx.checkpointing => Box::new(
+            TwoPhaseParquetSink::new(&spec.name, path, ctx.subtask, input_schema)?,
+        ),
         OperatorKind::CsvSink { path } => Box::new(CsvSink::new(path, ctx.subtask, input_schema)?),
         OperatorKind::ParquetSink { path } => {
             Box::new(ParquetSink::new(path, ctx.subtask, input_schema)?)

@@ -1,9 +1,13 @@
 //! Sinks: blackhole, print, CSV and Parquet files.
 //!
-//! File sinks write `part-<subtask>.<ext>` in the sink's directory. A part
-//! file is written under a hidden in-progress name and renamed when the task
-//! finishes, so a failed or canceled task never leaves a partial part file
-//! that looks complete.
+//! Without checkpointing, file sinks write `part-<subtask>.<ext>` in the
+//! sink's directory. A part file is written under a hidden in-progress name
+//! and renamed when the task finishes, so a failed or canceled task never
+//! leaves a partial part file that looks complete.
+//!
+//! With checkpointing, file sinks are exactly-once ([`two_phase`]): they roll
+//! a new part file `part-<subtask>-<seq>.<ext>` at each checkpoint and commit
+//! it when the checkpoint completes.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -18,6 +22,12 @@ use parquet::arrow::ArrowWriter;
 
 use super::ExecError;
 use super::operators::{Operator, Output};
+
+#[cfg(test)]
+mod tests;
+pub mod two_phase;
+
+pub use two_phase::{TwoPhaseCsvSink, TwoPhaseFileSink, TwoPhaseParquetSink};
 
 /// Counts rows and drops them.
 #[derive(Default)]

@@ -1,9 +1,13 @@
 //! Sources: datagen, CSV files and Parquet files.
 //!
 //! Every source is split across its subtasks deterministically (datagen by
-//! strided row index, files by file, Parquet by row group), so that a
-//! subtask's output depends only on the job file and its index — the basis
-//! for replay from an offset when checkpoints arrive.
+//! strided row index, CSV by file, Parquet by row group), so that a
+//! subtask's output depends only on the job file and its index. That makes
+//! every source replayable: its checkpointed offset is the position after
+//! the last batch returned (datagen: the local row index; files: the splits
+//! read and the rows returned from the next one), and a restored source
+//! continues exactly there. A file source's offset names the files it was
+//! taken over, so a restore against different files fails, naming the file.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -231,81 +235,274 @@ pub fn list_files(path: &Path, extension: &str) -> Result<Vec<PathBuf>, ExecErro
     Ok(files)
 }
 
+/// One unit of a file source subtask's share: a whole CSV file, or one row
+/// group of a Parquet file. A checkpoint records the subtask's splits by
+/// name, so that restoring against other files fails, naming the file,
+/// instead of silently skipping the wrong rows.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SplitName {
+    /// The file's name in the source directory.
+    file: String,
+    /// The file's length: catches a file rewritten under the same name.
+    size_bytes: u64,
+    /// The row group, for Parquet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    row_group: Option<usize>,
+}
+
+impl SplitName {
+    fn new(path: &Path, row_group: Option<usize>) -> Result<Self, ExecError> {
+        let metadata = std::fs::metadata(path).map_err(|e| ExecError::Io {
+            path: path.to_owned(),
+            source: e,
+        })?;
+        let file = path.file_name().unwrap_or(path.as_os_str());
+        Ok(Self {
+            file: file.to_string_lossy().into_owned(),
+            size_bytes: metadata.len(),
+            row_group,
+        })
+    }
+}
+
+impl std::fmt::Display for SplitName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "'{}' ({} bytes)", self.file, self.size_bytes)?;
+        if let Some(rg) = self.row_group {
+            write!(f, " row group {rg}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Where a file source subtask stands: `split_index` splits are read, and
+/// `rows` rows of the next one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SplitPosition {
+    split_index: usize,
+    rows: u64,
+}
+
+/// A file source subtask's checkpointed position, with the splits it was
+/// taken against.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct FileOffset {
+    subtask: u32,
+    parallelism: u32,
+    splits: Vec<SplitName>,
+    position: SplitPosition,
+}
+
+/// Which subtask of how many: the identity a file offset must match.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct SubtaskIndex {
+    subtask: u32,
+    parallelism: u32,
+}
+
+fn snapshot_file_offset(
+    operator: &str,
+    owner: SubtaskIndex,
+    splits: &[SplitName],
+    position: SplitPosition,
+) -> Result<Vec<u8>, ExecError> {
+    let state = FileOffset {
+        subtask: owner.subtask,
+        parallelism: owner.parallelism,
+        splits: splits.to_vec(),
+        position,
+    };
+    serde_json::to_vec(&state).map_err(|e| state_error(operator, e))
+}
+
+/// Reads a checkpointed position and checks that it was taken by this
+/// subtask over the same splits that it finds now.
+fn restore_file_offset(
+    operator: &str,
+    owner: SubtaskIndex,
+    splits: &[SplitName],
+    state: &[u8],
+) -> Result<SplitPosition, ExecError> {
+    let state: FileOffset = serde_json::from_slice(state).map_err(|e| state_error(operator, e))?;
+    let mismatch = |detail: String| ExecError::State {
+        operator: operator.into(),
+        detail,
+    };
+    let checkpointed = SubtaskIndex {
+        subtask: state.subtask,
+        parallelism: state.parallelism,
+    };
+    if checkpointed != owner {
+        return Err(mismatch(format!(
+            "the checkpointed offset belongs to subtask {}/{}, not {}/{}",
+            state.subtask, state.parallelism, owner.subtask, owner.parallelism
+        )));
+    }
+    let position = state.position;
+    let at = match state.splits.get(position.split_index) {
+        Some(split) => format!("row {} of {split}", position.rows),
+        None => "the end of its files".to_owned(),
+    };
+    if let Some(difference) = split_difference(&state.splits, splits) {
+        return Err(mismatch(format!(
+            "cannot restore subtask {}'s position at {at}: {difference}",
+            owner.subtask
+        )));
+    }
+    if position.split_index > splits.len()
+        || (position.split_index == splits.len() && position.rows > 0)
+    {
+        return Err(mismatch(format!(
+            "the checkpointed position (split {}, row {}) lies past the subtask's {} splits",
+            position.split_index,
+            position.rows,
+            splits.len()
+        )));
+    }
+    Ok(position)
+}
+
+/// The first difference between the splits a checkpoint recorded and the
+/// splits found now, in words; `None` when they are the same.
+fn split_difference(checkpointed: &[SplitName], found: &[SplitName]) -> Option<String> {
+    let count = checkpointed.len().max(found.len());
+    (0..count).find_map(|i| match (checkpointed.get(i), found.get(i)) {
+        (Some(c), Some(f)) if c == f => None,
+        (Some(c), Some(f)) => Some(format!(
+            "split {i} was {c} in the checkpoint but is {f} now"
+        )),
+        (Some(c), None) => Some(format!("{c} (split {i}) is gone now")),
+        (None, Some(f)) => Some(format!("{f} (split {i}) is new since the checkpoint")),
+        (None, None) => unreachable!("i < max of both lengths"),
+    })
+}
+
 /// CSV files; subtask `s` reads every file `i` with `i % p == s`.
 pub struct CsvSource {
     spec: CsvSourceSpec,
+    owner: SubtaskIndex,
+    /// This subtask's files in reading order.
     files: Vec<PathBuf>,
-    current: Option<(PathBuf, arrow_csv::Reader<File>)>,
+    /// `files` by name, for checkpoints.
+    splits: Vec<SplitName>,
+    /// The replay offset: files read, and rows returned from the next one.
+    position: SplitPosition,
+    /// The reader of `files[position.split_index]`, once opened.
+    reader: Option<arrow_csv::Reader<File>>,
 }
 
 impl CsvSource {
     pub fn new(spec: CsvSourceSpec, subtask: u32, parallelism: u32) -> Result<Self, ExecError> {
-        let files = list_files(&spec.path, "csv")?
+        let files: Vec<PathBuf> = list_files(&spec.path, "csv")?
             .into_iter()
             .enumerate()
             .filter(|(i, _)| *i as u32 % parallelism == subtask)
             .map(|(_, f)| f)
-            .rev()
             .collect();
+        let splits = files
+            .iter()
+            .map(|f| SplitName::new(f, None))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             spec,
+            owner: SubtaskIndex {
+                subtask,
+                parallelism,
+            },
             files,
-            current: None,
+            splits,
+            position: SplitPosition::default(),
+            reader: None,
         })
+    }
+
+    /// Opens `path` past its first `rows_skipped` records. The CSV decoder
+    /// skips records without building arrays, so replaying into the middle
+    /// of a file costs a parse of the consumed part, not a decode.
+    fn open(&self, path: &Path, rows_skipped: u64) -> Result<arrow_csv::Reader<File>, ExecError> {
+        let read_err = |detail: String| ExecError::Read {
+            path: path.to_owned(),
+            detail,
+        };
+        let file = File::open(path).map_err(|e| ExecError::Io {
+            path: path.to_owned(),
+            source: e,
+        })?;
+        let format = arrow_csv::reader::Format::default().with_header(self.spec.has_header);
+        let mut builder = arrow_csv::ReaderBuilder::new(Arc::clone(&self.spec.schema))
+            .with_format(format)
+            .with_batch_size(self.spec.batch_size.max(1));
+        if rows_skipped > 0 {
+            let start = usize::try_from(rows_skipped).map_err(|e| read_err(e.to_string()))?;
+            // The decoder adds the header line to both bounds: leave room.
+            builder = builder.with_bounds(start, usize::MAX - 1);
+        }
+        builder.build(file).map_err(|e| read_err(e.to_string()))
     }
 }
 
 impl Source for CsvSource {
     fn snapshot_offset(&self) -> Result<Vec<u8>, ExecError> {
-        Err(ExecError::Unsupported {
-            operator: "csv_source".into(),
-            detail: "checkpointing this source is not implemented yet".into(),
-        })
+        snapshot_file_offset("csv_source", self.owner, &self.splits, self.position)
     }
-    fn restore_offset(&mut self, _state: &[u8]) -> Result<(), ExecError> {
-        self.snapshot_offset().map(|_| ())
+
+    fn restore_offset(&mut self, state: &[u8]) -> Result<(), ExecError> {
+        assert!(self.reader.is_none(), "restore_offset after next_batch");
+        self.position = restore_file_offset("csv_source", self.owner, &self.splits, state)?;
+        Ok(())
     }
+
     fn next_batch(&mut self) -> Result<Option<RecordBatch>, ExecError> {
         loop {
-            if let Some((path, reader)) = &mut self.current {
-                match reader.next() {
-                    Some(Ok(batch)) => return Ok(Some(batch)),
-                    Some(Err(e)) => {
-                        return Err(ExecError::Read {
-                            path: path.clone(),
-                            detail: e.to_string(),
-                        });
-                    }
-                    None => self.current = None,
-                }
-            }
-            let Some(path) = self.files.pop() else {
+            let Some(path) = self.files.get(self.position.split_index) else {
                 return Ok(None);
             };
-            let file = File::open(&path).map_err(|e| ExecError::Io {
-                path: path.clone(),
-                source: e,
-            })?;
-            let format = arrow_csv::reader::Format::default().with_header(self.spec.has_header);
-            let reader = arrow_csv::ReaderBuilder::new(Arc::clone(&self.spec.schema))
-                .with_format(format)
-                .with_batch_size(self.spec.batch_size.max(1))
-                .build(file)
-                .map_err(|e| ExecError::Read {
-                    path: path.clone(),
-                    detail: e.to_string(),
-                })?;
-            self.current = Some((path, reader));
+            if self.reader.is_none() {
+                self.reader = Some(self.open(path, self.position.rows)?);
+            }
+            let reader = self.reader.as_mut().expect("opened above");
+            match reader.next() {
+                Some(Ok(batch)) => {
+                    self.position.rows += batch.num_rows() as u64;
+                    return Ok(Some(batch));
+                }
+                Some(Err(e)) => {
+                    return Err(ExecError::Read {
+                        path: path.clone(),
+                        detail: e.to_string(),
+                    });
+                }
+                None => {
+                    self.reader = None;
+                    self.position = SplitPosition {
+                        split_index: self.position.split_index + 1,
+                        rows: 0,
+                    };
+                }
+            }
         }
     }
+}
+
+/// One row group of a Parquet source subtask's share.
+struct RowGroupSplit {
+    path: PathBuf,
+    row_group: usize,
+    row_count: u64,
 }
 
 /// Parquet files; row groups are dealt round-robin over subtasks.
 pub struct ParquetSource {
     batch_size: usize,
-    /// (file, row group) pairs left to read, last first.
-    row_groups: Vec<(PathBuf, usize)>,
-    current: Option<(PathBuf, ParquetRecordBatchReader)>,
+    owner: SubtaskIndex,
+    /// This subtask's row groups in reading order.
+    row_groups: Vec<RowGroupSplit>,
+    /// `row_groups` by name, for checkpoints.
+    splits: Vec<SplitName>,
+    /// The replay offset: row groups read, and rows returned from the next.
+    position: SplitPosition,
+    /// The reader of `row_groups[position.split_index]`, once opened.
+    reader: Option<ParquetRecordBatchReader>,
 }
 
 impl ParquetSource {
@@ -321,67 +518,115 @@ impl ParquetSource {
                     path: path.clone(),
                     detail: e.to_string(),
                 })?;
-            for rg in 0..builder.metadata().num_row_groups() {
-                all.push((path.clone(), rg));
+            for (row_group, metadata) in builder.metadata().row_groups().iter().enumerate() {
+                all.push(RowGroupSplit {
+                    path: path.clone(),
+                    row_group,
+                    row_count: u64::try_from(metadata.num_rows()).unwrap_or(0),
+                });
             }
         }
-        let mut row_groups: Vec<_> = all
+        let row_groups: Vec<RowGroupSplit> = all
             .into_iter()
             .enumerate()
             .filter(|(i, _)| *i as u32 % parallelism == subtask)
             .map(|(_, x)| x)
             .collect();
-        row_groups.reverse();
+        let splits = row_groups
+            .iter()
+            .map(|rg| SplitName::new(&rg.path, Some(rg.row_group)))
+            .collect::<Result<_, _>>()?;
         Ok(Self {
             batch_size: spec.batch_size.max(1),
+            owner: SubtaskIndex {
+                subtask,
+                parallelism,
+            },
             row_groups,
-            current: None,
+            splits,
+            position: SplitPosition::default(),
+            reader: None,
         })
+    }
+
+    /// Opens one row group past its first `rows_skipped` rows; the reader
+    /// skips them by row selection, so whole pages are not decoded.
+    fn open(
+        &self,
+        split: &RowGroupSplit,
+        rows_skipped: u64,
+    ) -> Result<ParquetRecordBatchReader, ExecError> {
+        let read_err = |detail: String| ExecError::Read {
+            path: split.path.clone(),
+            detail,
+        };
+        let file = File::open(&split.path).map_err(|e| ExecError::Io {
+            path: split.path.clone(),
+            source: e,
+        })?;
+        let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)
+            .map_err(|e| read_err(e.to_string()))?
+            .with_row_groups(vec![split.row_group])
+            .with_batch_size(self.batch_size);
+        if rows_skipped > 0 {
+            let offset = usize::try_from(rows_skipped).map_err(|e| read_err(e.to_string()))?;
+            builder = builder.with_offset(offset);
+        }
+        builder.build().map_err(|e| read_err(e.to_string()))
     }
 }
 
 impl Source for ParquetSource {
     fn snapshot_offset(&self) -> Result<Vec<u8>, ExecError> {
-        Err(ExecError::Unsupported {
-            operator: "parquet_source".into(),
-            detail: "checkpointing this source is not implemented yet".into(),
-        })
+        snapshot_file_offset("parquet_source", self.owner, &self.splits, self.position)
     }
-    fn restore_offset(&mut self, _state: &[u8]) -> Result<(), ExecError> {
-        self.snapshot_offset().map(|_| ())
+
+    fn restore_offset(&mut self, state: &[u8]) -> Result<(), ExecError> {
+        assert!(self.reader.is_none(), "restore_offset after next_batch");
+        let position = restore_file_offset("parquet_source", self.owner, &self.splits, state)?;
+        if let Some(split) = self.row_groups.get(position.split_index)
+            && position.rows > split.row_count
+        {
+            return Err(ExecError::State {
+                operator: "parquet_source".into(),
+                detail: format!(
+                    "the checkpointed position, row {}, lies past the {} rows of {}",
+                    position.rows, split.row_count, self.splits[position.split_index]
+                ),
+            });
+        }
+        self.position = position;
+        Ok(())
     }
+
     fn next_batch(&mut self) -> Result<Option<RecordBatch>, ExecError> {
         loop {
-            if let Some((path, reader)) = &mut self.current {
-                match reader.next() {
-                    Some(Ok(batch)) => return Ok(Some(batch)),
-                    Some(Err(e)) => {
-                        return Err(ExecError::Read {
-                            path: path.clone(),
-                            detail: e.to_string(),
-                        });
-                    }
-                    None => self.current = None,
-                }
-            }
-            let Some((path, rg)) = self.row_groups.pop() else {
+            let Some(split) = self.row_groups.get(self.position.split_index) else {
                 return Ok(None);
             };
-            let read_err = |e: parquet::errors::ParquetError| ExecError::Read {
-                path: path.clone(),
-                detail: e.to_string(),
-            };
-            let file = File::open(&path).map_err(|e| ExecError::Io {
-                path: path.clone(),
-                source: e,
-            })?;
-            let reader = ParquetRecordBatchReaderBuilder::try_new(file)
-                .map_err(read_err)?
-                .with_row_groups(vec![rg])
-                .with_batch_size(self.batch_size)
-                .build()
-                .map_err(read_err)?;
-            self.current = Some((path, reader));
+            if self.reader.is_none() {
+                self.reader = Some(self.open(split, self.position.rows)?);
+            }
+            let reader = self.reader.as_mut().expect("opened above");
+            match reader.next() {
+                Some(Ok(batch)) => {
+                    self.position.rows += batch.num_rows() as u64;
+                    return Ok(Some(batch));
+                }
+                Some(Err(e)) => {
+                    return Err(ExecError::Read {
+                        path: split.path.clone(),
+                        detail: e.to_string(),
+                    });
+                }
+                None => {
+                    self.reader = None;
+                    self.position = SplitPosition {
+                        split_index: self.position.split_index + 1,
+                        rows: 0,
+                    };
+                }
+            }
         }
     }
 }
@@ -432,3 +677,6 @@ impl WatermarkGenerator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
