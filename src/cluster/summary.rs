@@ -91,6 +91,37 @@ pub fn render(s: &JobSummary) -> String {
         human_bytes(s.spill_bytes_read),
         human_count(s.spill_file_count)
     );
+    if s.checkpointing {
+        let c = &s.checkpoints;
+        let _ = write!(
+            out,
+            "  checkpoints {} completed, {} failed",
+            c.completed, c.failed
+        );
+        if let Some(last) = c.last_completed() {
+            let _ = write!(
+                out,
+                "; last chk-{}: {} in {} ms (alignment {} ms)",
+                last.id,
+                human_bytes(last.size_bytes),
+                last.duration_ms,
+                last.alignment_ms
+            );
+        }
+        let _ = writeln!(out);
+    }
+    if s.restarts > 0 {
+        let restored = match s.checkpoints.restored_from {
+            Some(id) => format!("restored from chk-{id}"),
+            None => "restarted from the beginning".into(),
+        };
+        let _ = writeln!(
+            out,
+            "  restarts {} ({restored}); last failure: {}",
+            s.restarts,
+            s.last_failure.as_deref().unwrap_or("unknown")
+        );
+    }
     for gpu in &s.gpu {
         let _ = writeln!(out, "  gpu {gpu}");
     }

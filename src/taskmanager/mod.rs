@@ -98,16 +98,16 @@ fn deliver_control(
         return;
     };
     for h in tasks.controls.iter().filter(|h| h.is_source || !sources_only) {
-        if let Err(e) = h.sender.try_send(control) {
-            if let TaskControl::TriggerCheckpoint(checkpoint) = control {
-                let _ = out.send(Message::DeclineCheckpoint {
-                    job,
-                    vertex: h.vertex,
-                    subtask: h.subtask,
-                    checkpoint,
-                    reason: format!("the task cannot take a barrier now: {e}"),
-                });
-            }
+        if let Err(e) = h.sender.try_send(control)
+            && let TaskControl::TriggerCheckpoint(checkpoint) = control
+        {
+            let _ = out.send(Message::DeclineCheckpoint {
+                job,
+                vertex: h.vertex,
+                subtask: h.subtask,
+                checkpoint,
+                reason: format!("the task cannot take a barrier now: {e}"),
+            });
         }
     }
 }

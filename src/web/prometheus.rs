@@ -126,7 +126,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         let _ = writeln!(out, "strata_jobs{{state=\"{label}\"}} {n}");
     }
     let jobs: Vec<&JobSummary> = s.running.iter().chain(&s.completed).collect();
-    let per_job: [JobCounter; 12] = [
+    let per_job: [JobCounter; 15] = [
         (
             "strata_job_rows_in_total",
             "Rows read by the job's sources.",
@@ -187,6 +187,21 @@ pub fn render(s: &ClusterSnapshot) -> String {
             "Spill files created by the job's operators.",
             |j| j.spill_file_count,
         ),
+        (
+            "strata_job_checkpoints_completed_total",
+            "Checkpoints completed (Flink's numberOfCompletedCheckpoints).",
+            |j| j.checkpoints.completed,
+        ),
+        (
+            "strata_job_checkpoints_failed_total",
+            "Checkpoints aborted or failed (Flink's numberOfFailedCheckpoints).",
+            |j| j.checkpoints.failed,
+        ),
+        (
+            "strata_job_restarts_total",
+            "Restarts after failures (Flink's numRestarts).",
+            |j| u64::from(j.restarts),
+        ),
     ];
     for (name, help, value) in per_job {
         family(&mut out, name, "counter", help);
@@ -198,6 +213,35 @@ pub fn render(s: &ClusterSnapshot) -> String {
                 escape(&j.name),
                 value(j)
             );
+        }
+    }
+    for (name, help, value) in [
+        (
+            "strata_job_last_checkpoint_duration_milliseconds",
+            "Trigger to completion of the latest completed checkpoint (Flink's lastCheckpointDuration).",
+            (|j| j.checkpoints.last_completed().map(|c| c.duration_ms)) as fn(&JobSummary) -> Option<u64>,
+        ),
+        (
+            "strata_job_last_checkpoint_size_bytes",
+            "State bytes of the latest completed checkpoint (Flink's lastCheckpointSize).",
+            |j| j.checkpoints.last_completed().map(|c| c.size_bytes),
+        ),
+        (
+            "strata_job_last_checkpoint_alignment_milliseconds",
+            "Longest barrier alignment of the latest completed checkpoint.",
+            |j| j.checkpoints.last_completed().map(|c| c.alignment_ms),
+        ),
+    ] {
+        family(&mut out, name, "gauge", help);
+        for j in &jobs {
+            if let Some(v) = value(j) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{job=\"{:016x}\",name=\"{}\"}} {v}",
+                    j.job,
+                    escape(&j.name)
+                );
+            }
         }
     }
     // Per transport: the job's TaskManagers' transport names the label.
