@@ -16,10 +16,10 @@ use crate::checkpoint::storage::CheckpointStorage;
 use crate::cluster::rpc::{
     CheckpointDeployment, ExecutionState, Message, TaskDeploymentDescriptor,
 };
-use crate::exec::task::{CheckpointContext, Snapshot, TaskControl};
 use crate::exec::ExecError;
 use crate::exec::build::{BuildContext, GpuContext, build_operator, build_source};
 use crate::exec::task::{Chain, Task, TaskInput};
+use crate::exec::task::{CheckpointContext, Snapshot, TaskControl};
 use crate::job::graph::JobGraph;
 use crate::job::{LogicalPlan, parse_job, plan};
 use crate::kernels::backend::TieredKernels;

@@ -97,7 +97,11 @@ fn deliver_control(
         }
         return;
     };
-    for h in tasks.controls.iter().filter(|h| h.is_source || !sources_only) {
+    for h in tasks
+        .controls
+        .iter()
+        .filter(|h| h.is_source || !sources_only)
+    {
         if let Err(e) = h.sender.try_send(control)
             && let TaskControl::TriggerCheckpoint(checkpoint) = control
         {

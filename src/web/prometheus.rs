@@ -219,7 +219,8 @@ pub fn render(s: &ClusterSnapshot) -> String {
         (
             "strata_job_last_checkpoint_duration_milliseconds",
             "Trigger to completion of the latest completed checkpoint (Flink's lastCheckpointDuration).",
-            (|j| j.checkpoints.last_completed().map(|c| c.duration_ms)) as fn(&JobSummary) -> Option<u64>,
+            (|j| j.checkpoints.last_completed().map(|c| c.duration_ms))
+                as fn(&JobSummary) -> Option<u64>,
         ),
         (
             "strata_job_last_checkpoint_size_bytes",

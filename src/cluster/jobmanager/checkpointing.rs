@@ -108,13 +108,23 @@ fn apply(s: &mut State, job: u64, action: Action<StateHandle>) {
     };
     let message = match action {
         Action::Trigger { checkpoint } => match cp.storage.begin(checkpoint) {
-            Ok(_) => Some((Message::TriggerCheckpoint { job: exec, checkpoint }, true)),
+            Ok(_) => Some((
+                Message::TriggerCheckpoint {
+                    job: exec,
+                    checkpoint,
+                },
+                true,
+            )),
             Err(e) => {
                 let now = entry.started.elapsed();
                 let reason = format!("cannot create its directory: {e}");
-                tracing::warn!("checkpoint {checkpoint} of job {} failed: {reason}", entry.name);
+                tracing::warn!(
+                    "checkpoint {checkpoint} of job {} failed: {reason}",
+                    entry.name
+                );
                 if let Some(Action::Abort { .. }) =
-                    cp.coordinator.on_decline(checkpoint, (usize::MAX, 0), &reason, now)
+                    cp.coordinator
+                        .on_decline(checkpoint, (usize::MAX, 0), &reason, now)
                 {
                     cp.storage.abort(checkpoint);
                 }
@@ -137,20 +147,41 @@ fn apply(s: &mut State, job: u64, action: Action<StateHandle>) {
                     duration.as_millis(),
                     alignment.as_millis()
                 );
-                Some((Message::CheckpointComplete { job: exec, checkpoint }, false))
+                Some((
+                    Message::CheckpointComplete {
+                        job: exec,
+                        checkpoint,
+                    },
+                    false,
+                ))
             }
             Err(e) => {
                 tracing::warn!("job {}: checkpoint {checkpoint} failed: {e}", entry.name);
                 cp.coordinator
                     .record_failed(checkpoint, duration, e.to_string());
                 cp.storage.abort(checkpoint);
-                Some((Message::AbortCheckpoint { job: exec, checkpoint }, false))
+                Some((
+                    Message::AbortCheckpoint {
+                        job: exec,
+                        checkpoint,
+                    },
+                    false,
+                ))
             }
         },
         Action::Abort { checkpoint, reason } => {
-            tracing::warn!("job {}: checkpoint {checkpoint} aborted: {reason}", entry.name);
+            tracing::warn!(
+                "job {}: checkpoint {checkpoint} aborted: {reason}",
+                entry.name
+            );
             cp.storage.abort(checkpoint);
-            Some((Message::AbortCheckpoint { job: exec, checkpoint }, false))
+            Some((
+                Message::AbortCheckpoint {
+                    job: exec,
+                    checkpoint,
+                },
+                false,
+            ))
         }
     };
     if let Some((message, sources_only)) = message {
@@ -170,7 +201,11 @@ fn send_to_tasks(s: &State, job: u64, message: &Message, sources_only: bool) {
         .collect();
     names.sort_unstable();
     names.dedup();
-    for tm in s.taskmanagers.iter().filter(|t| names.contains(&t.name.as_str())) {
+    for tm in s
+        .taskmanagers
+        .iter()
+        .filter(|t| names.contains(&t.name.as_str()))
+    {
         let _ = tm.tx.send(message.clone());
     }
 }
@@ -245,13 +280,17 @@ pub(super) fn commit_final_if_ready(s: &mut State, job: u64) {
     if entry.final_pending.is_empty() || entry.restart_at.is_some() {
         return;
     }
-    let ready = entry.tasks.iter().all(|(key, t)| {
-        t.state == ExecutionState::Finished || entry.final_pending.contains(key)
-    });
+    let ready = entry
+        .tasks
+        .iter()
+        .all(|(key, t)| t.state == ExecutionState::Finished || entry.final_pending.contains(key));
     if !ready {
         return;
     }
-    tracing::info!("job {}: input complete; committing the final output", entry.name);
+    tracing::info!(
+        "job {}: input complete; committing the final output",
+        entry.name
+    );
     let message = Message::CheckpointComplete {
         job: entry.exec,
         checkpoint: FINAL_CHECKPOINT,
@@ -308,8 +347,7 @@ pub(super) fn fail_or_restart(s: &mut State, job: u64, reason: String) {
     entry.draining_since = Instant::now();
     entry.final_pending.clear();
     if let Some(cp) = entry.checkpointing.as_mut()
-        && let Some(Action::Abort { checkpoint, .. }) =
-            cp.coordinator.start_attempt([], None, now)
+        && let Some(Action::Abort { checkpoint, .. }) = cp.coordinator.start_attempt([], None, now)
     {
         cp.storage.abort(checkpoint);
     }
@@ -378,7 +416,10 @@ fn restart_if_due(s: &mut State, job: u64, config: &Config) {
     } else {
         crate::kernels::cpu::hash::fmix64(job ^ u64::from(entry.attempt).rotate_left(32))
     };
-    let restore = entry.checkpointing.as_ref().and_then(JobCheckpointing::latest);
+    let restore = entry
+        .checkpointing
+        .as_ref()
+        .and_then(JobCheckpointing::latest);
     match &restore {
         Some(r) => tracing::info!(
             "job {}: restoring attempt {} from checkpoint {} ({})",

@@ -1,0 +1,278 @@
+//! Checkpoints, exactly-once output and failover, with a JobManager and
+//! TaskManagers as separate OS processes killed with SIGKILL.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Kills the process when dropped, so a failing test leaves nothing behind.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Cluster settings: fast heartbeats, one slot per TaskManager, checkpoints
+/// every 300 ms into `checkpoints`, and a restart strategy with room for
+/// the failures a lost TaskManager causes.
+fn settings(checkpoints: &Path) -> Vec<String> {
+    [
+        "heartbeat.interval=300ms",
+        "heartbeat.timeout=2s",
+        "taskmanager.memory.process.size=1g",
+        "taskmanager.memory.managed.fraction=0.2",
+        "taskmanager.numberOfTaskSlots=1",
+        "execution.checkpointing.interval=300ms",
+        "execution.checkpointing.num-retained=2",
+        "restart-strategy.type=fixed-delay",
+        "restart-strategy.fixed-delay.attempts=5",
+        "restart-strategy.fixed-delay.delay=200ms",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain([format!(
+        "execution.checkpointing.dir={}",
+        checkpoints.display()
+    )])
+    .flat_map(|kv| ["-D".to_string(), kv])
+    .collect()
+}
+
+/// `strata ARGS SETTINGS` (options follow the subcommand).
+fn strata(args: &[&str], settings: &[String]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    c.env("STRATA_LOG", "warn,strata=info")
+        .args(args)
+        .args(settings);
+    c
+}
+
+/// Starts `strata ARGS` and returns it with what it announces on its first
+/// line of standard output after `prefix`.
+fn spawn_announcing(settings: &[String], args: &[&str], prefix: &str) -> (Proc, String) {
+    let mut child = strata(args, settings)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let value = line
+        .trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (Proc(child), value)
+}
+
+struct Cluster {
+    settings: Vec<String>,
+    _jm: Proc,
+    addr: String,
+    checkpoints: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let checkpoints = dir.path().join("checkpoints");
+        let settings = settings(&checkpoints);
+        let (jm, addr) = spawn_announcing(
+            &settings,
+            &["jobmanager", "--bind", "127.0.0.1:0"],
+            "JobManager listening on ",
+        );
+        Self {
+            settings,
+            _jm: jm,
+            addr,
+            checkpoints,
+            dir,
+        }
+    }
+
+    fn taskmanager(&self) -> Proc {
+        spawn_announcing(
+            &self.settings,
+            &["taskmanager", "--jobmanager", &self.addr],
+            "TaskManager data port ",
+        )
+        .0
+    }
+
+    /// Writes the job file for output directory `name` and starts
+    /// `strata submit` on it.
+    fn submit(&self, name: &str) -> (Child, PathBuf) {
+        let out = self.dir.path().join(name);
+        let job = self.dir.path().join(format!("{name}.toml"));
+        std::fs::write(&job, exactly_once_job(&out)).unwrap();
+        let job_arg = job.display().to_string();
+        let args = [
+            "submit",
+            "--no-progress",
+            "--jobmanager",
+            &self.addr,
+            &job_arg,
+        ];
+        let child = strata(&args, &self.settings)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        (child, out)
+    }
+
+    /// Completed checkpoints of all jobs so far.
+    fn completed_checkpoints(&self) -> usize {
+        let Ok(jobs) = std::fs::read_dir(&self.checkpoints) else {
+            return 0;
+        };
+        jobs.flatten()
+            .filter_map(|j| std::fs::read_dir(j.path()).ok())
+            .flat_map(|d| d.flatten())
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("chk-") && !name.ends_with(".inprogress")
+            })
+            .count()
+    }
+}
+
+/// A keyed aggregation with integer results, sorted by key per subtask, so
+/// every run commits the same bytes; throttled to run for a few seconds.
+fn exactly_once_job(out: &Path) -> String {
+    format!(
+        r#"
+[job]
+name = "exactly-once-test"
+parallelism = 2
+
+[[operator]]
+name = "events"
+type = "datagen"
+rows = 1_200_000
+keys = 5_000
+seed = 23
+batch_size = 4096
+rows_per_second = 300_000
+
+[[operator]]
+type = "key_by"
+keys = ["key"]
+
+[[operator]]
+name = "totals"
+type = "aggregate"
+aggs = ["count(*) as cnt", "sum(value) as total", "min(value) as lo", "max(value) as hi"]
+
+[[operator]]
+name = "ordered"
+type = "sort"
+keys = ["key"]
+
+[[operator]]
+name = "out"
+type = "csv_sink"
+path = "{}"
+"#,
+        out.display()
+    )
+}
+
+fn wait_ok(child: Child) -> String {
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The committed files of an output directory: name → bytes.
+fn committed(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Byte-for-byte equality, reported by file and first differing line.
+fn assert_same_output(actual: &[(String, Vec<u8>)], expected: &[(String, Vec<u8>)]) {
+    let names = |f: &[(String, Vec<u8>)]| f.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>();
+    assert_eq!(names(actual), names(expected), "committed files differ");
+    for ((name, a), (_, e)) in actual.iter().zip(expected) {
+        if a == e {
+            continue;
+        }
+        let (a, e) = (String::from_utf8_lossy(a), String::from_utf8_lossy(e));
+        let line = a
+            .lines()
+            .zip(e.lines())
+            .position(|(x, y)| x != y)
+            .unwrap_or(a.lines().count().min(e.lines().count()));
+        panic!(
+            "{name} differs from the reference run at line {}: {:?} vs {:?} ({} vs {} lines)",
+            line + 1,
+            a.lines().nth(line),
+            e.lines().nth(line),
+            a.lines().count(),
+            e.lines().count()
+        );
+    }
+}
+
+fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn killing_a_taskmanager_mid_job_restores_from_a_checkpoint_and_commits_exactly_once() {
+    let cluster = Cluster::start();
+    let _tm1 = cluster.taskmanager();
+    let mut tm2 = cluster.taskmanager();
+    std::thread::sleep(Duration::from_millis(800));
+
+    // A run without failure: the reference output.
+    let (reference, reference_out) = cluster.submit("reference");
+    let stdout = wait_ok(reference);
+    assert!(stdout.contains("FINISHED"), "{stdout}");
+    assert!(stdout.contains("checkpoints "), "{stdout}");
+    let expected = committed(&reference_out);
+    assert_eq!(expected.len(), 2, "one part per subtask: {expected:?}");
+
+    // The same job again; a third TaskManager is the spare. Kill one of the
+    // two running the job once a checkpoint of this run completed.
+    let before = cluster.completed_checkpoints();
+    let (run, out) = cluster.submit("failover");
+    let _tm3 = cluster.taskmanager();
+    wait_for("a checkpoint", Duration::from_secs(20), || {
+        cluster.completed_checkpoints() > before
+    });
+    tm2.0.kill().unwrap(); // SIGKILL
+    let stdout = wait_ok(run);
+    assert!(stdout.contains("FINISHED"), "{stdout}");
+    assert!(stdout.contains("restarts 1"), "{stdout}");
+    assert!(stdout.contains("restored from chk-"), "{stdout}");
+    assert_same_output(&committed(&out), &expected);
+    drop(tm2);
+}
