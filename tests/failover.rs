@@ -276,3 +276,60 @@ fn killing_a_taskmanager_mid_job_restores_from_a_checkpoint_and_commits_exactly_
     assert_same_output(&committed(&out), &expected);
     drop(tm2);
 }
+
+/// The newest completed checkpoint directory of the only job that has one.
+fn newest_checkpoint(root: &Path) -> Option<(u64, PathBuf)> {
+    std::fs::read_dir(root)
+        .ok()?
+        .flatten()
+        .filter_map(|j| std::fs::read_dir(j.path()).ok())
+        .flat_map(|d| d.flatten())
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let id = name.strip_prefix("chk-")?.parse::<u64>().ok()?;
+            Some((id, e.path()))
+        })
+        .max()
+}
+
+#[test]
+fn a_corrupt_checkpoint_is_skipped_for_the_previous_one_and_the_output_stays_exact() {
+    let cluster = Cluster::start();
+    let _tm1 = cluster.taskmanager();
+    let mut tm2 = cluster.taskmanager();
+    std::thread::sleep(Duration::from_millis(800));
+    let (reference, reference_out) = cluster.submit("reference");
+    wait_ok(reference);
+    let expected = committed(&reference_out);
+
+    let (run, out) = cluster.submit("corrupted");
+    let _tm3 = cluster.taskmanager();
+    let before = cluster.completed_checkpoints();
+    // Two checkpoints of this run, so one older than the newest is retained.
+    wait_for("two checkpoints", Duration::from_secs(20), || {
+        cluster.completed_checkpoints() >= before + 2
+    });
+    tm2.0.kill().unwrap(); // SIGKILL
+    // The restart waits for the lost TaskManager (heartbeat.timeout = 2 s);
+    // no checkpoint completes once a TaskManager is gone.
+    std::thread::sleep(Duration::from_millis(400));
+    let (newest, dir) = newest_checkpoint(&cluster.checkpoints).expect("a checkpoint");
+    let state = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "state"))
+        .expect("a state file");
+    let mut bytes = std::fs::read(&state).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x40;
+    std::fs::write(&state, bytes).unwrap();
+
+    let stdout = wait_ok(run);
+    assert!(stdout.contains("FINISHED"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("restored from chk-{}", newest - 1)),
+        "restores the checkpoint before the corrupt chk-{newest}: {stdout}"
+    );
+    assert_same_output(&committed(&out), &expected);
+}
