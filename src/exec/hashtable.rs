@@ -52,15 +52,37 @@ pub struct PagedHashTable {
 
 impl PagedHashTable {
     pub fn new(mem: MemoryManager, acc_width: usize) -> Result<Self, TableError> {
+        Self::with_capacity(mem, acc_width, 0)
+    }
+
+    /// A table whose index takes `entry_count` entries without growing: the
+    /// index a table grows to for that many entries, allocated at once. A
+    /// checkpoint restore rebuilds a table this way, so it takes the pages
+    /// the snapshotted table held, without the transient old-plus-new index
+    /// of each doubling.
+    pub fn with_capacity(
+        mem: MemoryManager,
+        acc_width: usize,
+        entry_count: usize,
+    ) -> Result<Self, TableError> {
         let page_size = mem.page_size_bytes();
         assert!(page_size.is_power_of_two());
         let entry_width = (ENTRY_HEADER + acc_width).next_multiple_of(8);
         assert!(entry_width <= page_size, "accumulators wider than a page");
         let per_page = page_size / entry_width;
         let entry_shift = usize::BITS - 1 - per_page.leading_zeros();
-        let mut index_pages = mem.allocate_pages(1)?;
+        if entry_count >= u32::MAX as usize - 1 {
+            return Err(TableError::Full {
+                entries: entry_count,
+            });
+        }
+        // Inserts grow the index while `count * 2 > capacity`.
+        let index_capacity = (entry_count * 2).next_power_of_two().max(page_size / 4);
+        let mut index_pages = mem.allocate_pages((index_capacity * 4).div_ceil(page_size))?;
         // Pages come back from the pool as their last user left them.
-        index_pages[0].as_mut_slice().fill(0);
+        for page in &mut index_pages {
+            page.as_mut_slice().fill(0);
+        }
         Ok(Self {
             page_size,
             entry_width,
@@ -70,7 +92,7 @@ impl PagedHashTable {
             entry_count: 0,
             key_pages: Vec::new(),
             key_used: page_size,
-            index_capacity: page_size / 4,
+            index_capacity,
             index_pages,
             mem,
         })
@@ -125,6 +147,12 @@ impl PagedHashTable {
         let page = read_u32(e, 12) as usize;
         let offset = read_u32(e, 16) as usize;
         &self.key_pages[page].as_slice()[offset..offset + len]
+    }
+
+    /// The hash an entry was inserted with.
+    #[inline]
+    pub fn hash(&self, id: usize) -> u64 {
+        read_u64(self.entry(id), 0)
     }
 
     /// The accumulator bytes of an entry.
@@ -327,6 +355,37 @@ mod tests {
         for id in 0..t.len() {
             let key = std::str::from_utf8(t.key(id)).unwrap();
             assert_eq!(read_u64(t.acc(id), 0), reference[key]);
+        }
+    }
+
+    #[test]
+    fn a_table_sized_up_front_takes_the_pages_a_grown_one_holds() {
+        let pool = PagePool::new(64 << 20, 4096);
+        for count in [0usize, 1, 511, 512, 513, 5_000] {
+            let mut grown = PagedHashTable::new(pool.slot_manager(0, 64 << 20), 16).unwrap();
+            let mut sized =
+                PagedHashTable::with_capacity(pool.slot_manager(1, 64 << 20), 16, count).unwrap();
+            let sized_bytes = sized.memory_bytes();
+            for k in 0..count as u64 {
+                grown
+                    .find_or_insert(k, &k.to_le_bytes(), |a| a.fill(0))
+                    .unwrap();
+                let id = sized
+                    .find_or_insert(k, &k.to_le_bytes(), |a| a.fill(0))
+                    .unwrap();
+                assert_eq!(id as u64, k);
+            }
+            assert_eq!(
+                sized.memory_bytes(),
+                grown.memory_bytes(),
+                "{count} entries"
+            );
+            // The index did not grow while the entries went in.
+            let entry_pages = sized.entry_pages.len() + sized.key_pages.len();
+            assert_eq!(sized_bytes, sized.memory_bytes() - entry_pages * 4096);
+            for k in 0..count as u64 {
+                assert_eq!(sized.find(k, &k.to_le_bytes()), Some(k as usize));
+            }
         }
     }
 

@@ -32,6 +32,44 @@ pub(crate) enum KeyClass {
     Str,
 }
 
+impl KeyClass {
+    /// The class's tag in checkpoint snapshots.
+    pub(crate) fn tag(self) -> u8 {
+        match self {
+            KeyClass::Int => 0,
+            KeyClass::Float => 1,
+            KeyClass::Bool => 2,
+            KeyClass::Str => 3,
+        }
+    }
+}
+
+/// The length of the key that [`encode_key`] wrote for `classes` at the
+/// start of `bytes`, or `None` when the bytes are not such a key: what a
+/// restore checks before it hands keys to [`decode_keys`], which trusts them.
+pub(crate) fn encoded_key_len(bytes: &[u8], classes: &[KeyClass]) -> Option<usize> {
+    let mut at = 0;
+    for class in classes {
+        match *bytes.get(at)? {
+            0 => {
+                at += 1;
+                continue;
+            }
+            1 => at += 1,
+            _ => return None,
+        }
+        at += match class {
+            KeyClass::Int | KeyClass::Float => 8,
+            KeyClass::Bool => 1,
+            KeyClass::Str => 4 + read_u32(bytes.get(at..at + 4)?, 0) as usize,
+        };
+        if at > bytes.len() {
+            return None;
+        }
+    }
+    Some(at)
+}
+
 pub(crate) fn key_class(t: &DataType) -> Option<KeyClass> {
     use DataType::*;
     match t {
@@ -170,4 +208,52 @@ pub(crate) fn decode_keys<'a>(
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// What `encode_key` writes, `encoded_key_len` measures; every
+        /// strict prefix is refused, so truncated keys never reach
+        /// `decode_keys`.
+        #[test]
+        fn encoded_key_len_measures_exactly_what_encode_key_wrote(
+            int in proptest::option::of(any::<i64>()),
+            float in proptest::option::of(any::<f64>()),
+            flag in proptest::option::of(any::<bool>()),
+            text in proptest::option::of(".{0,40}"),
+        ) {
+            let columns: Vec<ArrayRef> = vec![
+                Arc::new(Int64Array::from(vec![int])),
+                Arc::new(Float64Array::from(vec![float])),
+                Arc::new(BooleanArray::from(vec![flag])),
+                Arc::new(StringArray::from(vec![text])),
+            ];
+            let classes = [KeyClass::Int, KeyClass::Float, KeyClass::Bool, KeyClass::Str];
+            let mut key = Vec::new();
+            for (column, class) in columns.iter().zip(classes) {
+                encode_key(&prepare_key(column, class).unwrap(), 0, &mut key);
+            }
+            prop_assert_eq!(encoded_key_len(&key, &classes), Some(key.len()));
+            for cut in 0..key.len() {
+                prop_assert_eq!(encoded_key_len(&key[..cut], &classes), None);
+            }
+            let decoded = decode_keys(std::iter::once(key.as_slice()), 1, &classes);
+            prop_assert_eq!(decoded[0].as_primitive::<Int64Type>().is_valid(0), int.is_some());
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_encoded_key_len(
+            bytes in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let classes = [KeyClass::Str, KeyClass::Int, KeyClass::Bool];
+            if let Some(len) = encoded_key_len(&bytes, &classes) {
+                prop_assert!(len <= bytes.len());
+            }
+        }
+    }
 }

@@ -10,7 +10,8 @@
 //! slot's managed memory and answer a budget refusal by spilling through the
 //! task's [`spill::SpillContext`] (the TaskManager's IOManager); their spill
 //! files go when the operators are dropped, so when the task ends, fails or
-//! is canceled.
+//! is canceled. Their checkpoint snapshots copy spilled rows out of those
+//! files, so a snapshot is self-contained ([`snapshot`] is the framing).
 
 pub mod aggregate;
 pub mod build;
@@ -19,6 +20,9 @@ pub mod hashtable;
 pub mod keycodec;
 pub mod operators;
 pub mod sink;
+mod snapshot;
+#[cfg(test)]
+mod snapshot_tests;
 pub mod sort;
 pub mod source;
 pub mod spill;

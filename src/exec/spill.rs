@@ -108,6 +108,20 @@ impl RunWriter {
         Ok(index)
     }
 
+    /// Reads back block `index` of the file being written (verified), for a
+    /// checkpoint snapshot of live spilled state; the writer goes on
+    /// appending afterwards. The payload is valid until the next call.
+    pub fn read_block(&mut self, index: usize) -> Result<&[u8], ExecError> {
+        let payload = self
+            .inner
+            .read_block(index)
+            .map_err(|e| spill_error(&self.operator, e))?;
+        self.metrics
+            .bytes_read
+            .fetch_add(payload.len() as u64, Ordering::Relaxed);
+        Ok(payload)
+    }
+
     /// Waits for the writes; the file is still removed when dropped.
     pub fn finish(self) -> Result<SpillFile, ExecError> {
         let operator = self.operator;

@@ -73,12 +73,12 @@ pub(super) fn spill_files_in(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-fn memory(budget_pages: usize) -> MemoryManager {
+pub(super) fn memory(budget_pages: usize) -> MemoryManager {
     let pool = PagePool::new((budget_pages * PAGE) as u64, PAGE);
     pool.slot_manager(0, (budget_pages * PAGE) as u64)
 }
 
-fn input_schema() -> SchemaRef {
+pub(super) fn input_schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
         Field::new("key", DataType::Int64, true),
         Field::new("name", DataType::Utf8, true),
@@ -91,7 +91,7 @@ fn input_schema() -> SchemaRef {
 /// Deterministic rows: `keys` distinct keys (a few null), string keys of
 /// both inline and arena length, some null values, float prices whose sum
 /// depends on the order of addition.
-fn batches(rows: usize, keys: u64, batch_rows: usize) -> Vec<RecordBatch> {
+pub(super) fn batches(rows: usize, keys: u64, batch_rows: usize) -> Vec<RecordBatch> {
     let mut out = Vec::new();
     let mut start = 0;
     while start < rows {
@@ -133,7 +133,7 @@ fn batches(rows: usize, keys: u64, batch_rows: usize) -> Vec<RecordBatch> {
     out
 }
 
-fn aggs() -> Vec<AggSpec> {
+pub(super) fn aggs() -> Vec<AggSpec> {
     let spec = |func, column: Option<&str>, output: &str| AggSpec {
         func,
         column: column.map(str::to_owned),
@@ -360,7 +360,7 @@ fn window_state_spills_and_fires_with_the_same_watermarks() {
     assert!(spill_files_in(dir.path()).is_empty(), "spill files left");
 }
 
-mod sort {
+pub(super) mod sort {
     use std::cmp::Ordering as CmpOrdering;
 
     use super::super::sort::{SortColumn, SortOperator};
@@ -368,7 +368,7 @@ mod sort {
 
     /// Rows with many ties, nulls in every key, NaN, -0.0 and strings that
     /// share prefixes (and one with a NUL byte).
-    fn sort_input(rows: usize, batch_rows: usize) -> Vec<RecordBatch> {
+    pub(in crate::exec) fn sort_input(rows: usize, batch_rows: usize) -> Vec<RecordBatch> {
         let mut out = Vec::new();
         let mut start = 0;
         while start < rows {
@@ -415,7 +415,7 @@ mod sort {
     }
 
     /// `name desc, key, price`: the keys the tests sort by.
-    fn sort_keys() -> Vec<SortColumn> {
+    pub(in crate::exec) fn sort_keys() -> Vec<SortColumn> {
         vec![
             SortColumn {
                 column: 1,
@@ -432,9 +432,9 @@ mod sort {
         ]
     }
 
-    type Row = (Option<i64>, Option<String>, i64, Option<f64>);
+    pub(in crate::exec) type Row = (Option<i64>, Option<String>, i64, Option<f64>);
 
-    fn rows(batches: &[RecordBatch]) -> Vec<Row> {
+    pub(in crate::exec) fn rows(batches: &[RecordBatch]) -> Vec<Row> {
         let mut rows = Vec::new();
         for b in batches {
             let key = b.column(0).as_primitive::<Int64Type>();
@@ -477,7 +477,7 @@ mod sort {
         }
     }
 
-    fn reference(input: &[RecordBatch]) -> Vec<Row> {
+    pub(in crate::exec) fn reference(input: &[RecordBatch]) -> Vec<Row> {
         let mut rows = rows(input);
         rows.sort_by(|a, b| {
             nulls_last(&a.1, &b.1, |x, y| x.as_bytes().cmp(y.as_bytes()))
@@ -488,7 +488,7 @@ mod sort {
         rows
     }
 
-    fn same(a: &[Row], b: &[Row]) -> bool {
+    pub(in crate::exec) fn same(a: &[Row], b: &[Row]) -> bool {
         if let Some(i) =
             (0..a.len().min(b.len())).find(|&i| format!("{:?}", a[i]) != format!("{:?}", b[i]))
         {

@@ -16,7 +16,8 @@
 //!   directories.
 //! - Spill files ([`SpillWriter`], [`SpillReader`], [`SpillFile`]): blocks of
 //!   header + payload padded to 4096 (see [`block`]), crc32c per block,
-//!   verified on read.
+//!   verified on read. A writer can also read back the blocks it wrote
+//!   ([`SpillWriter::read_block`]): checkpoints copy live spilled state.
 //!
 //! # How it is used
 //!

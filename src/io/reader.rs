@@ -6,9 +6,9 @@ use std::collections::VecDeque;
 use std::path::Path;
 
 use super::IoError;
-use super::block::{BLOCK_HEADER_BYTES, BlockField, BlockHeader, BlockMismatch};
+use super::block::BLOCK_HEADER_BYTES;
 use super::buf::AlignedBuf;
-use super::spill::{Pending, SpillFile, complete, io_error, truncated};
+use super::spill::{Pending, SpillFile, complete, verify_block};
 use super::storage::{Op, OpKind};
 
 /// Reads the blocks of a [`SpillFile`], which it owns (and deletes on drop
@@ -141,26 +141,7 @@ impl SpillReader {
         buf: &AlignedBuf,
         result: std::io::Result<usize>,
     ) -> Result<usize, IoError> {
-        let (offset, block_len) = self.file.extent(index);
-        let done = result.map_err(|e| io_error(self.file.path(), offset, e))?;
-        let verify = || -> Result<usize, BlockMismatch> {
-            if done < block_len {
-                return Err(truncated(block_len, done));
-            }
-            let bytes = buf.as_slice();
-            let header =
-                BlockHeader::decode(bytes[..BLOCK_HEADER_BYTES].try_into().expect("32 bytes"))?;
-            BlockMismatch::check(BlockField::Index, index as u64, header.block_index)?;
-            BlockMismatch::check(
-                BlockField::Length,
-                block_len as u64,
-                u64::from(header.block_len),
-            )?;
-            let payload_len = header.payload_len as usize;
-            header.verify_payload(&bytes[BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + payload_len])?;
-            Ok(payload_len)
-        };
-        verify().map_err(|mismatch| self.file.corrupt(offset, mismatch))
+        verify_block(&self.file, index, self.file.extent(index), buf, result)
     }
 
     /// Waits for every read in flight, keeping the buffers.

@@ -197,6 +197,38 @@ pub(super) fn truncated(expected_bytes: usize, found_bytes: usize) -> BlockMisma
     }
 }
 
+/// Verifies block `index` of `file`, read from `extent` (offset, block
+/// length) into `buf` with `result`; returns its payload length. Shared by
+/// the reader and the writer's read-back, so both check the same fields.
+pub(super) fn verify_block(
+    file: &SpillFile,
+    index: usize,
+    extent: (u64, usize),
+    buf: &AlignedBuf,
+    result: io::Result<usize>,
+) -> Result<usize, IoError> {
+    let (offset, block_len) = extent;
+    let done = result.map_err(|e| io_error(file.path(), offset, e))?;
+    let verify = || -> Result<usize, BlockMismatch> {
+        if done < block_len {
+            return Err(truncated(block_len, done));
+        }
+        let bytes = buf.as_slice();
+        let header =
+            BlockHeader::decode(bytes[..BLOCK_HEADER_BYTES].try_into().expect("32 bytes"))?;
+        BlockMismatch::check(BlockField::Index, index as u64, header.block_index)?;
+        BlockMismatch::check(
+            BlockField::Length,
+            block_len as u64,
+            u64::from(header.block_len),
+        )?;
+        let payload_len = header.payload_len as usize;
+        header.verify_payload(&bytes[BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + payload_len])?;
+        Ok(payload_len)
+    };
+    verify().map_err(|mismatch| file.corrupt(offset, mismatch))
+}
+
 /// An operation in flight: its ticket, file offset and first buffer byte.
 pub(super) struct Pending {
     pub(super) ticket: Ticket,

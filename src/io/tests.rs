@@ -136,6 +136,68 @@ fn round_trip_on_thread_pool() {
     assert_all_buffers_returned(&io);
 }
 
+/// Reads back every block of a live writer between writes (as a checkpoint
+/// snapshot does), then keeps writing: the finished file is unchanged.
+fn read_back_while_writing(io: &IoManager, block_count: usize) {
+    let mut writer = io
+        .create_spill_writer(SpillOptions { buf_count: 2 })
+        .unwrap();
+    let payload_bytes_max = writer.payload_bytes_max();
+    for index in 0..block_count {
+        writer
+            .write_block(&payload(index, payload_bytes_max))
+            .unwrap();
+        if index % 5 == 4 {
+            for back in [index, 0, index / 2] {
+                assert_eq!(
+                    writer.read_block(back).unwrap(),
+                    payload(back, payload_bytes_max),
+                    "block {back} read back after {index}"
+                );
+            }
+        }
+    }
+    let file = writer.finish().unwrap();
+    let mut reader = io
+        .create_spill_reader(file, SpillOptions { buf_count: 2 })
+        .unwrap();
+    for index in 0..block_count {
+        assert_eq!(
+            reader.next_block().unwrap().unwrap(),
+            payload(index, payload_bytes_max),
+            "block {index}"
+        );
+    }
+    assert!(reader.next_block().unwrap().is_none());
+}
+
+#[test]
+fn a_live_writer_reads_back_its_blocks_on_thread_pool_and_sim() {
+    let dir = tempfile::tempdir().unwrap();
+    let io = IoManager::new(config(&[dir.path()], BackendChoice::ThreadPool)).unwrap();
+    read_back_while_writing(&io, 23);
+    assert_all_buffers_returned(&io);
+    let sim = SimOptions {
+        latency_max: std::time::Duration::from_micros(50),
+        ..SimOptions::from_env(11)
+    };
+    let io = IoManager::new(config(&[dir.path()], BackendChoice::Sim(sim))).unwrap();
+    read_back_while_writing(&io, 23);
+    assert_all_buffers_returned(&io);
+}
+
+#[test]
+fn a_live_writer_reads_back_its_blocks_on_io_uring() {
+    if let Some(reason) = uring_unavailable() {
+        println!("skipped: io_uring unavailable: {reason}");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let io = IoManager::new(config(&[dir.path()], BackendChoice::Uring)).unwrap();
+    read_back_while_writing(&io, 23);
+    assert_all_buffers_returned(&io);
+}
+
 #[test]
 fn round_trip_on_sim_with_latency_and_short_writes() {
     let dir = tempfile::tempdir().unwrap();

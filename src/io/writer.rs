@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::IoError;
 use super::block::{BLOCK_HEADER_BYTES, BlockHeader, block_len_for};
 use super::buf::AlignedBuf;
-use super::spill::{ALLOCATE_CHUNK_BYTES, Pending, SpillFile, complete, io_error};
+use super::spill::{ALLOCATE_CHUNK_BYTES, Pending, SpillFile, complete, io_error, verify_block};
 use super::storage::{Op, OpKind, Storage};
 
 /// Writes checksummed blocks to a new spill file, pipelined over its buffers.
@@ -102,6 +102,58 @@ impl SpillWriter {
         });
         self.next_offset += block_len as u64;
         Ok(block_index)
+    }
+
+    /// Blocks written so far.
+    pub fn block_count(&self) -> usize {
+        self.spill().block_count()
+    }
+
+    /// Reads back block `index` (written earlier through this writer),
+    /// verified as a [`super::SpillReader`] verifies it, without finishing
+    /// the writer: operators copy their live spilled state into checkpoint
+    /// snapshots this way and keep appending afterwards. Waits for every
+    /// write in flight first (the block may be one of them) and reads into
+    /// one of the writer's own buffers, so it needs none from the pool; the
+    /// payload is valid until the next call.
+    ///
+    /// A failed read leaves the writer usable: only its writes fail it.
+    ///
+    /// # Panics
+    /// If `index` was not written, or after a failed write.
+    pub fn read_block(&mut self, index: usize) -> Result<&[u8], IoError> {
+        assert!(!self.failed, "spill writer used after a failed write");
+        assert!(index < self.block_count(), "block {index} not written");
+        while !self.in_flight.is_empty() {
+            let buf = self.reclaim_oldest()?;
+            self.free.push(buf);
+        }
+        let mut buf = self.free.pop().expect("no write in flight");
+        let spill = self.file.as_ref().expect("writer owns its file");
+        let offset = spill.block_offsets[index];
+        let end = spill
+            .block_offsets
+            .get(index + 1)
+            .copied()
+            .unwrap_or(self.next_offset);
+        let block_len = (end - offset) as usize;
+        assert!(
+            block_len <= buf.capacity(),
+            "blocks fit the writer's buffers"
+        );
+        buf.set_len(block_len);
+        let file = spill.file_id();
+        let pending = Pending {
+            ticket: spill.storage.submit(Op::read(file, offset, buf)),
+            offset,
+            start: 0,
+        };
+        let (buf, result) = complete(spill.storage.as_ref(), file, OpKind::Read, pending);
+        let checked = verify_block(spill, index, (offset, block_len), &buf, result);
+        self.free.push(buf);
+        let payload_len = checked?;
+        let buf = self.free.last().expect("pushed above");
+        Ok(&buf.as_slice()[BLOCK_HEADER_BYTES..BLOCK_HEADER_BYTES + payload_len])
     }
 
     /// Waits for every write and hands the file over (still deleted on drop

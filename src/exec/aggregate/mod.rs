@@ -4,6 +4,10 @@
 //! Keys are encoded row by row into bytes ([`super::keycodec`]), accumulators are 16
 //! bytes each (value, non-null count). Results are built back into Arrow
 //! arrays and cast to the planned output types.
+//!
+//! Checkpoints: both operators snapshot their tables (raw entries) and the
+//! rows they spilled (copied out of the spill file, which stays theirs), so a
+//! snapshot restores on any TaskManager; see [`snapshot`].
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -24,6 +28,7 @@ use crate::job::{AggFunc, AggSpec};
 use crate::kernels::cpu::hash::{fmix64, hash_columns};
 use crate::memory::{MemoryManager, Page};
 
+mod snapshot;
 mod spill;
 
 use spill::{SpilledRows, partition_of};
@@ -96,6 +101,8 @@ impl Groups {
 /// Shared machinery of aggregate and window operators.
 struct Grouper {
     operator: String,
+    /// What rows restored from a checkpoint are checked against.
+    input_schema: SchemaRef,
     key_columns: Vec<usize>,
     key_classes: Vec<KeyClass>,
     accs: Vec<AccPlan>,
@@ -142,6 +149,7 @@ impl Grouper {
             .collect::<Result<_, _>>()?;
         Ok(Self {
             operator: operator.to_owned(),
+            input_schema: Arc::new(input.clone()),
             key_columns,
             key_classes,
             accs,
@@ -700,6 +708,17 @@ impl Operator for AggregateOperator {
             None => Ok(()),
         }
     }
+
+    fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
+        self.snapshot().map(Some)
+    }
+
+    fn restore_state(&mut self, state: Option<&[u8]>) -> Result<(), ExecError> {
+        match state {
+            Some(bytes) => self.restore(bytes),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Tumbling event-time windows per key. A window fires when the watermark
@@ -812,5 +831,16 @@ impl Operator for WindowOperator {
 
     fn finish(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
         self.fire_until(i64::MAX, out)
+    }
+
+    fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
+        self.snapshot().map(Some)
+    }
+
+    fn restore_state(&mut self, state: Option<&[u8]>) -> Result<(), ExecError> {
+        match state {
+            Some(bytes) => self.restore(bytes),
+            None => Ok(()),
+        }
     }
 }

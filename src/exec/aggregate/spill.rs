@@ -10,6 +10,7 @@ use arrow_select::take::take_record_batch;
 use super::{Grouper, Groups, PARTITION_BITS, PARTITION_COUNT, SPILL_LEVEL_MAX, STAGED_BYTES_MAX};
 use crate::exec::ExecError;
 use crate::exec::operators::Output;
+use crate::exec::snapshot::SnapshotWriter;
 use crate::exec::spill::{RunReader, RunWriter};
 use crate::network::ipc::{ChannelDecoder, ChannelEncoder, IpcError};
 
@@ -21,6 +22,11 @@ pub(super) struct SpilledRows {
     rows: u64,
 }
 
+/// Largest IPC message that carries staged rows in a snapshot: any size
+/// works (the encoder cuts batches by rows), this one keeps the encoder's
+/// scratch buffer small.
+const SNAPSHOT_MESSAGE_BYTES_MAX: usize = 1 << 20;
+
 #[derive(Default)]
 struct PartitionRun {
     encoder: Option<ChannelEncoder>,
@@ -28,6 +34,62 @@ struct PartitionRun {
     staged_bytes: usize,
     /// Block indexes in the spill file, in write order.
     blocks: Vec<usize>,
+}
+
+impl SpilledRows {
+    /// Writes the spilled rows into a checkpoint snapshot: the row count,
+    /// then Arrow IPC streams — per partition, the blocks on disk (read back
+    /// verbatim: each partition's blocks are one stream) and then the rows
+    /// still staged (encoded as a second stream), so that every key's rows
+    /// stay in input order. The spill file and the staging are left as they
+    /// are; the operator goes on spilling into them.
+    pub(super) fn write_snapshot(
+        &mut self,
+        operator: &str,
+        w: &mut SnapshotWriter,
+    ) -> Result<(), ExecError> {
+        let stream_count: usize = self
+            .partitions
+            .iter()
+            .map(|p| usize::from(!p.blocks.is_empty()) + usize::from(!p.staged.is_empty()))
+            .sum();
+        w.u64(self.rows);
+        w.u64(stream_count as u64);
+        for partition in &self.partitions {
+            if !partition.blocks.is_empty() {
+                w.u64(partition.blocks.len() as u64);
+                for &block in &partition.blocks {
+                    w.blob(self.writer.read_block(block)?);
+                }
+            }
+            if !partition.staged.is_empty() {
+                let messages = encode_staged(operator, &partition.staged)?;
+                w.u64(messages.len() as u64);
+                for message in &messages {
+                    w.blob(message);
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Staged rows as the messages of one Arrow IPC stream.
+fn encode_staged(operator: &str, staged: &[RecordBatch]) -> Result<Vec<Vec<u8>>, ExecError> {
+    let mut encoder = ChannelEncoder::new(SNAPSHOT_MESSAGE_BYTES_MAX);
+    let mut messages = Vec::new();
+    for batch in staged {
+        encoder
+            .encode(batch, &mut |message| {
+                messages.push(message.to_vec());
+                Ok(())
+            })
+            .map_err(|e| ExecError::State {
+                operator: operator.to_owned(),
+                detail: format!("snapshotting staged spilled rows: {e}"),
+            })?;
+    }
+    Ok(messages)
 }
 
 /// The partition of a row at `level`: the next [`PARTITION_BITS`] bits from

@@ -25,6 +25,12 @@
 //! spilled block is at most one page, so a merge holds one page per input
 //! run and the fan-in shrinks to the pages the budget has left (at least 2).
 //! The heap holds only one output batch being built.
+//!
+//! # Checkpoints
+//!
+//! A snapshot holds every record received so far, runs copied out of the
+//! spill file, in an order that keeps the sort stable across a restore; see
+//! [`snapshot`].
 
 use std::sync::Arc;
 
@@ -39,6 +45,8 @@ use super::operators::{Operator, Output};
 use super::spill::{RunReader, RunWriter, SpillContext};
 use crate::io::block::BLOCK_HEADER_BYTES;
 use crate::memory::{MemoryError, MemoryManager, Page};
+
+mod snapshot;
 
 const OUTPUT_BATCH_ROWS: usize = 8192;
 /// Bytes of records staged for one output batch at most.
@@ -644,6 +652,17 @@ impl Operator for SortOperator {
             self.emit_in_memory(out)
         } else {
             self.merge_runs(out)
+        }
+    }
+
+    fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
+        self.snapshot().map(Some)
+    }
+
+    fn restore_state(&mut self, state: Option<&[u8]>) -> Result<(), ExecError> {
+        match state {
+            Some(bytes) => self.restore(bytes),
+            None => Ok(()),
         }
     }
 }
