@@ -163,3 +163,65 @@ fn asking_for_rdma_without_a_device_is_a_clear_error() {
     );
     assert!(stderr.contains("rdma-emulated"), "{stderr}");
 }
+
+/// A task that fails every time is restarted by the restart strategy until
+/// it gives up; the job then fails with the last cause and the limit.
+#[test]
+fn a_failing_task_is_restarted_until_the_restart_strategy_gives_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let input = dir.path().join("in.csv");
+    std::fs::write(&input, "key,value\n1,2\n3,not-a-number\n").unwrap();
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            r#"
+[job]
+name = "always-fails"
+parallelism = 1
+
+[[operator]]
+name = "rows"
+type = "csv_source"
+path = "{}"
+schema = {{ key = "int64", value = "int64" }}
+
+[[operator]]
+name = "out"
+type = "csv_sink"
+path = "{}"
+"#,
+            input.display(),
+            dir.path().join("out").display()
+        ),
+    )
+    .unwrap();
+    let checkpoints = format!(
+        "execution.checkpointing.dir={}",
+        dir.path().join("chk").display()
+    );
+    let (code, stdout, stderr) = output(strata().arg("run").arg(&job).args([
+        "--no-progress",
+        "-D",
+        "taskmanager.memory.process.size=1g",
+        "-D",
+        "execution.checkpointing.interval=100ms",
+        "-D",
+        &checkpoints,
+        "-D",
+        "restart-strategy.type=fixed-delay",
+        "-D",
+        "restart-strategy.fixed-delay.attempts=2",
+        "-D",
+        "restart-strategy.fixed-delay.delay=50ms",
+    ]));
+    assert_ne!(code, 0, "{stdout}");
+    let all = format!("{stdout}{stderr}");
+    assert!(all.contains("FAILED"), "{all}");
+    assert!(all.contains("in.csv"), "the cause names the file: {all}");
+    assert!(
+        all.contains("gave up after 2"),
+        "names the strategy's limit: {all}"
+    );
+    assert!(all.contains("restarts 2"), "{all}");
+}

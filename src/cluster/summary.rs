@@ -3,6 +3,10 @@
 use std::fmt::Write;
 
 use super::rpc::{JobState, JobSummary};
+use crate::checkpoint::coordinator::CheckpointStatus;
+
+/// Checkpoints listed one by one at the end of a run (the REST API has more).
+const SUMMARY_CHECKPOINTS_MAX: usize = 8;
 
 fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -109,6 +113,25 @@ pub fn render(s: &JobSummary) -> String {
             );
         }
         let _ = writeln!(out);
+        let recent: Vec<String> = c
+            .history
+            .iter()
+            .rev()
+            .take(SUMMARY_CHECKPOINTS_MAX)
+            .rev()
+            .map(|h| match h.status {
+                CheckpointStatus::Completed => format!(
+                    "chk-{} {} {} ms",
+                    h.id,
+                    human_bytes(h.size_bytes),
+                    h.duration_ms
+                ),
+                CheckpointStatus::Failed => format!("chk-{} failed", h.id),
+            })
+            .collect();
+        if !recent.is_empty() {
+            let _ = writeln!(out, "    recent: {}", recent.join(", "));
+        }
     }
     if s.restarts > 0 {
         let restored = match s.checkpoints.restored_from {
