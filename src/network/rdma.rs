@@ -637,10 +637,12 @@ impl VerbsReceiver {
             len,
             floating: lent.floating,
         };
-        gate.push_lent(channel, item, len, h.backlog);
         if h.kind == BufferKind::EndOfPartition {
+            // Before the end is visible: a consumer that saw it may count
+            // its credit at once.
             self.reclaim(h.channel_id, &gate, channel);
         }
+        gate.push_lent(channel, item, len, h.backlog);
         Ok(())
     }
 
