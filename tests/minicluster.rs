@@ -503,3 +503,55 @@ async fn running_jobs_export_per_task_shuffle_metrics() {
     assert_eq!(summary.state, JobState::Finished, "{:?}", summary.reason);
     assert!(!summary.tasks.is_empty());
 }
+
+/// With checkpointing on, a keyed job still equals its reference: sources
+/// and aggregates snapshot as they run, the sink commits its staged parts,
+/// and the summary reports the checkpoints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpointed_keyed_job_commits_exactly_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let job = keyed_job(400_000, 2_000, 5, 2, &out, "rows_per_second = 400_000");
+    let chk = format!(
+        "execution.checkpointing.dir={}",
+        dir.path().join("chk").display()
+    );
+    let cluster = MiniCluster::start(
+        config(1, &["execution.checkpointing.interval=100ms", &chk]),
+        2,
+    )
+    .await
+    .unwrap();
+    let summary = submit_job(
+        &cluster.address().to_string(),
+        job,
+        "keyed.toml".into(),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.state, JobState::Finished, "{:?}", summary.reason);
+    assert!(summary.checkpointing);
+    let c = &summary.checkpoints;
+    assert!(c.completed >= 2, "{c:?}");
+    let last = c.last_completed().expect("a completed checkpoint");
+    assert!(last.size_bytes > 0, "{last:?}");
+    // Committed parts only: nothing staged or in progress is left.
+    for entry in std::fs::read_dir(&out).unwrap() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(
+            name.starts_with("part-") && name.ends_with(".csv"),
+            "{name}"
+        );
+    }
+    assert_matches_reference(
+        &read_csv_parts(&out),
+        &reference_aggregation(400_000, 2_000, 5, 10),
+    );
+    // A finished job's checkpoints are removed.
+    let left: Vec<_> = std::fs::read_dir(dir.path().join("chk"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
