@@ -33,6 +33,9 @@ pub enum Action<H> {
         duration: Duration,
         /// Longest barrier alignment over the tasks.
         alignment: Duration,
+        /// Tasks that had finished without acknowledging: a restore starts
+        /// them finished.
+        finished: Vec<TaskKey>,
     },
     /// Drop the checkpoint and tell the tasks.
     Abort { checkpoint: u64, reason: String },
@@ -90,6 +93,9 @@ pub struct Coordinator<H> {
     interval: Duration,
     timeout: Duration,
     tasks: BTreeSet<TaskKey>,
+    /// Tasks of this attempt that finished (Flink's FLIP-147: checkpoints
+    /// go on without them).
+    finished: BTreeSet<TaskKey>,
     next_id: u64,
     pending: Option<Pending<H>>,
     /// When the last checkpoint ended (or the attempt started).
@@ -107,6 +113,7 @@ impl<H: Clone> Coordinator<H> {
             interval,
             timeout,
             tasks: BTreeSet::new(),
+            finished: BTreeSet::new(),
             next_id: 1,
             pending: None,
             last_end: Duration::ZERO,
@@ -128,6 +135,7 @@ impl<H: Clone> Coordinator<H> {
     ) -> Option<Action<H>> {
         let abort = self.abort_pending("the job restarted".into(), now);
         self.tasks = tasks.into_iter().collect();
+        self.finished.clear();
         if let Some(id) = restored {
             self.next_id = self.next_id.max(id + 1);
             self.restored_from = Some(id);
@@ -141,7 +149,7 @@ impl<H: Clone> Coordinator<H> {
         self.pending.as_ref().map(|p| p.checkpoint)
     }
 
-    /// Time passed: triggers when due (and `sources_running`: every source
+    /// Time passed: triggers when due (and `sources_running`: some source
     /// task can still inject a barrier), aborts on timeout.
     pub fn tick(&mut self, now: Duration, sources_running: bool) -> Option<Action<H>> {
         if let Some(p) = &self.pending {
@@ -183,16 +191,34 @@ impl<H: Clone> Coordinator<H> {
         }
         p.acks.insert(task, handle);
         p.alignment = p.alignment.max(alignment);
-        if p.acks.len() < self.tasks.len() {
+        self.complete_if_acknowledged(now)
+    }
+
+    /// Completes the pending checkpoint once every task that has not
+    /// finished acknowledged it.
+    fn complete_if_acknowledged(&mut self, now: Duration) -> Option<Action<H>> {
+        let p = self.pending.as_ref()?;
+        let done = self
+            .tasks
+            .iter()
+            .all(|t| p.acks.contains_key(t) || self.finished.contains(t));
+        if !done {
             return None;
         }
         let p = self.pending.take().expect("pending checkpoint");
         self.last_end = now;
+        let finished = self
+            .finished
+            .iter()
+            .filter(|t| !p.acks.contains_key(t))
+            .copied()
+            .collect();
         Some(Action::Complete {
-            checkpoint,
+            checkpoint: p.checkpoint,
             handles: p.acks.into_values().collect(),
             duration: now.saturating_sub(p.triggered_at),
             alignment: p.alignment,
+            finished,
         })
     }
 
@@ -211,18 +237,15 @@ impl<H: Clone> Coordinator<H> {
         self.abort_pending(reason, now)
     }
 
-    /// Task `task` finished: a pending checkpoint it has not acknowledged
-    /// can no longer complete.
+    /// Task `task` finished. A task finishes only after every input ended,
+    /// so a barrier it has not acknowledged never reached it: everything it
+    /// produced is already in its consumers' state. Checkpoints go on
+    /// without it and record it as finished (Flink's FLIP-147).
     pub fn on_task_finished(&mut self, task: TaskKey, now: Duration) -> Option<Action<H>> {
-        let p = self.pending.as_ref()?;
-        if p.acks.contains_key(&task) {
+        if !self.tasks.contains(&task) || !self.finished.insert(task) {
             return None;
         }
-        let reason = format!(
-            "task {}/{} finished before acknowledging it",
-            task.0, task.1
-        );
-        self.abort_pending(reason, now)
+        self.complete_if_acknowledged(now)
     }
 
     /// The caller finalized a `Complete` action: record it.
@@ -323,6 +346,7 @@ mod tests {
                 handles: vec!["a", "b"],
                 duration: 2 * S,
                 alignment: Duration::ZERO,
+                finished: vec![],
             })
         );
         // The next one is due an interval after this one ended.
@@ -349,7 +373,7 @@ mod tests {
     }
 
     #[test]
-    fn a_decline_or_a_finished_task_aborts_and_stale_messages_are_ignored() {
+    fn a_decline_aborts_and_stale_messages_are_ignored() {
         let mut c = coordinator();
         c.tick(S, true);
         assert!(matches!(
@@ -358,12 +382,25 @@ mod tests {
         ));
         c.tick(2 * S, true);
         assert_eq!(c.on_decline(1, (1, 0), "late", 2 * S), None);
-        c.on_ack(2, (0, 0), "a", Duration::ZERO, 2 * S);
-        assert_eq!(c.on_task_finished((0, 0), 2 * S), None);
-        assert!(matches!(
-            c.on_task_finished((1, 0), 2 * S),
-            Some(Action::Abort { checkpoint: 2, .. })
-        ));
+    }
+
+    #[test]
+    fn checkpoints_go_on_without_finished_tasks_and_record_them() {
+        let mut c = coordinator();
+        c.tick(S, true);
+        c.on_ack(1, (0, 0), "a", Duration::ZERO, S);
+        // Finishing after acknowledging: its state is in the checkpoint.
+        assert_eq!(c.on_task_finished((0, 0), S), None);
+        let Some(Action::Complete {
+            handles, finished, ..
+        }) = c.on_task_finished((1, 0), S)
+        else {
+            panic!("not completed");
+        };
+        assert_eq!((handles, finished), (vec!["a"], vec![(1, 0)]));
+        // The next one expects neither.
+        c.tick(2 * S, true);
+        assert_eq!(c.on_task_finished((1, 0), 2 * S), None);
     }
 
     #[test]

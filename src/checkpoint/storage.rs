@@ -70,6 +70,10 @@ pub struct Manifest {
     /// The sum of the files' sizes.
     pub total_bytes: u64,
     pub files: Vec<StateHandle>,
+    /// Tasks (vertex, subtask) that had finished before this checkpoint: a
+    /// restore starts them finished instead of replaying them.
+    #[serde(default)]
+    pub finished: Vec<(usize, u32)>,
 }
 
 /// A complete checkpoint that verified (or was just written).
@@ -169,6 +173,17 @@ impl CheckpointStorage {
         files: Vec<StateHandle>,
         duration: Duration,
     ) -> Result<CompletedCheckpoint, CheckpointError> {
+        self.complete_with_finished(id, files, Vec::new(), duration)
+    }
+
+    /// [`Self::complete`], recording tasks that had already finished.
+    pub fn complete_with_finished(
+        &self,
+        id: u64,
+        files: Vec<StateHandle>,
+        finished: Vec<(usize, u32)>,
+        duration: Duration,
+    ) -> Result<CompletedCheckpoint, CheckpointError> {
         debug_assert!(has_unique_tasks(&files), "one state file per subtask");
         let inprogress = Self::inprogress_dir(&self.job_dir, id);
         let completed = Self::completed_dir(&self.job_dir, id);
@@ -192,6 +207,7 @@ impl CheckpointStorage {
             duration_ms: u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
             total_bytes: files.iter().map(|f| f.size_bytes).sum(),
             files,
+            finished,
         };
         let json = serde_json::to_vec_pretty(&manifest).expect("a manifest serializes");
         write_atomically(&inprogress.join(MANIFEST_FILE), &json)?;
@@ -903,6 +919,7 @@ mod tests {
                 duration_ms,
                 total_bytes: files.iter().map(|f| f.size_bytes).sum(),
                 files,
+                finished: Vec::new(),
             };
             let json = serde_json::to_vec_pretty(&manifest).unwrap();
             let parsed = parse_manifest(&json, Path::new("m"), checkpoint).unwrap();
@@ -923,6 +940,7 @@ mod tests {
                 job: "j".into(),
                 completed_unix_ms: 1,
                 duration_ms: 1,
+                finished: Vec::new(),
                 total_bytes: 3,
                 files: vec![StateHandle {
                     vertex: 0,

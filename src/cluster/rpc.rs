@@ -152,6 +152,9 @@ pub struct RestoreDeployment {
     pub checkpoint: u64,
     pub dir: std::path::PathBuf,
     pub handles: Vec<crate::checkpoint::storage::StateHandle>,
+    /// Tasks that had finished before the checkpoint: they start finished.
+    #[serde(default)]
+    pub finished: Vec<(usize, u32)>,
 }
 
 /// Per-vertex lines of a job summary.

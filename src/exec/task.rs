@@ -213,6 +213,9 @@ pub struct CheckpointContext {
     pub control: Receiver<TaskControl>,
     /// The state restored from, or `None` when starting from the beginning.
     pub restore: Option<TaskState>,
+    /// The task had finished before the checkpoint restored from: it ends
+    /// its outputs at once and replays nothing.
+    pub finished_on_restore: bool,
     /// The source's operator index (source tasks).
     pub source_id: Option<usize>,
     /// Stores the snapshot and acknowledges it; an error declines the
@@ -247,6 +250,9 @@ impl Task {
     pub fn run(mut self) -> Result<(), ExecError> {
         let mut checkpoints = self.checkpoints.take();
         if let Some(cp) = &mut checkpoints {
+            if cp.finished_on_restore {
+                return finish_restored(&mut self.input, &mut self.chain, &self.canceled);
+            }
             restore(&mut self.input, &mut self.chain, cp)?;
         }
         let result = match &mut self.input {
@@ -282,6 +288,38 @@ impl Task {
             _ => Ok(()),
         }
     }
+}
+
+/// A task that had finished before the checkpoint: its producers have
+/// finished too and send only their ends; it passes its own end on.
+fn finish_restored(
+    input: &mut TaskInput,
+    chain: &mut Chain,
+    canceled: &AtomicBool,
+) -> Result<(), ExecError> {
+    if let TaskInput::Gates(reader) = input {
+        loop {
+            check_canceled(canceled)?;
+            match reader.next(POLL)? {
+                Some(InputEvent::End) => break,
+                Some(InputEvent::Batch(b)) => {
+                    return Err(ExecError::State {
+                        operator: "task".into(),
+                        detail: format!(
+                            "restored as finished, but an input sent {} rows",
+                            b.num_rows()
+                        ),
+                    });
+                }
+                _ => {}
+            }
+        }
+        reader.close();
+    }
+    for w in &mut chain.writers {
+        w.finish()?;
+    }
+    Ok(())
 }
 
 /// Restores the source offset and the operators before any input.

@@ -629,9 +629,14 @@ fn checkpoint_context(
             subtask,
         });
     });
+    let finished_on_restore = deployment
+        .restore
+        .as_ref()
+        .is_some_and(|r| r.finished.contains(&(vertex, subtask)));
     Ok(CheckpointContext {
         control,
         restore,
+        finished_on_restore,
         source_id,
         on_snapshot,
         on_final_commit_pending,

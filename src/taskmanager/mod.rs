@@ -102,7 +102,9 @@ fn deliver_control(
         .iter()
         .filter(|h| h.is_source || !sources_only)
     {
-        if let Err(e) = h.sender.try_send(control)
+        // A task that ended has dropped its receiver: the JobManager hears
+        // of its end from its status. A full queue declines the barrier.
+        if let Err(e @ std::sync::mpsc::TrySendError::Full(_)) = h.sender.try_send(control)
             && let TaskControl::TriggerCheckpoint(checkpoint) = control
         {
             let _ = out.send(Message::DeclineCheckpoint {

@@ -70,6 +70,7 @@ impl JobCheckpointing {
                 checkpoint: c.id,
                 dir: c.dir,
                 handles: c.manifest.files,
+                finished: c.manifest.finished,
             }),
             Ok(None) => None,
             Err(e) => {
@@ -136,7 +137,11 @@ fn apply(s: &mut State, job: u64, action: Action<StateHandle>) {
             handles,
             duration,
             alignment,
-        } => match cp.storage.complete(checkpoint, handles, duration) {
+            finished,
+        } => match cp
+            .storage
+            .complete_with_finished(checkpoint, handles, finished, duration)
+        {
             Ok(done) => {
                 let size = done.manifest.total_bytes;
                 cp.coordinator
@@ -375,11 +380,15 @@ pub(super) fn tick(s: &mut State, config: &Config) {
             restart_if_due(s, job, config);
             continue;
         }
-        let sources_running = entry
-            .tasks
-            .iter()
-            .filter(|((vertex, _), _)| is_source(entry, *vertex))
-            .all(|(_, t)| t.state == ExecutionState::Running);
+        // Some source can still inject a barrier, and no task waits for the
+        // final commit (its staged output must not be skipped by a
+        // checkpoint that completes without it).
+        let sources_running = entry.final_pending.is_empty()
+            && entry
+                .tasks
+                .iter()
+                .filter(|((vertex, _), _)| is_source(entry, *vertex))
+                .any(|(_, t)| t.state == ExecutionState::Running);
         let now = entry.started.elapsed();
         let entry = s.jobs.get_mut(&job).expect("job");
         let Some(cp) = entry.checkpointing.as_mut() else {
