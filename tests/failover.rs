@@ -3,20 +3,11 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
+use common::*;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// Kills the process when dropped, so a failing test leaves nothing behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// Cluster settings: fast heartbeats, one slot per TaskManager, checkpoints
 /// every 300 ms into `checkpoints`, and a restart strategy with room for
@@ -46,30 +37,15 @@ fn settings(checkpoints: &Path) -> Vec<String> {
 
 /// `strata ARGS SETTINGS` (options follow the subcommand).
 fn strata(args: &[&str], settings: &[String]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-    c.env("STRATA_LOG", "warn,strata=info")
-        .args(args)
-        .args(settings);
+    let mut c = strata_command();
+    c.args(args).args(settings);
     c
 }
 
-/// Starts `strata ARGS` and returns it with what it announces on its first
-/// line of standard output after `prefix`.
+/// Starts `strata ARGS SETTINGS` and returns it with what it announces on
+/// its first line of standard output after `prefix`.
 fn spawn_announcing(settings: &[String], args: &[&str], prefix: &str) -> (Proc, String) {
-    let mut child = strata(args, settings)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let value = line
-        .trim()
-        .strip_prefix(prefix)
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    (Proc(child), value)
+    spawn_announcing_command(strata(args, settings), prefix)
 }
 
 struct Cluster {

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,41 +20,16 @@ const FAST_HEARTBEATS: &[&str] = &[
     "taskmanager.numberOfTaskSlots=2",
 ];
 
-/// Kills the process when dropped, so a failing test leaves nothing behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn strata() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-    c.env("STRATA_LOG", "warn,strata=info");
-    c
+    strata_command()
 }
 
 /// Starts `strata ARGS` and returns it with what it announces on its
 /// first line of standard output after `prefix`.
 fn spawn_announcing(args: &[&str], prefix: &str) -> (Proc, String) {
-    let mut child = strata()
-        .args(args)
-        .args(FAST_HEARTBEATS)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut line = String::new();
-    BufReader::new(stdout).read_line(&mut line).unwrap();
-    let value = line
-        .trim()
-        .strip_prefix(prefix)
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    (Proc(child), value)
+    let mut command = strata();
+    command.args(args).args(FAST_HEARTBEATS);
+    spawn_announcing_command(command, prefix)
 }
 
 /// A JobManager on an ephemeral port, with its address.

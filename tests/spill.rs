@@ -4,8 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -36,42 +35,16 @@ const TASKMANAGER_MEMORY: &[&str] = &[
 /// header, 5 accumulators of 16 bytes, and at least 4 bytes of index.
 const GROUP_BYTES_MIN: u64 = 40 + 5 * 16 + 4;
 
-/// Kills the process when dropped, so a failing test leaves nothing behind.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn strata() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
-    c.env("STRATA_LOG", "warn,strata=info");
-    c
+    strata_command()
 }
 
 /// Starts `strata ARGS` and returns it with what its first line of standard
 /// output says after `prefix`.
 fn spawn_announcing(args: &[&str], prefix: &str) -> (Proc, String) {
-    let mut child = strata()
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn strata");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut line = String::new();
-    BufReader::new(stdout)
-        .read_line(&mut line)
-        .expect("first line");
-    let value = line
-        .trim()
-        .strip_prefix(prefix)
-        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-        .to_owned();
-    (Proc(child), value)
+    let mut command = strata();
+    command.args(args);
+    spawn_announcing_command(command, prefix)
 }
 
 /// `VmHWM` (peak resident set) of `pid`, in bytes.

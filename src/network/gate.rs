@@ -810,8 +810,7 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_channel_that_delivered_the_barrier_waits_until_the_others_align() {
+    fn two_local_channels() -> Arc<InputGate> {
         let pool = NetworkBufferPool::new(4, 4096);
         let id = GateId {
             job: 1,
@@ -824,7 +823,12 @@ mod tests {
             max_per_channel: 4,
         };
         let local = [ChannelKind::Local, ChannelKind::Local];
-        let gate = InputGate::new(id, &local, buffers, &pool).unwrap();
+        InputGate::new(id, &local, buffers, &pool).unwrap()
+    }
+
+    #[test]
+    fn a_channel_that_delivered_the_barrier_waits_until_the_others_align() {
+        let gate = two_local_channels();
         let never = || false;
         gate.push_local(0, batch(1), &never).unwrap();
         gate.push_local(0, StreamEvent::Barrier(1), &never).unwrap();
@@ -852,19 +856,7 @@ mod tests {
 
     #[test]
     fn an_aborted_alignment_releases_the_blocked_channel() {
-        let pool = NetworkBufferPool::new(4, 4096);
-        let id = GateId {
-            job: 1,
-            edge: 0,
-            target_subtask: 0,
-        };
-        let buffers = GateBuffers {
-            exclusive_per_channel: 2,
-            floating_per_gate: 2,
-            max_per_channel: 4,
-        };
-        let local = [ChannelKind::Local, ChannelKind::Local];
-        let gate = InputGate::new(id, &local, buffers, &pool).unwrap();
+        let gate = two_local_channels();
         let never = || false;
         gate.push_local(0, StreamEvent::Barrier(3), &never).unwrap();
         gate.push_local(0, batch(5), &never).unwrap();

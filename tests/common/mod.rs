@@ -124,3 +124,46 @@ path = "{}"
         out.display()
     )
 }
+
+/// A child process killed when dropped, so a failing test leaves nothing
+/// behind.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `strata` with the test log level.
+pub fn strata_command() -> std::process::Command {
+    let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_strata"));
+    c.env("STRATA_LOG", "warn,strata=info");
+    c
+}
+
+/// Starts `command` and returns it with what its first line of standard
+/// output says after `prefix`.
+pub fn spawn_announcing_command(
+    mut command: std::process::Command,
+    prefix: &str,
+) -> (Proc, String) {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn strata");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut line = String::new();
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("first line");
+    let value = line
+        .trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+        .to_owned();
+    (Proc(child), value)
+}

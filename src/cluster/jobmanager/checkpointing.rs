@@ -220,13 +220,12 @@ fn is_source(entry: &super::JobEntry, vertex: usize) -> bool {
     entry.plan.spec.operators[head].input.is_none()
 }
 
-pub(super) fn on_ack(
+/// Runs `f` on the coordinator of the job whose current attempt is `exec`
+/// and carries out the action it returns.
+fn with_coordinator(
     s: &mut State,
     exec: u64,
-    task: TaskKey,
-    checkpoint: u64,
-    handle: StateHandle,
-    alignment: Duration,
+    f: impl FnOnce(&mut Coordinator<StateHandle>, Duration) -> Option<Action<StateHandle>>,
 ) {
     let Some(job) = current_job(s, exec) else {
         return;
@@ -236,26 +235,28 @@ pub(super) fn on_ack(
     let Some(cp) = entry.checkpointing.as_mut() else {
         return;
     };
-    if let Some(action) = cp
-        .coordinator
-        .on_ack(checkpoint, task, handle, alignment, now)
-    {
+    if let Some(action) = f(&mut cp.coordinator, now) {
         apply(s, job, action);
     }
 }
 
+pub(super) fn on_ack(
+    s: &mut State,
+    exec: u64,
+    task: TaskKey,
+    checkpoint: u64,
+    handle: StateHandle,
+    alignment: Duration,
+) {
+    with_coordinator(s, exec, |c, now| {
+        c.on_ack(checkpoint, task, handle, alignment, now)
+    });
+}
+
 pub(super) fn on_decline(s: &mut State, exec: u64, task: TaskKey, checkpoint: u64, reason: &str) {
-    let Some(job) = current_job(s, exec) else {
-        return;
-    };
-    let now = since_start(s, job);
-    let entry = s.jobs.get_mut(&job).expect("job");
-    let Some(cp) = entry.checkpointing.as_mut() else {
-        return;
-    };
-    if let Some(action) = cp.coordinator.on_decline(checkpoint, task, reason, now) {
-        apply(s, job, action);
-    }
+    with_coordinator(s, exec, |c, now| {
+        c.on_decline(checkpoint, task, reason, now)
+    });
 }
 
 pub(super) fn on_task_finished(s: &mut State, job: u64, task: TaskKey) {
