@@ -37,6 +37,9 @@
 //! - [`network`]: frames, result partitions, input gates, credit-based flow
 //!   control; TCP and RDMA verbs (hardware or emulated) transports; a seeded
 //!   network simulator.
+//! - [`checkpoint`]: aligned checkpoints: the coordinator, task state files,
+//!   checkpoint storage with verified fallback; in tests, a seeded
+//!   simulation of a checkpointed job that crashes, checked exactly once.
 //! - [`memory`]: managed memory pages and budgets, network buffer pool.
 //! - [`io`]: the IOManager: io_uring / thread-pool / simulated storage and
 //!   checksummed spill files, removed with the operator that owns them.

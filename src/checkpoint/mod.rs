@@ -25,8 +25,14 @@
 //! A task's state file ([`state::TaskState`]) holds the source offset and
 //! each stateful operator's bytes keyed by the operator's index in the job
 //! file, so a restore does not depend on how operators were chained.
+//!
+//! `sim` (tests only) runs a whole checkpointed job with crashes through
+//! this code, seeded and replayable, and checks that its committed output
+//! is exactly once.
 
 pub mod coordinator;
+#[cfg(test)]
+mod sim;
 pub mod state;
 pub mod storage;
 

@@ -151,7 +151,9 @@ impl Chain {
         Ok(())
     }
 
-    fn has_pending_commit(&self) -> bool {
+    /// After `finish`: whether some operator staged output that only the
+    /// job's final commit ([`FINAL_CHECKPOINT`]) commits.
+    pub(crate) fn has_pending_commit(&self) -> bool {
         self.operators.iter().any(|op| op.has_pending_commit())
     }
 
@@ -249,11 +251,17 @@ impl Task {
     /// producer stays blocked on a dead consumer.
     pub fn run(mut self) -> Result<(), ExecError> {
         let mut checkpoints = self.checkpoints.take();
-        if let Some(cp) = &mut checkpoints {
+        if let Some(cp) = &checkpoints {
             if cp.finished_on_restore {
                 return finish_restored(&mut self.input, &mut self.chain, &self.canceled);
             }
-            restore(&mut self.input, &mut self.chain, cp)?;
+            let source = match &mut self.input {
+                TaskInput::Source {
+                    source, watermarks, ..
+                } => Some((source.as_mut(), watermarks.as_mut())),
+                TaskInput::Gates(_) => None,
+            };
+            restore(source, &mut self.chain, cp)?;
         }
         let result = match &mut self.input {
             TaskInput::Source {
@@ -322,19 +330,18 @@ fn finish_restored(
     Ok(())
 }
 
-/// Restores the source offset and the operators before any input.
-fn restore(
-    input: &mut TaskInput,
+/// Restores the source offset (source tasks: `source` is the source and
+/// its watermark generator) and the operators before any input. The
+/// checkpoint simulator (`checkpoint/sim.rs`) restores its tasks
+/// through this too.
+pub(crate) fn restore(
+    source: Option<(&mut (dyn Source + '_), Option<&mut WatermarkGenerator>)>,
     chain: &mut Chain,
     cp: &CheckpointContext,
 ) -> Result<(), ExecError> {
     let state = cp.restore.as_ref();
-    if let (
-        TaskInput::Source {
-            source, watermarks, ..
-        },
-        Some((_, bytes)),
-    ) = (input, state.and_then(|s| s.source.as_ref()))
+    if let (Some((source, watermarks)), Some((_, bytes))) =
+        (source, state.and_then(|s| s.source.as_ref()))
     {
         let entry: SourceCheckpoint =
             serde_json::from_slice(bytes).map_err(|e| ExecError::State {
@@ -342,7 +349,7 @@ fn restore(
                 detail: format!("source state in the checkpoint is unreadable: {e}"),
             })?;
         source.restore_offset(&entry.offset)?;
-        if let (Some(g), Some(m)) = (watermarks.as_mut(), entry.watermark_max_seen) {
+        if let (Some(g), Some(m)) = (watermarks, entry.watermark_max_seen) {
             g.restore(m);
         }
     }
@@ -350,8 +357,8 @@ fn restore(
 }
 
 /// Snapshots the task at barrier `checkpoint`, hands the state over and
-/// forwards the barrier.
-fn take_checkpoint(
+/// forwards the barrier. Shared with the checkpoint simulator.
+pub(crate) fn take_checkpoint(
     checkpoint: u64,
     source: Option<(&dyn Source, Option<&WatermarkGenerator>)>,
     chain: &mut Chain,

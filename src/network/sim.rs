@@ -202,11 +202,12 @@ pub fn run(config: SimConfig) -> Result<SimReport, SimFailure> {
     Sim::new(config)?.run()
 }
 
-/// SplitMix64: the whole run's randomness, from one seed.
-struct SplitMix64(u64);
+/// SplitMix64: the whole run's randomness, from one seed. Shared with the
+/// checkpoint simulator, so both replay a seed the same way.
+pub(crate) struct SplitMix64(pub(crate) u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub(crate) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -214,13 +215,13 @@ impl SplitMix64 {
         z ^ (z >> 31)
     }
     /// Uniform in `0..n` (0 when `n == 0`).
-    fn below(&mut self, n: u64) -> u64 {
+    pub(crate) fn below(&mut self, n: u64) -> u64 {
         if n == 0 { 0 } else { self.next_u64() % n }
     }
-    fn range(&mut self, low: usize, high_inclusive: usize) -> usize {
+    pub(crate) fn range(&mut self, low: usize, high_inclusive: usize) -> usize {
         low + self.below((high_inclusive - low + 1) as u64) as usize
     }
-    fn chance(&mut self, numerator: u64, denominator: u64) -> bool {
+    pub(crate) fn chance(&mut self, numerator: u64, denominator: u64) -> bool {
         self.below(denominator) < numerator
     }
 }
