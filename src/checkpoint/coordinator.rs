@@ -84,6 +84,9 @@ impl CheckpointSummary {
 
 struct Pending<H> {
     checkpoint: u64,
+    /// The final checkpoint: every other task has finished, the ones
+    /// acknowledging wait for the final commit.
+    is_final: bool,
     triggered_at: Duration,
     acks: BTreeMap<TaskKey, H>,
     alignment: Duration,
@@ -96,6 +99,11 @@ pub struct Coordinator<H> {
     /// Tasks of this attempt that finished (Flink's FLIP-147: checkpoints
     /// go on without them).
     finished: BTreeSet<TaskKey>,
+    /// The final checkpoint of this attempt completed (was recorded):
+    /// nothing more to take.
+    final_completed: bool,
+    /// The last `Complete` action was the final checkpoint's.
+    completing_final: bool,
     next_id: u64,
     pending: Option<Pending<H>>,
     /// When the last checkpoint ended (or the attempt started).
@@ -114,6 +122,8 @@ impl<H: Clone> Coordinator<H> {
             timeout,
             tasks: BTreeSet::new(),
             finished: BTreeSet::new(),
+            final_completed: false,
+            completing_final: false,
             next_id: 1,
             pending: None,
             last_end: Duration::ZERO,
@@ -136,6 +146,7 @@ impl<H: Clone> Coordinator<H> {
         let abort = self.abort_pending("the job restarted".into(), now);
         self.tasks = tasks.into_iter().collect();
         self.finished.clear();
+        self.final_completed = false;
         if let Some(id) = restored {
             self.next_id = self.next_id.max(id + 1);
             self.restored_from = Some(id);
@@ -169,11 +180,38 @@ impl<H: Clone> Coordinator<H> {
         self.next_id += 1;
         self.pending = Some(Pending {
             checkpoint,
+            is_final: false,
             triggered_at: now,
             acks: BTreeMap::new(),
             alignment: Duration::ZERO,
         });
         Some(Action::Trigger { checkpoint })
+    }
+
+    /// Every task has finished or waits for the final commit: triggers the
+    /// final checkpoint now (aborting one in flight), unless it is pending.
+    pub fn trigger_final(&mut self, now: Duration) -> Vec<Action<H>> {
+        if self.final_completed || self.pending.as_ref().is_some_and(|p| p.is_final) {
+            return Vec::new();
+        }
+        let mut actions = Vec::new();
+        actions.extend(self.abort_pending("the final checkpoint supersedes it".into(), now));
+        let checkpoint = self.next_id;
+        self.next_id += 1;
+        self.pending = Some(Pending {
+            checkpoint,
+            is_final: true,
+            triggered_at: now,
+            acks: BTreeMap::new(),
+            alignment: Duration::ZERO,
+        });
+        actions.push(Action::Trigger { checkpoint });
+        actions
+    }
+
+    /// Whether the checkpoint in flight is the final one.
+    pub fn pending_is_final(&self) -> bool {
+        self.pending.as_ref().is_some_and(|p| p.is_final)
     }
 
     /// Task `task` acknowledged `checkpoint` with `handle`.
@@ -207,11 +245,22 @@ impl<H: Clone> Coordinator<H> {
         }
         let p = self.pending.take().expect("pending checkpoint");
         self.last_end = now;
+        self.completing_final = p.is_final;
+        // After the final checkpoint every task counts as finished: a
+        // restore commits the staged output and replays nothing.
         let finished = self
             .finished
             .iter()
-            .filter(|t| !p.acks.contains_key(t))
+            .filter(|t| p.is_final || !p.acks.contains_key(t))
             .copied()
+            .chain(
+                p.is_final
+                    .then(|| p.acks.keys().copied())
+                    .into_iter()
+                    .flatten(),
+            )
+            .collect::<BTreeSet<_>>()
+            .into_iter()
             .collect();
         Some(Action::Complete {
             checkpoint: p.checkpoint,
@@ -257,6 +306,7 @@ impl<H: Clone> Coordinator<H> {
         size_bytes: u64,
     ) {
         self.completed += 1;
+        self.final_completed |= std::mem::take(&mut self.completing_final);
         self.push(CheckpointStats {
             id: checkpoint,
             status: CheckpointStatus::Completed,
@@ -270,6 +320,8 @@ impl<H: Clone> Coordinator<H> {
     /// The caller could not finalize a `Complete` action.
     pub fn record_failed(&mut self, checkpoint: u64, duration: Duration, reason: String) {
         self.failed += 1;
+        // A final checkpoint that could not be stored is taken again.
+        self.completing_final = false;
         self.push(CheckpointStats {
             id: checkpoint,
             status: CheckpointStatus::Failed,
@@ -401,6 +453,33 @@ mod tests {
         // The next one expects neither.
         c.tick(2 * S, true);
         assert_eq!(c.on_task_finished((1, 0), 2 * S), None);
+    }
+
+    #[test]
+    fn the_final_checkpoint_records_every_task_as_finished() {
+        let mut c = coordinator();
+        c.tick(S, true);
+        assert_eq!(c.on_task_finished((0, 0), S), None);
+        let actions = c.trigger_final(2 * S);
+        assert!(matches!(actions[0], Action::Abort { checkpoint: 1, .. }));
+        assert_eq!(actions[1], Action::Trigger { checkpoint: 2 });
+        assert!(c.pending_is_final());
+        assert!(c.trigger_final(2 * S).is_empty(), "already pending");
+        let Some(Action::Complete {
+            handles, finished, ..
+        }) = c.on_ack(2, (1, 0), "sink", Duration::ZERO, 3 * S)
+        else {
+            panic!("not completed");
+        };
+        assert_eq!((handles, finished), (vec!["sink"], vec![(0, 0), (1, 0)]));
+        c.record_failed(2, S, "disk full".into());
+        assert_eq!(
+            c.trigger_final(4 * S),
+            vec![Action::Trigger { checkpoint: 3 }]
+        );
+        c.on_ack(3, (1, 0), "sink", Duration::ZERO, 4 * S);
+        c.record_completed(3, S, Duration::ZERO, 1);
+        assert!(c.trigger_final(5 * S).is_empty(), "taken once per attempt");
     }
 
     #[test]

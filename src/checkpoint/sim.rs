@@ -60,14 +60,11 @@
 //!    completes is the one a restore would use, and every restore uses the
 //!    newest retained checkpoint that was not corrupted.
 //! 3. Commits are durable: a file seen committed at a crash keeps its rows
-//!    to the end. Two cases are exempt. A restore that fell back past a
-//!    corrupt checkpoint, by design: the sink deletes what the newer one
-//!    committed and the replay writes it again. A crash during the final
-//!    commit, a known gap: no checkpoint covers the final commit, so the
-//!    sinks that committed their last part roll back to the last
-//!    checkpoint and write those part names again, split differently
-//!    (`a_crash_during_the_final_commit_can_rewrite_committed_files` keeps
-//!    it visible; `final_commit_durable` checks it).
+//!    to the end, a crash during the final commit included (the final
+//!    checkpoint covers it: a restore after it commits the staged parts and
+//!    replays nothing). One case is exempt by design: a restore that fell
+//!    back past a corrupt checkpoint, where the sink deletes what the newer
+//!    one committed and the replay writes it again.
 //! 4. No task fails, the restart strategy never gives up, and the job
 //!    finishes within [`STEP_MAX`] steps.
 //!
@@ -103,7 +100,6 @@ use super::coordinator::{Action, Coordinator, TaskKey};
 use super::storage::{CheckpointStorage, CompletedCheckpoint, StateHandle};
 use crate::cluster::restart::{RestartDecision, RestartStrategy};
 use crate::config::Config;
-use crate::exec::operators::FINAL_CHECKPOINT;
 use crate::exec::task::TaskControl;
 use crate::job::graph::JobGraph;
 use crate::job::{LogicalPlan, OperatorKind, parse_job, plan};
@@ -373,6 +369,10 @@ impl Sim {
         if let Some(action) = self.coordinator.tick(self.now, sources_running) {
             self.apply(action)?;
         }
+        // An aborted final checkpoint is taken again.
+        if self.coordinator.pending().is_none() {
+            self.commit_final_if_ready()?;
+        }
         self.deliver_task_messages()?;
         let task_count = match &self.attempt {
             Some(attempt) => attempt.tasks.len(),
@@ -460,7 +460,7 @@ impl Sim {
             self.apply(action)?;
         }
         if self.attempt.is_some() {
-            self.commit_final_if_ready();
+            self.commit_final_if_ready()?;
         }
         Ok(())
     }
@@ -481,7 +481,10 @@ impl Sim {
                 if let Err(e) = self.storage.begin(checkpoint) {
                     return Err(self.failure(Invariant::CheckpointStorage, e.to_string()));
                 }
-                self.send_control(TaskControl::TriggerCheckpoint(checkpoint), true);
+                // The final checkpoint goes to the tasks that wait for the
+                // final commit, as the JobManager sends it.
+                let sources_only = !self.coordinator.pending_is_final();
+                self.send_control(TaskControl::TriggerCheckpoint(checkpoint), sources_only);
                 Ok(())
             }
             Action::Complete {
@@ -564,23 +567,29 @@ impl Sim {
     }
 
     /// As `commit_final_if_ready`: once every task has finished or waits
-    /// for the final commit, the waiting ones commit.
-    fn commit_final_if_ready(&mut self) {
+    /// for the final commit, the final checkpoint is triggered; its
+    /// completion is the commit.
+    fn commit_final_if_ready(&mut self) -> Result<(), SimFailure> {
         let attempt = self.attempt_mut();
         if attempt.final_pending.is_empty() {
-            return;
+            return Ok(());
         }
         let ready = attempt
             .tasks
             .iter()
             .all(|t| attempt.finished.contains(&t.key) || attempt.final_pending.contains(&t.key));
         if !ready {
-            return;
+            return Ok(());
         }
-        attempt.final_pending.clear();
         attempt.final_commit_sent = true;
-        self.note("final commit".to_owned());
-        self.send_control(TaskControl::CheckpointComplete(FINAL_CHECKPOINT), false);
+        let actions = self.coordinator.trigger_final(self.now);
+        if !actions.is_empty() {
+            self.note("final checkpoint".to_owned());
+        }
+        for action in actions {
+            self.apply(action)?;
+        }
+        Ok(())
     }
 
     /// Fires the armed crash if `count` events of kind `hook` reach it.

@@ -253,6 +253,12 @@ impl Task {
         let mut checkpoints = self.checkpoints.take();
         if let Some(cp) = &checkpoints {
             if cp.finished_on_restore {
+                // A task that waited for the final commit: its sinks commit
+                // what the final checkpoint staged.
+                if let Some(state) = cp.restore.as_ref().filter(|s| !s.operators.is_empty()) {
+                    self.chain.restore(Some(state))?;
+                    self.chain.notify_checkpoint_complete(FINAL_CHECKPOINT)?;
+                }
                 return finish_restored(&mut self.input, &mut self.chain, &self.canceled);
             }
             let source = match &mut self.input {
@@ -291,7 +297,7 @@ impl Task {
         result.and_then(|()| self.chain.finish())?;
         match checkpoints {
             Some(cp) if self.chain.has_pending_commit() => {
-                await_final_commit(&mut self.chain, cp, &self.canceled)
+                await_final_commit(&self.input, &mut self.chain, cp, &self.canceled)
             }
             _ => Ok(()),
         }
@@ -365,6 +371,19 @@ pub(crate) fn take_checkpoint(
     cp: &mut CheckpointContext,
     alignment: Duration,
 ) -> Result<(), ExecError> {
+    snapshot_task(checkpoint, source, chain, cp, alignment)?;
+    chain.barrier(checkpoint)
+}
+
+/// Snapshots the task and hands the state over (a decline is logged: the
+/// task goes on).
+pub(crate) fn snapshot_task(
+    checkpoint: u64,
+    source: Option<(&dyn Source, Option<&WatermarkGenerator>)>,
+    chain: &mut Chain,
+    cp: &mut CheckpointContext,
+    alignment: Duration,
+) -> Result<(), ExecError> {
     let mut state = TaskState::default();
     if let (Some((source, watermarks)), Some(id)) = (source, cp.source_id) {
         let entry = SourceCheckpoint {
@@ -385,7 +404,7 @@ pub(crate) fn take_checkpoint(
     }) {
         tracing::warn!("checkpoint {checkpoint} declined: {reason}");
     }
-    chain.barrier(checkpoint)
+    Ok(())
 }
 
 /// Handles the control messages waiting for the task. Returns the
@@ -412,22 +431,39 @@ fn drain_control(
 
 /// Input ended and output is staged: wait until the JobManager says the
 /// whole job finished, then commit.
+///
+/// The JobManager takes a final checkpoint of the waiting tasks first (the
+/// others have finished): its completion is the commit, and a restart after
+/// it restores the staged output instead of producing it again, so a
+/// committed part never changes.
 fn await_final_commit(
+    input: &TaskInput,
     chain: &mut Chain,
     mut cp: CheckpointContext,
     canceled: &AtomicBool,
 ) -> Result<(), ExecError> {
     (cp.on_final_commit_pending)();
+    let mut final_checkpoint = None;
     loop {
         check_canceled(canceled)?;
         match cp.control.recv_timeout(POLL) {
-            Ok(TaskControl::CheckpointComplete(n)) => {
-                chain.notify_checkpoint_complete(n)?;
-                if n == FINAL_CHECKPOINT {
-                    return Ok(());
-                }
+            Ok(TaskControl::TriggerCheckpoint(n)) => {
+                let source = match input {
+                    TaskInput::Source {
+                        source, watermarks, ..
+                    } => Some((source.as_ref(), watermarks.as_ref())),
+                    TaskInput::Gates(_) => None,
+                };
+                snapshot_task(n, source, chain, &mut cp, Duration::ZERO)?;
+                final_checkpoint = Some(n);
             }
-            Ok(_) => {}
+            Ok(TaskControl::CheckpointComplete(n)) => {
+                if n == FINAL_CHECKPOINT || final_checkpoint.is_some_and(|f| n >= f) {
+                    return chain.notify_checkpoint_complete(FINAL_CHECKPOINT);
+                }
+                chain.notify_checkpoint_complete(n)?;
+            }
+            Ok(TaskControl::AbortCheckpoint(_)) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
                 return Err(ExecError::Canceled);

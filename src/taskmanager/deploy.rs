@@ -136,11 +136,9 @@ pub(super) async fn deploy(
     for p in &prepared {
         if checkpointing.is_some() {
             let (sender, receiver) = std::sync::mpsc::sync_channel(super::TASK_CONTROL_MAX);
-            let head = graph.vertices[p.tdd.vertex].operators[0];
             controls.push(super::TaskControlHandle {
                 vertex: p.tdd.vertex,
                 subtask: p.tdd.subtask,
-                is_source: plan.spec.operators[head].input.is_none(),
                 sender,
             });
             receivers.push(Some(receiver));

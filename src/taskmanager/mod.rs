@@ -70,7 +70,6 @@ struct JobTasks {
 struct TaskControlHandle {
     vertex: usize,
     subtask: u32,
-    is_source: bool,
     sender: std::sync::mpsc::SyncSender<crate::exec::task::TaskControl>,
 }
 
@@ -78,16 +77,15 @@ struct TaskControlHandle {
 /// batches, and the JobManager has one checkpoint in flight at a time.
 const TASK_CONTROL_MAX: usize = 64;
 
-/// Delivers a checkpoint control message to a job's tasks (`sources_only`:
-/// barriers are injected by sources). A source that cannot take a trigger
-/// (it ended) declines it, so the checkpoint is aborted rather than left to
-/// time out.
+/// Delivers a checkpoint control message to every task of a job (a task
+/// that has nothing to do with it ignores it). A task whose queue is full
+/// declines a trigger, so the checkpoint is aborted rather than left to time
+/// out.
 fn deliver_control(
     services: &Services,
     out: &UnboundedSender<Message>,
     job: u64,
     control: crate::exec::task::TaskControl,
-    sources_only: bool,
 ) {
     use crate::exec::task::TaskControl;
     let jobs = lock(&services.jobs);
@@ -97,11 +95,7 @@ fn deliver_control(
         }
         return;
     };
-    for h in tasks
-        .controls
-        .iter()
-        .filter(|h| h.is_source || !sources_only)
-    {
+    for h in &tasks.controls {
         // A task that ended has dropped its receiver: the JobManager hears
         // of its end from its status. A full queue declines the barrier.
         if let Err(e @ std::sync::mpsc::TrySendError::Full(_)) = h.sender.try_send(control)
@@ -472,16 +466,19 @@ async fn session(
                 });
             }
             Message::TriggerCheckpoint { job, checkpoint } => {
+                // Running source tasks inject the barrier; tasks waiting
+                // for the final commit snapshot for the final checkpoint;
+                // the others ignore it.
                 let control = crate::exec::task::TaskControl::TriggerCheckpoint(checkpoint);
-                deliver_control(services, &out, job, control, true);
+                deliver_control(services, &out, job, control);
             }
             Message::CheckpointComplete { job, checkpoint } => {
                 let control = crate::exec::task::TaskControl::CheckpointComplete(checkpoint);
-                deliver_control(services, &out, job, control, false);
+                deliver_control(services, &out, job, control);
             }
             Message::AbortCheckpoint { job, checkpoint } => {
                 let control = crate::exec::task::TaskControl::AbortCheckpoint(checkpoint);
-                deliver_control(services, &out, job, control, false);
+                deliver_control(services, &out, job, control);
             }
             Message::CancelJob { job, reason } => {
                 if let Some(tasks) = lock(&services.jobs).get(&job) {

@@ -81,6 +81,9 @@ pub(super) struct SimTask {
     /// To the JobManager.
     pub messages: Wire<TaskMessage>,
     pub phase: Phase,
+    /// The final checkpoint this task acknowledged while waiting for the
+    /// final commit.
+    final_checkpoint: Option<u64>,
 }
 
 /// The simulator's clock and knobs for one task step.
@@ -124,8 +127,18 @@ impl SimTask {
             control: Wire::default(),
             messages: Wire::default(),
             phase: Phase::Running,
+            final_checkpoint: None,
         };
         if task.finished_on_restore() {
+            // As `Task::run`: a task that waited for the final commit
+            // commits what the final checkpoint staged.
+            if let Some(state) = task.cp.restore.as_ref().filter(|s| !s.operators.is_empty()) {
+                let restored = task.chain.restore(Some(state)).and_then(|()| {
+                    task.chain
+                        .notify_checkpoint_complete(crate::exec::operators::FINAL_CHECKPOINT)
+                });
+                restored.map_err(|e| Broken::task(key, e))?;
+            }
             return Ok(task);
         }
         let source = match &mut task.input {
@@ -262,10 +275,27 @@ impl SimTask {
                     self.after_snapshot(n, cx, stepped)?;
                 }
             }
+            (TaskControl::TriggerCheckpoint(n), Phase::FinalCommitPending) => {
+                // The final checkpoint, as `await_final_commit` takes it.
+                let source = match &self.input {
+                    Input::Source { source, watermarks } => {
+                        Some((source.as_ref(), watermarks.as_ref()))
+                    }
+                    Input::Channels(_) => None,
+                };
+                let taken =
+                    task::snapshot_task(n, source, &mut self.chain, &mut self.cp, Duration::ZERO);
+                taken.map_err(|e| Broken::task(key, e))?;
+                self.final_checkpoint = Some(n);
+                self.after_snapshot(n, cx, stepped)?;
+            }
             (TaskControl::CheckpointComplete(n), phase) => {
+                let is_final = phase == Phase::FinalCommitPending
+                    && (n == FINAL_CHECKPOINT || self.final_checkpoint.is_some_and(|f| n >= f));
+                let n = if is_final { FINAL_CHECKPOINT } else { n };
                 let notified = self.chain.notify_checkpoint_complete(n);
                 notified.map_err(|e| Broken::task(key, e))?;
-                if n == FINAL_CHECKPOINT && phase == Phase::FinalCommitPending {
+                if is_final {
                     self.phase = Phase::Finished;
                     self.report(TaskMessage::Finished);
                     stepped.final_committed = true;

@@ -109,12 +109,14 @@ fn apply(s: &mut State, job: u64, action: Action<StateHandle>) {
     };
     let message = match action {
         Action::Trigger { checkpoint } => match cp.storage.begin(checkpoint) {
+            // The final checkpoint goes to the tasks waiting for the final
+            // commit; the others reach them through the sources' barriers.
             Ok(_) => Some((
                 Message::TriggerCheckpoint {
                     job: exec,
                     checkpoint,
                 },
-                true,
+                !cp.coordinator.pending_is_final(),
             )),
             Err(e) => {
                 let now = entry.started.elapsed();
@@ -279,8 +281,10 @@ pub(super) fn on_final_commit_pending(s: &mut State, exec: u64, task: TaskKey) {
     commit_final_if_ready(s, job);
 }
 
-/// When every task has finished or waits for the final commit, tells the
-/// waiting ones to commit: the job's output is complete.
+/// When every task has finished or waits for the final commit, triggers
+/// the final checkpoint: the waiting tasks acknowledge their staged output,
+/// and its completion tells them to commit. A restart after it restores
+/// the staged output instead of producing it again.
 pub(super) fn commit_final_if_ready(s: &mut State, job: u64) {
     let entry = &s.jobs[&job];
     if entry.final_pending.is_empty() || entry.restart_at.is_some() {
@@ -293,16 +297,28 @@ pub(super) fn commit_final_if_ready(s: &mut State, job: u64) {
     if !ready {
         return;
     }
-    tracing::info!(
-        "job {}: input complete; committing the final output",
-        entry.name
-    );
-    let message = Message::CheckpointComplete {
-        job: entry.exec,
-        checkpoint: FINAL_CHECKPOINT,
+    let now = entry.started.elapsed();
+    let name = entry.name.clone();
+    let exec = entry.exec;
+    let entry = s.jobs.get_mut(&job).expect("job");
+    let Some(cp) = entry.checkpointing.as_mut() else {
+        // Without checkpointing no sink stages its output.
+        let message = Message::CheckpointComplete {
+            job: exec,
+            checkpoint: FINAL_CHECKPOINT,
+        };
+        send_to_tasks(s, job, &message, false);
+        return;
     };
-    send_to_tasks(s, job, &message, false);
-    s.jobs.get_mut(&job).expect("job").final_pending.clear();
+    let actions = cp.coordinator.trigger_final(now);
+    if !actions.is_empty() {
+        tracing::info!(
+            "job {name}: input complete; taking the final checkpoint to commit the output"
+        );
+    }
+    for action in actions {
+        apply(s, job, action);
+    }
 }
 
 /// The job whose current attempt is `exec`.
@@ -397,6 +413,16 @@ pub(super) fn tick(s: &mut State, config: &Config) {
         };
         if let Some(action) = cp.coordinator.tick(now, sources_running) {
             apply(s, job, action);
+        }
+        // A final checkpoint that was aborted (timeout, decline) is taken
+        // again.
+        let entry = &s.jobs[&job];
+        if entry
+            .checkpointing
+            .as_ref()
+            .is_some_and(|c| c.coordinator.pending().is_none())
+        {
+            commit_final_if_ready(s, job);
         }
     }
 }
