@@ -22,6 +22,14 @@
 //! 5. On failure the job restarts from the newest complete checkpoint that
 //!    verifies; a corrupt one is skipped with a log line naming it.
 //!
+//! Tasks that finished are left out of later checkpoints and recorded in
+//! their manifests; a restore starts them finished (Flink's FLIP-147). When
+//! every task has finished or waits with staged output, a final checkpoint
+//! of the waiting tasks (no barrier) makes their output part of a completed
+//! checkpoint; its completion is the final commit, so a failure while
+//! committing restores and commits the staged output instead of producing
+//! it again.
+//!
 //! A task's state file ([`state::TaskState`]) holds the source offset and
 //! each stateful operator's bytes keyed by the operator's index in the job
 //! file, so a restore does not depend on how operators were chained.
