@@ -14,7 +14,6 @@ use crate::checkpoint::storage::{CheckpointStorage, StateHandle};
 use crate::cluster::restart::RestartDecision;
 use crate::cluster::rpc::{CheckpointDeployment, ExecutionState, Message, RestoreDeployment};
 use crate::config::Config;
-use crate::exec::operators::FINAL_CHECKPOINT;
 
 /// A job's coordinator and checkpoint storage.
 pub(super) struct JobCheckpointing {
@@ -299,15 +298,9 @@ pub(super) fn commit_final_if_ready(s: &mut State, job: u64) {
     }
     let now = entry.started.elapsed();
     let name = entry.name.clone();
-    let exec = entry.exec;
     let entry = s.jobs.get_mut(&job).expect("job");
+    // Without checkpointing no sink stages its output, so none waits.
     let Some(cp) = entry.checkpointing.as_mut() else {
-        // Without checkpointing no sink stages its output.
-        let message = Message::CheckpointComplete {
-            job: exec,
-            checkpoint: FINAL_CHECKPOINT,
-        };
-        send_to_tasks(s, job, &message, false);
         return;
     };
     let actions = cp.coordinator.trigger_final(now);
