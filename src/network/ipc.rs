@@ -6,13 +6,15 @@
 //! buffers (which would need memory outside the credit budget). A batch whose
 //! encoding does not fit a segment is sliced by rows until every piece fits.
 
+use std::cell::Cell;
+
 use arrow_array::RecordBatch;
 use arrow_buffer::Buffer;
 use arrow_ipc::reader::StreamDecoder;
-use arrow_ipc::writer::{
-    DictionaryTracker, IpcDataGenerator, IpcWriteContext, IpcWriteOptions, write_message,
-};
-use arrow_schema::ArrowError;
+use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
+use arrow_schema::{ArrowError, DataType, Schema};
+
+use crate::memory::Segment;
 
 #[derive(Debug, thiserror::Error)]
 pub enum IpcError {
@@ -29,34 +31,88 @@ pub enum IpcError {
     NoBatch,
 }
 
-/// Encodes one channel's stream.
+/// Memory a piece is encoded into: a network segment on the data path, or a
+/// reused heap buffer (spill blocks, tests).
+pub enum Room {
+    Segment(Segment),
+    Heap(Vec<u8>),
+}
+
+impl Room {
+    pub fn as_slice(&self) -> &[u8] {
+        match self {
+            Room::Segment(s) => s.as_slice(),
+            Room::Heap(v) => v,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Room::Segment(s) => s.as_mut_slice(),
+            Room::Heap(v) => v,
+        }
+    }
+}
+
+/// What arrow's `StreamWriter` writes into: the current piece's room. Bytes
+/// past `limit` are counted, not stored, so an oversized piece is measured
+/// (and then cut) without a second encoding pass. With no room, bytes go to
+/// `prefix`: the schema message, written when the stream starts, which
+/// leads the channel's first piece.
+struct PieceWriter {
+    room: Option<Room>,
+    len: usize,
+    limit: usize,
+    prefix: Vec<u8>,
+}
+
+impl std::io::Write for PieceWriter {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        match &mut self.room {
+            None => self.prefix.extend_from_slice(bytes),
+            Some(room) => {
+                let end = self.len + bytes.len();
+                if end <= self.limit {
+                    room.as_mut_slice()[self.len..end].copy_from_slice(bytes);
+                }
+                self.len = end;
+            }
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Encodes one channel's stream. Each piece is written once, from the
+/// batch's own Arrow buffers straight into the memory it is sent from.
 pub struct ChannelEncoder {
-    generator: IpcDataGenerator,
-    tracker: DictionaryTracker,
     options: IpcWriteOptions,
-    context: IpcWriteContext,
+    /// Created at the first batch (it needs the schema); dropped when the
+    /// options change, or when a piece with dictionaries overflowed (its
+    /// dictionary tracker then believes they were sent).
+    writer: Option<StreamWriter<PieceWriter>>,
     schema_sent: bool,
     /// The segment's room for payload.
     segment_payload_max: usize,
     /// What buffers are cut to now: the segment's room, or less when buffer
     /// debloating asked for smaller buffers.
     payload_max: usize,
-    /// Reused for every piece: at most one segment's payload plus what a
-    /// piece that did not fit overshot by.
-    scratch: Vec<u8>,
+    /// The heap room [`ChannelEncoder::encode`] reuses.
+    heap: Option<Vec<u8>>,
 }
 
 impl ChannelEncoder {
     pub fn new(payload_max: usize) -> Self {
         Self {
-            generator: IpcDataGenerator::default(),
-            tracker: DictionaryTracker::new(false),
             options: IpcWriteOptions::default(),
-            context: IpcWriteContext::default(),
+            writer: None,
             schema_sent: false,
             segment_payload_max: payload_max,
             payload_max,
-            scratch: Vec::with_capacity(payload_max),
+            heap: None,
         }
     }
 
@@ -75,6 +131,7 @@ impl ChannelEncoder {
             .options
             .clone()
             .try_with_compression(Some(arrow_ipc::CompressionType::LZ4_FRAME))?;
+        self.writer = None;
         Ok(())
     }
 
@@ -85,49 +142,79 @@ impl ChannelEncoder {
         batch: &RecordBatch,
         sink: &mut dyn FnMut(&[u8]) -> Result<(), IpcError>,
     ) -> Result<(), IpcError> {
-        let mut scratch = std::mem::take(&mut self.scratch);
-        let result = self.encode_pieces(batch, sink, &mut scratch);
-        self.scratch = scratch;
+        let size = self.segment_payload_max;
+        let spare = Cell::new(self.heap.take());
+        let result = self.encode_into(
+            batch,
+            &mut || Ok(Room::Heap(spare.take().unwrap_or_else(|| vec![0; size]))),
+            &mut |room, len| {
+                let result = sink(&room.as_slice()[..len]);
+                if let Room::Heap(v) = room {
+                    spare.set(Some(v));
+                }
+                result
+            },
+        );
+        self.heap = spare.take();
         result
     }
 
-    fn encode_pieces(
+    /// Encodes `batch` into one or more pieces of at most `payload_max`
+    /// bytes. Each piece is written into memory from `room` (called once per
+    /// piece, before encoding, so it may wait for a free segment) and handed
+    /// to `emit` with its length, in order.
+    pub fn encode_into(
         &mut self,
         batch: &RecordBatch,
-        sink: &mut dyn FnMut(&[u8]) -> Result<(), IpcError>,
-        scratch: &mut Vec<u8>,
+        room: &mut dyn FnMut() -> Result<Room, IpcError>,
+        emit: &mut dyn FnMut(Room, usize) -> Result<(), IpcError>,
     ) -> Result<(), IpcError> {
+        let has_dictionaries = batch
+            .schema_ref()
+            .fields()
+            .iter()
+            .any(|f| contains_dictionary(f.data_type()));
+        let mut spare: Option<Room> = None;
         let mut pending = Vec::new();
         push_pieces(&mut pending, 0, batch.num_rows(), self.first_cut(batch));
         while let Some((offset, rows)) = pending.pop() {
-            scratch.clear();
-            if !self.schema_sent {
-                let schema = self.generator.schema_to_bytes_with_dictionary_tracker(
-                    batch.schema_ref(),
-                    &mut self.tracker,
-                    &self.options,
-                );
-                write_message(&mut *scratch, schema, &self.options)?;
+            let target = match spare.take() {
+                Some(r) => r,
+                None => room()?,
+            };
+            let (payload_max, schema_sent) = (self.payload_max, self.schema_sent);
+            let writer = self.writer_for(batch.schema_ref())?;
+            let w = writer.get_mut();
+            w.limit = payload_max.min(target.as_slice().len());
+            w.len = 0;
+            w.room = Some(target);
+            if !schema_sent {
+                let prefix = std::mem::take(&mut w.prefix);
+                std::io::Write::write_all(w, &prefix).map_err(ArrowError::from)?;
+                w.prefix = prefix;
             }
-            let piece = batch.slice(offset, rows);
-            let (dicts, encoded) = self.generator.encode(
-                &piece,
-                &mut self.tracker,
-                &self.options,
-                &mut self.context,
-            )?;
-            for dict in dicts {
-                write_message(&mut *scratch, dict, &self.options)?;
-            }
-            write_message(&mut *scratch, encoded, &self.options)?;
-            if scratch.len() <= self.payload_max {
-                sink(scratch)?;
+            let written = writer.write(&batch.slice(offset, rows));
+            let w = writer.get_mut();
+            let (target, len) = (w.room.take(), w.len);
+            let target = target.expect("the room stays in the writer while it writes");
+            written?;
+            if len <= self.payload_max {
                 self.schema_sent = true;
+                if let Some(w) = self.writer.as_mut() {
+                    w.get_mut().prefix = Vec::new();
+                }
+                emit(target, len)?;
                 continue;
+            }
+            spare = Some(target);
+            if has_dictionaries {
+                // Its tracker counts the discarded piece's dictionaries as
+                // sent; a fresh writer sends them again.
+                self.writer = None;
             }
             if rows <= 1 {
                 return Err(IpcError::RowTooLarge {
-                    row_bytes: scratch.len(),
+                    row_bytes: len,
                     segment_bytes: self.payload_max,
                 });
             }
@@ -136,16 +223,33 @@ impl ChannelEncoder {
             // piece would cost quadratic time on large batches. Pushed in
             // reverse so they pop in order; a piece that still does not fit
             // is cut again.
-            let piece_rows = ((rows as u128 * self.payload_max as u128 * 9 / 10)
-                / scratch.len() as u128)
+            let piece_rows = ((rows as u128 * self.payload_max as u128 * 9 / 10) / len as u128)
                 .clamp(1, rows as u128 - 1) as usize;
             push_pieces(&mut pending, offset, rows, piece_rows);
         }
         Ok(())
     }
-}
 
-impl ChannelEncoder {
+    /// The stream writer, created (with the schema message captured as the
+    /// prefix of the first piece) when there is none.
+    fn writer_for(&mut self, schema: &Schema) -> Result<&mut StreamWriter<PieceWriter>, IpcError> {
+        if self.writer.is_none() {
+            let capture = PieceWriter {
+                room: None,
+                len: 0,
+                limit: 0,
+                prefix: Vec::new(),
+            };
+            let mut writer =
+                StreamWriter::try_new_with_options(capture, schema, self.options.clone())?;
+            if self.schema_sent {
+                writer.get_mut().prefix.clear();
+            }
+            self.writer = Some(writer);
+        }
+        Ok(self.writer.as_mut().expect("created above"))
+    }
+
     /// Rows per piece for a first cut, estimated from the batch's buffer
     /// bytes (10% headroom for IPC metadata and padding), so a large batch
     /// is not encoded whole just to learn that it does not fit.
@@ -160,6 +264,24 @@ impl ChannelEncoder {
             return rows;
         }
         (rows * (self.payload_max * 9 / 10) / bytes).clamp(1, rows)
+    }
+}
+
+fn contains_dictionary(t: &DataType) -> bool {
+    match t {
+        DataType::Dictionary(..) => true,
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f)
+        | DataType::FixedSizeList(f, _)
+        | DataType::Map(f, _) => contains_dictionary(f.data_type()),
+        DataType::Struct(fields) => fields.iter().any(|f| contains_dictionary(f.data_type())),
+        DataType::Union(fields, _) => fields
+            .iter()
+            .any(|(_, f)| contains_dictionary(f.data_type())),
+        DataType::RunEndEncoded(_, values) => contains_dictionary(values.data_type()),
+        _ => false,
     }
 }
 
@@ -231,6 +353,71 @@ mod tests {
         let schema = input.schema();
         let joined = arrow_select::concat::concat_batches(&schema, &out).unwrap();
         assert_eq!(joined, input);
+    }
+
+    fn round_trip(
+        input: &RecordBatch,
+        enc: &mut ChannelEncoder,
+        dec: &mut ChannelDecoder,
+        limit: usize,
+    ) -> usize {
+        let mut out = Vec::new();
+        enc.encode(input, &mut |bytes| {
+            assert!(bytes.len() <= limit);
+            out.push(dec.decode(bytes)?);
+            Ok(())
+        })
+        .unwrap();
+        let joined = arrow_select::concat::concat_batches(&input.schema(), &out).unwrap();
+        assert_eq!(&joined, input);
+        out.len()
+    }
+
+    #[test]
+    fn pieces_that_overflow_resend_their_dictionaries() {
+        use arrow_array::DictionaryArray;
+        use arrow_array::types::Int32Type;
+        let words: Vec<String> = (0..100)
+            .map(|i| format!("dictionary-value-{i:04}"))
+            .collect();
+        let keys: DictionaryArray<Int32Type> =
+            (0..10_000).map(|i| words[(i * 7) % 100].as_str()).collect();
+        let input = RecordBatch::try_from_iter([
+            ("d", Arc::new(keys) as _),
+            ("k", Arc::new(Int64Array::from_iter_values(0..10_000)) as _),
+        ])
+        .unwrap();
+        let mut enc = ChannelEncoder::new(8 * 1024);
+        let mut dec = ChannelDecoder::default();
+        // Twice: the second batch continues the stream (no schema message).
+        assert!(round_trip(&input, &mut enc, &mut dec, 8 * 1024) > 4);
+        assert!(round_trip(&input, &mut enc, &mut dec, 8 * 1024) > 4);
+    }
+
+    #[test]
+    fn lz4_pieces_and_segment_rooms_round_trip() {
+        let input = batch(20_000);
+        let mut enc = ChannelEncoder::new(16 * 1024);
+        enc.enable_lz4().unwrap();
+        round_trip(&input, &mut enc, &mut ChannelDecoder::default(), 16 * 1024);
+        // Into pool segments, as the data path does.
+        let pool = crate::memory::NetworkBufferPool::new(4, 16 * 1024);
+        let mut enc = ChannelEncoder::new(16 * 1024 - 64);
+        let mut dec = ChannelDecoder::default();
+        let mut out = Vec::new();
+        enc.encode_into(
+            &input,
+            &mut || Ok(Room::Segment(pool.try_request().expect("a free segment"))),
+            &mut |room, len| {
+                assert!(matches!(room, Room::Segment(_)));
+                out.push(dec.decode(&room.as_slice()[..len])?);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let joined = arrow_select::concat::concat_batches(&input.schema(), &out).unwrap();
+        assert_eq!(joined, input);
+        assert_eq!(pool.available_count(), 4, "every segment went back");
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use super::frame::BufferKind;
 use super::gate::InputGate;
-use super::ipc::ChannelEncoder;
+use super::ipc::{ChannelEncoder, Room};
 use super::{NetworkError, PartitionId, StreamEvent};
 use crate::kernels::cpu::hash::{hash_columns, subtask_for_hash};
 use crate::memory::{NetworkBufferPool, Segment};
@@ -169,7 +169,9 @@ impl Subpartition {
         let buffer = state.queue.pop_front()?;
         state.credit -= 1;
         let backlog = state.queue.len() as u32;
-        let wake = state.producers_waiting > 0;
+        // A blocked producer wakes when half the queue is free, not on every
+        // buffer: it then fills the queue in one burst.
+        let wake = state.producers_waiting > 0 && state.queue.len() <= self.capacity / 2;
         drop(state);
         if wake {
             self.space.notify_one();
@@ -344,40 +346,46 @@ impl RecordWriter {
                 encoder.set_buffer_size(sub.buffer_size());
                 let pool = &self.pool;
                 let metrics = &self.metrics;
-                let mut blocked = Duration::ZERO;
-                let mut failure = None;
-                let result = encoder.encode(&batch, &mut |bytes| {
-                    let pushed =
-                        acquire_segment(pool, &*canceled).and_then(|(mut segment, waited)| {
-                            segment.as_mut_slice()[..bytes.len()].copy_from_slice(bytes);
-                            let payload = Payload::Segment {
-                                segment,
-                                len: bytes.len(),
-                            };
-                            let b = sub.push(
-                                OutBuffer {
-                                    kind: BufferKind::Ipc,
-                                    payload,
-                                },
-                                &*canceled,
-                            )?;
-                            Ok(waited + b)
-                        });
-                    match pushed {
-                        Ok(b) => {
-                            blocked += b;
-                            metrics
-                                .remote_bytes
-                                .fetch_add(bytes.len() as u64, Ordering::Relaxed);
-                            metrics.remote_buffers.fetch_add(1, Ordering::Relaxed);
-                            Ok(())
+                // Segment waits and pushes fail with a network error; the
+                // encoder only sees that the piece could not go out.
+                let failure = std::cell::RefCell::new(None);
+                let failed = |e: NetworkError| {
+                    *failure.borrow_mut() = Some(e);
+                    super::ipc::IpcError::NoBatch
+                };
+                let blocked_cell = std::cell::Cell::new(Duration::ZERO);
+                let result = encoder.encode_into(
+                    &batch,
+                    &mut || match acquire_segment(pool, &*canceled) {
+                        Ok((segment, waited)) => {
+                            blocked_cell.set(blocked_cell.get() + waited);
+                            Ok(Room::Segment(segment))
                         }
-                        Err(e) => {
-                            failure = Some(e);
-                            Err(super::ipc::IpcError::NoBatch)
+                        Err(e) => Err(failed(e)),
+                    },
+                    &mut |room, len| {
+                        let Room::Segment(segment) = room else {
+                            unreachable!("the data path encodes into segments only")
+                        };
+                        let buffer = OutBuffer {
+                            kind: BufferKind::Ipc,
+                            payload: Payload::Segment { segment, len },
+                        };
+                        match sub.push(buffer, &*canceled) {
+                            Ok(b) => {
+                                blocked_cell.set(blocked_cell.get() + b);
+                                metrics
+                                    .remote_bytes
+                                    .fetch_add(len as u64, Ordering::Relaxed);
+                                metrics.remote_buffers.fetch_add(1, Ordering::Relaxed);
+                                Ok(())
+                            }
+                            Err(e) => Err(failed(e)),
                         }
-                    }
-                });
+                    },
+                );
+                let blocked = blocked_cell.get();
+                let failure = failure.into_inner();
                 self.record_blocked(blocked);
                 match (result, failure) {
                     (_, Some(e)) => Err(e),

@@ -25,11 +25,14 @@ use super::{NetworkError, NetworkRegistry, PartitionId};
 
 /// How long a partition request waits for its producer to be deployed.
 const PARTITION_WAIT: Duration = Duration::from_secs(30);
-const WRITE_BUFFER_BYTES: usize = 256 * 1024;
+/// Most buffers one gathered write sends.
+const GATHER_BUFFERS_MAX: usize = 32;
+/// A gathered write stops adding buffers past this many bytes.
+const GATHER_BYTES_MAX: usize = 512 * 1024;
+/// A BufferResponse's head and routing header.
+const FRAME_HEAD_BYTES: usize = super::frame::HEAD_LEN + super::frame::BUFFER_HEADER_LEN;
 /// Read buffer of a consumer's data connection.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
-/// Payloads at least this large bypass the write buffer.
-const LARGE_PAYLOAD_BYTES: usize = 8 * 1024;
 /// How long a consumer waits for the producer's answer to `VerbsConnect`.
 const VERBS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Verbs credits a producer holds for channels whose partition request is
@@ -377,68 +380,72 @@ fn next_ready(
     None
 }
 
-/// Writes `head` then `payload` with as few system calls as the socket allows.
-async fn write_all_vectored(
+/// Writes every slice in `parts`, in order, with as few system calls as
+/// the socket allows.
+async fn write_all_gathered(
     stream: &mut OwnedWriteHalf,
-    head: &[u8],
-    payload: &[u8],
+    mut parts: &mut [std::io::IoSlice<'_>],
 ) -> std::io::Result<()> {
-    let mut done = 0usize;
-    let total = head.len() + payload.len();
-    while done < total {
-        let n = if done < head.len() {
-            let parts = [
-                std::io::IoSlice::new(&head[done..]),
-                std::io::IoSlice::new(payload),
-            ];
-            stream.write_vectored(&parts).await?
-        } else {
-            stream.write(&payload[done - head.len()..]).await?
-        };
+    while !parts.is_empty() {
+        let n = stream.write_vectored(parts).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        done += n;
+        std::io::IoSlice::advance_slices(&mut parts, n);
     }
     Ok(())
 }
 
-/// Sends every attached subpartition's buffers while it has credit.
+/// Sends every attached subpartition's buffers while it has credit. The
+/// buffers ready at one moment (up to [`GATHER_BUFFERS_MAX`] or
+/// [`GATHER_BYTES_MAX`]) go out in one gathered write, straight from their
+/// segments: no copy in user space, one system call for many buffers.
 async fn send_loop(
-    writer: OwnedWriteHalf,
+    mut writer: OwnedWriteHalf,
     attached: AttachedList,
     wake: Arc<Notify>,
     mut errors: UnboundedReceiver<ControlMessage>,
 ) -> std::io::Result<()> {
-    let mut writer = BufWriter::with_capacity(WRITE_BUFFER_BYTES, writer);
-    let mut head = Vec::with_capacity(64);
+    let mut control = Vec::with_capacity(64);
+    let mut heads = vec![[0u8; FRAME_HEAD_BYTES]; GATHER_BUFFERS_MAX];
+    let mut buffers: Vec<OutBuffer> = Vec::with_capacity(GATHER_BUFFERS_MAX);
     let mut next = 0usize;
     loop {
+        control.clear();
         while let Ok(msg) = errors.try_recv() {
-            head.clear();
-            encode_control(&msg, &mut head);
-            writer.write_all(&head).await?;
+            encode_control(&msg, &mut control);
         }
-        match next_ready(&attached, &mut next) {
-            Some((header, buffer, _)) => {
-                head.clear();
-                encode_buffer_header(&header, &mut head);
-                let payload = buffer.payload.as_slice();
-                if payload.len() < LARGE_PAYLOAD_BYTES {
-                    writer.write_all(&head).await?;
-                    writer.write_all(payload).await?;
-                } else {
-                    // A large buffer goes from its segment to the socket in
-                    // one gathered write: no copy through the write buffer.
-                    writer.flush().await?;
-                    write_all_vectored(writer.get_mut(), &head, payload).await?;
-                }
-            }
-            None => {
-                writer.flush().await?;
-                wake.notified().await;
+        if !control.is_empty() {
+            writer.write_all(&control).await?;
+        }
+        let mut bytes = 0usize;
+        while buffers.len() < GATHER_BUFFERS_MAX && bytes < GATHER_BYTES_MAX {
+            let Some((header, buffer, _)) = next_ready(&attached, &mut next) else {
+                break;
+            };
+            let mut head = Vec::with_capacity(FRAME_HEAD_BYTES);
+            encode_buffer_header(&header, &mut head);
+            heads[buffers.len()].copy_from_slice(&head);
+            bytes += head.len() + buffer.payload.as_slice().len();
+            buffers.push(buffer);
+        }
+        if buffers.is_empty() {
+            wake.notified().await;
+            continue;
+        }
+        let mut parts = Vec::with_capacity(2 * buffers.len());
+        for (head, buffer) in heads.iter().zip(&buffers) {
+            parts.push(std::io::IoSlice::new(head));
+            let payload = buffer.payload.as_slice();
+            if !payload.is_empty() {
+                parts.push(std::io::IoSlice::new(payload));
             }
         }
+        write_all_gathered(&mut writer, &mut parts).await?;
+        drop(parts);
+        // The segments go back to the pool only now that the kernel holds
+        // their bytes.
+        buffers.clear();
     }
 }
 
