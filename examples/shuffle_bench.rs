@@ -4,6 +4,10 @@
 //! line. `scripts/bench_shuffle.sh` runs it beside iperf3.
 //!
 //!   cargo run --release --example shuffle_bench -- [--size 2G] [--segment 32K]
+//!       [--only NAME] [--checksum]
+//!
+//! `--checksum` turns on the per-buffer CRC-32C
+//! (`taskmanager.network.checksum.enabled`) for the remote transports.
 //!
 //! - `memcpy`: one thread copying the bytes between two pre-touched buffers.
 //! - `local`: a local channel (producer and consumer tasks in one
@@ -172,7 +176,7 @@ fn env(mode: Remote, pool: &Arc<NetworkBufferPool>) -> Option<Arc<VerbsEnv>> {
     Some(VerbsEnv::new(device, pool).expect("registration"))
 }
 
-fn remote(name: &str, mode: Remote, size: u64, segment: usize) {
+fn remote(name: &str, mode: Remote, size: u64, segment: usize, checksum: bool) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -197,6 +201,7 @@ fn remote(name: &str, mode: Remote, size: u64, segment: usize) {
             source_subtask: 0,
         };
         let sub = Subpartition::new(BUFFERS.max_per_channel);
+        sub.set_checksum(checksum);
         registry.register_partition(Arc::new(ResultPartition {
             id: partition,
             subpartitions: vec![Some(Arc::clone(&sub))],
@@ -249,6 +254,7 @@ fn main() {
     let mut size = 2u64 << 30;
     let mut segment = 32usize << 10;
     let mut only: Option<String> = None;
+    let mut checksum = false;
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -257,6 +263,11 @@ fn main() {
             "--size" => size = parse_bytes(&value).expect("--size"),
             "--segment" => segment = parse_bytes(&value).expect("--segment") as usize,
             "--only" => only = Some(value),
+            "--checksum" => {
+                checksum = true;
+                i += 1;
+                continue;
+            }
             other => panic!("unknown argument {other}"),
         }
         i += 2;
@@ -269,12 +280,18 @@ fn main() {
         local(size, segment);
     }
     if run("tcp") {
-        remote("tcp", Remote::Tcp, size, segment);
+        remote("tcp", Remote::Tcp, size, segment, checksum);
     }
     if run("rdma-emulated") {
-        remote("rdma-emulated", Remote::Verbs, size, segment);
+        remote("rdma-emulated", Remote::Verbs, size, segment, checksum);
     }
     if run("rdma-emulated-link") {
-        remote("rdma-emulated-link", Remote::VerbsLink, size, segment);
+        remote(
+            "rdma-emulated-link",
+            Remote::VerbsLink,
+            size,
+            segment,
+            checksum,
+        );
     }
 }

@@ -167,6 +167,11 @@ pub struct Config {
     pub compression_enabled: bool,
     /// `taskmanager.network.compression.codec` (Flink's key; LZ4 only).
     pub compression_codec: String,
+    /// `taskmanager.network.checksum.enabled`: a CRC-32C on every shuffle
+    /// buffer between TaskManagers, verified by the consumer. Off by default,
+    /// as in Flink: TCP checksums the wire, and the CRC costs a pass over
+    /// every byte on each side.
+    pub network_checksum: bool,
     /// `taskmanager.network.memory.buffer-debloat.enabled`.
     pub debloat_enabled: bool,
     /// `taskmanager.network.memory.buffer-debloat.target`: the time the
@@ -358,6 +363,7 @@ impl Config {
             transport: Transport::Auto,
             compression_enabled: false,
             compression_codec: "LZ4".to_owned(),
+            network_checksum: false,
             debloat_enabled: false,
             debloat_target: Duration::from_secs(1),
             debloat_period: Duration::from_millis(200),

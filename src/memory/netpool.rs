@@ -45,8 +45,16 @@ impl std::fmt::Debug for Segment {
 pub struct NetworkBufferPool {
     segment_size_bytes: usize,
     segment_count: usize,
-    free: Mutex<Vec<Box<[u8]>>>,
+    free: Mutex<FreeList>,
     available: Condvar,
+}
+
+struct FreeList {
+    segments: Vec<Box<[u8]>>,
+    /// Threads waiting in `request_timeout`: a recycle wakes one only then
+    /// (a condvar's notify is a system call even with nobody waiting, and
+    /// every sent buffer recycles a segment).
+    waiters: usize,
 }
 
 impl NetworkBufferPool {
@@ -57,7 +65,10 @@ impl NetworkBufferPool {
         Arc::new(Self {
             segment_size_bytes,
             segment_count,
-            free: Mutex::new(free),
+            free: Mutex::new(FreeList {
+                segments: free,
+                waiters: 0,
+            }),
             available: Condvar::new(),
         })
     }
@@ -69,18 +80,23 @@ impl NetworkBufferPool {
         self.segment_count
     }
     pub fn available_count(&self) -> usize {
-        self.lock().len()
+        self.lock().segments.len()
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Box<[u8]>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FreeList> {
         self.free
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn recycle(&self, bytes: Box<[u8]>) {
-        self.lock().push(bytes);
-        self.available.notify_one();
+        let mut free = self.lock();
+        free.segments.push(bytes);
+        let wake = free.waiters > 0;
+        drop(free);
+        if wake {
+            self.available.notify_one();
+        }
     }
 
     /// Base address and length of every segment now in the pool, for
@@ -88,13 +104,14 @@ impl NetworkBufferPool {
     /// handed out, so the list covers the whole pool).
     pub fn free_segment_ptrs(&self) -> Vec<(*mut u8, usize)> {
         self.lock()
+            .segments
             .iter_mut()
             .map(|s| (s.as_mut_ptr(), s.len()))
             .collect()
     }
 
     pub fn try_request(self: &Arc<Self>) -> Option<Segment> {
-        let bytes = self.lock().pop()?;
+        let bytes = self.lock().segments.pop()?;
         Some(Segment {
             bytes,
             pool: Arc::clone(self),
@@ -105,14 +122,15 @@ impl NetworkBufferPool {
     /// with Flink's "insufficient number of network buffers".
     pub fn request_many(self: &Arc<Self>, count: usize) -> Result<Vec<Segment>, MemoryError> {
         let mut free = self.lock();
-        if free.len() < count {
+        if free.segments.len() < count {
             return Err(MemoryError::InsufficientNetworkBuffers {
                 required: count,
-                available: free.len(),
+                available: free.segments.len(),
             });
         }
-        let at = free.len() - count;
+        let at = free.segments.len() - count;
         Ok(free
+            .segments
             .split_off(at)
             .into_iter()
             .map(|bytes| Segment {
@@ -124,12 +142,14 @@ impl NetworkBufferPool {
 
     /// Waits up to `timeout` for a segment; `None` when none came back.
     pub fn request_timeout(self: &Arc<Self>, timeout: Duration) -> Option<Segment> {
-        let free = self.lock();
+        let mut free = self.lock();
+        free.waiters += 1;
         let (mut free, _) = self
             .available
-            .wait_timeout_while(free, timeout, |f| f.is_empty())
+            .wait_timeout_while(free, timeout, |f| f.segments.is_empty())
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let bytes = free.pop()?;
+        free.waiters -= 1;
+        let bytes = free.segments.pop()?;
         Some(Segment {
             bytes,
             pool: Arc::clone(self),

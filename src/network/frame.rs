@@ -91,9 +91,15 @@ pub struct BufferHeader {
     pub seq: u32,
     pub backlog: u32,
     pub kind: BufferKind,
-    pub crc: u32,
+    /// CRC-32C of the payload, when the producer computes one
+    /// (`taskmanager.network.checksum.enabled`); on the wire, bit 7 of the
+    /// kind byte says whether the CRC field holds one.
+    pub crc: Option<u32>,
     pub size: u32,
 }
+
+/// Set in the kind byte when the CRC field holds the payload's CRC-32C.
+const KIND_CHECKSUMMED: u8 = 0x80;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ControlMessage {
@@ -159,8 +165,8 @@ pub fn encode_buffer_header(h: &BufferHeader, out: &mut Vec<u8>) {
     ] {
         out.extend_from_slice(&v.to_be_bytes());
     }
-    out.push(h.kind as u8);
-    out.extend_from_slice(&h.crc.to_be_bytes());
+    out.push(kind_byte(h));
+    out.extend_from_slice(&h.crc.unwrap_or(0).to_be_bytes());
     out.extend_from_slice(&h.size.to_be_bytes());
 }
 
@@ -317,6 +323,10 @@ pub fn parse_body(id: u8, body: &[u8], body_len: usize) -> Result<Incoming, Fram
     }
 }
 
+fn kind_byte(h: &BufferHeader) -> u8 {
+    h.kind as u8 | if h.crc.is_some() { KIND_CHECKSUMMED } else { 0 }
+}
+
 /// Writes a buffer's routing header alone (the verbs transport puts it in
 /// front of the payload in the receiver's segment).
 pub fn encode_routing_header(h: &BufferHeader, out: &mut [u8; BUFFER_HEADER_LEN]) {
@@ -333,8 +343,8 @@ pub fn encode_routing_header(h: &BufferHeader, out: &mut [u8; BUFFER_HEADER_LEN]
     {
         out[i * 4..i * 4 + 4].copy_from_slice(&v.to_be_bytes());
     }
-    out[24] = h.kind as u8;
-    out[25..29].copy_from_slice(&h.crc.to_be_bytes());
+    out[24] = kind_byte(h);
+    out[25..29].copy_from_slice(&h.crc.unwrap_or(0).to_be_bytes());
     out[29..33].copy_from_slice(&h.size.to_be_bytes());
 }
 
@@ -353,8 +363,8 @@ pub fn decode_routing_header(body: &[u8]) -> Result<BufferHeader, FrameError> {
         target_subtask: be32(body, 12),
         seq: be32(body, 16),
         backlog: be32(body, 20),
-        kind: BufferKind::from_u8(body[24])?,
-        crc: be32(body, 25),
+        kind: BufferKind::from_u8(body[24] & !KIND_CHECKSUMMED)?,
+        crc: (body[24] & KIND_CHECKSUMMED != 0).then(|| be32(body, 25)),
         size: be32(body, 29),
     })
 }
@@ -434,6 +444,16 @@ pub enum ReadError {
     Io(#[from] std::io::Error),
 }
 
+/// How much of a frame's body precedes the payload: a buffer's routing
+/// header, or a control message's whole body.
+pub fn fixed_body_len(id: u8, body_len: usize) -> usize {
+    if id == ID_BUFFER {
+        BUFFER_HEADER_LEN
+    } else {
+        body_len
+    }
+}
+
 /// Reads the next frame's head and fixed body. `Ok(None)` is a clean end of
 /// stream at a frame boundary. A buffer's payload is left on the stream for
 /// the caller to read into a segment.
@@ -449,11 +469,7 @@ pub async fn read_incoming<R: AsyncRead + Unpin>(
     }
     reader.read_exact(&mut head[1..]).await?;
     let (id, body_len) = parse_head(&head, payload_max)?;
-    let fixed = if id == ID_BUFFER {
-        BUFFER_HEADER_LEN
-    } else {
-        body_len
-    };
+    let fixed = fixed_body_len(id, body_len);
     let mut body = vec![0u8; fixed];
     reader.read_exact(&mut body).await?;
     Ok(Some(parse_body(id, &body, body_len)?))
@@ -533,7 +549,7 @@ mod tests {
             seq: 5,
             backlog: 6,
             kind: BufferKind::Watermark,
-            crc: 0xDEAD_BEEF,
+            crc: Some(0xDEAD_BEEF),
             size: 8,
         };
         let mut out = Vec::new();
@@ -552,7 +568,7 @@ mod tests {
             seq: 41,
             backlog: 0,
             kind: BufferKind::Barrier,
-            crc: crc32c::crc32c(&7u64.to_be_bytes()),
+            crc: None,
             size: 8,
         };
         let mut out = Vec::new();
@@ -571,7 +587,7 @@ mod tests {
             seq: 0,
             backlog: 0,
             kind: BufferKind::Ipc,
-            crc: 0,
+            crc: None,
             size: 1 << 20,
         };
         let mut out = Vec::new();

@@ -72,6 +72,9 @@ struct GateState {
     /// Threads blocked in `pop` and in `push_local`: the condition variables
     /// are signalled only when someone waits (each signal is a futex call).
     readers_waiting: u32,
+    /// A waiting reader was notified and has not run yet: further items
+    /// need no second notify (each is a system call).
+    reader_notified: bool,
     local_writers_waiting: u32,
 }
 
@@ -158,6 +161,7 @@ impl InputGate {
                 blocked: vec![false; channels.len()],
                 blocked_count: 0,
                 readers_waiting: 0,
+                reader_notified: false,
                 local_writers_waiting: 0,
             }),
             readable: Condvar::new(),
@@ -205,7 +209,8 @@ impl InputGate {
         }
         state.local_queued[channel] += 1;
         state.queue.push_back((channel, GateItem::Local(event)));
-        let wake = state.readers_waiting > 0;
+        let wake = state.readers_waiting > 0 && !state.reader_notified;
+        state.reader_notified |= wake;
         drop(state);
         if wake {
             self.readable.notify_one();
@@ -309,7 +314,8 @@ impl InputGate {
             c.backlog = backlog;
         }
         grant_floating(&mut state, channel);
-        let wake = state.readers_waiting > 0;
+        let wake = state.readers_waiting > 0 && !state.reader_notified;
+        state.reader_notified |= wake;
         drop(state);
         if wake {
             self.readable.notify_one();
@@ -376,6 +382,7 @@ impl InputGate {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
             state.readers_waiting -= 1;
+            state.reader_notified = false;
         }
     }
 
@@ -395,7 +402,8 @@ impl InputGate {
         }
         state.blocked.iter_mut().for_each(|b| *b = false);
         state.blocked_count = 0;
-        let wake = state.readers_waiting > 0;
+        let wake = state.readers_waiting > 0 && !state.reader_notified;
+        state.reader_notified |= wake;
         drop(state);
         if wake {
             self.readable.notify_one();

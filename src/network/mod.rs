@@ -34,6 +34,7 @@ pub mod frame;
 pub mod gate;
 pub mod ipc;
 pub mod partition;
+pub mod reader;
 // Registers network memory with the verbs device (raw addresses).
 #[allow(unsafe_code)]
 pub mod rdma;

@@ -5,7 +5,7 @@
 //! to [`Subpartition`]s, whose buffers the data server sends under credit.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -73,6 +73,8 @@ struct SubState {
     /// Producers blocked on a full queue: only then does taking a buffer
     /// signal the condition variable (a futex call per buffer otherwise).
     producers_waiting: u32,
+    /// A waiting producer was notified and has not run yet.
+    producer_notified: bool,
 }
 
 /// One target's queue of encoded buffers, drained by the data server.
@@ -81,6 +83,9 @@ pub struct Subpartition {
     /// Buffer debloating: the most payload bytes per buffer the consumer
     /// asked for; 0 until it asks (whole segments).
     buffer_size: AtomicUsize,
+    /// Whether sent buffers carry a CRC-32C of their payload
+    /// (`taskmanager.network.checksum.enabled`).
+    checksum: AtomicBool,
     state: Mutex<SubState>,
     space: Condvar,
 }
@@ -90,12 +95,14 @@ impl Subpartition {
         Arc::new(Self {
             capacity: capacity.max(1),
             buffer_size: AtomicUsize::new(0),
+            checksum: AtomicBool::new(false),
             state: Mutex::new(SubState {
                 queue: VecDeque::new(),
                 credit: 0,
                 waker: None,
                 released: None,
                 producers_waiting: 0,
+                producer_notified: false,
             }),
             space: Condvar::new(),
         })
@@ -127,6 +134,7 @@ impl Subpartition {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .0;
             state.producers_waiting -= 1;
+            state.producer_notified = false;
         }
         if state.released.is_some() {
             return Err(NetworkError::ConsumerGone);
@@ -171,7 +179,10 @@ impl Subpartition {
         let backlog = state.queue.len() as u32;
         // A blocked producer wakes when half the queue is free, not on every
         // buffer: it then fills the queue in one burst.
-        let wake = state.producers_waiting > 0 && state.queue.len() <= self.capacity / 2;
+        let wake = state.producers_waiting > 0
+            && !state.producer_notified
+            && state.queue.len() <= self.capacity / 2;
+        state.producer_notified |= wake;
         drop(state);
         if wake {
             self.space.notify_one();
@@ -198,6 +209,16 @@ impl Subpartition {
             0 => None,
             n => Some(n),
         }
+    }
+
+    /// Makes every buffer sent from now on carry a CRC-32C of its payload,
+    /// which the consumer verifies.
+    pub fn set_checksum(&self, enabled: bool) {
+        self.checksum.store(enabled, Ordering::Relaxed);
+    }
+
+    pub fn checksum(&self) -> bool {
+        self.checksum.load(Ordering::Relaxed)
     }
 
     pub fn capacity(&self) -> usize {

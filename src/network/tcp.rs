@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -21,6 +21,7 @@ use super::frame::{
 use super::gate::{CreditLink, GateItem, InputGate};
 use super::partition::{OutBuffer, Subpartition};
 use super::rdma::{ChannelRouter, RemoteBuffer, VerbsEnv, VerbsReceiver, VerbsSender};
+use super::reader::FrameReader;
 use super::{NetworkError, NetworkRegistry, PartitionId};
 
 /// How long a partition request waits for its producer to be deployed.
@@ -31,7 +32,7 @@ const GATHER_BUFFERS_MAX: usize = 32;
 const GATHER_BYTES_MAX: usize = 512 * 1024;
 /// A BufferResponse's head and routing header.
 const FRAME_HEAD_BYTES: usize = super::frame::HEAD_LEN + super::frame::BUFFER_HEADER_LEN;
-/// Read buffer of a consumer's data connection.
+/// Read buffer of a producer's data connection (credits and requests).
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// How long a consumer waits for the producer's answer to `VerbsConnect`.
 const VERBS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -113,7 +114,9 @@ async fn serve_connection(
     segment_size: usize,
     verbs: Option<Arc<VerbsEnv>>,
 ) {
-    let (mut reader, mut writer) = stream.into_split();
+    let (reader, mut writer) = stream.into_split();
+    // Credits arrive as many small frames: read them through a buffer.
+    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
     // The first frame says whether this consumer wants its buffers over verbs.
     let mut first = match read_incoming(&mut reader, segment_size).await {
         Ok(Some(first)) => Some(first),
@@ -367,7 +370,7 @@ fn next_ready(
             seq,
             backlog,
             kind: buffer.kind,
-            crc: crc32c::crc32c(payload),
+            crc: a.sub.checksum().then(|| crc32c::crc32c(payload)),
             size: payload.len() as u32,
         };
         let remote = a.remote.pop_front();
@@ -768,10 +771,7 @@ async fn receive_loop(
     verbs: Option<Arc<VerbsReceiver>>,
     segment_size: usize,
 ) {
-    // Frame heads come out of a small buffer (one system call for head and
-    // the start of the payload); a payload larger than the buffer is then
-    // read straight into its segment.
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    let mut reader = FrameReader::new(reader);
     let error = loop {
         match receive_one(&mut reader, &bindings, segment_size).await {
             Ok(true) => continue,
@@ -790,31 +790,9 @@ async fn receive_loop(
     bindings.fail_all(error);
 }
 
-/// Skips `len` payload bytes of a buffer nobody will read.
-async fn discard(
-    reader: &mut BufReader<OwnedReadHalf>,
-    len: usize,
-    peer: &str,
-) -> Result<(), NetworkError> {
-    let mut sink = [0u8; 4096];
-    let mut left = len;
-    while left > 0 {
-        let n = left.min(sink.len());
-        reader
-            .read_exact(&mut sink[..n])
-            .await
-            .map_err(|e| NetworkError::PeerLost {
-                peer: peer.to_owned(),
-                reason: e.to_string(),
-            })?;
-        left -= n;
-    }
-    Ok(())
-}
-
 /// Receives one frame; `Ok(false)` at a clean end of stream.
 async fn receive_one(
-    reader: &mut BufReader<OwnedReadHalf>,
+    reader: &mut FrameReader,
     bindings: &Bindings,
     segment_size: usize,
 ) -> Result<bool, NetworkError> {
@@ -823,7 +801,7 @@ async fn receive_one(
         peer: peer.to_owned(),
         detail,
     };
-    let incoming = match read_incoming(reader, segment_size).await {
+    let incoming = match reader.next_frame(segment_size).await {
         Ok(Some(i)) => i,
         Ok(None) => return Ok(false),
         Err(ReadError::Io(e)) => {
@@ -844,7 +822,10 @@ async fn receive_one(
                     // The gate failed for another reason (another peer was
                     // lost): drop its buffer and keep the connection, which
                     // other gates, even other jobs', share.
-                    discard(reader, len, peer).await?;
+                    reader.skip(len).await.map_err(|e| NetworkError::PeerLost {
+                        peer: peer.to_owned(),
+                        reason: e.to_string(),
+                    })?;
                     return Ok(true);
                 }
                 Err(e) => return Err(e),
@@ -856,12 +837,14 @@ async fn receive_one(
                     peer: peer.to_owned(),
                     reason: e.to_string(),
                 })?;
-            let crc = crc32c::crc32c(&segment.as_slice()[..len]);
-            if crc != h.crc {
-                return Err(protocol(format!(
-                    "CRC mismatch on channel {} buffer #{}: header {:#010x}, payload {crc:#010x}",
-                    h.channel_id, h.seq, h.crc
-                )));
+            if let Some(expected) = h.crc {
+                let crc = crc32c::crc32c(&segment.as_slice()[..len]);
+                if crc != expected {
+                    return Err(protocol(format!(
+                        "CRC mismatch on channel {} buffer #{}: header {expected:#010x}, payload {crc:#010x}",
+                        h.channel_id, h.seq
+                    )));
+                }
             }
             let item = GateItem::Remote {
                 kind: h.kind,
@@ -993,6 +976,9 @@ mod tests {
         .await
         .unwrap();
         let sub = Subpartition::new(BUFFERS.max_per_channel);
+        // Checksummed buffers on TCP and over the link, plain in process:
+        // both kinds of header on both receive paths.
+        sub.set_checksum(mode != Mode::VerbsInProcess);
         registry.register_partition(Arc::new(ResultPartition {
             id: PARTITION,
             subpartitions: vec![Some(Arc::clone(&sub))],
@@ -1165,7 +1151,7 @@ mod tests {
             .unwrap_err()
     }
 
-    fn header(kind: BufferKind, backlog: u32, crc: u32, size: u32) -> Vec<u8> {
+    fn header(kind: BufferKind, backlog: u32, crc: Option<u32>, size: u32) -> Vec<u8> {
         let mut out = Vec::new();
         let h = BufferHeader {
             channel_id: 0,
@@ -1185,7 +1171,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_peer_vanishing_mid_transfer_fails_the_gate_naming_the_peer() {
         // Half a frame, then the process "dies".
-        let mut bytes = header(BufferKind::Ipc, 5, 0, 100);
+        let mut bytes = header(BufferKind::Ipc, 5, None, 100);
         bytes.extend_from_slice(&[0u8; 40]);
         let err = consume_from_fake_producer(bytes, false).await;
         assert!(matches!(err, NetworkError::PeerLost { .. }), "{err}");
@@ -1195,7 +1181,12 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_corrupted_buffer_is_a_protocol_error_not_data() {
         let payload = 7i64.to_be_bytes();
-        let mut bytes = header(BufferKind::Watermark, 0, crc32c::crc32c(&payload) ^ 1, 8);
+        let mut bytes = header(
+            BufferKind::Watermark,
+            0,
+            Some(crc32c::crc32c(&payload) ^ 1),
+            8,
+        );
         bytes.extend_from_slice(&payload);
         let err = consume_from_fake_producer(bytes, true).await;
         assert!(err.to_string().contains("CRC mismatch"), "{err}");

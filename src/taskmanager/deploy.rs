@@ -244,7 +244,13 @@ async fn prepare(
             let subpartitions = output
                 .targets
                 .iter()
-                .map(|t| (t.taskmanager != me).then(|| Subpartition::new(buffers.max_per_channel)))
+                .map(|t| {
+                    (t.taskmanager != me).then(|| {
+                        let sub = Subpartition::new(buffers.max_per_channel);
+                        sub.set_checksum(config.network_checksum);
+                        sub
+                    })
+                })
                 .collect();
             let partition = Arc::new(ResultPartition {
                 id: PartitionId {
