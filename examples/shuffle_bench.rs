@@ -4,17 +4,22 @@
 //! line. `scripts/bench_shuffle.sh` runs it beside iperf3.
 //!
 //!   cargo run --release --example shuffle_bench -- [--size 2G] [--segment 32K]
-//!       [--only NAME] [--checksum]
+//!       [--only NAME] [--checksum] [--workers N] [--shared-runtime]
 //!
 //! `--checksum` turns on the per-buffer CRC-32C
-//! (`taskmanager.network.checksum.enabled`) for the remote transports.
+//! (`taskmanager.network.checksum.enabled`) for the remote transports. Each
+//! of the two TaskManagers has its own tokio runtime of `--workers` threads
+//! (2, as `strata taskmanager` has), as two processes would;
+//! `--shared-runtime` gives them one, which saves cross-thread wake-ups and
+//! flatters the numbers.
 //!
 //! - `memcpy`: one thread copying the bytes between two pre-touched buffers.
 //! - `local`: a local channel (producer and consumer tasks in one
 //!   TaskManager: batches are handed over, not copied).
-//! - `tcp`: two TaskManagers' data planes on loopback (own buffer pools, a
-//!   data server and a connection), credit-based flow control, IPC encode and
-//!   decode, CRC on every buffer.
+//! - `tcp`: two TaskManagers' data planes on loopback (own runtimes, own
+//!   buffer pools, a data server and a connection), credit-based flow
+//!   control, IPC encode and decode (and a CRC per buffer with
+//!   `--checksum`).
 //! - `rdma-emulated`: the verbs protocol over emulated verbs, both ends in
 //!   one process (RDMA writes are memory copies).
 //! - `rdma-emulated-link`: the same over the emulation's TCP link, as
@@ -176,85 +181,103 @@ fn env(mode: Remote, pool: &Arc<NetworkBufferPool>) -> Option<Arc<VerbsEnv>> {
     Some(VerbsEnv::new(device, pool).expect("registration"))
 }
 
-fn remote(name: &str, mode: Remote, size: u64, segment: usize, checksum: bool) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    rt.block_on(async {
-        let producer_pool = NetworkBufferPool::new(POOL_SEGMENTS, segment);
-        let consumer_pool = NetworkBufferPool::new(POOL_SEGMENTS, segment);
-        let consumer_env = env(mode, &consumer_pool);
-        let registry = Arc::new(NetworkRegistry::default());
-        let server = DataServer::start(
+#[derive(Clone, Copy)]
+struct RemoteOptions {
+    checksum: bool,
+    workers: usize,
+    shared_runtime: bool,
+}
+
+fn remote(name: &str, mode: Remote, size: u64, segment: usize, options: &RemoteOptions) {
+    let RemoteOptions {
+        checksum,
+        workers,
+        shared_runtime,
+    } = *options;
+    // Each TaskManager has its own runtime, as its own process would
+    // (`--shared-runtime`: one for both, which saves cross-thread wake-ups).
+    let runtime = || {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
+            .expect("runtime")
+    };
+    let producer_rt = runtime();
+    let own_consumer_rt = (!shared_runtime).then(runtime);
+    let consumer_rt = own_consumer_rt.as_ref().unwrap_or(&producer_rt);
+    let producer_pool = NetworkBufferPool::new(POOL_SEGMENTS, segment);
+    let consumer_pool = NetworkBufferPool::new(POOL_SEGMENTS, segment);
+    let consumer_env = env(mode, &consumer_pool);
+    let registry = Arc::new(NetworkRegistry::default());
+    let server = producer_rt
+        .block_on(DataServer::start(
             "127.0.0.1:0".parse().expect("addr"),
             Arc::clone(&registry),
             segment,
             env(mode, &producer_pool),
-        )
-        .await
+        ))
         .expect("data server");
-        let partition = PartitionId {
-            job: 1,
-            edge: 0,
-            source_subtask: 0,
+    let partition = PartitionId {
+        job: 1,
+        edge: 0,
+        source_subtask: 0,
+    };
+    let sub = Subpartition::new(BUFFERS.max_per_channel);
+    sub.set_checksum(checksum);
+    registry.register_partition(Arc::new(ResultPartition {
+        id: partition,
+        subpartitions: vec![Some(Arc::clone(&sub))],
+    }));
+    let id = GateId {
+        job: 1,
+        edge: 0,
+        target_subtask: 0,
+    };
+    let gate = InputGate::new(id, &[ChannelKind::Remote], BUFFERS, &consumer_pool).expect("gate");
+    let connections = ConnectionManager::new(consumer_env);
+    let conn = consumer_rt
+        .block_on(connections.connect(server.local_addr, "tm-bench", segment))
+        .expect("connect");
+    conn.request_partition(&gate, 0, partition, 0)
+        .expect("request");
+    let b = batch();
+    let batches = size.div_ceil(batch_bytes(&b));
+    let metrics = Arc::new(WriterMetrics::default());
+    let producer_metrics = Arc::clone(&metrics);
+    let start = Instant::now();
+    let producer = std::thread::spawn(move || {
+        let target = Target::Remote {
+            sub,
+            encoder: Box::new(ChannelEncoder::new(segment - PAYLOAD_HEADROOM)),
         };
-        let sub = Subpartition::new(BUFFERS.max_per_channel);
-        sub.set_checksum(checksum);
-        registry.register_partition(Arc::new(ResultPartition {
-            id: partition,
-            subpartitions: vec![Some(Arc::clone(&sub))],
-        }));
-        let id = GateId {
-            job: 1,
-            edge: 0,
-            target_subtask: 0,
-        };
-        let gate =
-            InputGate::new(id, &[ChannelKind::Remote], BUFFERS, &consumer_pool).expect("gate");
-        let connections = ConnectionManager::new(consumer_env);
-        let conn = connections
-            .connect(server.local_addr, "tm-bench", segment)
-            .await
-            .expect("connect");
-        conn.request_partition(&gate, 0, partition, 0)
-            .expect("request");
-        let b = batch();
-        let batches = size.div_ceil(batch_bytes(&b));
-        let metrics = Arc::new(WriterMetrics::default());
-        let producer_metrics = Arc::clone(&metrics);
-        let start = Instant::now();
-        let producer = std::thread::spawn(move || {
-            let target = Target::Remote {
-                sub,
-                encoder: Box::new(ChannelEncoder::new(segment - PAYLOAD_HEADROOM)),
-            };
-            let mut w = writer(target, producer_pool, producer_metrics);
-            for _ in 0..batches {
-                w.emit(b.clone()).expect("emit");
-            }
-            w.finish().expect("finish");
-        });
-        let reader = InputReader::new(vec![gate]);
-        let rows = tokio::task::spawn_blocking(move || drain(reader))
-            .await
-            .expect("consumer");
-        producer.join().expect("producer");
-        let elapsed = start.elapsed();
-        assert_eq!(rows, batches * ROWS_PER_BATCH as u64);
-        let bytes = metrics
-            .remote_bytes
-            .load(std::sync::atomic::Ordering::Relaxed);
-        report(name, bytes, elapsed);
+        let mut w = writer(target, producer_pool, producer_metrics);
+        for _ in 0..batches {
+            w.emit(b.clone()).expect("emit");
+        }
+        w.finish().expect("finish");
     });
+    let rows = drain(InputReader::new(vec![gate]));
+    producer.join().expect("producer");
+    let elapsed = start.elapsed();
+    assert_eq!(rows, batches * ROWS_PER_BATCH as u64);
+    let bytes = metrics
+        .remote_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    report(name, bytes, elapsed);
+    drop(conn);
+    drop(connections);
 }
 
 fn main() {
     let mut size = 2u64 << 30;
     let mut segment = 32usize << 10;
     let mut only: Option<String> = None;
-    let mut checksum = false;
+    let mut options = RemoteOptions {
+        checksum: false,
+        workers: 2,
+        shared_runtime: false,
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -263,8 +286,13 @@ fn main() {
             "--size" => size = parse_bytes(&value).expect("--size"),
             "--segment" => segment = parse_bytes(&value).expect("--segment") as usize,
             "--only" => only = Some(value),
-            "--checksum" => {
-                checksum = true;
+            "--workers" => options.workers = value.parse().expect("--workers"),
+            "--checksum" | "--shared-runtime" => {
+                if args[i] == "--checksum" {
+                    options.checksum = true;
+                } else {
+                    options.shared_runtime = true;
+                }
                 i += 1;
                 continue;
             }
@@ -280,10 +308,10 @@ fn main() {
         local(size, segment);
     }
     if run("tcp") {
-        remote("tcp", Remote::Tcp, size, segment, checksum);
+        remote("tcp", Remote::Tcp, size, segment, &options);
     }
     if run("rdma-emulated") {
-        remote("rdma-emulated", Remote::Verbs, size, segment, checksum);
+        remote("rdma-emulated", Remote::Verbs, size, segment, &options);
     }
     if run("rdma-emulated-link") {
         remote(
@@ -291,7 +319,7 @@ fn main() {
             Remote::VerbsLink,
             size,
             segment,
-            checksum,
+            &options,
         );
     }
 }
