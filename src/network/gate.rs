@@ -14,6 +14,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
+use arrow_buffer::Buffer;
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::align::{AlignStep, BarrierAligner};
@@ -518,6 +519,13 @@ fn announce(c: &RemoteCredit, credit: u32) {
     }
 }
 
+/// A remote buffer's event: decoded at once, or (IPC) copied out of its
+/// segment to be decoded after the segment is recycled.
+enum Decoded {
+    Now(Result<StreamEvent, NetworkError>),
+    Later(Buffer),
+}
+
 /// What a task reads from its inputs.
 #[derive(Debug)]
 pub enum InputEvent {
@@ -643,7 +651,13 @@ impl InputReader {
                 floating,
             } => {
                 let payload = &segment.as_slice()[offset..offset + len];
-                let event = self.decode(g, channel, kind, payload);
+                // An IPC buffer is copied out and its segment recycled
+                // before the batch is decoded: its credit goes back to the
+                // sender one decode earlier.
+                let decoded = match kind {
+                    BufferKind::Ipc => Decoded::Later(Buffer::from(payload)),
+                    _ => Decoded::Now(self.decode(g, channel, kind, payload)),
+                };
                 if let Some(Some(d)) = self.debloaters.get_mut(g)
                     && let Some(size) = d.on_consumed(len, self.started.elapsed())
                 {
@@ -654,7 +668,20 @@ impl InputReader {
                     self.gates[g].announce_buffer_size(size);
                 }
                 self.gates[g].recycle(channel, segment, floating);
-                event?
+                match decoded {
+                    Decoded::Now(event) => event?,
+                    Decoded::Later(bytes) => {
+                        let gate = self.gates[g].id;
+                        self.decoders[g][channel]
+                            .decode_buffer(bytes)
+                            .map(StreamEvent::Batch)
+                            .map_err(|e| NetworkError::Channel {
+                                gate,
+                                channel,
+                                detail: e.to_string(),
+                            })?
+                    }
+                }
             }
         };
         Ok(match event {

@@ -305,7 +305,12 @@ pub struct ChannelDecoder {
 impl ChannelDecoder {
     /// Decodes one buffer into the record batch it holds.
     pub fn decode(&mut self, payload: &[u8]) -> Result<RecordBatch, IpcError> {
-        let mut buffer = Buffer::from(payload);
+        self.decode_buffer(Buffer::from(payload))
+    }
+
+    /// Decodes one buffer already copied out of its segment; the batch's
+    /// arrays share its memory.
+    pub fn decode_buffer(&mut self, mut buffer: Buffer) -> Result<RecordBatch, IpcError> {
         let mut batch = None;
         while !buffer.is_empty() {
             if let Some(b) = self.decoder.decode(&mut buffer)? {
