@@ -28,6 +28,7 @@ const ID_ADD_CREDIT: u8 = 6;
 const ID_VERBS_CONNECT: u8 = 7;
 const ID_VERBS_CREDIT: u8 = 8;
 const ID_BUFFER_SIZE: u8 = 9;
+const ID_BACKLOG: u8 = 10;
 /// Longest emulated-device address in a VerbsConnect.
 const DEVICE_TEXT_MAX: usize = 256;
 const VERBS_CONNECT_FIXED: usize = 4 + 4 + 2 + 16 + 2;
@@ -134,6 +135,11 @@ pub enum ControlMessage {
     },
     /// Consumer → producer: buffer debloating's new buffer size for a channel.
     BufferSize { channel_id: u32, size: u32 },
+    /// Producer → consumer (Flink's `BacklogAnnouncement`): the channel has
+    /// `backlog` buffers queued and no credit. The backlog otherwise rides
+    /// on data buffers only, so without this a consumer would not lend
+    /// floating buffers to a sender that has none to send with.
+    BacklogAnnouncement { channel_id: u32, backlog: u32 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -227,6 +233,14 @@ pub fn encode_control(msg: &ControlMessage, out: &mut Vec<u8>) {
             body.extend_from_slice(&size.to_be_bytes());
             ID_BUFFER_SIZE
         }
+        ControlMessage::BacklogAnnouncement {
+            channel_id,
+            backlog,
+        } => {
+            body.extend_from_slice(&channel_id.to_be_bytes());
+            body.extend_from_slice(&backlog.to_be_bytes());
+            ID_BACKLOG
+        }
         ControlMessage::Error {
             channel_id,
             message,
@@ -270,6 +284,7 @@ pub fn parse_head(head: &[u8; HEAD_LEN], payload_max: usize) -> Result<(u8, usiz
         ID_VERBS_CONNECT => (VERBS_CONNECT_FIXED, VERBS_CONNECT_FIXED + DEVICE_TEXT_MAX),
         ID_VERBS_CREDIT => (VERBS_CREDIT_LEN, VERBS_CREDIT_LEN),
         ID_BUFFER_SIZE => (8, 8),
+        ID_BACKLOG => (8, 8),
         _ => return Err(FrameError::UnknownId { id }),
     };
     let body = length.checked_sub(HEAD_LEN).ok_or(FrameError::BadLength {
@@ -402,6 +417,10 @@ fn parse_control(id: u8, body: &[u8]) -> Result<ControlMessage, FrameError> {
             rkey: be32(body, 16),
             len: be32(body, 20),
         },
+        ID_BACKLOG => ControlMessage::BacklogAnnouncement {
+            channel_id: be32(body, 0),
+            backlog: be32(body, 4),
+        },
         ID_BUFFER_SIZE => ControlMessage::BufferSize {
             channel_id: be32(body, 0),
             size: be32(body, 4),
@@ -530,6 +549,10 @@ mod tests {
             ControlMessage::BufferSize {
                 channel_id: 4,
                 size: 4096,
+            },
+            ControlMessage::BacklogAnnouncement {
+                channel_id: 5,
+                backlog: 9,
             },
         ] {
             let mut out = Vec::new();

@@ -323,6 +323,21 @@ impl InputGate {
         }
     }
 
+    /// The sender announced `backlog` buffers queued and no credit to send
+    /// them with: lends it floating buffers for them, as a data buffer's
+    /// backlog would.
+    pub fn announce_backlog(&self, channel: usize, backlog: u32) {
+        let mut state = self.lock();
+        if state.closed {
+            return;
+        }
+        match state.remote.get_mut(channel).and_then(Option::as_mut) {
+            Some(c) => c.backlog = backlog,
+            None => return,
+        }
+        grant_floating(&mut state, channel);
+    }
+
     /// Returns a consumed segment to its channel or to the floating pool,
     /// re-announcing it as credit.
     fn recycle(&self, channel: usize, segment: Segment, floating: bool) {
@@ -859,6 +874,50 @@ mod tests {
         };
         let local = [ChannelKind::Local, ChannelKind::Local];
         InputGate::new(id, &local, buffers, &pool).unwrap()
+    }
+
+    #[test]
+    fn an_announced_backlog_lends_floating_credit_up_to_the_pool() {
+        let pool = NetworkBufferPool::new(16, 4096);
+        let id = GateId {
+            job: 1,
+            edge: 0,
+            target_subtask: 0,
+        };
+        let buffers = GateBuffers {
+            exclusive_per_channel: 2,
+            floating_per_gate: 4,
+            max_per_channel: 10,
+        };
+        let gate = InputGate::new(id, &[ChannelKind::Remote], buffers, &pool).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let link = CreditLink {
+            control: tx,
+            channel_id: 7,
+        };
+        assert_eq!(gate.bind_remote(0, link), 2);
+        gate.announce_backlog(0, 3);
+        assert_eq!(gate.channel_credit(0), 5);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            ControlMessage::AddCredit {
+                channel_id: 7,
+                credit: 3
+            }
+        );
+        // The same backlog again lends nothing more; a larger one lends
+        // what the gate's floating pool has left.
+        gate.announce_backlog(0, 3);
+        assert!(rx.try_recv().is_err());
+        gate.announce_backlog(0, 9);
+        assert_eq!(gate.channel_credit(0), 6);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            ControlMessage::AddCredit {
+                channel_id: 7,
+                credit: 1
+            }
+        );
     }
 
     #[test]

@@ -11,7 +11,10 @@
 //! stay in order (as on a TCP stream or an RC queue pair); messages on
 //! different connections overtake each other freely. The sender takes
 //! buffers only through [`Subpartition::poll_next`], which enforces credit,
-//! and applies `AddCredit` through [`Subpartition::add_credit`].
+//! and applies `AddCredit` through [`Subpartition::add_credit`]. A sender
+//! with buffers queued and no credit announces its backlog in the data
+//! direction (`BacklogAnnouncement`), which the gate answers with floating
+//! credit ([`InputGate::announce_backlog`]).
 //!
 //! Each consumer reads from every producer, or (`sparse`) from a seeded
 //! subset. A producer task writes batch `seq` to its target `seq % targets`
@@ -161,6 +164,8 @@ pub struct SimReport {
     pub ticks: u64,
     pub buffers_delivered: u64,
     pub credit_messages_delivered: u64,
+    /// `BacklogAnnouncement`s delivered.
+    pub backlog_announcements: u64,
     pub batches_received: u64,
     /// The most credit one channel held: above `exclusive` when it
     /// borrowed floating segments.
@@ -231,9 +236,11 @@ struct InFlight<T> {
     message: T,
 }
 
+/// A data-direction message: a buffer with its backlog, or (no buffer) a
+/// `BacklogAnnouncement` for a channel with buffers queued and no credit.
 struct WireBuffer {
     channel_index: usize,
-    buffer: OutBuffer,
+    buffer: Option<OutBuffer>,
     backlog: u32,
 }
 
@@ -264,6 +271,9 @@ struct Channel {
     /// the one after (the producer's target count).
     next_seq: usize,
     seq_step: usize,
+    /// The backlog last announced while the channel had no credit; 0 once
+    /// a buffer went out (as `tcp.rs` tracks it).
+    announced_backlog: u32,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -513,6 +523,7 @@ impl Sim {
             let Some((buffer, backlog)) = self.channels[channel_index].sub.poll_next() else {
                 continue;
             };
+            self.channels[channel_index].announced_backlog = 0;
             let deliver_at = self.deliver_at(self.connections[k].data_last_at);
             let connection = &mut self.connections[k];
             connection.next_send = slot + 1;
@@ -521,7 +532,32 @@ impl Sim {
                 deliver_at,
                 message: WireBuffer {
                     channel_index,
-                    buffer,
+                    buffer: Some(buffer),
+                    backlog,
+                },
+            });
+            return true;
+        }
+        // Nothing to send: announce the backlog of a channel that has
+        // buffers but no credit, as `tcp.rs` `starved_backlogs` does.
+        for slot in 0..n {
+            let channel_index = self.connections[k].channel_indices[slot];
+            let channel = &mut self.channels[channel_index];
+            let Some(backlog) = channel.sub.starved_backlog() else {
+                continue;
+            };
+            if backlog <= channel.announced_backlog {
+                continue;
+            }
+            channel.announced_backlog = backlog;
+            let deliver_at = self.deliver_at(self.connections[k].data_last_at);
+            let connection = &mut self.connections[k];
+            connection.data_last_at = deliver_at;
+            connection.data.push_back(InFlight {
+                deliver_at,
+                message: WireBuffer {
+                    channel_index,
+                    buffer: None,
                     backlog,
                 },
             });
@@ -550,7 +586,12 @@ impl Sim {
         let channel = &self.channels[wire.channel_index];
         let gate_channel = channel.gate_channel;
         let gate = Arc::clone(&self.consumers[channel.consumer].gate);
-        let payload = wire.buffer.payload.as_slice();
+        let Some(buffer) = wire.buffer else {
+            gate.announce_backlog(gate_channel, wire.backlog);
+            self.report.backlog_announcements += 1;
+            return Ok(());
+        };
+        let payload = buffer.payload.as_slice();
         let len = payload.len();
         match gate.take_segment(gate_channel) {
             Ok((mut segment, floating)) => {
@@ -560,7 +601,7 @@ impl Sim {
                     return Err(self.failure(Invariant::Protocol, detail));
                 }
                 segment.as_mut_slice()[..len].copy_from_slice(payload);
-                let item = remote_item(wire.buffer.kind, segment, len, floating);
+                let item = remote_item(buffer.kind, segment, len, floating);
                 gate.push_remote(gate_channel, item, len, wire.backlog);
                 self.report.buffers_delivered += 1;
                 Ok(())
@@ -729,7 +770,7 @@ impl Sim {
             let buffers = connection
                 .data
                 .iter()
-                .filter(|m| m.message.channel_index == index)
+                .filter(|m| m.message.channel_index == index && m.message.buffer.is_some())
                 .count();
             let credit: usize = connection
                 .control

@@ -95,6 +95,9 @@ struct Attached {
     seq: u32,
     /// Verbs only: the buffers the consumer lent, one per credit.
     remote: VecDeque<RemoteBuffer>,
+    /// The backlog last announced while the channel had no credit; 0 once
+    /// a buffer went out.
+    announced_backlog: u32,
 }
 
 #[derive(Default)]
@@ -212,6 +215,7 @@ async fn serve_connection(
                                     sub: Arc::clone(&sub),
                                     seq: 0,
                                     remote,
+                                    announced_backlog: 0,
                                 });
                                 // Under the lock, so no credit that arrives
                                 // meanwhile is overwritten.
@@ -374,6 +378,7 @@ fn next_ready(
             size: payload.len() as u32,
         };
         let remote = a.remote.pop_front();
+        a.announced_backlog = 0;
         if buffer.kind == BufferKind::EndOfPartition {
             list.remove(idx);
         }
@@ -381,6 +386,27 @@ fn next_ready(
         return Some((header, buffer, remote));
     }
     None
+}
+
+/// Backlog announcements for the channels that have buffers queued and no
+/// credit, and have not announced at least that backlog since their last
+/// buffer went out.
+fn starved_backlogs(attached: &AttachedList, out: &mut Vec<u8>) {
+    let mut state = lock(attached);
+    for a in &mut state.list {
+        if let Some(backlog) = a.sub.starved_backlog()
+            && backlog > a.announced_backlog
+        {
+            a.announced_backlog = backlog;
+            encode_control(
+                &ControlMessage::BacklogAnnouncement {
+                    channel_id: a.channel_id,
+                    backlog,
+                },
+                out,
+            );
+        }
+    }
 }
 
 /// Writes every slice in `parts`, in order, with as few system calls as
@@ -433,6 +459,11 @@ async fn send_loop(
             buffers.push(buffer);
         }
         if buffers.is_empty() {
+            control.clear();
+            starved_backlogs(&attached, &mut control);
+            if !control.is_empty() {
+                writer.write_all(&control).await?;
+            }
             wake.notified().await;
             continue;
         }
@@ -868,6 +899,16 @@ async fn receive_one(
                 }
                 None => Err(protocol(message)),
             }
+        }
+        Incoming::Control(ControlMessage::BacklogAnnouncement {
+            channel_id,
+            backlog,
+        }) => {
+            // A channel that ended meanwhile needs no buffers.
+            if let Some((gate, channel)) = bindings.lookup(channel_id) {
+                gate.announce_backlog(channel, backlog);
+            }
+            Ok(true)
         }
         Incoming::Control(ControlMessage::Close) => Ok(false),
         Incoming::Control(other) => Err(protocol(format!("unexpected message {other:?}"))),

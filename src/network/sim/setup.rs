@@ -140,6 +140,7 @@ impl Sim {
                     sub,
                     next_seq: slot,
                     seq_step: target_count,
+                    announced_backlog: 0,
                 });
             }
             producers.push(Producer {

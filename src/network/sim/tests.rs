@@ -30,13 +30,14 @@ fn run_or_panic(config: SimConfig) -> SimReport {
 
 #[test]
 fn sim_runs_many_seeds_without_violation() {
-    let (mut slow, mut sparse, mut borrowed) = (0, 0, 0);
+    let (mut slow, mut sparse, mut borrowed, mut announced) = (0, 0, 0, 0);
     for seed in seeds(200) {
         let config = SimConfig::from_seed(seed);
         slow += usize::from(config.slow_receivers);
         sparse += usize::from(config.sparse);
         let report = run_or_panic(config.clone());
         borrowed += usize::from(report.channel_credit_max > config.exclusive);
+        announced += usize::from(report.backlog_announcements > 0);
         let expected = config.producers * config.batches_per_producer;
         assert_eq!(report.batches_received as usize, expected, "seed={seed}");
         assert!(report.consumers_failed.is_empty(), "seed={seed}");
@@ -46,6 +47,10 @@ fn sim_runs_many_seeds_without_violation() {
         assert!(
             borrowed > 20,
             "floating credit was borrowed in {borrowed} seeds"
+        );
+        assert!(
+            announced > 20,
+            "a starved sender announced its backlog in {announced} seeds"
         );
     }
 }
