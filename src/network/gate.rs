@@ -55,6 +55,9 @@ struct RemoteCredit {
     exclusive_total: usize,
     backlog: u32,
     link: Option<CreditLink>,
+    /// Verbs: the channel ended, so no more segments are lent to it (a late
+    /// credit would lend one that nobody writes or returns).
+    lending_closed: bool,
 }
 
 struct GateState {
@@ -142,6 +145,7 @@ impl InputGate {
                         .collect(),
                     lent: 0,
                     exclusive_total: buffers.exclusive_per_channel,
+                    lending_closed: false,
                     backlog: 0,
                     link: None,
                 })
@@ -261,9 +265,19 @@ impl InputGate {
             return None;
         }
         let c = state.remote.get_mut(channel).and_then(Option::as_mut)?;
+        if c.lending_closed {
+            return None;
+        }
         let lent = c.free.pop()?;
         c.lent += 1;
         Some(lent)
+    }
+
+    /// The channel's sender ended: lend it nothing more (verbs).
+    pub fn close_lending(&self, channel: usize) {
+        if let Some(c) = self.lock().remote.get_mut(channel).and_then(Option::as_mut) {
+            c.lending_closed = true;
+        }
     }
 
     /// A lent segment came back filled: queue it like a received buffer.

@@ -517,14 +517,24 @@ impl VerbsReceiver {
             return Ok(());
         };
         for _ in 0..credit {
+            // Lent and entered in the slot table under the table's lock, so
+            // that `reclaim` (which closes lending under it) never misses a
+            // segment lent as the channel ends.
+            let mut table = lock(&self.slots);
             let Some((segment, floating)) = gate.lend_segment(channel) else {
                 return Ok(());
             };
-            let region = self.env.region_of(&segment)?;
+            let region = match self.env.region_of(&segment) {
+                Ok(region) => region,
+                Err(e) => {
+                    drop(table);
+                    gate.return_lent(channel, segment, floating);
+                    return Err(e);
+                }
+            };
             let addr = segment.as_slice().as_ptr() as u64;
             let len = segment.capacity() as u32;
             let rkey = region.rkey();
-            let mut table = lock(&self.slots);
             let Some(slot) = table.free.pop() else {
                 drop(table);
                 gate.return_lent(channel, segment, floating);
@@ -653,6 +663,7 @@ impl VerbsReceiver {
     fn reclaim(&self, channel_id: u32, gate: &InputGate, channel: usize) {
         let unused: Vec<Lent> = {
             let mut table = lock(&self.slots);
+            gate.close_lending(channel);
             let SlotTable { slots, free } = &mut *table;
             let mut unused = Vec::new();
             for (i, s) in slots.iter_mut().enumerate() {
