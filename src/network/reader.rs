@@ -15,6 +15,10 @@ use super::frame::{HEAD_LEN, Incoming, ReadError, fixed_body_len, parse_body, pa
 
 /// The carry buffer: room for any frame's head and fixed header.
 pub const CARRY_BYTES: usize = 2 * 1024;
+const _: () = assert!(
+    CARRY_BYTES >= HEAD_LEN + super::frame::BUFFER_HEADER_LEN,
+    "a buffer frame's head and routing header must fit the carry"
+);
 
 pub struct FrameReader {
     half: OwnedReadHalf,
