@@ -190,7 +190,6 @@ impl Subpartition {
         Some((buffer, backlog))
     }
 
-    /// The consumer is gone: drop queued data and fail later pushes.
     /// The queued buffers when there are some but no credit to send them
     /// with (what a `BacklogAnnouncement` tells the consumer).
     pub fn starved_backlog(&self) -> Option<u32> {
@@ -198,6 +197,7 @@ impl Subpartition {
         (state.credit == 0 && !state.queue.is_empty()).then_some(state.queue.len() as u32)
     }
 
+    /// The consumer is gone: drop queued data and fail later pushes.
     pub fn release(&self, reason: &str) {
         let mut state = self.lock();
         state.queue.clear();

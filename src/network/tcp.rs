@@ -437,6 +437,7 @@ async fn send_loop(
 ) -> std::io::Result<()> {
     let mut control = Vec::with_capacity(64);
     let mut heads = vec![[0u8; FRAME_HEAD_BYTES]; GATHER_BUFFERS_MAX];
+    let mut head = Vec::with_capacity(FRAME_HEAD_BYTES);
     let mut buffers: Vec<OutBuffer> = Vec::with_capacity(GATHER_BUFFERS_MAX);
     let mut next = 0usize;
     loop {
@@ -452,7 +453,7 @@ async fn send_loop(
             let Some((header, buffer, _)) = next_ready(&attached, &mut next) else {
                 break;
             };
-            let mut head = Vec::with_capacity(FRAME_HEAD_BYTES);
+            head.clear();
             encode_buffer_header(&header, &mut head);
             heads[buffers.len()].copy_from_slice(&head);
             bytes += head.len() + buffer.payload.as_slice().len();
@@ -467,16 +468,18 @@ async fn send_loop(
             wake.notified().await;
             continue;
         }
-        let mut parts = Vec::with_capacity(2 * buffers.len());
+        let mut parts = [std::io::IoSlice::new(&[]); 2 * GATHER_BUFFERS_MAX];
+        let mut count = 0;
         for (head, buffer) in heads.iter().zip(&buffers) {
-            parts.push(std::io::IoSlice::new(head));
+            parts[count] = std::io::IoSlice::new(head);
+            count += 1;
             let payload = buffer.payload.as_slice();
             if !payload.is_empty() {
-                parts.push(std::io::IoSlice::new(payload));
+                parts[count] = std::io::IoSlice::new(payload);
+                count += 1;
             }
         }
-        write_all_gathered(&mut writer, &mut parts).await?;
-        drop(parts);
+        write_all_gathered(&mut writer, &mut parts[..count]).await?;
         // The segments go back to the pool only now that the kernel holds
         // their bytes.
         buffers.clear();
