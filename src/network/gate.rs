@@ -874,24 +874,9 @@ mod tests {
         }
     }
 
-    fn two_local_channels() -> Arc<InputGate> {
-        let pool = NetworkBufferPool::new(4, 4096);
-        let id = GateId {
-            job: 1,
-            edge: 0,
-            target_subtask: 0,
-        };
-        let buffers = GateBuffers {
-            exclusive_per_channel: 2,
-            floating_per_gate: 2,
-            max_per_channel: 4,
-        };
-        let local = [ChannelKind::Local, ChannelKind::Local];
-        InputGate::new(id, &local, buffers, &pool).unwrap()
-    }
-
-    #[test]
-    fn an_announced_backlog_lends_floating_credit_up_to_the_pool() {
+    /// A gate of 4 KiB segments with 2 exclusive buffers per channel and
+    /// `floating` per gate.
+    fn gate(channels: &[ChannelKind], floating: usize) -> Arc<InputGate> {
         let pool = NetworkBufferPool::new(16, 4096);
         let id = GateId {
             job: 1,
@@ -900,10 +885,19 @@ mod tests {
         };
         let buffers = GateBuffers {
             exclusive_per_channel: 2,
-            floating_per_gate: 4,
+            floating_per_gate: floating,
             max_per_channel: 10,
         };
-        let gate = InputGate::new(id, &[ChannelKind::Remote], buffers, &pool).unwrap();
+        InputGate::new(id, channels, buffers, &pool).unwrap()
+    }
+
+    fn two_local_channels() -> Arc<InputGate> {
+        gate(&[ChannelKind::Local, ChannelKind::Local], 2)
+    }
+
+    #[test]
+    fn an_announced_backlog_lends_floating_credit_up_to_the_pool() {
+        let gate = gate(&[ChannelKind::Remote], 4);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
         let link = CreditLink {
             control: tx,
