@@ -214,7 +214,6 @@ fn remote(name: &str, mode: Remote, size: u64, segment: usize, options: &RemoteO
         .block_on(DataServer::start(
             "127.0.0.1:0".parse().expect("addr"),
             Arc::clone(&registry),
-            segment,
             env(mode, &producer_pool),
         ))
         .expect("data server");

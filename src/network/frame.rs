@@ -35,6 +35,8 @@ const VERBS_CONNECT_FIXED: usize = 4 + 4 + 2 + 16 + 2;
 const VERBS_CREDIT_LEN: usize = 4 + 4 + 8 + 4 + 4;
 /// Longest error text a peer may send.
 const ERROR_TEXT_MAX: usize = 16 * 1024;
+/// The longest control message body (an error with its text).
+pub const CONTROL_BODY_MAX: usize = 4 + ERROR_TEXT_MAX;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum FrameError {
@@ -280,7 +282,7 @@ pub fn parse_head(head: &[u8; HEAD_LEN], payload_max: usize) -> Result<(u8, usiz
         ID_ADD_CREDIT => (8, 8),
         ID_CANCEL => (4, 4),
         ID_CLOSE => (0, 0),
-        ID_ERROR => (4, 4 + ERROR_TEXT_MAX),
+        ID_ERROR => (4, CONTROL_BODY_MAX),
         ID_VERBS_CONNECT => (VERBS_CONNECT_FIXED, VERBS_CONNECT_FIXED + DEVICE_TEXT_MAX),
         ID_VERBS_CREDIT => (VERBS_CREDIT_LEN, VERBS_CREDIT_LEN),
         ID_BUFFER_SIZE => (8, 8),

@@ -140,7 +140,12 @@ impl Subpartition {
             return Err(NetworkError::ConsumerGone);
         }
         state.queue.push_back(buffer);
-        let waker = state.waker.clone();
+        // The sender needs waking only when it may send this buffer, or
+        // must announce a backlog (the first buffer queued without credit);
+        // otherwise a credit wakes it.
+        let queued = state.queue.len();
+        let sendable = state.credit as usize >= queued || (state.credit == 0 && queued == 1);
+        let waker = state.waker.clone().filter(|_| sendable);
         drop(state);
         if let Some(w) = waker {
             w.notify_one();
@@ -160,7 +165,9 @@ impl Subpartition {
     pub fn add_credit(&self, credit: u32) {
         let mut state = self.lock();
         state.credit = state.credit.saturating_add(credit);
-        let waker = state.waker.clone();
+        // With nothing queued the sender has nothing to send: the next push
+        // wakes it.
+        let waker = state.waker.clone().filter(|_| !state.queue.is_empty());
         drop(state);
         if let Some(w) = waker {
             w.notify_one();

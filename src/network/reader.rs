@@ -144,6 +144,112 @@ impl FrameReader {
     }
 }
 
+/// The producer's reader of a data connection. The consumer sends only
+/// control messages (credits, requests, cancels), so they are read many to
+/// a system call into a buffer and parsed without waiting: the task that
+/// sends the connection's buffers reads its credits between two writes, as
+/// a Netty event loop does, and no second task has to wake it.
+pub struct ControlReader {
+    half: OwnedReadHalf,
+    buf: Box<[u8]>,
+    /// The unread bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// The peer closed its side: what is buffered is all there is.
+    eof: bool,
+}
+
+/// Read buffer of a [`ControlReader`]: room for the longest control frame.
+pub const CONTROL_READ_BYTES: usize = 32 * 1024;
+const _: () = assert!(
+    CONTROL_READ_BYTES >= HEAD_LEN + super::frame::CONTROL_BODY_MAX,
+    "the longest control frame must fit the control reader's buffer"
+);
+
+/// What [`ControlReader::try_next`] found.
+#[derive(Debug, PartialEq)]
+pub enum Polled {
+    Frame(Incoming),
+    /// No whole frame yet: wait for [`ControlReader::readable`].
+    Empty,
+    /// The peer closed the stream at a frame boundary.
+    End,
+}
+
+impl ControlReader {
+    pub fn new(half: OwnedReadHalf) -> Self {
+        Self {
+            half,
+            buf: vec![0; CONTROL_READ_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            eof: false,
+        }
+    }
+
+    /// The next whole frame, without waiting. A data buffer is parsed with
+    /// no room for a payload: consumers do not send them.
+    pub fn try_next(&mut self) -> Result<Polled, ReadError> {
+        loop {
+            if let Some(frame) = self.parse_buffered()? {
+                return Ok(Polled::Frame(frame));
+            }
+            if self.eof {
+                return if self.start == self.end {
+                    Ok(Polled::End)
+                } else {
+                    Err(ReadError::Io(ErrorKind::UnexpectedEof.into()))
+                };
+            }
+            if self.start > 0 {
+                self.buf.copy_within(self.start..self.end, 0);
+                self.end -= self.start;
+                self.start = 0;
+            }
+            match self.half.try_read(&mut self.buf[self.end..]) {
+                Ok(0) => self.eof = true,
+                Ok(n) => self.end += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(Polled::Empty),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
+    fn parse_buffered(&mut self) -> Result<Option<Incoming>, ReadError> {
+        let buffered = &self.buf[self.start..self.end];
+        let Some(head) = buffered.first_chunk::<HEAD_LEN>() else {
+            return Ok(None);
+        };
+        let (id, body_len) = parse_head(head, 0)?;
+        let fixed = fixed_body_len(id, body_len);
+        let Some(body) = buffered.get(HEAD_LEN..HEAD_LEN + fixed) else {
+            return Ok(None);
+        };
+        let incoming = parse_body(id, body, body_len)?;
+        self.start += HEAD_LEN + fixed;
+        Ok(Some(incoming))
+    }
+
+    /// Waits until the socket has bytes (or its end) to read. Cancel-safe.
+    pub async fn readable(&self) -> std::io::Result<()> {
+        if self.eof {
+            return Ok(());
+        }
+        self.half.readable().await
+    }
+
+    /// The next frame, waiting for it; `Ok(None)` at a clean end of stream.
+    pub async fn next(&mut self) -> Result<Option<Incoming>, ReadError> {
+        loop {
+            match self.try_next()? {
+                Polled::Frame(frame) => return Ok(Some(frame)),
+                Polled::End => return Ok(None),
+                Polled::Empty => self.readable().await?,
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::AsyncWriteExt;
@@ -250,5 +356,102 @@ mod tests {
         let mut reader = FrameReader::new(half);
         let err = reader.next_frame(1 << 16).await.unwrap_err();
         assert!(matches!(err, ReadError::Io(e) if e.kind() == ErrorKind::UnexpectedEof));
+    }
+
+    /// Control frames written a few bytes at a time come back whole from
+    /// the control reader, which says `Empty` instead of waiting between
+    /// them and `End` at a clean close.
+    #[tokio::test]
+    async fn control_frames_split_anywhere_read_back_whole_without_waiting() {
+        let mut stream = Vec::new();
+        let mut expected = Vec::new();
+        for i in 0..200u32 {
+            let msg = match i % 3 {
+                0 => ControlMessage::AddCredit {
+                    channel_id: i,
+                    credit: i % 7 + 1,
+                },
+                1 => ControlMessage::BufferSize {
+                    channel_id: i,
+                    size: 4096 + i,
+                },
+                _ => ControlMessage::Error {
+                    channel_id: i,
+                    message: "e".repeat(i as usize * 80),
+                },
+            };
+            encode_control(&msg, &mut stream);
+            expected.push(msg);
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let writer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut at = 0;
+            let mut chunk = 1;
+            while at < stream.len() {
+                let end = (at + chunk).min(stream.len());
+                s.write_all(&stream[at..end]).await.unwrap();
+                s.flush().await.unwrap();
+                at = end;
+                chunk = chunk % 4001 + 13;
+                tokio::task::yield_now().await;
+            }
+        });
+        let (half, _w) = TcpStream::connect(addr).await.unwrap().into_split();
+        let mut reader = ControlReader::new(half);
+        let mut got = Vec::new();
+        loop {
+            match reader.try_next().unwrap() {
+                Polled::Frame(Incoming::Control(msg)) => got.push(msg),
+                Polled::Frame(other) => panic!("unexpected {other:?}"),
+                Polled::Empty => reader.readable().await.unwrap(),
+                Polled::End => break,
+            }
+        }
+        writer.await.unwrap();
+        assert_eq!(got, expected);
+    }
+
+    #[tokio::test]
+    async fn a_control_stream_cut_inside_a_frame_is_an_error_and_a_data_buffer_is_refused() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut cut = Vec::new();
+        encode_control(
+            &ControlMessage::AddCredit {
+                channel_id: 1,
+                credit: 1,
+            },
+            &mut cut,
+        );
+        cut.truncate(cut.len() - 3);
+        let mut buffer = Vec::new();
+        let header = BufferHeader {
+            channel_id: 1,
+            edge: 0,
+            source_subtask: 0,
+            target_subtask: 0,
+            seq: 0,
+            backlog: 0,
+            kind: BufferKind::Ipc,
+            crc: None,
+            size: 100,
+        };
+        encode_buffer_header(&header, &mut buffer);
+        buffer.extend_from_slice(&[0; 100]);
+        let streams = [cut, buffer];
+        tokio::spawn(async move {
+            for stream in streams {
+                let (mut s, _) = listener.accept().await.unwrap();
+                s.write_all(&stream).await.unwrap();
+            }
+        });
+        let (half, _w) = TcpStream::connect(addr).await.unwrap().into_split();
+        let err = ControlReader::new(half).next().await.unwrap_err();
+        assert!(matches!(err, ReadError::Io(e) if e.kind() == ErrorKind::UnexpectedEof));
+        let (half, _w) = TcpStream::connect(addr).await.unwrap().into_split();
+        let err = ControlReader::new(half).next().await.unwrap_err();
+        assert!(matches!(err, ReadError::Frame(_)), "{err:?}");
     }
 }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncWriteExt, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -21,7 +21,7 @@ use super::frame::{
 use super::gate::{CreditLink, GateItem, InputGate};
 use super::partition::{OutBuffer, Subpartition};
 use super::rdma::{ChannelRouter, RemoteBuffer, VerbsEnv, VerbsReceiver, VerbsSender};
-use super::reader::FrameReader;
+use super::reader::{ControlReader, FrameReader, Polled};
 use super::{NetworkError, NetworkRegistry, PartitionId};
 
 /// How long a partition request waits for its producer to be deployed.
@@ -32,8 +32,6 @@ const GATHER_BUFFERS_MAX: usize = 32;
 const GATHER_BYTES_MAX: usize = 512 * 1024;
 /// A BufferResponse's head and routing header.
 const FRAME_HEAD_BYTES: usize = super::frame::HEAD_LEN + super::frame::BUFFER_HEADER_LEN;
-/// Read buffer of a producer's data connection (credits and requests).
-const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// How long a consumer waits for the producer's answer to `VerbsConnect`.
 const VERBS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Verbs credits a producer holds for channels whose partition request is
@@ -55,7 +53,6 @@ impl DataServer {
     pub async fn start(
         bind: SocketAddr,
         registry: Arc<NetworkRegistry>,
-        segment_size: usize,
         verbs: Option<Arc<VerbsEnv>>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(bind).await?;
@@ -67,13 +64,7 @@ impl DataServer {
                         let _ = stream.set_nodelay(true);
                         let registry = Arc::clone(&registry);
                         let verbs = verbs.clone();
-                        tokio::spawn(serve_connection(
-                            stream,
-                            peer,
-                            registry,
-                            segment_size,
-                            verbs,
-                        ));
+                        tokio::spawn(serve_connection(stream, peer, registry, verbs));
                     }
                     Err(e) => {
                         tracing::warn!("data server accept failed: {e}");
@@ -110,18 +101,28 @@ struct Attachments {
 
 type AttachedList = Arc<Mutex<Attachments>>;
 
+/// What a producer's connection needs to act on its consumer's messages.
+struct Served {
+    peer: SocketAddr,
+    registry: Arc<NetworkRegistry>,
+    attached: AttachedList,
+    /// Wakes the connection's sender: data, credit or an error to send.
+    wake: Arc<Notify>,
+    errors: UnboundedSender<ControlMessage>,
+    verbs: bool,
+}
+
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
     registry: Arc<NetworkRegistry>,
-    segment_size: usize,
     verbs: Option<Arc<VerbsEnv>>,
 ) {
     let (reader, mut writer) = stream.into_split();
-    // Credits arrive as many small frames: read them through a buffer.
-    let mut reader = BufReader::with_capacity(READ_BUFFER_BYTES, reader);
+    // Credits arrive as many small frames: read them many to a system call.
+    let mut reader = ControlReader::new(reader);
     // The first frame says whether this consumer wants its buffers over verbs.
-    let mut first = match read_incoming(&mut reader, segment_size).await {
+    let mut first = match reader.next().await {
         Ok(Some(first)) => Some(first),
         Ok(None) => return,
         Err(e) => {
@@ -152,139 +153,160 @@ async fn serve_connection(
         }
         first = None;
     }
-    let attached: AttachedList = Arc::default();
-    let wake = Arc::new(Notify::new());
     let (errors_tx, errors_rx) = unbounded_channel();
-    let writer_task = match &sender {
+    let served = Served {
+        peer,
+        registry,
+        attached: Arc::default(),
+        wake: Arc::new(Notify::new()),
+        errors: errors_tx,
+        verbs: sender.is_some(),
+    };
+    let outcome = match &sender {
         Some(s) => {
-            if let Err(e) = s.start(Arc::clone(&wake)) {
+            if let Err(e) = s.start(Arc::clone(&served.wake)) {
                 tracing::warn!("verbs completion thread for {peer}: {e}");
                 return;
             }
-            tokio::spawn(send_loop_verbs(
+            let writer_task = tokio::spawn(send_loop_verbs(
                 writer,
-                Arc::clone(&attached),
-                Arc::clone(&wake),
+                Arc::clone(&served.attached),
+                Arc::clone(&served.wake),
                 errors_rx,
                 Arc::clone(s),
-            ))
+            ));
+            let outcome = read_loop(&mut reader, &served).await;
+            writer_task.abort();
+            outcome
         }
-        None => tokio::spawn(send_loop(
-            writer,
-            Arc::clone(&attached),
-            Arc::clone(&wake),
-            errors_rx,
-        )),
-    };
-    let outcome = loop {
-        let next = match first.take() {
-            Some(incoming) => Ok(Some(incoming)),
-            None => read_incoming(&mut reader, segment_size).await,
-        };
-        match next {
-            Ok(Some(Incoming::Control(msg))) => match msg {
-                ControlMessage::PartitionRequest {
-                    channel_id,
-                    job,
-                    edge,
-                    source_subtask,
-                    subpartition,
-                    initial_credit,
-                } => {
-                    let id = PartitionId {
-                        job,
-                        edge,
-                        source_subtask,
-                    };
-                    let registry = Arc::clone(&registry);
-                    let attached = Arc::clone(&attached);
-                    let wake = Arc::clone(&wake);
-                    let errors = errors_tx.clone();
-                    // Waiting for a producer must not stall credit for others.
-                    tokio::spawn(async move {
-                        match find_subpartition(&registry, id, subpartition).await {
-                            Some(sub) => {
-                                let mut state = lock(&attached);
-                                let remote = state.pending.remove(&channel_id).unwrap_or_default();
-                                state.pending_count -= remote.len();
-                                let credit = initial_credit + remote.len() as u32;
-                                state.list.push(Attached {
-                                    channel_id,
-                                    partition: id,
-                                    subpartition,
-                                    sub: Arc::clone(&sub),
-                                    seq: 0,
-                                    remote,
-                                    announced_backlog: 0,
-                                });
-                                // Under the lock, so no credit that arrives
-                                // meanwhile is overwritten.
-                                sub.attach(wake, credit);
-                            }
-                            None => {
-                                let _ = errors.send(ControlMessage::Error {
-                                    channel_id,
-                                    message: format!(
-                                        "partition {id:?} subpartition {subpartition} not found after {PARTITION_WAIT:?}"
-                                    ),
-                                });
-                                wake.notify_one();
-                            }
-                        }
-                    });
-                }
-                ControlMessage::AddCredit { channel_id, credit } => {
-                    let state = lock(&attached);
-                    if let Some(a) = state.list.iter().find(|a| a.channel_id == channel_id) {
-                        a.sub.add_credit(credit);
-                    }
-                }
-                ControlMessage::VerbsCredit { .. } if sender.is_some() => {
-                    if let Err(reason) = add_verbs_credit(&attached, &msg) {
-                        break Err(reason);
-                    }
-                }
-                ControlMessage::BufferSize { channel_id, size } => {
-                    let state = lock(&attached);
-                    if let Some(a) = state.list.iter().find(|a| a.channel_id == channel_id) {
-                        a.sub.set_buffer_size(size as usize);
-                    }
-                }
-                ControlMessage::CancelPartition { channel_id } => {
-                    let mut state = lock(&attached);
-                    if let Some(pos) = state.list.iter().position(|a| a.channel_id == channel_id) {
-                        state
-                            .list
-                            .remove(pos)
-                            .sub
-                            .release("consumer canceled the partition");
-                    }
-                }
-                ControlMessage::Close => break Ok(()),
-                ControlMessage::Error { message, .. } => {
-                    tracing::warn!("consumer {peer} reported: {message}");
-                }
-                other => break Err(format!("consumer {peer} sent unexpected {other:?}")),
-            },
-            Ok(Some(Incoming::Buffer(_))) => {
-                break Err(format!(
-                    "consumer {peer} sent a data buffer to the data server"
-                ));
-            }
-            Ok(None) => break Ok(()),
-            Err(e) => break Err(format!("{e}")),
-        }
+        None => match first.take().map(|f| on_incoming(&served, f)) {
+            Some(Err(reason)) => Err(reason),
+            Some(Ok(false)) => Ok(()),
+            Some(Ok(true)) | None => serve_tcp(&mut reader, writer, &served, errors_rx).await,
+        },
     };
     if let Err(reason) = &outcome {
         tracing::warn!("data connection from {peer} closed: {reason}");
     }
-    for a in lock(&attached).list.drain(..) {
+    for a in lock(&served.attached).list.drain(..) {
         a.sub.release("consumer connection closed");
     }
-    writer_task.abort();
     if let Some(s) = &sender {
         super::rdma::stop_sender(s);
     }
+}
+
+/// A verbs connection's socket reader: the consumer's messages until it
+/// closes (its buffers go out from [`send_loop_verbs`]).
+async fn read_loop(reader: &mut ControlReader, served: &Served) -> Result<(), String> {
+    loop {
+        match reader.next().await {
+            Ok(Some(incoming)) => {
+                if !on_incoming(served, incoming)? {
+                    return Ok(());
+                }
+            }
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+}
+
+/// Acts on one frame from the consumer; `Ok(false)` when it closed the
+/// connection.
+fn on_incoming(served: &Served, incoming: Incoming) -> Result<bool, String> {
+    let peer = served.peer;
+    let msg = match incoming {
+        Incoming::Control(msg) => msg,
+        Incoming::Buffer(_) => {
+            return Err(format!(
+                "consumer {peer} sent a data buffer to the data server"
+            ));
+        }
+    };
+    match msg {
+        ControlMessage::PartitionRequest {
+            channel_id,
+            job,
+            edge,
+            source_subtask,
+            subpartition,
+            initial_credit,
+        } => {
+            let id = PartitionId {
+                job,
+                edge,
+                source_subtask,
+            };
+            let registry = Arc::clone(&served.registry);
+            let attached = Arc::clone(&served.attached);
+            let wake = Arc::clone(&served.wake);
+            let errors = served.errors.clone();
+            // Waiting for a producer must not stall credit for others.
+            tokio::spawn(async move {
+                match find_subpartition(&registry, id, subpartition).await {
+                    Some(sub) => {
+                        let mut state = lock(&attached);
+                        let remote = state.pending.remove(&channel_id).unwrap_or_default();
+                        state.pending_count -= remote.len();
+                        let credit = initial_credit + remote.len() as u32;
+                        state.list.push(Attached {
+                            channel_id,
+                            partition: id,
+                            subpartition,
+                            sub: Arc::clone(&sub),
+                            seq: 0,
+                            remote,
+                            announced_backlog: 0,
+                        });
+                        // Under the lock, so no credit that arrives
+                        // meanwhile is overwritten.
+                        sub.attach(wake, credit);
+                    }
+                    None => {
+                        let _ = errors.send(ControlMessage::Error {
+                            channel_id,
+                            message: format!(
+                                "partition {id:?} subpartition {subpartition} not found after {PARTITION_WAIT:?}"
+                            ),
+                        });
+                        wake.notify_one();
+                    }
+                }
+            });
+        }
+        ControlMessage::AddCredit { channel_id, credit } => {
+            let state = lock(&served.attached);
+            if let Some(a) = state.list.iter().find(|a| a.channel_id == channel_id) {
+                a.sub.add_credit(credit);
+            }
+        }
+        ControlMessage::VerbsCredit { .. } if served.verbs => {
+            add_verbs_credit(&served.attached, &msg)?;
+        }
+        ControlMessage::BufferSize { channel_id, size } => {
+            let state = lock(&served.attached);
+            if let Some(a) = state.list.iter().find(|a| a.channel_id == channel_id) {
+                a.sub.set_buffer_size(size as usize);
+            }
+        }
+        ControlMessage::CancelPartition { channel_id } => {
+            let mut state = lock(&served.attached);
+            if let Some(pos) = state.list.iter().position(|a| a.channel_id == channel_id) {
+                state
+                    .list
+                    .remove(pos)
+                    .sub
+                    .release("consumer canceled the partition");
+            }
+        }
+        ControlMessage::Close => return Ok(false),
+        ControlMessage::Error { message, .. } => {
+            tracing::warn!("consumer {peer} reported: {message}");
+        }
+        other => return Err(format!("consumer {peer} sent unexpected {other:?}")),
+    }
+    Ok(true)
 }
 
 /// Sets up the producer's queue pair for a consumer that asked for verbs.
@@ -425,32 +447,50 @@ async fn write_all_gathered(
     Ok(())
 }
 
-/// Sends every attached subpartition's buffers while it has credit. The
-/// buffers ready at one moment (up to [`GATHER_BUFFERS_MAX`] or
+/// A TCP connection's one task: reads the consumer's credits and requests,
+/// and sends every attached subpartition's buffers while it has credit.
+/// Credits are read between writes, without waiting, so a credit that
+/// arrives while the task runs needs no wake-up of another thread (one
+/// task per connection, as a Netty event loop serves a channel).
+///
+/// The buffers ready at one moment (up to [`GATHER_BUFFERS_MAX`] or
 /// [`GATHER_BYTES_MAX`]) go out in one gathered write, straight from their
 /// segments: no copy in user space, one system call for many buffers.
-async fn send_loop(
+async fn serve_tcp(
+    reader: &mut ControlReader,
     mut writer: OwnedWriteHalf,
-    attached: AttachedList,
-    wake: Arc<Notify>,
+    served: &Served,
     mut errors: UnboundedReceiver<ControlMessage>,
-) -> std::io::Result<()> {
+) -> Result<(), String> {
+    let io = |e: std::io::Error| format!("write failed: {e}");
     let mut control = Vec::with_capacity(64);
     let mut heads = vec![[0u8; FRAME_HEAD_BYTES]; GATHER_BUFFERS_MAX];
     let mut head = Vec::with_capacity(FRAME_HEAD_BYTES);
     let mut buffers: Vec<OutBuffer> = Vec::with_capacity(GATHER_BUFFERS_MAX);
     let mut next = 0usize;
     loop {
+        // Credits and requests first: they decide what may be sent.
+        loop {
+            match reader.try_next().map_err(|e| e.to_string())? {
+                Polled::Frame(incoming) => {
+                    if !on_incoming(served, incoming)? {
+                        return Ok(());
+                    }
+                }
+                Polled::Empty => break,
+                Polled::End => return Ok(()),
+            }
+        }
         control.clear();
         while let Ok(msg) = errors.try_recv() {
             encode_control(&msg, &mut control);
         }
         if !control.is_empty() {
-            writer.write_all(&control).await?;
+            writer.write_all(&control).await.map_err(io)?;
         }
         let mut bytes = 0usize;
         while buffers.len() < GATHER_BUFFERS_MAX && bytes < GATHER_BYTES_MAX {
-            let Some((header, buffer, _)) = next_ready(&attached, &mut next) else {
+            let Some((header, buffer, _)) = next_ready(&served.attached, &mut next) else {
                 break;
             };
             head.clear();
@@ -461,11 +501,14 @@ async fn send_loop(
         }
         if buffers.is_empty() {
             control.clear();
-            starved_backlogs(&attached, &mut control);
+            starved_backlogs(&served.attached, &mut control);
             if !control.is_empty() {
-                writer.write_all(&control).await?;
+                writer.write_all(&control).await.map_err(io)?;
             }
-            wake.notified().await;
+            tokio::select! {
+                ready = reader.readable() => ready.map_err(|e| e.to_string())?,
+                () = served.wake.notified() => {}
+            }
             continue;
         }
         let mut parts = [std::io::IoSlice::new(&[]); 2 * GATHER_BUFFERS_MAX];
@@ -479,7 +522,9 @@ async fn send_loop(
                 count += 1;
             }
         }
-        write_all_gathered(&mut writer, &mut parts[..count]).await?;
+        write_all_gathered(&mut writer, &mut parts[..count])
+            .await
+            .map_err(io)?;
         // The segments go back to the pool only now that the kernel holds
         // their bytes.
         buffers.clear();
@@ -1014,7 +1059,6 @@ mod tests {
         let server = DataServer::start(
             "127.0.0.1:0".parse().unwrap(),
             Arc::clone(&registry),
-            SEGMENT,
             verbs_env(mode, &producer_side),
         )
         .await
@@ -1094,14 +1138,9 @@ mod tests {
     async fn malformed_frames_close_only_their_connection_and_the_server_keeps_serving() {
         use tokio::io::AsyncReadExt;
         let registry = Arc::new(NetworkRegistry::default());
-        let server = DataServer::start(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::clone(&registry),
-            SEGMENT,
-            None,
-        )
-        .await
-        .unwrap();
+        let server = DataServer::start("127.0.0.1:0".parse().unwrap(), Arc::clone(&registry), None)
+            .await
+            .unwrap();
         let mut request = Vec::new();
         encode_control(
             &ControlMessage::PartitionRequest {

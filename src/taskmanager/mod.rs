@@ -258,17 +258,12 @@ impl TaskManager {
             transport.kind.name(),
             transport.reason
         );
-        let server = DataServer::start(
-            bind_addr,
-            Arc::clone(&registry),
-            config.segment_size_bytes as usize,
-            transport.verbs.clone(),
-        )
-        .await
-        .map_err(|source| TaskManagerError::DataServer {
-            address: bind.clone(),
-            source,
-        })?;
+        let server = DataServer::start(bind_addr, Arc::clone(&registry), transport.verbs.clone())
+            .await
+            .map_err(|source| TaskManagerError::DataServer {
+                address: bind.clone(),
+                source,
+            })?;
         let profile = ResourceProfile {
             cpu_cores: 1.0,
             managed_memory_bytes: layout.managed_per_slot,
