@@ -44,6 +44,10 @@ use strata::network::{
     ResultPartition, Subpartition,
 };
 
+/// As the `strata` binary has (see `src/main.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const ROWS_PER_BATCH: usize = 8192;
 const POOL_SEGMENTS: usize = 2048;
 const BUFFERS: GateBuffers = GateBuffers {

@@ -14,6 +14,11 @@ use strata::config::{Config, ConfigSource};
 use strata::job::graph::JobGraph;
 use strata::taskmanager::TaskManager;
 
+/// Buffers cross threads (read on a network thread, freed by a task), which
+/// glibc's allocator answers by returning and re-faulting pages.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "strata",

@@ -29,9 +29,13 @@ pub enum GateItem {
     Local(StreamEvent),
     Remote {
         kind: BufferKind,
+        /// The credit the sender spent on this buffer.
         segment: Segment,
-        /// The payload is `segment[offset..offset + len]`: TCP reads it to
-        /// the start, verbs writes a header in front of it.
+        /// The payload, when it was read into memory of its own (TCP reads
+        /// an IPC payload so, and the batch decoded from it shares it);
+        /// otherwise it is `segment[offset..offset + len]` (verbs writes a
+        /// header in front of it).
+        body: Option<Buffer>,
         offset: usize,
         len: usize,
         floating: bool,
@@ -675,17 +679,27 @@ impl InputReader {
             GateItem::Remote {
                 kind,
                 segment,
+                body,
                 offset,
                 len,
                 floating,
             } => {
-                let payload = &segment.as_slice()[offset..offset + len];
-                // An IPC buffer is copied out and its segment recycled
-                // before the batch is decoded: its credit goes back to the
-                // sender one decode earlier.
-                let decoded = match kind {
-                    BufferKind::Ipc => Decoded::Later(Buffer::from(payload)),
-                    _ => Decoded::Now(self.decode(g, channel, kind, payload)),
+                // The segment is recycled before an IPC batch is decoded:
+                // its credit goes back to the sender one decode earlier. A
+                // payload still in its segment is copied out for that; one
+                // read into memory of its own is decoded where it is.
+                let decoded = match (kind, body) {
+                    (BufferKind::Ipc, Some(body)) => Decoded::Later(body),
+                    (BufferKind::Ipc, None) => {
+                        Decoded::Later(Buffer::from(&segment.as_slice()[offset..offset + len]))
+                    }
+                    (_, Some(body)) => Decoded::Now(self.decode(g, channel, kind, &body)),
+                    (_, None) => Decoded::Now(self.decode(
+                        g,
+                        channel,
+                        kind,
+                        &segment.as_slice()[offset..offset + len],
+                    )),
                 };
                 if let Some(Some(d)) = self.debloaters.get_mut(g)
                     && let Some(size) = d.on_consumed(len, self.started.elapsed())

@@ -11,7 +11,7 @@ use std::cell::Cell;
 use arrow_array::RecordBatch;
 use arrow_buffer::Buffer;
 use arrow_ipc::reader::StreamDecoder;
-use arrow_ipc::writer::{IpcWriteOptions, StreamWriter};
+use arrow_ipc::writer::{IpcWriteOptions, StreamEncoder, StreamWriter};
 use arrow_schema::{ArrowError, DataType, Schema};
 
 use crate::memory::Segment;
@@ -29,6 +29,8 @@ pub enum IpcError {
     Arrow(#[from] ArrowError),
     #[error("IPC buffer held no record batch")]
     NoBatch,
+    #[error("compression must be enabled before a channel's first batch")]
+    CompressionAfterStart,
 }
 
 /// Memory a piece is encoded into: a network segment on the data path, or a
@@ -102,6 +104,24 @@ pub struct ChannelEncoder {
     payload_max: usize,
     /// The heap room [`ChannelEncoder::encode`] reuses.
     heap: Option<Vec<u8>>,
+    /// [`ChannelEncoder::encode_out`]'s encoder for schemas without
+    /// dictionaries: its pieces stay in the batch's own buffers.
+    stream: Option<StreamEncoder>,
+}
+
+/// One encoded piece of a channel's stream, in its segment or not.
+pub enum Piece {
+    /// Written into the segment (`len` bytes from its start).
+    Contiguous { segment: Segment, len: usize },
+    /// Left in Arrow buffers (the batch's own body buffers and small new
+    /// ones for message headers and padding), sent in this order; the
+    /// segment is the pool's budget for it, and holds its bytes only where
+    /// a transport needs them there.
+    Parts {
+        segment: Segment,
+        parts: Vec<Buffer>,
+        len: usize,
+    },
 }
 
 impl ChannelEncoder {
@@ -113,6 +133,7 @@ impl ChannelEncoder {
             segment_payload_max: payload_max,
             payload_max,
             heap: None,
+            stream: None,
         }
     }
 
@@ -131,7 +152,12 @@ impl ChannelEncoder {
             .options
             .clone()
             .try_with_compression(Some(arrow_ipc::CompressionType::LZ4_FRAME))?;
+        if self.schema_sent {
+            // A new encoder would start a second stream on the channel.
+            return Err(IpcError::CompressionAfterStart);
+        }
         self.writer = None;
+        self.stream = None;
         Ok(())
     }
 
@@ -224,6 +250,79 @@ impl ChannelEncoder {
             // reverse so they pop in order; a piece that still does not fit
             // is cut again.
             let piece_rows = ((rows as u128 * self.payload_max as u128 * 9 / 10) / len as u128)
+                .clamp(1, rows as u128 - 1) as usize;
+            push_pieces(&mut pending, offset, rows, piece_rows);
+        }
+        Ok(())
+    }
+
+    /// Encodes `batch` for the network: into pieces of at most
+    /// `payload_max` bytes, each with a segment from `room` (called once per
+    /// piece, before encoding, so it may wait for the pool), handed to
+    /// `emit` in order. Without dictionaries a piece stays in the batch's
+    /// own buffers and the gathered write sends it from there; with them
+    /// it is written into its segment (a piece that overflows must send its
+    /// dictionaries again, which only the stream writer can redo).
+    pub fn encode_out(
+        &mut self,
+        batch: &RecordBatch,
+        room: &mut dyn FnMut() -> Result<Segment, IpcError>,
+        emit: &mut dyn FnMut(Piece) -> Result<(), IpcError>,
+    ) -> Result<(), IpcError> {
+        let has_dictionaries = batch
+            .schema_ref()
+            .fields()
+            .iter()
+            .any(|f| contains_dictionary(f.data_type()));
+        if has_dictionaries {
+            return self.encode_into(batch, &mut || room().map(Room::Segment), &mut |r, len| {
+                let Room::Segment(segment) = r else {
+                    unreachable!("rooms here are segments")
+                };
+                emit(Piece::Contiguous { segment, len })
+            });
+        }
+        let mut spare: Option<Segment> = None;
+        let mut pending = Vec::new();
+        push_pieces(&mut pending, 0, batch.num_rows(), self.first_cut(batch));
+        while let Some((offset, rows)) = pending.pop() {
+            let segment = match spare.take() {
+                Some(s) => s,
+                None => room()?,
+            };
+            let payload_max = self.payload_max.min(segment.capacity());
+            let stream = match &mut self.stream {
+                Some(stream) => stream,
+                None => self.stream.insert(StreamEncoder::try_new_with_options(
+                    batch.schema_ref(),
+                    self.options.clone(),
+                )?),
+            };
+            let parts = stream.encode(&batch.slice(offset, rows))?;
+            let len: usize = parts.iter().map(Buffer::len).sum();
+            if len <= payload_max {
+                self.schema_sent = true;
+                emit(Piece::Parts {
+                    segment,
+                    parts,
+                    len,
+                })?;
+                continue;
+            }
+            spare = Some(segment);
+            if !self.schema_sent {
+                // The discarded piece led with the schema message; a fresh
+                // encoder leads the next one with it again.
+                self.stream = None;
+            }
+            if rows <= 1 {
+                return Err(IpcError::RowTooLarge {
+                    row_bytes: len,
+                    segment_bytes: payload_max,
+                });
+            }
+            // As in `encode_into`: the rest at once, 10% under the limit.
+            let piece_rows = ((rows as u128 * payload_max as u128 * 9 / 10) / len as u128)
                 .clamp(1, rows as u128 - 1) as usize;
             push_pieces(&mut pending, offset, rows, piece_rows);
         }
@@ -430,5 +529,113 @@ mod tests {
         let mut enc = ChannelEncoder::new(64);
         let err = enc.encode(&batch(1), &mut |_| Ok(())).unwrap_err();
         assert!(matches!(err, IpcError::RowTooLarge { .. }));
+    }
+
+    /// Encodes with `encode_out` into pool segments and decodes each piece
+    /// from its bytes (parts joined, as the gathered write sends them);
+    /// returns the pieces' kinds (true: parts).
+    fn round_trip_out(
+        input: &RecordBatch,
+        enc: &mut ChannelEncoder,
+        dec: &mut ChannelDecoder,
+        pool: &Arc<crate::memory::NetworkBufferPool>,
+        limit: usize,
+    ) -> Vec<bool> {
+        let mut out = Vec::new();
+        let mut kinds = Vec::new();
+        enc.encode_out(
+            input,
+            &mut || Ok(pool.try_request().expect("a free segment")),
+            &mut |piece| {
+                let (bytes, parts) = match piece {
+                    Piece::Contiguous { segment, len } => {
+                        (segment.as_slice()[..len].to_vec(), false)
+                    }
+                    Piece::Parts { parts, len, .. } => {
+                        let joined: Vec<u8> =
+                            parts.iter().flat_map(|p| p.iter().copied()).collect();
+                        assert_eq!(joined.len(), len);
+                        (joined, true)
+                    }
+                };
+                assert!(bytes.len() <= limit, "{} > {limit}", bytes.len());
+                kinds.push(parts);
+                out.push(dec.decode(&bytes)?);
+                Ok(())
+            },
+        )
+        .unwrap();
+        let joined = arrow_select::concat::concat_batches(&input.schema(), &out).unwrap();
+        assert_eq!(&joined, input);
+        kinds
+    }
+
+    #[test]
+    fn pieces_left_in_arrow_buffers_round_trip_and_share_the_batch_memory() {
+        let pool = crate::memory::NetworkBufferPool::new(4, 8 * 1024);
+        let input = batch(10_000);
+        // A limit the first guess overshoots: the first piece (with the
+        // schema message) is cut again by a fresh encoder.
+        let mut enc = ChannelEncoder::new(3 * 1024);
+        let mut dec = ChannelDecoder::default();
+        let kinds = round_trip_out(&input, &mut enc, &mut dec, &pool, 3 * 1024);
+        assert!(kinds.len() > 10 && kinds.iter().all(|p| *p));
+        // The stream goes on without a second schema message.
+        round_trip_out(&input, &mut enc, &mut dec, &pool, 3 * 1024);
+        assert_eq!(pool.available_count(), 4, "every segment went back");
+        // A body buffer is the batch's own memory, not a copy.
+        let small = batch(100);
+        let values = small.column(0).to_data().buffers()[0].as_ptr();
+        let mut shared = false;
+        ChannelEncoder::new(8 * 1024)
+            .encode_out(
+                &small,
+                &mut || Ok(pool.try_request().expect("a free segment")),
+                &mut |piece| {
+                    if let Piece::Parts { parts, .. } = piece {
+                        shared |= parts.iter().any(|p| p.as_ptr() == values);
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
+        assert!(shared);
+    }
+
+    #[test]
+    fn lz4_and_dictionary_pieces_from_encode_out_round_trip() {
+        use arrow_array::DictionaryArray;
+        use arrow_array::types::Int32Type;
+        let pool = crate::memory::NetworkBufferPool::new(4, 16 * 1024);
+        let mut enc = ChannelEncoder::new(16 * 1024);
+        enc.enable_lz4().unwrap();
+        let kinds = round_trip_out(
+            &batch(20_000),
+            &mut enc,
+            &mut ChannelDecoder::default(),
+            &pool,
+            16 * 1024,
+        );
+        assert!(kinds.iter().all(|p| *p));
+        assert!(matches!(
+            enc.enable_lz4(),
+            Err(IpcError::CompressionAfterStart)
+        ));
+        // Dictionaries are written into segments (a piece that overflows
+        // sends them again).
+        let words: Vec<String> = (0..100).map(|i| format!("value-{i:04}")).collect();
+        let keys: DictionaryArray<Int32Type> =
+            (0..10_000).map(|i| words[(i * 7) % 100].as_str()).collect();
+        let input = RecordBatch::try_from_iter([("d", Arc::new(keys) as _)]).unwrap();
+        let mut enc = ChannelEncoder::new(8 * 1024);
+        let kinds = round_trip_out(
+            &input,
+            &mut enc,
+            &mut ChannelDecoder::default(),
+            &pool,
+            8 * 1024,
+        );
+        assert!(kinds.len() > 2 && kinds.iter().all(|p| !*p));
+        assert_eq!(pool.available_count(), 4);
     }
 }

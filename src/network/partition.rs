@@ -10,13 +10,14 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use arrow_array::{ArrayRef, RecordBatch, UInt32Array};
+use arrow_buffer::Buffer;
 use arrow_select::take::take_record_batch;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 
 use super::frame::BufferKind;
 use super::gate::InputGate;
-use super::ipc::{ChannelEncoder, Room};
+use super::ipc::{ChannelEncoder, Piece};
 use super::{NetworkError, PartitionId, StreamEvent};
 use crate::kernels::cpu::hash::{hash_columns, subtask_for_hash};
 use crate::memory::{NetworkBufferPool, Segment};
@@ -52,15 +53,99 @@ pub struct OutBuffer {
 }
 
 pub enum Payload {
-    Segment { segment: Segment, len: usize },
-    Inline { bytes: [u8; 8], len: usize },
+    Segment {
+        segment: Segment,
+        len: usize,
+    },
+    Inline {
+        bytes: [u8; 8],
+        len: usize,
+    },
+    /// An IPC message left in Arrow buffers ([`Piece::Parts`]): TCP sends it
+    /// from them; the segment is its budget, and where verbs copies it.
+    Parts {
+        segment: Segment,
+        parts: Vec<Buffer>,
+        len: usize,
+    },
 }
 
 impl Payload {
-    pub fn as_slice(&self) -> &[u8] {
+    pub fn len(&self) -> usize {
         match self {
-            Payload::Segment { segment, len } => &segment.as_slice()[..*len],
-            Payload::Inline { bytes, len } => &bytes[..*len],
+            Payload::Segment { len, .. }
+            | Payload::Inline { len, .. }
+            | Payload::Parts { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The payload's bytes, in order, in one or more slices.
+    pub fn slices(&self) -> Slices<'_> {
+        let (one, parts): (Option<&[u8]>, &[Buffer]) = match self {
+            Payload::Segment { segment, len } => (Some(&segment.as_slice()[..*len]), &[]),
+            Payload::Inline { bytes, len } => (Some(&bytes[..*len]), &[]),
+            Payload::Parts { parts, .. } => (None, parts),
+        };
+        Slices {
+            one,
+            parts: parts.iter(),
+        }
+    }
+
+    /// CRC-32C of the payload.
+    pub fn crc32c(&self) -> u32 {
+        self.slices().fold(0, crc32c::crc32c_append)
+    }
+
+    /// The payload in one slice: Arrow parts are first copied into their
+    /// segment (verbs writes from registered memory only).
+    pub fn into_contiguous(self) -> Self {
+        match self {
+            Payload::Parts {
+                mut segment,
+                parts,
+                len,
+            } => {
+                let room = segment.as_mut_slice();
+                let mut at = 0;
+                for part in &parts {
+                    room[at..at + part.len()].copy_from_slice(part);
+                    at += part.len();
+                }
+                Payload::Segment { segment, len }
+            }
+            other => other,
+        }
+    }
+
+    /// The bytes of a contiguous payload; `None` for Arrow parts (see
+    /// [`Payload::into_contiguous`]).
+    pub fn as_slice(&self) -> Option<&[u8]> {
+        match self {
+            Payload::Segment { segment, len } => Some(&segment.as_slice()[..*len]),
+            Payload::Inline { bytes, len } => Some(&bytes[..*len]),
+            Payload::Parts { .. } => None,
+        }
+    }
+}
+
+/// A payload's slices (a named type: a sender holds it across awaits).
+pub struct Slices<'a> {
+    one: Option<&'a [u8]>,
+    parts: std::slice::Iter<'a, Buffer>,
+}
+
+impl<'a> Iterator for Slices<'a> {
+    type Item = &'a [u8];
+
+    fn next(&mut self) -> Option<&'a [u8]> {
+        match self.one.take() {
+            Some(one) => Some(one),
+            None => self.parts.next().map(Buffer::as_slice),
         }
     }
 }
@@ -389,22 +474,32 @@ impl RecordWriter {
                     super::ipc::IpcError::NoBatch
                 };
                 let blocked_cell = std::cell::Cell::new(Duration::ZERO);
-                let result = encoder.encode_into(
+                let result = encoder.encode_out(
                     &batch,
                     &mut || match acquire_segment(pool, &*canceled) {
                         Ok((segment, waited)) => {
                             blocked_cell.set(blocked_cell.get() + waited);
-                            Ok(Room::Segment(segment))
+                            Ok(segment)
                         }
                         Err(e) => Err(failed(e)),
                     },
-                    &mut |room, len| {
-                        let Room::Segment(segment) = room else {
-                            unreachable!("the data path encodes into segments only")
+                    &mut |piece| {
+                        let payload = match piece {
+                            Piece::Contiguous { segment, len } => Payload::Segment { segment, len },
+                            Piece::Parts {
+                                segment,
+                                parts,
+                                len,
+                            } => Payload::Parts {
+                                segment,
+                                parts,
+                                len,
+                            },
                         };
+                        let len = payload.len();
                         let buffer = OutBuffer {
                             kind: BufferKind::Ipc,
-                            payload: Payload::Segment { segment, len },
+                            payload,
                         };
                         match sub.push(buffer, &*canceled) {
                             Ok(b) => {

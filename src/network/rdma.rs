@@ -364,8 +364,15 @@ impl VerbsSender {
             len: PAYLOAD_HEADROOM as u32,
             lkey: head.lkey,
         };
+        // RDMA writes from registered memory: Arrow parts are copied into
+        // their (registered) segment first.
+        let buffer = OutBuffer {
+            kind: buffer.kind,
+            payload: buffer.payload.into_contiguous(),
+        };
         let sges = match &buffer.payload {
-            Payload::Segment { segment, len } => {
+            // `into_contiguous` left no parts: both arms are a filled segment.
+            Payload::Segment { segment, len } | Payload::Parts { segment, len, .. } => {
                 let region = self.env.region_of(segment)?;
                 SgeList::two(
                     header_sge,
@@ -645,6 +652,7 @@ impl VerbsReceiver {
         let item = GateItem::Remote {
             kind: h.kind,
             segment: lent.segment,
+            body: None,
             offset,
             len,
             floating: lent.floating,

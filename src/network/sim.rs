@@ -334,6 +334,7 @@ fn remote_item(kind: BufferKind, segment: Segment, len: usize, floating: bool) -
     GateItem::Remote {
         kind,
         segment,
+        body: None,
         offset: 0,
         len,
         floating,
@@ -591,8 +592,7 @@ impl Sim {
             self.report.backlog_announcements += 1;
             return Ok(());
         };
-        let payload = buffer.payload.as_slice();
-        let len = payload.len();
+        let len = buffer.payload.len();
         match gate.take_segment(gate_channel) {
             Ok((mut segment, floating)) => {
                 if len > segment.capacity() {
@@ -600,7 +600,11 @@ impl Sim {
                         format!("a {len}-byte buffer for a {SEGMENT_SIZE_BYTES}-byte segment");
                     return Err(self.failure(Invariant::Protocol, detail));
                 }
-                segment.as_mut_slice()[..len].copy_from_slice(payload);
+                let mut at = 0;
+                for slice in buffer.payload.slices() {
+                    segment.as_mut_slice()[at..at + slice.len()].copy_from_slice(slice);
+                    at += slice.len();
+                }
                 let item = remote_item(buffer.kind, segment, len, floating);
                 gate.push_remote(gate_channel, item, len, wire.backlog);
                 self.report.buffers_delivered += 1;

@@ -30,6 +30,9 @@ const PARTITION_WAIT: Duration = Duration::from_secs(30);
 const GATHER_BUFFERS_MAX: usize = 32;
 /// A gathered write stops adding buffers past this many bytes.
 const GATHER_BYTES_MAX: usize = 512 * 1024;
+/// Slices per gathered write (a buffer of Arrow parts is a dozen or so;
+/// Linux takes up to 1024).
+const IOV_BATCH: usize = 512;
 /// A BufferResponse's head and routing header.
 const FRAME_HEAD_BYTES: usize = super::frame::HEAD_LEN + super::frame::BUFFER_HEADER_LEN;
 /// How long a consumer waits for the producer's answer to `VerbsConnect`.
@@ -387,7 +390,6 @@ fn next_ready(
         let a = &mut list[idx];
         let seq = a.seq;
         a.seq = a.seq.wrapping_add(1);
-        let payload = buffer.payload.as_slice();
         let header = BufferHeader {
             channel_id: a.channel_id,
             edge: a.partition.edge,
@@ -396,8 +398,8 @@ fn next_ready(
             seq,
             backlog,
             kind: buffer.kind,
-            crc: a.sub.checksum().then(|| crc32c::crc32c(payload)),
-            size: payload.len() as u32,
+            crc: a.sub.checksum().then(|| buffer.payload.crc32c()),
+            size: buffer.payload.len() as u32,
         };
         let remote = a.remote.pop_front();
         a.announced_backlog = 0;
@@ -431,6 +433,33 @@ fn starved_backlogs(attached: &AttachedList, out: &mut Vec<u8>) {
     }
 }
 
+/// Writes each buffer behind its frame head, [`IOV_BATCH`] slices to a
+/// gathered write.
+async fn write_buffers(
+    stream: &mut OwnedWriteHalf,
+    heads: &[[u8; FRAME_HEAD_BYTES]],
+    buffers: &[OutBuffer],
+) -> std::io::Result<()> {
+    let mut batch = [std::io::IoSlice::new(&[]); IOV_BATCH];
+    let mut count = 0;
+    for (head, buffer) in heads.iter().zip(buffers) {
+        let mut slices = buffer.payload.slices();
+        let mut next = Some(&head[..]);
+        while let Some(slice) = next {
+            if count == IOV_BATCH {
+                write_all_gathered(stream, &mut batch[..count]).await?;
+                count = 0;
+            }
+            if !slice.is_empty() {
+                batch[count] = std::io::IoSlice::new(slice);
+                count += 1;
+            }
+            next = slices.next();
+        }
+    }
+    write_all_gathered(stream, &mut batch[..count]).await
+}
+
 /// Writes every slice in `parts`, in order, with as few system calls as
 /// the socket allows.
 async fn write_all_gathered(
@@ -455,7 +484,8 @@ async fn write_all_gathered(
 ///
 /// The buffers ready at one moment (up to [`GATHER_BUFFERS_MAX`] or
 /// [`GATHER_BYTES_MAX`]) go out in one gathered write, straight from their
-/// segments: no copy in user space, one system call for many buffers.
+/// memory (a batch's own Arrow buffers, or a segment): no copy in user
+/// space, one system call for many buffers.
 async fn serve_tcp(
     reader: &mut ControlReader,
     mut writer: OwnedWriteHalf,
@@ -496,7 +526,7 @@ async fn serve_tcp(
             head.clear();
             encode_buffer_header(&header, &mut head);
             heads[buffers.len()].copy_from_slice(&head);
-            bytes += head.len() + buffer.payload.as_slice().len();
+            bytes += head.len() + buffer.payload.len();
             buffers.push(buffer);
         }
         if buffers.is_empty() {
@@ -511,18 +541,7 @@ async fn serve_tcp(
             }
             continue;
         }
-        let mut parts = [std::io::IoSlice::new(&[]); 2 * GATHER_BUFFERS_MAX];
-        let mut count = 0;
-        for (head, buffer) in heads.iter().zip(&buffers) {
-            parts[count] = std::io::IoSlice::new(head);
-            count += 1;
-            let payload = buffer.payload.as_slice();
-            if !payload.is_empty() {
-                parts[count] = std::io::IoSlice::new(payload);
-                count += 1;
-            }
-        }
-        write_all_gathered(&mut writer, &mut parts[..count])
+        write_buffers(&mut writer, &heads, &buffers)
             .await
             .map_err(io)?;
         // The segments go back to the pool only now that the kernel holds
@@ -909,15 +928,25 @@ async fn receive_one(
                 }
                 Err(e) => return Err(e),
             };
-            reader
-                .read_exact(&mut segment.as_mut_slice()[..len])
-                .await
-                .map_err(|e| NetworkError::PeerLost {
-                    peer: peer.to_owned(),
-                    reason: e.to_string(),
-                })?;
+            let lost = |e: std::io::Error| NetworkError::PeerLost {
+                peer: peer.to_owned(),
+                reason: e.to_string(),
+            };
+            // An IPC payload is read into memory of its own, which the
+            // decoded batch then shares: no copy out of the segment, which
+            // stands for the credit until the consumer takes the buffer.
+            let body = if h.kind == BufferKind::Ipc {
+                Some(reader.read_owned(len).await.map_err(lost)?)
+            } else {
+                reader
+                    .read_exact(&mut segment.as_mut_slice()[..len])
+                    .await
+                    .map_err(lost)?;
+                None
+            };
             if let Some(expected) = h.crc {
-                let crc = crc32c::crc32c(&segment.as_slice()[..len]);
+                let payload = body.as_deref().unwrap_or(&segment.as_slice()[..len]);
+                let crc = crc32c::crc32c(payload);
                 if crc != expected {
                     return Err(protocol(format!(
                         "CRC mismatch on channel {} buffer #{}: header {expected:#010x}, payload {crc:#010x}",
@@ -928,6 +957,7 @@ async fn receive_one(
             let item = GateItem::Remote {
                 kind: h.kind,
                 segment,
+                body: body.map(arrow_buffer::Buffer::from_vec),
                 offset: 0,
                 len,
                 floating,
