@@ -5,13 +5,17 @@
 //!
 //!   cargo run --release --example shuffle_bench -- [--size 2G] [--segment 32K]
 //!       [--only NAME] [--checksum] [--workers N] [--shared-runtime]
+//!       [--shared-connection]
 //!
 //! `--checksum` turns on the per-buffer CRC-32C
 //! (`taskmanager.network.checksum.enabled`) for the remote transports. Each
 //! of the two TaskManagers has its own tokio runtime of `--workers` threads
 //! (2, as `strata taskmanager` has), as two processes would;
 //! `--shared-runtime` gives them one, which saves cross-thread wake-ups and
-//! flatters the numbers.
+//! flatters the numbers. Over TCP the consumer's gate reads its own
+//! connection on its task thread, as `taskmanager.network.tcp.task-reads`
+//! (default `true`) has it; `--shared-connection` makes it Flink's shared
+//! connection read by the consumer's network runtime instead.
 //!
 //! - `memcpy`: one thread copying the bytes between two pre-touched buffers.
 //! - `local`: a local channel (producer and consumer tasks in one
@@ -19,7 +23,7 @@
 //! - `tcp`: two TaskManagers' data planes on loopback (own runtimes, own
 //!   buffer pools, a data server and a connection), credit-based flow
 //!   control, IPC encode and decode (and a CRC per buffer with
-//!   `--checksum`).
+//!   `--checksum`). The bench's consumer task is its main thread.
 //! - `rdma-emulated`: the verbs protocol over emulated verbs, both ends in
 //!   one process (RDMA writes are memory copies).
 //! - `rdma-emulated-link`: the same over the emulation's TCP link, as
@@ -37,6 +41,7 @@ use strata::network::gate::{ChannelKind, GateBuffers, InputEvent};
 use strata::network::ipc::ChannelEncoder;
 use strata::network::partition::{Partitioner, Target, WriterMetrics};
 use strata::network::rdma::VerbsEnv;
+use strata::network::taskread::{GateLink, TaskReadInput};
 use strata::network::tcp::{ConnectionManager, DataServer};
 use strata::network::verbs::emu::EmuDevice;
 use strata::network::{
@@ -190,6 +195,7 @@ struct RemoteOptions {
     checksum: bool,
     workers: usize,
     shared_runtime: bool,
+    task_reads: bool,
 }
 
 fn remote(name: &str, mode: Remote, size: u64, segment: usize, options: &RemoteOptions) {
@@ -197,6 +203,7 @@ fn remote(name: &str, mode: Remote, size: u64, segment: usize, options: &RemoteO
         checksum,
         workers,
         shared_runtime,
+        task_reads,
     } = *options;
     // Each TaskManager has its own runtime, as its own process would
     // (`--shared-runtime`: one for both, which saves cross-thread wake-ups).
@@ -239,11 +246,22 @@ fn remote(name: &str, mode: Remote, size: u64, segment: usize, options: &RemoteO
     };
     let gate = InputGate::new(id, &[ChannelKind::Remote], BUFFERS, &consumer_pool).expect("gate");
     let connections = ConnectionManager::new(consumer_env);
-    let conn = consumer_rt
-        .block_on(connections.connect(server.local_addr, "tm-bench", segment))
-        .expect("connect");
-    conn.request_partition(&gate, 0, partition, 0)
-        .expect("request");
+    let conn = if task_reads && mode == Remote::Tcp {
+        // The gate's own connection, read by the consumer's thread.
+        let stream = std::net::TcpStream::connect(server.local_addr).expect("connect");
+        let link = GateLink::new(stream, "tm-bench".into()).expect("link");
+        link.request_partition(&gate, 0, partition, 0)
+            .expect("request");
+        gate.set_driver(TaskReadInput::new(vec![link], segment).expect("poller"));
+        None
+    } else {
+        let conn = consumer_rt
+            .block_on(connections.connect(server.local_addr, "tm-bench", segment))
+            .expect("connect");
+        conn.request_partition(&gate, 0, partition, 0)
+            .expect("request");
+        Some(conn)
+    };
     let b = batch();
     let batches = size.div_ceil(batch_bytes(&b));
     let metrics = Arc::new(WriterMetrics::default());
@@ -280,6 +298,7 @@ fn main() {
         checksum: false,
         workers: 2,
         shared_runtime: false,
+        task_reads: true,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -290,11 +309,11 @@ fn main() {
             "--segment" => segment = parse_bytes(&value).expect("--segment") as usize,
             "--only" => only = Some(value),
             "--workers" => options.workers = value.parse().expect("--workers"),
-            "--checksum" | "--shared-runtime" => {
-                if args[i] == "--checksum" {
-                    options.checksum = true;
-                } else {
-                    options.shared_runtime = true;
+            "--checksum" | "--shared-runtime" | "--shared-connection" => {
+                match args[i].as_str() {
+                    "--checksum" => options.checksum = true,
+                    "--shared-runtime" => options.shared_runtime = true,
+                    _ => options.task_reads = false,
                 }
                 i += 1;
                 continue;

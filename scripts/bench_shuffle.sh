@@ -51,8 +51,10 @@ out=$("$bench" --size "$size")
 echo "$out"
 checksummed=$("$bench" --size "$size" --only tcp --checksum | gbps tcp)
 shared=$("$bench" --size "$size" --only tcp --shared-runtime | gbps tcp)
+flink=$("$bench" --size "$size" --only tcp --shared-connection | gbps tcp)
 printf '%-20s %8.3f GB/s  (taskmanager.network.checksum.enabled = true)\n' "tcp+crc" "$checksummed"
 printf '%-20s %8.3f GB/s  (both TaskManagers on one tokio runtime)\n' "tcp-shared-runtime" "$shared"
+printf '%-20s %8.3f GB/s  (taskmanager.network.tcp.task-reads = false: one shared connection per peer, read by the network runtime)\n' "tcp-shared-conn" "$flink"
 get() { echo "$out" | gbps "$1"; }
 python3 - "${iperf_all[*]}" "${tcp_all[*]}" "$(get local)" "$(get memcpy)" "$(get rdma-emulated)" "$(get rdma-emulated-link)" <<'PY'
 import statistics, sys

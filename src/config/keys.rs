@@ -64,6 +64,7 @@ keys! {
     "taskmanager.network.compression.enabled"              => compression_enabled: boolean, show;
     "taskmanager.network.compression.codec"                => compression_codec: codec, show;
     "taskmanager.network.checksum.enabled"                 => network_checksum: boolean, show;
+    "taskmanager.network.tcp.task-reads"                   => tcp_task_reads: boolean, show;
     "taskmanager.network.memory.buffer-debloat.enabled"    => debloat_enabled: boolean, show;
     "taskmanager.network.memory.buffer-debloat.target"     => debloat_target: positive_duration, show_duration;
     "taskmanager.network.memory.buffer-debloat.period"     => debloat_period: positive_duration, show_duration;

@@ -172,6 +172,12 @@ pub struct Config {
     /// as in Flink: TCP checksums the wire, and the CRC costs a pass over
     /// every byte on each side.
     pub network_checksum: bool,
+    /// `taskmanager.network.tcp.task-reads`: over TCP, each input gate has
+    /// its own connection to each producer TaskManager, read by its task's
+    /// thread (no network-thread hand-off on the consumer's side). `false`:
+    /// one connection per peer TaskManager, shared by all gates and read by
+    /// the network runtime, as in Flink.
+    pub tcp_task_reads: bool,
     /// `taskmanager.network.memory.buffer-debloat.enabled`.
     pub debloat_enabled: bool,
     /// `taskmanager.network.memory.buffer-debloat.target`: the time the
@@ -364,6 +370,7 @@ impl Config {
             compression_enabled: false,
             compression_codec: "LZ4".to_owned(),
             network_checksum: false,
+            tcp_task_reads: true,
             debloat_enabled: false,
             debloat_target: Duration::from_secs(1),
             debloat_period: Duration::from_millis(200),

@@ -21,6 +21,7 @@ use super::align::{AlignStep, BarrierAligner};
 use super::debloat::{DebloatConfig, Debloater};
 use super::frame::{BufferKind, ControlMessage};
 use super::ipc::ChannelDecoder;
+use super::taskread::GateLink;
 use super::{GateId, NetworkError, StreamEvent};
 use crate::memory::{NetworkBufferPool, Segment};
 
@@ -46,8 +47,55 @@ pub enum GateItem {
 /// and the channel id the connection assigned.
 #[derive(Clone)]
 pub struct CreditLink {
-    pub control: UnboundedSender<ControlMessage>,
+    control: ControlPath,
     pub channel_id: u32,
+}
+
+#[derive(Clone)]
+enum ControlPath {
+    /// The shared connection's control task writes it.
+    Runtime(UnboundedSender<ControlMessage>),
+    /// Written at once by the thread that announces it (task-read input).
+    Direct(Arc<GateLink>),
+}
+
+impl CreditLink {
+    pub fn new(control: UnboundedSender<ControlMessage>, channel_id: u32) -> Self {
+        Self {
+            control: ControlPath::Runtime(control),
+            channel_id,
+        }
+    }
+
+    pub fn direct(channel_id: u32, link: Arc<GateLink>) -> Self {
+        Self {
+            control: ControlPath::Direct(link),
+            channel_id,
+        }
+    }
+
+    /// Sends a message to the channel's producer. The connection may already
+    /// be gone; its reader then fails the gate.
+    fn send(&self, msg: ControlMessage) {
+        match &self.control {
+            ControlPath::Runtime(control) => {
+                let _ = control.send(msg);
+            }
+            ControlPath::Direct(link) => {
+                let _ = link.send(&msg);
+            }
+        }
+    }
+}
+
+/// What reads a gate's connections on its task's thread (task-read input):
+/// `pop` drives it instead of waiting for the network runtime.
+pub trait GateDriver: Send + Sync {
+    /// Receives what has arrived into `gate`, waiting up to `timeout` when
+    /// nothing has; a broken connection fails the gate.
+    fn drive(&self, gate: &InputGate, timeout: Duration);
+    /// Ends a `drive` that waits (a local push, a failure, a close).
+    fn wake(&self);
 }
 
 struct RemoteCredit {
@@ -84,6 +132,8 @@ struct GateState {
     /// need no second notify (each is a system call).
     reader_notified: bool,
     local_writers_waiting: u32,
+    /// The task is in its driver's `drive` (which a push must wake).
+    driving: bool,
 }
 
 pub struct InputGate {
@@ -97,6 +147,8 @@ pub struct InputGate {
     pub remote_bytes: AtomicU64,
     /// Exclusive and floating segments taken for the remote channels.
     remote_buffer_total: usize,
+    /// Task-read input: reads the gate's connections when it is empty.
+    driver: std::sync::OnceLock<Arc<dyn GateDriver>>,
 }
 
 /// How a gate's channels are reached.
@@ -172,16 +224,38 @@ impl InputGate {
                 readers_waiting: 0,
                 reader_notified: false,
                 local_writers_waiting: 0,
+                driving: false,
             }),
             readable: Condvar::new(),
             writable: Condvar::new(),
             remote_bytes: AtomicU64::new(0),
             remote_buffer_total: needed,
+            driver: std::sync::OnceLock::new(),
         }))
     }
 
     pub fn channel_count(&self) -> usize {
         self.channel_count
+    }
+
+    /// Makes `pop` read the gate's connections itself (task-read input).
+    pub fn set_driver(&self, driver: Arc<dyn GateDriver>) {
+        let _ = self.driver.set(driver);
+    }
+
+    /// Wakes a task waiting in `pop` (its condition variable, or its
+    /// driver's poll), once until it runs.
+    fn wake_reader(&self, mut state: std::sync::MutexGuard<'_, GateState>) {
+        let driving = state.driving;
+        let wake = state.readers_waiting > 0 && !state.reader_notified;
+        state.reader_notified |= wake;
+        drop(state);
+        if wake {
+            self.readable.notify_one();
+        }
+        if driving && let Some(d) = self.driver.get() {
+            d.wake();
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
@@ -218,12 +292,7 @@ impl InputGate {
         }
         state.local_queued[channel] += 1;
         state.queue.push_back((channel, GateItem::Local(event)));
-        let wake = state.readers_waiting > 0 && !state.reader_notified;
-        state.reader_notified |= wake;
-        drop(state);
-        if wake {
-            self.readable.notify_one();
-        }
+        self.wake_reader(state);
         Ok(blocked_since.map_or(Duration::ZERO, |t| t.elapsed()))
     }
 
@@ -333,6 +402,8 @@ impl InputGate {
             c.backlog = backlog;
         }
         grant_floating(&mut state, channel);
+        // A driver's own push needs no wake of the driver: only the
+        // condition variable of a task waiting on the network runtime.
         let wake = state.readers_waiting > 0 && !state.reader_notified;
         state.reader_notified |= wake;
         drop(state);
@@ -409,6 +480,15 @@ impl InputGate {
             if now >= deadline {
                 return Ok(None);
             }
+            if let Some(driver) = self.driver.get() {
+                // Task-read input: read the connections instead of waiting.
+                state.driving = true;
+                drop(state);
+                driver.drive(self, deadline - now);
+                state = self.lock();
+                state.driving = false;
+                continue;
+            }
             state.readers_waiting += 1;
             state = self
                 .readable
@@ -436,12 +516,7 @@ impl InputGate {
         }
         state.blocked.iter_mut().for_each(|b| *b = false);
         state.blocked_count = 0;
-        let wake = state.readers_waiting > 0 && !state.reader_notified;
-        state.reader_notified |= wake;
-        drop(state);
-        if wake {
-            self.readable.notify_one();
-        }
+        self.wake_reader(state);
     }
 
     /// Fails the gate: the consumer sees `error` at its next pop.
@@ -450,9 +525,13 @@ impl InputGate {
         if state.failure.is_none() {
             state.failure = Some(error);
         }
+        let driving = state.driving;
         drop(state);
         self.readable.notify_all();
         self.writable.notify_all();
+        if driving && let Some(d) = self.driver.get() {
+            d.wake();
+        }
     }
 
     /// The consumer is done (or gone): drop queued data and release every
@@ -463,14 +542,18 @@ impl InputGate {
         state.queue.clear();
         for c in state.remote.iter_mut().flatten() {
             if let Some(link) = &c.link {
-                let _ = link.control.send(ControlMessage::CancelPartition {
+                link.send(ControlMessage::CancelPartition {
                     channel_id: link.channel_id,
                 });
             }
         }
+        let driving = state.driving;
         drop(state);
         self.writable.notify_all();
         self.readable.notify_all();
+        if driving && let Some(d) = self.driver.get() {
+            d.wake();
+        }
     }
 
     /// Exclusive plus floating buffers of the remote channels (what buffer
@@ -484,7 +567,7 @@ impl InputGate {
         let state = self.lock();
         for c in state.remote.iter().flatten() {
             if let Some(link) = &c.link {
-                let _ = link.control.send(ControlMessage::BufferSize {
+                link.send(ControlMessage::BufferSize {
                     channel_id: link.channel_id,
                     size: bytes as u32,
                 });
@@ -544,8 +627,7 @@ fn announce(c: &RemoteCredit, credit: u32) {
         return;
     }
     if let Some(link) = &c.link {
-        // The connection may already be gone; its reader then fails the gate.
-        let _ = link.control.send(ControlMessage::AddCredit {
+        link.send(ControlMessage::AddCredit {
             channel_id: link.channel_id,
             credit,
         });
@@ -913,10 +995,7 @@ mod tests {
     fn an_announced_backlog_lends_floating_credit_up_to_the_pool() {
         let gate = gate(&[ChannelKind::Remote], 4);
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let link = CreditLink {
-            control: tx,
-            channel_id: 7,
-        };
+        let link = CreditLink::new(tx, 7);
         assert_eq!(gate.bind_remote(0, link), 2);
         gate.announce_backlog(0, 3);
         assert_eq!(gate.channel_credit(0), 5);

@@ -39,6 +39,7 @@ pub mod reader;
 #[allow(unsafe_code)]
 pub mod rdma;
 pub mod sim;
+pub mod taskread;
 pub mod tcp;
 pub mod transport;
 // Registered memory: raw addresses handed to the NIC or to the emulation.

@@ -681,13 +681,7 @@ impl PeerConnection {
                 expected_seq: 0,
             },
         );
-        let credit = gate.bind_remote(
-            channel,
-            CreditLink {
-                control: self.control.clone(),
-                channel_id,
-            },
-        );
+        let credit = gate.bind_remote(channel, CreditLink::new(self.control.clone(), channel_id));
         let initial_credit = if self.verbs.is_some() { 0 } else { credit };
         let lost = |_| NetworkError::PeerLost {
             peer: self.peer.clone(),
@@ -735,6 +729,11 @@ impl ConnectionManager {
             connections: tokio::sync::Mutex::default(),
             verbs,
         }
+    }
+
+    /// Whether connections ask their producers for RDMA.
+    pub fn uses_verbs(&self) -> bool {
+        self.verbs.is_some()
     }
 
     pub async fn connect(
@@ -1049,6 +1048,8 @@ mod tests {
     #[derive(Clone, Copy, PartialEq)]
     enum Mode {
         Tcp,
+        /// TCP, the gate's own connection read by its task thread.
+        TaskRead,
         /// Emulated verbs, both ends in one process.
         VerbsInProcess,
         /// Emulated verbs over the emulation's TCP link, as between processes.
@@ -1058,7 +1059,7 @@ mod tests {
     fn verbs_env(mode: Mode, pool: &Arc<NetworkBufferPool>) -> Option<Arc<VerbsEnv>> {
         use crate::network::verbs::emu::EmuDevice;
         let device = match mode {
-            Mode::Tcp => return None,
+            Mode::Tcp | Mode::TaskRead => return None,
             Mode::VerbsInProcess => EmuDevice::open("127.0.0.1").unwrap(),
             Mode::VerbsLinked => EmuDevice::open_isolated("127.0.0.1").unwrap(),
         };
@@ -1068,6 +1069,11 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn tcp_channel_delivers_every_batch_once_in_order_and_returns_all_credit() {
         channel_delivers_every_batch_once_in_order(Mode::Tcp).await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn task_read_channel_delivers_every_batch_once_in_order_and_returns_all_credit() {
+        channel_delivers_every_batch_once_in_order(Mode::TaskRead).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1103,12 +1109,21 @@ mod tests {
         }));
         let gate = InputGate::new(GATE, &[ChannelKind::Remote], BUFFERS, &pool).unwrap();
         let connections = ConnectionManager::new(consumer_env);
-        let conn = connections
-            .connect(server.local_addr, "tm-test", SEGMENT)
-            .await
-            .unwrap();
-        assert_eq!(conn.uses_verbs(), mode != Mode::Tcp);
-        conn.request_partition(&gate, 0, PARTITION, 0).unwrap();
+        if mode == Mode::TaskRead {
+            let link = crate::network::taskread::connect(server.local_addr, "tm-test")
+                .await
+                .unwrap();
+            link.request_partition(&gate, 0, PARTITION, 0).unwrap();
+            let input = crate::network::taskread::TaskReadInput::new(vec![link], SEGMENT).unwrap();
+            gate.set_driver(input);
+        } else {
+            let conn = connections
+                .connect(server.local_addr, "tm-test", SEGMENT)
+                .await
+                .unwrap();
+            assert_eq!(conn.uses_verbs(), mode != Mode::Tcp);
+            conn.request_partition(&gate, 0, PARTITION, 0).unwrap();
+        }
 
         let producer_pool = Arc::clone(&producer_side);
         let producer = std::thread::spawn(move || {
@@ -1237,6 +1252,23 @@ mod tests {
     /// either closes the connection or holds it open; returns the error the
     /// consuming gate sees.
     async fn consume_from_fake_producer(bytes: Vec<u8>, hold_open: bool) -> NetworkError {
+        let shared = consume_from_fake_producer_as(bytes.clone(), hold_open, false).await;
+        let task_read = consume_from_fake_producer_as(bytes, hold_open, true).await;
+        // Both readers of a connection see the same failure.
+        assert_eq!(
+            std::mem::discriminant(&shared),
+            std::mem::discriminant(&task_read),
+            "{shared} / {task_read}"
+        );
+        assert!(task_read.to_string().contains("tm-9"), "{task_read}");
+        shared
+    }
+
+    async fn consume_from_fake_producer_as(
+        bytes: Vec<u8>,
+        hold_open: bool,
+        task_read: bool,
+    ) -> NetworkError {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
@@ -1255,8 +1287,17 @@ mod tests {
         let pool = NetworkBufferPool::new(16, SEGMENT);
         let gate = InputGate::new(GATE, &[ChannelKind::Remote], BUFFERS, &pool).unwrap();
         let connections = ConnectionManager::default();
-        let conn = connections.connect(addr, "tm-9", SEGMENT).await.unwrap();
-        conn.request_partition(&gate, 0, PARTITION, 0).unwrap();
+        if task_read {
+            let link = crate::network::taskread::connect(addr, "tm-9")
+                .await
+                .unwrap();
+            link.request_partition(&gate, 0, PARTITION, 0).unwrap();
+            let input = crate::network::taskread::TaskReadInput::new(vec![link], SEGMENT).unwrap();
+            gate.set_driver(input);
+        } else {
+            let conn = connections.connect(addr, "tm-9", SEGMENT).await.unwrap();
+            conn.request_partition(&gate, 0, PARTITION, 0).unwrap();
+        }
         let reader = InputReader::new(vec![Arc::clone(&gate)]);
         tokio::task::spawn_blocking(move || drain(reader))
             .await

@@ -27,6 +27,7 @@ use crate::metrics::{OperatorMetrics, TaskMetrics};
 use crate::network::gate::{ChannelKind, GateBuffers};
 use crate::network::ipc::ChannelEncoder;
 use crate::network::partition::{Target, WriterMetrics};
+use crate::network::taskread::{self, GateLink, TaskReadInput};
 use crate::network::{
     GateId, InputGate, InputReader, NetworkError, PAYLOAD_HEADROOM, PartitionId, RecordWriter,
     ResultPartition, Subpartition,
@@ -324,21 +325,48 @@ async fn prepare(
             ));
             writer_metrics.push(metrics);
         }
+        // Task-read input: each gate its own connection per producer
+        // TaskManager, read by the task's thread (TCP only: verbs buffers
+        // arrive through the shared connection's queue pair).
+        let task_reads = config.tcp_task_reads && !services.connections.uses_verbs();
         for (input, gate) in tdd.inputs.iter().zip(&gates) {
+            let mut links: Vec<(std::net::SocketAddr, Arc<GateLink>)> = Vec::new();
             for (channel, c) in input.channels.iter().enumerate() {
                 if c.taskmanager == me {
                     continue;
                 }
-                let conn = services
-                    .connections
-                    .connect(c.data_addr, &c.taskmanager, segment)
-                    .await?;
                 let partition = PartitionId {
                     job,
                     edge: input.edge,
                     source_subtask: c.subtask,
                 };
-                conn.request_partition(gate, channel, partition, c.index)?;
+                if !task_reads {
+                    let conn = services
+                        .connections
+                        .connect(c.data_addr, &c.taskmanager, segment)
+                        .await?;
+                    conn.request_partition(gate, channel, partition, c.index)?;
+                    continue;
+                }
+                let link = match links.iter().find(|(addr, _)| *addr == c.data_addr) {
+                    Some((_, link)) => Arc::clone(link),
+                    None => {
+                        let link = taskread::connect(c.data_addr, &c.taskmanager).await?;
+                        links.push((c.data_addr, Arc::clone(&link)));
+                        link
+                    }
+                };
+                link.request_partition(gate, channel, partition, c.index)?;
+            }
+            if !links.is_empty() {
+                let links = links.into_iter().map(|(_, link)| link).collect();
+                let input =
+                    TaskReadInput::new(links, segment).map_err(|e| NetworkError::Channel {
+                        gate: gate.id,
+                        channel: 0,
+                        detail: format!("cannot poll the gate's connections: {e}"),
+                    })?;
+                gate.set_driver(input);
             }
         }
         let subpartitions = parts

@@ -111,10 +111,7 @@ impl Sim {
                 let gate_channel = sources(c).position(|q| q == p).unwrap_or(0);
                 let sub = Subpartition::new(config.max_per_channel);
                 let index = channels.len();
-                let link = CreditLink {
-                    control: senders[connection].clone(),
-                    channel_id: index as u32,
-                };
+                let link = CreditLink::new(senders[connection].clone(), index as u32);
                 // The partition request, resolved at start-up.
                 let initial_credit = consumers[c].gate.bind_remote(gate_channel, link);
                 sub.attach(Arc::new(Notify::new()), initial_credit);
