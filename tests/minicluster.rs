@@ -293,6 +293,15 @@ async fn keyed_job_is_identical_over_local_tcp_and_emulated_verbs() {
     for (name, taskmanagers, extra) in [
         ("local", 1, vec!["taskmanager.network.transport=tcp"]),
         ("tcp", 2, vec!["taskmanager.network.transport=tcp"]),
+        // Flink's shared connection per peer, read by the network runtime.
+        (
+            "tcp",
+            2,
+            vec![
+                "taskmanager.network.transport=tcp",
+                "taskmanager.network.tcp.task-reads=false",
+            ],
+        ),
         (
             "rdma-emulated",
             2,

@@ -59,7 +59,7 @@ fn submit(jm: &str, job: &std::path::Path) -> std::process::Output {
 
 #[test]
 fn separate_processes_run_a_keyed_job_over_sockets() {
-    keyed_job_across_processes(&[], "transport: tcp (");
+    keyed_job_across_processes(&[], "transport: tcp, task reads (");
 }
 
 /// The verbs protocol between processes: the emulated devices talk over

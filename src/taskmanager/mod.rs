@@ -273,6 +273,13 @@ impl TaskManager {
         let gpu = crate::kernels::gpu::detect();
         let profiles = slots::gpu_slot_profiles(&profile, slot_count, gpu.devices());
         let gpu_slot_count = profiles.iter().filter(|p| p.gpu.is_some()).count();
+        // Over TCP, gates read their own connections on their task threads
+        // (`taskmanager.network.tcp.task-reads`).
+        let transport_name = if transport.verbs.is_none() && config.tcp_task_reads {
+            format!("{}, task reads", transport.kind.name())
+        } else {
+            transport.kind.name().to_owned()
+        };
         tracing::info!(
             "TaskManager started: {slot_count} slots ({gpu_slot_count} with a GPU; {}), managed memory {} MiB ({} pages of {} KiB, pre-touched), network {} segments of {} KiB, data port {}, transport {} ({})",
             gpu.describe(),
@@ -282,7 +289,7 @@ impl TaskManager {
             layout.network_segment_count,
             config.segment_size_bytes >> 10,
             server.local_addr,
-            transport.kind.name(),
+            transport_name,
             transport.reason
         );
         Ok(Self {
@@ -292,7 +299,7 @@ impl TaskManager {
                 netpool,
                 registry,
                 connections: ConnectionManager::new(transport.verbs.clone()),
-                transport: format!("{} ({})", transport.kind.name(), transport.reason),
+                transport: format!("{transport_name} ({})", transport.reason),
                 data_addr: server.local_addr,
                 io,
                 gpu_kernels: open_gpu_slots(&profiles, gpu.devices()),
