@@ -238,20 +238,7 @@ impl ChannelEncoder {
                 // sent; a fresh writer sends them again.
                 self.writer = None;
             }
-            if rows <= 1 {
-                return Err(IpcError::RowTooLarge {
-                    row_bytes: len,
-                    segment_bytes: self.payload_max,
-                });
-            }
-            // Cut the rest into pieces sized from this encoding, 10% under
-            // the limit, all at once: re-encoding the remainder after every
-            // piece would cost quadratic time on large batches. Pushed in
-            // reverse so they pop in order; a piece that still does not fit
-            // is cut again.
-            let piece_rows = ((rows as u128 * self.payload_max as u128 * 9 / 10) / len as u128)
-                .clamp(1, rows as u128 - 1) as usize;
-            push_pieces(&mut pending, offset, rows, piece_rows);
+            recut(&mut pending, offset, rows, len, self.payload_max)?;
         }
         Ok(())
     }
@@ -315,16 +302,7 @@ impl ChannelEncoder {
                 // encoder leads the next one with it again.
                 self.stream = None;
             }
-            if rows <= 1 {
-                return Err(IpcError::RowTooLarge {
-                    row_bytes: len,
-                    segment_bytes: payload_max,
-                });
-            }
-            // As in `encode_into`: the rest at once, 10% under the limit.
-            let piece_rows = ((rows as u128 * payload_max as u128 * 9 / 10) / len as u128)
-                .clamp(1, rows as u128 - 1) as usize;
-            push_pieces(&mut pending, offset, rows, piece_rows);
+            recut(&mut pending, offset, rows, len, payload_max)?;
         }
         Ok(())
     }
@@ -384,8 +362,32 @@ fn contains_dictionary(t: &DataType) -> bool {
     }
 }
 
+/// A piece of `rows` rows from `offset` encoded to `len` bytes, over
+/// `payload_max`: cuts it into pieces sized from that encoding, 10% under
+/// the limit, all at once (re-encoding the remainder after every piece would
+/// cost quadratic time on large batches). A piece that still does not fit
+/// is cut again; a single row that does not fit is an error.
+fn recut(
+    pending: &mut Vec<(usize, usize)>,
+    offset: usize,
+    rows: usize,
+    len: usize,
+    payload_max: usize,
+) -> Result<(), IpcError> {
+    if rows <= 1 {
+        return Err(IpcError::RowTooLarge {
+            row_bytes: len,
+            segment_bytes: payload_max,
+        });
+    }
+    let piece_rows = ((rows as u128 * payload_max as u128 * 9 / 10) / len as u128)
+        .clamp(1, rows as u128 - 1) as usize;
+    push_pieces(pending, offset, rows, piece_rows);
+    Ok(())
+}
+
 /// Queues `rows` rows from `offset` as pieces of `piece_rows`, so that they
-/// pop from `pending` in order.
+/// pop from `pending` in order (pushed in reverse).
 fn push_pieces(pending: &mut Vec<(usize, usize)>, offset: usize, rows: usize, piece_rows: usize) {
     let piece_rows = piece_rows.max(1);
     let count = rows.div_ceil(piece_rows);

@@ -20,52 +20,111 @@ const _: () = assert!(
     "a buffer frame's head and routing header must fit the carry"
 );
 
-pub struct FrameReader {
-    half: OwnedReadHalf,
-    carry: Box<[u8]>,
-    /// The unread bytes are `carry[start..end]`.
+/// A socket that frames are read from: tokio's read half (it waits by
+/// awaiting readiness), or a task thread's socket (it waits by blocking in
+/// the thread's poller, so its futures are ready when first polled).
+pub trait FrameSource {
+    /// Reads without waiting (`WouldBlock` when nothing is there).
+    fn try_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize>;
+    fn try_read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize>;
+    /// Reads into `body`'s spare capacity (not zeroed first) without waiting.
+    fn try_read_spare(&mut self, body: &mut Vec<u8>) -> std::io::Result<usize>;
+    /// Waits until a read may find bytes.
+    fn readable(&mut self) -> impl std::future::Future<Output = std::io::Result<()>> + Send;
+}
+
+impl FrameSource for OwnedReadHalf {
+    fn try_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        OwnedReadHalf::try_read(self, buf)
+    }
+
+    fn try_read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
+        OwnedReadHalf::try_read_vectored(self, bufs)
+    }
+
+    fn try_read_spare(&mut self, body: &mut Vec<u8>) -> std::io::Result<usize> {
+        let room = body.capacity() - body.len();
+        self.try_read_buf(&mut bytes::BufMut::limit(body, room))
+    }
+
+    async fn readable(&mut self) -> std::io::Result<()> {
+        OwnedReadHalf::readable(self).await
+    }
+}
+
+/// Reads without waiting, then waits for readiness and reads again.
+macro_rules! read_ready {
+    ($src:expr, $read:expr) => {
+        loop {
+            match $read {
+                Err(e) if e.kind() == ErrorKind::WouldBlock => $src.readable().await?,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                other => break other,
+            }
+        }
+    };
+}
+
+/// What a frame reader holds between frames: the carry buffer.
+pub struct Carry {
+    buf: Box<[u8]>,
+    /// The unread bytes are `buf[start..end]`.
     start: usize,
     end: usize,
 }
 
-impl FrameReader {
-    pub fn new(half: OwnedReadHalf) -> Self {
+impl Default for Carry {
+    fn default() -> Self {
         Self {
-            half,
-            carry: vec![0; CARRY_BYTES].into_boxed_slice(),
+            buf: vec![0; CARRY_BYTES].into_boxed_slice(),
             start: 0,
             end: 0,
         }
     }
+}
 
-    fn buffered(&self) -> usize {
+impl Carry {
+    pub fn buffered(&self) -> usize {
         self.end - self.start
     }
 
-    /// One read into the carry's free space; `Ok(0)` at the end of stream.
-    async fn read_more(&mut self) -> std::io::Result<usize> {
+    fn compact(&mut self) {
         if self.start > 0 {
-            self.carry.copy_within(self.start..self.end, 0);
+            self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
         }
+    }
+
+    /// One read into the carry without waiting: `None` when the socket has
+    /// nothing, `Some(0)` at its end.
+    pub fn try_read_more<S: FrameSource>(&mut self, src: &mut S) -> std::io::Result<Option<usize>> {
+        self.compact();
         loop {
-            self.half.readable().await?;
-            match self.half.try_read(&mut self.carry[self.end..]) {
+            match src.try_read(&mut self.buf[self.end..]) {
                 Ok(n) => {
                     self.end += n;
-                    return Ok(n);
+                    return Ok(Some(n));
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
     }
 
+    /// One read into the carry's free space; `Ok(0)` at the end of stream.
+    async fn read_more<S: FrameSource>(&mut self, src: &mut S) -> std::io::Result<usize> {
+        self.compact();
+        let n = read_ready!(src, src.try_read(&mut self.buf[self.end..]))?;
+        self.end += n;
+        Ok(n)
+    }
+
     /// Makes `n` (at most [`CARRY_BYTES`]) bytes available in the carry.
-    async fn fill(&mut self, n: usize) -> std::io::Result<()> {
+    async fn fill<S: FrameSource>(&mut self, src: &mut S, n: usize) -> std::io::Result<()> {
         while self.buffered() < n {
-            if self.read_more().await? == 0 {
+            if self.read_more(src).await? == 0 {
                 return Err(ErrorKind::UnexpectedEof.into());
             }
         }
@@ -74,9 +133,13 @@ impl FrameReader {
 
     /// Reads exactly `dst.len()` bytes: the carried ones first, then
     /// straight from the socket, together with the start of what follows.
-    pub async fn read_exact(&mut self, dst: &mut [u8]) -> std::io::Result<()> {
+    pub async fn read_exact<S: FrameSource>(
+        &mut self,
+        src: &mut S,
+        dst: &mut [u8],
+    ) -> std::io::Result<()> {
         let carried = dst.len().min(self.buffered());
-        dst[..carried].copy_from_slice(&self.carry[self.start..self.start + carried]);
+        dst[..carried].copy_from_slice(&self.buf[self.start..self.start + carried]);
         self.start += carried;
         let mut filled = carried;
         if filled == dst.len() {
@@ -86,35 +149,38 @@ impl FrameReader {
         self.start = 0;
         self.end = 0;
         while filled < dst.len() {
-            self.half.readable().await?;
             let rest = dst.len() - filled;
             let mut parts = [
                 IoSliceMut::new(&mut dst[filled..]),
-                IoSliceMut::new(&mut self.carry),
+                IoSliceMut::new(&mut self.buf),
             ];
-            match self.half.try_read_vectored(&mut parts) {
-                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-                Ok(n) if n <= rest => filled += n,
-                Ok(n) => {
+            match read_ready!(src, src.try_read_vectored(&mut parts))? {
+                0 => return Err(ErrorKind::UnexpectedEof.into()),
+                n if n <= rest => filled += n,
+                n => {
                     filled = dst.len();
                     self.end = n - rest;
                 }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
             }
         }
         Ok(())
     }
 
     /// Reads a payload of `len` bytes into memory of its own, with the start
-    /// of whatever follows, as [`FrameReader::read_exact`] does: the memory
-    /// has room for the carry's worth past the payload, and what lands there
+    /// of whatever follows, as [`Carry::read_exact`] does: the memory has
+    /// room for the carry's worth past the payload, and what lands there
     /// moves to the carry. Nothing is zeroed first, and the only copy in
     /// user space is the carry's share.
-    pub async fn read_owned(&mut self, len: usize) -> std::io::Result<Vec<u8>> {
+    pub async fn read_owned<S: FrameSource>(
+        &mut self,
+        src: &mut S,
+        len: usize,
+    ) -> std::io::Result<Vec<u8>> {
+        // Exactly this capacity (`Vec::with_capacity` guarantees it): a read
+        // takes at most the carry's worth past the payload.
         let mut body = Vec::with_capacity(len + CARRY_BYTES);
         let carried = len.min(self.buffered());
-        body.extend_from_slice(&self.carry[self.start..self.start + carried]);
+        body.extend_from_slice(&self.buf[self.start..self.start + carried]);
         self.start += carried;
         if body.len() == len {
             return Ok(body);
@@ -123,31 +189,30 @@ impl FrameReader {
         self.start = 0;
         self.end = 0;
         while body.len() < len {
-            self.half.readable().await?;
-            let room = len + CARRY_BYTES - body.len();
-            match self
-                .half
-                .try_read_buf(&mut bytes::BufMut::limit(&mut body, room))
-            {
-                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-                Ok(_) => {}
-                Err(e) if e.kind() == ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+            if read_ready!(src, src.try_read_spare(&mut body))? == 0 {
+                return Err(ErrorKind::UnexpectedEof.into());
             }
         }
         let past = body.len() - len;
-        self.carry[..past].copy_from_slice(&body[len..]);
+        if past > CARRY_BYTES {
+            return Err(std::io::Error::other("read past the carry's room"));
+        }
+        self.buf[..past].copy_from_slice(&body[len..]);
         self.end = past;
         body.truncate(len);
         Ok(body)
     }
 
     /// Skips `len` bytes of a payload nobody will read.
-    pub async fn skip(&mut self, mut len: usize) -> std::io::Result<()> {
+    pub async fn skip<S: FrameSource>(
+        &mut self,
+        src: &mut S,
+        mut len: usize,
+    ) -> std::io::Result<()> {
         let mut sink = [0u8; 4096];
         while len > 0 {
             let n = len.min(sink.len());
-            self.read_exact(&mut sink[..n]).await?;
+            self.read_exact(src, &mut sink[..n]).await?;
             len -= n;
         }
         Ok(())
@@ -156,27 +221,66 @@ impl FrameReader {
     /// Reads the next frame's head and fixed body, as
     /// [`super::frame::read_incoming`] does: `Ok(None)` is a clean end of
     /// stream at a frame boundary, and a buffer's payload is left for
-    /// [`FrameReader::read_exact`].
-    pub async fn next_frame(&mut self, payload_max: usize) -> Result<Option<Incoming>, ReadError> {
-        if self.buffered() == 0 && self.read_more().await? == 0 {
+    /// [`Carry::read_exact`] or [`Carry::read_owned`].
+    pub async fn next_frame<S: FrameSource>(
+        &mut self,
+        src: &mut S,
+        payload_max: usize,
+    ) -> Result<Option<Incoming>, ReadError> {
+        if self.buffered() == 0 && self.read_more(src).await? == 0 {
             return Ok(None);
         }
-        self.fill(HEAD_LEN).await?;
+        self.fill(src, HEAD_LEN).await?;
         let mut head = [0u8; HEAD_LEN];
-        head.copy_from_slice(&self.carry[self.start..self.start + HEAD_LEN]);
+        head.copy_from_slice(&self.buf[self.start..self.start + HEAD_LEN]);
         let (id, body_len) = parse_head(&head, payload_max)?;
         self.start += HEAD_LEN;
         let fixed = fixed_body_len(id, body_len);
         if fixed <= CARRY_BYTES {
-            self.fill(fixed).await?;
-            let incoming = parse_body(id, &self.carry[self.start..self.start + fixed], body_len)?;
+            self.fill(src, fixed).await?;
+            let incoming = parse_body(id, &self.buf[self.start..self.start + fixed], body_len)?;
             self.start += fixed;
             return Ok(Some(incoming));
         }
         // Only an error message is longer than the carry.
         let mut body = vec![0u8; fixed];
-        self.read_exact(&mut body).await?;
+        self.read_exact(src, &mut body).await?;
         Ok(Some(parse_body(id, &body, body_len)?))
+    }
+}
+
+/// The consumer's reader of a shared connection, on the network runtime.
+pub struct FrameReader {
+    half: OwnedReadHalf,
+    carry: Carry,
+}
+
+impl FrameReader {
+    pub fn new(half: OwnedReadHalf) -> Self {
+        Self {
+            half,
+            carry: Carry::default(),
+        }
+    }
+
+    /// See [`Carry::read_exact`].
+    pub async fn read_exact(&mut self, dst: &mut [u8]) -> std::io::Result<()> {
+        self.carry.read_exact(&mut self.half, dst).await
+    }
+
+    /// See [`Carry::read_owned`].
+    pub async fn read_owned(&mut self, len: usize) -> std::io::Result<Vec<u8>> {
+        self.carry.read_owned(&mut self.half, len).await
+    }
+
+    /// See [`Carry::skip`].
+    pub async fn skip(&mut self, len: usize) -> std::io::Result<()> {
+        self.carry.skip(&mut self.half, len).await
+    }
+
+    /// See [`Carry::next_frame`].
+    pub async fn next_frame(&mut self, payload_max: usize) -> Result<Option<Incoming>, ReadError> {
+        self.carry.next_frame(&mut self.half, payload_max).await
     }
 }
 

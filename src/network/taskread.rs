@@ -12,21 +12,21 @@
 //! differs (`taskmanager.network.tcp.task-reads`).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::io::{ErrorKind, IoSliceMut, Read, Write};
 use std::os::fd::AsRawFd;
+use std::pin::pin;
 use std::sync::{Arc, Mutex};
+use std::task::Context;
 use std::time::{Duration, Instant};
 
 use mio::net::TcpStream;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 
-use super::frame::{
-    BufferKind, ControlMessage, HEAD_LEN, Incoming, ReadError, encode_control, fixed_body_len,
-    parse_body, parse_head,
-};
-use super::gate::{CreditLink, GateDriver, GateItem, InputGate};
-use super::reader::CARRY_BYTES;
+use super::frame::{BufferKind, ControlMessage, Incoming, ReadError, encode_control};
+use super::gate::{CreditLink, GateDriver, InputGate};
+use super::reader::{Carry, FrameSource};
 use super::{NetworkError, PartitionId};
 
 /// How long a frame that has started may take to arrive whole.
@@ -53,10 +53,7 @@ pub struct GateLink {
 
 /// What the task thread reads: the carry buffer and the channels' routes.
 struct Inbound {
-    carry: Box<[u8]>,
-    /// The unread bytes are `carry[start..end]`.
-    start: usize,
-    end: usize,
+    carry: Carry,
     /// Channel id → (gate channel, expected sequence number).
     channels: HashMap<u32, (usize, u32)>,
     next_channel_id: u32,
@@ -88,9 +85,7 @@ impl GateLink {
             peer,
             stream: TcpStream::from_std(stream),
             inbound: Mutex::new(Inbound {
-                carry: vec![0; CARRY_BYTES].into_boxed_slice(),
-                start: 0,
-                end: 0,
+                carry: Carry::default(),
                 channels: HashMap::new(),
                 next_channel_id: 0,
                 closed: None,
@@ -194,9 +189,24 @@ struct Io<'a> {
     gate: &'a InputGate,
 }
 
-impl Io<'_> {
-    /// Waits for more of a frame that has started (or for the gate to fail).
-    fn wait(&mut self) -> std::io::Result<()> {
+impl FrameSource for Io<'_> {
+    fn try_read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        (&self.link.stream).read(buf)
+    }
+
+    fn try_read_vectored(&mut self, bufs: &mut [IoSliceMut<'_>]) -> std::io::Result<usize> {
+        (&self.link.stream).read_vectored(bufs)
+    }
+
+    fn try_read_spare(&mut self, body: &mut Vec<u8>) -> std::io::Result<usize> {
+        rustix::io::read(&self.link.stream, rustix::buffer::spare_capacity(body))
+            .map_err(std::io::Error::from)
+    }
+
+    /// Blocks in the gate's poller until the socket (or anything the poller
+    /// watches) has news, or the gate fails: a frame that has started is
+    /// read to its end, as its bytes are already on their way.
+    async fn readable(&mut self) -> std::io::Result<()> {
         if self.gate.has_failed() {
             return Err(std::io::Error::other("the gate failed"));
         }
@@ -209,157 +219,20 @@ impl Io<'_> {
         }
         Ok(())
     }
-
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            match (&self.link.stream).read(buf) {
-                Err(e) if e.kind() == ErrorKind::WouldBlock => self.wait()?,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                other => return other,
-            }
-        }
-    }
 }
 
-impl Inbound {
-    fn buffered(&self) -> usize {
-        self.end - self.start
-    }
-
-    fn compact(&mut self) {
-        if self.start > 0 {
-            self.carry.copy_within(self.start..self.end, 0);
-            self.end -= self.start;
-            self.start = 0;
+/// Runs a read on an [`Io`] to its end: its waits block in the poller, so
+/// the future is ready when first polled.
+fn blocking<T, E: From<std::io::Error>>(read: impl Future<Output = Result<T, E>>) -> Result<T, E> {
+    let mut read = pin!(read);
+    match read
+        .as_mut()
+        .poll(&mut Context::from_waker(std::task::Waker::noop()))
+    {
+        std::task::Poll::Ready(result) => result,
+        std::task::Poll::Pending => {
+            Err(std::io::Error::other("a task-read socket read returned without its bytes").into())
         }
-    }
-
-    /// One read into the carry without waiting: `None` when the socket has
-    /// nothing, `Some(0)` at its end.
-    fn try_read_more(&mut self, link: &GateLink) -> std::io::Result<Option<usize>> {
-        self.compact();
-        loop {
-            match (&link.stream).read(&mut self.carry[self.end..]) {
-                Ok(n) => {
-                    self.end += n;
-                    return Ok(Some(n));
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(None),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-    }
-
-    /// Makes `n` (at most the carry) bytes of a started frame available.
-    fn fill(&mut self, io: &mut Io, n: usize) -> std::io::Result<()> {
-        while self.buffered() < n {
-            self.compact();
-            let got = io.read(&mut self.carry[self.end..])?;
-            if got == 0 {
-                return Err(ErrorKind::UnexpectedEof.into());
-            }
-            self.end += got;
-        }
-        Ok(())
-    }
-
-    /// Reads exactly `dst.len()` bytes, and the start of what follows into
-    /// the carry, one `readv` when the bytes are there.
-    fn read_exact(&mut self, io: &mut Io, dst: &mut [u8]) -> std::io::Result<()> {
-        let carried = dst.len().min(self.buffered());
-        dst[..carried].copy_from_slice(&self.carry[self.start..self.start + carried]);
-        self.start += carried;
-        let mut filled = carried;
-        if filled == dst.len() {
-            return Ok(());
-        }
-        self.start = 0;
-        self.end = 0;
-        while filled < dst.len() {
-            let rest = dst.len() - filled;
-            let mut parts = [
-                IoSliceMut::new(&mut dst[filled..]),
-                IoSliceMut::new(&mut self.carry),
-            ];
-            match (&io.link.stream).read_vectored(&mut parts) {
-                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-                Ok(n) if n <= rest => filled += n,
-                Ok(n) => {
-                    filled = dst.len();
-                    self.end = n - rest;
-                }
-                Err(e) if e.kind() == ErrorKind::WouldBlock => io.wait()?,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
-    }
-
-    /// Reads a payload into memory of its own (not zeroed first), with the
-    /// start of what follows, which moves to the carry.
-    fn read_owned(&mut self, io: &mut Io, len: usize) -> std::io::Result<Vec<u8>> {
-        let mut body = Vec::with_capacity(len + CARRY_BYTES);
-        let carried = len.min(self.buffered());
-        body.extend_from_slice(&self.carry[self.start..self.start + carried]);
-        self.start += carried;
-        if body.len() == len {
-            return Ok(body);
-        }
-        self.start = 0;
-        self.end = 0;
-        // Exactly this capacity (`Vec::with_capacity` guarantees it): a read
-        // takes at most the carry's worth past the payload.
-        debug_assert_eq!(body.capacity(), len + CARRY_BYTES);
-        while body.len() < len {
-            match rustix::io::read(&io.link.stream, rustix::buffer::spare_capacity(&mut body)) {
-                Ok(0) => return Err(ErrorKind::UnexpectedEof.into()),
-                Ok(_) => {}
-                Err(e) if e == rustix::io::Errno::AGAIN => io.wait()?,
-                Err(e) if e == rustix::io::Errno::INTR => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        let past = body.len() - len;
-        if past > CARRY_BYTES {
-            return Err(std::io::Error::other("read past the carry's room"));
-        }
-        self.carry[..past].copy_from_slice(&body[len..]);
-        self.end = past;
-        body.truncate(len);
-        Ok(body)
-    }
-
-    /// The next frame's head and fixed body, if the socket has started one;
-    /// `Ok(None)` when nothing has arrived.
-    fn next_frame(
-        &mut self,
-        io: &mut Io,
-        payload_max: usize,
-    ) -> Result<Option<Incoming>, ReadError> {
-        if self.buffered() == 0 {
-            match self.try_read_more(io.link)? {
-                None => return Ok(None),
-                Some(0) => return Err(ReadError::Io(ErrorKind::ConnectionReset.into())),
-                Some(_) => {}
-            }
-        }
-        self.fill(io, HEAD_LEN)?;
-        let mut head = [0u8; HEAD_LEN];
-        head.copy_from_slice(&self.carry[self.start..self.start + HEAD_LEN]);
-        let (id, body_len) = parse_head(&head, payload_max)?;
-        self.start += HEAD_LEN;
-        let fixed = fixed_body_len(id, body_len);
-        if fixed <= CARRY_BYTES {
-            self.fill(io, fixed)?;
-            let incoming = parse_body(id, &self.carry[self.start..self.start + fixed], body_len)?;
-            self.start += fixed;
-            return Ok(Some(incoming));
-        }
-        let mut body = vec![0u8; fixed];
-        self.read_exact(io, &mut body)?;
-        Ok(Some(parse_body(id, &body, body_len)?))
     }
 }
 
@@ -406,16 +279,22 @@ impl GateLink {
         gate: &InputGate,
         segment_size: usize,
     ) -> Result<bool, NetworkError> {
-        let incoming = match inbound.next_frame(io, segment_size) {
-            Ok(Some(i)) => i,
-            Ok(None) => return Ok(false),
-            Err(ReadError::Io(e)) if e.kind() == ErrorKind::ConnectionReset => {
-                if inbound.channels.is_empty() {
+        // Has a frame started? Then it is read to its end.
+        if inbound.carry.buffered() == 0 {
+            match inbound.carry.try_read_more(io) {
+                Ok(None) => return Ok(false),
+                Ok(Some(0)) if inbound.channels.is_empty() => {
                     // Every channel ended: nothing is lost with the link.
                     return Ok(false);
                 }
-                return Err(self.lost("connection closed by peer"));
+                Ok(Some(0)) => return Err(self.lost("connection closed by peer")),
+                Ok(Some(_)) => {}
+                Err(e) => return Err(self.lost(e)),
             }
+        }
+        let incoming = match blocking(inbound.carry.next_frame(io, segment_size)) {
+            Ok(Some(i)) => i,
+            Ok(None) => return Err(self.lost("connection closed by peer")),
             Err(ReadError::Io(e)) => return Err(self.lost(e)),
             Err(ReadError::Frame(e)) => return Err(self.protocol(e.to_string())),
         };
@@ -463,32 +342,18 @@ impl GateLink {
         // As on the shared connection: an IPC payload into memory of its
         // own, which the decoded batch shares; events into the segment.
         let body = if h.kind == BufferKind::Ipc {
-            Some(inbound.read_owned(io, len).map_err(lost)?)
+            Some(blocking(inbound.carry.read_owned(io, len)).map_err(lost)?)
         } else {
-            inbound
-                .read_exact(io, &mut segment.as_mut_slice()[..len])
-                .map_err(lost)?;
+            blocking(
+                inbound
+                    .carry
+                    .read_exact(io, &mut segment.as_mut_slice()[..len]),
+            )
+            .map_err(lost)?;
             None
         };
-        if let Some(expected) = h.crc {
-            let payload = body.as_deref().unwrap_or(&segment.as_slice()[..len]);
-            let crc = crc32c::crc32c(payload);
-            if crc != expected {
-                return Err(self.protocol(format!(
-                    "CRC mismatch on channel {} buffer #{}: header {expected:#010x}, payload {crc:#010x}",
-                    h.channel_id, h.seq
-                )));
-            }
-        }
-        let item = GateItem::Remote {
-            kind: h.kind,
-            segment,
-            body: body.map(arrow_buffer::Buffer::from_vec),
-            offset: 0,
-            len,
-            floating,
-        };
-        gate.push_remote(channel, item, len, h.backlog);
+        super::tcp::deliver(gate, channel, &h, segment, floating, body)
+            .map_err(|detail| self.protocol(detail))?;
         Ok(true)
     }
 }
@@ -579,7 +444,7 @@ mod tests {
     use super::*;
     use crate::memory::NetworkBufferPool;
     use crate::network::frame::read_incoming;
-    use crate::network::gate::{ChannelKind, GateBuffers};
+    use crate::network::gate::{ChannelKind, GateBuffers, GateItem};
     use crate::network::{GateId, StreamEvent};
 
     const SEGMENT: usize = 4096;

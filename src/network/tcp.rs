@@ -23,6 +23,7 @@ use super::partition::{OutBuffer, Subpartition};
 use super::rdma::{ChannelRouter, RemoteBuffer, VerbsEnv, VerbsReceiver, VerbsSender};
 use super::reader::{ControlReader, FrameReader, Polled};
 use super::{NetworkError, NetworkRegistry, PartitionId};
+use crate::memory::Segment;
 
 /// How long a partition request waits for its producer to be deployed.
 const PARTITION_WAIT: Duration = Duration::from_secs(30);
@@ -887,6 +888,40 @@ async fn receive_loop(
     bindings.fail_all(error);
 }
 
+/// Queues a received buffer in its gate (TCP, either reader): its CRC
+/// checked when it carries one, an IPC payload read into memory of its own
+/// (`body`) or the payload in the segment. `Err` names a CRC mismatch.
+pub(super) fn deliver(
+    gate: &InputGate,
+    channel: usize,
+    h: &BufferHeader,
+    segment: Segment,
+    floating: bool,
+    body: Option<Vec<u8>>,
+) -> Result<(), String> {
+    let len = h.size as usize;
+    if let Some(expected) = h.crc {
+        let payload = body.as_deref().unwrap_or(&segment.as_slice()[..len]);
+        let crc = crc32c::crc32c(payload);
+        if crc != expected {
+            return Err(format!(
+                "CRC mismatch on channel {} buffer #{}: header {expected:#010x}, payload {crc:#010x}",
+                h.channel_id, h.seq
+            ));
+        }
+    }
+    let item = GateItem::Remote {
+        kind: h.kind,
+        segment,
+        body: body.map(arrow_buffer::Buffer::from_vec),
+        offset: 0,
+        len,
+        floating,
+    };
+    gate.push_remote(channel, item, len, h.backlog);
+    Ok(())
+}
+
 /// Receives one frame; `Ok(false)` at a clean end of stream.
 async fn receive_one(
     reader: &mut FrameReader,
@@ -943,25 +978,7 @@ async fn receive_one(
                     .map_err(lost)?;
                 None
             };
-            if let Some(expected) = h.crc {
-                let payload = body.as_deref().unwrap_or(&segment.as_slice()[..len]);
-                let crc = crc32c::crc32c(payload);
-                if crc != expected {
-                    return Err(protocol(format!(
-                        "CRC mismatch on channel {} buffer #{}: header {expected:#010x}, payload {crc:#010x}",
-                        h.channel_id, h.seq
-                    )));
-                }
-            }
-            let item = GateItem::Remote {
-                kind: h.kind,
-                segment,
-                body: body.map(arrow_buffer::Buffer::from_vec),
-                offset: 0,
-                len,
-                floating,
-            };
-            gate.push_remote(channel, item, len, h.backlog);
+            deliver(&gate, channel, &h, segment, floating, body).map_err(protocol)?;
             Ok(true)
         }
         Incoming::Control(ControlMessage::Error {
@@ -1045,6 +1062,15 @@ mod tests {
         }
     }
 
+    /// Channel 0 of `gate` reads `PARTITION` over its own connection, on
+    /// the thread that pops it.
+    async fn attach_task_read(gate: &Arc<InputGate>, addr: SocketAddr, peer: &str) {
+        let link = crate::network::taskread::connect(addr, peer).await.unwrap();
+        link.request_partition(gate, 0, PARTITION, 0).unwrap();
+        let input = crate::network::taskread::TaskReadInput::new(vec![link], SEGMENT).unwrap();
+        gate.set_driver(input);
+    }
+
     #[derive(Clone, Copy, PartialEq)]
     enum Mode {
         Tcp,
@@ -1110,12 +1136,7 @@ mod tests {
         let gate = InputGate::new(GATE, &[ChannelKind::Remote], BUFFERS, &pool).unwrap();
         let connections = ConnectionManager::new(consumer_env);
         if mode == Mode::TaskRead {
-            let link = crate::network::taskread::connect(server.local_addr, "tm-test")
-                .await
-                .unwrap();
-            link.request_partition(&gate, 0, PARTITION, 0).unwrap();
-            let input = crate::network::taskread::TaskReadInput::new(vec![link], SEGMENT).unwrap();
-            gate.set_driver(input);
+            attach_task_read(&gate, server.local_addr, "tm-test").await;
         } else {
             let conn = connections
                 .connect(server.local_addr, "tm-test", SEGMENT)
@@ -1288,12 +1309,7 @@ mod tests {
         let gate = InputGate::new(GATE, &[ChannelKind::Remote], BUFFERS, &pool).unwrap();
         let connections = ConnectionManager::default();
         if task_read {
-            let link = crate::network::taskread::connect(addr, "tm-9")
-                .await
-                .unwrap();
-            link.request_partition(&gate, 0, PARTITION, 0).unwrap();
-            let input = crate::network::taskread::TaskReadInput::new(vec![link], SEGMENT).unwrap();
-            gate.set_driver(input);
+            attach_task_read(&gate, addr, "tm-9").await;
         } else {
             let conn = connections.connect(addr, "tm-9", SEGMENT).await.unwrap();
             conn.request_partition(&gate, 0, PARTITION, 0).unwrap();
