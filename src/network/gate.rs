@@ -634,6 +634,10 @@ fn announce(c: &RemoteCredit, credit: u32) {
     }
 }
 
+/// How long a reader of several gates waits on one before it looks at the
+/// others again (a gate wakes only its own waiter).
+const MULTI_GATE_WAIT: Duration = Duration::from_millis(1);
+
 /// A remote buffer's event: decoded at once, or (IPC) copied out of its
 /// segment to be decoded after the segment is recycled.
 enum Decoded {
@@ -734,20 +738,28 @@ impl InputReader {
             return Ok(Some(InputEvent::End));
         }
         let gate_count = self.gates.len();
-        // Poll gates round-robin; wait on the last one tried.
-        for attempt in 0..gate_count {
-            let g = (self.next_gate + attempt) % gate_count;
-            let wait = if attempt + 1 == gate_count {
-                timeout
-            } else {
-                Duration::ZERO
-            };
-            if let Some((channel, item)) = self.gates[g].pop(wait)? {
-                self.next_gate = (g + 1) % gate_count;
-                return self.on_item(g, channel, item);
+        let deadline = Instant::now() + timeout;
+        loop {
+            // Poll gates round-robin; wait on the last one tried. With
+            // several gates that wait is short: an item on another gate
+            // must not sit until the whole timeout has passed.
+            for attempt in 0..gate_count {
+                let g = (self.next_gate + attempt) % gate_count;
+                let left = deadline.saturating_duration_since(Instant::now());
+                let wait = match (attempt + 1 == gate_count, gate_count) {
+                    (false, _) => Duration::ZERO,
+                    (true, 1) => left,
+                    (true, _) => left.min(MULTI_GATE_WAIT),
+                };
+                if let Some((channel, item)) = self.gates[g].pop(wait)? {
+                    self.next_gate = (g + 1) % gate_count;
+                    return self.on_item(g, channel, item);
+                }
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
             }
         }
-        Ok(None)
     }
 
     fn on_item(
@@ -989,6 +1001,26 @@ mod tests {
 
     fn two_local_channels() -> Arc<InputGate> {
         gate(&[ChannelKind::Local, ChannelKind::Local], 2)
+    }
+
+    /// A reader of two gates sees an item that arrives on the first gate
+    /// while it waits on the second, long before its timeout.
+    #[test]
+    fn an_item_on_another_gate_ends_the_wait_of_a_two_gate_reader() {
+        let (first, second) = (two_local_channels(), two_local_channels());
+        let mut reader = InputReader::new(vec![Arc::clone(&first), Arc::clone(&second)]);
+        let pusher = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            first.push_local(0, batch(7), &|| false).unwrap();
+        });
+        let started = Instant::now();
+        let got = reader.next(Duration::from_secs(20)).unwrap();
+        pusher.join().unwrap();
+        assert_eq!(value(got), "b7");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "woke only at the timeout"
+        );
     }
 
     #[test]
