@@ -400,6 +400,37 @@ mod tests {
         BufferHeader, BufferKind, ControlMessage, encode_buffer_header, encode_control,
     };
 
+    /// Connects to a server that writes `stream` in chunks of growing size
+    /// (`chunk % modulus + step` bytes, from 1), yielding between them; the
+    /// read half, the write half to keep, and the writer's task.
+    async fn serve_in_chunks(
+        stream: Vec<u8>,
+        modulus: usize,
+        step: usize,
+    ) -> (
+        OwnedReadHalf,
+        tokio::net::tcp::OwnedWriteHalf,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let writer = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut at = 0;
+            let mut chunk = 1;
+            while at < stream.len() {
+                let end = (at + chunk).min(stream.len());
+                s.write_all(&stream[at..end]).await.unwrap();
+                s.flush().await.unwrap();
+                at = end;
+                chunk = chunk % modulus + step;
+                tokio::task::yield_now().await;
+            }
+        });
+        let (half, w) = TcpStream::connect(addr).await.unwrap().into_split();
+        (half, w, writer)
+    }
+
     /// A stream of buffers and control messages, written in chunks of every
     /// size from 1 byte up, reads back frame by frame with every payload
     /// intact, and ends cleanly.
@@ -435,22 +466,7 @@ mod tests {
             message: "x".repeat(10_000),
         };
         encode_control(&error, &mut stream);
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let writer = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut at = 0;
-            let mut chunk = 1;
-            while at < stream.len() {
-                let end = (at + chunk).min(stream.len());
-                s.write_all(&stream[at..end]).await.unwrap();
-                s.flush().await.unwrap();
-                at = end;
-                chunk = chunk % 3001 + 37;
-                tokio::task::yield_now().await;
-            }
-        });
-        let (half, _w) = TcpStream::connect(addr).await.unwrap().into_split();
+        let (half, _w, writer) = serve_in_chunks(stream, 3001, 37).await;
         let mut reader = FrameReader::new(half);
         for (header, payload) in expected {
             let Some(Incoming::Buffer(h)) = reader.next_frame(1 << 16).await.unwrap() else {
@@ -529,22 +545,7 @@ mod tests {
             encode_control(&msg, &mut stream);
             expected.push(msg);
         }
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let writer = tokio::spawn(async move {
-            let (mut s, _) = listener.accept().await.unwrap();
-            let mut at = 0;
-            let mut chunk = 1;
-            while at < stream.len() {
-                let end = (at + chunk).min(stream.len());
-                s.write_all(&stream[at..end]).await.unwrap();
-                s.flush().await.unwrap();
-                at = end;
-                chunk = chunk % 4001 + 13;
-                tokio::task::yield_now().await;
-            }
-        });
-        let (half, _w) = TcpStream::connect(addr).await.unwrap().into_split();
+        let (half, _w, writer) = serve_in_chunks(stream, 4001, 13).await;
         let mut reader = ControlReader::new(half);
         let mut got = Vec::new();
         loop {
