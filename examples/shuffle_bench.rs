@@ -3,9 +3,14 @@
 //! memcpy of the same bytes, then prints GB/s (10^9 bytes per second) per
 //! line. `scripts/bench_shuffle.sh` runs it beside iperf3.
 //!
-//!   cargo run --release --example shuffle_bench -- [--size 2G] [--segment 32K]
+//!   cargo run --release --example shuffle_bench -- [--size 2G] [--segment 64K]
 //!       [--only NAME] [--checksum] [--workers N] [--shared-runtime]
 //!       [--shared-connection]
+//!
+//! Segment size and buffer counts are strata's defaults
+//! (`taskmanager.memory.segment-size` 64 KiB; 2 exclusive buffers per
+//! channel, 8 floating per gate, 10 queued per subpartition, as Flink has);
+//! `--segment 32K` gives Flink's segment size.
 //!
 //! `--checksum` turns on the per-buffer CRC-32C
 //! (`taskmanager.network.checksum.enabled`) for the remote transports. Each
@@ -36,6 +41,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use arrow_array::{Int64Array, RecordBatch};
+use strata::config::Config;
 use strata::memory::NetworkBufferPool;
 use strata::network::gate::{ChannelKind, GateBuffers, InputEvent};
 use strata::network::ipc::ChannelEncoder;
@@ -55,11 +61,15 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 const ROWS_PER_BATCH: usize = 8192;
 const POOL_SEGMENTS: usize = 2048;
-const BUFFERS: GateBuffers = GateBuffers {
-    exclusive_per_channel: 2,
-    floating_per_gate: 8,
-    max_per_channel: 10,
-};
+/// strata's defaults (`taskmanager.network.memory.*`).
+static BUFFERS: std::sync::LazyLock<GateBuffers> = std::sync::LazyLock::new(|| {
+    let config = Config::default();
+    GateBuffers {
+        exclusive_per_channel: config.buffers_per_channel as usize,
+        floating_per_gate: config.floating_buffers_per_gate as usize,
+        max_per_channel: config.max_buffers_per_channel as usize,
+    }
+});
 
 fn parse_bytes(text: &str) -> Result<u64, String> {
     let split = text
@@ -153,7 +163,7 @@ fn local(size: u64, segment: usize) {
         edge: 0,
         target_subtask: 0,
     };
-    let gate = InputGate::new(id, &[ChannelKind::Local], BUFFERS, &pool).expect("gate");
+    let gate = InputGate::new(id, &[ChannelKind::Local], *BUFFERS, &pool).expect("gate");
     let b = batch();
     let per_batch = batch_bytes(&b);
     let batches = size.div_ceil(per_batch);
@@ -244,7 +254,7 @@ fn remote(name: &str, mode: Remote, size: u64, segment: usize, options: &RemoteO
         edge: 0,
         target_subtask: 0,
     };
-    let gate = InputGate::new(id, &[ChannelKind::Remote], BUFFERS, &consumer_pool).expect("gate");
+    let gate = InputGate::new(id, &[ChannelKind::Remote], *BUFFERS, &consumer_pool).expect("gate");
     let connections = ConnectionManager::new(consumer_env);
     let conn = if task_reads && mode == Remote::Tcp {
         // The gate's own connection, read by the consumer's thread.
@@ -292,7 +302,7 @@ fn remote(name: &str, mode: Remote, size: u64, segment: usize, options: &RemoteO
 
 fn main() {
     let mut size = 2u64 << 30;
-    let mut segment = 32usize << 10;
+    let mut segment = Config::default().segment_size_bytes as usize;
     let mut only: Option<String> = None;
     let mut options = RemoteOptions {
         checksum: false,

@@ -5,6 +5,11 @@
 #   and a single-thread memcpy of the same bytes; then the ratios
 #   strata-TCP / iperf3 and local / memcpy.
 #
+# strata runs with its defaults: 64 KiB segments, Flink's buffer counts
+# (2 exclusive per channel, 8 floating per gate). The tcp-32k-segments line
+# is Flink's segment size, whose 320 KiB credit window per channel is below
+# this loopback's bandwidth-delay product.
+#
 # iperf3 and strata's TCP shuffle run alternately, ROUNDS times (default 3),
 # and the ratio is taken between their medians: on a shared VM the loopback
 # speed drifts by tens of percent within a minute, and one run of each would
@@ -52,9 +57,11 @@ echo "$out"
 checksummed=$("$bench" --size "$size" --only tcp --checksum | gbps tcp)
 shared=$("$bench" --size "$size" --only tcp --shared-runtime | gbps tcp)
 flink=$("$bench" --size "$size" --only tcp --shared-connection | gbps tcp)
+flink_segment=$("$bench" --size "$size" --only tcp --segment 32K | gbps tcp)
 printf '%-20s %8.3f GB/s  (taskmanager.network.checksum.enabled = true)\n' "tcp+crc" "$checksummed"
 printf '%-20s %8.3f GB/s  (both TaskManagers on one tokio runtime)\n' "tcp-shared-runtime" "$shared"
 printf '%-20s %8.3f GB/s  (taskmanager.network.tcp.task-reads = false: one shared connection per peer, read by the network runtime)\n' "tcp-shared-conn" "$flink"
+printf '%-20s %8.3f GB/s  (taskmanager.memory.segment-size = 32kb, Flink'"'"'s: a 320 KiB credit window per channel)\n' "tcp-32k-segments" "$flink_segment"
 get() { echo "$out" | gbps "$1"; }
 python3 - "${iperf_all[*]}" "${tcp_all[*]}" "$(get local)" "$(get memcpy)" "$(get rdma-emulated)" "$(get rdma-emulated-link)" <<'PY'
 import statistics, sys

@@ -283,7 +283,8 @@ mod tests {
             managed: 512 * MIB,
             network: 128 * MIB,
             managed_per_slot: 512 * MIB,
-            network_segment_count: 4096,
+            // 128 MiB of 64 KiB segments (Flink's 32 KiB would give 4096).
+            network_segment_count: 2048,
         };
         assert_eq!(layout, expected);
     }
@@ -386,6 +387,7 @@ mod tests {
     fn network_without_one_segment_per_slot_and_channel_buffer_is_refused() {
         let error = layout_with(&[
             "taskmanager.numberOfTaskSlots=2",
+            "taskmanager.memory.segment-size=32kb",
             "taskmanager.memory.network.min=32kb",
             "taskmanager.memory.network.max=96kb",
         ])
