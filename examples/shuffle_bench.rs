@@ -62,14 +62,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 const ROWS_PER_BATCH: usize = 8192;
 const POOL_SEGMENTS: usize = 2048;
 /// strata's defaults (`taskmanager.network.memory.*`).
-static BUFFERS: std::sync::LazyLock<GateBuffers> = std::sync::LazyLock::new(|| {
-    let config = Config::default();
-    GateBuffers {
-        exclusive_per_channel: config.buffers_per_channel as usize,
-        floating_per_gate: config.floating_buffers_per_gate as usize,
-        max_per_channel: config.max_buffers_per_channel as usize,
-    }
-});
+static BUFFERS: std::sync::LazyLock<GateBuffers> =
+    std::sync::LazyLock::new(|| GateBuffers::from(&Config::default()));
 
 fn parse_bytes(text: &str) -> Result<u64, String> {
     let split = text

@@ -166,6 +166,18 @@ pub struct GateBuffers {
     pub max_per_channel: usize,
 }
 
+impl From<&crate::config::Config> for GateBuffers {
+    /// `taskmanager.network.memory.{buffers-per-channel,
+    /// floating-buffers-per-gate, max-buffers-per-channel}`.
+    fn from(config: &crate::config::Config) -> Self {
+        Self {
+            exclusive_per_channel: config.buffers_per_channel as usize,
+            floating_per_gate: config.floating_buffers_per_gate as usize,
+            max_per_channel: config.max_buffers_per_channel as usize,
+        }
+    }
+}
+
 impl InputGate {
     /// Creates a gate, taking its exclusive and floating segments from the
     /// pool up front (Flink fails the deployment when they are not there).

@@ -207,11 +207,7 @@ async fn prepare(
     let config = &services.config;
     let me = services.name();
     let segment = config.segment_size_bytes as usize;
-    let buffers = GateBuffers {
-        exclusive_per_channel: config.buffers_per_channel as usize,
-        floating_per_gate: config.floating_buffers_per_gate as usize,
-        max_per_channel: config.max_buffers_per_channel as usize,
-    };
+    let buffers = GateBuffers::from(config);
     let mut all_gates = Vec::new();
     for tdd in &tasks {
         let mut gates = Vec::new();
