@@ -8,7 +8,7 @@
 //! exchange edges (forward, hash, rebalance, global). The JobManager
 //! ([`cluster::jobmanager`]) allocates one slot per subtask index (slot
 //! sharing, as in Flink), and deploys tasks to TaskManagers
-//! ([`taskmanager`]) over the control RPC ([`cluster::rpc`]).
+//! ([`taskmanager`]) over the control protocol ([`protocol`]).
 //!
 //! Inside a TaskManager every task runs on its own thread ([`exec::task`]): a
 //! source or an input gate feeds a chain of operators ([`exec::operators`]);
@@ -28,8 +28,13 @@
 //!
 //! - [`config`]: typed configuration with Flink's keys and the memory layout.
 //! - [`job`]: job files, expressions, the logical plan and the job graph.
-//! - [`cluster`]: control RPC, JobManager (resource manager, scheduler,
-//!   heartbeats), the embedded mini-cluster and the job client.
+//! - [`protocol`]: every control message, the id newtypes, states,
+//!   deployments and REST snapshots; `cluster`, `taskmanager` and `web`
+//!   speak it and do not depend on each other.
+//! - [`cluster`]: the JobManager (an I/O-free core — resource manager,
+//!   scheduler, heartbeat monitor, failover, checkpoint coordination — in a
+//!   thin tokio shell), its seeded cluster simulator, the embedded
+//!   mini-cluster and the job client.
 //! - [`taskmanager`]: slot table, task deployment and lifecycle.
 //! - [`exec`]: task runtime, operators (the aggregation, windows and sort
 //!   spill through the IOManager when managed memory is full), sources and
@@ -63,7 +68,9 @@ pub mod job;
 pub mod kernels;
 pub mod memory;
 pub mod metrics;
+pub mod minicluster;
 pub mod network;
 pub mod placement;
+pub mod protocol;
 pub mod taskmanager;
 pub mod web;

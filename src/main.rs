@@ -7,11 +7,11 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use strata::cluster::client::submit_job;
 use strata::cluster::jobmanager::JobManager;
-use strata::cluster::minicluster::MiniCluster;
-use strata::cluster::rpc::JobState;
 use strata::cluster::summary;
 use strata::config::{Config, ConfigSource};
 use strata::job::graph::JobGraph;
+use strata::minicluster::MiniCluster;
+use strata::protocol::JobState;
 use strata::taskmanager::TaskManager;
 
 /// Buffers cross threads (read on a network thread, freed by a task), which
@@ -167,7 +167,7 @@ fn read_job(path: &Path) -> Result<(String, String)> {
     Ok((text, path.display().to_string()))
 }
 
-fn finish(summary: &strata::cluster::rpc::JobSummary) -> ExitCode {
+fn finish(summary: &strata::protocol::JobSummary) -> ExitCode {
     print!("{}", summary::render(summary));
     if summary.state == JobState::Finished {
         ExitCode::SUCCESS

@@ -58,9 +58,17 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// A cluster whose settings add `extra` (`key=value`, later wins).
+    fn start_with(extra: &[&str]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let checkpoints = dir.path().join("checkpoints");
-        let settings = settings(&checkpoints);
+        let mut settings = settings(&checkpoints);
+        for kv in extra {
+            settings.extend(["-D".to_string(), kv.to_string()]);
+        }
         let (jm, addr) = spawn_announcing(
             &settings,
             &["jobmanager", "--bind", "127.0.0.1:0"],
@@ -270,7 +278,7 @@ fn newest_checkpoint(root: &Path) -> Option<(u64, PathBuf)> {
 
 #[test]
 fn a_corrupt_checkpoint_is_skipped_for_the_previous_one_and_the_output_stays_exact() {
-    let cluster = Cluster::start();
+    let cluster = Cluster::start_with(&["restart-strategy.fixed-delay.delay=3s"]);
     let _tm1 = cluster.taskmanager();
     let mut tm2 = cluster.taskmanager();
     std::thread::sleep(Duration::from_millis(800));
@@ -286,9 +294,10 @@ fn a_corrupt_checkpoint_is_skipped_for_the_previous_one_and_the_output_stays_exa
         newest_checkpoint(&cluster.checkpoints).is_some_and(|(id, _)| id >= 2)
     });
     tm2.0.kill().unwrap(); // SIGKILL
-    // The restart waits for the lost TaskManager (heartbeat.timeout = 2 s);
-    // no checkpoint completes once a TaskManager is gone.
-    std::thread::sleep(Duration::from_millis(400));
+    // The JobManager hears of the loss at once (the control connection
+    // closes), and no checkpoint completes once a TaskManager is gone; the
+    // restart waits for its delay (3 s here), time enough to corrupt the
+    // newest checkpoint first.
     let (newest, dir) = newest_checkpoint(&cluster.checkpoints).expect("a checkpoint");
     let state = std::fs::read_dir(&dir)
         .unwrap()

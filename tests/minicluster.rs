@@ -4,9 +4,9 @@ mod common;
 
 use common::*;
 use strata::cluster::client::submit_job;
-use strata::cluster::minicluster::MiniCluster;
-use strata::cluster::rpc::JobState;
 use strata::config::Config;
+use strata::minicluster::MiniCluster;
+use strata::protocol::JobState;
 
 fn config(slots: u32, extra: &[&str]) -> Config {
     let mut overrides: Vec<String> = SMALL_MEMORY.iter().map(|s| s.to_string()).collect();

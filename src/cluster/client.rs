@@ -7,7 +7,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use tokio::net::TcpStream;
 
 use super::ClusterError;
-use super::rpc::{JobSummary, Message, read_message, write_message};
+use crate::protocol::{JobSummary, Message, read_message, write_message};
 
 /// Submits a job and waits for its end. `progress` draws a progress bar on
 /// standard error (hidden when it is not a terminal).
@@ -48,7 +48,9 @@ pub async fn submit_job(
             Message::JobAccepted { job, name } => {
                 bar.set_message(format!("{name} ({job:016x})"));
             }
-            Message::JobRejected { reason } => return Err(ClusterError::Rejected { reason }),
+            Message::JobRejected { reason } | Message::Disconnect { reason } => {
+                return Err(ClusterError::Rejected { reason });
+            }
             Message::JobProgress {
                 rows_in,
                 rows_expected,

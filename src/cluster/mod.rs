@@ -1,23 +1,18 @@
-//! The cluster: control RPC, the JobManager, the job client and the
-//! embedded mini-cluster.
+//! The cluster: the JobManager and the job client. The messages they
+//! exchange are in [`crate::protocol`]; the embedded mini-cluster, which
+//! runs a JobManager beside TaskManagers, is [`crate::minicluster`].
 //!
 //! The JobManager owns the resource view (registered TaskManagers and their
 //! slots, kept alive by heartbeats), schedules a job's subtasks onto slots
 //! with slot sharing (slot i runs subtask i of every vertex), deploys them,
 //! tracks every task's execution state, and fails a job with a reason when a
 //! task fails or a TaskManager is lost. The restart strategies ([`restart`])
-//! decide whether, and after how long, a failed job restarts. The
-//! mini-cluster runs one JobManager and N TaskManagers in one process over
-//! real loopback sockets.
+//! decide whether, and after how long, a failed job restarts.
 
 pub mod client;
 pub mod jobmanager;
-pub mod minicluster;
 pub mod restart;
-pub mod rpc;
 pub mod summary;
-
-use crate::taskmanager::TaskManagerError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
@@ -33,8 +28,8 @@ pub enum ClusterError {
         #[source]
         source: std::io::Error,
     },
-    #[error(transparent)]
-    TaskManager(#[from] TaskManagerError),
+    #[error("a TaskManager of the mini-cluster could not start: {0}")]
+    TaskManager(String),
     #[error("the mini-cluster did not come up: {reason}")]
     Startup { reason: String },
 }

@@ -2,8 +2,8 @@
 
 use std::fmt::Write;
 
-use super::rpc::{JobState, JobSummary};
 use crate::checkpoint::coordinator::CheckpointStatus;
+use crate::protocol::{JobState, JobSummary};
 
 /// Checkpoints listed one by one at the end of a run (the REST API has more).
 const SUMMARY_CHECKPOINTS_MAX: usize = 8;

@@ -13,9 +13,6 @@ use std::sync::mpsc::Receiver;
 
 use crate::checkpoint::state::TaskState;
 use crate::checkpoint::storage::CheckpointStorage;
-use crate::cluster::rpc::{
-    CheckpointDeployment, ExecutionState, Message, TaskDeploymentDescriptor,
-};
 use crate::exec::ExecError;
 use crate::exec::build::{BuildContext, GpuContext, build_operator, build_source};
 use crate::exec::task::{Chain, Task, TaskInput};
@@ -31,6 +28,11 @@ use crate::network::taskread::{self, GateLink, TaskReadInput};
 use crate::network::{
     GateId, InputGate, InputReader, NetworkError, PAYLOAD_HEADROOM, PartitionId, RecordWriter,
     ResultPartition, Subpartition,
+};
+use crate::protocol::deployment::descriptor;
+use crate::protocol::{
+    CheckpointDeployment, CheckpointId, ExecutionId, ExecutionState, Message, SubtaskLocation,
+    TaskDeploymentDescriptor,
 };
 
 struct Prepared {
@@ -51,7 +53,7 @@ fn status(
     metrics: Option<&TaskMetrics>,
 ) {
     let _ = out.send(Message::TaskStatus {
-        job,
+        execution: ExecutionId(job),
         vertex: tdd.vertex,
         subtask: tdd.subtask,
         state,
@@ -80,40 +82,72 @@ fn fail_all(
 
 /// What a `DeployTasks` message says about the job as a whole.
 pub(super) struct Deployment<'a> {
+    /// The execution id, by which this TaskManager knows the job.
     pub job: u64,
+    pub attempt: u32,
     pub job_text: &'a str,
     pub job_path: &'a str,
     pub default_parallelism: u32,
+    pub placement: Vec<SubtaskLocation>,
+    pub gpu_operators: Vec<Vec<usize>>,
     pub checkpointing: Option<CheckpointDeployment>,
 }
 
 pub(super) async fn deploy(
     services: &Arc<Services>,
     deployment: Deployment<'_>,
-    tasks: Vec<TaskDeploymentDescriptor>,
+    keys: Vec<(usize, u32)>,
     out: UnboundedSender<Message>,
 ) {
     let Deployment {
         job,
+        attempt,
         job_text,
         job_path,
         default_parallelism,
+        placement,
+        gpu_operators,
         checkpointing,
     } = deployment;
     let checkpointing = checkpointing.map(Arc::new);
     let canceled = Arc::new(AtomicBool::new(false));
-    for tdd in &tasks {
-        status(&out, job, tdd, ExecutionState::Deploying, None, None);
-    }
     let planned = parse_job(job_text, Path::new(job_path)).and_then(plan);
     let plan = match planned {
         Ok(p) => Arc::new(p),
         Err(e) => {
-            fail_all(&out, job, &tasks, &e.to_string());
+            for &(vertex, subtask) in &keys {
+                let _ = out.send(Message::TaskStatus {
+                    execution: ExecutionId(job),
+                    vertex,
+                    subtask,
+                    state: ExecutionState::Failed,
+                    error: Some(e.to_string()),
+                    metrics: None,
+                });
+            }
             return;
         }
     };
     let graph = Arc::new(JobGraph::build(&plan, default_parallelism));
+    let tasks = match expand(&graph, &keys, attempt, &placement, &gpu_operators) {
+        Ok(tasks) => tasks,
+        Err(e) => {
+            for &(vertex, subtask) in &keys {
+                let _ = out.send(Message::TaskStatus {
+                    execution: ExecutionId(job),
+                    vertex,
+                    subtask,
+                    state: ExecutionState::Failed,
+                    error: Some(e.clone()),
+                    metrics: None,
+                });
+            }
+            return;
+        }
+    };
+    for tdd in &tasks {
+        status(&out, job, tdd, ExecutionState::Deploying, None, None);
+    }
     {
         let mut slots = lock(&services.slots);
         for tdd in &tasks {
@@ -194,6 +228,41 @@ pub(super) async fn deploy(
             tracing::error!("cannot spawn a task thread: {e}");
         }
     }
+}
+
+/// This TaskManager's task descriptors, expanded from the compact
+/// deployment; a deployment that does not fit the job graph is refused.
+fn expand(
+    graph: &JobGraph,
+    keys: &[(usize, u32)],
+    attempt: u32,
+    placement: &[SubtaskLocation],
+    gpu_operators: &[Vec<usize>],
+) -> Result<Vec<TaskDeploymentDescriptor>, String> {
+    let slots_needed = graph.slots_needed() as usize;
+    if placement.len() < slots_needed {
+        return Err(format!(
+            "the deployment places {} subtask indices, the job graph needs {slots_needed}",
+            placement.len()
+        ));
+    }
+    keys.iter()
+        .map(|&(vertex, subtask)| {
+            let v = graph
+                .vertices
+                .get(vertex)
+                .ok_or_else(|| format!("the deployment names vertex {vertex}, which the job graph lacks"))?;
+            if subtask >= v.parallelism {
+                return Err(format!(
+                    "the deployment names subtask {subtask} of vertex {vertex}, whose parallelism is {}",
+                    v.parallelism
+                ));
+            }
+            let mut tdd = descriptor(graph, vertex, subtask, attempt, placement);
+            tdd.gpu_operators = gpu_operators.get(vertex).cloned().unwrap_or_default();
+            Ok(tdd)
+        })
+        .collect()
 }
 
 /// Creates and registers gates and partitions, builds writers, and
@@ -339,7 +408,7 @@ async fn prepare(
                 if !task_reads {
                     let conn = services
                         .connections
-                        .connect(c.data_addr, &c.taskmanager, segment)
+                        .connect(c.data_addr, &c.taskmanager.to_string(), segment)
                         .await?;
                     conn.request_partition(gate, channel, partition, c.index)?;
                     continue;
@@ -347,7 +416,8 @@ async fn prepare(
                 let link = match links.iter().find(|(addr, _)| *addr == c.data_addr) {
                     Some((_, link)) => Arc::clone(link),
                     None => {
-                        let link = taskread::connect(c.data_addr, &c.taskmanager).await?;
+                        let link =
+                            taskread::connect(c.data_addr, &c.taskmanager.to_string()).await?;
                         links.push((c.data_addr, Arc::clone(&link)));
                         link
                     }
@@ -462,7 +532,17 @@ fn run_task(
     };
     // Free the slot before reporting the end: the JobManager may redeploy
     // onto it as soon as it hears of it (a restart after a failure).
-    lock(&services.slots).task_ended(tdd.slot).ok();
+    {
+        // The slot report goes out before the task's end, under the slot
+        // table's lock (so reports leave in the order the table changed):
+        // the JobManager schedules onto a slot only once its TaskManager
+        // reports it free, and a restart waits for the failed tasks' ends.
+        let mut slots = lock(&services.slots);
+        slots.task_ended(tdd.slot).ok();
+        let _ = out.send(Message::Heartbeat {
+            slots: slots.report(),
+        });
+    }
     status(&out, job, &tdd, state, error, Some(&metrics));
     let mut jobs = lock(&services.jobs);
     let done = jobs.get_mut(&job).is_some_and(|t| {
@@ -627,10 +707,10 @@ fn checkpoint_context(
         match CheckpointStorage::write_state_file(&dir, vertex, subtask, &bytes) {
             Ok(handle) => {
                 let _ = acks.send(Message::AcknowledgeCheckpoint {
-                    job,
+                    execution: ExecutionId(job),
                     vertex,
                     subtask,
-                    checkpoint: snapshot.checkpoint,
+                    checkpoint: CheckpointId(snapshot.checkpoint),
                     handle,
                     alignment_ms: snapshot.alignment.as_millis() as u64,
                 });
@@ -639,10 +719,10 @@ fn checkpoint_context(
             Err(e) => {
                 let reason = e.to_string();
                 let _ = acks.send(Message::DeclineCheckpoint {
-                    job,
+                    execution: ExecutionId(job),
                     vertex,
                     subtask,
-                    checkpoint: snapshot.checkpoint,
+                    checkpoint: CheckpointId(snapshot.checkpoint),
                     reason: reason.clone(),
                 });
                 Err(reason)
@@ -652,7 +732,7 @@ fn checkpoint_context(
     let pending = out.clone();
     let on_final_commit_pending = Box::new(move || {
         let _ = pending.send(Message::FinalCommitPending {
-            job,
+            execution: ExecutionId(job),
             vertex,
             subtask,
         });

@@ -20,7 +20,6 @@ use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
-use crate::cluster::rpc::{Message, ResourceProfile, RpcError, read_message, write_message};
 use crate::config::Config;
 use crate::io::{IoConfig, IoManager};
 use crate::memory::{MemoryManager, NetworkBufferPool, PagePool};
@@ -28,6 +27,10 @@ use crate::metrics::TaskMetrics;
 use crate::network::NetworkRegistry;
 use crate::network::tcp::{ConnectionManager, DataServer};
 use crate::network::transport;
+use crate::protocol::{
+    CheckpointId, ExecutionId, Message, ResourceProfile, RpcError, TaskManagerId, read_message,
+    write_message,
+};
 use slots::SlotTable;
 
 #[derive(Debug, thiserror::Error)]
@@ -102,10 +105,10 @@ fn deliver_control(
             && let TaskControl::TriggerCheckpoint(checkpoint) = control
         {
             let _ = out.send(Message::DeclineCheckpoint {
-                job,
+                execution: ExecutionId(job),
                 vertex: h.vertex,
                 subtask: h.subtask,
-                checkpoint,
+                checkpoint: CheckpointId(checkpoint),
                 reason: format!("the task cannot take a barrier now: {e}"),
             });
         }
@@ -115,7 +118,8 @@ fn deliver_control(
 /// Services shared by the TaskManager's tasks.
 pub struct Services {
     pub config: Config,
-    pub name: Mutex<String>,
+    /// This instance's id (`tm-0` until it registers).
+    pub name: Mutex<TaskManagerId>,
     pub slot_memory: Vec<MemoryManager>,
     pub netpool: Arc<NetworkBufferPool>,
     pub registry: Arc<NetworkRegistry>,
@@ -140,8 +144,8 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Services {
-    pub fn name(&self) -> String {
-        lock(&self.name).clone()
+    pub fn name(&self) -> TaskManagerId {
+        *lock(&self.name)
     }
 
     fn cancel_all(&self, reason: &str) {
@@ -294,7 +298,7 @@ impl TaskManager {
         );
         Ok(Self {
             services: Arc::new(Services {
-                name: Mutex::new(String::from("unregistered")),
+                name: Mutex::new(TaskManagerId(0)),
                 slot_memory,
                 netpool,
                 registry,
@@ -385,7 +389,6 @@ async fn session(
     write_message(
         &mut writer,
         &Message::RegisterTaskManager {
-            name: None,
             data_addr: services.data_addr,
             slots,
             io: services.io.summary(),
@@ -442,12 +445,16 @@ async fn session(
         last_message = Instant::now();
         match msg {
             Message::DeployTasks {
-                job,
+                execution,
+                attempt,
                 job_text,
                 job_path,
                 default_parallelism,
+                placement,
                 tasks,
+                gpu_operators,
                 checkpointing,
+                ..
             } => {
                 let services = Arc::clone(services);
                 let out = out.clone();
@@ -455,10 +462,13 @@ async fn session(
                     deploy::deploy(
                         &services,
                         deploy::Deployment {
-                            job,
+                            job: execution.0,
+                            attempt,
                             job_text: &job_text,
                             job_path: &job_path,
                             default_parallelism,
+                            placement,
+                            gpu_operators,
                             checkpointing,
                         },
                         tasks,
@@ -467,32 +477,51 @@ async fn session(
                     .await;
                 });
             }
-            Message::TriggerCheckpoint { job, checkpoint } => {
+            Message::TriggerCheckpoint {
+                execution: ExecutionId(job),
+                checkpoint: CheckpointId(checkpoint),
+            } => {
                 // Running source tasks inject the barrier; tasks waiting
                 // for the final commit snapshot for the final checkpoint;
                 // the others ignore it.
                 let control = crate::exec::task::TaskControl::TriggerCheckpoint(checkpoint);
                 deliver_control(services, &out, job, control);
             }
-            Message::CheckpointComplete { job, checkpoint } => {
+            Message::CheckpointComplete {
+                execution: ExecutionId(job),
+                checkpoint: CheckpointId(checkpoint),
+            } => {
                 let control = crate::exec::task::TaskControl::CheckpointComplete(checkpoint);
                 deliver_control(services, &out, job, control);
             }
-            Message::AbortCheckpoint { job, checkpoint } => {
+            Message::AbortCheckpoint {
+                execution: ExecutionId(job),
+                checkpoint: CheckpointId(checkpoint),
+            } => {
                 let control = crate::exec::task::TaskControl::AbortCheckpoint(checkpoint);
                 deliver_control(services, &out, job, control);
             }
-            Message::CancelJob { job, reason } => {
+            Message::CancelJob {
+                execution: ExecutionId(job),
+                reason,
+            } => {
                 if let Some(tasks) = lock(&services.jobs).get(&job) {
                     tracing::info!("canceling job {job:016x}: {reason}");
                     tasks.canceled.store(true, Ordering::Relaxed);
                 }
                 services.registry.release_job(job, &reason);
             }
-            Message::ReleaseJob { job } => {
+            Message::ReleaseJob {
+                execution: ExecutionId(job),
+            } => {
                 services.registry.release_job(job, "job finished");
             }
             Message::HeartbeatAck => {}
+            Message::Disconnect { reason } => {
+                break Err(RpcError::Io(std::io::Error::other(format!(
+                    "the JobManager disconnected this TaskManager: {reason}"
+                ))));
+            }
             other => tracing::warn!("unexpected message from the JobManager: {other:?}"),
         }
     };
@@ -509,8 +538,13 @@ async fn report_loop(services: Arc<Services>, out: UnboundedSender<Message>) {
     loop {
         if last_heartbeat.elapsed() >= interval {
             last_heartbeat = Instant::now();
-            let slots = lock(&services.slots).report();
-            if out.send(Message::Heartbeat { slots }).is_err() {
+            let slots = lock(&services.slots);
+            if out
+                .send(Message::Heartbeat {
+                    slots: slots.report(),
+                })
+                .is_err()
+            {
                 return;
             }
         }
@@ -520,10 +554,10 @@ async fn report_loop(services: Arc<Services>, out: UnboundedSender<Message>) {
                 t.tasks
                     .iter()
                     .map(|(vertex, subtask, m)| Message::TaskStatus {
-                        job: *job,
+                        execution: ExecutionId(*job),
                         vertex: *vertex,
                         subtask: *subtask,
-                        state: crate::cluster::rpc::ExecutionState::Running,
+                        state: crate::protocol::ExecutionState::Running,
                         error: None,
                         metrics: Some(m.snapshot()),
                     })

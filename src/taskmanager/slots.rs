@@ -7,7 +7,7 @@
 //! budget ([`gpu_slot_profiles`]). A node without a GPU offers CPU slots
 //! only.
 
-use crate::cluster::rpc::{ResourceProfile, SlotState, SlotStatus};
+use crate::protocol::{ResourceProfile, SlotState, SlotStatus};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SlotError {
@@ -134,7 +134,7 @@ impl SlotTable {
             .map(|(index, s)| SlotStatus {
                 index,
                 state: s.state,
-                job: s.job,
+                execution: s.job.map(crate::protocol::ExecutionId),
                 profile: self.profiles[index].clone(),
             })
             .collect()

@@ -18,7 +18,7 @@ use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
-use crate::cluster::jobmanager::ClusterSnapshot;
+use crate::protocol::ClusterSnapshot;
 
 pub use prometheus::render as render_prometheus;
 
@@ -91,7 +91,7 @@ async fn job(State(source): State<Source>, Path(id): Path<String>) -> Response {
         .iter()
         .chain(&s.completed)
         .rev()
-        .find(|j| j.job == id)
+        .find(|j| j.job.0 == id)
     {
         Some(j) => Json(j.clone()).into_response(),
         None => (StatusCode::NOT_FOUND, format!("no job {id:016x}")).into_response(),

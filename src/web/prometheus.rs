@@ -2,8 +2,8 @@
 
 use std::fmt::Write;
 
-use crate::cluster::jobmanager::ClusterSnapshot;
-use crate::cluster::rpc::{JobState, JobSummary, SlotState};
+use crate::protocol::ClusterSnapshot;
+use crate::protocol::{JobState, JobSummary, SlotState};
 
 /// A per-job counter: metric name, help text, and how to read it.
 type JobCounter = (&'static str, &'static str, fn(&JobSummary) -> u64);
@@ -63,7 +63,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         let _ = writeln!(
             out,
             "strata_taskmanager_slots_active{{taskmanager=\"{}\"}} {active}",
-            escape(&tm.id)
+            escape(&tm.id.to_string())
         );
     }
     family(
@@ -77,7 +77,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         let _ = writeln!(
             out,
             "strata_taskmanager_gpu_slots{{taskmanager=\"{}\"}} {gpu_slots}",
-            escape(&tm.id)
+            escape(&tm.id.to_string())
         );
     }
     family(
@@ -90,7 +90,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         let _ = writeln!(
             out,
             "strata_taskmanager_info{{taskmanager=\"{}\",transport=\"{}\",tier=\"{}\",io=\"{}\"}} 1",
-            escape(&tm.id),
+            escape(&tm.id.to_string()),
             escape(&tm.transport),
             escape(&tm.gpu),
             escape(&tm.io)
@@ -106,7 +106,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         let _ = writeln!(
             out,
             "strata_taskmanager_heartbeat_age_seconds{{taskmanager=\"{}\"}} {:.3}",
-            escape(&tm.id),
+            escape(&tm.id.to_string()),
             tm.last_heartbeat_ms as f64 / 1000.0
         );
     }
@@ -293,7 +293,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         }
     }
     // Per task, for running jobs (Flink's task-level shuffle metrics).
-    type TaskGauge = fn(&crate::cluster::rpc::TaskNetworkMetrics) -> String;
+    type TaskGauge = fn(&crate::protocol::TaskNetworkMetrics) -> String;
     let per_task: [(&str, &str, &str, TaskGauge); 6] = [
         (
             "strata_task_in_pool_usage",
@@ -343,7 +343,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
                     j.job,
                     t.vertex,
                     t.subtask,
-                    escape(&t.taskmanager),
+                    escape(&t.taskmanager.to_string()),
                     escape(transport),
                     value(t)
                 );

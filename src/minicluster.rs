@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::ClusterError;
-use super::jobmanager::JobManager;
+use crate::cluster::ClusterError;
+use crate::cluster::jobmanager::JobManager;
 use crate::config::Config;
 use crate::taskmanager::TaskManager;
 
@@ -31,9 +31,11 @@ impl MiniCluster {
             starting.spawn(TaskManager::start(tm_config));
         }
         while let Some(started) = starting.join_next().await {
-            let tm = started.map_err(|e| ClusterError::Startup {
-                reason: e.to_string(),
-            })??;
+            let tm = started
+                .map_err(|e| ClusterError::Startup {
+                    reason: e.to_string(),
+                })?
+                .map_err(|e| ClusterError::TaskManager(e.to_string()))?;
             let (address, shutdown) = (address.clone(), Arc::clone(&shutdown));
             tokio::spawn(async move {
                 if let Err(e) = tm.run(address, shutdown).await {
