@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::slots::SlotError;
+pub(super) use super::slots::TaskKey;
 use super::{JobTasks, Services, lock};
 use std::sync::mpsc::Receiver;
 
@@ -47,32 +49,27 @@ struct Prepared {
 fn status(
     out: &UnboundedSender<Message>,
     job: u64,
-    tdd: &TaskDeploymentDescriptor,
+    task: TaskKey,
     state: ExecutionState,
     error: Option<String>,
     metrics: Option<&TaskMetrics>,
 ) {
     let _ = out.send(Message::TaskStatus {
         execution: ExecutionId(job),
-        vertex: tdd.vertex,
-        subtask: tdd.subtask,
+        vertex: task.vertex,
+        subtask: task.subtask,
         state,
         error,
         metrics: metrics.map(TaskMetrics::snapshot),
     });
 }
 
-fn fail_all(
-    out: &UnboundedSender<Message>,
-    job: u64,
-    tasks: &[TaskDeploymentDescriptor],
-    error: &str,
-) {
-    for tdd in tasks {
+fn fail_all(out: &UnboundedSender<Message>, job: u64, tasks: &[TaskKey], error: &str) {
+    for &task in tasks {
         status(
             out,
             job,
-            tdd,
+            task,
             ExecutionState::Failed,
             Some(error.to_owned()),
             None,
@@ -81,24 +78,220 @@ fn fail_all(
 }
 
 /// What a `DeployTasks` message says about the job as a whole.
-pub(super) struct Deployment<'a> {
+pub(super) struct Deployment {
     /// The execution id, by which this TaskManager knows the job.
     pub job: u64,
     pub attempt: u32,
-    pub job_text: &'a str,
-    pub job_path: &'a str,
+    pub job_text: String,
+    pub job_path: String,
     pub default_parallelism: u32,
+    /// Where each subtask index runs.
     pub placement: Vec<SubtaskLocation>,
+    /// Per vertex, its operators on the GPU.
     pub gpu_operators: Vec<Vec<usize>>,
     pub checkpointing: Option<CheckpointDeployment>,
 }
 
+fn task_key(tdd: &TaskDeploymentDescriptor) -> TaskKey {
+    TaskKey {
+        vertex: tdd.vertex,
+        subtask: tdd.subtask,
+    }
+}
+
+/// Why a deployment stopped before all its tasks ran.
+#[derive(Debug, thiserror::Error)]
+enum DeployError {
+    #[error("job {job:016x} is already deployed on this TaskManager")]
+    Duplicate { job: u64 },
+    #[error(transparent)]
+    Slot(#[from] SlotError),
+    #[error("{0}")]
+    Job(#[from] crate::job::JobError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error("cannot start the thread of task {task}: {source}")]
+    Spawn {
+        task: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("canceled while deploying")]
+    Canceled,
+    #[error("the deployment does not fit the job: {detail}")]
+    Descriptor { detail: String },
+}
+
+/// This TaskManager's task descriptors, expanded from the compact
+/// deployment; a deployment that does not fit the job graph is refused.
+fn expand(
+    graph: &JobGraph,
+    keys: &[TaskKey],
+    attempt: u32,
+    placement: &[SubtaskLocation],
+    gpu_operators: &[Vec<usize>],
+) -> Result<Vec<TaskDeploymentDescriptor>, String> {
+    let slots_needed = graph.slots_needed() as usize;
+    if placement.len() < slots_needed {
+        return Err(format!(
+            "it places {} subtask indices, the job graph needs {slots_needed}",
+            placement.len()
+        ));
+    }
+    keys.iter()
+        .map(|&TaskKey { vertex, subtask }| {
+            let v = graph
+                .vertices
+                .get(vertex)
+                .ok_or_else(|| format!("it names vertex {vertex}, which the job graph lacks"))?;
+            if subtask >= v.parallelism {
+                return Err(format!(
+                    "it names subtask {subtask} of vertex {vertex}, whose parallelism is {}",
+                    v.parallelism
+                ));
+            }
+            let mut tdd = descriptor(graph, vertex, subtask, attempt, placement);
+            tdd.gpu_operators = gpu_operators.get(vertex).cloned().unwrap_or_default();
+            Ok(tdd)
+        })
+        .collect()
+}
+
+/// The first, synchronous step of a deployment, taken by the session in the
+/// order of the JobManager's messages (so a `CancelJob` that follows finds
+/// it): reports the tasks deploying, allocates their slots all or nothing,
+/// and registers the execution with its cancel flag. Returns the flag, or
+/// `None` when the tasks were refused (and reported failed).
+pub(super) fn begin(
+    services: &Services,
+    job: u64,
+    tasks: &[TaskKey],
+    placement: &[SubtaskLocation],
+    out: &UnboundedSender<Message>,
+) -> Option<Arc<AtomicBool>> {
+    for &task in tasks {
+        status(out, job, task, ExecutionState::Deploying, None, None);
+    }
+    let Some(placements) = tasks
+        .iter()
+        .map(|t| Some((placement.get(t.subtask as usize)?.slot, *t)))
+        .collect::<Option<Vec<(usize, TaskKey)>>>()
+    else {
+        let e = format!(
+            "the deployment places {} subtask indices, fewer than its tasks need",
+            placement.len()
+        );
+        fail_all(out, job, tasks, &e);
+        return None;
+    };
+    let canceled = Arc::new(AtomicBool::new(false));
+    let refused = {
+        let mut jobs = lock(&services.jobs);
+        if jobs.contains_key(&job) {
+            Some(DeployError::Duplicate { job })
+        } else {
+            match lock(&services.slots).allocate(job, &placements) {
+                Ok(()) => {
+                    jobs.insert(
+                        job,
+                        JobTasks {
+                            canceled: Arc::clone(&canceled),
+                            running: 0,
+                            deploying: true,
+                            tasks: Vec::new(),
+                            controls: Vec::new(),
+                        },
+                    );
+                    None
+                }
+                Err(e) => Some(DeployError::Slot(e)),
+            }
+        }
+    };
+    match refused {
+        None => Some(canceled),
+        Some(e) => {
+            tracing::warn!("refusing to deploy job {job:016x}: {e}");
+            fail_all(out, job, tasks, &e.to_string());
+            None
+        }
+    }
+}
+
+/// The rest of a deployment that [`begin`] accepted: parses the job,
+/// prepares gates and partitions, and starts one thread per task. It is a
+/// transaction: whatever fails (or a cancel that comes meanwhile) releases
+/// every slot it took, unregisters its gates and partitions, and reports its
+/// tasks that did not start, with the cause.
 pub(super) async fn deploy(
-    services: &Arc<Services>,
-    deployment: Deployment<'_>,
-    keys: Vec<(usize, u32)>,
+    services: Arc<Services>,
+    deployment: Deployment,
+    tasks: Vec<TaskKey>,
+    canceled: Arc<AtomicBool>,
     out: UnboundedSender<Message>,
 ) {
+    let job = deployment.job;
+    let mut unstarted = tasks;
+    if let Err(e) = run_deployment(&services, deployment, &mut unstarted, &canceled, &out).await {
+        let state = match e {
+            DeployError::Canceled => ExecutionState::Canceled,
+            _ => ExecutionState::Failed,
+        };
+        abort(&services, job, &unstarted, &e.to_string(), state, &out);
+    }
+}
+
+/// Rolls a deployment back: cancels the tasks it started, unregisters its
+/// gates and partitions, releases its slots (those of started tasks free
+/// themselves when the tasks end) and reports `tasks` in `state`.
+pub(super) fn abort(
+    services: &Services,
+    job: u64,
+    tasks: &[TaskKey],
+    cause: &str,
+    state: ExecutionState,
+    out: &UnboundedSender<Message>,
+) {
+    if state == ExecutionState::Failed {
+        tracing::warn!("deployment of job {job:016x} failed: {cause}");
+    } else {
+        tracing::info!("deployment of job {job:016x} stopped: {cause}");
+    }
+    {
+        let mut jobs = lock(&services.jobs);
+        if let Some(t) = jobs.get_mut(&job) {
+            t.canceled.store(true, Ordering::Relaxed);
+            t.deploying = false;
+            if t.running == 0 {
+                jobs.remove(&job);
+            }
+        }
+    }
+    services.registry.release_job(job, cause);
+    {
+        let mut slots = lock(&services.slots);
+        let released = slots.release(job);
+        tracing::debug!("job {job:016x}: {released:?}");
+        let _ = out.send(Message::Heartbeat {
+            slots: slots.report(),
+        });
+    }
+    for &task in tasks {
+        let error = (state == ExecutionState::Failed).then(|| cause.to_owned());
+        status(out, job, task, state, error, None);
+    }
+    services.task_ended.notify_waiters();
+}
+
+/// Parses, prepares and starts the tasks; `unstarted` keeps those that
+/// have not started, for the rollback.
+async fn run_deployment(
+    services: &Arc<Services>,
+    deployment: Deployment,
+    unstarted: &mut Vec<TaskKey>,
+    canceled: &Arc<AtomicBool>,
+    out: &UnboundedSender<Message>,
+) -> Result<(), DeployError> {
     let Deployment {
         job,
         attempt,
@@ -110,159 +303,91 @@ pub(super) async fn deploy(
         checkpointing,
     } = deployment;
     let checkpointing = checkpointing.map(Arc::new);
-    let canceled = Arc::new(AtomicBool::new(false));
-    let planned = parse_job(job_text, Path::new(job_path)).and_then(plan);
-    let plan = match planned {
-        Ok(p) => Arc::new(p),
-        Err(e) => {
-            for &(vertex, subtask) in &keys {
-                let _ = out.send(Message::TaskStatus {
-                    execution: ExecutionId(job),
-                    vertex,
-                    subtask,
-                    state: ExecutionState::Failed,
-                    error: Some(e.to_string()),
-                    metrics: None,
-                });
-            }
-            return;
-        }
-    };
+    let plan = Arc::new(parse_job(&job_text, Path::new(&job_path)).and_then(plan)?);
     let graph = Arc::new(JobGraph::build(&plan, default_parallelism));
-    let tasks = match expand(&graph, &keys, attempt, &placement, &gpu_operators) {
-        Ok(tasks) => tasks,
-        Err(e) => {
-            for &(vertex, subtask) in &keys {
-                let _ = out.send(Message::TaskStatus {
-                    execution: ExecutionId(job),
-                    vertex,
-                    subtask,
-                    state: ExecutionState::Failed,
-                    error: Some(e.clone()),
-                    metrics: None,
-                });
-            }
-            return;
-        }
-    };
-    for tdd in &tasks {
-        status(&out, job, tdd, ExecutionState::Deploying, None, None);
+    let tasks = expand(&graph, unstarted, attempt, &placement, &gpu_operators)
+        .map_err(|detail| DeployError::Descriptor { detail })?;
+    let prepared = prepare(services, job, tasks, canceled).await?;
+    // A cancel or a fence that came while preparing released the slots and
+    // the registrations made so far; those made after it are released by
+    // the rollback.
+    if canceled.load(Ordering::Relaxed) {
+        return Err(DeployError::Canceled);
     }
-    {
-        let mut slots = lock(&services.slots);
-        for tdd in &tasks {
-            if let Err(e) = slots.allocate(tdd.slot, job) {
-                drop(slots);
-                fail_all(&out, job, &tasks, &e.to_string());
-                return;
-            }
-        }
-    }
-    let prepared = match prepare(services, job, tasks.clone(), &canceled).await {
-        Ok(p) => p,
-        Err(e) => {
-            services.registry.release_job(job, "deployment failed");
-            fail_all(&out, job, &tasks, &e.to_string());
-            return;
-        }
-    };
-    let mut controls = Vec::new();
     let mut receivers = Vec::new();
-    for p in &prepared {
-        if checkpointing.is_some() {
-            let (sender, receiver) = std::sync::mpsc::sync_channel(super::TASK_CONTROL_MAX);
-            controls.push(super::TaskControlHandle {
-                vertex: p.tdd.vertex,
-                subtask: p.tdd.subtask,
-                sender,
-            });
-            receivers.push(Some(receiver));
-        } else {
-            receivers.push(None);
+    {
+        let mut jobs = lock(&services.jobs);
+        let entry = jobs.get_mut(&job).ok_or(DeployError::Canceled)?;
+        for p in &prepared {
+            if checkpointing.is_some() {
+                let (sender, receiver) = std::sync::mpsc::sync_channel(super::TASK_CONTROL_MAX);
+                entry.controls.push(super::TaskControlHandle {
+                    vertex: p.tdd.vertex,
+                    subtask: p.tdd.subtask,
+                    sender,
+                });
+                receivers.push(Some(receiver));
+            } else {
+                receivers.push(None);
+            }
         }
     }
-    lock(&services.jobs).insert(
-        job,
-        JobTasks {
-            canceled: Arc::clone(&canceled),
-            running: prepared.len(),
-            tasks: Vec::new(),
-            controls,
-        },
-    );
     let printed = Arc::new(AtomicU64::new(0));
     for (p, control) in prepared.into_iter().zip(receivers) {
-        let services = Arc::clone(services);
-        let checkpoints = control.zip(checkpointing.clone());
-        let (plan, graph, out, canceled, printed) = (
-            Arc::clone(&plan),
-            Arc::clone(&graph),
-            out.clone(),
-            Arc::clone(&canceled),
-            Arc::clone(&printed),
-        );
         let name = format!(
             "{} ({}/{})",
             graph.vertex_name(&plan, p.tdd.vertex),
             p.tdd.subtask + 1,
             p.tdd.parallelism
         );
-        lock(&services.slots).task_started(p.tdd.slot).ok();
+        // The slot table hears of the start before the thread exists, so a
+        // thread that ends at once finds its task there. A task whose
+        // execution was released meanwhile (cancel, fence) does not start.
+        let key = task_key(&p.tdd);
+        if lock(&services.slots)
+            .task_started(job, p.tdd.slot, key)
+            .is_err()
+        {
+            return Err(DeployError::Canceled);
+        }
+        if let Some(t) = lock(&services.jobs).get_mut(&job) {
+            t.running += 1;
+        }
+        let task = TaskThread {
+            services: Arc::clone(services),
+            job,
+            plan: Arc::clone(&plan),
+            graph: Arc::clone(&graph),
+            name: name.clone(),
+            canceled: Arc::clone(canceled),
+            printed: Arc::clone(&printed),
+            out: out.clone(),
+            checkpoints: control.zip(checkpointing.clone()),
+        };
+        let slot = p.tdd.slot;
         let spawned = std::thread::Builder::new()
             .name(name.chars().take(15).collect())
-            .spawn(move || {
-                run_task(
-                    &services,
-                    job,
-                    &plan,
-                    &graph,
-                    p,
-                    name,
-                    canceled,
-                    printed,
-                    out,
-                    checkpoints,
-                )
-            });
-        if let Err(e) = spawned {
-            tracing::error!("cannot spawn a task thread: {e}");
+            .spawn(move || task.run(p));
+        if let Err(source) = spawned {
+            // The closure, and with it the task, was dropped unrun.
+            if let Some(t) = lock(&services.jobs).get_mut(&job) {
+                t.running -= 1;
+            }
+            if let Err(e) = lock(&services.slots).task_ended(job, slot, key) {
+                tracing::debug!("job {job:016x}: {e}");
+            }
+            return Err(DeployError::Spawn { task: name, source });
+        }
+        unstarted.retain(|t| *t != key);
+    }
+    let mut jobs = lock(&services.jobs);
+    if let Some(t) = jobs.get_mut(&job) {
+        t.deploying = false;
+        if t.running == 0 {
+            jobs.remove(&job);
         }
     }
-}
-
-/// This TaskManager's task descriptors, expanded from the compact
-/// deployment; a deployment that does not fit the job graph is refused.
-fn expand(
-    graph: &JobGraph,
-    keys: &[(usize, u32)],
-    attempt: u32,
-    placement: &[SubtaskLocation],
-    gpu_operators: &[Vec<usize>],
-) -> Result<Vec<TaskDeploymentDescriptor>, String> {
-    let slots_needed = graph.slots_needed() as usize;
-    if placement.len() < slots_needed {
-        return Err(format!(
-            "the deployment places {} subtask indices, the job graph needs {slots_needed}",
-            placement.len()
-        ));
-    }
-    keys.iter()
-        .map(|&(vertex, subtask)| {
-            let v = graph
-                .vertices
-                .get(vertex)
-                .ok_or_else(|| format!("the deployment names vertex {vertex}, which the job graph lacks"))?;
-            if subtask >= v.parallelism {
-                return Err(format!(
-                    "the deployment names subtask {subtask} of vertex {vertex}, whose parallelism is {}",
-                    v.parallelism
-                ));
-            }
-            let mut tdd = descriptor(graph, vertex, subtask, attempt, placement);
-            tdd.gpu_operators = gpu_operators.get(vertex).cloned().unwrap_or_default();
-            Ok(tdd)
-        })
-        .collect()
+    Ok(())
 }
 
 /// Creates and registers gates and partitions, builds writers, and
@@ -450,6 +575,47 @@ async fn prepare(
     Ok(prepared)
 }
 
+/// Everything a task's thread needs besides its prepared gates and writers.
+struct TaskThread {
+    services: Arc<Services>,
+    job: u64,
+    plan: Arc<LogicalPlan>,
+    graph: Arc<JobGraph>,
+    name: String,
+    canceled: Arc<AtomicBool>,
+    printed: Arc<AtomicU64>,
+    out: UnboundedSender<Message>,
+    checkpoints: Option<(Receiver<TaskControl>, Arc<CheckpointDeployment>)>,
+}
+
+impl TaskThread {
+    fn run(self, p: Prepared) {
+        let TaskThread {
+            services,
+            job,
+            plan,
+            graph,
+            name,
+            canceled,
+            printed,
+            out,
+            checkpoints,
+        } = self;
+        run_task(
+            &services,
+            job,
+            &plan,
+            &graph,
+            p,
+            name,
+            canceled,
+            printed,
+            out,
+            checkpoints,
+        );
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn run_task(
     services: &Arc<Services>,
@@ -464,7 +630,14 @@ fn run_task(
     checkpoints: Option<(Receiver<TaskControl>, Arc<CheckpointDeployment>)>,
 ) {
     let tdd = p.tdd.clone();
-    status(&out, job, &tdd, ExecutionState::Initializing, None, None);
+    status(
+        &out,
+        job,
+        task_key(&tdd),
+        ExecutionState::Initializing,
+        None,
+        None,
+    );
     let vertex = &graph.vertices[tdd.vertex];
     let operator_metrics: Vec<(usize, Arc<OperatorMetrics>)> = vertex
         .operators
@@ -499,14 +672,9 @@ fn run_task(
         )
     }))
     .unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| panic.downcast_ref::<&str>().copied())
-            .unwrap_or("unknown panic");
         Err(ExecError::State {
             operator: name.clone(),
-            detail: format!("internal error (panic): {what}"),
+            detail: format!("internal error (panic): {}", super::panic_message(&*panic)),
         })
     });
     metrics
@@ -531,32 +699,39 @@ fn run_task(
         }
     };
     // Free the slot before reporting the end: the JobManager may redeploy
-    // onto it as soon as it hears of it (a restart after a failure).
+    // onto it as soon as it hears of it (a restart after a failure). The
+    // slot stays held while other tasks deployed on it have not ended.
     {
         // The slot report goes out before the task's end, under the slot
-        // table's lock (so reports leave in the order the table changed):
-        // the JobManager schedules onto a slot only once its TaskManager
-        // reports it free, and a restart waits for the failed tasks' ends.
+        // table's lock (reports leave in the order the table changed): the
+        // JobManager schedules onto a slot only once its TaskManager reports
+        // it free, and a restart waits for the failed tasks' ends.
         let mut slots = lock(&services.slots);
-        slots.task_ended(tdd.slot).ok();
+        if let Err(e) = slots.task_ended(job, tdd.slot, task_key(&tdd)) {
+            // The execution was released and its slot fenced meanwhile.
+            tracing::debug!("task {name} ended: {e}");
+        }
         let _ = out.send(Message::Heartbeat {
             slots: slots.report(),
         });
     }
-    status(&out, job, &tdd, state, error, Some(&metrics));
-    let mut jobs = lock(&services.jobs);
-    let done = jobs.get_mut(&job).is_some_and(|t| {
-        t.tasks
-            .retain(|(v, s, _)| !(*v == tdd.vertex && *s == tdd.subtask));
-        t.running -= 1;
-        t.running == 0
-    });
-    if done {
-        // The job's result partitions stay registered: remote consumers may
-        // still be draining them. The JobManager releases them when the job
-        // ends cluster-wide (ReleaseJob or CancelJob).
-        jobs.remove(&job);
+    status(&out, job, task_key(&tdd), state, error, Some(&metrics));
+    {
+        let mut jobs = lock(&services.jobs);
+        let done = jobs.get_mut(&job).is_some_and(|t| {
+            t.tasks
+                .retain(|(v, s, _)| !(*v == tdd.vertex && *s == tdd.subtask));
+            t.running -= 1;
+            t.running == 0 && !t.deploying
+        });
+        if done {
+            // The job's result partitions stay registered: remote consumers
+            // may still be draining them. The JobManager releases them when
+            // the job ends cluster-wide (ReleaseJob or CancelJob).
+            jobs.remove(&job);
+        }
     }
+    services.task_ended.notify_waiters();
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -643,7 +818,7 @@ fn build_and_run(
     if let Some(t) = lock(&services.jobs).get_mut(&job) {
         t.tasks.push((tdd.vertex, tdd.subtask, Arc::clone(metrics)));
     }
-    status(out, job, tdd, ExecutionState::Running, None, None);
+    status(out, job, task_key(tdd), ExecutionState::Running, None, None);
     let task = Task {
         name: name.to_owned(),
         input,

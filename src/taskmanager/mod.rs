@@ -60,10 +60,15 @@ pub enum TaskManagerError {
     Address { address: String, reason: String },
 }
 
-/// A running job's tasks on this TaskManager.
+/// A running job's tasks on this TaskManager: one execution, from its
+/// deployment until its last task thread ended.
 struct JobTasks {
     canceled: Arc<AtomicBool>,
+    /// Task threads started and not yet ended.
     running: usize,
+    /// The deployment is still starting tasks: the entry stays while it
+    /// does, even when every thread started so far has already ended.
+    deploying: bool,
     tasks: Vec<(usize, u32, Arc<TaskMetrics>)>,
     /// Control channels of the job's tasks (with checkpointing on).
     controls: Vec<TaskControlHandle>,
@@ -131,6 +136,9 @@ pub struct Services {
     pub io: Arc<IoManager>,
     slots: Mutex<SlotTable>,
     jobs: Mutex<HashMap<u64, JobTasks>>,
+    /// Woken whenever a task thread ended or a deployment was rolled back,
+    /// for the fence that waits for slots to become free.
+    task_ended: tokio::sync::Notify,
     /// Each GPU slot's kernel backend; `None` for a CPU slot (or a GPU that
     /// could not be opened, which the log says).
     pub gpu_kernels: Vec<Option<Arc<dyn crate::kernels::backend::KernelBackend>>>,
@@ -148,12 +156,70 @@ impl Services {
         *lock(&self.name)
     }
 
-    fn cancel_all(&self, reason: &str) {
-        for (job, tasks) in lock(&self.jobs).iter() {
-            tracing::warn!("canceling job {job:016x}: {reason}");
+    /// Cancels execution `job` (CancelJob, ReleaseJob, a fence): sets its
+    /// tasks' cancel flag, unregisters its gates and partitions, and releases
+    /// its slots; those whose tasks still run free themselves as the tasks
+    /// end.
+    fn release(&self, job: u64, reason: &str) {
+        if let Some(tasks) = lock(&self.jobs).get(&job) {
             tasks.canceled.store(true, Ordering::Relaxed);
         }
+        self.registry.release_job(job, reason);
+        let released = lock(&self.slots).release(job);
+        if !released.freed.is_empty() || !released.draining.is_empty() {
+            tracing::debug!("job {job:016x} released: {released:?}");
+        }
     }
+
+    /// Fences this TaskManager after it lost its session with the
+    /// JobManager, which has given its tasks up by now: cancels every
+    /// execution and waits, at most `bound`, until every task thread has
+    /// ended and every slot is free. Returns the slots still held; they stay
+    /// reported occupied until their tasks end.
+    async fn fence(&self, reason: &str, bound: Duration) -> Vec<slots::Occupancy> {
+        let mut jobs: Vec<u64> = lock(&self.jobs).keys().copied().collect();
+        jobs.extend(lock(&self.slots).jobs());
+        jobs.sort_unstable();
+        jobs.dedup();
+        for &job in &jobs {
+            tracing::warn!("canceling job {job:016x}: {reason}");
+            self.release(job, reason);
+        }
+        let deadline = tokio::time::Instant::now() + bound;
+        loop {
+            // Registered before the check, so that an end between the check
+            // and the wait is not missed.
+            let ended = self.task_ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            let running: usize = lock(&self.jobs).values().map(|t| t.running).sum();
+            let occupied = lock(&self.slots).occupied();
+            if running == 0 && occupied.is_empty() {
+                return Vec::new();
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                for o in &occupied {
+                    tracing::error!(
+                        "slot {} stays {:?}: tasks {:?} of job {:016x} did not stop within {bound:?}                          after the cancel; it is reported occupied until they end",
+                        o.index,
+                        o.state,
+                        o.tasks,
+                        o.job
+                    );
+                }
+                return occupied;
+            }
+        }
+    }
+}
+
+/// The message of a panic's payload.
+fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
 /// One kernel backend per GPU slot, each within its slot's device budget.
@@ -309,6 +375,7 @@ impl TaskManager {
                 gpu_kernels: open_gpu_slots(&profiles, gpu.devices()),
                 slots: Mutex::new(SlotTable::with_profiles(profiles)),
                 jobs: Mutex::default(),
+                task_ended: tokio::sync::Notify::new(),
                 config,
             }),
         })
@@ -319,7 +386,10 @@ impl TaskManager {
     }
 
     /// Registers with the JobManager and serves it until `shutdown` is set.
-    /// Re-registers after losing the JobManager.
+    /// After losing the JobManager (connection closed, silent for
+    /// `heartbeat.timeout`, or this process paused for longer) it fences
+    /// itself, cancelling every task and waiting for their slots, and then
+    /// registers again as a new TaskManager.
     pub async fn run(
         self,
         jobmanager: String,
@@ -332,14 +402,28 @@ impl TaskManager {
             let Some(stream) = stream else {
                 return Ok(());
             };
-            match session(stream, &services, &shutdown).await {
-                Ok(()) => return Ok(()),
-                Err(e) => {
-                    services.cancel_all("lost the JobManager");
-                    tracing::warn!(
-                        "lost connection to JobManager at {jobmanager}: {e}; re-registering"
-                    );
-                }
+            // The session runs in its own task, so that a panic in it ends
+            // the session (and fences) instead of the TaskManager.
+            let ended = tokio::spawn(session(
+                stream,
+                Arc::clone(&services),
+                Arc::clone(&shutdown),
+            ))
+            .await;
+            let error = match ended {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(e)) => e,
+                Err(e) => joined("session", Err::<(), _>(e)),
+            };
+            tracing::warn!(
+                "lost the session with the JobManager at {jobmanager}: {error}; \
+                 canceling every task before registering again"
+            );
+            let stuck = services
+                .fence("lost the JobManager", config.heartbeat_timeout)
+                .await;
+            if stuck.is_empty() {
+                tracing::info!("every task stopped and every slot is free; registering again");
             }
         }
     }
@@ -379,12 +463,52 @@ async fn connect_with_backoff(
     }
 }
 
+/// Why a session with the JobManager ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error(transparent)]
+    Rpc(#[from] RpcError),
+    #[error("the JobManager answered the registration with {got}")]
+    Unregistered { got: String },
+    #[error("no message from the JobManager for {timeout:?} (heartbeat.timeout)")]
+    Silent { timeout: Duration },
+    #[error(
+        "this TaskManager was not scheduled for {gap:?}, longer than heartbeat.timeout \
+         ({timeout:?}): the JobManager has declared it lost"
+    )]
+    Paused { gap: Duration, timeout: Duration },
+    #[error("the session's {part} panicked: {message}")]
+    Panicked { part: &'static str, message: String },
+    #[error("the session's {part} stopped")]
+    Stopped { part: &'static str },
+    #[error("the JobManager disconnected this TaskManager: {reason}")]
+    Disconnected { reason: String },
+}
+
+/// What a session task's `JoinHandle` says about how it ended.
+fn joined<T>(part: &'static str, joined: Result<T, tokio::task::JoinError>) -> SessionError {
+    match joined {
+        Ok(_) => SessionError::Stopped { part },
+        Err(e) if e.is_panic() => SessionError::Panicked {
+            part,
+            message: panic_message(&*e.into_panic()),
+        },
+        Err(_) => SessionError::Stopped { part },
+    }
+}
+
+/// How often the session loop wakes up with nothing to read, to look at
+/// `shutdown`, the JobManager's silence and its own scheduling gaps.
+const SESSION_TICK: Duration = Duration::from_millis(200);
+
 async fn session(
     stream: TcpStream,
-    services: &Arc<Services>,
-    shutdown: &AtomicBool,
-) -> Result<(), RpcError> {
+    services: Arc<Services>,
+    shutdown: Arc<AtomicBool>,
+) -> Result<(), SessionError> {
     let (mut reader, mut writer) = stream.into_split();
+    // Slots whose tasks could not be stopped after a lost session are
+    // reported occupied, so that the JobManager schedules around them.
     let slots = lock(&services.slots).report();
     write_message(
         &mut writer,
@@ -397,24 +521,29 @@ async fn session(
         },
     )
     .await?;
-    let Message::Registered { taskmanager } = read_message(&mut reader).await? else {
-        return Err(RpcError::Closed);
+    let taskmanager = match read_message(&mut reader).await? {
+        Message::Registered { taskmanager } => taskmanager,
+        other => {
+            return Err(SessionError::Unregistered {
+                got: format!("{other:?}").chars().take(200).collect(),
+            });
+        }
     };
     tracing::info!("registered with the JobManager as {taskmanager}");
     *lock(&services.name) = taskmanager;
     let (out, mut out_rx) = unbounded_channel::<Message>();
-    let writer_task = tokio::spawn(async move {
+    let mut writer_task = tokio::spawn(async move {
         while let Some(msg) = out_rx.recv().await {
             if write_message(&mut writer, &msg).await.is_err() {
                 break;
             }
         }
     });
-    let ticker = tokio::spawn(report_loop(Arc::clone(services), out.clone()));
+    let mut ticker = tokio::spawn(report_loop(Arc::clone(&services), out.clone()));
     // `read_message` is not cancel-safe, so it runs in its own task and the
     // loop below waits on a channel, which is.
     let (in_tx, mut in_rx) = tokio::sync::mpsc::channel::<Result<Message, RpcError>>(64);
-    let reader_task = tokio::spawn(async move {
+    let mut reader_task = tokio::spawn(async move {
         loop {
             let msg = read_message(&mut reader).await;
             let failed = msg.is_err();
@@ -423,107 +552,49 @@ async fn session(
             }
         }
     });
+    let timeout = services.config.heartbeat_timeout;
     let mut last_message = Instant::now();
+    let mut last_wakeup = Instant::now();
     let result = loop {
         if shutdown.load(Ordering::Relaxed) {
             break Ok(());
         }
-        let timeout = services.config.heartbeat_timeout;
-        let msg = match tokio::time::timeout(Duration::from_millis(200), in_rx.recv()).await {
-            Err(_) => {
+        let received = tokio::select! {
+            received = in_rx.recv() => received,
+            () = tokio::time::sleep(SESSION_TICK) => {
                 if last_message.elapsed() > timeout {
-                    break Err(RpcError::Io(std::io::Error::other(format!(
-                        "no heartbeat answer from the JobManager for {timeout:?} (heartbeat.timeout)"
-                    ))));
+                    break Err(SessionError::Silent { timeout });
+                }
+                if let Some(e) = paused(&mut last_wakeup, timeout) {
+                    break Err(e);
                 }
                 continue;
             }
-            Ok(None) => break Err(RpcError::Closed),
-            Ok(Some(Err(e))) => break Err(e),
-            Ok(Some(Ok(m))) => m,
+            // The heartbeat loop ends only when it detects a pause, the
+            // writer only when the connection fails; a panic in either
+            // ends the session too.
+            ended = &mut ticker => match ended {
+                Ok(Err(e)) => break Err(e),
+                other => break Err(joined("heartbeat loop", other)),
+            },
+            ended = &mut writer_task => break Err(joined("writer", ended)),
+        };
+        // Messages that waited in the socket while this process was paused
+        // are not acted on: the JobManager has declared it lost.
+        if let Some(e) = paused(&mut last_wakeup, timeout) {
+            break Err(e);
+        }
+        let msg = match received {
+            // The reader ended without an error for us: it panicked.
+            None => break Err(joined("reader", (&mut reader_task).await)),
+            Some(Err(e)) => break Err(e.into()),
+            Some(Ok(m)) => m,
         };
         last_message = Instant::now();
-        match msg {
-            Message::DeployTasks {
-                execution,
-                attempt,
-                job_text,
-                job_path,
-                default_parallelism,
-                placement,
-                tasks,
-                gpu_operators,
-                checkpointing,
-                ..
-            } => {
-                let services = Arc::clone(services);
-                let out = out.clone();
-                tokio::spawn(async move {
-                    deploy::deploy(
-                        &services,
-                        deploy::Deployment {
-                            job: execution.0,
-                            attempt,
-                            job_text: &job_text,
-                            job_path: &job_path,
-                            default_parallelism,
-                            placement,
-                            gpu_operators,
-                            checkpointing,
-                        },
-                        tasks,
-                        out,
-                    )
-                    .await;
-                });
-            }
-            Message::TriggerCheckpoint {
-                execution: ExecutionId(job),
-                checkpoint: CheckpointId(checkpoint),
-            } => {
-                // Running source tasks inject the barrier; tasks waiting
-                // for the final commit snapshot for the final checkpoint;
-                // the others ignore it.
-                let control = crate::exec::task::TaskControl::TriggerCheckpoint(checkpoint);
-                deliver_control(services, &out, job, control);
-            }
-            Message::CheckpointComplete {
-                execution: ExecutionId(job),
-                checkpoint: CheckpointId(checkpoint),
-            } => {
-                let control = crate::exec::task::TaskControl::CheckpointComplete(checkpoint);
-                deliver_control(services, &out, job, control);
-            }
-            Message::AbortCheckpoint {
-                execution: ExecutionId(job),
-                checkpoint: CheckpointId(checkpoint),
-            } => {
-                let control = crate::exec::task::TaskControl::AbortCheckpoint(checkpoint);
-                deliver_control(services, &out, job, control);
-            }
-            Message::CancelJob {
-                execution: ExecutionId(job),
-                reason,
-            } => {
-                if let Some(tasks) = lock(&services.jobs).get(&job) {
-                    tracing::info!("canceling job {job:016x}: {reason}");
-                    tasks.canceled.store(true, Ordering::Relaxed);
-                }
-                services.registry.release_job(job, &reason);
-            }
-            Message::ReleaseJob {
-                execution: ExecutionId(job),
-            } => {
-                services.registry.release_job(job, "job finished");
-            }
-            Message::HeartbeatAck => {}
-            Message::Disconnect { reason } => {
-                break Err(RpcError::Io(std::io::Error::other(format!(
-                    "the JobManager disconnected this TaskManager: {reason}"
-                ))));
-            }
-            other => tracing::warn!("unexpected message from the JobManager: {other:?}"),
+        if let Message::Disconnect { reason } = msg {
+            break Err(SessionError::Disconnected { reason });
         }
+        on_message(&services, &out, msg);
     };
     ticker.abort();
     writer_task.abort();
@@ -531,13 +602,147 @@ async fn session(
     result
 }
 
-/// Sends heartbeats with slot reports, and running tasks' metrics.
-async fn report_loop(services: Arc<Services>, out: UnboundedSender<Message>) {
+/// Whether this process was not scheduled for longer than `timeout` since
+/// `last_wakeup` (SIGSTOP, a VM pause, a swap storm); updates it.
+fn paused(last_wakeup: &mut Instant, timeout: Duration) -> Option<SessionError> {
+    let now = Instant::now();
+    let gap = now.duration_since(*last_wakeup);
+    *last_wakeup = now;
+    (gap > timeout).then_some(SessionError::Paused { gap, timeout })
+}
+
+/// Acts on one message from the JobManager.
+fn on_message(services: &Arc<Services>, out: &UnboundedSender<Message>, msg: Message) {
+    match msg {
+        Message::DeployTasks {
+            execution,
+            attempt,
+            job_text,
+            job_path,
+            default_parallelism,
+            placement,
+            tasks,
+            gpu_operators,
+            checkpointing,
+            ..
+        } => {
+            let job = execution.0;
+            let tasks: Vec<deploy::TaskKey> = tasks
+                .into_iter()
+                .map(|(vertex, subtask)| deploy::TaskKey { vertex, subtask })
+                .collect();
+            let Some(canceled) = deploy::begin(services, job, &tasks, &placement, out) else {
+                return;
+            };
+            let deployment = deploy::Deployment {
+                job,
+                attempt,
+                job_text,
+                job_path,
+                default_parallelism,
+                placement,
+                gpu_operators,
+                checkpointing,
+            };
+            let handle = tokio::spawn(deploy::deploy(
+                Arc::clone(services),
+                deployment,
+                tasks.clone(),
+                canceled,
+                out.clone(),
+            ));
+            // A panic in the deployment fails its tasks and frees its slots
+            // instead of leaving the job waiting for them.
+            let (services, out) = (Arc::clone(services), out.clone());
+            tokio::spawn(async move {
+                if let Err(e) = handle.await {
+                    let cause = format!(
+                        "deploying on {} failed: internal error (panic): {}",
+                        services.name(),
+                        if e.is_panic() {
+                            panic_message(&*e.into_panic())
+                        } else {
+                            e.to_string()
+                        }
+                    );
+                    let failed = crate::protocol::ExecutionState::Failed;
+                    deploy::abort(&services, job, &tasks, &cause, failed, &out);
+                }
+            });
+        }
+        Message::TriggerCheckpoint {
+            execution: ExecutionId(job),
+            checkpoint: CheckpointId(checkpoint),
+        } => {
+            // Running source tasks inject the barrier; tasks waiting
+            // for the final commit snapshot for the final checkpoint;
+            // the others ignore it.
+            let control = crate::exec::task::TaskControl::TriggerCheckpoint(checkpoint);
+            deliver_control(services, out, job, control);
+        }
+        Message::CheckpointComplete {
+            execution: ExecutionId(job),
+            checkpoint: CheckpointId(checkpoint),
+        } => {
+            let control = crate::exec::task::TaskControl::CheckpointComplete(checkpoint);
+            deliver_control(services, out, job, control);
+        }
+        Message::AbortCheckpoint {
+            execution: ExecutionId(job),
+            checkpoint: CheckpointId(checkpoint),
+        } => {
+            let control = crate::exec::task::TaskControl::AbortCheckpoint(checkpoint);
+            deliver_control(services, out, job, control);
+        }
+        Message::CancelJob {
+            execution: ExecutionId(job),
+            reason,
+        } => {
+            tracing::info!("canceling job {job:016x}: {reason}");
+            services.release(job, &reason);
+            report_slots(services, out);
+        }
+        Message::ReleaseJob {
+            execution: ExecutionId(job),
+        } => {
+            services.release(job, "job finished");
+            report_slots(services, out);
+        }
+        Message::HeartbeatAck => {}
+        // Handled by the session, which ends (and fences) on it.
+        Message::Disconnect { .. } => {}
+        other => tracing::warn!("unexpected message from the JobManager: {other:?}"),
+    }
+}
+
+/// Sends a slot report now, under the slot table's lock (so reports leave
+/// in the order the table changed).
+fn report_slots(services: &Services, out: &UnboundedSender<Message>) {
+    let slots = lock(&services.slots);
+    let _ = out.send(Message::Heartbeat {
+        slots: slots.report(),
+    });
+}
+
+/// Sends heartbeats with slot reports, and running tasks' metrics. Ends
+/// (with the error) only when it finds that it was not scheduled for longer
+/// than `heartbeat.timeout`.
+async fn report_loop(
+    services: Arc<Services>,
+    out: UnboundedSender<Message>,
+) -> Result<(), SessionError> {
     let interval = services.config.heartbeat_interval;
+    let timeout = services.config.heartbeat_timeout;
     let mut last_heartbeat = Instant::now() - interval;
+    let mut last_wakeup = Instant::now();
     loop {
+        if let Some(e) = paused(&mut last_wakeup, timeout) {
+            return Err(e);
+        }
         if last_heartbeat.elapsed() >= interval {
             last_heartbeat = Instant::now();
+            // Reported under the slot table's lock, so reports leave in the
+            // order the table changed (task ends send one too).
             let slots = lock(&services.slots);
             if out
                 .send(Message::Heartbeat {
@@ -545,7 +750,7 @@ async fn report_loop(services: Arc<Services>, out: UnboundedSender<Message>) {
                 })
                 .is_err()
             {
-                return;
+                return Ok(());
             }
         }
         let updates: Vec<Message> = lock(&services.jobs)
@@ -565,7 +770,7 @@ async fn report_loop(services: Arc<Services>, out: UnboundedSender<Message>) {
             .collect();
         for u in updates {
             if out.send(u).is_err() {
-                return;
+                return Ok(());
             }
         }
         tokio::time::sleep(Duration::from_millis(250).min(interval)).await;
