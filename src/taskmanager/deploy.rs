@@ -187,24 +187,22 @@ pub(super) fn begin(
     let canceled = Arc::new(AtomicBool::new(false));
     let refused = {
         let mut jobs = lock(&services.jobs);
-        if jobs.contains_key(&job) {
-            Some(DeployError::Duplicate { job })
-        } else {
-            match lock(&services.slots).allocate(job, &placements) {
-                Ok(()) => {
-                    jobs.insert(
-                        job,
-                        JobTasks {
+        match jobs.entry(job) {
+            std::collections::hash_map::Entry::Occupied(_) => Some(DeployError::Duplicate { job }),
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                match lock(&services.slots).allocate(job, &placements) {
+                    Ok(()) => {
+                        vacant.insert(JobTasks {
                             canceled: Arc::clone(&canceled),
                             running: 0,
                             deploying: true,
                             tasks: Vec::new(),
                             controls: Vec::new(),
-                        },
-                    );
-                    None
+                        });
+                        None
+                    }
+                    Err(e) => Some(DeployError::Slot(e)),
                 }
-                Err(e) => Some(DeployError::Slot(e)),
             }
         }
     };
