@@ -19,6 +19,7 @@ use super::rpc::{
 use crate::config::Config;
 use crate::job::graph::JobGraph;
 use crate::job::{LogicalPlan, parse_job, plan};
+use crate::exec::sink::output::{check_sink_outputs, prepare_sink_outputs};
 use crate::metrics::TaskSnapshot;
 
 mod checkpointing;
@@ -341,6 +342,14 @@ fn submit(
             return;
         }
     };
+    // Sink output directories are checked once per job, here, and not per
+    // attempt: a restart must not be refused by its own earlier output.
+    if let Err(e) = check_sink_outputs(&plan.spec) {
+        let _ = client.send(Message::JobRejected {
+            reason: e.to_string(),
+        });
+        return;
+    }
     let graph = Arc::new(JobGraph::build(&plan, config.default_parallelism));
     let mut s = lock(state);
     let tiers = match place_on_cluster(&plan, &graph, config, &s.taskmanagers) {
@@ -373,6 +382,19 @@ fn submit(
             return;
         }
     };
+    // Once per job, before any task is deployed (see exec::sink::output).
+    match prepare_sink_outputs(&plan.spec) {
+        Ok(removed) if !removed.is_empty() => {
+            tracing::info!("job '{name}': removed {} part files of an earlier run", removed.len());
+        }
+        Ok(_) => {}
+        Err(e) => {
+            let _ = client.send(Message::JobRejected {
+                reason: e.to_string(),
+            });
+            return;
+        }
+    }
     let _ = client.send(Message::JobAccepted {
         job,
         name: name.clone(),
