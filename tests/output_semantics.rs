@@ -73,7 +73,10 @@ async fn overwrite_at_lower_parallelism_leaves_only_the_new_parts_and_the_defaul
     let cluster = MiniCluster::start(config(4), 1).await.unwrap();
     let address = cluster.address().to_string();
     for (parallelism, expected) in [
-        (4, vec!["part-0.csv", "part-1.csv", "part-2.csv", "part-3.csv"]),
+        (
+            4,
+            vec!["part-0.csv", "part-1.csv", "part-2.csv", "part-3.csv"],
+        ),
         (2, vec!["part-0.csv", "part-1.csv"]),
     ] {
         let job = datagen_to_csv(&out, parallelism, Some("overwrite"));
@@ -185,7 +188,10 @@ path = "{}"
         .into_iter()
         .filter(|n| n.starts_with("strata-io-"))
         .collect();
-    assert!(spill_dirs.is_empty(), "spill directories left: {spill_dirs:?}");
+    assert!(
+        spill_dirs.is_empty(),
+        "spill directories left: {spill_dirs:?}"
+    );
 }
 
 struct NoOutput;
@@ -234,7 +240,9 @@ fn read_all(path: &Path) -> Result<Vec<RecordBatch>, ExecError> {
 /// The largest column chunk of row group 0: (column index, path, range).
 fn largest_chunk(path: &Path) -> (usize, String, u64, u64) {
     let file = File::open(path).unwrap();
-    let metadata = ParquetMetaDataReader::new().parse_and_finish(&file).unwrap();
+    let metadata = ParquetMetaDataReader::new()
+        .parse_and_finish(&file)
+        .unwrap();
     let (index, column) = metadata
         .row_group(0)
         .columns()
@@ -299,14 +307,17 @@ fn a_parquet_file_without_checksums_still_reads() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("plain.parquet");
     let batch = rows(50_000);
-    let mut writer = ArrowWriter::try_new(File::create(&path).unwrap(), batch.schema(), None)
-        .unwrap();
+    let mut writer =
+        ArrowWriter::try_new(File::create(&path).unwrap(), batch.schema(), None).unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
     let read = read_all(&path).unwrap();
     let total: usize = read.iter().map(|b| b.num_rows()).sum();
     assert_eq!(total, 50_000);
-    assert_eq!(read[0].column(0).as_ref(), batch.column(0).slice(0, 1024).as_ref());
+    assert_eq!(
+        read[0].column(0).as_ref(),
+        batch.column(0).slice(0, 1024).as_ref()
+    );
 }
 
 fn job_over_csv(dir: &Path, schema_line: &str, operator: &str) -> (PathBuf, PathBuf) {

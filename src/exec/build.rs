@@ -166,7 +166,9 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
         OperatorKind::ParquetSink { path, .. } if ctx.checkpointing => Box::new(
             TwoPhaseParquetSink::new(&spec.name, path, ctx.subtask, input_schema)?,
         ),
-        OperatorKind::CsvSink { path, .. } => Box::new(CsvSink::new(path, ctx.subtask, input_schema)?),
+        OperatorKind::CsvSink { path, .. } => {
+            Box::new(CsvSink::new(path, ctx.subtask, input_schema)?)
+        }
         OperatorKind::ParquetSink { path, .. } => {
             Box::new(ParquetSink::new(path, ctx.subtask, input_schema)?)
         }

@@ -135,7 +135,8 @@ impl PartFile {
     }
 
     fn commit(&mut self) -> Result<(), ExecError> {
-        std::fs::rename(&self.temp_path, &self.final_path).map_err(|e| io_error(&self.final_path, e))?;
+        std::fs::rename(&self.temp_path, &self.final_path)
+            .map_err(|e| io_error(&self.final_path, e))?;
         // Committed: there is nothing left to remove on drop.
         self.identity = None;
         Ok(())
@@ -265,10 +266,11 @@ impl ParquetSink {
     pub fn new(dir: &Path, subtask: u32, schema: SchemaRef) -> Result<Self, ExecError> {
         let (part, file) = PartFile::create(dir, subtask, "parquet")?;
         let properties = page_checksums::sink_writer_properties();
-        let writer = ArrowWriter::try_new(file, schema, Some(properties)).map_err(|e| ExecError::Write {
-            path: part.final_path.clone(),
-            detail: e.to_string(),
-        })?;
+        let writer =
+            ArrowWriter::try_new(file, schema, Some(properties)).map_err(|e| ExecError::Write {
+                path: part.final_path.clone(),
+                detail: e.to_string(),
+            })?;
         Ok(Self {
             part,
             writer: Some(writer),

@@ -662,8 +662,9 @@ fn corrupt_column(path: &Path, row_group: usize) -> Option<CorruptColumn> {
     let metadata = row_group_reader.metadata();
     (0..row_group_reader.num_columns()).find_map(|column_index| {
         let failure = match row_group_reader.get_column_page_reader(column_index) {
-            Ok(mut pages) => std::iter::from_fn(|| pages.get_next_page().transpose())
-                .find_map(Result::err)?,
+            Ok(mut pages) => {
+                std::iter::from_fn(|| pages.get_next_page().transpose()).find_map(Result::err)?
+            }
             Err(e) => e,
         };
         Some(CorruptColumn {

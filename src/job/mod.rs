@@ -54,7 +54,8 @@ pub use plan::{
 };
 pub use spec::{
     AggFunc, AggSpec, CsvSourceSpec, DatagenSpec, JobSpec, NamedExpr, OperatorKind, OperatorSpec,
-    ParquetSourceSpec, SORT_FAN_IN_DEFAULT, SinkMode, SortKey, SourceLines, WatermarkSpec, parse_job,
+    ParquetSourceSpec, SORT_FAN_IN_DEFAULT, SinkMode, SortKey, SourceLines, WatermarkSpec,
+    parse_job,
 };
 
 /// The columns a `datagen` source can produce, in their default order.

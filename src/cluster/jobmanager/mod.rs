@@ -17,9 +17,9 @@ use super::rpc::{
     VertexSummary, read_message, write_message,
 };
 use crate::config::Config;
+use crate::exec::sink::output::{check_sink_outputs, prepare_sink_outputs};
 use crate::job::graph::JobGraph;
 use crate::job::{LogicalPlan, parse_job, plan};
-use crate::exec::sink::output::{check_sink_outputs, prepare_sink_outputs};
 use crate::metrics::TaskSnapshot;
 
 mod checkpointing;
@@ -385,7 +385,10 @@ fn submit(
     // Once per job, before any task is deployed (see exec::sink::output).
     match prepare_sink_outputs(&plan.spec) {
         Ok(removed) if !removed.is_empty() => {
-            tracing::info!("job '{name}': removed {} part files of an earlier run", removed.len());
+            tracing::info!(
+                "job '{name}': removed {} part files of an earlier run",
+                removed.len()
+            );
         }
         Ok(_) => {}
         Err(e) => {

@@ -33,59 +33,60 @@ use crate::job::{JobSpec, Location, OperatorSpec, SinkMode};
 /// The job-file key that names a file sink's directory.
 const PATH_KEY: &str = "path";
 
+/// Which sink, key and directory an error is about.
+#[derive(Debug)]
+pub struct SinkPlace {
+    /// The job file and the line of the key.
+    pub at: Location,
+    pub operator: String,
+    /// The operator's type.
+    pub kind: &'static str,
+    pub key: &'static str,
+    pub dir: PathBuf,
+}
+
+impl std::fmt::Display for SinkPlace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}: operator '{}' ({}): key '{}'",
+            self.at, self.operator, self.kind, self.key
+        )
+    }
+}
+
 /// Why a file sink's output directory cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkOutputError {
     #[error(
-        "{at}: operator '{operator}' ({kind}): key '{key}': output directory {} is not empty \
-         ({entry_count} entries); set mode = \"overwrite\" on this operator to replace the part \
-         files of an earlier run, or choose another path",
-        .dir.display()
+        "{place}: output directory {} is not empty ({entry_count} entries); set mode = \
+         \"overwrite\" on this operator to replace the part files of an earlier run, or choose \
+         another path",
+        .place.dir.display()
     )]
     NotEmpty {
-        at: Location,
-        operator: String,
-        kind: &'static str,
-        key: &'static str,
-        dir: PathBuf,
+        place: Box<SinkPlace>,
         entry_count: usize,
     },
+    #[error("{place}: {} exists and is not a directory", .place.dir.display())]
+    NotADirectory { place: Box<SinkPlace> },
     #[error(
-        "{at}: operator '{operator}' ({kind}): key '{key}': {} exists and is not a directory",
-        .dir.display()
-    )]
-    NotADirectory {
-        at: Location,
-        operator: String,
-        kind: &'static str,
-        key: &'static str,
-        dir: PathBuf,
-    },
-    #[error(
-        "{at}: operator '{operator}' ({kind}): key '{key}': mode = \"overwrite\" removes only \
-         the sink's own part files, but output directory {} also holds {}; move it away or \
-         choose another path",
-        .dir.display(), .entry.display()
+        "{place}: mode = \"overwrite\" removes only the sink's own part files, but output \
+         directory {} also holds {}; move it away or choose another path",
+        .place.dir.display(), .entry.display()
     )]
     ForeignEntry {
-        at: Location,
-        operator: String,
-        kind: &'static str,
-        key: &'static str,
-        dir: PathBuf,
+        place: Box<SinkPlace>,
         entry: PathBuf,
     },
     #[error(
-        "{at}: operator '{operator}': key '{key}': output directory {} is also the output of \
-         operator '{other}'; their part files would overwrite each other",
-        .dir.display()
+        "{place}: output directory {} is also the output of operator '{other}'; their part \
+         files would overwrite each other",
+        .place.dir.display()
     )]
     SharedDirectory {
-        at: Location,
-        operator: String,
+        place: Box<SinkPlace>,
         other: String,
-        key: &'static str,
-        dir: PathBuf,
     },
     #[error("output directory {}: {source}", .dir.display())]
     Io {
@@ -105,8 +106,14 @@ struct FileSink<'a> {
 }
 
 impl FileSink<'_> {
-    fn kind(&self) -> &'static str {
-        self.op.kind.type_name()
+    fn place(&self) -> Box<SinkPlace> {
+        Box::new(SinkPlace {
+            at: self.at.clone(),
+            operator: self.op.name.clone(),
+            kind: self.op.kind.type_name(),
+            key: PATH_KEY,
+            dir: self.dir.to_owned(),
+        })
     }
 }
 
@@ -138,11 +145,8 @@ pub fn check_sink_outputs(spec: &JobSpec) -> Result<(), SinkOutputError> {
     for (index, sink) in sinks.iter().enumerate() {
         if let Some(other) = sinks[..index].iter().find(|s| s.dir == sink.dir) {
             return Err(SinkOutputError::SharedDirectory {
-                at: sink.at.clone(),
-                operator: sink.op.name.clone(),
+                place: sink.place(),
                 other: other.op.name.clone(),
-                key: PATH_KEY,
-                dir: sink.dir.to_owned(),
             });
         }
         doomed_parts(sink)?;
@@ -184,11 +188,7 @@ fn doomed_parts(sink: &FileSink<'_>) -> Result<Vec<PathBuf>, SinkOutputError> {
     };
     if !metadata.is_dir() {
         return Err(SinkOutputError::NotADirectory {
-            at: sink.at.clone(),
-            operator: sink.op.name.clone(),
-            kind: sink.kind(),
-            key: PATH_KEY,
-            dir: sink.dir.to_owned(),
+            place: sink.place(),
         });
     }
     let mut entries = Vec::new();
@@ -202,11 +202,7 @@ fn doomed_parts(sink: &FileSink<'_>) -> Result<Vec<PathBuf>, SinkOutputError> {
     }
     if sink.mode == SinkMode::Error {
         return Err(SinkOutputError::NotEmpty {
-            at: sink.at.clone(),
-            operator: sink.op.name.clone(),
-            kind: sink.kind(),
-            key: PATH_KEY,
-            dir: sink.dir.to_owned(),
+            place: sink.place(),
             entry_count: entries.len(),
         });
     }
@@ -221,11 +217,7 @@ fn doomed_parts(sink: &FileSink<'_>) -> Result<Vec<PathBuf>, SinkOutputError> {
                 .is_some_and(|name| is_part_file_name(name, sink.extension));
         if !own_part {
             return Err(SinkOutputError::ForeignEntry {
-                at: sink.at.clone(),
-                operator: sink.op.name.clone(),
-                kind: sink.kind(),
-                key: PATH_KEY,
-                dir: sink.dir.to_owned(),
+                place: sink.place(),
                 entry: entry.path(),
             });
         }
@@ -314,7 +306,10 @@ mod tests {
         std::fs::write(dir.path().join("part-0.csv"), "a\n").expect("write");
         let error = check_sink_outputs(&job(dir.path(), None)).expect_err("refused");
         let message = error.to_string();
-        assert!(matches!(error, SinkOutputError::NotEmpty { .. }), "{message}");
+        assert!(
+            matches!(error, SinkOutputError::NotEmpty { .. }),
+            "{message}"
+        );
         assert!(message.contains("operator 'out'"), "{message}");
         assert!(message.contains("key 'path'"), "{message}");
         assert!(
@@ -352,7 +347,10 @@ mod tests {
         std::fs::write(dir.path().join("notes.txt"), "mine\n").expect("write");
         let error = prepare_sink_outputs(&job(dir.path(), Some("overwrite"))).expect_err("refused");
         let message = error.to_string();
-        assert!(matches!(error, SinkOutputError::ForeignEntry { .. }), "{message}");
+        assert!(
+            matches!(error, SinkOutputError::ForeignEntry { .. }),
+            "{message}"
+        );
         assert!(message.contains("notes.txt"), "{message}");
         assert!(dir.path().join("part-0.csv").exists(), "nothing removed");
         assert!(dir.path().join("notes.txt").exists());
@@ -364,7 +362,10 @@ mod tests {
         let file = dir.path().join("out");
         std::fs::write(&file, "x").expect("write");
         let error = check_sink_outputs(&job(&file, Some("overwrite"))).expect_err("refused");
-        assert!(matches!(error, SinkOutputError::NotADirectory { .. }), "{error}");
+        assert!(
+            matches!(error, SinkOutputError::NotADirectory { .. }),
+            "{error}"
+        );
     }
 
     #[test]

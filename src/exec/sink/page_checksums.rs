@@ -112,7 +112,8 @@ fn write_checksummed_copy(source: &Path, target: &Path) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     copy_row_groups(&input, &metadata, &mut writer)?;
     let file = writer.into_inner().map_err(|e| e.to_string())?;
-    file.sync_all().map_err(|e| format!("{}: {e}", target.display()))
+    file.sync_all()
+        .map_err(|e| format!("{}: {e}", target.display()))
 }
 
 fn copy_row_groups(
@@ -125,8 +126,10 @@ fn copy_row_groups(
         let mut row_group_writer = writer.next_row_group().map_err(|e| e.to_string())?;
         for (column_index, column) in row_group.columns().iter().enumerate() {
             let at = |e: String| {
-                format!("row group {row_group_index}, column {column_index} ({column_path}): {e}",
-                    column_path = column.column_path())
+                format!(
+                    "row group {row_group_index}, column {column_index} ({column_path}): {e}",
+                    column_path = column.column_path()
+                )
             };
             let (bytes, close) = checksummed_chunk(input, column, rows).map_err(at)?;
             row_group_writer
@@ -212,10 +215,7 @@ fn parse_page_header(bytes: &[u8]) -> Result<PageHeaderScan, String> {
     let mut r = Reader { bytes, at: 0 };
     let mut last_id: i16 = 0;
     let (mut page_type, mut compressed_len, mut crc_at, mut has_crc) = (None, None, None, false);
-    loop {
-        let Some((id, kind)) = r.field_header(last_id)? else {
-            break;
-        };
+    while let Some((id, kind)) = r.field_header(last_id)? {
         match (id, kind) {
             (1, compact::I32) => page_type = Some(r.i32()?),
             (2, compact::I32) => {
@@ -423,7 +423,8 @@ mod tests {
             Field::new("name", DataType::Utf8, true),
         ]));
         let ids = Int64Array::from_iter_values(0..rows);
-        let names = StringArray::from_iter((0..rows).map(|i| (i % 7 != 0).then(|| format!("n{}", i % 13))));
+        let names =
+            StringArray::from_iter((0..rows).map(|i| (i % 7 != 0).then(|| format!("n{}", i % 13))));
         RecordBatch::try_new(schema, vec![Arc::new(ids), Arc::new(names)]).expect("batch")
     }
 
@@ -459,7 +460,9 @@ mod tests {
         add_page_checksums(&path).expect("checksums");
         assert_eq!(read(&path), before);
         let file = File::open(&path).expect("open");
-        let metadata = ParquetMetaDataReader::new().parse_and_finish(&file).expect("meta");
+        let metadata = ParquetMetaDataReader::new()
+            .parse_and_finish(&file)
+            .expect("meta");
         assert_eq!(metadata.num_row_groups(), 3);
         let mut pages = 0;
         for row_group in metadata.row_groups() {
@@ -484,9 +487,14 @@ mod tests {
     fn a_header_round_trips_through_the_crc_insertion() {
         // type=0, uncompressed=100, compressed=90, then field 5 (a struct
         // holding field 1 = i32 7), stop.
-        let header = [0x15, 0x00, 0x15, 200, 1, 0x15, 180, 1, 0x2c, 0x15, 14, 0x00, 0x00];
+        let header = [
+            0x15, 0x00, 0x15, 200, 1, 0x15, 180, 1, 0x2c, 0x15, 14, 0x00, 0x00,
+        ];
         let scan = parse_page_header(&header).expect("scan");
-        assert_eq!((scan.page_type, scan.compressed_len, scan.has_crc), (0, 90, false));
+        assert_eq!(
+            (scan.page_type, scan.compressed_len, scan.has_crc),
+            (0, 90, false)
+        );
         assert_eq!(scan.header_len, header.len());
         let mut out = Vec::new();
         write_header_with_crc(&header, &scan, 0xdead_beef, &mut out).expect("insert");
@@ -499,7 +507,10 @@ mod tests {
     #[test]
     fn scratch_names_stay_hidden_part_names() {
         let path = Path::new("/o/.part-3-1.parquet.inprogress");
-        assert_eq!(scratch_path(path), Path::new("/o/.part-3-1.parquet.crc.inprogress"));
+        assert_eq!(
+            scratch_path(path),
+            Path::new("/o/.part-3-1.parquet.crc.inprogress")
+        );
         assert!(super::super::output::is_part_file_name(
             ".part-3-1.parquet.crc.inprogress",
             "parquet"
