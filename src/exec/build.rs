@@ -157,17 +157,19 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
             *limit,
             Arc::clone(&ctx.printed),
         )),
-        OperatorKind::CsvSink { path } if ctx.checkpointing => Box::new(TwoPhaseCsvSink::new(
+        OperatorKind::CsvSink { path, .. } if ctx.checkpointing => Box::new(TwoPhaseCsvSink::new(
             &spec.name,
             path,
             ctx.subtask,
             input_schema,
         )?),
-        OperatorKind::ParquetSink { path } if ctx.checkpointing => Box::new(
+        OperatorKind::ParquetSink { path, .. } if ctx.checkpointing => Box::new(
             TwoPhaseParquetSink::new(&spec.name, path, ctx.subtask, input_schema)?,
         ),
-        OperatorKind::CsvSink { path } => Box::new(CsvSink::new(path, ctx.subtask, input_schema)?),
-        OperatorKind::ParquetSink { path } => {
+        OperatorKind::CsvSink { path, .. } => {
+            Box::new(CsvSink::new(path, ctx.subtask, input_schema)?)
+        }
+        OperatorKind::ParquetSink { path, .. } => {
             Box::new(ParquetSink::new(path, ctx.subtask, input_schema)?)
         }
         OperatorKind::KeyBy { .. }

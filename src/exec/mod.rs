@@ -62,6 +62,18 @@ pub enum ExecError {
     Read { path: PathBuf, detail: String },
     #[error("writing {path}: {detail}")]
     Write { path: PathBuf, detail: String },
+    /// A page of a Parquet file failed its checksum or could not be decoded:
+    /// the file is damaged, and no value of that column chunk is returned.
+    #[error(
+        "reading {path}: row group {row_group}, column {column_index} ('{column}'): corrupt page: {detail}"
+    )]
+    CorruptPage {
+        path: PathBuf,
+        row_group: usize,
+        column_index: usize,
+        column: String,
+        detail: String,
+    },
     #[error("operator '{operator}': spilling failed: {source}")]
     Spill {
         operator: String,

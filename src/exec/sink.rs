@@ -2,12 +2,20 @@
 //!
 //! Without checkpointing, file sinks write `part-<subtask>.<ext>` in the
 //! sink's directory. A part file is written under a hidden in-progress name
-//! and renamed when the task finishes, so a failed or canceled task never
-//! leaves a partial part file that looks complete.
+//! and renamed when the task finishes. A sink dropped before that (the task
+//! failed, panicked or was canceled) removes its in-progress file, so a
+//! failed run leaves no partial part file, hidden or not.
 //!
 //! With checkpointing, file sinks are exactly-once ([`two_phase`]): they roll
 //! a new part file `part-<subtask>-<seq>.<ext>` at each checkpoint and commit
-//! it when the checkpoint completes.
+//! it when the checkpoint completes. Their rule for leftovers differs: files
+//! staged for a checkpoint stay, since restoring that checkpoint needs them.
+//!
+//! What a sink finds in its directory when the job starts is decided once
+//! per job, at submission, by the sink's `mode` ([`output`]).
+//!
+//! Parquet part files carry a CRC in every page header
+//! ([`page_checksums`]), which the Parquet source verifies.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -23,6 +31,8 @@ use parquet::arrow::ArrowWriter;
 use super::ExecError;
 use super::operators::{Operator, Output};
 
+pub mod output;
+pub mod page_checksums;
 #[cfg(test)]
 mod tests;
 pub mod two_phase;
@@ -104,39 +114,91 @@ impl Operator for PrintSink {
 struct PartFile {
     final_path: PathBuf,
     temp_path: PathBuf,
+    /// The in-progress file until it is committed.
+    identity: Option<FileIdentity>,
 }
 
 impl PartFile {
     fn create(dir: &Path, subtask: u32, extension: &str) -> Result<(Self, File), ExecError> {
-        let io = |path: &Path, e| ExecError::Io {
-            path: path.to_owned(),
-            source: e,
-        };
-        std::fs::create_dir_all(dir).map_err(|e| io(dir, e))?;
+        std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         let final_path = dir.join(format!("part-{subtask}.{extension}"));
         let temp_path = dir.join(format!(".part-{subtask}.{extension}.inprogress"));
-        let file = File::create(&temp_path).map_err(|e| io(&temp_path, e))?;
+        let (file, identity) = create_fresh(&temp_path)?;
         Ok((
             Self {
                 final_path,
                 temp_path,
+                identity: Some(identity),
             },
             file,
         ))
     }
 
-    fn commit(&self) -> Result<(), ExecError> {
-        std::fs::rename(&self.temp_path, &self.final_path).map_err(|e| ExecError::Io {
-            path: self.final_path.clone(),
-            source: e,
-        })
+    fn commit(&mut self) -> Result<(), ExecError> {
+        std::fs::rename(&self.temp_path, &self.final_path)
+            .map_err(|e| io_error(&self.final_path, e))?;
+        // Committed: there is nothing left to remove on drop.
+        self.identity = None;
+        Ok(())
     }
 }
 
 impl Drop for PartFile {
     fn drop(&mut self) {
-        // After a commit the temp file is gone; otherwise drop the partial.
-        let _ = std::fs::remove_file(&self.temp_path);
+        // Not committed: the task failed or was canceled; drop the partial.
+        // The writer that holds the file open is dropped after this, so the
+        // file's identity cannot have been reused by another file.
+        if let Some(identity) = self.identity {
+            remove_if_same_file(&self.temp_path, identity);
+        }
+    }
+}
+
+/// The device and inode of a file: which file a path names right now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct FileIdentity {
+    device: u64,
+    inode: u64,
+}
+
+impl FileIdentity {
+    fn of(metadata: &std::fs::Metadata) -> Self {
+        use std::os::unix::fs::MetadataExt;
+        Self {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+        }
+    }
+}
+
+/// Creates `path` as a new file, replacing (not truncating) whatever was
+/// there: a failed earlier attempt of the same subtask may still hold the
+/// old file open, and must not find its name on this attempt's file.
+pub(super) fn create_fresh(path: &Path) -> Result<(File, FileIdentity), ExecError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_error(path, e)),
+    }
+    let file = File::create_new(path).map_err(|e| io_error(path, e))?;
+    let identity = FileIdentity::of(&file.metadata().map_err(|e| io_error(path, e))?);
+    Ok((file, identity))
+}
+
+/// Removes `path` if it still names the file with `identity`, and not a
+/// later attempt's file of the same name. Best effort: it runs on drop.
+pub(super) fn remove_if_same_file(path: &Path, identity: FileIdentity) {
+    let same = std::fs::symlink_metadata(path).is_ok_and(|m| FileIdentity::of(&m) == identity);
+    if same && let Err(e) = std::fs::remove_file(path) {
+        let path = path.display();
+        tracing::warn!(%path, error = %e, "could not remove an unfinished part file");
+    }
+}
+
+fn io_error(path: &Path, source: std::io::Error) -> ExecError {
+    ExecError::Io {
+        path: path.to_owned(),
+        source,
     }
 }
 
@@ -203,10 +265,12 @@ pub struct ParquetSink {
 impl ParquetSink {
     pub fn new(dir: &Path, subtask: u32, schema: SchemaRef) -> Result<Self, ExecError> {
         let (part, file) = PartFile::create(dir, subtask, "parquet")?;
-        let writer = ArrowWriter::try_new(file, schema, None).map_err(|e| ExecError::Write {
-            path: part.final_path.clone(),
-            detail: e.to_string(),
-        })?;
+        let properties = page_checksums::sink_writer_properties();
+        let writer =
+            ArrowWriter::try_new(file, schema, Some(properties)).map_err(|e| ExecError::Write {
+                path: part.final_path.clone(),
+                detail: e.to_string(),
+            })?;
         Ok(Self {
             part,
             writer: Some(writer),
@@ -228,11 +292,17 @@ impl Operator for ParquetSink {
         Ok(())
     }
     fn finish(&mut self, _out: &mut dyn Output) -> Result<(), ExecError> {
+        let werr = |detail: String| ExecError::Write {
+            path: self.part.final_path.clone(),
+            detail,
+        };
         if let Some(w) = self.writer.take() {
-            w.close().map_err(|e| ExecError::Write {
-                path: self.part.final_path.clone(),
-                detail: e.to_string(),
-            })?;
+            w.close().map_err(|e| werr(e.to_string()))?;
+            page_checksums::add_page_checksums(&self.part.temp_path).map_err(werr)?;
+            // The copy replaced the in-progress file: follow it.
+            let metadata = std::fs::symlink_metadata(&self.part.temp_path)
+                .map_err(|e| io_error(&self.part.temp_path, e))?;
+            self.part.identity = Some(FileIdentity::of(&metadata));
         }
         self.part.commit()
     }

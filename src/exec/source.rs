@@ -613,12 +613,7 @@ impl Source for ParquetSource {
                     self.position.rows += batch.num_rows() as u64;
                     return Ok(Some(batch));
                 }
-                Some(Err(e)) => {
-                    return Err(ExecError::Read {
-                        path: split.path.clone(),
-                        detail: e.to_string(),
-                    });
-                }
+                Some(Err(e)) => return Err(parquet_read_error(split, e.to_string())),
                 None => {
                     self.reader = None;
                     self.position = SplitPosition {
@@ -629,6 +624,55 @@ impl Source for ParquetSource {
             }
         }
     }
+}
+
+/// The error for a failed read of a row group: [`ExecError::CorruptPage`]
+/// when one of its column chunks does not read page by page (a page
+/// checksum mismatch, or a page that does not decode), naming the first
+/// such column; else a plain read error. The Arrow reader's error does not
+/// say which column it was reading, so the row group is read again, column
+/// by column, one page at a time.
+fn parquet_read_error(split: &RowGroupSplit, detail: String) -> ExecError {
+    match corrupt_column(&split.path, split.row_group) {
+        Some(corrupt) => ExecError::CorruptPage {
+            path: split.path.clone(),
+            row_group: split.row_group,
+            column_index: corrupt.column_index,
+            column: corrupt.column,
+            detail: corrupt.detail,
+        },
+        None => ExecError::Read {
+            path: split.path.clone(),
+            detail,
+        },
+    }
+}
+
+/// The first column chunk of a row group whose pages do not read.
+struct CorruptColumn {
+    column_index: usize,
+    column: String,
+    detail: String,
+}
+
+fn corrupt_column(path: &Path, row_group: usize) -> Option<CorruptColumn> {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let reader = SerializedFileReader::new(File::open(path).ok()?).ok()?;
+    let row_group_reader = reader.get_row_group(row_group).ok()?;
+    let metadata = row_group_reader.metadata();
+    (0..row_group_reader.num_columns()).find_map(|column_index| {
+        let failure = match row_group_reader.get_column_page_reader(column_index) {
+            Ok(mut pages) => {
+                std::iter::from_fn(|| pages.get_next_page().transpose()).find_map(Result::err)?
+            }
+            Err(e) => e,
+        };
+        Some(CorruptColumn {
+            column_index,
+            column: metadata.column(column_index).column_path().string(),
+            detail: failure.to_string(),
+        })
+    })
 }
 
 /// Bounded-out-of-orderness watermarks (Flink's `forBoundedOutOfOrderness`):

@@ -54,7 +54,8 @@ pub use plan::{
 };
 pub use spec::{
     AggFunc, AggSpec, CsvSourceSpec, DatagenSpec, JobSpec, NamedExpr, OperatorKind, OperatorSpec,
-    ParquetSourceSpec, SORT_FAN_IN_DEFAULT, SortKey, SourceLines, WatermarkSpec, parse_job,
+    ParquetSourceSpec, SORT_FAN_IN_DEFAULT, SinkMode, SortKey, SourceLines, WatermarkSpec,
+    parse_job,
 };
 
 /// The columns a `datagen` source can produce, in their default order.
@@ -194,6 +195,22 @@ pub enum JobError {
         column: String,
         available: Vec<String>,
     },
+    #[error(
+        "column '{column}' (key '{key}') is not a column of {}; the file's own column names are \
+         not listed, since they are the file's data",
+        .data_file.display()
+    )]
+    UnknownDataColumn {
+        column: String,
+        key: String,
+        data_file: PathBuf,
+    },
+    #[error(
+        "a column of {} has type {found}, which a sort cannot carry; project the columns to \
+         sort first",
+        .data_file.display()
+    )]
+    UnsortableDataColumn { data_file: PathBuf, found: DataType },
     #[error("{func}({column}) needs a {needs} column, but '{column}' is {found}")]
     AggregateType {
         func: AggFunc,

@@ -14,7 +14,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::spec::{AggFunc, AggSpec, JobSpec, OperatorKind, OperatorSpec, WatermarkSpec};
-use super::{JobError, Location, Scope, datagen_schema};
+use super::{ExprError, JobError, Location, Scope, datagen_schema};
 
 /// Rows read from the first CSV file to infer column types.
 const CSV_INFER_ROWS_MAX: usize = 1000;
@@ -35,12 +35,21 @@ pub fn plan(mut spec: JobSpec) -> Result<LogicalPlan, JobError> {
     let count = spec.operators.len();
     let mut schemas: Vec<SchemaRef> = Vec::with_capacity(count);
     let mut keyed: Vec<Option<Vec<usize>>> = Vec::with_capacity(count);
+    // Per operator: the data file whose column names its output carries.
+    let mut origins: Vec<Option<PathBuf>> = Vec::with_capacity(count);
     let file = spec.file.clone();
     for index in 0..count {
         check_input(&spec, index)?;
+        let own_origin = data_file_schema(&spec.operators[index].kind);
         resolve_source_schema(&file, &mut spec.operators[index])?;
         let op = &spec.operators[index];
-        let at = At { file: &file, op };
+        let input_origin = op.input.and_then(|i| origins[i].clone());
+        let data_file = own_origin.as_deref().or(input_origin.as_deref());
+        let at = At {
+            file: &file,
+            op,
+            data_file,
+        };
         let input = op.input.map(|i| Input {
             op: &spec.operators[i],
             schema: &schemas[i],
@@ -49,6 +58,7 @@ pub fn plan(mut spec: JobSpec) -> Result<LogicalPlan, JobError> {
         let (schema, keys) = output(&at, input)?;
         schemas.push(schema);
         keyed.push(keys);
+        origins.push(output_origin(&op.kind, own_origin, input_origin));
     }
     Ok(LogicalPlan {
         spec,
@@ -57,19 +67,77 @@ pub fn plan(mut spec: JobSpec) -> Result<LogicalPlan, JobError> {
     })
 }
 
+/// The path of a source whose schema comes from its data files (the CSV
+/// header, the Parquet footer) rather than from the job file.
+fn data_file_schema(kind: &OperatorKind) -> Option<PathBuf> {
+    match kind {
+        OperatorKind::CsvSource(csv) if csv.schema.fields().is_empty() => Some(csv.path.clone()),
+        OperatorKind::ParquetSource(parquet) => Some(parquet.path.clone()),
+        _ => None,
+    }
+}
+
+/// Whose column names an operator's output carries: a file source's, those
+/// of its input for operators that pass columns through, and none for
+/// operators whose output columns the job file names (project, aggregate,
+/// window).
+fn output_origin(
+    kind: &OperatorKind,
+    own: Option<PathBuf>,
+    input: Option<PathBuf>,
+) -> Option<PathBuf> {
+    match kind {
+        OperatorKind::Filter { .. } | OperatorKind::KeyBy { .. } | OperatorKind::Sort { .. } => {
+            input
+        }
+        _ => own,
+    }
+}
+
 /// Locates errors of one operator at the line of one of its values.
 struct At<'a> {
     file: &'a Path,
     op: &'a OperatorSpec,
+    /// The data file whose column names the operator's input carries (or,
+    /// for a source, its own): errors must not list them, since a job must
+    /// not learn a file's header from an error message.
+    data_file: Option<&'a Path>,
 }
 
 impl At<'_> {
     fn error(&self, key: &str, error: JobError) -> JobError {
-        self.located(self.op.lines.key(key), error)
+        self.located(self.op.lines.key(key), self.redacted(key, error))
     }
 
     fn item_error(&self, key: &str, index: usize, error: JobError) -> JobError {
-        self.located(self.op.lines.item(key, index), error)
+        self.located(self.op.lines.item(key, index), self.redacted(key, error))
+    }
+
+    /// `error` without the column names of a data file: an unknown column
+    /// names only itself, the key and the file.
+    fn redacted(&self, key: &str, error: JobError) -> JobError {
+        let Some(data_file) = self.data_file else {
+            return error;
+        };
+        let column = match error {
+            JobError::UnknownColumn { column, .. } => column,
+            JobError::Expr {
+                error: ExprError::UnknownColumn { column, .. },
+                ..
+            } => column,
+            JobError::KeyType { found, .. } if key == "type" => {
+                return JobError::UnsortableDataColumn {
+                    data_file: data_file.to_path_buf(),
+                    found,
+                };
+            }
+            other => return other,
+        };
+        JobError::UnknownDataColumn {
+            column,
+            key: key.to_string(),
+            data_file: data_file.to_path_buf(),
+        }
     }
 
     fn located(&self, line: Option<usize>, error: JobError) -> JobError {
@@ -96,6 +164,7 @@ fn check_input(spec: &JobSpec, index: usize) -> Result<(), JobError> {
     let at = At {
         file: &spec.file,
         op,
+        data_file: None,
     };
     let kind = op.kind.type_name();
     let name_of = |i: usize| {
@@ -133,7 +202,14 @@ fn check_input(spec: &JobSpec, index: usize) -> Result<(), JobError> {
 }
 
 fn resolve_source_schema(file: &Path, op: &mut OperatorSpec) -> Result<(), JobError> {
-    let at_path = |error: JobError| At { file, op }.error("path", error);
+    let at_path = |error: JobError| {
+        let at = At {
+            file,
+            op,
+            data_file: None,
+        };
+        at.error("path", error)
+    };
     let schema = match &op.kind {
         OperatorKind::CsvSource(csv) if csv.schema.fields().is_empty() => {
             infer_csv_schema(&csv.path, csv.has_header).map_err(at_path)?

@@ -103,10 +103,35 @@ pub enum OperatorKind {
     },
     CsvSink {
         path: PathBuf,
+        mode: SinkMode,
     },
     ParquetSink {
         path: PathBuf,
+        mode: SinkMode,
     },
+}
+
+/// What a file sink does with an output directory that already holds files
+/// (the job file's `mode` key). Checked once per job, at submission: see
+/// `exec::sink::output`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum SinkMode {
+    /// Refuse a non-empty directory (the default: never lose output).
+    #[default]
+    Error,
+    /// Remove the strata part files of an earlier run first; refuse a
+    /// directory that holds anything else.
+    Overwrite,
+}
+
+impl SinkMode {
+    /// The value of the job file's `mode` key.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkMode::Error => "error",
+            SinkMode::Overwrite => "overwrite",
+        }
+    }
 }
 
 impl OperatorKind {
@@ -134,6 +159,16 @@ impl OperatorKind {
             self,
             OperatorKind::Datagen(_) | OperatorKind::CsvSource(_) | OperatorKind::ParquetSource(_)
         )
+    }
+
+    /// A file sink's output directory, its `mode`, and the extension of the
+    /// part files it writes; `None` for every other operator.
+    pub fn file_sink(&self) -> Option<(&Path, SinkMode, &'static str)> {
+        match self {
+            OperatorKind::CsvSink { path, mode } => Some((path, *mode, "csv")),
+            OperatorKind::ParquetSink { path, mode } => Some((path, *mode, "parquet")),
+            _ => None,
+        }
     }
 
     pub fn is_sink(&self) -> bool {
@@ -324,7 +359,7 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         "window" => &["time_column", "size", "aggs"],
         "sort" => &["keys", "fan_in"],
         "print" => &["limit"],
-        "csv_sink" | "parquet_sink" => &["path"],
+        "csv_sink" | "parquet_sink" => &["path", "mode"],
         _ => &[],
     }
 }
@@ -526,9 +561,11 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
         },
         "csv_sink" => OperatorKind::CsvSink {
             path: required_path(t)?,
+            mode: sink_mode(t)?,
         },
         "parquet_sink" => OperatorKind::ParquetSink {
             path: required_path(t)?,
+            mode: sink_mode(t)?,
         },
         other => unreachable!("operator type '{other}' passed the OPERATOR_TYPES check"),
     })
@@ -584,6 +621,22 @@ fn batch_size(t: &Table<'_, '_>) -> Result<usize, JobError> {
 
 fn required_path(t: &Table<'_, '_>) -> Result<PathBuf, JobError> {
     Ok(PathBuf::from(t.required_str("path")?.into_inner()))
+}
+
+fn sink_mode(t: &Table<'_, '_>) -> Result<SinkMode, JobError> {
+    let Some(mode) = t.str("mode")? else {
+        return Ok(SinkMode::default());
+    };
+    match *mode.get_ref() {
+        "error" => Ok(SinkMode::Error),
+        "overwrite" => Ok(SinkMode::Overwrite),
+        other => Err(t.invalid(
+            "mode",
+            &mode.span(),
+            format!("'{other}'"),
+            "\"error\" (refuse a non-empty directory) or \"overwrite\" (replace its part files)",
+        )),
+    }
 }
 
 fn sort_keys(t: &Table<'_, '_>) -> Result<Vec<SortKey>, JobError> {

@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 use self::core::{Command, ConnId, CoreConfig, Event, JobManagerCore, PlannedJob};
 use super::ClusterError;
 use crate::config::Config;
+use crate::exec::sink::output::{check_sink_outputs, prepare_sink_outputs};
 use crate::job::graph::JobGraph;
 use crate::job::{LogicalPlan, parse_job, plan};
 use crate::protocol::codec::{FrameBudget, RpcError, read_message_bounded};
@@ -337,9 +338,24 @@ fn plan_job(
     let plan = parse_job(text, Path::new(path))
         .and_then(plan)
         .map_err(|e| e.to_string())?;
+    // Sink output directories are checked once per job, here, and not per
+    // attempt: a restart must not be refused by its own earlier output.
+    check_sink_outputs(&plan.spec).map_err(|e| e.to_string())?;
     let plan = Arc::new(plan);
     let graph = Arc::new(JobGraph::build(&plan, config.default_parallelism));
     let placement = place_on_cluster(&plan, &graph, config, gpu_slot).map_err(|e| e.to_string())?;
+    // `overwrite` removes the old parts once per job, before any task is
+    // deployed (see exec::sink::output). It happens before the scheduler
+    // looks for slots: a job refused for lack of them has still cleared
+    // its output directory, as its mode asked.
+    let removed = prepare_sink_outputs(&plan.spec).map_err(|e| e.to_string())?;
+    if !removed.is_empty() {
+        tracing::info!(
+            "job '{}': removed {} part files of an earlier run",
+            plan.spec.name,
+            removed.len()
+        );
+    }
     Ok(Box::new(PlannedJob {
         name: plan.spec.name.clone(),
         plan,

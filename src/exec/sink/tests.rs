@@ -484,3 +484,47 @@ fn restore_of_an_inconsistent_or_unreadable_state_is_refused() {
         assert!(matches!(err, ExecError::State { .. }), "{err}");
     }
 }
+
+#[test]
+fn a_dropped_two_phase_sink_removes_its_open_part_and_keeps_staged_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sink = csv_sink(dir.path(), 0);
+    sink.restore_state(None).expect("restore");
+    sink.process(rows(0, 1), &mut NoOutput).expect("process");
+    sink.snapshot_state(1).expect("snapshot");
+    sink.process(rows(1, 1), &mut NoOutput).expect("process");
+    assert_eq!(
+        file_names(dir.path()),
+        [".part-0-0.csv.pending", ".part-0-1.csv.inprogress"]
+    );
+    drop(sink);
+    assert_eq!(file_names(dir.path()), [".part-0-0.csv.pending"]);
+}
+
+#[test]
+fn a_dropped_sink_never_removes_a_later_attempts_file_of_the_same_name() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old = super::CsvSink::new(dir.path(), 0, schema()).expect("old attempt");
+    // The restarted attempt opens the same name before the old one drops.
+    let mut new = super::CsvSink::new(dir.path(), 0, schema()).expect("new attempt");
+    drop(old);
+    assert_eq!(file_names(dir.path()), [".part-0.csv.inprogress"]);
+    new.process(rows(0, 2), &mut NoOutput).expect("process");
+    new.finish(&mut NoOutput).expect("finish");
+    assert_eq!(file_names(dir.path()), ["part-0.csv"]);
+}
+
+#[test]
+fn a_sink_dropped_before_finishing_leaves_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for parquet in [false, true] {
+        let mut sink: Box<dyn Operator> = if parquet {
+            Box::new(super::ParquetSink::new(dir.path(), 0, schema()).expect("sink"))
+        } else {
+            Box::new(super::CsvSink::new(dir.path(), 0, schema()).expect("sink"))
+        };
+        sink.process(rows(0, 100), &mut NoOutput).expect("process");
+        drop(sink);
+        assert!(file_names(dir.path()).is_empty(), "parquet={parquet}");
+    }
+}

@@ -31,8 +31,13 @@
 //!   with no new rows stages nothing and no empty files pile up; only a
 //!   subtask that never produced a file writes an empty one at the end, so
 //!   every subtask yields at least one file (a CSV file with its header).
-//! - Dropping a sink commits nothing: its pending and in-progress files stay
-//!   for the next restore to commit or delete.
+//! - Dropping a sink commits nothing: its pending files stay for the next
+//!   restore to commit or delete, because a checkpoint may list them (the
+//!   rule for leftovers of a failed or canceled run: what a checkpoint may
+//!   refer to stays, nothing else does). The open in-progress file, which no
+//!   checkpoint refers to, is removed on drop, unless its name already
+//!   belongs to a later attempt's file (checked by inode, while the dropped
+//!   writer still holds its own file open, so the inode cannot be reused).
 //!
 //! File names are matched strictly (`part-1-…` is never subtask 11's, the
 //! non-checkpointed `part-<subtask>.<ext>` never matches), so a restore only
@@ -48,6 +53,7 @@ use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
 use parquet::arrow::ArrowWriter;
 
+use super::{FileIdentity, create_fresh, remove_if_same_file};
 use crate::exec::ExecError;
 use crate::exec::operators::{FINAL_CHECKPOINT, Operator, Output};
 
@@ -58,8 +64,9 @@ pub trait PartFormat: 'static {
     const EXTENSION: &'static str;
     fn create(file: File, schema: &SchemaRef) -> Result<Self::Writer, String>;
     fn write(writer: &mut Self::Writer, batch: &RecordBatch) -> Result<(), String>;
-    /// Completes the file (buffers, footer) and hands it back for the fsync.
-    fn close(writer: Self::Writer, schema: &SchemaRef) -> Result<File, String>;
+    /// Completes the file at `path` (buffers, footer) and hands it back for
+    /// the fsync.
+    fn close(writer: Self::Writer, schema: &SchemaRef, path: &Path) -> Result<File, String>;
 }
 
 /// CSV part files, each with its header.
@@ -79,7 +86,7 @@ impl PartFormat for CsvPart {
         writer.write(batch).map_err(|e| e.to_string())
     }
 
-    fn close(mut writer: Self::Writer, schema: &SchemaRef) -> Result<File, String> {
+    fn close(mut writer: Self::Writer, schema: &SchemaRef, _path: &Path) -> Result<File, String> {
         // Writes the header if no row did (an empty subtask's only file).
         writer
             .write(&RecordBatch::new_empty(Arc::clone(schema)))
@@ -98,16 +105,19 @@ impl PartFormat for ParquetPart {
     const EXTENSION: &'static str = "parquet";
 
     fn create(file: File, schema: &SchemaRef) -> Result<Self::Writer, String> {
-        ArrowWriter::try_new(file, Arc::clone(schema), None).map_err(|e| e.to_string())
+        let properties = super::page_checksums::sink_writer_properties();
+        ArrowWriter::try_new(file, Arc::clone(schema), Some(properties)).map_err(|e| e.to_string())
     }
 
     fn write(writer: &mut Self::Writer, batch: &RecordBatch) -> Result<(), String> {
         writer.write(batch).map_err(|e| e.to_string())
     }
 
-    fn close(writer: Self::Writer, _schema: &SchemaRef) -> Result<File, String> {
+    fn close(writer: Self::Writer, _schema: &SchemaRef, path: &Path) -> Result<File, String> {
         // `into_inner` flushes the last row group and writes the footer.
-        writer.into_inner().map_err(|e| e.to_string())
+        drop(writer.into_inner().map_err(|e| e.to_string())?);
+        super::page_checksums::add_page_checksums(path)?;
+        File::open(path).map_err(|e| e.to_string())
     }
 }
 
@@ -192,6 +202,8 @@ struct SinkState {
 struct InProgress<W> {
     seq: u64,
     writer: W,
+    /// Which file the in-progress name named when it was opened.
+    identity: FileIdentity,
 }
 
 /// An exactly-once file sink subtask; see the module documentation.
@@ -268,9 +280,13 @@ impl<F: PartFormat> TwoPhaseFileSink<F> {
         assert!(self.in_progress.is_none(), "a part file is already open");
         let seq = self.next_seq;
         let path = self.path(seq, PartStage::InProgress);
-        let file = File::create(&path).map_err(|e| io_error(&path, e))?;
+        let (file, identity) = create_fresh(&path)?;
         let writer = F::create(file, &self.schema).map_err(|e| write_error(&path, e))?;
-        Ok(self.in_progress.insert(InProgress { seq, writer }))
+        Ok(self.in_progress.insert(InProgress {
+            seq,
+            writer,
+            identity,
+        }))
     }
 
     /// Closes the open part, makes it durable and renames it to pending,
@@ -285,7 +301,8 @@ impl<F: PartFormat> TwoPhaseFileSink<F> {
             "checkpoints are staged in order"
         );
         let source = self.path(part.seq, PartStage::InProgress);
-        let file = F::close(part.writer, &self.schema).map_err(|e| write_error(&source, e))?;
+        let file =
+            F::close(part.writer, &self.schema, &source).map_err(|e| write_error(&source, e))?;
         file.sync_all().map_err(|e| io_error(&source, e))?;
         drop(file);
         let target = self.path(part.seq, PartStage::Pending);
@@ -448,6 +465,16 @@ impl<F: PartFormat> Operator for TwoPhaseFileSink<F> {
 
     fn has_pending_commit(&self) -> bool {
         !self.pending.is_empty()
+    }
+}
+
+impl<F: PartFormat> Drop for TwoPhaseFileSink<F> {
+    fn drop(&mut self) {
+        // An open part holds rows after the last checkpoint's barrier: no
+        // checkpoint refers to it, and a restore would delete it anyway.
+        if let Some(part) = &self.in_progress {
+            remove_if_same_file(&self.path(part.seq, PartStage::InProgress), part.identity);
+        }
     }
 }
 
