@@ -133,7 +133,9 @@ fn tiny_jobs(dir: &Path, input: &Path) -> Vec<Tiny> {
             let (text, what) = match rows {
                 Some(rows) => (
                     keyed_job(rows, 3, round, parallelism, &out, ""),
-                    format!("run {index}: keyed aggregation of {rows} rows at parallelism {parallelism}"),
+                    format!(
+                        "run {index}: keyed aggregation of {rows} rows at parallelism {parallelism}"
+                    ),
                 ),
                 None => (
                     csv_job(input, parallelism, &out),
@@ -174,7 +176,8 @@ fn many_tiny_jobs_all_finish_on_one_cluster() {
     let input = dir.path().join("in.csv");
     std::fs::write(&input, "key,value\n1,5\n2,7\n").unwrap();
     let mut jm = strata_command();
-    jm.args(["jobmanager", "--bind", "127.0.0.1:0"]).args(CLUSTER);
+    jm.args(["jobmanager", "--bind", "127.0.0.1:0"])
+        .args(CLUSTER);
     let (_jm, address) = spawn_announcing_command(jm, "JobManager listening on ");
     let mut taskmanagers = Vec::new();
     for _ in 0..2 {

@@ -131,28 +131,28 @@ pub(super) fn begin(
         status(out, job, tdd, ExecutionState::Deploying, None, None);
     }
     let canceled = Arc::new(AtomicBool::new(false));
+    // The only place that holds both locks, always jobs before slots: the
+    // duplicate check and the allocation are one step.
     let refused = {
         let mut jobs = lock(&services.jobs);
-        if jobs.contains_key(&job) {
-            Some(DeployError::Duplicate { job })
-        } else {
-            let placements: Vec<(usize, TaskKey)> =
-                tasks.iter().map(|t| (t.slot, task_key(t))).collect();
-            match lock(&services.slots).allocate(job, &placements) {
-                Ok(()) => {
-                    jobs.insert(
-                        job,
-                        JobTasks {
+        match jobs.entry(job) {
+            std::collections::hash_map::Entry::Occupied(_) => Some(DeployError::Duplicate { job }),
+            std::collections::hash_map::Entry::Vacant(vacant) => {
+                let placements: Vec<(usize, TaskKey)> =
+                    tasks.iter().map(|t| (t.slot, task_key(t))).collect();
+                match lock(&services.slots).allocate(job, &placements) {
+                    Ok(()) => {
+                        vacant.insert(JobTasks {
                             canceled: Arc::clone(&canceled),
                             running: 0,
                             deploying: true,
                             tasks: Vec::new(),
                             controls: Vec::new(),
-                        },
-                    );
-                    None
+                        });
+                        None
+                    }
+                    Err(e) => Some(DeployError::Slot(e)),
                 }
-                Err(e) => Some(DeployError::Slot(e)),
             }
         }
     };
@@ -180,8 +180,7 @@ pub(super) async fn deploy(
 ) {
     let job = deployment.job;
     let mut unstarted = tasks;
-    if let Err(e) = run_deployment(&services, deployment, &mut unstarted, &canceled, &out).await
-    {
+    if let Err(e) = run_deployment(&services, deployment, &mut unstarted, &canceled, &out).await {
         let state = match e {
             DeployError::Canceled => ExecutionState::Canceled,
             _ => ExecutionState::Failed,
@@ -325,6 +324,7 @@ async fn run_deployment(
             jobs.remove(&job);
         }
     }
+    tracing::info!("job {job:016x}: every task deployed here started");
     Ok(())
 }
 

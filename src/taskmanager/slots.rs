@@ -48,7 +48,11 @@ pub enum SlotError {
         running: Vec<TaskKey>,
     },
     #[error("slot {index} holds no live task {task} of job {job:016x}")]
-    UnknownTask { index: usize, job: u64, task: TaskKey },
+    UnknownTask {
+        index: usize,
+        job: u64,
+        task: TaskKey,
+    },
 }
 
 /// Device memory kept out of the slots' budgets on each GPU, for the CUDA
@@ -653,7 +657,11 @@ mod sim {
                     }
                 }
                 (Some(e), Err(g)) if e == g => {}
-                (e, g) => return Err(format!("allocate {job} {placements:?}: {g:?}, expected {e:?}")),
+                (e, g) => {
+                    return Err(format!(
+                        "allocate {job} {placements:?}: {g:?}, expected {e:?}"
+                    ));
+                }
             }
         } else if op < 45 {
             // A deployed task starts (or, rarely, one that is not deployed).
@@ -674,7 +682,9 @@ mod sim {
             if model.live.is_empty() {
                 return Ok(());
             }
-            let l = model.live.swap_remove(rng.below(model.live.len() as u64) as usize);
+            let l = model
+                .live
+                .swap_remove(rng.below(model.live.len() as u64) as usize);
             let last = model.on_slot(l.slot).next().is_none();
             match table.task_ended(l.job, l.slot, l.task) {
                 Ok(freed) if freed == last => {}
@@ -735,7 +745,11 @@ mod sim {
     fn release(table: &mut SlotTable, model: &mut Model, job: u64) -> Result<(), String> {
         let mut expected = Released::default();
         for index in 0..SLOT_COUNT {
-            let mine: Vec<Live> = model.on_slot(index).filter(|l| l.job == job).copied().collect();
+            let mine: Vec<Live> = model
+                .on_slot(index)
+                .filter(|l| l.job == job)
+                .copied()
+                .collect();
             if mine.is_empty() {
                 continue;
             }
@@ -854,7 +868,11 @@ mod sim {
         assert!(!failures.is_empty(), "no seed noticed the fault");
         assert!(failures[0].contains("seed="), "{}", failures[0]);
         if std::env::var("STRATA_SIM_SEED").is_err() {
-            assert!(failures.len() > 50, "only {} of 100 seeds noticed", failures.len());
+            assert!(
+                failures.len() > 50,
+                "only {} of 100 seeds noticed",
+                failures.len()
+            );
         }
     }
 }
