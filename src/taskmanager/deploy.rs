@@ -185,6 +185,8 @@ pub(super) fn begin(
         return None;
     };
     let canceled = Arc::new(AtomicBool::new(false));
+    // The only place that holds both locks, always jobs before slots: the
+    // duplicate check and the allocation are one step.
     let refused = {
         let mut jobs = lock(&services.jobs);
         match jobs.entry(job) {
@@ -385,6 +387,7 @@ async fn run_deployment(
             jobs.remove(&job);
         }
     }
+    tracing::info!("job {job:016x}: every task deployed here started");
     Ok(())
 }
 

@@ -473,10 +473,11 @@ pub enum SessionError {
     #[error("no message from the JobManager for {timeout:?} (heartbeat.timeout)")]
     Silent { timeout: Duration },
     #[error(
-        "this TaskManager was not scheduled for {gap:?}, longer than heartbeat.timeout \
-         ({timeout:?}): the JobManager has declared it lost"
+        "this TaskManager was not scheduled for {gap:?}, longer than {limit:?} \
+         (heartbeat.timeout less up to one heartbeat.interval): the JobManager may have \
+         declared it lost"
     )]
-    Paused { gap: Duration, timeout: Duration },
+    Paused { gap: Duration, limit: Duration },
     #[error("the session's {part} panicked: {message}")]
     Panicked { part: &'static str, message: String },
     #[error("the session's {part} stopped")]
@@ -553,6 +554,7 @@ async fn session(
         }
     });
     let timeout = services.config.heartbeat_timeout;
+    let pause_limit = pause_limit(&services.config);
     let mut last_message = Instant::now();
     let mut last_wakeup = Instant::now();
     let result = loop {
@@ -562,11 +564,11 @@ async fn session(
         let received = tokio::select! {
             received = in_rx.recv() => received,
             () = tokio::time::sleep(SESSION_TICK) => {
+                if let Some(e) = paused(&mut last_wakeup, pause_limit) {
+                    break Err(e);
+                }
                 if last_message.elapsed() > timeout {
                     break Err(SessionError::Silent { timeout });
-                }
-                if let Some(e) = paused(&mut last_wakeup, timeout) {
-                    break Err(e);
                 }
                 continue;
             }
@@ -581,7 +583,7 @@ async fn session(
         };
         // Messages that waited in the socket while this process was paused
         // are not acted on: the JobManager has declared it lost.
-        if let Some(e) = paused(&mut last_wakeup, timeout) {
+        if let Some(e) = paused(&mut last_wakeup, pause_limit) {
             break Err(e);
         }
         let msg = match received {
@@ -602,13 +604,25 @@ async fn session(
     result
 }
 
-/// Whether this process was not scheduled for longer than `timeout` since
-/// `last_wakeup` (SIGSTOP, a VM pause, a swap storm); updates it.
-fn paused(last_wakeup: &mut Instant, timeout: Duration) -> Option<SessionError> {
+/// The longest gap this process may go unscheduled (SIGSTOP, a VM pause, a
+/// swap storm) before it must assume that the JobManager declared it lost.
+/// The JobManager counts `heartbeat.timeout` from the last heartbeat it
+/// received, which this process sent up to one `heartbeat.interval` before
+/// the pause began; so a pause longer than `timeout - interval` may already
+/// be fatal. The slack is capped at a quarter of the timeout, so that a
+/// timeout close to the interval does not make every tick look like a pause.
+fn pause_limit(config: &Config) -> Duration {
+    let timeout = config.heartbeat_timeout;
+    timeout - config.heartbeat_interval.min(timeout / 4)
+}
+
+/// Whether more than `limit` passed since `last_wakeup` ([`pause_limit`]);
+/// updates it.
+fn paused(last_wakeup: &mut Instant, limit: Duration) -> Option<SessionError> {
     let now = Instant::now();
     let gap = now.duration_since(*last_wakeup);
     *last_wakeup = now;
-    (gap > timeout).then_some(SessionError::Paused { gap, timeout })
+    (gap > limit).then_some(SessionError::Paused { gap, limit })
 }
 
 /// Acts on one message from the JobManager.
@@ -732,12 +746,19 @@ async fn report_loop(
     out: UnboundedSender<Message>,
 ) -> Result<(), SessionError> {
     let interval = services.config.heartbeat_interval;
-    let timeout = services.config.heartbeat_timeout;
+    let tick = Duration::from_millis(250).min(interval);
+    // Heartbeats leave every `interval` (plus a tick) when nothing stalls.
+    let limit = pause_limit(&services.config).max(interval + 2 * tick);
     let mut last_heartbeat = Instant::now() - interval;
-    let mut last_wakeup = Instant::now();
     loop {
-        if let Some(e) = paused(&mut last_wakeup, timeout) {
-            return Err(e);
+        // The time since the last heartbeat was sent, not since the last
+        // tick: that is the silence the JobManager sees.
+        let silence = last_heartbeat.elapsed();
+        if silence > limit {
+            return Err(SessionError::Paused {
+                gap: silence,
+                limit,
+            });
         }
         if last_heartbeat.elapsed() >= interval {
             last_heartbeat = Instant::now();
@@ -773,6 +794,6 @@ async fn report_loop(
                 return Ok(());
             }
         }
-        tokio::time::sleep(Duration::from_millis(250).min(interval)).await;
+        tokio::time::sleep(tick).await;
     }
 }

@@ -865,9 +865,9 @@ mod sim {
             .into_iter()
             .filter_map(|seed| run(seed, Some(Fault::FreeOnFirstEnd)).err())
             .collect();
-        assert!(!failures.is_empty(), "no seed noticed the fault");
-        assert!(failures[0].contains("seed="), "{}", failures[0]);
+        // A replayed seed (STRATA_SIM_SEED) need not meet the fault.
         if std::env::var("STRATA_SIM_SEED").is_err() {
+            assert!(failures.iter().all(|f| f.contains("seed=")), "{failures:?}");
             assert!(
                 failures.len() > 50,
                 "only {} of 100 seeds noticed",
