@@ -12,6 +12,8 @@
 pub mod client;
 pub mod jobmanager;
 pub mod restart;
+#[cfg(test)]
+pub mod sim;
 pub mod summary;
 
 #[derive(Debug, thiserror::Error)]

@@ -181,30 +181,36 @@ mod tests {
     #[test]
     fn channel_indices_match_the_edge_lists() {
         let text = r#"
+            [job]
             name = "t"
             parallelism = 3
-            [[operators]]
+            [[operator]]
             name = "src"
             type = "datagen"
             rows = 10
             keys = 5
-            [[operators]]
+            [[operator]]
+            name = "positive"
+            type = "filter"
+            predicate = "value >= 0"
+            parallelism = 2
+            [[operator]]
+            name = "by-key"
+            type = "key_by"
+            keys = ["key"]
+            [[operator]]
             name = "agg"
             type = "aggregate"
-            input = "src"
-            key_by = ["key"]
-            aggregates = [{ fn = "count", as = "n" }]
+            aggs = ["count(*) as n"]
             parallelism = 2
-            [[operators]]
+            [[operator]]
             name = "out"
-            type = "print_sink"
-            input = "agg"
+            type = "blackhole"
+            parallelism = 1
         "#;
-        let Ok(planned) = parse_job(text, std::path::Path::new("t.toml")).and_then(plan) else {
-            // The job language may name these keys differently; the unit
-            // under test is the index arithmetic below.
-            return;
-        };
+        let planned = parse_job(text, std::path::Path::new("t.toml"))
+            .and_then(plan)
+            .expect("the test job plans");
         let graph = JobGraph::build(&planned, 3);
         for edge in &graph.edges {
             let sp = graph.vertices[edge.source].parallelism;

@@ -62,7 +62,7 @@ pub struct ResourceProfile {
     pub gpu: Option<(u32, u64)>,
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SlotStatus {
     pub index: usize,
     pub state: SlotState,
