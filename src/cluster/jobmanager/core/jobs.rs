@@ -302,7 +302,17 @@ impl JobManagerCore {
         if entry.execution != execution || entry.restart_at.is_some() {
             // A task of the failed attempt: the restart waits for it.
             if next.is_terminal() && entry.draining_execution == Some(execution) {
-                entry.draining.remove(&(tm, task));
+                // Record the end in the failed attempt's task table too: a
+                // restart that cannot deploy fails over again from that
+                // table, and must not wait for ends already reported (it
+                // would wait forever; see the core test
+                // `a_restart_that_finds_too_few_slots_…`).
+                if entry.draining.remove(&(tm, task))
+                    && entry.execution == execution
+                    && let Some(t) = entry.tasks.get_mut(&task)
+                {
+                    t.state = next;
+                }
                 if entry.draining.is_empty() {
                     super::failover::restart_if_due(self, job);
                 }
