@@ -3,7 +3,7 @@
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
-use super::{CANCEL_MAX, HEARTBEAT_INTERVAL, HEARTBEAT_TIMEOUT, Outcome, Sim, TICK};
+use super::{CANCEL_MAX, HEARTBEAT_INTERVAL, Outcome, Sim, TICK};
 use crate::protocol::{ExecutionId, JobState, JobSummary};
 
 /// Slack for messages in flight (the slow-network fault included).
@@ -15,6 +15,40 @@ pub fn after_step(sim: &mut Sim) {
     one_execution_per_slot(sim);
     views_agree(sim);
     restarts_are_timely(sim);
+    lost_taskmanagers_learn_it(sim);
+}
+
+/// 5 (second half): a TaskManager instance the JobManager no longer knows
+/// (declared lost) learns it at once — it is told and its connection
+/// closed — instead of running on as a zombie whose heartbeats are answered.
+fn lost_taskmanagers_learn_it(sim: &mut Sim) {
+    let now = sim.now;
+    let Some(jm) = &sim.jm else {
+        sim.zombie_since.clear();
+        return;
+    };
+    let mut found = Vec::new();
+    for tm in &sim.tms {
+        let known = match (tm.registered, tm.alive, tm.paused_until, tm.conn) {
+            (Some(id), true, None, Some(conn)) => {
+                jm.rm.get(id).is_some_and(|entry| entry.conn.0 == conn)
+            }
+            _ => true,
+        };
+        if known {
+            sim.zombie_since.remove(&tm.index);
+            continue;
+        }
+        let since = *sim.zombie_since.entry(tm.index).or_insert(now);
+        if now > since + NET_SLACK + TICK {
+            found.push(format!(
+                "invariant 5: TaskManager {} still believes it is registered {:?} after the JobManager declared it lost",
+                tm.index,
+                now - since
+            ));
+        }
+    }
+    sim.violations.extend(found);
 }
 
 /// 2 (first half): a held slot has a live task of its execution, or the
@@ -37,7 +71,11 @@ fn slots_hold_live_tasks(sim: &mut Sim) {
 /// its tasks take to stop.
 fn told_slots_free_in_time(sim: &mut Sim) {
     let now = sim.now;
-    for tm in sim.tms.iter().filter(|t| t.alive && t.paused_until.is_none()) {
+    for tm in sim
+        .tms
+        .iter()
+        .filter(|t| t.alive && t.paused_until.is_none())
+    {
         for occupied in tm.slots.occupied() {
             let execution = ExecutionId(occupied.job);
             if let Some(&told) = tm.told.get(&execution)
@@ -101,35 +139,43 @@ fn views_agree(sim: &mut Sim) {
     sim.violations.extend(found);
 }
 
-/// 6: a restart starts within its delay once the failed execution drained.
+/// 6: a restart starts within its delay once the failed execution drained:
+/// within two ticks of the moment its delay has passed, its failed tasks
+/// have ended (or their TaskManager was declared lost), and the slots it
+/// needs are free or cannot become free (then it fails over again).
 fn restarts_are_timely(sim: &mut Sim) {
     let Some(jm) = &sim.jm else {
         sim.restart_watch.clear();
         return;
     };
     let now = sim.now;
+    let free = jm.rm.free_slots().len();
+    let releasing = jm.rm.releasing_slots();
     let mut waiting = HashSet::new();
     let mut late = Vec::new();
     for job in jm.jobs.values() {
         let Some(restart_at) = job.restart_at else {
             continue;
         };
-        if !job.draining.is_empty() {
+        let needed = job.graph.slots_needed() as usize;
+        let slots_settled = free >= needed || free + releasing < needed;
+        if now < restart_at || !job.draining.is_empty() || !slots_settled {
             continue;
         }
         waiting.insert(job.id);
-        let drained = *sim.restart_watch.entry(job.id).or_insert(now);
-        let due = restart_at.max(drained);
-        // Slots still reported held are waited for (bounded by the
-        // heartbeat timeout).
-        let bound = if jm.rm.releasing_slots() > 0 {
-            HEARTBEAT_TIMEOUT
-        } else {
-            Duration::ZERO
-        };
-        if now > due + TICK * 2 + bound {
+        let (watched_at, ready) = *sim
+            .restart_watch
+            .entry(job.id)
+            .and_modify(|w| {
+                if w.0 != restart_at {
+                    *w = (restart_at, now);
+                }
+            })
+            .or_insert((restart_at, now));
+        debug_assert_eq!(watched_at, restart_at);
+        if now > ready + TICK * 2 {
             late.push(format!(
-                "invariant 6: job {} drained at {drained:?}, restart due at {restart_at:?}, has not restarted by {now:?}",
+                "invariant 6: job {} was ready to restart at {ready:?} (delay until {restart_at:?}), and has not by {now:?}",
                 job.id
             ));
         }
@@ -153,8 +199,10 @@ pub fn on_job_finished(sim: &mut Sim, summary: &JobSummary) {
         }
     }
     if summary.state == JobState::Failed && summary.reason.as_deref().is_none_or(str::is_empty) {
-        sim.violations
-            .push(format!("invariant 1: job {} failed without a cause", summary.job));
+        sim.violations.push(format!(
+            "invariant 1: job {} failed without a cause",
+            summary.job
+        ));
     }
 }
 

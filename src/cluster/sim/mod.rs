@@ -37,8 +37,8 @@ mod tm;
 #[cfg(test)]
 mod tests;
 
-use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -110,6 +110,7 @@ pub enum Endpoint {
 }
 
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // one per queued event; boxing adds nothing
 enum SimEvent {
     Deliver {
         conn: u64,
@@ -193,10 +194,48 @@ pub struct Sim {
     /// Per execution: the job, and the tasks each TaskManager instance
     /// finished (for invariant 7).
     pub executions: HashMap<ExecutionId, ExecutionRecord>,
-    /// Per job and restart: when draining was first seen done.
-    pub restart_watch: HashMap<JobId, Duration>,
+    /// Per job waiting to restart: its restart time, and when it was
+    /// first seen ready to restart.
+    pub restart_watch: HashMap<JobId, (Duration, Duration)>,
     pub rogue_conn: Option<u64>,
+    /// Per TaskManager: since when it believes in a registration the
+    /// JobManager has dropped.
+    pub zombie_since: HashMap<usize, Duration>,
     pub violations: Vec<String>,
+    /// `STRATA_SIM_TRACE=1`: print every event to standard error.
+    trace: bool,
+}
+
+/// One line about an event, without job texts.
+fn describe(event: &SimEvent) -> String {
+    match event {
+        SimEvent::Deliver { conn, to, message } => {
+            let detail = match message {
+                Message::DeployTasks {
+                    execution, tasks, ..
+                } => format!("DeployTasks {execution} {tasks:?}"),
+                Message::TaskStatus {
+                    execution,
+                    vertex,
+                    subtask,
+                    state,
+                    ..
+                } => format!("TaskStatus {execution} {vertex}/{subtask} {state:?}"),
+                Message::CancelJob { execution, .. } => format!("CancelJob {execution}"),
+                Message::ReleaseJob { execution } => format!("ReleaseJob {execution}"),
+                Message::Heartbeat { slots } => format!(
+                    "Heartbeat {:?}",
+                    slots
+                        .iter()
+                        .map(|s| s.execution.map(|e| e.to_string()))
+                        .collect::<Vec<_>>()
+                ),
+                other => other.kind().to_owned(),
+            };
+            format!("deliver conn {conn} to {to:?}: {detail}")
+        }
+        other => format!("{other:?}"),
+    }
 }
 
 pub struct ExecutionRecord {
@@ -297,26 +336,31 @@ type = "blackhole"
 }
 
 fn templates() -> Vec<Arc<PlannedTemplate>> {
-    [(2, 100, false), (4, 0, true), (3, 1000, false), (1, 2, true)]
-        .into_iter()
-        .map(|(p, rows, empty)| {
-            let text = job_text(p, rows);
-            let probe = plan_text(&text);
-            let task_count = probe
-                .graph
-                .vertices
-                .iter()
-                .map(|v| v.parallelism as usize)
-                .sum();
-            let t = text.clone();
-            Arc::new(PlannedTemplate {
-                text,
-                make: Box::new(move || plan_text(&t)),
-                task_count,
-                empty,
-            })
+    [
+        (2, 100, false),
+        (4, 0, true),
+        (3, 1000, false),
+        (1, 2, true),
+    ]
+    .into_iter()
+    .map(|(p, rows, empty)| {
+        let text = job_text(p, rows);
+        let probe = plan_text(&text);
+        let task_count = probe
+            .graph
+            .vertices
+            .iter()
+            .map(|v| v.parallelism as usize)
+            .sum();
+        let t = text.clone();
+        Arc::new(PlannedTemplate {
+            text,
+            make: Box::new(move || plan_text(&t)),
+            task_count,
+            empty,
         })
-        .collect()
+    })
+    .collect()
 }
 
 impl Sim {
@@ -340,7 +384,9 @@ impl Sim {
             executions: HashMap::new(),
             restart_watch: HashMap::new(),
             rogue_conn: None,
+            zombie_since: HashMap::new(),
             violations: Vec::new(),
+            trace: std::env::var("STRATA_SIM_TRACE").is_ok(),
             cfg,
         };
         sim.start_jm();
@@ -385,7 +431,7 @@ impl Sim {
             let tm = (self.rng.next_u64() % self.cfg.taskmanagers as u64) as usize;
             let kind = match self.rng.next_u64() % 10 {
                 0 | 1 => {
-                    let silent = self.rng.next_u64() % 2 == 0;
+                    let silent = self.rng.next_u64().is_multiple_of(2);
                     let back = at + Duration::from_millis(500 + self.rng.next_u64() % 8000);
                     self.schedule(back, SimEvent::Fault(FaultKind::RestartTm { tm }));
                     FaultKind::CrashTm { tm, silent }
@@ -510,6 +556,11 @@ impl Sim {
         for command in commands {
             match command {
                 Command::Send { conn, message } => {
+                    if self.cfg.bug == Some(Bug::NoFencing)
+                        && matches!(message, Message::Disconnect { .. })
+                    {
+                        continue;
+                    }
                     self.observe_jm_message(&message);
                     self.send(conn.0, Endpoint::Jm, message);
                 }
@@ -529,7 +580,13 @@ impl Sim {
                 .jm
                 .as_ref()
                 .and_then(|jm| jm.jobs.get(job))
-                .map(|j| j.graph.vertices.iter().map(|v| v.parallelism as usize).sum())
+                .map(|j| {
+                    j.graph
+                        .vertices
+                        .iter()
+                        .map(|v| v.parallelism as usize)
+                        .sum()
+                })
                 .unwrap_or(0);
             self.executions
                 .entry(*execution)
@@ -569,6 +626,9 @@ impl Sim {
             let Some(event) = self.events.remove(&id) else {
                 continue;
             };
+            if self.trace {
+                eprintln!("{:?} {}", self.now, describe(&event));
+            }
             self.step(event);
             checks::after_step(self);
             if let Some(first) = self.violations.first() {
@@ -694,6 +754,13 @@ impl Sim {
                 reason: "simulated close".into(),
             }),
             Endpoint::Tm(tm) => {
+                if let Some(until) = self.tms[tm].paused_until
+                    && until > self.now
+                {
+                    // Frozen: it sees the close when it continues.
+                    self.schedule(until, SimEvent::Closed { conn, to });
+                    return;
+                }
                 if self.tms[tm].conn == Some(conn) && self.tms[tm].alive {
                     self.tm_fence(tm, "control connection closed");
                 }

@@ -11,7 +11,12 @@ fn run_seeds(base: u64, count: u64, cfg: &SimConfig) -> Vec<String> {
 #[test]
 fn cluster_keeps_its_invariants_under_faults() {
     let failures = run_seeds(1, 200, &SimConfig::default());
-    assert!(failures.is_empty(), "{} seeds failed; first: {}", failures.len(), failures[0]);
+    assert!(
+        failures.is_empty(),
+        "{} seeds failed:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
 }
 
 /// Without faults every job finishes (none is refused for slots that a
@@ -33,7 +38,9 @@ fn without_faults_every_job_finishes() {
                 })
                 | Some(Outcome::Rejected(_)) => {}
                 Some(Outcome::Ended { state, reason, .. })
-                    if reason.as_deref().is_some_and(|r| r.contains("simulated failure")) =>
+                    if reason
+                        .as_deref()
+                        .is_some_and(|r| r.contains("simulated failure")) =>
                 {
                     let _ = state;
                 }

@@ -15,10 +15,18 @@ use crate::taskmanager::slots::{SlotTable, TaskKey};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Timer {
     Heartbeat,
-    Start { execution: ExecutionId, task: TaskKey },
-    End { execution: ExecutionId, task: TaskKey },
+    Start {
+        execution: ExecutionId,
+        task: TaskKey,
+    },
+    End {
+        execution: ExecutionId,
+        task: TaskKey,
+    },
     /// A deployment that cannot reach a producer fails its unstarted tasks.
-    DeployFails { execution: ExecutionId },
+    DeployFails {
+        execution: ExecutionId,
+    },
     Reconnect,
     Resume,
 }
@@ -232,7 +240,9 @@ impl SimTm {
             return;
         }
         for &(slot, task) in &placements {
-            actions.send.push(status(&task, ExecutionState::Deploying, None));
+            actions
+                .send
+                .push(status(&task, ExecutionState::Deploying, None));
             let end_state = if rng.next_u64() % 100 < 3 {
                 ExecutionState::Failed
             } else {
@@ -248,7 +258,7 @@ impl SimTm {
                 },
             );
             // Slow starts now and then.
-            let start = if rng.next_u64() % 10 == 0 {
+            let start = if rng.next_u64().is_multiple_of(10) {
                 Duration::from_millis(rng.next_u64() % 2000)
             } else {
                 Duration::from_millis(rng.next_u64() % 20)
@@ -264,7 +274,13 @@ impl SimTm {
         self.refresh_report(now, actions);
     }
 
-    fn cancel(&mut self, execution: ExecutionId, now: Duration, rng: &mut Rng, actions: &mut Actions) {
+    fn cancel(
+        &mut self,
+        execution: ExecutionId,
+        now: Duration,
+        rng: &mut Rng,
+        actions: &mut Actions,
+    ) {
         self.told.entry(execution).or_insert(now);
         let keys: Vec<TaskKey> = self
             .tasks
@@ -291,7 +307,8 @@ impl SimTm {
                     if let Some(t) = self.tasks.get_mut(&(execution, task)) {
                         t.end_state = ExecutionState::Canceled;
                     }
-                    let at = now + Duration::from_millis(rng.next_u64() % CANCEL_MAX.as_millis() as u64);
+                    let at =
+                        now + Duration::from_millis(rng.next_u64() % CANCEL_MAX.as_millis() as u64);
                     actions.timers.push((at, Timer::End { execution, task }));
                 }
             }
@@ -350,6 +367,11 @@ impl SimTm {
             Timer::Resume => {
                 let from = self.paused_from.take().unwrap_or(now);
                 self.paused_until = None;
+                // Its tasks stood still too: what it was told is due later.
+                let paused = now.saturating_sub(from);
+                for told in self.told.values_mut() {
+                    *told += paused;
+                }
                 // The TaskManager notices a pause near heartbeat.timeout
                 // and fences itself.
                 if now.saturating_sub(from) + HEARTBEAT_INTERVAL >= HEARTBEAT_TIMEOUT {
@@ -378,12 +400,14 @@ impl SimTm {
                         metrics: None,
                     });
                 }
-                let run = if instant || rng.next_u64() % 3 == 0 {
+                let run = if instant || rng.next_u64().is_multiple_of(3) {
                     Duration::ZERO
                 } else {
                     Duration::from_millis(rng.next_u64() % 3000)
                 };
-                actions.timers.push((now + run, Timer::End { execution, task }));
+                actions
+                    .timers
+                    .push((now + run, Timer::End { execution, task }));
             }
             Timer::End { execution, task } => {
                 let Some(t) = self.tasks.remove(&(execution, task)) else {
