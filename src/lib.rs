@@ -51,6 +51,8 @@
 //!   `strata explain` prints.
 //! - [`metrics`]: counters shared by tasks and reported to the JobManager.
 //! - [`web`]: the JobManager's REST API, Prometheus endpoint and web UI.
+//! - [`security`]: the cluster secret, the handshake every control and data
+//!   connection starts with, and the loopback-only rule without a secret.
 #![deny(unsafe_code)]
 
 pub mod bench;
@@ -65,5 +67,6 @@ pub mod memory;
 pub mod metrics;
 pub mod network;
 pub mod placement;
+pub mod security;
 pub mod taskmanager;
 pub mod web;

@@ -26,7 +26,8 @@ use crate::io::{IoConfig, IoManager};
 use crate::memory::{MemoryManager, NetworkBufferPool, PagePool};
 use crate::metrics::TaskMetrics;
 use crate::network::NetworkRegistry;
-use crate::network::tcp::{ConnectionManager, DataServer};
+use crate::network::tcp::{ConnectionManager, DataServer, DataServerOptions};
+use crate::security::PeerAuth;
 use crate::network::transport;
 use slots::SlotTable;
 
@@ -45,8 +46,10 @@ pub enum TaskManagerError {
     DataServer {
         address: String,
         #[source]
-        source: std::io::Error,
+        source: crate::network::tcp::DataServerError,
     },
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
     #[error(transparent)]
     Transport(crate::network::transport::TransportError),
     #[error("starting the IOManager: {0}")]
@@ -258,12 +261,18 @@ impl TaskManager {
             transport.kind.name(),
             transport.reason
         );
-        let server = DataServer::start(bind_addr, Arc::clone(&registry), transport.verbs.clone())
-            .await
-            .map_err(|source| TaskManagerError::DataServer {
-                address: bind.clone(),
-                source,
-            })?;
+        let auth = PeerAuth::from_config(&config)?;
+        let server = DataServer::start(
+            bind_addr,
+            Arc::clone(&registry),
+            transport.verbs.clone(),
+            DataServerOptions::new(&config, auth.clone()),
+        )
+        .await
+        .map_err(|source| TaskManagerError::DataServer {
+            address: bind.clone(),
+            source,
+        })?;
         let profile = ResourceProfile {
             cpu_cores: 1.0,
             managed_memory_bytes: layout.managed_per_slot,
@@ -298,7 +307,7 @@ impl TaskManager {
                 slot_memory,
                 netpool,
                 registry,
-                connections: ConnectionManager::new(transport.verbs.clone()),
+                connections: ConnectionManager::new(transport.verbs.clone(), auth),
                 transport: format!("{transport_name} ({})", transport.reason),
                 data_addr: server.local_addr,
                 io,
