@@ -50,11 +50,11 @@ use strata::network::rdma::VerbsEnv;
 use strata::network::taskread::{GateLink, TaskReadInput};
 use strata::network::tcp::{ConnectionManager, DataServer, DataServerOptions};
 use strata::network::verbs::emu::EmuDevice;
-use strata::security::{self, PeerAuth, Plane, Role};
 use strata::network::{
     GateId, InputGate, InputReader, NetworkRegistry, PAYLOAD_HEADROOM, PartitionId, RecordWriter,
     ResultPartition, Subpartition,
 };
+use strata::security::{self, PeerAuth, Plane, Role};
 
 /// As the `strata` binary has (see `src/main.rs`).
 #[global_allocator]

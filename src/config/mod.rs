@@ -1043,7 +1043,10 @@ mod tests {
             "security.handshake.timeout=3 s",
         ]))
         .unwrap();
-        assert_eq!(config.auth_secret.as_ref().map(SecretText::expose), Some(secret));
+        assert_eq!(
+            config.auth_secret.as_ref().map(SecretText::expose),
+            Some(secret)
+        );
         assert_eq!(config.handshake_timeout, Duration::from_secs(3));
         let table = config.render_table();
         let line = table
@@ -1063,9 +1066,7 @@ mod tests {
         assert_eq!(defaults.handshake_timeout, Duration::from_secs(10));
         assert_eq!(defaults.data_connections_max, 1024);
         assert_eq!(defaults.rpc_connections_max, 1024);
-        assert!(
-            Config::from_overrides(&args(&["taskmanager.data.connections.max=0"])).is_err()
-        );
+        assert!(Config::from_overrides(&args(&["taskmanager.data.connections.max=0"])).is_err());
     }
 
     #[test]

@@ -292,9 +292,10 @@ async fn accept_loop(listener: TcpListener, local_addr: SocketAddr, shared: Arc<
         };
         bump(&counters.accepted);
         if counters.active.load(Ordering::Relaxed) >= max as u64 {
+            // Counted first, so whoever sees the close sees the count.
+            bump(&counters.refused_at_cap);
             // Closed before a byte is read or a buffer allocated for it.
             drop(stream);
-            bump(&counters.refused_at_cap);
             if let Some(left_out) = cap_warnings.allow() {
                 bump(&counters.cap_warnings);
                 tracing::warn!(
@@ -1777,7 +1778,10 @@ mod tests {
         .unwrap();
         let addr = server.local_addr;
         // Unknown execution: refused after the wait, naming it.
-        let unknown = PartitionId { job: 77, ..PARTITION };
+        let unknown = PartitionId {
+            job: 77,
+            ..PARTITION
+        };
         let message = refusal(answer_to(addr, &request_frame(0, unknown)).await.1);
         assert!(message.contains("execution 77 is unknown"), "{message}");
         // A subpartition queue that never ends: the first consumer holds it.
@@ -1821,7 +1825,11 @@ mod tests {
         assert!(
             matches!(answer, Some(Incoming::Buffer(h)) if h.kind == BufferKind::EndOfPartition)
         );
-        let message = refusal(answer_to(server.local_addr, &request_frame(0, PARTITION)).await.1);
+        let message = refusal(
+            answer_to(server.local_addr, &request_frame(0, PARTITION))
+                .await
+                .1,
+        );
         assert!(message.contains("read to its end"), "{message}");
     }
 

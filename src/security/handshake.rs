@@ -42,7 +42,10 @@ type HmacSha256 = Hmac<Sha256>;
 pub enum HandshakeFailure {
     #[error("not complete within {timeout:?} (security.handshake.timeout)")]
     Timeout { timeout: Duration },
-    #[error("the peer closed the connection during the {stage} ({})", closed_hint(stage))]
+    #[error(
+        "the peer closed the connection during the {stage} ({})",
+        closed_hint(stage)
+    )]
     Closed { stage: &'static str },
     #[error("connection failed during the {stage}: {source}")]
     Io {
@@ -129,7 +132,11 @@ impl<'a> Exchange<'a> {
         magic.copy_from_slice(MAGIC);
         rest[0] = PROTOCOL_VERSION;
         rest[1] = self.plane.wire();
-        rest[2] = if self.secret.is_some() { FLAG_SECRET } else { 0 };
+        rest[2] = if self.secret.is_some() {
+            FLAG_SECRET
+        } else {
+            0
+        };
         rest[3..].copy_from_slice(&self.nonce);
         hello
     }
@@ -268,7 +275,10 @@ async fn exchange_async<S: AsyncRead + AsyncWrite + Unpin>(
     exchange: &mut Exchange<'_>,
 ) -> Result<(), HandshakeFailure> {
     let hello_failed = |e| io_failure(HELLO, e);
-    stream.write_all(&exchange.hello()).await.map_err(hello_failed)?;
+    stream
+        .write_all(&exchange.hello())
+        .await
+        .map_err(hello_failed)?;
     stream.flush().await.map_err(hello_failed)?;
     let mut hello = [0u8; HELLO_BYTES];
     let (magic, _) = hello.split_at_mut(MAGIC.len());
@@ -492,7 +502,10 @@ mod tests {
             ),
             "{client}"
         );
-        assert!(matches!(failure(server), HandshakeFailure::PlaneMismatch { .. }));
+        assert!(matches!(
+            failure(server),
+            HandshakeFailure::PlaneMismatch { .. }
+        ));
     }
 
     #[tokio::test]
@@ -503,7 +516,10 @@ mod tests {
         theirs.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
         let result = handshake(&mut ours, None, Role::Server, Plane::Data, LONG).await;
         let f = failure(result);
-        assert!(matches!(f, HandshakeFailure::NotStrata { found } if &found == b"GET / "), "{f}");
+        assert!(
+            matches!(f, HandshakeFailure::NotStrata { found } if &found == b"GET / "),
+            "{f}"
+        );
         drop(theirs);
     }
 
@@ -511,7 +527,9 @@ mod tests {
     async fn a_wrong_version_or_unknown_plane_is_refused() {
         for (at, value) in [(6, PROTOCOL_VERSION + 1), (7, 9), (8, 0x80)] {
             let (mut ours, mut theirs) = tokio::io::duplex(1024);
-            let mut hello = Exchange::new(None, Role::Client, Plane::Data).unwrap().hello();
+            let mut hello = Exchange::new(None, Role::Client, Plane::Data)
+                .unwrap()
+                .hello();
             hello[at] = value;
             theirs.write_all(&hello).await.unwrap();
             let f = failure(handshake(&mut ours, None, Role::Server, Plane::Data, LONG).await);
@@ -527,9 +545,19 @@ mod tests {
     async fn a_peer_that_never_answers_fails_within_the_timeout() {
         let (mut ours, _silent) = tokio::io::duplex(1024);
         let timeout = Duration::from_millis(200);
-        let result = handshake(&mut ours, Some(&secret(1)), Role::Client, Plane::Data, timeout).await;
+        let result = handshake(
+            &mut ours,
+            Some(&secret(1)),
+            Role::Client,
+            Plane::Data,
+            timeout,
+        )
+        .await;
         let f = failure(result);
-        assert!(matches!(f, HandshakeFailure::Timeout { timeout: t } if t == timeout), "{f}");
+        assert!(
+            matches!(f, HandshakeFailure::Timeout { timeout: t } if t == timeout),
+            "{f}"
+        );
         assert!(f.to_string().contains("security.handshake.timeout"));
     }
 
@@ -604,10 +632,21 @@ mod tests {
         let server_secret = s.clone();
         let server = std::thread::spawn(move || {
             let (mut stream, _) = listener.accept().unwrap();
-            stream.set_read_timeout(Some(Duration::from_secs(77))).unwrap();
-            let result =
-                handshake_blocking(&mut stream, Some(&server_secret), Role::Server, Plane::Control, LONG);
-            (result, stream.read_timeout().unwrap(), stream.write_timeout().unwrap())
+            stream
+                .set_read_timeout(Some(Duration::from_secs(77)))
+                .unwrap();
+            let result = handshake_blocking(
+                &mut stream,
+                Some(&server_secret),
+                Role::Server,
+                Plane::Control,
+                LONG,
+            );
+            (
+                result,
+                stream.read_timeout().unwrap(),
+                stream.write_timeout().unwrap(),
+            )
         });
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -634,7 +673,10 @@ mod tests {
         let timeout = Duration::from_millis(200);
         let err = handshake_blocking(&mut stream, None, Role::Client, Plane::Control, timeout)
             .unwrap_err();
-        assert!(matches!(err.failure(), Some(HandshakeFailure::Timeout { .. })), "{err}");
+        assert!(
+            matches!(err.failure(), Some(HandshakeFailure::Timeout { .. })),
+            "{err}"
+        );
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
     }
 }

@@ -417,7 +417,13 @@ mod tests {
         assert_eq!(format!("{secret}"), "<redacted>");
         assert_eq!(format!("{secret:?}"), "<redacted>");
         assert_eq!(
-            format!("{:?}", PeerAuth { secret: Some(secret), timeout: Duration::from_secs(1) }),
+            format!(
+                "{:?}",
+                PeerAuth {
+                    secret: Some(secret),
+                    timeout: Duration::from_secs(1)
+                }
+            ),
             "PeerAuth { secret: Some(<redacted>), timeout: 1s }"
         );
     }
@@ -425,10 +431,23 @@ mod tests {
     #[test]
     fn a_short_secret_is_refused_naming_its_origin() {
         let err = ClusterSecret::from_bytes(b"short").unwrap_err();
-        assert!(matches!(err, SecurityError::SecretTooShort { length: 5, min: 16, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                SecurityError::SecretTooShort {
+                    length: 5,
+                    min: 16,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         let config = config_with(&["security.auth.secret=tooshort".to_owned()]);
         let err = ClusterSecret::from_config(&config).unwrap_err();
-        assert!(err.to_string().contains("security.auth.secret is 8 bytes"), "{err}");
+        assert!(
+            err.to_string().contains("security.auth.secret is 8 bytes"),
+            "{err}"
+        );
         assert!(!err.to_string().contains("tooshort"), "{err}");
     }
 
@@ -438,16 +457,28 @@ mod tests {
         let path = write_secret_file(dir.path(), b"0123456789abcdef0123\n", 0o600);
         let config = config_with(&[format!("security.auth.secret-file={}", path.display())]);
         let secret = ClusterSecret::from_config(&config).unwrap().unwrap();
-        assert_eq!(secret, ClusterSecret::from_bytes(b"0123456789abcdef0123").unwrap());
+        assert_eq!(
+            secret,
+            ClusterSecret::from_bytes(b"0123456789abcdef0123").unwrap()
+        );
 
         let path = write_secret_file(dir.path(), b"0123456789abcdef0123\n", 0o640);
         let err = ClusterSecret::from_config(&config).unwrap_err();
-        assert!(matches!(err, SecurityError::SecretFileExposed { mode: 0o640, .. }), "{err}");
-        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+        assert!(
+            matches!(err, SecurityError::SecretFileExposed { mode: 0o640, .. }),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
 
         write_secret_file(dir.path(), b"\n", 0o600);
         let err = ClusterSecret::from_config(&config).unwrap_err();
-        assert!(matches!(err, SecurityError::SecretTooShort { length: 0, .. }), "{err}");
+        assert!(
+            matches!(err, SecurityError::SecretTooShort { length: 0, .. }),
+            "{err}"
+        );
         assert!(err.to_string().contains("secret-file"), "{err}");
 
         let missing = dir.path().join("missing");
@@ -461,7 +492,10 @@ mod tests {
     fn the_environment_variable_is_the_last_source_and_may_not_be_empty() {
         assert!(ClusterSecret::from_env(None).unwrap().is_none());
         let secret = ClusterSecret::from_env(Some("0123456789abcdef!".into())).unwrap();
-        assert_eq!(secret, Some(ClusterSecret::from_bytes(b"0123456789abcdef!").unwrap()));
+        assert_eq!(
+            secret,
+            Some(ClusterSecret::from_bytes(b"0123456789abcdef!").unwrap())
+        );
         let err = ClusterSecret::from_env(Some("".into())).unwrap_err();
         assert!(err.to_string().contains(SECRET_ENV), "{err}");
     }
@@ -475,7 +509,10 @@ mod tests {
             format!("security.auth.secret-file={}", path.display()),
         ]);
         let secret = ClusterSecret::from_config(&config).unwrap().unwrap();
-        assert_eq!(secret, ClusterSecret::from_bytes(b"from-the-config-0123").unwrap());
+        assert_eq!(
+            secret,
+            ClusterSecret::from_bytes(b"from-the-config-0123").unwrap()
+        );
     }
 
     #[test]
@@ -492,7 +529,10 @@ mod tests {
             check_bind(&address, Some(&secret), "taskmanager.host").unwrap();
             let err = check_bind(&address, None, "taskmanager.host").unwrap_err();
             let text = err.to_string();
-            assert!(text.contains(&address.to_string()) && text.contains("taskmanager.host"), "{text}");
+            assert!(
+                text.contains(&address.to_string()) && text.contains("taskmanager.host"),
+                "{text}"
+            );
         }
     }
 }

@@ -27,8 +27,8 @@ use crate::memory::{MemoryManager, NetworkBufferPool, PagePool};
 use crate::metrics::TaskMetrics;
 use crate::network::NetworkRegistry;
 use crate::network::tcp::{ConnectionManager, DataServer, DataServerOptions};
-use crate::security::PeerAuth;
 use crate::network::transport;
+use crate::security::PeerAuth;
 use slots::SlotTable;
 
 #[derive(Debug, thiserror::Error)]
