@@ -48,12 +48,13 @@ use strata::network::ipc::ChannelEncoder;
 use strata::network::partition::{Partitioner, Target, WriterMetrics};
 use strata::network::rdma::VerbsEnv;
 use strata::network::taskread::{GateLink, TaskReadInput};
-use strata::network::tcp::{ConnectionManager, DataServer};
+use strata::network::tcp::{ConnectionManager, DataServer, DataServerOptions};
 use strata::network::verbs::emu::EmuDevice;
 use strata::network::{
     GateId, InputGate, InputReader, NetworkRegistry, PAYLOAD_HEADROOM, PartitionId, RecordWriter,
     ResultPartition, Subpartition,
 };
+use strata::security::{self, PeerAuth, Plane, Role};
 
 /// As the `strata` binary has (see `src/main.rs`).
 #[global_allocator]
@@ -230,6 +231,7 @@ fn remote(name: &str, mode: Remote, size: u64, segment: usize, options: &RemoteO
             "127.0.0.1:0".parse().expect("addr"),
             Arc::clone(&registry),
             env(mode, &producer_pool),
+            DataServerOptions::default(),
         ))
         .expect("data server");
     let partition = PartitionId {
@@ -249,10 +251,19 @@ fn remote(name: &str, mode: Remote, size: u64, segment: usize, options: &RemoteO
         target_subtask: 0,
     };
     let gate = InputGate::new(id, &[ChannelKind::Remote], *BUFFERS, &consumer_pool).expect("gate");
-    let connections = ConnectionManager::new(consumer_env);
+    let connections = ConnectionManager::new(consumer_env, PeerAuth::loopback());
     let conn = if task_reads && mode == Remote::Tcp {
         // The gate's own connection, read by the consumer's thread.
-        let stream = std::net::TcpStream::connect(server.local_addr).expect("connect");
+        let mut stream = std::net::TcpStream::connect(server.local_addr).expect("connect");
+        // Every data connection opens with the handshake (no secret on loopback).
+        security::handshake_blocking(
+            &mut stream,
+            None,
+            Role::Client,
+            Plane::Data,
+            security::HANDSHAKE_TIMEOUT_DEFAULT,
+        )
+        .expect("handshake");
         let link = GateLink::new(stream, "tm-bench".into()).expect("link");
         link.request_partition(&gate, 0, partition, 0)
             .expect("request");

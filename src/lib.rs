@@ -56,6 +56,8 @@
 //!   `strata explain` prints.
 //! - [`metrics`]: counters shared by tasks and reported to the JobManager.
 //! - [`web`]: the JobManager's REST API, Prometheus endpoint and web UI.
+//! - [`security`]: the cluster secret, the handshake every control and data
+//!   connection starts with, and the loopback-only rule without a secret.
 #![deny(unsafe_code)]
 
 pub mod bench;
@@ -72,5 +74,6 @@ pub mod minicluster;
 pub mod network;
 pub mod placement;
 pub mod protocol;
+pub mod security;
 pub mod taskmanager;
 pub mod web;

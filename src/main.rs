@@ -5,13 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use strata::cluster::client::submit_job;
+use strata::cluster::client::submit_job_with;
 use strata::cluster::jobmanager::JobManager;
 use strata::cluster::summary;
 use strata::config::{Config, ConfigSource};
 use strata::job::graph::JobGraph;
 use strata::minicluster::MiniCluster;
 use strata::protocol::JobState;
+use strata::security::PeerAuth;
 use strata::taskmanager::TaskManager;
 
 /// Buffers cross threads (read on a network thread, freed by a task), which
@@ -222,6 +223,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(async {
                 let rest_port = config.rest_port;
+                let cluster_config = config.clone();
                 let cluster = MiniCluster::start(config, taskmanagers).await?;
                 // The configured port when free, else any: a busy 8081 must
                 // not stop a local run.
@@ -233,8 +235,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 {
                     jm.serve_rest("127.0.0.1:0").await?;
                 }
-                let summary =
-                    submit_job(&cluster.address().to_string(), text, path, !no_progress).await?;
+                let auth = PeerAuth::from_config(&cluster_config)?;
+                let address = cluster.address().to_string();
+                let summary = submit_job_with(&auth, &address, text, path, !no_progress).await?;
                 Ok(finish(&summary))
             })
         }
@@ -276,9 +279,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let config = config.load()?;
             let address = jm_address(jobmanager, &config);
             let (text, path) = read_job(&job)?;
+            let auth = PeerAuth::from_config(&config)?;
             let rt = runtime()?;
             rt.block_on(async {
-                let summary = submit_job(&address, text, path, !no_progress).await?;
+                let summary = submit_job_with(&auth, &address, text, path, !no_progress).await?;
                 Ok(finish(&summary))
             })
         }

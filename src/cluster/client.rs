@@ -8,10 +8,31 @@ use tokio::net::TcpStream;
 
 use super::ClusterError;
 use crate::protocol::{JobSummary, Message, read_message, write_message};
+use crate::security::{PeerAuth, Plane, Role};
 
-/// Submits a job and waits for its end. `progress` draws a progress bar on
-/// standard error (hidden when it is not a terminal).
+/// Submits a job to a JobManager without a cluster secret (loopback) and
+/// waits for its end; see [`submit_job_with`].
 pub async fn submit_job(
+    jobmanager: &str,
+    job_text: String,
+    job_path: String,
+    progress: bool,
+) -> Result<JobSummary, ClusterError> {
+    submit_job_with(
+        &PeerAuth::loopback(),
+        jobmanager,
+        job_text,
+        job_path,
+        progress,
+    )
+    .await
+}
+
+/// Submits a job and waits for its end, authenticating with `auth`.
+/// `progress` draws a progress bar on standard error (hidden when it is not
+/// a terminal).
+pub async fn submit_job_with(
+    auth: &PeerAuth,
     jobmanager: &str,
     job_text: String,
     job_path: String,
@@ -22,11 +43,14 @@ pub async fn submit_job(
         reason,
     };
     let connect = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(jobmanager));
-    let stream = match connect.await {
+    let mut stream = match connect.await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => return Err(unreachable(e.to_string())),
         Err(_) => return Err(unreachable("connection timed out after 10 s".into())),
     };
+    auth.handshake(&mut stream, Role::Client, Plane::Control, jobmanager)
+        .await
+        .map_err(|e| unreachable(e.to_string()))?;
     let (mut reader, mut writer) = stream.into_split();
     write_message(&mut writer, &Message::SubmitJob { job_text, job_path })
         .await

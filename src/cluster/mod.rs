@@ -32,6 +32,8 @@ pub enum ClusterError {
     },
     #[error("a TaskManager of the mini-cluster could not start: {0}")]
     TaskManager(String),
+    #[error(transparent)]
+    Security(crate::security::SecurityError),
     #[error("the mini-cluster did not come up: {reason}")]
     Startup { reason: String },
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use super::source::RawValue;
 use super::units::{self, DURATION_SYNTAX, MEMORY_SYNTAX};
-use super::{Config, IoBackend, PlacementMode, RestartStrategyKind, Transport};
+use super::{Config, IoBackend, PlacementMode, RestartStrategyKind, SecretText, Transport};
 
 /// Flink caps max parallelism at 2^15 (`KeyGroupRangeAssignment.UPPER_BOUND_MAX_PARALLELISM`).
 pub(super) const MAX_PARALLELISM_LIMIT: u32 = 1 << 15;
@@ -101,7 +101,18 @@ keys! {
     "metrics.reporter.prom.port"                           => prometheus_port: port, show;
     "placement.mode"                                       => placement_mode: placement_mode, show;
     "placement.calibration-file"                           => calibration_file: optional_text, show;
+    "taskmanager.data.connections.max"                     => data_connections_max: at_least_one, show;
+    "jobmanager.rpc.connections.max"                       => rpc_connections_max: at_least_one, show;
+    "security.auth.secret"                                 => auth_secret: secret, show_secret;
+    "security.auth.secret-file"                            => auth_secret_file: optional_path, show_optional_path;
+    "security.handshake.timeout"                           => handshake_timeout: positive_duration, show_duration;
 }
+
+/// Keys whose values are never printed, not even in an error about them.
+pub(super) const REDACTED_KEYS: &[&str] = &["security.auth.secret"];
+
+/// What `strata config` and errors print instead of a redacted value.
+pub(super) const REDACTED: &str = "<redacted>";
 
 /// Older Flink names that set the same field as a current key: `(old, current)`.
 /// The current name is the one `strata config` prints.
@@ -380,6 +391,23 @@ fn optional_text(value: &RawValue) -> Result<String, &'static str> {
     }
 }
 
+/// The cluster secret: any non-empty text (its length is checked where it
+/// is used, by `security::ClusterSecret::from_config`, so that the error
+/// there covers the secret file and the environment variable alike).
+fn secret(value: &RawValue) -> Result<Option<SecretText>, &'static str> {
+    match value {
+        RawValue::Text(text) if !text.trim().is_empty() => {
+            Ok(Some(SecretText::new(text.trim().to_owned())))
+        }
+        RawValue::Text(_) => Err("must not be empty (leave the key unset for no secret)"),
+        _ => Err("expected a string"),
+    }
+}
+
+fn optional_path(value: &RawValue) -> Result<Option<PathBuf>, &'static str> {
+    path(value).map(Some)
+}
+
 fn show(value: &impl Display) -> String {
     value.to_string()
 }
@@ -398,6 +426,17 @@ fn show_optional_duration(duration: &Option<Duration>) -> String {
 
 fn show_path(path: &Path) -> String {
     path.display().to_string()
+}
+
+/// Never the secret itself: `<redacted>` when one is set, nothing otherwise.
+fn show_secret(secret: &Option<SecretText>) -> String {
+    secret
+        .as_ref()
+        .map_or_else(String::new, |_| REDACTED.to_owned())
+}
+
+fn show_optional_path(path: &Option<PathBuf>) -> String {
+    path.as_deref().map_or_else(String::new, show_path)
 }
 
 fn show_restart_strategy(kind: &Option<RestartStrategyKind>) -> String {

@@ -119,6 +119,35 @@ impl fmt::Display for RestartStrategyKind {
     }
 }
 
+/// A secret configuration value. `Debug` and `Display` print `<redacted>`, so
+/// neither a log line nor `{:?}` of a [`Config`] can leak it; [`SecretText::expose`]
+/// is the one way to read it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretText(String);
+
+impl SecretText {
+    pub(crate) fn new(text: String) -> SecretText {
+        SecretText(text)
+    }
+
+    /// The secret itself, for whoever turns it into key material.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(keys::REDACTED)
+    }
+}
+
+impl fmt::Display for SecretText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(keys::REDACTED)
+    }
+}
+
 /// The effective TaskManager configuration. Each field names the Flink key it
 /// comes from; defaults are Flink's, but for `segment_size_bytes` (64 KiB).
 #[derive(Debug, Clone)]
@@ -263,6 +292,23 @@ pub struct Config {
     /// `placement.calibration-file`: the rates `strata bench --calibrate`
     /// wrote; empty means the default location (see `placement::calibration`).
     pub calibration_file: String,
+    /// `taskmanager.data.connections.max`: concurrent connections the data
+    /// server accepts; more are closed at accept.
+    pub data_connections_max: u32,
+    /// `jobmanager.rpc.connections.max`: concurrent control connections the
+    /// JobManager accepts.
+    pub rpc_connections_max: u32,
+    /// `security.auth.secret`: the cluster secret, inline. Prefer
+    /// `security.auth.secret-file`: a `-D` argument is visible in `ps`.
+    /// Read it through `security::ClusterSecret::from_config`.
+    pub auth_secret: Option<SecretText>,
+    /// `security.auth.secret-file`: a file holding the cluster secret,
+    /// readable by its owner only.
+    pub auth_secret_file: Option<PathBuf>,
+    /// `security.handshake.timeout`: how long a peer has to complete the
+    /// authentication handshake, and then (on the data plane) to send its
+    /// first request.
+    pub handshake_timeout: Duration,
     layout: MemoryLayout,
     origins: BTreeMap<&'static str, Origin>,
 }
@@ -411,6 +457,11 @@ impl Config {
             prometheus_port: 9249,
             placement_mode: PlacementMode::Auto,
             calibration_file: String::new(),
+            data_connections_max: 1024,
+            rpc_connections_max: 1024,
+            auth_secret: None,
+            auth_secret_file: None,
+            handshake_timeout: Duration::from_secs(10),
             layout: MemoryLayout::default(),
             origins: keys::KEYS
                 .iter()
@@ -427,9 +478,14 @@ impl Config {
                 origin: entry.origin,
             });
         };
+        let value = if keys::REDACTED_KEYS.contains(&key.name) {
+            keys::REDACTED.to_owned()
+        } else {
+            entry.value.to_string()
+        };
         (key.apply)(self, &entry.value).map_err(|reason| ConfigError::InvalidValue {
             key: entry.key.clone(),
-            value: entry.value.to_string(),
+            value,
             origin: entry.origin.clone(),
             reason,
         })?;
@@ -967,17 +1023,59 @@ mod tests {
         );
     }
 
+    /// Every key as `strata config` prints it, as `-D` arguments; an unset
+    /// optional key prints nothing and is left out (setting it empty is an
+    /// error for the secret keys).
+    fn shown_overrides(config: &Config) -> Vec<String> {
+        keys::KEYS
+            .iter()
+            .map(|key| (key.name, (key.show)(config)))
+            .filter(|(_, value)| !value.is_empty())
+            .map(|(name, value)| format!("{name}={value}"))
+            .collect()
+    }
+
+    #[test]
+    fn the_cluster_secret_is_never_printed() {
+        let secret = "hunter2-hunter2-hunter2";
+        let config = Config::from_overrides(&args(&[
+            &format!("security.auth.secret={secret}"),
+            "security.handshake.timeout=3 s",
+        ]))
+        .unwrap();
+        assert_eq!(
+            config.auth_secret.as_ref().map(SecretText::expose),
+            Some(secret)
+        );
+        assert_eq!(config.handshake_timeout, Duration::from_secs(3));
+        let table = config.render_table();
+        let line = table
+            .lines()
+            .find(|line| line.starts_with("security.auth.secret "))
+            .unwrap();
+        assert!(line.contains("<redacted>"), "{line}");
+        for printed in [table, format!("{config:?}")] {
+            assert!(!printed.contains(secret), "the secret leaked:\n{printed}");
+        }
+        // Not even an error about the key repeats what was given.
+        let error = Config::from_overrides(&args(&["security.auth.secret= "])).unwrap_err();
+        assert!(error.to_string().contains("<redacted>"), "{error}");
+        let defaults = Config::default();
+        assert_eq!(defaults.auth_secret, None);
+        assert_eq!(defaults.auth_secret_file, None);
+        assert_eq!(defaults.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(defaults.data_connections_max, 1024);
+        assert_eq!(defaults.rpc_connections_max, 1024);
+        assert!(Config::from_overrides(&args(&["taskmanager.data.connections.max=0"])).is_err());
+    }
+
     #[test]
     fn rendered_values_load_back_to_the_same_config() {
         let config = Config::from_overrides(&args(&["heartbeat.timeout=2 min"])).unwrap();
         let shown = |config: &Config| -> Vec<String> {
             keys::KEYS.iter().map(|key| (key.show)(config)).collect()
         };
-        let overrides: Vec<String> = keys::KEYS
-            .iter()
-            .map(|key| format!("{}={}", key.name, (key.show)(&config)))
-            .collect();
-        let reloaded = Config::from_overrides(&overrides).unwrap();
+        let reloaded = Config::from_overrides(&shown_overrides(&config)).unwrap();
         assert_eq!(shown(&reloaded), shown(&config));
         assert_eq!(reloaded.memory_layout(), config.memory_layout());
         assert_eq!(reloaded.heartbeat_timeout, Duration::from_secs(120));
@@ -995,11 +1093,7 @@ mod tests {
             ]),
         ] {
             let config = Config::from_overrides(&overrides).unwrap();
-            let shown: Vec<String> = keys::KEYS
-                .iter()
-                .map(|key| format!("{}={}", key.name, (key.show)(&config)))
-                .collect();
-            let reloaded = Config::from_overrides(&shown).unwrap();
+            let reloaded = Config::from_overrides(&shown_overrides(&config)).unwrap();
             assert_eq!(reloaded.checkpoint_interval, config.checkpoint_interval);
             assert_eq!(reloaded.checkpoint_dir, config.checkpoint_dir);
             assert_eq!(reloaded.restart_strategy, config.restart_strategy);

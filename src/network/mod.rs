@@ -46,7 +46,7 @@ pub mod transport;
 #[allow(unsafe_code)]
 pub mod verbs;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use arrow_array::RecordBatch;
@@ -120,12 +120,102 @@ pub enum NetworkError {
     Connect { peer: String, reason: String },
 }
 
+/// Released executions remembered, so that a late request for one is refused
+/// at once (older ones are refused after the partition wait instead).
+const RELEASED_REMEMBERED_MAX: usize = 4096;
+
 /// The TaskManager's table of live partitions and gates, looked up by the
 /// data server (remote consumers) and by local producers.
+///
+/// It also says who may read what: a channel (a partition's subpartition)
+/// has at most one remote consumer at a time ([`NetworkRegistry::claim_channel`]),
+/// and a channel read to its end is not served again. `PartitionId::job` and
+/// `GateId::job` are execution ids: a restarted job registers new ones.
 #[derive(Default)]
 pub struct NetworkRegistry {
     partitions: Mutex<HashMap<PartitionId, Arc<ResultPartition>>>,
     gates: Mutex<HashMap<GateId, Arc<InputGate>>>,
+    /// Channels with a consumer, or read to their end. Bounded by the
+    /// registered partitions' subpartitions: `release_job` drops a job's.
+    claims: Mutex<HashMap<(PartitionId, u32), ClaimState>>,
+    released: Mutex<Released>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ClaimState {
+    Held,
+    Consumed,
+}
+
+/// The most recently released executions, oldest first.
+#[derive(Default)]
+struct Released {
+    order: VecDeque<u64>,
+    set: HashSet<u64>,
+}
+
+impl Released {
+    fn insert(&mut self, execution: u64) {
+        if !self.set.insert(execution) {
+            return;
+        }
+        self.order.push_back(execution);
+        if self.order.len() > RELEASED_REMEMBERED_MAX
+            && let Some(oldest) = self.order.pop_front()
+        {
+            self.set.remove(&oldest);
+        }
+    }
+
+    fn remove(&mut self, execution: u64) {
+        if self.set.remove(&execution) {
+            self.order.retain(|e| *e != execution);
+        }
+    }
+}
+
+/// Why a channel was not handed to a consumer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ClaimRefused {
+    #[error("partition {partition:?} subpartition {subpartition} already has a consumer")]
+    Held {
+        partition: PartitionId,
+        subpartition: u32,
+    },
+    #[error("partition {partition:?} subpartition {subpartition} was already read to its end")]
+    Consumed {
+        partition: PartitionId,
+        subpartition: u32,
+    },
+}
+
+/// One consumer's hold on a channel; dropping it frees the channel, unless
+/// [`ChannelClaim::set_consumed`] said the channel was read to its end.
+pub struct ChannelClaim {
+    registry: Arc<NetworkRegistry>,
+    key: (PartitionId, u32),
+    consumed: bool,
+}
+
+impl ChannelClaim {
+    /// The channel's end went out: nobody may request it again.
+    pub fn set_consumed(&mut self) {
+        self.consumed = true;
+    }
+}
+
+impl Drop for ChannelClaim {
+    fn drop(&mut self) {
+        let mut claims = lock(&self.registry.claims);
+        // A claim of a released job is gone already and stays gone.
+        if self.consumed {
+            if let Some(state) = claims.get_mut(&self.key) {
+                *state = ClaimState::Consumed;
+            }
+        } else if claims.get(&self.key) == Some(&ClaimState::Held) {
+            claims.remove(&self.key);
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -134,6 +224,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl NetworkRegistry {
     pub fn register_partition(&self, partition: Arc<ResultPartition>) {
+        lock(&self.released).remove(partition.id.job);
         lock(&self.partitions).insert(partition.id, partition);
     }
     pub fn register_gate(&self, gate: Arc<InputGate>) {
@@ -163,6 +254,49 @@ impl NetworkRegistry {
         };
         for g in gates {
             g.close();
+        }
+        lock(&self.claims).retain(|(partition, _), _| partition.job != job);
+        lock(&self.released).insert(job);
+    }
+
+    /// Whether `execution` was released here (among the last
+    /// [`RELEASED_REMEMBERED_MAX`] released).
+    pub fn is_released(&self, execution: u64) -> bool {
+        lock(&self.released).set.contains(&execution)
+    }
+
+    /// Whether any partition or gate of `execution` is registered here.
+    pub fn knows_execution(&self, execution: u64) -> bool {
+        lock(&self.partitions).keys().any(|p| p.job == execution)
+            || lock(&self.gates).keys().any(|g| g.job == execution)
+    }
+
+    /// Hands channel `(partition, subpartition)` to one consumer: refused
+    /// while another holds it, or once it was read to its end.
+    pub fn claim_channel(
+        self: &Arc<Self>,
+        partition: PartitionId,
+        subpartition: u32,
+    ) -> Result<ChannelClaim, ClaimRefused> {
+        let key = (partition, subpartition);
+        let mut claims = lock(&self.claims);
+        match claims.get(&key) {
+            Some(ClaimState::Held) => Err(ClaimRefused::Held {
+                partition,
+                subpartition,
+            }),
+            Some(ClaimState::Consumed) => Err(ClaimRefused::Consumed {
+                partition,
+                subpartition,
+            }),
+            None => {
+                claims.insert(key, ClaimState::Held);
+                Ok(ChannelClaim {
+                    registry: Arc::clone(self),
+                    key,
+                    consumed: false,
+                })
+            }
         }
     }
     pub fn partition_count(&self) -> usize {

@@ -28,6 +28,7 @@ use super::frame::{BufferKind, ControlMessage, Incoming, ReadError, encode_contr
 use super::gate::{CreditLink, GateDriver, InputGate};
 use super::reader::{Carry, FrameSource};
 use super::{NetworkError, PartitionId};
+use crate::security::{PeerAuth, Plane, Role};
 
 /// How long a frame that has started may take to arrive whole.
 const MID_FRAME_WAIT: Duration = Duration::from_secs(30);
@@ -62,18 +63,24 @@ struct Inbound {
 }
 
 /// Opens an input gate's own connection to a producer TaskManager's data
-/// server.
+/// server, authenticated with `auth` before any frame (as the shared
+/// connection is: [`super::tcp::ConnectionManager::auth`]).
 pub async fn connect(
     addr: std::net::SocketAddr,
     peer_name: &str,
+    auth: &PeerAuth,
 ) -> Result<Arc<GateLink>, NetworkError> {
     let peer = format!("{peer_name} ({addr})");
-    let failed = |e: std::io::Error| NetworkError::Connect {
+    let failed = |reason: String| NetworkError::Connect {
         peer: peer.clone(),
-        reason: e.to_string(),
+        reason,
     };
-    let stream = tokio::net::TcpStream::connect(addr).await.map_err(failed)?;
-    GateLink::new(stream.into_std().map_err(failed)?, peer.clone()).map_err(failed)
+    let io = |e: std::io::Error| failed(e.to_string());
+    let mut stream = tokio::net::TcpStream::connect(addr).await.map_err(io)?;
+    auth.handshake(&mut stream, Role::Client, Plane::Data, &addr.to_string())
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    GateLink::new(stream.into_std().map_err(io)?, peer.clone()).map_err(io)
 }
 
 impl GateLink {
@@ -462,6 +469,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let producer = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
+            PeerAuth::loopback()
+                .handshake(&mut s, Role::Server, Plane::Data, "test consumer")
+                .await
+                .unwrap();
             let request = read_incoming(&mut s, SEGMENT).await.unwrap();
             assert!(matches!(
                 request,
@@ -485,7 +496,7 @@ mod tests {
             &pool,
         )
         .unwrap();
-        let link = connect(addr, "tm-7").await.unwrap();
+        let link = connect(addr, "tm-7", &PeerAuth::loopback()).await.unwrap();
         let partition = PartitionId {
             job: 1,
             edge: 0,

@@ -1,10 +1,22 @@
 //! The TCP transport: a data server per TaskManager that serves its result
 //! partitions, and a connection manager that opens one multiplexed
 //! connection per peer TaskManager for the local input channels.
+//!
+//! Every data connection starts with the authentication handshake
+//! ([`crate::security::handshake`], data plane) before any frame. The server
+//! bounds what an unauthenticated or idle peer can hold: connections above
+//! `taskmanager.data.connections.max` are closed at accept; the handshake,
+//! and then the first partition request, must each arrive within
+//! `security.handshake.timeout`; frame heads are validated before any body
+//! is buffered (the control reader's buffer is fixed). A partition request
+//! is served only for a partition registered here, and a channel has one
+//! consumer at a time ([`NetworkRegistry::claim_channel`]); a refusal goes
+//! back to the requester as an `Error` frame for its channel and is logged
+//! naming the peer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,11 +34,21 @@ use super::gate::{CreditLink, GateItem, InputGate};
 use super::partition::{OutBuffer, Subpartition};
 use super::rdma::{ChannelRouter, RemoteBuffer, VerbsEnv, VerbsReceiver, VerbsSender};
 use super::reader::{ControlReader, FrameReader, Polled};
-use super::{NetworkError, NetworkRegistry, PartitionId};
+use super::{ChannelClaim, NetworkError, NetworkRegistry, PartitionId};
 use crate::memory::Segment;
+use crate::security::{PeerAuth, Plane, Role, SecurityError, check_bind};
 
 /// How long a partition request waits for its producer to be deployed.
-const PARTITION_WAIT: Duration = Duration::from_secs(30);
+pub const PARTITION_WAIT: Duration = Duration::from_secs(30);
+/// The key whose host decides whether the data server listens beyond
+/// loopback (the address is `taskmanager.host`:`taskmanager.data.port`).
+const BIND_KEY: &str = "taskmanager.host";
+/// Channels one connection may have attached or waiting for their producer
+/// at once: a consumer TaskManager's shared connection carries all of its
+/// channels from this TaskManager, so this is far above any real job.
+const CHANNELS_PER_CONNECTION_MAX: usize = 64 * 1024;
+/// At most one warning per this long for each kind of refused connection.
+const WARNING_INTERVAL: Duration = Duration::from_secs(10);
 /// Most buffers one gathered write sends.
 const GATHER_BUFFERS_MAX: usize = 32;
 /// A gathered write stops adding buffers past this many bytes.
@@ -46,38 +68,250 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// What the data server admits.
+#[derive(Clone, Debug)]
+pub struct DataServerOptions {
+    /// The cluster secret and `security.handshake.timeout`, which also
+    /// bounds the wait for a connection's first partition request.
+    pub auth: PeerAuth,
+    /// `taskmanager.data.connections.max`.
+    pub connections_max: usize,
+    /// How long a partition request waits for its producer to be deployed
+    /// before it is refused ([`PARTITION_WAIT`]).
+    pub partition_wait: Duration,
+}
+
+impl DataServerOptions {
+    /// `taskmanager.data.connections.max` from `config`, with `auth` (see
+    /// [`PeerAuth::from_config`]).
+    pub fn new(config: &crate::config::Config, auth: PeerAuth) -> Self {
+        Self {
+            auth,
+            connections_max: config.data_connections_max as usize,
+            partition_wait: PARTITION_WAIT,
+        }
+    }
+}
+
+impl Default for DataServerOptions {
+    /// No secret (loopback only), 1024 connections, the 30 s partition wait.
+    fn default() -> Self {
+        Self {
+            auth: PeerAuth::loopback(),
+            connections_max: 1024,
+            partition_wait: PARTITION_WAIT,
+        }
+    }
+}
+
+/// Why the data server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum DataServerError {
+    #[error(transparent)]
+    Insecure(#[from] SecurityError),
+    #[error("{source}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The data server's counters since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DataServerStats {
+    pub connections_accepted: u64,
+    /// Connections open now (handshaking or serving).
+    pub connections_active: u64,
+    /// The most connections open at once.
+    pub connections_active_peak: u64,
+    /// Closed at accept: `taskmanager.data.connections.max` were open.
+    pub connections_refused_at_cap: u64,
+    /// Warning lines logged about connections refused at the cap.
+    pub cap_warnings_logged: u64,
+    pub handshakes_failed: u64,
+    /// Authenticated, but no partition request within the handshake timeout.
+    pub connections_idle_closed: u64,
+    /// Connections closed on an error after the handshake: a malformed or
+    /// unexpected frame (most), or a failed write.
+    pub protocol_errors: u64,
+    /// Partition requests refused (unknown or released execution, no such
+    /// partition, a channel that already has a consumer).
+    pub requests_refused: u64,
+    pub requests_served: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    accepted: AtomicU64,
+    active: AtomicU64,
+    active_peak: AtomicU64,
+    refused_at_cap: AtomicU64,
+    cap_warnings: AtomicU64,
+    handshakes_failed: AtomicU64,
+    idle_closed: AtomicU64,
+    protocol_errors: AtomicU64,
+    requests_refused: AtomicU64,
+    requests_served: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> DataServerStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        DataServerStats {
+            connections_accepted: get(&self.accepted),
+            connections_active: get(&self.active),
+            connections_active_peak: get(&self.active_peak),
+            connections_refused_at_cap: get(&self.refused_at_cap),
+            cap_warnings_logged: get(&self.cap_warnings),
+            handshakes_failed: get(&self.handshakes_failed),
+            connections_idle_closed: get(&self.idle_closed),
+            protocol_errors: get(&self.protocol_errors),
+            requests_refused: get(&self.requests_refused),
+            requests_served: get(&self.requests_served),
+        }
+    }
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One open connection in `Counters::active`, until dropped.
+struct ActiveGuard(Arc<Counters>);
+
+impl ActiveGuard {
+    fn new(counters: &Arc<Counters>) -> Self {
+        let now = counters.active.fetch_add(1, Ordering::Relaxed) + 1;
+        counters.active_peak.fetch_max(now, Ordering::Relaxed);
+        Self(Arc::clone(counters))
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A warning that is logged at most once per [`WARNING_INTERVAL`]; the
+/// next line says how many were left out.
+struct RateLimited {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl RateLimited {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new((None, 0)),
+        }
+    }
+
+    /// `Some(left out since the last line)` when a line may be logged now.
+    fn allow(&self) -> Option<u64> {
+        let mut state = lock(&self.state);
+        let now = Instant::now();
+        match state.0 {
+            Some(last) if now.duration_since(last) < WARNING_INTERVAL => {
+                state.1 += 1;
+                None
+            }
+            _ => {
+                state.0 = Some(now);
+                Some(std::mem::take(&mut state.1))
+            }
+        }
+    }
+}
+
+/// What every connection of a data server shares.
+struct ServerShared {
+    registry: Arc<NetworkRegistry>,
+    verbs: Option<Arc<VerbsEnv>>,
+    options: DataServerOptions,
+    counters: Arc<Counters>,
+    handshake_warnings: RateLimited,
+}
+
 /// Serves this TaskManager's result partitions to remote consumers.
 pub struct DataServer {
     pub local_addr: SocketAddr,
+    counters: Arc<Counters>,
 }
 
 impl DataServer {
-    /// Listens on `bind`. With `verbs`, consumers that ask for it get their
-    /// buffers over RDMA writes; others over this socket.
+    /// Listens on `bind`; a non-loopback address needs a cluster secret in
+    /// `options`. With `verbs`, consumers that ask for it get their buffers
+    /// over RDMA writes; others over this socket.
     pub async fn start(
         bind: SocketAddr,
         registry: Arc<NetworkRegistry>,
         verbs: Option<Arc<VerbsEnv>>,
-    ) -> std::io::Result<Self> {
-        let listener = TcpListener::bind(bind).await?;
-        let local_addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, peer)) => {
-                        let _ = stream.set_nodelay(true);
-                        let registry = Arc::clone(&registry);
-                        let verbs = verbs.clone();
-                        tokio::spawn(serve_connection(stream, peer, registry, verbs));
-                    }
-                    Err(e) => {
-                        tracing::warn!("data server accept failed: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
-                }
-            }
+        options: DataServerOptions,
+    ) -> Result<Self, DataServerError> {
+        check_bind(&bind, options.auth.secret.as_ref(), BIND_KEY)?;
+        let listen = |source| DataServerError::Listen {
+            address: bind,
+            source,
+        };
+        let listener = TcpListener::bind(bind).await.map_err(listen)?;
+        let local_addr = listener.local_addr().map_err(listen)?;
+        let counters = Arc::new(Counters::default());
+        let shared = Arc::new(ServerShared {
+            registry,
+            verbs,
+            options,
+            counters: Arc::clone(&counters),
+            handshake_warnings: RateLimited::new(),
         });
-        Ok(Self { local_addr })
+        tokio::spawn(accept_loop(listener, local_addr, shared));
+        Ok(Self {
+            local_addr,
+            counters,
+        })
+    }
+
+    /// The server's counters now.
+    pub fn stats(&self) -> DataServerStats {
+        self.counters.snapshot()
+    }
+}
+
+async fn accept_loop(listener: TcpListener, local_addr: SocketAddr, shared: Arc<ServerShared>) {
+    let counters = &shared.counters;
+    let max = shared.options.connections_max;
+    let cap_warnings = RateLimited::new();
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                tracing::warn!("data server accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        bump(&counters.accepted);
+        if counters.active.load(Ordering::Relaxed) >= max as u64 {
+            // Counted first, so whoever sees the close sees the count.
+            bump(&counters.refused_at_cap);
+            // Closed before a byte is read or a buffer allocated for it.
+            drop(stream);
+            if let Some(left_out) = cap_warnings.allow() {
+                bump(&counters.cap_warnings);
+                tracing::warn!(
+                    "data server {local_addr}: closed the connection from {peer} at accept: \
+                     {max} connections are open, the cap (taskmanager.data.connections.max); \
+                     {left_out} more were closed since the last such warning"
+                );
+            }
+            continue;
+        }
+        let guard = ActiveGuard::new(counters);
+        let shared = Arc::clone(&shared);
+        tokio::spawn(async move {
+            let _guard = guard;
+            serve_connection(stream, peer, &shared).await;
+        });
     }
 }
 
@@ -93,6 +327,8 @@ struct Attached {
     /// The backlog last announced while the channel had no credit; 0 once
     /// a buffer went out.
     announced_backlog: u32,
+    /// This connection's hold on the channel: no other consumer gets it.
+    claim: ChannelClaim,
 }
 
 #[derive(Default)]
@@ -101,6 +337,11 @@ struct Attachments {
     /// Verbs credit that arrived before its channel was attached.
     pending: HashMap<u32, VecDeque<RemoteBuffer>>,
     pending_count: usize,
+    /// Channel ids whose request waits for its producer.
+    requested: HashSet<u32>,
+    /// The connection ended: a request that resolves now releases its
+    /// subpartition instead of attaching it.
+    closed: bool,
 }
 
 type AttachedList = Arc<Mutex<Attachments>>;
@@ -109,6 +350,8 @@ type AttachedList = Arc<Mutex<Attachments>>;
 struct Served {
     peer: SocketAddr,
     registry: Arc<NetworkRegistry>,
+    counters: Arc<Counters>,
+    partition_wait: Duration,
     attached: AttachedList,
     /// Wakes the connection's sender: data, credit or an error to send.
     wake: Arc<Notify>,
@@ -116,27 +359,32 @@ struct Served {
     verbs: bool,
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    peer: SocketAddr,
-    registry: Arc<NetworkRegistry>,
-    verbs: Option<Arc<VerbsEnv>>,
-) {
+async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &ServerShared) {
+    let counters = &shared.counters;
+    let auth = &shared.options.auth;
+    if let Err(e) = auth
+        .handshake(&mut stream, Role::Server, Plane::Data, &peer.to_string())
+        .await
+    {
+        bump(&counters.handshakes_failed);
+        if let Some(left_out) = shared.handshake_warnings.allow() {
+            tracing::warn!(
+                "data connection refused: {e} ({left_out} more refused since the last such warning)"
+            );
+        }
+        return;
+    }
+    let _ = stream.set_nodelay(true);
     let (reader, mut writer) = stream.into_split();
     // Credits arrive as many small frames: read them many to a system call.
     let mut reader = ControlReader::new(reader);
     // The first frame says whether this consumer wants its buffers over verbs.
-    let mut first = match reader.next().await {
-        Ok(Some(first)) => Some(first),
-        Ok(None) => return,
-        Err(e) => {
-            tracing::warn!("data connection from {peer} closed: {e}");
-            return;
-        }
+    let Some(mut first) = first_frame(&mut reader, peer, shared).await else {
+        return;
     };
     let mut sender = None;
-    if let Some(Incoming::Control(ControlMessage::VerbsConnect { endpoint })) = &first {
-        let answer = match accept_verbs(verbs.as_ref(), endpoint, peer) {
+    if let Incoming::Control(ControlMessage::VerbsConnect { endpoint }) = &first {
+        let answer = match accept_verbs(shared.verbs.as_ref(), endpoint, peer) {
             Ok(s) => {
                 let endpoint = s.endpoint();
                 sender = Some(s);
@@ -155,48 +403,132 @@ async fn serve_connection(
         if writer.write_all(&out).await.is_err() || sender.is_none() {
             return;
         }
-        first = None;
+        // The partition request follows the verbs set-up.
+        match first_frame(&mut reader, peer, shared).await {
+            Some(next) => first = next,
+            None => {
+                if let Some(s) = &sender {
+                    super::rdma::stop_sender(s);
+                }
+                return;
+            }
+        }
     }
     let (errors_tx, errors_rx) = unbounded_channel();
     let served = Served {
         peer,
-        registry,
+        registry: Arc::clone(&shared.registry),
+        counters: Arc::clone(counters),
+        partition_wait: shared.options.partition_wait,
         attached: Arc::default(),
         wake: Arc::new(Notify::new()),
         errors: errors_tx,
         verbs: sender.is_some(),
     };
-    let outcome = match &sender {
-        Some(s) => {
-            if let Err(e) = s.start(Arc::clone(&served.wake)) {
-                tracing::warn!("verbs completion thread for {peer}: {e}");
-                return;
+    let outcome = match on_incoming(&served, first) {
+        Err(reason) => Err(reason),
+        Ok(false) => Ok(()),
+        Ok(true) => match &sender {
+            Some(s) => {
+                if let Err(e) = s.start(Arc::clone(&served.wake)) {
+                    tracing::warn!("verbs completion thread for {peer}: {e}");
+                    close_attachments(&served);
+                    super::rdma::stop_sender(s);
+                    return;
+                }
+                let writer_task = tokio::spawn(send_loop_verbs(
+                    writer,
+                    Arc::clone(&served.attached),
+                    Arc::clone(&served.wake),
+                    errors_rx,
+                    Arc::clone(s),
+                ));
+                let outcome = read_loop(&mut reader, &served).await;
+                writer_task.abort();
+                outcome
             }
-            let writer_task = tokio::spawn(send_loop_verbs(
-                writer,
-                Arc::clone(&served.attached),
-                Arc::clone(&served.wake),
-                errors_rx,
-                Arc::clone(s),
-            ));
-            let outcome = read_loop(&mut reader, &served).await;
-            writer_task.abort();
-            outcome
-        }
-        None => match first.take().map(|f| on_incoming(&served, f)) {
-            Some(Err(reason)) => Err(reason),
-            Some(Ok(false)) => Ok(()),
-            Some(Ok(true)) | None => serve_tcp(&mut reader, writer, &served, errors_rx).await,
+            None => serve_tcp(&mut reader, writer, &served, errors_rx).await,
         },
     };
     if let Err(reason) = &outcome {
+        bump(&counters.protocol_errors);
         tracing::warn!("data connection from {peer} closed: {reason}");
     }
-    for a in lock(&served.attached).list.drain(..) {
-        a.sub.release("consumer connection closed");
-    }
+    close_attachments(&served);
     if let Some(s) = &sender {
         super::rdma::stop_sender(s);
+    }
+}
+
+/// The connection ended: its channels' subpartitions are released, and
+/// requests still waiting for their producer will release theirs.
+fn close_attachments(served: &Served) {
+    let attached = {
+        let mut state = lock(&served.attached);
+        state.closed = true;
+        std::mem::take(&mut state.list)
+    };
+    for a in attached {
+        a.sub.release("consumer connection closed");
+    }
+}
+
+/// The consumer's first frame after the handshake (or after the verbs
+/// set-up): a partition request, or the verbs set-up itself, within the
+/// handshake timeout. `None` (logged and counted) closes the connection.
+async fn first_frame(
+    reader: &mut ControlReader,
+    peer: SocketAddr,
+    shared: &ServerShared,
+) -> Option<Incoming> {
+    let counters = &shared.counters;
+    let timeout = shared.options.auth.timeout;
+    match tokio::time::timeout(timeout, reader.next()).await {
+        Err(_) => {
+            bump(&counters.idle_closed);
+            tracing::warn!(
+                "data connection from {peer} closed: no partition request within {timeout:?} \
+                 of its handshake (security.handshake.timeout)"
+            );
+            None
+        }
+        Ok(Ok(None)) => None,
+        Ok(Ok(Some(
+            frame @ Incoming::Control(
+                ControlMessage::PartitionRequest { .. } | ControlMessage::VerbsConnect { .. },
+            ),
+        ))) => Some(frame),
+        Ok(Ok(Some(other))) => {
+            bump(&counters.protocol_errors);
+            tracing::warn!(
+                "data connection from {peer} closed: it sent {} before any partition request",
+                frame_name(&other)
+            );
+            None
+        }
+        Ok(Err(e)) => {
+            bump(&counters.protocol_errors);
+            tracing::warn!("data connection from {peer} closed: {e}");
+            None
+        }
+    }
+}
+
+/// A frame's kind, for a log line (never its contents).
+fn frame_name(incoming: &Incoming) -> &'static str {
+    match incoming {
+        Incoming::Buffer(_) => "a data buffer",
+        Incoming::Control(msg) => match msg {
+            ControlMessage::PartitionRequest { .. } => "PartitionRequest",
+            ControlMessage::AddCredit { .. } => "AddCredit",
+            ControlMessage::CancelPartition { .. } => "CancelPartition",
+            ControlMessage::Close => "Close",
+            ControlMessage::Error { .. } => "Error",
+            ControlMessage::VerbsConnect { .. } => "VerbsConnect",
+            ControlMessage::VerbsCredit { .. } => "VerbsCredit",
+            ControlMessage::BufferSize { .. } => "BufferSize",
+            ControlMessage::BacklogAnnouncement { .. } => "BacklogAnnouncement",
+        },
     }
 }
 
@@ -242,42 +574,7 @@ fn on_incoming(served: &Served, incoming: Incoming) -> Result<bool, String> {
                 edge,
                 source_subtask,
             };
-            let registry = Arc::clone(&served.registry);
-            let attached = Arc::clone(&served.attached);
-            let wake = Arc::clone(&served.wake);
-            let errors = served.errors.clone();
-            // Waiting for a producer must not stall credit for others.
-            tokio::spawn(async move {
-                match find_subpartition(&registry, id, subpartition).await {
-                    Some(sub) => {
-                        let mut state = lock(&attached);
-                        let remote = state.pending.remove(&channel_id).unwrap_or_default();
-                        state.pending_count -= remote.len();
-                        let credit = initial_credit + remote.len() as u32;
-                        state.list.push(Attached {
-                            channel_id,
-                            partition: id,
-                            subpartition,
-                            sub: Arc::clone(&sub),
-                            seq: 0,
-                            remote,
-                            announced_backlog: 0,
-                        });
-                        // Under the lock, so no credit that arrives
-                        // meanwhile is overwritten.
-                        sub.attach(wake, credit);
-                    }
-                    None => {
-                        let _ = errors.send(ControlMessage::Error {
-                            channel_id,
-                            message: format!(
-                                "partition {id:?} subpartition {subpartition} not found after {PARTITION_WAIT:?}"
-                            ),
-                        });
-                        wake.notify_one();
-                    }
-                }
-            });
+            request_partition(served, channel_id, id, subpartition, initial_credit)?;
         }
         ControlMessage::AddCredit { channel_id, credit } => {
             let state = lock(&served.attached);
@@ -311,6 +608,95 @@ fn on_incoming(served: &Served, incoming: Incoming) -> Result<bool, String> {
         other => return Err(format!("consumer {peer} sent unexpected {other:?}")),
     }
     Ok(true)
+}
+
+/// Starts serving a partition request: a task waits for the producer (so
+/// waiting does not stall credit for other channels), checks that the
+/// channel is free, and attaches it, or sends the refusal back to the
+/// consumer as an `Error` on its channel. `Err` (the connection closes) for
+/// a consumer that breaks the protocol: a channel id it already uses, or
+/// more than [`CHANNELS_PER_CONNECTION_MAX`] channels.
+fn request_partition(
+    served: &Served,
+    channel_id: u32,
+    id: PartitionId,
+    subpartition: u32,
+    initial_credit: u32,
+) -> Result<(), String> {
+    let peer = served.peer;
+    {
+        let mut state = lock(&served.attached);
+        if state.requested.contains(&channel_id)
+            || state.list.iter().any(|a| a.channel_id == channel_id)
+        {
+            return Err(format!(
+                "consumer {peer} requested channel id {channel_id} twice"
+            ));
+        }
+        if state.requested.len() + state.list.len() >= CHANNELS_PER_CONNECTION_MAX {
+            return Err(format!(
+                "consumer {peer} requested more than {CHANNELS_PER_CONNECTION_MAX} channels on one connection"
+            ));
+        }
+        state.requested.insert(channel_id);
+    }
+    let registry = Arc::clone(&served.registry);
+    let counters = Arc::clone(&served.counters);
+    let attached = Arc::clone(&served.attached);
+    let wake = Arc::clone(&served.wake);
+    let errors = served.errors.clone();
+    let wait = served.partition_wait;
+    tokio::spawn(async move {
+        let found = find_subpartition(&registry, id, subpartition, wait)
+            .await
+            .and_then(|sub| {
+                registry
+                    .claim_channel(id, subpartition)
+                    .map(|claim| (sub, claim))
+                    .map_err(|refused| refused.to_string())
+            });
+        let mut state = lock(&attached);
+        state.requested.remove(&channel_id);
+        let (sub, claim) = match found {
+            Ok(found) => found,
+            Err(reason) => {
+                drop(state);
+                bump(&counters.requests_refused);
+                tracing::warn!(
+                    "partition request from {peer} refused (channel {channel_id}): {reason}"
+                );
+                let _ = errors.send(ControlMessage::Error {
+                    channel_id,
+                    message: format!("partition request refused by the producer: {reason}"),
+                });
+                wake.notify_one();
+                return;
+            }
+        };
+        if state.closed {
+            drop(state);
+            sub.release("consumer connection closed");
+            return;
+        }
+        bump(&counters.requests_served);
+        let remote = state.pending.remove(&channel_id).unwrap_or_default();
+        state.pending_count -= remote.len();
+        let credit = initial_credit + remote.len() as u32;
+        state.list.push(Attached {
+            channel_id,
+            partition: id,
+            subpartition,
+            sub: Arc::clone(&sub),
+            seq: 0,
+            remote,
+            announced_backlog: 0,
+            claim,
+        });
+        // Under the lock, so no credit that arrives meanwhile is
+        // overwritten.
+        sub.attach(wake, credit);
+    });
+    Ok(())
 }
 
 /// Sets up the producer's queue pair for a consumer that asked for verbs.
@@ -353,21 +739,42 @@ fn add_verbs_credit(attached: &AttachedList, msg: &ControlMessage) -> Result<(),
     Ok(())
 }
 
+/// The subpartition a request names, once its producer registered it here;
+/// the refusal's reason otherwise. A released execution is refused at once;
+/// an unknown one after `wait` (its producer may still be deploying).
 async fn find_subpartition(
     registry: &NetworkRegistry,
     id: PartitionId,
     subpartition: u32,
-) -> Option<Arc<Subpartition>> {
-    let deadline = Instant::now() + PARTITION_WAIT;
+    wait: Duration,
+) -> Result<Arc<Subpartition>, String> {
+    let deadline = Instant::now() + wait;
     loop {
+        if registry.is_released(id.job) {
+            return Err(format!(
+                "execution {} was released at this TaskManager (partition {id:?})",
+                id.job
+            ));
+        }
         if let Some(p) = registry.partition(&id) {
             return p
                 .subpartitions
                 .get(subpartition as usize)
-                .and_then(Option::clone);
+                .and_then(Option::clone)
+                .ok_or_else(|| {
+                    format!("partition {id:?} has no remote subpartition {subpartition}")
+                });
         }
         if Instant::now() >= deadline {
-            return None;
+            return Err(if registry.knows_execution(id.job) {
+                format!("partition {id:?} subpartition {subpartition} not found after {wait:?}")
+            } else {
+                format!(
+                    "execution {} is unknown at this TaskManager: no partition of it registered \
+                     within {wait:?} (partition {id:?})",
+                    id.job
+                )
+            });
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -405,7 +812,8 @@ fn next_ready(
         let remote = a.remote.pop_front();
         a.announced_backlog = 0;
         if buffer.kind == BufferKind::EndOfPartition {
-            list.remove(idx);
+            // Read to its end: the channel is not served again.
+            list.remove(idx).claim.set_consumed();
         }
         *next = idx + 1;
         return Some((header, buffer, remote));
@@ -722,14 +1130,23 @@ pub struct ConnectionManager {
     connections: tokio::sync::Mutex<HashMap<SocketAddr, Arc<PeerConnection>>>,
     /// With a verbs device, every connection asks its producer for RDMA.
     verbs: Option<Arc<VerbsEnv>>,
+    /// The secret and timeout of every connection's handshake (also the
+    /// task-read connections': [`ConnectionManager::auth`]).
+    auth: PeerAuth,
 }
 
 impl ConnectionManager {
-    pub fn new(verbs: Option<Arc<VerbsEnv>>) -> Self {
+    pub fn new(verbs: Option<Arc<VerbsEnv>>, auth: PeerAuth) -> Self {
         Self {
             connections: tokio::sync::Mutex::default(),
             verbs,
+            auth,
         }
+    }
+
+    /// How this TaskManager authenticates to its peers' data servers.
+    pub fn auth(&self) -> &PeerAuth {
+        &self.auth
     }
 
     /// Whether connections ask their producers for RDMA.
@@ -754,7 +1171,11 @@ impl ConnectionManager {
             peer: peer.clone(),
             reason,
         };
-        let stream = TcpStream::connect(addr)
+        let mut stream = TcpStream::connect(addr)
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        self.auth
+            .handshake(&mut stream, Role::Client, Plane::Data, &addr.to_string())
             .await
             .map_err(|e| connect_err(e.to_string()))?;
         let _ = stream.set_nodelay(true);
@@ -1065,7 +1486,9 @@ mod tests {
     /// Channel 0 of `gate` reads `PARTITION` over its own connection, on
     /// the thread that pops it.
     async fn attach_task_read(gate: &Arc<InputGate>, addr: SocketAddr, peer: &str) {
-        let link = crate::network::taskread::connect(addr, peer).await.unwrap();
+        let link = crate::network::taskread::connect(addr, peer, &PeerAuth::loopback())
+            .await
+            .unwrap();
         link.request_partition(gate, 0, PARTITION, 0).unwrap();
         let input = crate::network::taskread::TaskReadInput::new(vec![link], SEGMENT).unwrap();
         gate.set_driver(input);
@@ -1122,6 +1545,7 @@ mod tests {
             "127.0.0.1:0".parse().unwrap(),
             Arc::clone(&registry),
             verbs_env(mode, &producer_side),
+            DataServerOptions::default(),
         )
         .await
         .unwrap();
@@ -1134,7 +1558,7 @@ mod tests {
             subpartitions: vec![Some(Arc::clone(&sub))],
         }));
         let gate = InputGate::new(GATE, &[ChannelKind::Remote], BUFFERS, &pool).unwrap();
-        let connections = ConnectionManager::new(consumer_env);
+        let connections = ConnectionManager::new(consumer_env, PeerAuth::loopback());
         if mode == Mode::TaskRead {
             attach_task_read(&gate, server.local_addr, "tm-test").await;
         } else {
@@ -1200,43 +1624,52 @@ mod tests {
         assert_eq!(producer_side.available_count(), 64);
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn malformed_frames_close_only_their_connection_and_the_server_keeps_serving() {
-        use tokio::io::AsyncReadExt;
-        let registry = Arc::new(NetworkRegistry::default());
-        let server = DataServer::start("127.0.0.1:0".parse().unwrap(), Arc::clone(&registry), None)
+    /// A raw connection to `addr` that has passed the handshake.
+    async fn authenticated(addr: SocketAddr) -> TcpStream {
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        PeerAuth::loopback()
+            .handshake(&mut s, Role::Client, Plane::Data, "test producer")
             .await
             .unwrap();
+        s
+    }
+
+    /// Waits until the server has closed `s` (the read sees the end or a
+    /// reset); fails if it keeps the connection open. Returns the bytes the
+    /// server sent before closing.
+    async fn closed_by_server(s: &mut TcpStream) -> usize {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        let mut sent = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+                .await
+                .expect("the server must close a connection that sent garbage")
+            {
+                Ok(0) | Err(_) => return sent,
+                Ok(n) => sent += n,
+            }
+        }
+    }
+
+    fn request_frame(channel_id: u32, partition: PartitionId) -> Vec<u8> {
         let mut request = Vec::new();
         encode_control(
             &ControlMessage::PartitionRequest {
-                channel_id: 0,
-                job: PARTITION.job,
-                edge: PARTITION.edge,
-                source_subtask: PARTITION.source_subtask,
+                channel_id,
+                job: partition.job,
+                edge: partition.edge,
+                source_subtask: partition.source_subtask,
                 subpartition: 0,
                 initial_credit: 1,
             },
             &mut request,
         );
-        let mut bad_magic = request.clone();
-        bad_magic[4] ^= 0xff;
-        let mut too_long = request.clone();
-        too_long[..4].copy_from_slice(&u32::MAX.to_be_bytes());
-        let truncated = request[..request.len() - 3].to_vec();
-        for garbage in [vec![0xa5; 64], bad_magic, too_long, truncated] {
-            let mut s = TcpStream::connect(server.local_addr).await.unwrap();
-            s.write_all(&garbage).await.unwrap();
-            // A truncated frame is only known as such at end of stream.
-            s.shutdown().await.unwrap();
-            let mut buf = [0u8; 64];
-            let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-                .await
-                .expect("the server neither answered nor closed")
-                .unwrap_or(0);
-            assert_eq!(n, 0, "the server must close a connection that sent garbage");
-        }
-        // The data server still serves well-formed consumers.
+        request
+    }
+
+    /// Registers `PARTITION` with one subpartition that holds only its end.
+    fn register_finished_partition(registry: &NetworkRegistry) {
         let sub = Subpartition::new(4);
         registry.register_partition(Arc::new(ResultPartition {
             id: PARTITION,
@@ -1257,7 +1690,47 @@ mod tests {
             Arc::new(WriterMetrics::default()),
         );
         writer.finish().unwrap();
-        let mut s = TcpStream::connect(server.local_addr).await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_frames_close_only_their_connection_and_the_server_keeps_serving() {
+        let registry = Arc::new(NetworkRegistry::default());
+        let server = DataServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::clone(&registry),
+            None,
+            DataServerOptions::default(),
+        )
+        .await
+        .unwrap();
+        let request = request_frame(0, PARTITION);
+        let mut bad_magic = request.clone();
+        bad_magic[4] ^= 0xff;
+        let mut too_long = request.clone();
+        too_long[..4].copy_from_slice(&u32::MAX.to_be_bytes());
+        let truncated = request[..request.len() - 3].to_vec();
+        for garbage in [vec![0xa5; 64], bad_magic, too_long, truncated] {
+            // Before the handshake: refused as not a strata peer...
+            let mut s = TcpStream::connect(server.local_addr).await.unwrap();
+            s.write_all(&garbage).await.unwrap();
+            s.shutdown().await.unwrap();
+            // At most the server's own hello came back.
+            assert!(closed_by_server(&mut s).await <= crate::security::HELLO_BYTES);
+            // ...and after it, as a malformed frame.
+            let mut s = authenticated(server.local_addr).await;
+            s.write_all(&garbage).await.unwrap();
+            // A truncated frame is only known as such at end of stream.
+            s.shutdown().await.unwrap();
+            assert_eq!(closed_by_server(&mut s).await, 0);
+        }
+        let stats = server.stats();
+        assert_eq!(stats.handshakes_failed, 4, "{stats:?}");
+        // The truncated request ends at a clean-looking close; the others
+        // are malformed.
+        assert!(stats.protocol_errors >= 3, "{stats:?}");
+        // The data server still serves well-formed consumers.
+        register_finished_partition(&registry);
+        let mut s = authenticated(server.local_addr).await;
         s.write_all(&request).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), read_incoming(&mut s, SEGMENT))
             .await
@@ -1267,6 +1740,129 @@ mod tests {
             Some(Incoming::Buffer(h)) => assert_eq!(h.kind, BufferKind::EndOfPartition),
             other => panic!("expected the end-of-partition buffer, got {other:?}"),
         }
+    }
+
+    /// Sends `request` on a fresh authenticated connection and returns the
+    /// server's first answer.
+    async fn answer_to(addr: SocketAddr, request: &[u8]) -> (TcpStream, Option<Incoming>) {
+        let mut s = authenticated(addr).await;
+        s.write_all(request).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), read_incoming(&mut s, SEGMENT))
+            .await
+            .expect("no answer to the partition request")
+            .unwrap();
+        (s, answer)
+    }
+
+    fn refusal(answer: Option<Incoming>) -> String {
+        match answer {
+            Some(Incoming::Control(ControlMessage::Error { message, .. })) => message,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_channel_is_served_to_one_consumer_and_only_while_its_execution_lives() {
+        let registry = Arc::new(NetworkRegistry::default());
+        let options = DataServerOptions {
+            partition_wait: Duration::from_millis(100),
+            ..DataServerOptions::default()
+        };
+        let server = DataServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::clone(&registry),
+            None,
+            options,
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr;
+        // Unknown execution: refused after the wait, naming it.
+        let unknown = PartitionId {
+            job: 77,
+            ..PARTITION
+        };
+        let message = refusal(answer_to(addr, &request_frame(0, unknown)).await.1);
+        assert!(message.contains("execution 77 is unknown"), "{message}");
+        // A subpartition queue that never ends: the first consumer holds it.
+        let sub = Subpartition::new(4);
+        registry.register_partition(Arc::new(ResultPartition {
+            id: PARTITION,
+            subpartitions: vec![Some(Arc::clone(&sub))],
+        }));
+        let mut first = authenticated(addr).await;
+        first.write_all(&request_frame(0, PARTITION)).await.unwrap();
+        while server.stats().requests_served == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let message = refusal(answer_to(addr, &request_frame(0, PARTITION)).await.1);
+        assert!(message.contains("already has a consumer"), "{message}");
+        // The same connection may not reuse a channel id either.
+        first.write_all(&request_frame(0, PARTITION)).await.unwrap();
+        closed_by_server(&mut first).await;
+        // Its close freed the channel; once released, the execution is
+        // refused at once.
+        registry.release_job(PARTITION.job, "test");
+        let message = refusal(answer_to(addr, &request_frame(0, PARTITION)).await.1);
+        assert!(message.contains("was released"), "{message}");
+        let stats = server.stats();
+        assert_eq!(stats.requests_refused, 3, "{stats:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_channel_read_to_its_end_is_not_served_again() {
+        let registry = Arc::new(NetworkRegistry::default());
+        let server = DataServer::start(
+            "127.0.0.1:0".parse().unwrap(),
+            Arc::clone(&registry),
+            None,
+            DataServerOptions::default(),
+        )
+        .await
+        .unwrap();
+        register_finished_partition(&registry);
+        let (_first, answer) = answer_to(server.local_addr, &request_frame(0, PARTITION)).await;
+        assert!(
+            matches!(answer, Some(Incoming::Buffer(h)) if h.kind == BufferKind::EndOfPartition)
+        );
+        let message = refusal(
+            answer_to(server.local_addr, &request_frame(0, PARTITION))
+                .await
+                .1,
+        );
+        assert!(message.contains("read to its end"), "{message}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_authenticated_connection_without_a_request_is_closed_after_the_timeout() {
+        let registry = Arc::new(NetworkRegistry::default());
+        let options = DataServerOptions {
+            auth: PeerAuth {
+                timeout: Duration::from_millis(200),
+                ..PeerAuth::loopback()
+            },
+            ..DataServerOptions::default()
+        };
+        let server = DataServer::start("127.0.0.1:0".parse().unwrap(), registry, None, options)
+            .await
+            .unwrap();
+        let mut idle = authenticated(server.local_addr).await;
+        closed_by_server(&mut idle).await;
+        // A credit before any request is no request.
+        let mut early = authenticated(server.local_addr).await;
+        let mut credit = Vec::new();
+        encode_control(
+            &ControlMessage::AddCredit {
+                channel_id: 0,
+                credit: 1,
+            },
+            &mut credit,
+        );
+        early.write_all(&credit).await.unwrap();
+        closed_by_server(&mut early).await;
+        let stats = server.stats();
+        assert_eq!(stats.connections_idle_closed, 1, "{stats:?}");
+        assert_eq!(stats.protocol_errors, 1, "{stats:?}");
     }
 
     /// A producer that answers the partition request with `bytes` and then
@@ -1294,6 +1890,10 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
+            PeerAuth::loopback()
+                .handshake(&mut s, Role::Server, Plane::Data, "test consumer")
+                .await
+                .unwrap();
             // A real producer answers only after the partition request.
             let request = read_incoming(&mut s, SEGMENT).await.unwrap();
             assert!(matches!(

@@ -542,8 +542,12 @@ async fn prepare(
                 let link = match links.iter().find(|(addr, _)| *addr == c.data_addr) {
                     Some((_, link)) => Arc::clone(link),
                     None => {
-                        let link =
-                            taskread::connect(c.data_addr, &c.taskmanager.to_string()).await?;
+                        let link = taskread::connect(
+                            c.data_addr,
+                            &c.taskmanager.to_string(),
+                            services.connections.auth(),
+                        )
+                        .await?;
                         links.push((c.data_addr, Arc::clone(&link)));
                         link
                     }

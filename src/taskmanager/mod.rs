@@ -25,12 +25,13 @@ use crate::io::{IoConfig, IoManager};
 use crate::memory::{MemoryManager, NetworkBufferPool, PagePool};
 use crate::metrics::TaskMetrics;
 use crate::network::NetworkRegistry;
-use crate::network::tcp::{ConnectionManager, DataServer};
+use crate::network::tcp::{ConnectionManager, DataServer, DataServerOptions};
 use crate::network::transport;
 use crate::protocol::{
     CheckpointId, ExecutionId, Message, ResourceProfile, RpcError, TaskManagerId, read_message,
     write_message,
 };
+use crate::security::PeerAuth;
 use slots::SlotTable;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,8 +49,10 @@ pub enum TaskManagerError {
     DataServer {
         address: String,
         #[source]
-        source: std::io::Error,
+        source: crate::network::tcp::DataServerError,
     },
+    #[error(transparent)]
+    Security(#[from] crate::security::SecurityError),
     #[error(transparent)]
     Transport(crate::network::transport::TransportError),
     #[error("starting the IOManager: {0}")]
@@ -328,12 +331,18 @@ impl TaskManager {
             transport.kind.name(),
             transport.reason
         );
-        let server = DataServer::start(bind_addr, Arc::clone(&registry), transport.verbs.clone())
-            .await
-            .map_err(|source| TaskManagerError::DataServer {
-                address: bind.clone(),
-                source,
-            })?;
+        let auth = PeerAuth::from_config(&config)?;
+        let server = DataServer::start(
+            bind_addr,
+            Arc::clone(&registry),
+            transport.verbs.clone(),
+            DataServerOptions::new(&config, auth.clone()),
+        )
+        .await
+        .map_err(|source| TaskManagerError::DataServer {
+            address: bind.clone(),
+            source,
+        })?;
         let profile = ResourceProfile {
             cpu_cores: 1.0,
             managed_memory_bytes: layout.managed_per_slot,
@@ -368,7 +377,7 @@ impl TaskManager {
                 slot_memory,
                 netpool,
                 registry,
-                connections: ConnectionManager::new(transport.verbs.clone()),
+                connections: ConnectionManager::new(transport.verbs.clone(), auth),
                 transport: format!("{transport_name} ({})", transport.reason),
                 data_addr: server.local_addr,
                 io,
@@ -398,7 +407,8 @@ impl TaskManager {
         let services = self.services;
         let config = &services.config;
         loop {
-            let stream = connect_with_backoff(&jobmanager, config, &shutdown).await?;
+            let auth = services.connections.auth();
+            let stream = connect_with_backoff(&jobmanager, config, auth, &shutdown).await?;
             let Some(stream) = stream else {
                 return Ok(());
             };
@@ -429,9 +439,13 @@ impl TaskManager {
     }
 }
 
+/// Connects to the JobManager and authenticates (the cluster secret's
+/// handshake), retrying both with backoff until
+/// `taskmanager.registration.timeout`.
 async fn connect_with_backoff(
     address: &str,
     config: &Config,
+    auth: &crate::security::PeerAuth,
     shutdown: &AtomicBool,
 ) -> Result<Option<TcpStream>, TaskManagerError> {
     let started = Instant::now();
@@ -441,9 +455,14 @@ async fn connect_with_backoff(
             return Ok(None);
         }
         let error = match TcpStream::connect(address).await {
-            Ok(s) => {
+            Ok(mut s) => {
                 let _ = s.set_nodelay(true);
-                return Ok(Some(s));
+                let role = crate::security::Role::Client;
+                let plane = crate::security::Plane::Control;
+                match auth.handshake(&mut s, role, plane, address).await {
+                    Ok(()) => return Ok(Some(s)),
+                    Err(e) => e.to_string(),
+                }
             }
             Err(e) => e.to_string(),
         };

@@ -10,9 +10,9 @@
 //! here (placement may read the calibration file) and handed to the core as
 //! a planned submission.
 //!
-//! Limits: at most `CONNECTIONS_MAX` connections (one log line when the cap
-//! refuses some), the handshake and the first message within
-//! `HANDSHAKE_TIMEOUT`, a first frame of at most `FIRST_FRAME_MAX_BYTES`,
+//! Limits: at most `jobmanager.rpc.connections.max` connections (one log
+//! line when the cap refuses some), the handshake and then the first
+//! message each within `security.handshake.timeout`, a first frame of at most `FIRST_FRAME_MAX_BYTES`,
 //! later frames of at most `FRAME_MAX_BYTES`, partly received frames of all
 //! connections within `FRAME_BUDGET_BYTES`, and `WRITE_QUEUE_MAX` messages
 //! queued per connection (a peer that does not read is disconnected).
@@ -39,6 +39,7 @@ use crate::job::graph::JobGraph;
 use crate::job::{LogicalPlan, parse_job, plan};
 use crate::protocol::codec::{FrameBudget, RpcError, read_message_bounded};
 use crate::protocol::{ClusterSnapshot, FRAME_MAX_BYTES, Message};
+use crate::security::{PeerAuth, Plane, Role, check_bind};
 
 /// The first frame of a connection (a registration or a job file).
 const FIRST_FRAME_MAX_BYTES: usize = 4 << 20;
@@ -115,6 +116,10 @@ impl JobManager {
             address: bind.to_owned(),
             source,
         })?;
+        // Without a cluster secret the control port serves loopback only.
+        let auth = Arc::new(PeerAuth::from_config(&config).map_err(ClusterError::Security)?);
+        check_bind(&addr, auth.secret.as_ref(), "jobmanager.rpc.address")
+            .map_err(ClusterError::Security)?;
         let stores = Box::new(core::checkpointing::FsCheckpointStores {
             config: config.clone(),
         });
@@ -130,6 +135,7 @@ impl JobManager {
             listener,
             Arc::clone(&shell),
             Arc::clone(&config),
+            auth,
         ));
         tokio::spawn(tick_loop(Arc::clone(&shell)));
         tracing::info!("JobManager listening on {addr}");
@@ -183,10 +189,15 @@ async fn tick_loop(shell: Arc<Mutex<Shell>>) {
     }
 }
 
-async fn accept_loop(listener: TcpListener, shell: Arc<Mutex<Shell>>, config: Arc<Config>) {
+async fn accept_loop(
+    listener: TcpListener,
+    shell: Arc<Mutex<Shell>>,
+    config: Arc<Config>,
+    auth: Arc<PeerAuth>,
+) {
     let open = Arc::new(AtomicUsize::new(0));
     let budget = FrameBudget::new(FRAME_BUDGET_BYTES);
-    let connections_max = connections_max(&config);
+    let connections_max = config.rpc_connections_max as usize;
     let mut refused_logged = false;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -212,37 +223,40 @@ async fn accept_loop(listener: TcpListener, shell: Arc<Mutex<Shell>>, config: Ar
         refused_logged = false;
         let _ = stream.set_nodelay(true);
         open.fetch_add(1, Ordering::Relaxed);
-        let (shell, config, budget, open) = (
+        let (shell, config, budget, open, auth) = (
             Arc::clone(&shell),
             Arc::clone(&config),
             Arc::clone(&budget),
             Arc::clone(&open),
+            Arc::clone(&auth),
         );
         tokio::spawn(async move {
-            serve(stream, peer, &shell, &config, &budget).await;
+            serve(stream, peer, &shell, &config, &budget, &auth).await;
             open.fetch_sub(1, Ordering::Relaxed);
         });
     }
 }
 
-fn connections_max(_config: &Config) -> usize {
-    1024
-}
-
-fn handshake_timeout(_config: &Config) -> Duration {
-    Duration::from_secs(10)
-}
-
 async fn serve(
-    stream: TcpStream,
+    mut stream: TcpStream,
     peer: SocketAddr,
     shell: &Arc<Mutex<Shell>>,
     config: &Config,
     budget: &Arc<FrameBudget>,
+    auth: &PeerAuth,
 ) {
+    // Nothing is read from a peer before it proves it holds the cluster
+    // secret (or, without one, that it speaks strata on loopback).
+    if let Err(e) = auth
+        .handshake(&mut stream, Role::Server, Plane::Control, &peer.to_string())
+        .await
+    {
+        tracing::warn!("control connection refused: {e}");
+        return;
+    }
     let (mut reader, mut writer) = stream.into_split();
     let first = tokio::time::timeout(
-        handshake_timeout(config),
+        auth.timeout,
         read_message_bounded(&mut reader, FIRST_FRAME_MAX_BYTES, Some(budget)),
     )
     .await;
