@@ -228,12 +228,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 // The configured port when free, else any: a busy 8081 must
                 // not stop a local run.
                 let jm = &cluster.jobmanager;
-                if jm
-                    .serve_rest(&format!("127.0.0.1:{rest_port}"))
+                if strata::minicluster::serve_rest(jm, &format!("127.0.0.1:{rest_port}"))
                     .await
                     .is_err()
                 {
-                    jm.serve_rest("127.0.0.1:0").await?;
+                    strata::minicluster::serve_rest(jm, "127.0.0.1:0").await?;
                 }
                 let auth = PeerAuth::from_config(&cluster_config)?;
                 let address = cluster.address().to_string();
@@ -251,7 +250,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let rest = format!("{}:{}", jm_host(&bind), config.rest_port);
                 let jm = JobManager::start(config, &bind).await?;
                 println!("JobManager listening on {}", jm.addr);
-                if let Err(e) = jm.serve_rest(&rest).await {
+                if let Err(e) = strata::minicluster::serve_rest(&jm, &rest).await {
                     tracing::warn!("{e}; running without the web UI (set rest.port)");
                 }
                 tokio::signal::ctrl_c().await.ok();

@@ -11,6 +11,18 @@ use crate::cluster::jobmanager::JobManager;
 use crate::config::Config;
 use crate::taskmanager::TaskManager;
 
+/// Serves `jobmanager`'s REST API, `/metrics` and the web UI on `address`
+/// (here, not in the JobManager: the cluster and the web UI know only the
+/// protocol's snapshot, not each other).
+pub async fn serve_rest(
+    jobmanager: &JobManager,
+    address: &str,
+) -> Result<SocketAddr, crate::web::WebError> {
+    let bound = crate::web::serve(address, jobmanager.snapshot_source()).await?;
+    tracing::info!("web UI and REST API at http://{bound}/ (Prometheus: /metrics)");
+    Ok(bound)
+}
+
 pub struct MiniCluster {
     pub jobmanager: JobManager,
     shutdown: Arc<AtomicBool>,

@@ -441,6 +441,23 @@ impl CsvSource {
     }
 }
 
+/// A CSV decoder's error without the data it quotes from the file (the
+/// offending value and the whole row): an error reaches whoever submitted
+/// the job, who need not be allowed to read the file. What is wrong and
+/// where (column, line, expected type) stays.
+pub(crate) fn redact_file_data(detail: &str) -> String {
+    let mut out = match detail.find("Row data:") {
+        Some(at) => detail[..at].trim_end().to_owned(),
+        None => detail.to_owned(),
+    };
+    if let Some(start) = out.find("value '")
+        && let Some(len) = out[start + 7..].find("' as type")
+    {
+        out.replace_range(start..start + 7 + len + 1, "a value");
+    }
+    out
+}
+
 impl Source for CsvSource {
     fn snapshot_offset(&self) -> Result<Vec<u8>, ExecError> {
         snapshot_file_offset("csv_source", self.owner, &self.splits, self.position)
@@ -469,7 +486,7 @@ impl Source for CsvSource {
                 Some(Err(e)) => {
                     return Err(ExecError::Read {
                         path: path.clone(),
-                        detail: e.to_string(),
+                        detail: redact_file_data(&e.to_string()),
                     });
                 }
                 None => {

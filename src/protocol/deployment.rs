@@ -86,6 +86,21 @@ pub struct RestoreDeployment {
     pub finished: Vec<(usize, u32)>,
 }
 
+/// The number of key groups a job routes keys through: the configured
+/// `pipeline.max-parallelism` when it covers every operator's parallelism,
+/// else Flink's default for the job (`1.5 ×` its largest parallelism
+/// rounded up to a power of two, at least 128, at most 2^15). Routing a
+/// job of parallelism 1000 through 128 key groups would leave 872 of its
+/// subtasks without keys. Both sides compute it from the same job graph.
+pub fn max_parallelism(configured: u32, graph: &JobGraph) -> u32 {
+    let largest = graph.slots_needed().max(1);
+    if configured >= largest {
+        return configured;
+    }
+    let flink_default = (largest + largest / 2).next_power_of_two().max(128);
+    flink_default.min(1 << 15).max(largest)
+}
+
 /// Position of `subtask` in `edge.targets_of(source_subtask, _)`: the
 /// producer's subpartition index for that consumer. O(1), where searching
 /// the target list would make a deployment cubic in the parallelism.

@@ -307,7 +307,9 @@ async fn run_deployment(
     let graph = Arc::new(JobGraph::build(&plan, default_parallelism));
     let tasks = expand(&graph, unstarted, attempt, &placement, &gpu_operators)
         .map_err(|detail| DeployError::Descriptor { detail })?;
-    let prepared = prepare(services, job, tasks, canceled).await?;
+    let max_parallelism =
+        crate::protocol::deployment::max_parallelism(services.config.max_parallelism, &graph);
+    let prepared = prepare(services, job, tasks, canceled, max_parallelism).await?;
     // A cancel or a fence that came while preparing released the slots and
     // the registrations made so far; those made after it are released by
     // the rollback.
@@ -398,6 +400,7 @@ async fn prepare(
     job: u64,
     tasks: Vec<TaskDeploymentDescriptor>,
     canceled: &Arc<AtomicBool>,
+    max_parallelism: u32,
 ) -> Result<Vec<Prepared>, NetworkError> {
     let config = &services.config;
     let me = services.name();
@@ -509,7 +512,7 @@ async fn prepare(
             writers.push(RecordWriter::new(
                 output.partitioner.clone(),
                 targets,
-                config.max_parallelism,
+                max_parallelism,
                 Arc::clone(&services.netpool),
                 Arc::clone(&is_canceled),
                 Arc::clone(&metrics),
@@ -712,13 +715,18 @@ fn run_task(
         // JobManager schedules onto a slot only once its TaskManager reports
         // it free, and a restart waits for the failed tasks' ends.
         let mut slots = lock(&services.slots);
-        if let Err(e) = slots.task_ended(job, tdd.slot, task_key(&tdd)) {
+        match slots.task_ended(job, tdd.slot, task_key(&tdd)) {
+            // Reported only when the slot changed: at parallelism 1000 a
+            // report per task end would be quadratic.
+            Ok(true) => {
+                let _ = out.send(Message::Heartbeat {
+                    slots: slots.report(),
+                });
+            }
+            Ok(false) => {}
             // The execution was released and its slot fenced meanwhile.
-            tracing::debug!("task {name} ended: {e}");
+            Err(e) => tracing::debug!("task {name} ended: {e}"),
         }
-        let _ = out.send(Message::Heartbeat {
-            slots: slots.report(),
-        });
     }
     status(&out, job, task_key(&tdd), state, error, Some(&metrics));
     {

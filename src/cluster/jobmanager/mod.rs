@@ -153,13 +153,6 @@ impl JobManager {
         shell.core.snapshot(shell.now())
     }
 
-    /// Serves the REST API, `/metrics` and the web UI on `address`.
-    pub async fn serve_rest(&self, address: &str) -> Result<SocketAddr, crate::web::WebError> {
-        let bound = crate::web::serve(address, self.snapshot_source()).await?;
-        tracing::info!("web UI and REST API at http://{bound}/ (Prometheus: /metrics)");
-        Ok(bound)
-    }
-
     /// A handle the REST server polls.
     pub fn snapshot_source(&self) -> impl Fn() -> ClusterSnapshot + Send + Sync + 'static {
         let shell = Arc::clone(&self.shell);

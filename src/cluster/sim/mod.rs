@@ -863,22 +863,8 @@ impl Sim {
 
     /// An unregistered peer reports every live task finished.
     fn forge_unregistered(&mut self) {
-        let Some(conn) = self.connect(Endpoint::Rogue) else {
-            return;
-        };
-        for (execution, (vertex, subtask)) in self.live_tasks() {
-            self.send(
-                conn,
-                Endpoint::Rogue,
-                Message::TaskStatus {
-                    execution,
-                    vertex,
-                    subtask,
-                    state: crate::protocol::ExecutionState::Finished,
-                    error: None,
-                    metrics: None,
-                },
-            );
+        if let Some(conn) = self.connect(Endpoint::Rogue) {
+            self.report_all_finished(conn);
         }
     }
 
@@ -906,6 +892,11 @@ impl Sim {
                 conn
             }
         };
+        self.report_all_finished(conn);
+    }
+
+    /// Forged: every live task FINISHED, sent on `conn`.
+    fn report_all_finished(&mut self, conn: u64) {
         for (execution, (vertex, subtask)) in self.live_tasks() {
             self.send(
                 conn,

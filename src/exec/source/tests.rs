@@ -221,3 +221,15 @@ fn restore_of_another_subtasks_offset_is_refused() {
     assert!(message.contains("subtask 0/2"), "{message}");
     assert!(restore_error(&mut other, b"not json").contains("unreadable"));
 }
+
+/// Issue 14: a CSV parse error names the column, line and type, but not the
+/// value or the row it read from the file.
+#[test]
+fn csv_parse_errors_do_not_quote_the_file() {
+    let detail = "Parser error: Error while parsing value 'secret-42' as type 'Int64' \
+                  for column 1 at line 2. Row data: '[3,secret-42]'";
+    let redacted = super::redact_file_data(detail);
+    assert!(!redacted.contains("secret"), "{redacted}");
+    assert!(redacted.contains("column 1 at line 2"), "{redacted}");
+    assert!(redacted.contains("'Int64'"), "{redacted}");
+}

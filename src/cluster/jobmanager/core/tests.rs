@@ -56,32 +56,7 @@ type = "print"
 /// Plans `text` as the shell's `plan_job` does, with the built-in
 /// calibration (no calibration file is read) and no GPU.
 fn planned(text: &str) -> Box<PlannedJob> {
-    use crate::placement::calibration::Calibration;
-    use crate::placement::{PlacementInput, place};
-    let config = Config::default();
-    let plan = crate::job::parse_job(text, Path::new("core-test.toml"))
-        .and_then(crate::job::plan)
-        .expect("the test job plans");
-    let plan = Arc::new(plan);
-    let graph = Arc::new(JobGraph::build(&plan, config.default_parallelism));
-    let calibration = Calibration::defaults(None);
-    let placement = place(&PlacementInput {
-        plan: &plan,
-        graph: &graph,
-        calibration: &calibration,
-        mode: config.placement_mode,
-        gpu_absent_reason: "no GPU in unit tests",
-    })
-    .expect("the test job places");
-    Box::new(PlannedJob {
-        name: plan.spec.name.clone(),
-        plan,
-        graph,
-        placement,
-        text: text.to_owned(),
-        path: "core-test.toml".into(),
-        default_parallelism: config.default_parallelism,
-    })
+    Box::new(crate::cluster::sim::plan_text(text))
 }
 
 // ---------------------------------------------------------------- checkpoint store
