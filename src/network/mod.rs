@@ -52,7 +52,7 @@ use std::sync::{Arc, Mutex};
 use arrow_array::RecordBatch;
 use serde::{Deserialize, Serialize};
 
-pub use gate::{InputGate, InputReader};
+pub use gate::{GateDemand, InputGate, InputReader, SegmentShortfall};
 pub use partition::{Partitioner, RecordWriter, ResultPartition, Subpartition};
 
 /// Bytes a producer leaves free at the start of every network segment: the
@@ -114,6 +114,9 @@ pub enum NetworkError {
     Canceled,
     #[error("{0}")]
     Memory(String),
+    /// Boxed: the shortfall's numbers would make every `Result` larger.
+    #[error("{0}")]
+    InsufficientSegments(Box<gate::SegmentShortfall>),
     #[error("encoding a batch for the wire: {0}")]
     Encode(String),
     #[error("cannot connect to TaskManager {peer}: {reason}")]
