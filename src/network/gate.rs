@@ -118,7 +118,9 @@ struct RemoteCredit {
 struct GateState {
     queue: VecDeque<(usize, GateItem)>,
     local_queued: Vec<usize>,
-    remote: Vec<Option<RemoteCredit>>,
+    /// Credit state of the remote channels, boxed: a local channel's `None`
+    /// is 8 bytes where an inline one would be 72.
+    remote: Vec<Option<Box<RemoteCredit>>>,
     floating: Vec<Segment>,
     floating_waiters: VecDeque<usize>,
     failure: Option<NetworkError>,
@@ -301,7 +303,8 @@ impl std::fmt::Display for SegmentShortfall {
              gate(s) with a remote channel; local channels need none), but the \
              TaskManager has {} of its {} segments ({} MiB) free. Raise \
              taskmanager.memory.network.min and taskmanager.memory.network.max to at \
-             least {}m (and taskmanager.memory.process.size with them), or lower \
+             least {}m (what the gates take; producers' outgoing buffers need some on top, \
+             and taskmanager.memory.process.size grows with it), or lower \
              taskmanager.network.memory.buffers-per-channel or \
              taskmanager.memory.segment-size",
             self.what,
@@ -332,7 +335,11 @@ impl InputGate {
         let floating_count = demand.floating_segment_count(buffers);
         let mut segments = pool.request_many(demand.segment_count).map_err(|_| {
             NetworkError::InsufficientSegments(Box::new(SegmentShortfall::new(
-                format!("input gate {id:?}"),
+                format!(
+                    "the input gate of subtask {} on edge {} (this gate alone; \
+                     the deployment's other gates need theirs too)",
+                    id.target_subtask, id.edge
+                ),
                 demand,
                 buffers,
                 pool,
@@ -343,7 +350,7 @@ impl InputGate {
         let remote = channels
             .iter()
             .map(|kind| {
-                (*kind == ChannelKind::Remote).then(|| RemoteCredit {
+                (*kind == ChannelKind::Remote).then(|| Box::new(RemoteCredit {
                     free: exclusive
                         .by_ref()
                         .take(buffers.exclusive_per_channel)
@@ -355,7 +362,7 @@ impl InputGate {
                     waiting_for_floating: false,
                     backlog: 0,
                     link: None,
-                })
+                }))
             })
             .collect();
         Ok(Arc::new(Self {
@@ -814,7 +821,11 @@ pub enum InputEvent {
 /// The task-side reader over one or more gates (one per input edge).
 pub struct InputReader {
     gates: Vec<Arc<InputGate>>,
-    decoders: Vec<Vec<ChannelDecoder>>,
+    /// IPC decoders of the channels that have delivered a remote buffer,
+    /// made on the first: local channels (all of them when producers share
+    /// the TaskManager) never need one, and a decoder is 128 bytes where a
+    /// missing one is 8 (a thousand gates of a thousand channels each).
+    decoders: Vec<Vec<Option<Box<ChannelDecoder>>>>,
     watermarks: Vec<Vec<i64>>,
     /// The minimum of `watermarks`, and how many channels hold it: a channel
     /// that leaves the minimum only decrements the count, and the minimum is
@@ -844,11 +855,7 @@ impl InputReader {
     pub fn new(gates: Vec<Arc<InputGate>>) -> Self {
         let decoders = gates
             .iter()
-            .map(|g| {
-                (0..g.channel_count())
-                    .map(|_| ChannelDecoder::default())
-                    .collect()
-            })
+            .map(|g| (0..g.channel_count()).map(|_| None).collect())
             .collect();
         let watermarks = gates
             .iter()
@@ -972,7 +979,7 @@ impl InputReader {
                     Decoded::Now(event) => event?,
                     Decoded::Later(bytes) => {
                         let gate = self.gates[g].id;
-                        self.decoders[g][channel]
+                        self.decoder(g, channel)
                             .decode_buffer(bytes)
                             .map(StreamEvent::Batch)
                             .map_err(|e| NetworkError::Channel {
@@ -1085,6 +1092,10 @@ impl InputReader {
         })
     }
 
+    fn decoder(&mut self, g: usize, channel: usize) -> &mut ChannelDecoder {
+        self.decoders[g][channel].get_or_insert_with(Box::default)
+    }
+
     fn decode(
         &mut self,
         g: usize,
@@ -1099,7 +1110,8 @@ impl InputReader {
             detail,
         };
         match kind {
-            BufferKind::Ipc => self.decoders[g][channel]
+            BufferKind::Ipc => self
+                .decoder(g, channel)
                 .decode(payload)
                 .map(StreamEvent::Batch)
                 .map_err(|e| bad(e.to_string())),
@@ -1261,7 +1273,7 @@ mod tests {
             "floating-buffers-per-gate = 8",
             "10 of its 16 segments (1 MiB) free",
             "taskmanager.memory.network.max to at least 64m",
-            "edge: 3",
+            "subtask 7 on edge 3",
         ] {
             assert!(message.contains(needle), "{needle:?} not in {message}");
         }
