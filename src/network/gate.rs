@@ -350,19 +350,21 @@ impl InputGate {
         let remote = channels
             .iter()
             .map(|kind| {
-                (*kind == ChannelKind::Remote).then(|| Box::new(RemoteCredit {
-                    free: exclusive
-                        .by_ref()
-                        .take(buffers.exclusive_per_channel)
-                        .map(|s| (s, false))
-                        .collect(),
-                    lent: 0,
-                    exclusive_total: buffers.exclusive_per_channel,
-                    lending_closed: false,
-                    waiting_for_floating: false,
-                    backlog: 0,
-                    link: None,
-                }))
+                (*kind == ChannelKind::Remote).then(|| {
+                    Box::new(RemoteCredit {
+                        free: exclusive
+                            .by_ref()
+                            .take(buffers.exclusive_per_channel)
+                            .map(|s| (s, false))
+                            .collect(),
+                        lent: 0,
+                        exclusive_total: buffers.exclusive_per_channel,
+                        lending_closed: false,
+                        waiting_for_floating: false,
+                        backlog: 0,
+                        link: None,
+                    })
+                })
             })
             .collect();
         Ok(Arc::new(Self {
@@ -1281,9 +1283,11 @@ mod tests {
         assert_eq!(pool.available_count(), 10);
         let demand = GateDemand::of(&channels, buffers);
         assert!(demand.check_fits("job x".into(), buffers, &pool).is_err());
-        assert!(GateDemand::default()
-            .check_fits("job x".into(), buffers, &pool)
-            .is_ok());
+        assert!(
+            GateDemand::default()
+                .check_fits("job x".into(), buffers, &pool)
+                .is_ok()
+        );
     }
 
     #[test]
