@@ -110,12 +110,17 @@ struct RemoteCredit {
     /// Verbs: the channel ended, so no more segments are lent to it (a late
     /// credit would lend one that nobody writes or returns).
     lending_closed: bool,
+    /// The channel is in the gate's `floating_waiters` (a flag, not a scan
+    /// of the queue: a gate may have a thousand waiting channels).
+    waiting_for_floating: bool,
 }
 
 struct GateState {
     queue: VecDeque<(usize, GateItem)>,
     local_queued: Vec<usize>,
-    remote: Vec<Option<RemoteCredit>>,
+    /// Credit state of the remote channels, boxed: a local channel's `None`
+    /// is 8 bytes where an inline one would be 72.
+    remote: Vec<Option<Box<RemoteCredit>>>,
     floating: Vec<Segment>,
     floating_waiters: VecDeque<usize>,
     failure: Option<NetworkError>,
@@ -178,6 +183,145 @@ impl From<&crate::config::Config> for GateBuffers {
     }
 }
 
+/// The network segments input gates take from the TaskManager's pool when
+/// they are created: exclusive segments for each REMOTE channel, plus the
+/// floating segments of every gate that has a remote channel. Local
+/// channels take none (their producer pushes into the gate's queue, which
+/// `max-buffers-per-channel` bounds), so a job whose subtasks all share one
+/// TaskManager needs no network segments for its gates at all.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GateDemand {
+    pub gate_count: usize,
+    /// Gates with at least one remote channel (they take floating segments).
+    pub remote_gate_count: usize,
+    pub remote_channel_count: usize,
+    pub segment_count: usize,
+}
+
+impl GateDemand {
+    /// What one gate over `channels` takes.
+    pub fn of(channels: &[ChannelKind], buffers: GateBuffers) -> Self {
+        let remote_channel_count = channels
+            .iter()
+            .filter(|c| **c == ChannelKind::Remote)
+            .count();
+        let remote_gate_count = usize::from(remote_channel_count > 0);
+        Self {
+            gate_count: 1,
+            remote_gate_count,
+            remote_channel_count,
+            segment_count: remote_channel_count * buffers.exclusive_per_channel
+                + remote_gate_count * buffers.floating_per_gate,
+        }
+    }
+
+    /// The demand of this gate (or these gates) and `other` together.
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            gate_count: self.gate_count + other.gate_count,
+            remote_gate_count: self.remote_gate_count + other.remote_gate_count,
+            remote_channel_count: self.remote_channel_count + other.remote_channel_count,
+            segment_count: self.segment_count + other.segment_count,
+        }
+    }
+
+    fn floating_segment_count(&self, buffers: GateBuffers) -> usize {
+        self.remote_gate_count * buffers.floating_per_gate
+    }
+
+    /// Checks that the pool has the segments for these gates free now, so
+    /// that a deployment fails before it creates any gate, with the total
+    /// it needs rather than the need of whichever gate came last.
+    pub fn check_fits(
+        &self,
+        what: String,
+        buffers: GateBuffers,
+        pool: &NetworkBufferPool,
+    ) -> Result<(), NetworkError> {
+        if pool.available_count() >= self.segment_count {
+            return Ok(());
+        }
+        Err(NetworkError::InsufficientSegments(Box::new(
+            SegmentShortfall::new(what, *self, buffers, pool),
+        )))
+    }
+}
+
+/// Input gates need more network segments than the TaskManager's pool has
+/// free: what they need, what there is, and which keys change either.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SegmentShortfall {
+    /// The gate or deployment that asked, in words.
+    pub what: String,
+    pub demand: GateDemand,
+    pub exclusive_per_channel: usize,
+    pub floating_per_gate: usize,
+    pub free_segment_count: usize,
+    pub total_segment_count: usize,
+    pub segment_size_bytes: usize,
+}
+
+impl SegmentShortfall {
+    fn new(
+        what: String,
+        demand: GateDemand,
+        buffers: GateBuffers,
+        pool: &NetworkBufferPool,
+    ) -> Self {
+        Self {
+            what,
+            demand,
+            exclusive_per_channel: buffers.exclusive_per_channel,
+            floating_per_gate: buffers.floating_per_gate,
+            free_segment_count: pool.available_count(),
+            total_segment_count: pool.segment_count(),
+            segment_size_bytes: pool.segment_size_bytes(),
+        }
+    }
+
+    /// The smallest network memory, in whole MiB, whose pool would have had
+    /// these segments free besides those in use now.
+    pub fn network_bytes_needed(&self) -> u64 {
+        let in_use = self.total_segment_count - self.free_segment_count;
+        let segments = (in_use + self.demand.segment_count) as u64;
+        (segments * self.segment_size_bytes as u64).div_ceil(MIB) * MIB
+    }
+}
+
+const MIB: u64 = 1 << 20;
+
+impl std::fmt::Display for SegmentShortfall {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let d = &self.demand;
+        let segment_kib = self.segment_size_bytes / 1024;
+        write!(
+            f,
+            "insufficient network memory: {} needs {} network segments of {segment_kib} KiB \
+             ({} input gate(s) with {} remote channel(s) × \
+             taskmanager.network.memory.buffers-per-channel = {} exclusive, plus \
+             taskmanager.network.memory.floating-buffers-per-gate = {} for each of the {} \
+             gate(s) with a remote channel; local channels need none), but the \
+             TaskManager has {} of its {} segments ({} MiB) free. Raise \
+             taskmanager.memory.network.min and taskmanager.memory.network.max to at \
+             least {}m (what the gates take; producers' outgoing buffers need some on top, \
+             and taskmanager.memory.process.size grows with it), or lower \
+             taskmanager.network.memory.buffers-per-channel or \
+             taskmanager.memory.segment-size",
+            self.what,
+            d.segment_count,
+            d.gate_count,
+            d.remote_channel_count,
+            self.exclusive_per_channel,
+            self.floating_per_gate,
+            d.remote_gate_count,
+            self.free_segment_count,
+            self.total_segment_count,
+            (self.total_segment_count * self.segment_size_bytes) as u64 / MIB,
+            self.network_bytes_needed() / MIB,
+        )
+    }
+}
+
 impl InputGate {
     /// Creates a gate, taking its exclusive and floating segments from the
     /// pool up front (Flink fails the deployment when they are not there).
@@ -187,35 +331,39 @@ impl InputGate {
         buffers: GateBuffers,
         pool: &Arc<NetworkBufferPool>,
     ) -> Result<Arc<Self>, NetworkError> {
-        let remote_count = channels
-            .iter()
-            .filter(|c| **c == ChannelKind::Remote)
-            .count();
-        let floating_count = if remote_count > 0 {
-            buffers.floating_per_gate
-        } else {
-            0
-        };
-        let needed = remote_count * buffers.exclusive_per_channel + floating_count;
-        let mut segments = pool
-            .request_many(needed)
-            .map_err(|e| NetworkError::Memory(e.to_string()))?;
+        let demand = GateDemand::of(channels, buffers);
+        let floating_count = demand.floating_segment_count(buffers);
+        let mut segments = pool.request_many(demand.segment_count).map_err(|_| {
+            NetworkError::InsufficientSegments(Box::new(SegmentShortfall::new(
+                format!(
+                    "the input gate of subtask {} on edge {} (this gate alone; \
+                     the deployment's other gates need theirs too)",
+                    id.target_subtask, id.edge
+                ),
+                demand,
+                buffers,
+                pool,
+            )))
+        })?;
         let floating = segments.split_off(segments.len() - floating_count);
         let mut exclusive = segments.into_iter();
         let remote = channels
             .iter()
             .map(|kind| {
-                (*kind == ChannelKind::Remote).then(|| RemoteCredit {
-                    free: exclusive
-                        .by_ref()
-                        .take(buffers.exclusive_per_channel)
-                        .map(|s| (s, false))
-                        .collect(),
-                    lent: 0,
-                    exclusive_total: buffers.exclusive_per_channel,
-                    lending_closed: false,
-                    backlog: 0,
-                    link: None,
+                (*kind == ChannelKind::Remote).then(|| {
+                    Box::new(RemoteCredit {
+                        free: exclusive
+                            .by_ref()
+                            .take(buffers.exclusive_per_channel)
+                            .map(|s| (s, false))
+                            .collect(),
+                        lent: 0,
+                        exclusive_total: buffers.exclusive_per_channel,
+                        lending_closed: false,
+                        waiting_for_floating: false,
+                        backlog: 0,
+                        link: None,
+                    })
                 })
             })
             .collect();
@@ -241,7 +389,7 @@ impl InputGate {
             readable: Condvar::new(),
             writable: Condvar::new(),
             remote_bytes: AtomicU64::new(0),
-            remote_buffer_total: needed,
+            remote_buffer_total: demand.segment_count,
             driver: std::sync::OnceLock::new(),
         }))
     }
@@ -456,6 +604,9 @@ impl InputGate {
         }
         state.floating.push(segment);
         while let Some(waiter) = state.floating_waiters.pop_front() {
+            if let Some(c) = state.remote[waiter].as_mut() {
+                c.waiting_for_floating = false;
+            }
             if grant_floating(&mut state, waiter) || state.floating.is_empty() {
                 break;
             }
@@ -628,7 +779,7 @@ fn grant_floating(state: &mut GateState, channel: usize) -> bool {
     }
     announce(c, granted);
     let met = c.free.len() + c.lent >= need;
-    if !met && !state.floating_waiters.contains(&channel) {
+    if !met && !std::mem::replace(&mut c.waiting_for_floating, true) {
         state.floating_waiters.push_back(channel);
     }
     met
@@ -672,8 +823,19 @@ pub enum InputEvent {
 /// The task-side reader over one or more gates (one per input edge).
 pub struct InputReader {
     gates: Vec<Arc<InputGate>>,
-    decoders: Vec<Vec<ChannelDecoder>>,
+    /// IPC decoders of the channels that have delivered a remote buffer,
+    /// made on the first: local channels (all of them when producers share
+    /// the TaskManager) never need one, and a decoder is 128 bytes where a
+    /// missing one is 8 (a thousand gates of a thousand channels each).
+    decoders: Vec<Vec<Option<Box<ChannelDecoder>>>>,
     watermarks: Vec<Vec<i64>>,
+    /// The minimum of `watermarks`, and how many channels hold it: a channel
+    /// that leaves the minimum only decrements the count, and the minimum is
+    /// recomputed when the count reaches zero. Each watermark or end of
+    /// partition costs O(1) amortized instead of a scan of every channel,
+    /// which with a thousand channels per gate made ending a gate O(n²).
+    watermark_min: i64,
+    at_watermark_min: usize,
     ended: Vec<Vec<bool>>,
     open_channels: usize,
     current_watermark: i64,
@@ -695,11 +857,7 @@ impl InputReader {
     pub fn new(gates: Vec<Arc<InputGate>>) -> Self {
         let decoders = gates
             .iter()
-            .map(|g| {
-                (0..g.channel_count())
-                    .map(|_| ChannelDecoder::default())
-                    .collect()
-            })
+            .map(|g| (0..g.channel_count()).map(|_| None).collect())
             .collect();
         let watermarks = gates
             .iter()
@@ -719,6 +877,8 @@ impl InputReader {
             gates,
             decoders,
             watermarks,
+            watermark_min: i64::MIN,
+            at_watermark_min: open_channels,
             ended,
             open_channels,
             current_watermark: i64::MIN,
@@ -821,7 +981,7 @@ impl InputReader {
                     Decoded::Now(event) => event?,
                     Decoded::Later(bytes) => {
                         let gate = self.gates[g].id;
-                        self.decoders[g][channel]
+                        self.decoder(g, channel)
                             .decode_buffer(bytes)
                             .map(StreamEvent::Batch)
                             .map_err(|e| NetworkError::Channel {
@@ -836,8 +996,7 @@ impl InputReader {
         Ok(match event {
             StreamEvent::Batch(batch) => Some(InputEvent::Batch(batch)),
             StreamEvent::Watermark(wm) => {
-                let slot = &mut self.watermarks[g][channel];
-                *slot = (*slot).max(wm);
+                self.raise_channel_watermark(g, channel, wm);
                 self.advance_watermark()
             }
             StreamEvent::Barrier(checkpoint) => {
@@ -857,7 +1016,7 @@ impl InputReader {
             StreamEvent::EndOfPartition => {
                 if !std::mem::replace(&mut self.ended[g][channel], true) {
                     self.open_channels -= 1;
-                    self.watermarks[g][channel] = i64::MAX;
+                    self.raise_channel_watermark(g, channel, i64::MAX);
                 }
                 let step = self.aligner.on_end(g, channel);
                 let barrier = self.apply(step, None);
@@ -907,18 +1066,36 @@ impl InputReader {
         self.apply(step, None);
     }
 
+    /// Raises one channel's watermark (watermarks never go back) and keeps
+    /// the minimum over all channels current.
+    fn raise_channel_watermark(&mut self, g: usize, channel: usize, wm: i64) {
+        let slot = &mut self.watermarks[g][channel];
+        let old = *slot;
+        if wm <= old {
+            return;
+        }
+        *slot = wm;
+        if old != self.watermark_min {
+            return;
+        }
+        self.at_watermark_min -= 1;
+        if self.at_watermark_min == 0 {
+            let all = self.watermarks.iter().flatten().copied();
+            self.watermark_min = all.clone().min().unwrap_or(i64::MIN);
+            self.at_watermark_min = all.filter(|w| *w == self.watermark_min).count();
+        }
+    }
+
     fn advance_watermark(&mut self) -> Option<InputEvent> {
-        let min = self
-            .watermarks
-            .iter()
-            .flatten()
-            .copied()
-            .min()
-            .unwrap_or(i64::MIN);
+        let min = self.watermark_min;
         (min > self.current_watermark && min != i64::MAX).then(|| {
             self.current_watermark = min;
             InputEvent::Watermark(min)
         })
+    }
+
+    fn decoder(&mut self, g: usize, channel: usize) -> &mut ChannelDecoder {
+        self.decoders[g][channel].get_or_insert_with(Box::default)
     }
 
     fn decode(
@@ -935,7 +1112,8 @@ impl InputReader {
             detail,
         };
         match kind {
-            BufferKind::Ipc => self.decoders[g][channel]
+            BufferKind::Ipc => self
+                .decoder(g, channel)
                 .decode(payload)
                 .map(StreamEvent::Batch)
                 .map_err(|e| bad(e.to_string())),
@@ -1033,6 +1211,114 @@ mod tests {
             started.elapsed() < Duration::from_secs(10),
             "woke only at the timeout"
         );
+    }
+
+    #[test]
+    fn local_channels_take_no_segments_and_remote_ones_are_counted() {
+        let buffers = GateBuffers {
+            exclusive_per_channel: 2,
+            floating_per_gate: 8,
+            max_per_channel: 10,
+        };
+        let local = vec![ChannelKind::Local; 1000];
+        assert_eq!(GateDemand::of(&local, buffers).segment_count, 0);
+        let mut mixed = vec![ChannelKind::Local; 500];
+        mixed.extend([ChannelKind::Remote; 500]);
+        let one = GateDemand::of(&mixed, buffers);
+        assert_eq!(one.segment_count, 500 * 2 + 8);
+        let two = one.plus(GateDemand::of(&local, buffers));
+        assert_eq!((two.gate_count, two.remote_gate_count), (2, 1));
+        assert_eq!(two.segment_count, 1008);
+        // A thousand all-local gates fit in a pool of one segment.
+        let pool = NetworkBufferPool::new(1, 4096);
+        for subtask in 0..1000 {
+            let id = GateId {
+                job: 1,
+                edge: 0,
+                target_subtask: subtask,
+            };
+            InputGate::new(id, &local, buffers, &pool).unwrap();
+        }
+        assert_eq!(pool.available_count(), 1);
+    }
+
+    #[test]
+    fn a_gate_short_of_segments_names_the_keys_and_the_memory_that_fits() {
+        let pool = NetworkBufferPool::new(16, 64 << 10);
+        let _held = pool.request_many(6).unwrap();
+        let buffers = GateBuffers {
+            exclusive_per_channel: 2,
+            floating_per_gate: 8,
+            max_per_channel: 10,
+        };
+        let id = GateId {
+            job: 1,
+            edge: 3,
+            target_subtask: 7,
+        };
+        let channels = [ChannelKind::Remote; 500];
+        let Err(error) = InputGate::new(id, &channels, buffers, &pool) else {
+            panic!("a gate of 1008 segments fit in a pool of 16");
+        };
+        let NetworkError::InsufficientSegments(shortfall) = &error else {
+            panic!("unexpected error {error}");
+        };
+        assert_eq!(shortfall.demand.segment_count, 1008);
+        assert_eq!(shortfall.free_segment_count, 10);
+        // 6 segments in use plus 1008 of 64 KiB: 63.375 MiB, rounded up.
+        assert_eq!(shortfall.network_bytes_needed(), 64 << 20);
+        let message = error.to_string();
+        for needle in [
+            "needs 1008 network segments of 64 KiB",
+            "500 remote channel(s)",
+            "buffers-per-channel = 2",
+            "floating-buffers-per-gate = 8",
+            "10 of its 16 segments (1 MiB) free",
+            "taskmanager.memory.network.max to at least 64m",
+            "subtask 7 on edge 3",
+        ] {
+            assert!(message.contains(needle), "{needle:?} not in {message}");
+        }
+        // Nothing was taken: the failed gate left the pool as it was.
+        assert_eq!(pool.available_count(), 10);
+        let demand = GateDemand::of(&channels, buffers);
+        assert!(demand.check_fits("job x".into(), buffers, &pool).is_err());
+        assert!(
+            GateDemand::default()
+                .check_fits("job x".into(), buffers, &pool)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn the_watermark_is_the_minimum_over_channels_and_ended_channels_leave_it() {
+        let gate = gate(&[ChannelKind::Local; 3], 0);
+        let never = || false;
+        for (channel, wm) in [(0, 5), (1, 7), (2, 3), (2, 9), (0, 8)] {
+            gate.push_local(channel, StreamEvent::Watermark(wm), &never)
+                .unwrap();
+        }
+        gate.push_local(1, StreamEvent::EndOfPartition, &never)
+            .unwrap();
+        gate.push_local(0, StreamEvent::Watermark(4), &never)
+            .unwrap();
+        gate.push_local(0, StreamEvent::EndOfPartition, &never)
+            .unwrap();
+        gate.push_local(2, StreamEvent::EndOfPartition, &never)
+            .unwrap();
+        let mut reader = InputReader::new(vec![Arc::clone(&gate)]);
+        let mut seen = Vec::new();
+        while seen.last().map(String::as_str) != Some("end") {
+            let event = value(reader.next(Duration::ZERO).unwrap());
+            if event != "none" {
+                seen.push(event);
+            }
+        }
+        // Channel 2 holds the minimum until it rises to 9, then channel 0
+        // (5, then 8) and channel 1 (7) do; channel 0's late 4 is below its
+        // own 8 and changes nothing; once channels 1 and 0 end, channel 2's
+        // 9 is the minimum; an all-ended gate emits no watermark of its own.
+        assert_eq!(seen, ["wm3", "wm5", "wm7", "wm8", "wm9", "end"]);
     }
 
     #[test]

@@ -16,13 +16,22 @@
 //! wire with a seeded simulation for tests; [`debloat`] sizes buffers from
 //! the measured throughput.
 //!
-//! Credit: a receiving channel owns `buffers-per-channel` exclusive segments
-//! and may borrow from its gate's `floating-buffers-per-gate`; every free
+//! Credit: a receiving remote channel owns `buffers-per-channel` exclusive
+//! segments and may borrow from its gate's `floating-buffers-per-gate` (a
+//! gate without remote channels takes none: a job whose subtasks share one
+//! TaskManager needs no network segments for its gates, whatever its
+//! parallelism; [`gate::GateDemand`] counts what a deployment takes and
+//! says which keys to raise, and by how much, when the pool is short); every free
 //! segment it holds is one credit announced to the sender. The sender reports
 //! its backlog with each buffer so the receiver can borrow floating segments.
 //! A segment is returned (and the credit re-announced) once the consuming
 //! task has decoded the buffer. Events (watermarks, end of partition) consume
 //! credit like data: it keeps the receiver's memory bounded by its segments.
+//!
+//! Scale: per-channel state is what a channel needs: a local channel costs a
+//! few bytes in its gate (no decoder, no credit state); watermarks are
+//! merged in O(1) amortized per event; a writer groups a hashed batch's rows
+//! with one counting sort, not a vector per target.
 //!
 //! Limits: queued buffers per subpartition ≤ `max-buffers-per-channel`;
 //! queued events per local channel ≤ the same; received buffers per gate ≤
@@ -52,7 +61,7 @@ use std::sync::{Arc, Mutex};
 use arrow_array::RecordBatch;
 use serde::{Deserialize, Serialize};
 
-pub use gate::{InputGate, InputReader};
+pub use gate::{GateDemand, InputGate, InputReader, SegmentShortfall};
 pub use partition::{Partitioner, RecordWriter, ResultPartition, Subpartition};
 
 /// Bytes a producer leaves free at the start of every network segment: the
@@ -114,6 +123,9 @@ pub enum NetworkError {
     Canceled,
     #[error("{0}")]
     Memory(String),
+    /// Boxed: the shortfall's numbers would make every `Result` larger.
+    #[error("{0}")]
+    InsufficientSegments(Box<gate::SegmentShortfall>),
     #[error("encoding a batch for the wire: {0}")]
     Encode(String),
     #[error("cannot connect to TaskManager {peer}: {reason}")]

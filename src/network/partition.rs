@@ -377,7 +377,12 @@ pub struct RecordWriter {
     canceled: Arc<dyn Fn() -> bool + Send + Sync>,
     metrics: Arc<WriterMetrics>,
     hashes: Vec<u64>,
-    rows_by_target: Vec<Vec<u32>>,
+    /// A hashed batch's row indices grouped by target (a counting sort),
+    /// and where each target's group starts: O(rows + targets) memory per
+    /// writer, where a vector per target would hold a thousand allocations
+    /// in each of a thousand writers at parallelism 1000.
+    grouped_rows: Vec<u32>,
+    group_starts: Vec<u32>,
     next_target: usize,
 }
 
@@ -400,7 +405,8 @@ impl RecordWriter {
             canceled,
             metrics,
             hashes: Vec::new(),
-            rows_by_target: vec![Vec::new(); n],
+            grouped_rows: Vec::new(),
+            group_starts: Vec::with_capacity(n + 1),
             next_target: 0,
         }
     }
@@ -427,24 +433,23 @@ impl RecordWriter {
                 hash_columns(&keys, &mut self.hashes)
                     .map_err(|e| NetworkError::Encode(e.to_string()))?;
                 let parallelism = self.targets.len() as u32;
-                for rows in &mut self.rows_by_target {
-                    rows.clear();
-                }
-                for (row, &h) in self.hashes.iter().enumerate() {
-                    let t = subtask_for_hash(h, self.max_parallelism, parallelism);
-                    self.rows_by_target[t as usize].push(row as u32);
-                }
+                group_rows_by_target(
+                    &self.hashes,
+                    |h| subtask_for_hash(h, self.max_parallelism, parallelism),
+                    parallelism as usize,
+                    &mut self.grouped_rows,
+                    &mut self.group_starts,
+                );
                 for t in 0..self.targets.len() {
-                    if self.rows_by_target[t].is_empty() {
+                    let (start, end) = (self.group_starts[t], self.group_starts[t + 1]);
+                    if start == end {
                         continue;
                     }
-                    let indices = UInt32Array::from(std::mem::take(&mut self.rows_by_target[t]));
+                    let rows = &self.grouped_rows[start as usize..end as usize];
+                    let indices = UInt32Array::from(rows.to_vec());
                     let piece = take_record_batch(&batch, &indices)
                         .map_err(|e| NetworkError::Encode(e.to_string()))?;
                     self.send(t, piece)?;
-                    // Reuse the index allocation for the next batch.
-                    let (_, values, _) = indices.into_parts();
-                    self.rows_by_target[t] = values.into_inner().into_vec().unwrap_or_default();
                 }
                 Ok(())
             }
@@ -572,6 +577,41 @@ impl RecordWriter {
     }
 }
 
+/// Groups row indices by the target `target_of` gives each row's hash, in
+/// row order within a target: afterwards target `t`'s rows are
+/// `grouped[starts[t]..starts[t + 1]]`.
+fn group_rows_by_target(
+    hashes: &[u64],
+    target_of: impl Fn(u64) -> u32,
+    target_count: usize,
+    grouped: &mut Vec<u32>,
+    starts: &mut Vec<u32>,
+) {
+    starts.clear();
+    starts.resize(target_count + 1, 0);
+    grouped.clear();
+    grouped.resize(hashes.len(), 0);
+    // Count each target's rows one place to the right, so that the prefix
+    // sum leaves each target's end at `starts[t + 1]`.
+    for &h in hashes {
+        starts[target_of(h) as usize + 1] += 1;
+    }
+    for t in 1..=target_count {
+        starts[t] += starts[t - 1];
+    }
+    // Rows placed from the back of their group, last row first: each group
+    // stays in row order and `starts[t + 1]` moves down to the start of
+    // target `t`'s group, which is where `starts[t]` must be.
+    for (row, &h) in hashes.iter().enumerate().rev() {
+        let end = &mut starts[target_of(h) as usize + 1];
+        *end -= 1;
+        grouped[*end as usize] = row as u32;
+    }
+    // Now `starts[t + 1]` is the start of group `t`: shift down by one.
+    starts.copy_within(1.., 0);
+    starts[target_count] = hashes.len() as u32;
+}
+
 fn acquire_segment(
     pool: &Arc<NetworkBufferPool>,
     canceled: &dyn Fn() -> bool,
@@ -587,5 +627,28 @@ fn acquire_segment(
         if let Some(s) = pool.request_timeout(Duration::from_millis(50)) {
             return Ok((s, start.elapsed()));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_are_grouped_by_target_in_row_order() {
+        // The "hash" is the target itself.
+        let hashes = [2, 0, 2, 3, 0, 2];
+        let (mut grouped, mut starts) = (Vec::new(), Vec::new());
+        group_rows_by_target(&hashes, |h| h as u32, 5, &mut grouped, &mut starts);
+        assert_eq!(starts, [0, 2, 2, 5, 6, 6]);
+        assert_eq!(grouped, [1, 4, 0, 2, 5, 3]);
+        // Reused for a smaller batch, nothing of the first is left.
+        group_rows_by_target(&[4], |h| h as u32, 5, &mut grouped, &mut starts);
+        assert_eq!(
+            (starts.as_slice(), grouped.as_slice()),
+            (&[0, 0, 0, 0, 0, 1][..], &[0][..])
+        );
+        group_rows_by_target(&[], |h| h as u32, 3, &mut grouped, &mut starts);
+        assert_eq!((starts.as_slice(), grouped.len()), (&[0, 0, 0, 0][..], 0));
     }
 }

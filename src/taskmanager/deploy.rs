@@ -23,7 +23,7 @@ use crate::job::graph::JobGraph;
 use crate::job::{LogicalPlan, parse_job, plan};
 use crate::kernels::backend::TieredKernels;
 use crate::metrics::{OperatorMetrics, TaskMetrics};
-use crate::network::gate::{ChannelKind, GateBuffers};
+use crate::network::gate::{ChannelKind, GateBuffers, GateDemand};
 use crate::network::ipc::ChannelEncoder;
 use crate::network::partition::{Target, WriterMetrics};
 use crate::network::taskread::{self, GateLink, TaskReadInput};
@@ -406,6 +406,28 @@ async fn prepare(
     let me = services.name();
     let segment = config.segment_size_bytes as usize;
     let buffers = GateBuffers::from(config);
+    // The whole deployment's segments are checked before any gate takes its
+    // own, so that a shortfall names the total to raise the memory to.
+    let demand = tasks
+        .iter()
+        .flat_map(|tdd| &tdd.inputs)
+        .map(|input| {
+            let kinds: Vec<ChannelKind> = input
+                .channels
+                .iter()
+                .map(|c| match c.taskmanager == me {
+                    true => ChannelKind::Local,
+                    false => ChannelKind::Remote,
+                })
+                .collect();
+            GateDemand::of(&kinds, buffers)
+        })
+        .fold(GateDemand::default(), GateDemand::plus);
+    demand.check_fits(
+        format!("job {job:016x} on TaskManager {me}"),
+        buffers,
+        &services.netpool,
+    )?;
     let mut all_gates = Vec::new();
     for tdd in &tasks {
         let mut gates = Vec::new();
