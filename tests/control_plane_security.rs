@@ -35,7 +35,9 @@ fn settings(secret_file: Option<&Path>, extra: &[&str]) -> Vec<String> {
         kvs.push(format!("security.auth.secret-file={}", path.display()));
     }
     kvs.extend(extra.iter().map(|s| s.to_string()));
-    kvs.into_iter().flat_map(|kv| ["-D".to_string(), kv]).collect()
+    kvs.into_iter()
+        .flat_map(|kv| ["-D".to_string(), kv])
+        .collect()
 }
 
 /// `strata ARGS SETTINGS`, blind to any secret in the test's environment.
@@ -297,14 +299,23 @@ fn raw_clients_that_skip_or_fake_the_handshake_are_disconnected_and_logged() {
     assert_closed_by_peer(&mut plain, patience, "a handshake without the secret");
     let wrong = ClusterSecret::from_bytes(WRONG_SECRET.as_bytes()).unwrap();
     let mut guess = TcpStream::connect(&cluster.addr).unwrap();
-    let e = handshake_blocking(&mut guess, Some(&wrong), Role::Client, Plane::Control, patience)
-        .expect_err("a handshake with a wrong secret");
+    let e = handshake_blocking(
+        &mut guess,
+        Some(&wrong),
+        Role::Client,
+        Plane::Control,
+        patience,
+    )
+    .expect_err("a handshake with a wrong secret");
     assert!(e.to_string().contains("different cluster secrets"), "{e}");
     assert_closed_by_peer(&mut guess, patience, "a handshake with a wrong secret");
 
     // Each refusal is logged, naming what was wrong.
     wait_for("every refusal in the log", patience, || {
-        cluster.refusals("did not open with the strata handshake").len() >= 2
+        cluster
+            .refusals("did not open with the strata handshake")
+            .len()
+            >= 2
             && !cluster.refusals("reflected handshake").is_empty()
             && !cluster.refusals("but the peer has none").is_empty()
             && !cluster.refusals("proof does not match").is_empty()
@@ -322,14 +333,11 @@ fn raw_clients_that_skip_or_fake_the_handshake_are_disconnected_and_logged() {
 fn a_public_bind_without_a_secret_is_refused_naming_the_key_and_address() {
     let dir = tempfile::tempdir().unwrap();
     let output = exited(
-        strata(
-            &["jobmanager", "--bind", "0.0.0.0:0"],
-            &settings(None, &[]),
-        )
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap(),
+        strata(&["jobmanager", "--bind", "0.0.0.0:0"], &settings(None, &[]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
     );
     let stderr = text(&output.stderr);
     assert!(!output.status.success(), "{stderr}");
@@ -456,14 +464,20 @@ fn stalled_frames_are_bounded_by_the_budget_and_idle_connections_time_out() {
     wait_for("the forged TaskManagers to register", PATIENCE, || {
         registered_taskmanagers(&cluster.rest) == 41
     });
-    wait_for("the JobManager to read every stalled byte", PATIENCE, || {
-        unread_bytes_at(port) == 0
-    });
+    wait_for(
+        "the JobManager to read every stalled byte",
+        PATIENCE,
+        || unread_bytes_at(port) == 0,
+    );
     let after = rss_kib(pid);
     let grown_mib = after.saturating_sub(before) / 1024;
     eprintln!("JobManager RSS {before} KiB before, {after} KiB with 40 stalled frames");
+    // The budget counts bytes received, not what the allocator holds for
+    // them: bodies grow by doubling and are copied as they grow, so 40 MiB
+    // received measured about 97 MiB of RSS (a full 64 MiB budget about 150
+    // MiB). The bound still tells that apart from 40 × 15 MiB.
     assert!(
-        grown_mib < 64 + 48,
+        grown_mib < 64 + 64,
         "the JobManager grew by {grown_mib} MiB for 40 stalled 15 MiB frames"
     );
 
@@ -489,4 +503,83 @@ fn stalled_frames_are_bounded_by_the_budget_and_idle_connections_time_out() {
         &reference_aggregation(50_000, 500, 7, 10),
     );
     drop(stalled);
+}
+
+/// Four peers that stall one byte short of a full 16 MiB frame hold the
+/// whole 64 MiB frame budget, and nothing ever takes it back: frames after
+/// the first have no deadline, and a connection the core closed (the forged
+/// TaskManagers below are declared lost after the heartbeat timeout) keeps
+/// reading. Every frame any other peer sends is then refused for want of
+/// budget, so the real TaskManager's heartbeats drop its connection and a
+/// submission is refused: the cluster stops until the stalled peers hang up.
+/// Without a secret any local process can do this; with one, any process
+/// holding it (a compromised TaskManager).
+#[test]
+#[ignore = "bug in src/cluster/jobmanager + src/protocol/codec.rs: stalled frames hold the shared frame budget forever and starve every other connection"]
+fn peers_stalling_mid_frame_cannot_starve_the_taskmanagers_and_clients() {
+    let cluster = Cluster::start(false, &[]);
+    let tm = cluster.taskmanager();
+    let port = port_of(&cluster.addr);
+    let frame_max = strata::protocol::FRAME_MAX_BYTES;
+    let stalled: Vec<TcpStream> = (0..4u16)
+        .map(|i| {
+            let mut c = authenticated_connection(&cluster.addr);
+            c.write_all(&registration_frame(40_000 + i)).unwrap();
+            c.write_all(&stalled_frame(frame_max, frame_max - 1))
+                .unwrap();
+            c
+        })
+        .collect();
+    wait_for(
+        "the JobManager to read every stalled byte",
+        PATIENCE,
+        || unread_bytes_at(port) == 0,
+    );
+
+    let (job, out) = cluster.job("starved", 50_000, 2, "");
+    let output = cluster.submit(&job).wait_with_output().unwrap();
+    assert_finished(&output);
+    assert_matches_reference(
+        &read_csv_parts(&out),
+        &reference_aggregation(50_000, 500, 7, 10),
+    );
+    assert!(
+        cluster.jm.lines_with("budget").is_empty() && tm.lines_with("registering again").is_empty(),
+        "{}",
+        cluster.jm.dump()
+    );
+    drop(stalled);
+}
+
+/// A JobManager that completes the handshake and then closes every session
+/// at once (what the starved JobManager above does to a TaskManager's
+/// registration): the TaskManager must back off between attempts. It
+/// retries with backoff only while connecting or authenticating; a session
+/// that ends right after it began is retried at once, so it reconnects in a
+/// tight loop (thousands of "registering again" lines a second, each a
+/// fence, a connection and a handshake).
+#[test]
+#[ignore = "bug in src/taskmanager/mod.rs TaskManager::run: no backoff when a session ends right after the handshake"]
+fn a_taskmanager_backs_off_when_the_jobmanager_closes_its_sessions_at_once() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let tm = spawn_logged(
+        strata(
+            &["taskmanager", "--jobmanager", &addr],
+            &settings(None, &[]),
+        ),
+        "TaskManager data port ",
+    );
+    for _ in 0..20 {
+        let (mut session, _) = listener.accept().unwrap();
+        handshake_blocking(&mut session, None, Role::Server, Plane::Control, PATIENCE).unwrap();
+        let mut length = [0u8; 4];
+        session.read_exact(&mut length).unwrap();
+        drop(session);
+    }
+    assert!(
+        !tm.lines_with("retrying in").is_empty(),
+        "20 sessions, no backoff:\n{}",
+        tm.dump()
+    );
 }

@@ -143,10 +143,14 @@ impl SlowJob {
             .unwrap();
         // Running on both TaskManagers, as their heartbeats report.
         let data = [tm1.announced.clone(), tm2_data.clone()];
-        wait_for("the job to run on both TaskManagers", Duration::from_secs(60), || {
-            let running = taskmanagers_running_tasks(&rest);
-            data.iter().all(|d| running.contains(d))
-        });
+        wait_for(
+            "the job to run on both TaskManagers",
+            Duration::from_secs(60),
+            || {
+                let running = taskmanagers_running_tasks(&rest);
+                data.iter().all(|d| running.contains(d))
+            },
+        );
         Self {
             _jm: jm,
             _tm1: tm1,

@@ -266,7 +266,9 @@ fn collect_lines(
     std::thread::spawn(move || {
         for line in std::io::BufReader::new(from).lines() {
             let Ok(line) = line else { break };
-            let mut log = into.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut log = into
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             if log.lines.len() < LOG_LINES_MAX {
                 log.lines.push(line);
             } else {
@@ -297,7 +299,9 @@ pub fn spawn_logged(mut command: std::process::Command, prefix: &str) -> Logged 
         // collect all of its standard error for the message.
         drop(proc);
         let _ = stderr.join();
-        let log = log.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let log = log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         panic!(
             "unexpected first line {line:?}; standard error:\n{}",
             log.lines.join("\n")
