@@ -7,7 +7,7 @@ use common::*;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Cluster settings: fast heartbeats, one slot per TaskManager, checkpoints
 /// every 300 ms into `checkpoints`, and a restart strategy with room for
@@ -83,13 +83,15 @@ impl Cluster {
         }
     }
 
-    fn taskmanager(&self) -> Proc {
-        spawn_announcing(
-            &self.settings,
-            &["taskmanager", "--jobmanager", &self.addr],
+    /// Starts a TaskManager and returns once it has registered (and
+    /// offered its slot to the JobManager).
+    fn taskmanager(&self) -> Logged {
+        let tm = spawn_logged(
+            strata(&["taskmanager", "--jobmanager", &self.addr], &self.settings),
             "TaskManager data port ",
-        )
-        .0
+        );
+        tm.wait_for_line("registered with the JobManager as", Duration::from_secs(60));
+        tm
     }
 
     /// Writes the job file for output directory `name` and starts
@@ -221,20 +223,11 @@ fn assert_same_output(actual: &[(String, Vec<u8>)], expected: &[(String, Vec<u8>
     }
 }
 
-fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn killing_a_taskmanager_mid_job_restores_from_a_checkpoint_and_commits_exactly_once() {
     let cluster = Cluster::start();
     let _tm1 = cluster.taskmanager();
     let mut tm2 = cluster.taskmanager();
-    std::thread::sleep(Duration::from_millis(800));
 
     // A run without failure: the reference output.
     let (reference, reference_out) = cluster.submit("reference");
@@ -252,7 +245,7 @@ fn killing_a_taskmanager_mid_job_restores_from_a_checkpoint_and_commits_exactly_
     wait_for("a checkpoint", Duration::from_secs(60), || {
         cluster.completed_checkpoints() > before
     });
-    tm2.0.kill().unwrap(); // SIGKILL
+    tm2.proc.0.kill().unwrap(); // SIGKILL
     let stdout = wait_ok(run);
     assert!(stdout.contains("FINISHED"), "{stdout}");
     assert!(stdout.contains("restarts 1"), "{stdout}");
@@ -281,7 +274,6 @@ fn a_corrupt_checkpoint_is_skipped_for_the_previous_one_and_the_output_stays_exa
     let cluster = Cluster::start_with(&["restart-strategy.fixed-delay.delay=3s"]);
     let _tm1 = cluster.taskmanager();
     let mut tm2 = cluster.taskmanager();
-    std::thread::sleep(Duration::from_millis(800));
     let (reference, reference_out) = cluster.submit("reference");
     wait_ok(reference);
     let expected = committed(&reference_out);
@@ -293,7 +285,7 @@ fn a_corrupt_checkpoint_is_skipped_for_the_previous_one_and_the_output_stays_exa
     wait_for("two checkpoints", Duration::from_secs(60), || {
         newest_checkpoint(&cluster.checkpoints).is_some_and(|(id, _)| id >= 2)
     });
-    tm2.0.kill().unwrap(); // SIGKILL
+    tm2.proc.0.kill().unwrap(); // SIGKILL
     // The JobManager hears of the loss at once (the control connection
     // closes), and no checkpoint completes once a TaskManager is gone; the
     // restart waits for its delay (3 s here), time enough to corrupt the

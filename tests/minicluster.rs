@@ -240,7 +240,9 @@ async fn rest_api_and_prometheus_show_taskmanagers_and_finished_jobs() {
     let dir = tempfile::tempdir().unwrap();
     let job = keyed_job(20_000, 100, 1, 2, &dir.path().join("out"), "");
     let cluster = MiniCluster::start(config(1, &[]), 2).await.unwrap();
-    let rest = strata::minicluster::serve_rest(&cluster.jobmanager, "127.0.0.1:0").await.unwrap();
+    let rest = strata::minicluster::serve_rest(&cluster.jobmanager, "127.0.0.1:0")
+        .await
+        .unwrap();
     let summary = submit_job(&cluster.address().to_string(), job, "j.toml".into(), false)
         .await
         .unwrap();
@@ -473,7 +475,9 @@ async fn running_jobs_export_per_task_shuffle_metrics() {
     )
     .await
     .unwrap();
-    let rest = strata::minicluster::serve_rest(&cluster.jobmanager, "127.0.0.1:0").await.unwrap();
+    let rest = strata::minicluster::serve_rest(&cluster.jobmanager, "127.0.0.1:0")
+        .await
+        .unwrap();
     let address = cluster.address().to_string();
     let running = tokio::spawn(async move {
         submit_job(&address, job, "j.toml".into(), false)

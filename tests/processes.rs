@@ -9,6 +9,8 @@ use common::*;
 
 const FAST_HEARTBEATS: &[&str] = &[
     "-D",
+    "rest.port=0",
+    "-D",
     "heartbeat.interval=500ms",
     "-D",
     "heartbeat.timeout=3s",
@@ -25,26 +27,29 @@ fn strata() -> Command {
 }
 
 /// Starts `strata ARGS` and returns it with what it announces on its
-/// first line of standard output after `prefix`.
-fn spawn_announcing(args: &[&str], prefix: &str) -> (Proc, String) {
+/// first line of standard output after `prefix`, collecting its log.
+fn spawn_announcing(args: &[&str], prefix: &str) -> Logged {
     let mut command = strata();
     command.args(args).args(FAST_HEARTBEATS);
-    spawn_announcing_command(command, prefix)
+    spawn_logged(command, prefix)
 }
 
-/// A JobManager on an ephemeral port, with its address.
-fn jobmanager() -> (Proc, String) {
+/// A JobManager on an ephemeral port (`announced`: its address).
+fn jobmanager() -> Logged {
     spawn_announcing(
         &["jobmanager", "--bind", "127.0.0.1:0"],
         "JobManager listening on ",
     )
 }
 
-/// A TaskManager with extra arguments (`-D key=value`), with its data address.
-fn taskmanager_with(jm: &str, extra: &[&str]) -> (Proc, String) {
+/// A TaskManager with extra arguments (`-D key=value`), registered with the
+/// JobManager (`announced`: its data address).
+fn taskmanager_with(jm: &str, extra: &[&str]) -> Logged {
     let mut args = vec!["taskmanager", "--jobmanager", jm];
     args.extend_from_slice(extra);
-    spawn_announcing(&args, "TaskManager data port ")
+    let tm = spawn_announcing(&args, "TaskManager data port ");
+    tm.wait_for_line("registered with the JobManager as", Duration::from_secs(60));
+    tm
 }
 
 const EMULATED_VERBS: &[&str] = &["-D", "taskmanager.network.transport=rdma-emulated"];
@@ -70,26 +75,17 @@ fn separate_processes_run_a_keyed_job_over_emulated_verbs() {
 }
 
 fn keyed_job_across_processes(tm_args: &[&str], transport: &str) {
-    let (_jm, addr) = jobmanager();
+    let jm = jobmanager();
+    let addr = jm.announced.clone();
+    // Both TaskManagers have registered (and offered their slots) when
+    // these return.
     let _tm1 = taskmanager_with(&addr, tm_args);
     let _tm2 = taskmanager_with(&addr, tm_args);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let job = dir.path().join("job.toml");
     std::fs::write(&job, keyed_job(200_000, 3_000, 17, 4, &out, "")).unwrap();
-    // The TaskManagers register within a moment; submit retries via slots.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let output = loop {
-        let o = submit(&addr, &job);
-        let stderr = String::from_utf8_lossy(&o.stderr);
-        if o.status.success()
-            || !stderr.contains("not enough free task slots")
-            || Instant::now() > deadline
-        {
-            break o;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    };
+    let output = submit(&addr, &job);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -109,9 +105,9 @@ fn keyed_job_across_processes(tm_args: &[&str], transport: &str) {
 
 /// A JobManager, two TaskManagers and a 20-second job running on both.
 struct SlowJob {
-    _jm: Proc,
-    _tm1: (Proc, String),
-    tm2: Proc,
+    _jm: Logged,
+    _tm1: Logged,
+    tm2: Logged,
     tm2_data: String,
     submitter: Option<Child>,
     _dir: tempfile::TempDir,
@@ -123,9 +119,12 @@ impl SlowJob {
     }
 
     fn start_with(tm_args: &[&str]) -> Self {
-        let (jm, addr) = jobmanager();
+        let jm = jobmanager();
+        let addr = jm.announced.clone();
+        let rest = rest_address(&jm);
         let tm1 = taskmanager_with(&addr, tm_args);
-        let (tm2, tm2_data) = taskmanager_with(&addr, tm_args);
+        let tm2 = taskmanager_with(&addr, tm_args);
+        let tm2_data = tm2.announced.clone();
         let dir = tempfile::tempdir().unwrap();
         let job = dir.path().join("slow.toml");
         // 100k rows/s for 2M rows: ~20 s unless something fails it.
@@ -135,7 +134,6 @@ impl SlowJob {
             keyed_job(2_000_000, 1000, 3, 4, &dir.path().join("out"), extra),
         )
         .unwrap();
-        std::thread::sleep(Duration::from_millis(1500));
         let submitter = strata()
             .args(["submit", "--no-progress", "--jobmanager", &addr])
             .arg(&job)
@@ -143,7 +141,16 @@ impl SlowJob {
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_secs(3));
+        // Running on both TaskManagers, as their heartbeats report.
+        let data = [tm1.announced.clone(), tm2_data.clone()];
+        wait_for(
+            "the job to run on both TaskManagers",
+            Duration::from_secs(60),
+            || {
+                let running = taskmanagers_running_tasks(&rest);
+                data.iter().all(|d| running.contains(d))
+            },
+        );
         Self {
             _jm: jm,
             _tm1: tm1,
@@ -169,7 +176,7 @@ fn kill_mid_job(mut c: SlowJob) {
     let (tm2, tm2_data) = (&mut c.tm2, c.tm2_data.clone());
     let submitter = c.submitter.take().unwrap();
     let killed_at = Instant::now();
-    tm2.0.kill().unwrap(); // SIGKILL
+    tm2.proc.0.kill().unwrap(); // SIGKILL
     let output = submitter.wait_with_output().unwrap();
     let elapsed = killed_at.elapsed();
     let stdout = String::from_utf8_lossy(&output.stdout);
@@ -189,7 +196,7 @@ fn a_frozen_taskmanager_is_declared_lost_after_the_heartbeat_timeout() {
     let submitter = c.submitter.take().unwrap();
     // SIGSTOP: sockets stay open, heartbeats stop; only the timeout can tell.
     let stopped = Command::new("kill")
-        .args(["-STOP", &tm2.0.id().to_string()])
+        .args(["-STOP", &tm2.pid().to_string()])
         .status()
         .unwrap();
     assert!(stopped.success());

@@ -6,13 +6,17 @@
 //! `protoc` nor a code generator on the build machine. The data plane has
 //! its own binary protocol ([`crate::network::frame`]).
 //!
-//! Reading is bounded twice: a frame longer than the reader's limit is
-//! refused from its header, before any of its body is buffered, and the
-//! body is read in chunks that grow the buffer only as bytes arrive, each
-//! chunk drawn from a [`FrameBudget`] shared by every connection of a
-//! process. A peer that announces a large frame and sends it slowly holds
-//! only what it has sent, and all such peers together hold at most the
-//! budget; a reader that cannot get budget drops its connection.
+//! Reading is bounded three times: a frame longer than the reader's limit
+//! is refused from its header, before any of its body is buffered; the body
+//! is read in chunks that grow the buffer only as bytes arrive, every chunk
+//! past the first drawn from a [`FrameBudget`] shared by every connection of
+//! a process (a peer that announces a large frame and sends it slowly holds
+//! only what it has sent, all such peers together at most the budget, and a
+//! reader that cannot get budget drops its connection); and once its header
+//! has arrived a frame must be complete within the reader's deadline. The
+//! first chunk (64 KiB) is outside the budget, so that ordinary control
+//! messages — heartbeats, task statuses — never wait on peers that stall
+//! large frames.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -37,6 +41,11 @@ pub enum RpcError {
     TooLarge { length: usize, limit: usize },
     #[error("malformed control message: {0}")]
     Malformed(#[from] serde_json::Error),
+    #[error("a control frame of {length} bytes did not arrive within {deadline:?} of its header")]
+    Stalled {
+        length: usize,
+        deadline: std::time::Duration,
+    },
     #[error(
         "control frames being received hold {held_bytes} bytes, the budget of {budget_bytes}: \
          dropping the connection that asked for more"
@@ -132,17 +141,21 @@ pub async fn write_message<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads one frame of at most [`FRAME_MAX_BYTES`], without a shared budget.
+/// Reads one frame of at most [`FRAME_MAX_BYTES`], without a shared budget
+/// or a deadline.
 pub async fn read_message<R: AsyncRead + Unpin>(r: &mut R) -> Result<Message, RpcError> {
-    read_message_bounded(r, FRAME_MAX_BYTES, None).await
+    read_message_bounded(r, FRAME_MAX_BYTES, None, None).await
 }
 
 /// Reads one frame of at most `limit` bytes; its body's buffer is drawn
-/// from `budget` as it grows. Not cancel-safe: run it in a task of its own.
+/// from `budget` as it grows past the first chunk, and the body must arrive
+/// within `body_deadline` of the header. Not cancel-safe: run it in a task
+/// of its own.
 pub async fn read_message_bounded<R: AsyncRead + Unpin>(
     r: &mut R,
     limit: usize,
     budget: Option<&Arc<FrameBudget>>,
+    body_deadline: Option<std::time::Duration>,
 ) -> Result<Message, RpcError> {
     let mut len = [0u8; 4];
     match r.read_exact(&mut len).await {
@@ -154,20 +167,40 @@ pub async fn read_message_bounded<R: AsyncRead + Unpin>(
     if length > limit {
         return Err(RpcError::TooLarge { length, limit });
     }
+    let body = read_body(r, length, budget);
+    let body = match body_deadline {
+        Some(deadline) => tokio::time::timeout(deadline, body)
+            .await
+            .map_err(|_| RpcError::Stalled { length, deadline })??,
+        None => body.await?,
+    };
+    Ok(serde_json::from_slice(&body)?)
+}
+
+/// Reads `length` bytes in chunks; the chunks past the first hold budget
+/// until the frame is decoded (the caller drops the buffer).
+async fn read_body<R: AsyncRead + Unpin>(
+    r: &mut R,
+    length: usize,
+    budget: Option<&Arc<FrameBudget>>,
+) -> Result<Vec<u8>, RpcError> {
     let mut body: Vec<u8> = Vec::new();
     let mut grants = Vec::new();
     while body.len() < length {
         let chunk = CHUNK_BYTES.min(length - body.len());
-        if let Some(budget) = budget {
+        if let Some(budget) = budget
+            && !body.is_empty()
+        {
             grants.push(budget.take(chunk)?);
         }
         let start = body.len();
+        // Exactly the chunk: doubling would hold twice what arrived.
+        body.reserve_exact(chunk);
         body.resize(start + chunk, 0);
         r.read_exact(&mut body[start..]).await?;
     }
-    let message = serde_json::from_slice(&body)?;
     drop(grants);
-    Ok(message)
+    Ok(body)
 }
 
 #[cfg(test)]
@@ -208,20 +241,20 @@ mod tests {
     /// it sent, and the budget refuses the connection that would exceed it.
     #[tokio::test]
     async fn unfinished_frames_hold_only_what_arrived_within_the_budget() {
-        let budget = FrameBudget::new(256 << 10);
+        let budget = FrameBudget::new(192 << 10);
         let (mut a, mut b) = tokio::io::duplex(1 << 20);
         a.write_all(&(8u32 << 20).to_be_bytes()).await.unwrap();
         a.write_all(&vec![b' '; 100 << 10]).await.unwrap();
         let reader_budget = Arc::clone(&budget);
         let reader = tokio::spawn(async move {
-            read_message_bounded(&mut b, FRAME_MAX_BYTES, Some(&reader_budget)).await
+            read_message_bounded(&mut b, FRAME_MAX_BYTES, Some(&reader_budget), None).await
         });
-        // Two chunks were granted for the 100 KiB that arrived (plus the
-        // one being filled); the frame is far from complete.
-        while budget.held_bytes() < 128 << 10 {
+        // The first chunk is free; the second was granted for the 100 KiB
+        // that arrived; the frame is far from complete.
+        while budget.held_bytes() < 64 << 10 {
             tokio::task::yield_now().await;
         }
-        assert!(budget.held_bytes() <= 192 << 10);
+        assert!(budget.held_bytes() <= 128 << 10);
         a.write_all(&vec![b' '; 200 << 10]).await.unwrap();
         let result = reader.await.unwrap();
         assert!(

@@ -406,7 +406,12 @@ impl TaskManager {
     ) -> Result<(), TaskManagerError> {
         let services = self.services;
         let config = &services.config;
+        // Sessions the JobManager ends at once (it refuses this TaskManager,
+        // or restarts in a loop) are retried with the registration backoff,
+        // not in a tight loop.
+        let mut backoff = config.registration_initial_timeout;
         loop {
+            let started = Instant::now();
             let auth = services.connections.auth();
             let stream = connect_with_backoff(&jobmanager, config, auth, &shutdown).await?;
             let Some(stream) = stream else {
@@ -434,6 +439,17 @@ impl TaskManager {
                 .await;
             if stuck.is_empty() {
                 tracing::info!("every task stopped and every slot is free; registering again");
+            }
+            if started.elapsed() < config.heartbeat_interval {
+                tracing::warn!(
+                    "the session with the JobManager lasted only {:?}; retrying in {} ms",
+                    started.elapsed(),
+                    backoff.as_millis()
+                );
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(config.registration_max_timeout);
+            } else {
+                backoff = config.registration_initial_timeout;
             }
         }
     }

@@ -167,3 +167,241 @@ pub fn spawn_announcing_command(
         .to_owned();
     (Proc(child), value)
 }
+
+/// Polls `done` every 50 ms until it holds; panics naming `what` after
+/// `timeout`. The timeout only bounds a hung test: nothing here measures
+/// speed.
+pub fn wait_for(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !done() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Lines kept per process by [`Logged`]; a test that logs more keeps the
+/// first ones and counts the rest.
+const LOG_LINES_MAX: usize = 200_000;
+
+/// What a child process printed after its first line: standard error and
+/// the rest of standard output, interleaved in arrival order.
+#[derive(Default)]
+struct LogLines {
+    lines: Vec<String>,
+    dropped: usize,
+}
+
+/// A child process whose output is collected line by line, so a test can
+/// wait for a line instead of sleeping.
+pub struct Logged {
+    pub proc: Proc,
+    /// What the first line of standard output said after the expected prefix.
+    pub announced: String,
+    log: std::sync::Arc<std::sync::Mutex<LogLines>>,
+}
+
+impl Logged {
+    pub fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+
+    /// A copy of the lines collected so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .lines
+            .clone()
+    }
+
+    /// Lines collected so far that contain `needle`.
+    pub fn lines_with(&self, needle: &str) -> Vec<String> {
+        self.lines()
+            .into_iter()
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
+
+    /// Waits until a line containing `needle` was printed and returns it.
+    pub fn wait_for_line(&self, needle: &str, timeout: std::time::Duration) -> String {
+        let mut found = None;
+        wait_for(&format!("a line containing {needle:?}"), timeout, || {
+            found = self.lines_with(needle).into_iter().next();
+            found.is_some()
+        });
+        found.expect("found")
+    }
+
+    /// Waits until `count` lines containing `needle` were printed.
+    pub fn wait_for_lines(&self, needle: &str, count: usize, timeout: std::time::Duration) {
+        wait_for(
+            &format!("{count} lines containing {needle:?}"),
+            timeout,
+            || self.lines_with(needle).len() >= count,
+        );
+    }
+
+    /// The whole log, for assertion messages.
+    pub fn dump(&self) -> String {
+        let log = self
+            .log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        format!(
+            "{}\n({} more lines dropped)",
+            log.lines.join("\n"),
+            log.dropped
+        )
+    }
+}
+
+fn collect_lines(
+    from: impl std::io::Read + Send + 'static,
+    into: std::sync::Arc<std::sync::Mutex<LogLines>>,
+) -> std::thread::JoinHandle<()> {
+    use std::io::BufRead;
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(from).lines() {
+            let Ok(line) = line else { break };
+            let mut log = into
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if log.lines.len() < LOG_LINES_MAX {
+                log.lines.push(line);
+            } else {
+                log.dropped += 1;
+            }
+        }
+    })
+}
+
+/// Starts `command`, reads its first line of standard output (which must
+/// start with `prefix`), and from then on collects its standard error and
+/// the rest of its standard output.
+pub fn spawn_logged(mut command: std::process::Command, prefix: &str) -> Logged {
+    use std::io::BufRead;
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn strata");
+    let log = std::sync::Arc::new(std::sync::Mutex::new(LogLines::default()));
+    let stderr = collect_lines(child.stderr.take().expect("piped stderr"), log.clone());
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("first line");
+    let proc = Proc(child);
+    let Some(announced) = line.trim().strip_prefix(prefix).map(str::to_owned) else {
+        // The process exited or printed something unexpected: stop it and
+        // collect all of its standard error for the message.
+        drop(proc);
+        let _ = stderr.join();
+        let log = log
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        panic!(
+            "unexpected first line {line:?}; standard error:\n{}",
+            log.lines.join("\n")
+        );
+    };
+    collect_lines(stdout, log.clone());
+    Logged {
+        proc,
+        announced,
+        log,
+    }
+}
+
+/// The address of a JobManager's REST API, from its log line (start it with
+/// `-D rest.port=0` so that parallel tests do not compete for 8081).
+pub fn rest_address(jobmanager: &Logged) -> String {
+    let line = jobmanager.wait_for_line(
+        "web UI and REST API at http://",
+        std::time::Duration::from_secs(30),
+    );
+    let (_, rest) = line
+        .split_once("http://")
+        .expect("the line holds an address");
+    rest.split('/').next().expect("host:port").to_owned()
+}
+
+/// `GET path` on `address`; the body of a 200 response, `None` for any
+/// other outcome (not listening yet, an error status).
+pub fn http_get(address: &str, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address).ok()?;
+    stream
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// `GET path` parsed as JSON; `None` until the REST API answers.
+pub fn rest_json(address: &str, path: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(&http_get(address, path)?).ok()
+}
+
+/// TaskManagers the JobManager lists at `/taskmanagers`.
+pub fn registered_taskmanagers(rest: &str) -> usize {
+    rest_json(rest, "/taskmanagers")
+        .and_then(|v| v.as_array().map(Vec::len))
+        .unwrap_or(0)
+}
+
+/// The states of the running jobs and of the completed ones (`/jobs`).
+pub fn job_states(rest: &str) -> (Vec<String>, Vec<String>) {
+    let Some(jobs) = rest_json(rest, "/jobs") else {
+        return (Vec::new(), Vec::new());
+    };
+    let states = |key: &str| {
+        jobs[key]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|j| j["state"].as_str().unwrap_or("?").to_owned())
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    (states("running"), states("completed"))
+}
+
+/// A process's resident set size in KiB (`VmRSS` of `/proc/PID/status`).
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|e| panic!("reading /proc/{pid}/status: {e}"));
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmRSS in /proc/{pid}/status"))
+}
+
+/// Data addresses of the TaskManagers whose last heartbeat reported a slot
+/// running tasks (`Active`), per the JobManager's `/taskmanagers`.
+pub fn taskmanagers_running_tasks(rest: &str) -> Vec<String> {
+    let Some(tms) = rest_json(rest, "/taskmanagers") else {
+        return Vec::new();
+    };
+    tms.as_array()
+        .into_iter()
+        .flatten()
+        .filter(|tm| {
+            tm["slots"]
+                .as_array()
+                .is_some_and(|slots| slots.iter().any(|s| s["state"] == "Active"))
+        })
+        .filter_map(|tm| tm["data_addr"].as_str().map(str::to_owned))
+        .collect()
+}

@@ -250,7 +250,7 @@ async fn serve(
     let (mut reader, mut writer) = stream.into_split();
     let first = tokio::time::timeout(
         auth.timeout,
-        read_message_bounded(&mut reader, FIRST_FRAME_MAX_BYTES, Some(budget)),
+        read_message_bounded(&mut reader, FIRST_FRAME_MAX_BYTES, Some(budget), None),
     )
     .await;
     let first = match first {
@@ -280,7 +280,7 @@ async fn serve(
         s.writers.insert(conn, tx);
         conn
     };
-    let writer_task = tokio::spawn(write_loop(writer, rx));
+    let mut writer_task = tokio::spawn(write_loop(writer, rx));
     let event = match first {
         Message::SubmitJob { job_text, job_path } => {
             let gpu = lock(shell).core.gpu_slot();
@@ -290,9 +290,18 @@ async fn serve(
         message => Event::Message { conn, message },
     };
     lock(shell).handle(event);
-    let reason = read_loop(&mut reader, conn, shell, budget).await;
+    let frame_deadline = auth.timeout;
+    // Reading stops when the peer closes, a frame is bad or stalls, or the
+    // writer ends (the core closed the connection, or the peer stopped
+    // reading): a fenced peer's half-sent frame holds no budget.
+    let reason = tokio::select! {
+        reason = read_loop(&mut reader, conn, shell, budget, frame_deadline) => reason,
+        _ = &mut writer_task => "closed by the JobManager".to_owned(),
+    };
     lock(shell).handle(Event::Closed { conn, reason });
-    let _ = writer_task.await;
+    if !writer_task.is_finished() {
+        let _ = writer_task.await;
+    }
 }
 
 async fn read_loop(
@@ -300,9 +309,11 @@ async fn read_loop(
     conn: ConnId,
     shell: &Arc<Mutex<Shell>>,
     budget: &Arc<FrameBudget>,
+    frame_deadline: Duration,
 ) -> String {
     loop {
-        let message = read_message_bounded(reader, FRAME_MAX_BYTES, Some(budget)).await;
+        let message =
+            read_message_bounded(reader, FRAME_MAX_BYTES, Some(budget), Some(frame_deadline)).await;
         let mut s = lock(shell);
         if !s.writers.contains_key(&conn) {
             // Fenced or closed by the core: stop reading.
