@@ -35,6 +35,9 @@
 //!   scheduler, heartbeat monitor, failover, checkpoint coordination — in a
 //!   thin tokio shell), its seeded cluster simulator, the embedded
 //!   mini-cluster and the job client.
+//! - [`minicluster`]: the embedded cluster behind `strata run` (a
+//!   JobManager and TaskManagers in one process) and the REST server's
+//!   start; the one module that depends on both `cluster` and `taskmanager`.
 //! - [`taskmanager`]: slot table, task deployment and lifecycle.
 //! - [`exec`]: task runtime, operators (the aggregation, windows and sort
 //!   spill through the IOManager when managed memory is full), sources and
