@@ -57,8 +57,10 @@ enum Command {
     /// Run a job on an embedded mini-cluster (one JobManager, N TaskManagers).
     Run {
         job: PathBuf,
-        /// Number of TaskManagers.
-        #[arg(long, default_value_t = 2)]
+        /// Number of TaskManagers. One by default: its slots exchange data
+        /// through local channels (by reference); two or more exchange over
+        /// loopback sockets, as a real cluster does.
+        #[arg(long, default_value_t = 1)]
         taskmanagers: usize,
         /// Slots per TaskManager (taskmanager.numberOfTaskSlots).
         #[arg(long)]
