@@ -238,8 +238,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 let auth = PeerAuth::from_config(&cluster_config)?;
                 let address = cluster.address().to_string();
-                let summary = submit_job_with(&auth, &address, text, path, !no_progress).await?;
-                Ok(finish(&summary))
+                let summary = submit_job_with(&auth, &address, text, path, !no_progress).await;
+                cluster.shutdown().await;
+                Ok(finish(&summary?))
             })
         }
         Command::Jobmanager { bind, config } => {

@@ -26,6 +26,7 @@ pub async fn serve_rest(
 pub struct MiniCluster {
     pub jobmanager: JobManager,
     shutdown: Arc<AtomicBool>,
+    taskmanagers: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl MiniCluster {
@@ -37,6 +38,7 @@ impl MiniCluster {
         let address = jobmanager.addr.to_string();
         // Start the TaskManagers side by side: each pre-touches its memory.
         let mut starting = tokio::task::JoinSet::new();
+        let mut running = Vec::new();
         for _ in 0..taskmanagers {
             let mut tm_config = config.clone();
             tm_config.data_port = 0;
@@ -49,11 +51,11 @@ impl MiniCluster {
                 })?
                 .map_err(|e| ClusterError::TaskManager(e.to_string()))?;
             let (address, shutdown) = (address.clone(), Arc::clone(&shutdown));
-            tokio::spawn(async move {
+            running.push(tokio::spawn(async move {
                 if let Err(e) = tm.run(address, shutdown).await {
                     tracing::error!("TaskManager stopped: {e}");
                 }
-            });
+            }));
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         while jobmanager.taskmanager_count() < taskmanagers {
@@ -70,11 +72,25 @@ impl MiniCluster {
         Ok(Self {
             jobmanager,
             shutdown,
+            taskmanagers: running,
         })
     }
 
     pub fn address(&self) -> SocketAddr {
         self.jobmanager.addr
+    }
+
+    /// Stops the TaskManagers and waits for them: each cancels its tasks
+    /// and waits for their threads (at most `heartbeat.timeout`), so that
+    /// no task outlives the cluster and their spill directories are gone
+    /// when this returns.
+    pub async fn shutdown(mut self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+        for handle in std::mem::take(&mut self.taskmanagers) {
+            if let Err(e) = handle.await {
+                tracing::warn!("a TaskManager ended with {e}");
+            }
+        }
     }
 }
 

@@ -426,7 +426,17 @@ impl TaskManager {
             ))
             .await;
             let error = match ended {
-                Ok(Ok(())) => return Ok(()),
+                Ok(Ok(())) => {
+                    // Shutting down: stop every task first, so that their
+                    // spill directories and partitions go with them.
+                    let stuck = services
+                        .fence("the TaskManager is shutting down", config.heartbeat_timeout)
+                        .await;
+                    if !stuck.is_empty() {
+                        tracing::warn!("shutting down with {} slot(s) still held", stuck.len());
+                    }
+                    return Ok(());
+                }
                 Ok(Err(e)) => e,
                 Err(e) => joined("session", Err::<(), _>(e)),
             };
