@@ -38,7 +38,7 @@ mod tm;
 mod tests;
 
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -184,7 +184,7 @@ pub struct Sim {
     seq: u64,
     pub jm: Option<JobManagerCore>,
     jm_epoch: u64,
-    conns: HashMap<u64, Conn>,
+    conns: BTreeMap<u64, Conn>,
     next_conn: u64,
     pub tms: Vec<SimTm>,
     pub clients: Vec<Client>,
@@ -375,7 +375,7 @@ impl Sim {
             seq: 0,
             jm: None,
             jm_epoch: 0,
-            conns: HashMap::new(),
+            conns: BTreeMap::new(),
             next_conn: 0,
             tms: Vec::new(),
             clients: Vec::new(),

@@ -77,3 +77,20 @@ fn checker_catches_the_slot_lifecycle_race() {
 fn checker_catches_a_taskmanager_that_is_never_fenced() {
     assert!(caught(Bug::NoFencing) > 0);
 }
+
+/// A seed replays the same run: the same job outcomes and the same
+/// executions, so a failing seed can be studied with `STRATA_SIM_TRACE`.
+#[test]
+fn a_seed_replays_the_same_run() {
+    let run = |seed| {
+        let mut sim = Sim::new(seed, SimConfig::default());
+        let result = sim.run();
+        let outcomes: Vec<_> = sim.clients.iter().map(|c| c.outcome.clone()).collect();
+        let mut executions: Vec<_> = sim.executions.keys().copied().collect();
+        executions.sort_unstable();
+        (result, outcomes, executions)
+    };
+    for seed in seeds(7, 5) {
+        assert_eq!(run(seed), run(seed), "seed={seed}");
+    }
+}

@@ -34,7 +34,7 @@ pub mod failover;
 pub mod jobs;
 pub mod resources;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -151,7 +151,9 @@ impl CoreConfig {
 pub struct JobManagerCore {
     pub(crate) cfg: CoreConfig,
     pub(crate) rm: ResourceManager,
-    pub(crate) jobs: HashMap<JobId, JobEntry>,
+    /// Ordered, so that every run of the same events gives the same
+    /// commands in the same order (the simulator replays seeds exactly).
+    pub(crate) jobs: BTreeMap<JobId, JobEntry>,
     pub(crate) completed: VecDeque<JobSummary>,
     pub(crate) rng: Rng,
     pub(crate) stores: Box<dyn CheckpointStoreFactory>,
@@ -164,7 +166,7 @@ impl JobManagerCore {
         Self {
             cfg,
             rm: ResourceManager::default(),
-            jobs: HashMap::new(),
+            jobs: BTreeMap::new(),
             completed: VecDeque::new(),
             rng: Rng::new(seed),
             stores,
