@@ -253,6 +253,22 @@ async fn a_request_for_an_unknown_or_released_execution_is_refused() {
 
 /// Reads until the server closes `s`; fails if it neither closes nor answers
 /// within 10 s.
+/// A data connection to `addr` that completed the handshake with the
+/// cluster's secret.
+async fn authenticated(addr: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    security::handshake(
+        &mut s,
+        Some(&secret()),
+        Role::Client,
+        Plane::Data,
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    s
+}
+
 async fn closed_by_server(s: &mut TcpStream) -> usize {
     let mut buf = [0u8; 256];
     let mut read = 0;
@@ -330,16 +346,7 @@ async fn garbage_and_a_half_written_oversize_frame_are_dropped_without_buffering
     // Authenticated, then the head of a 1 GiB error frame and 100 bytes of
     // it, the rest never sent: refused at the head, not awaited or buffered.
     for id in [1u8, 0u8] {
-        let mut s = TcpStream::connect(addr).await.unwrap();
-        security::handshake(
-            &mut s,
-            Some(&secret()),
-            Role::Client,
-            Plane::Data,
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+        let mut s = authenticated(addr).await;
         let mut head = Vec::new();
         head.extend_from_slice(&(1u32 << 30).to_be_bytes());
         head.extend_from_slice(&0xBADC_0FFEu32.to_be_bytes());
@@ -350,16 +357,7 @@ async fn garbage_and_a_half_written_oversize_frame_are_dropped_without_buffering
     }
     // Legal frame heads, but the body of an error frame longer than any
     // allowed: the same.
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    security::handshake(
-        &mut s,
-        Some(&secret()),
-        Role::Client,
-        Plane::Data,
-        Duration::from_secs(10),
-    )
-    .await
-    .unwrap();
+    let mut s = authenticated(addr).await;
     let mut error = Vec::new();
     encode_control(
         &ControlMessage::Error {

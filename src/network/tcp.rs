@@ -1692,17 +1692,22 @@ mod tests {
         writer.finish().unwrap();
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn malformed_frames_close_only_their_connection_and_the_server_keeps_serving() {
-        let registry = Arc::new(NetworkRegistry::default());
-        let server = DataServer::start(
+    /// A TCP data server on an ephemeral loopback port, without a secret.
+    async fn plain_server(registry: &Arc<NetworkRegistry>) -> DataServer {
+        DataServer::start(
             "127.0.0.1:0".parse().unwrap(),
-            Arc::clone(&registry),
+            Arc::clone(registry),
             None,
             DataServerOptions::default(),
         )
         .await
-        .unwrap();
+        .unwrap()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn malformed_frames_close_only_their_connection_and_the_server_keeps_serving() {
+        let registry = Arc::new(NetworkRegistry::default());
+        let server = plain_server(&registry).await;
         let request = request_frame(0, PARTITION);
         let mut bad_magic = request.clone();
         bad_magic[4] ^= 0xff;
@@ -1812,14 +1817,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_channel_read_to_its_end_is_not_served_again() {
         let registry = Arc::new(NetworkRegistry::default());
-        let server = DataServer::start(
-            "127.0.0.1:0".parse().unwrap(),
-            Arc::clone(&registry),
-            None,
-            DataServerOptions::default(),
-        )
-        .await
-        .unwrap();
+        let server = plain_server(&registry).await;
         register_finished_partition(&registry);
         let (_first, answer) = answer_to(server.local_addr, &request_frame(0, PARTITION)).await;
         assert!(
