@@ -138,6 +138,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    let started = std::time::SystemTime::now();
     let filter = tracing_subscriber::EnvFilter::try_from_env("STRATA_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,strata=info"));
     tracing_subscriber::fmt()
@@ -147,7 +148,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
-    match run(cli) {
+    match run(cli, started) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -170,8 +171,21 @@ fn read_job(path: &Path) -> Result<(String, String)> {
     Ok((text, path.display().to_string()))
 }
 
-fn finish(summary: &strata::protocol::JobSummary) -> ExitCode {
+/// Prints the summary; `since` names the moment the time to the first row
+/// is measured from.
+fn finish(
+    summary: &strata::protocol::JobSummary,
+    since: (&str, std::time::SystemTime),
+) -> ExitCode {
     print!("{}", summary::render(summary));
+    if let Some(first) = summary.first_row_unix_us {
+        let (what, at) = since;
+        let start = strata::exec::task::unix_micros(at);
+        println!(
+            "  time to first row: {:.1} ms after {what}",
+            first.saturating_sub(start) as f64 / 1000.0
+        );
+    }
     if summary.state == JobState::Finished {
         ExitCode::SUCCESS
     } else {
@@ -188,7 +202,7 @@ fn jm_address(explicit: Option<String>, config: &Config) -> String {
     explicit.unwrap_or_else(|| format!("{}:{}", config.jobmanager_address, config.jobmanager_port))
 }
 
-fn run(cli: Cli) -> Result<ExitCode> {
+fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
     match cli.command {
         Command::Run {
             job,
@@ -240,7 +254,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 let address = cluster.address().to_string();
                 let summary = submit_job_with(&auth, &address, text, path, !no_progress).await;
                 cluster.shutdown().await;
-                Ok(finish(&summary?))
+                Ok(finish(&summary?, ("process start", started)))
             })
         }
         Command::Jobmanager { bind, config } => {
@@ -284,8 +298,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let auth = PeerAuth::from_config(&config)?;
             let rt = runtime()?;
             rt.block_on(async {
+                let submitted = std::time::SystemTime::now();
                 let summary = submit_job_with(&auth, &address, text, path, !no_progress).await?;
-                Ok(finish(&summary))
+                Ok(finish(&summary, ("submission", submitted)))
             })
         }
         Command::Explain {

@@ -228,6 +228,8 @@ fn read_all(path: &Path) -> Result<Vec<RecordBatch>, ExecError> {
         schema: Arc::new(Schema::empty()),
         batch_size: 1024,
         watermark: None,
+        columns: None,
+        prune: None,
     };
     let mut source = ParquetSource::new(spec, 0, 1)?;
     let mut batches = Vec::new();

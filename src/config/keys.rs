@@ -57,6 +57,7 @@ keys! {
     "taskmanager.memory.jvm-overhead.max"                  => jvm_overhead_max_bytes: memory, show_memory;
     "taskmanager.memory.segment-size"                      => segment_size_bytes: page_size, show_memory;
     "taskmanager.memory.page-size"                         => page_size_bytes: page_size, show_memory;
+    "taskmanager.memory.pre-allocate"                      => pre_allocate: boolean, show;
     "taskmanager.network.memory.buffers-per-channel"       => buffers_per_channel: at_least_one, show;
     "taskmanager.network.memory.floating-buffers-per-gate" => floating_buffers_per_gate: count, show;
     "taskmanager.network.memory.max-buffers-per-channel"   => max_buffers_per_channel: at_least_one, show;

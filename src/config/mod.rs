@@ -187,6 +187,14 @@ pub struct Config {
     pub segment_size_bytes: u64,
     /// `taskmanager.memory.page-size`: one managed-memory page.
     pub page_size_bytes: u64,
+    /// `taskmanager.memory.pre-allocate`: allocate and touch all managed and
+    /// network memory at start-up. Off by default: pages and segments are
+    /// allocated on first use (the budgets stay hard limits either way).
+    /// Pre-touching costs start-up time and commits the whole budget, and
+    /// saves each first use its page faults. Measured on the 2-core CI VM:
+    /// 640 MiB (4 slots' managed and network memory) took ~1.8 s, delaying
+    /// the main job's first row from ~50 ms to ~1.9 s (~2.8 s per GiB).
+    pub pre_allocate: bool,
     /// `taskmanager.network.memory.buffers-per-channel` (exclusive credits).
     pub buffers_per_channel: u32,
     /// `taskmanager.network.memory.floating-buffers-per-gate`.
@@ -413,6 +421,7 @@ impl Config {
             jvm_overhead_max_bytes: 1024 * MIB,
             segment_size_bytes: 64 << 10,
             page_size_bytes: 32 << 10,
+            pre_allocate: false,
             buffers_per_channel: 2,
             floating_buffers_per_gate: 8,
             max_buffers_per_channel: 10,

@@ -15,7 +15,7 @@
 
 use crate::memory::{MemoryError, MemoryManager, Page};
 
-const INLINE_KEY: usize = 16;
+pub(crate) const INLINE_KEY: usize = 16;
 const ENTRY_HEADER: usize = 24 + INLINE_KEY;
 /// Index slots hold entry id + 1; 0 is empty.
 const EMPTY: u32 = 0;
@@ -178,6 +178,22 @@ impl PagedHashTable {
     #[inline]
     pub fn matches(&self, id: usize, hash: u64, key: &[u8]) -> bool {
         id < self.entry_count && read_u64(self.entry(id), 0) == hash && self.key(id) == key
+    }
+
+    /// [`Self::matches`] for a key of `len` bytes held zero-padded in
+    /// `key` (see `keycodec::encode_fixed_keys`): inline keys are stored
+    /// zero-padded, so the comparison is two words, not a `memcmp`.
+    #[inline]
+    pub fn matches_fixed(&self, id: usize, hash: u64, key: &[u8; INLINE_KEY], len: usize) -> bool {
+        if id >= self.entry_count {
+            return false;
+        }
+        let e = self.entry(id);
+        let mut inline = [0u8; INLINE_KEY];
+        inline.copy_from_slice(&e[24..24 + INLINE_KEY]);
+        read_u64(e, 0) == hash
+            && read_u32(e, 8) as usize == len
+            && u128::from_le_bytes(inline) == u128::from_le_bytes(*key)
     }
 
     /// Finds the entry for `key` (hashed to `hash`) without inserting.

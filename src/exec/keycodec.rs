@@ -108,6 +108,105 @@ pub(crate) fn prepare_key(array: &ArrayRef, class: KeyClass) -> Result<KeyColumn
     })
 }
 
+/// The widest key [`encode_fixed_keys`] encodes: a hash-table entry's
+/// inline key.
+pub(crate) const FIXED_KEY_BYTES: usize = 16;
+
+/// Whether keys of `classes` always encode to at most [`FIXED_KEY_BYTES`]
+/// (no string column, e.g. one or two integer, float or boolean columns).
+pub(crate) fn is_fixed_width(classes: &[KeyClass]) -> bool {
+    let mut width = 0;
+    for class in classes {
+        width += match class {
+            KeyClass::Int | KeyClass::Float => 9,
+            KeyClass::Bool => 2,
+            KeyClass::Str => return false,
+        };
+    }
+    width <= FIXED_KEY_BYTES
+}
+
+/// Encodes the keys of rows `0..n` column at a time into zero-padded
+/// fixed-size slots, with each key's length: the same bytes as
+/// [`encode_key`] writes, for key columns that [`is_fixed_width`].
+pub(crate) fn encode_fixed_keys(
+    cols: &[KeyColumn],
+    n: usize,
+    keys: &mut Vec<[u8; FIXED_KEY_BYTES]>,
+    lens: &mut Vec<u8>,
+) {
+    keys.clear();
+    keys.resize(n, [0; FIXED_KEY_BYTES]);
+    lens.clear();
+    lens.resize(n, 0);
+    for col in cols {
+        match col {
+            KeyColumn::Int(a) => {
+                put_fixed(keys, lens, a, |v: i64| v.to_le_bytes());
+            }
+            KeyColumn::Float(a) => put_fixed(keys, lens, a, |v: f64| {
+                let v = if v == 0.0 {
+                    0.0
+                } else if v.is_nan() {
+                    f64::NAN
+                } else {
+                    v
+                };
+                v.to_bits().to_le_bytes()
+            }),
+            KeyColumn::Bool(a) => {
+                for (row, (key, len)) in keys.iter_mut().zip(lens.iter_mut()).enumerate() {
+                    let at = *len as usize;
+                    if a.is_valid(row) {
+                        key[at] = 1;
+                        key[at + 1] = u8::from(a.value(row));
+                        *len += 2;
+                    } else {
+                        *len += 1;
+                    }
+                }
+            }
+            KeyColumn::Str(_) => unreachable!("string keys are not fixed-width"),
+        }
+    }
+}
+
+/// One 8-byte column into the fixed key slots: tag 1 and the value, or tag
+/// 0 for a null.
+#[inline]
+fn put_fixed<T: arrow_array::types::ArrowPrimitiveType>(
+    keys: &mut [[u8; FIXED_KEY_BYTES]],
+    lens: &mut [u8],
+    array: &arrow_array::PrimitiveArray<T>,
+    bytes: impl Fn(T::Native) -> [u8; 8],
+) {
+    let values = array.values();
+    if array.null_count() == 0 {
+        for ((key, len), &v) in keys.iter_mut().zip(lens.iter_mut()).zip(values.iter()) {
+            let at = *len as usize;
+            key[at] = 1;
+            key[at + 1..at + 9].copy_from_slice(&bytes(v));
+            *len += 9;
+        }
+        return;
+    }
+    for (row, ((key, len), &v)) in keys
+        .iter_mut()
+        .zip(lens.iter_mut())
+        .zip(values.iter())
+        .enumerate()
+    {
+        let at = *len as usize;
+        if array.is_valid(row) {
+            key[at] = 1;
+            key[at + 1..at + 9].copy_from_slice(&bytes(v));
+            *len += 9;
+        } else {
+            *len += 1;
+        }
+    }
+}
+
 #[inline]
 pub(crate) fn encode_key(col: &KeyColumn, row: usize, out: &mut Vec<u8>) {
     let valid = match col {
@@ -246,6 +345,47 @@ mod tests {
             prop_assert_eq!(decoded[0].as_primitive::<Int64Type>().is_valid(0), int.is_some());
         }
 
+        /// The column-at-a-time fixed-width encoding writes exactly what
+        /// `encode_key` writes row by row, zero-padded.
+        #[test]
+        fn fixed_keys_equal_row_encoded_keys(
+            rows in proptest::collection::vec(
+                (
+                    proptest::option::of(any::<i64>()),
+                    proptest::option::of(prop_oneof![Just(0.0), Just(-0.0), Just(f64::NAN), any::<f64>()]),
+                    proptest::option::of(any::<bool>()),
+                ),
+                0..20,
+            ),
+            layout in 0usize..3,
+        ) {
+            let ints: ArrayRef = Arc::new(Int64Array::from(rows.iter().map(|r| r.0).collect::<Vec<_>>()));
+            let floats: ArrayRef = Arc::new(Float64Array::from(rows.iter().map(|r| r.1).collect::<Vec<_>>()));
+            let flags: ArrayRef = Arc::new(BooleanArray::from(rows.iter().map(|r| r.2).collect::<Vec<_>>()));
+            let (columns, classes): (Vec<ArrayRef>, Vec<KeyClass>) = match layout {
+                0 => (vec![ints], vec![KeyClass::Int]),
+                1 => (vec![floats, flags], vec![KeyClass::Float, KeyClass::Bool]),
+                _ => (vec![flags, ints], vec![KeyClass::Bool, KeyClass::Int]),
+            };
+            prop_assert!(is_fixed_width(&classes));
+            let prepared: Vec<KeyColumn> = columns
+                .iter()
+                .zip(&classes)
+                .map(|(c, k)| prepare_key(c, *k).unwrap())
+                .collect();
+            let (mut keys, mut lens) = (Vec::new(), Vec::new());
+            encode_fixed_keys(&prepared, rows.len(), &mut keys, &mut lens);
+            for row in 0..rows.len() {
+                let mut expected = Vec::new();
+                for column in &prepared {
+                    encode_key(column, row, &mut expected);
+                }
+                let len = lens[row] as usize;
+                prop_assert_eq!(&keys[row][..len], expected.as_slice());
+                prop_assert!(keys[row][len..].iter().all(|&b| b == 0));
+            }
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic_encoded_key_len(
             bytes in proptest::collection::vec(any::<u8>(), 0..64),
@@ -255,5 +395,22 @@ mod tests {
                 prop_assert!(len <= bytes.len());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod fixed_width_tests {
+    use super::*;
+
+    #[test]
+    fn fixed_width_needs_sixteen_bytes_and_no_string() {
+        assert!(is_fixed_width(&[KeyClass::Int]));
+        assert!(is_fixed_width(&[
+            KeyClass::Float,
+            KeyClass::Bool,
+            KeyClass::Bool
+        ]));
+        assert!(!is_fixed_width(&[KeyClass::Int, KeyClass::Int]), "18 bytes");
+        assert!(!is_fixed_width(&[KeyClass::Str]));
     }
 }

@@ -1,7 +1,8 @@
 //! Sources: datagen, CSV files and Parquet files.
 //!
 //! Every source is split across its subtasks deterministically (datagen by
-//! strided row index, CSV by file, Parquet by row group), so that a
+//! strided row index, CSV by byte ranges aligned to line starts, Parquet by
+//! row group), so that a
 //! subtask's output depends only on the job file and its index. That makes
 //! every source replayable: its checkpointed offset is the position after
 //! the last batch returned (datagen: the local row index; files: the splits
@@ -17,7 +18,11 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
 use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
 use arrow_schema::SchemaRef;
-use parquet::arrow::arrow_reader::{ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection,
+};
+use parquet::file::metadata::PageIndexPolicy;
 
 use super::ExecError;
 use crate::job::{CsvSourceSpec, DatagenSpec, ParquetSourceSpec, WatermarkSpec, datagen_schema};
@@ -235,8 +240,8 @@ pub fn list_files(path: &Path, extension: &str) -> Result<Vec<PathBuf>, ExecErro
     Ok(files)
 }
 
-/// One unit of a file source subtask's share: a whole CSV file, or one row
-/// group of a Parquet file. A checkpoint records the subtask's splits by
+/// One unit of a file source subtask's share: a byte range of a CSV file
+/// (the whole file when it is small), or one row group of a Parquet file. A checkpoint records the subtask's splits by
 /// name, so that restoring against other files fails, naming the file,
 /// instead of silently skipping the wrong rows.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -248,6 +253,9 @@ struct SplitName {
     /// The row group, for Parquet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     row_group: Option<usize>,
+    /// The byte range `[start, end)`, for a CSV file split in several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    bytes: Option<[u64; 2]>,
 }
 
 impl SplitName {
@@ -261,6 +269,7 @@ impl SplitName {
             file: file.to_string_lossy().into_owned(),
             size_bytes: metadata.len(),
             row_group,
+            bytes: None,
         })
     }
 }
@@ -270,6 +279,9 @@ impl std::fmt::Display for SplitName {
         write!(f, "'{}' ({} bytes)", self.file, self.size_bytes)?;
         if let Some(rg) = self.row_group {
             write!(f, " row group {rg}")?;
+        }
+        if let Some([start, end]) = self.bytes {
+            write!(f, " bytes {start}..{end}")?;
         }
         Ok(())
     }
@@ -377,32 +389,122 @@ fn split_difference(checkpointed: &[SplitName], found: &[SplitName]) -> Option<S
     })
 }
 
-/// CSV files; subtask `s` reads every file `i` with `i % p == s`.
+/// The smallest and largest byte range a CSV file is split into.
+const CSV_SPLIT_BYTES_MIN: u64 = 1 << 20;
+const CSV_SPLIT_BYTES_MAX: u64 = 32 << 20;
+
+/// The split size for `total_bytes` of CSV over `parallelism` subtasks:
+/// about eight splits per subtask, so that round-robin dealing balances
+/// them within an eighth, between 1 and 32 MiB (a split's set-up is two
+/// small reads; a larger one is no faster to read).
+fn csv_split_bytes(total_bytes: u64, parallelism: u32) -> u64 {
+    total_bytes
+        .div_ceil(u64::from(parallelism.max(1)) * 8)
+        .clamp(CSV_SPLIT_BYTES_MIN, CSV_SPLIT_BYTES_MAX)
+}
+
+/// One byte range of a CSV file. It holds the lines that start inside it:
+/// a reader skips to the first line start at or after `start` and reads
+/// through the end of the line that holds byte `end - 1`. Records must not
+/// hold line breaks inside quotes (each line is one record).
+#[derive(Clone, Debug)]
+struct CsvSplit {
+    path: PathBuf,
+    start: u64,
+    end: u64,
+    file_bytes: u64,
+}
+
+/// The position of the first line start at or after `offset` (the file's
+/// length when no line starts there).
+fn line_start_at_or_after(file: &mut File, offset: u64, file_bytes: u64) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    if offset == 0 || offset >= file_bytes {
+        return Ok(offset.min(file_bytes));
+    }
+    // A line starts at `offset` when the byte before it ends a line.
+    file.seek(SeekFrom::Start(offset - 1))?;
+    let mut chunk = [0u8; 8192];
+    let mut at = offset - 1;
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(file_bytes);
+        }
+        if let Some(i) = chunk[..n].iter().position(|&b| b == b'\n') {
+            return Ok(at + i as u64 + 1);
+        }
+        at += n as u64;
+    }
+}
+
+/// A CSV split's records, as a reader over its aligned byte range.
+type CsvReader = arrow_csv::Reader<std::io::Take<File>>;
+
+/// CSV files, split into byte ranges aligned to line starts; subtask `s`
+/// reads every split `i` with `i % p == s`.
 pub struct CsvSource {
     spec: CsvSourceSpec,
     owner: SubtaskIndex,
-    /// This subtask's files in reading order.
-    files: Vec<PathBuf>,
+    /// This subtask's splits in reading order.
+    files: Vec<CsvSplit>,
     /// `files` by name, for checkpoints.
     splits: Vec<SplitName>,
-    /// The replay offset: files read, and rows returned from the next one.
+    /// The replay offset: splits read, and rows returned from the next one.
     position: SplitPosition,
-    /// The reader of `files[position.split_index]`, once opened.
-    reader: Option<arrow_csv::Reader<File>>,
+    /// The reader of `files[position.split_index]`, once opened, and the
+    /// byte its records start at.
+    reader: Option<(CsvReader, u64)>,
 }
 
 impl CsvSource {
     pub fn new(spec: CsvSourceSpec, subtask: u32, parallelism: u32) -> Result<Self, ExecError> {
-        let files: Vec<PathBuf> = list_files(&spec.path, "csv")?
+        Self::with_split_bytes(spec, subtask, parallelism, None)
+    }
+
+    /// As [`CsvSource::new`], with splits of `split_bytes` instead of the
+    /// size [`csv_split_bytes`] picks.
+    pub(crate) fn with_split_bytes(
+        spec: CsvSourceSpec,
+        subtask: u32,
+        parallelism: u32,
+        split_bytes: Option<u64>,
+    ) -> Result<Self, ExecError> {
+        let mut sized = Vec::new();
+        for path in list_files(&spec.path, "csv")? {
+            let name = SplitName::new(&path, None)?;
+            sized.push((path, name));
+        }
+        let total: u64 = sized.iter().map(|(_, n)| n.size_bytes).sum();
+        let split_bytes = split_bytes
+            .unwrap_or_else(|| csv_split_bytes(total, parallelism))
+            .max(1);
+        let mut all = Vec::new();
+        for (path, name) in sized {
+            let file_bytes = name.size_bytes;
+            let pieces = file_bytes.div_ceil(split_bytes).max(1);
+            for piece in 0..pieces {
+                let start = piece * split_bytes;
+                let end = ((piece + 1) * split_bytes).min(file_bytes);
+                let mut name = name.clone();
+                if pieces > 1 {
+                    name.bytes = Some([start, end]);
+                }
+                let split = CsvSplit {
+                    path: path.clone(),
+                    start,
+                    end: if pieces > 1 { end } else { file_bytes },
+                    file_bytes,
+                };
+                all.push((split, name));
+            }
+        }
+        let (files, splits) = all
             .into_iter()
             .enumerate()
             .filter(|(i, _)| *i as u32 % parallelism == subtask)
-            .map(|(_, f)| f)
-            .collect();
-        let splits = files
-            .iter()
-            .map(|f| SplitName::new(f, None))
-            .collect::<Result<_, _>>()?;
+            .map(|(_, x)| x)
+            .unzip();
         Ok(Self {
             spec,
             owner: SubtaskIndex {
@@ -416,28 +518,42 @@ impl CsvSource {
         })
     }
 
-    /// Opens `path` past its first `rows_skipped` records. The CSV decoder
-    /// skips records without building arrays, so replaying into the middle
-    /// of a file costs a parse of the consumed part, not a decode.
-    fn open(&self, path: &Path, rows_skipped: u64) -> Result<arrow_csv::Reader<File>, ExecError> {
+    /// Opens `split` past its first `rows_skipped` records; returns the
+    /// reader and the byte its records start at. The CSV decoder skips
+    /// records without building arrays, so replaying into the middle of a
+    /// split costs a parse of the consumed part, not a decode.
+    fn open(&self, split: &CsvSplit, rows_skipped: u64) -> Result<(CsvReader, u64), ExecError> {
+        use std::io::{Read, Seek, SeekFrom};
+        let path = &split.path;
         let read_err = |detail: String| ExecError::Read {
             path: path.to_owned(),
             detail,
         };
-        let file = File::open(path).map_err(|e| ExecError::Io {
+        let io = |e: std::io::Error| ExecError::Io {
             path: path.to_owned(),
             source: e,
-        })?;
-        let format = arrow_csv::reader::Format::default().with_header(self.spec.has_header);
+        };
+        let mut file = File::open(path).map_err(io)?;
+        let start = line_start_at_or_after(&mut file, split.start, split.file_bytes).map_err(io)?;
+        let end = line_start_at_or_after(&mut file, split.end, split.file_bytes).map_err(io)?;
+        file.seek(SeekFrom::Start(start)).map_err(io)?;
+        let body = file.take(end.saturating_sub(start));
+        // Only the split at the file's start holds the header line.
+        let has_header = self.spec.has_header && start == 0;
+        let format = arrow_csv::reader::Format::default().with_header(has_header);
         let mut builder = arrow_csv::ReaderBuilder::new(Arc::clone(&self.spec.schema))
             .with_format(format)
             .with_batch_size(self.spec.batch_size.max(1));
-        if rows_skipped > 0 {
-            let start = usize::try_from(rows_skipped).map_err(|e| read_err(e.to_string()))?;
-            // The decoder adds the header line to both bounds: leave room.
-            builder = builder.with_bounds(start, usize::MAX - 1);
+        if let Some(projection) = self.spec.projection() {
+            builder = builder.with_projection(projection);
         }
-        builder.build(file).map_err(|e| read_err(e.to_string()))
+        if rows_skipped > 0 {
+            let first = usize::try_from(rows_skipped).map_err(|e| read_err(e.to_string()))?;
+            // The decoder adds the header line to both bounds: leave room.
+            builder = builder.with_bounds(first, usize::MAX - 1);
+        }
+        let reader = builder.build(body).map_err(|e| read_err(e.to_string()))?;
+        Ok((reader, start))
     }
 }
 
@@ -471,22 +587,27 @@ impl Source for CsvSource {
 
     fn next_batch(&mut self) -> Result<Option<RecordBatch>, ExecError> {
         loop {
-            let Some(path) = self.files.get(self.position.split_index) else {
+            let Some(split) = self.files.get(self.position.split_index) else {
                 return Ok(None);
             };
             if self.reader.is_none() {
-                self.reader = Some(self.open(path, self.position.rows)?);
+                self.reader = Some(self.open(split, self.position.rows)?);
             }
-            let reader = self.reader.as_mut().expect("opened above");
+            let (reader, start) = self.reader.as_mut().expect("opened above");
             match reader.next() {
                 Some(Ok(batch)) => {
                     self.position.rows += batch.num_rows() as u64;
                     return Ok(Some(batch));
                 }
                 Some(Err(e)) => {
+                    let mut detail = redact_file_data(&e.to_string());
+                    if *start > 0 {
+                        // The decoder counts lines from the split's start.
+                        detail.push_str(&format!(" (lines counted from byte {start})"));
+                    }
                     return Err(ExecError::Read {
-                        path: path.clone(),
-                        detail: redact_file_data(&e.to_string()),
+                        path: split.path.clone(),
+                        detail,
                     });
                 }
                 None => {
@@ -506,11 +627,17 @@ struct RowGroupSplit {
     path: PathBuf,
     row_group: usize,
     row_count: u64,
+    /// The rows the page index says may match the pushed-down predicate
+    /// (`None`: all).
+    selection: Option<RowSelection>,
 }
 
-/// Parquet files; row groups are dealt round-robin over subtasks.
+/// Parquet files; row groups are dealt round-robin over subtasks, after
+/// those that the pushed-down predicate excludes are left out.
 pub struct ParquetSource {
     batch_size: usize,
+    /// The columns read (projection pushdown), by name; `None`: all.
+    columns: Option<Vec<String>>,
     owner: SubtaskIndex,
     /// This subtask's row groups in reading order.
     row_groups: Vec<RowGroupSplit>,
@@ -520,26 +647,67 @@ pub struct ParquetSource {
     position: SplitPosition,
     /// The reader of `row_groups[position.split_index]`, once opened.
     reader: Option<ParquetRecordBatchReader>,
+    /// Row groups and rows the pushed-down predicate skipped (all subtasks').
+    pruned: PruneStats,
+}
+
+/// Reader options that load the page index (when the file has one) if
+/// `page_index`.
+fn reader_options(page_index: bool) -> ArrowReaderOptions {
+    let policy = if page_index {
+        PageIndexPolicy::Optional
+    } else {
+        PageIndexPolicy::Skip
+    };
+    ArrowReaderOptions::new().with_page_index_policy(policy)
+}
+
+/// What predicate pushdown skipped.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PruneStats {
+    pub row_groups: u64,
+    pub rows: u64,
 }
 
 impl ParquetSource {
     pub fn new(spec: ParquetSourceSpec, subtask: u32, parallelism: u32) -> Result<Self, ExecError> {
         let mut all = Vec::new();
+        let mut pruned = PruneStats::default();
         for path in list_files(&spec.path, "parquet")? {
             let file = File::open(&path).map_err(|e| ExecError::Io {
                 path: path.clone(),
                 source: e,
             })?;
-            let builder =
-                ParquetRecordBatchReaderBuilder::try_new(file).map_err(|e| ExecError::Read {
+            let options = reader_options(spec.prune.is_some());
+            let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+                .map_err(|e| ExecError::Read {
                     path: path.clone(),
                     detail: e.to_string(),
                 })?;
-            for (row_group, metadata) in builder.metadata().row_groups().iter().enumerate() {
+            let metadata = builder.metadata();
+            let integer_columns = spec
+                .prune
+                .as_ref()
+                .map(|p| prune::integer_columns(p, builder.schema(), metadata));
+            for (row_group, rg) in metadata.row_groups().iter().enumerate() {
+                let row_count = u64::try_from(rg.num_rows()).unwrap_or(0);
+                let mut selection = None;
+                if let (Some(predicate), Some(columns)) = (&spec.prune, &integer_columns) {
+                    if !prune::row_group_may_match(predicate, columns, rg) {
+                        pruned.row_groups += 1;
+                        pruned.rows += row_count;
+                        continue;
+                    }
+                    selection = prune::page_selection(predicate, columns, metadata, row_group);
+                    if let Some(s) = &selection {
+                        pruned.rows += row_count - s.row_count() as u64;
+                    }
+                }
                 all.push(RowGroupSplit {
                     path: path.clone(),
                     row_group,
-                    row_count: u64::try_from(metadata.num_rows()).unwrap_or(0),
+                    row_count,
+                    selection,
                 });
             }
         }
@@ -553,8 +721,17 @@ impl ParquetSource {
             .iter()
             .map(|rg| SplitName::new(&rg.path, Some(rg.row_group)))
             .collect::<Result<_, _>>()?;
+        if subtask == 0 && pruned != PruneStats::default() {
+            tracing::info!(
+                "parquet source {}: the filter's predicate skips {} row group(s) and {} row(s) in all",
+                spec.path.display(),
+                pruned.row_groups,
+                pruned.rows
+            );
+        }
         Ok(Self {
             batch_size: spec.batch_size.max(1),
+            columns: spec.columns,
             owner: SubtaskIndex {
                 subtask,
                 parallelism,
@@ -563,11 +740,19 @@ impl ParquetSource {
             splits,
             position: SplitPosition::default(),
             reader: None,
+            pruned,
         })
     }
 
+    /// Row groups and rows the pushed-down predicate skipped, over all of
+    /// the source's files.
+    pub fn pruned(&self) -> PruneStats {
+        self.pruned
+    }
+
     /// Opens one row group past its first `rows_skipped` rows; the reader
-    /// skips them by row selection, so whole pages are not decoded.
+    /// skips them by row selection, so whole pages are not decoded. Only
+    /// the source's columns are decoded, and only the pages that may match.
     fn open(
         &self,
         split: &RowGroupSplit,
@@ -581,10 +766,32 @@ impl ParquetSource {
             path: split.path.clone(),
             source: e,
         })?;
-        let mut builder = ParquetRecordBatchReaderBuilder::try_new(file)
-            .map_err(|e| read_err(e.to_string()))?
+        let options = reader_options(split.selection.is_some());
+        let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
+            .map_err(|e| read_err(e.to_string()))?;
+        let mut builder = builder
             .with_row_groups(vec![split.row_group])
             .with_batch_size(self.batch_size);
+        if let Some(columns) = &self.columns {
+            let file_schema = builder.schema().clone();
+            let mut roots = Vec::with_capacity(columns.len());
+            for column in columns {
+                match file_schema.index_of(column) {
+                    Ok(i) => roots.push(i),
+                    Err(_) => {
+                        return Err(read_err(format!(
+                            "column '{column}', read by the job, is missing from this file"
+                        )));
+                    }
+                }
+            }
+            roots.sort_unstable();
+            let mask = ProjectionMask::roots(builder.parquet_schema(), roots);
+            builder = builder.with_projection(mask);
+        }
+        if let Some(selection) = &split.selection {
+            builder = builder.with_row_selection(selection.clone());
+        }
         if rows_skipped > 0 {
             let offset = usize::try_from(rows_skipped).map_err(|e| read_err(e.to_string()))?;
             builder = builder.with_offset(offset);
@@ -738,6 +945,8 @@ impl WatermarkGenerator {
         }
     }
 }
+
+mod prune;
 
 #[cfg(test)]
 mod tests;

@@ -280,6 +280,7 @@ impl Task {
                 *rows_per_second,
                 &mut self.chain,
                 &self.canceled,
+                &self.metrics,
                 checkpoints.as_mut(),
             ),
             TaskInput::Gates(reader) => {
@@ -486,6 +487,7 @@ fn run_source(
     rows_per_second: Option<f64>,
     chain: &mut Chain,
     canceled: &AtomicBool,
+    metrics: &TaskMetrics,
     mut checkpoints: Option<&mut CheckpointContext>,
 ) -> Result<(), ExecError> {
     let started = Instant::now();
@@ -501,6 +503,11 @@ fn run_source(
             break;
         };
         check_canceled(canceled)?;
+        if produced == 0 && batch.num_rows() > 0 {
+            metrics
+                .first_row_unix_us
+                .store(unix_micros(std::time::SystemTime::now()), Ordering::Relaxed);
+        }
         produced += batch.num_rows() as u64;
         let watermark = match watermarks.as_deref_mut() {
             Some(g) => g.observe(&batch)?,
@@ -517,6 +524,12 @@ fn run_source(
     Ok(())
 }
 
+/// Microseconds since the Unix epoch (0 for a clock before it).
+pub fn unix_micros(at: std::time::SystemTime) -> u64 {
+    at.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
+}
+
 /// Sleeps until `produced` rows are due at `rate` rows/s.
 fn throttle(
     started: Instant,
@@ -527,7 +540,8 @@ fn throttle(
     let due = Duration::from_secs_f64(produced as f64 / rate.max(1.0));
     while started.elapsed() < due {
         check_canceled(canceled)?;
-        std::thread::sleep((due - started.elapsed()).min(POLL));
+        // The clock moves between the check and here: saturate.
+        std::thread::sleep(due.saturating_sub(started.elapsed()).min(POLL));
     }
     Ok(())
 }

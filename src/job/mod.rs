@@ -37,6 +37,7 @@ mod eval;
 mod expr;
 pub mod graph;
 mod plan;
+mod pushdown;
 mod spec;
 #[cfg(test)]
 mod tests;

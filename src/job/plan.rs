@@ -31,7 +31,17 @@ pub struct LogicalPlan {
 
 /// Checks the graph and derives every operator's output schema. CSV sources
 /// without a declared schema, and Parquet sources, get theirs from their files.
-pub fn plan(mut spec: JobSpec) -> Result<LogicalPlan, JobError> {
+/// Parquet sources then read only the columns used downstream, and skip
+/// what the filter after them would drop (see [`super::pushdown`]).
+pub fn plan(spec: JobSpec) -> Result<LogicalPlan, JobError> {
+    let first = plan_once(spec)?;
+    match super::pushdown::push_down(&first) {
+        Some(pushed) => plan_once(pushed),
+        None => Ok(first),
+    }
+}
+
+fn plan_once(mut spec: JobSpec) -> Result<LogicalPlan, JobError> {
     let count = spec.operators.len();
     let mut schemas: Vec<SchemaRef> = Vec::with_capacity(count);
     let mut keyed: Vec<Option<Vec<usize>>> = Vec::with_capacity(count);
@@ -215,7 +225,8 @@ fn resolve_source_schema(file: &Path, op: &mut OperatorSpec) -> Result<(), JobEr
             infer_csv_schema(&csv.path, csv.has_header).map_err(at_path)?
         }
         OperatorKind::ParquetSource(parquet) => {
-            read_parquet_schema(&parquet.path).map_err(at_path)?
+            let schema = read_parquet_schema(&parquet.path).map_err(at_path)?;
+            super::spec::project_schema(&schema, parquet.columns.as_deref())
         }
         _ => return Ok(()),
     };
@@ -399,7 +410,7 @@ fn output(
 fn source_output(at: &At<'_>) -> Result<(SchemaRef, Option<Vec<usize>>), JobError> {
     let (schema, watermark) = match &at.op.kind {
         OperatorKind::Datagen(datagen) => (datagen_schema(&datagen.columns), &datagen.watermark),
-        OperatorKind::CsvSource(csv) => (csv.schema.clone(), &csv.watermark),
+        OperatorKind::CsvSource(csv) => (csv.output_schema(), &csv.watermark),
         OperatorKind::ParquetSource(parquet) => (parquet.schema.clone(), &parquet.watermark),
         _ => unreachable!("only sources lack an input (checked by check_input)"),
     };

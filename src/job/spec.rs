@@ -231,18 +231,67 @@ pub struct CsvSourceSpec {
     pub path: PathBuf,
     pub has_header: bool,
     /// Empty until `plan` infers it, unless the job file declares it.
+    /// Every column of the file, in order (the reader parses by position).
     pub schema: SchemaRef,
     pub batch_size: usize,
     pub watermark: Option<WatermarkSpec>,
+    /// The columns the source outputs, in file order; `None`: all. Set by
+    /// `plan` to the columns the operators downstream use (projection
+    /// pushdown: the others are not converted to arrays).
+    pub columns: Option<Vec<String>>,
+}
+
+impl CsvSourceSpec {
+    /// The source's output schema: `schema` projected on `columns`.
+    pub fn output_schema(&self) -> SchemaRef {
+        project_schema(&self.schema, self.columns.as_deref())
+    }
+
+    /// Indices in `schema` of the output columns, when projected.
+    pub fn projection(&self) -> Option<Vec<usize>> {
+        let columns = self.columns.as_ref()?;
+        Some(
+            self.schema
+                .fields()
+                .iter()
+                .enumerate()
+                .filter(|(_, f)| columns.contains(f.name()))
+                .map(|(i, _)| i)
+                .collect(),
+        )
+    }
+}
+
+/// `schema` with only the fields named in `columns` (all when `None`), in
+/// `schema`'s order.
+pub fn project_schema(schema: &SchemaRef, columns: Option<&[String]>) -> SchemaRef {
+    let Some(columns) = columns else {
+        return Arc::clone(schema);
+    };
+    let kept: Vec<_> = schema
+        .fields()
+        .iter()
+        .filter(|f| columns.contains(f.name()))
+        .cloned()
+        .collect();
+    Arc::new(Schema::new_with_metadata(kept, schema.metadata().clone()))
 }
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ParquetSourceSpec {
     pub path: PathBuf,
-    /// Empty until `plan` reads it from the footer.
+    /// Empty until `plan` reads it from the footer (and projects it on
+    /// `columns`).
     pub schema: SchemaRef,
     pub batch_size: usize,
     pub watermark: Option<WatermarkSpec>,
+    /// The columns read, in file order; `None`: all. Set by `plan` to the
+    /// columns the operators downstream use (projection pushdown).
+    pub columns: Option<Vec<String>>,
+    /// A predicate every row the job keeps satisfies (the filter that
+    /// follows the source): row groups and pages whose statistics prove it
+    /// false are skipped. Set by `plan` (predicate pushdown).
+    pub prune: Option<Expr>,
 }
 
 /// `watermark = { column = "ts", delay = "2s" }`: the watermark trails the
@@ -511,12 +560,15 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
             schema: csv_schema(t)?,
             batch_size: batch_size(t)?,
             watermark: watermark(t)?,
+            columns: None,
         }),
         "parquet_source" => OperatorKind::ParquetSource(ParquetSourceSpec {
             path: required_path(t)?,
             schema: Arc::new(Schema::empty()),
             batch_size: batch_size(t)?,
             watermark: watermark(t)?,
+            columns: None,
+            prune: None,
         }),
         "filter" => {
             let text = t.required_str("predicate")?;

@@ -577,8 +577,20 @@ fn parquet_schema_is_read_from_the_footer() {
         dir.path().display().to_string()
     );
     let plan = load(&text).expect("plannable");
-    assert_eq!(field_list(&plan.schemas[0]), field_list(&schema));
-    assert_eq!(plan.keyed[1], Some(vec![1]));
+    // Projection pushdown: `id` is used by no operator, so it is not read.
+    assert_eq!(
+        field_list(&plan.schemas[0]),
+        vec![
+            col("name", DataType::Utf8, true),
+            col("score", DataType::Float64, true),
+        ]
+    );
+    let OperatorKind::ParquetSource(source) = &plan.spec.operators[0].kind else {
+        panic!("operator 0 is the parquet source");
+    };
+    assert_eq!(source.columns, Some(vec!["name".into(), "score".into()]));
+    assert_eq!(source.prune, None, "no filter follows the source");
+    assert_eq!(plan.keyed[1], Some(vec![0]));
     assert_eq!(
         field_list(&plan.schemas[2]),
         vec![
@@ -586,6 +598,53 @@ fn parquet_schema_is_read_from_the_footer() {
             col("mean", DataType::Float64, true),
             col("count_name", DataType::Int64, false),
         ]
+    );
+}
+
+#[test]
+fn parquet_pushdown_keeps_what_sinks_and_filters_use() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("score", DataType::Float64, true),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from(vec![1, 2])),
+        Arc::new(StringArray::from(vec![Some("a"), None])),
+        Arc::new(Float64Array::from(vec![0.5, 1.5])),
+    ];
+    let batch = RecordBatch::try_new(schema.clone(), columns).expect("valid batch");
+    let file = std::fs::File::create(dir.path().join("a.parquet")).expect("create");
+    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None).expect("w");
+    writer.write(&batch).expect("write batch");
+    writer.close().expect("close writer");
+    let source = |plan: &LogicalPlan| match &plan.spec.operators[0].kind {
+        OperatorKind::ParquetSource(p) => p.clone(),
+        _ => panic!("operator 0 is the parquet source"),
+    };
+    let path = dir.path().display().to_string();
+    // A filter then a sink: the sink writes every column, nothing is pruned,
+    // but the filter's predicate is pushed down.
+    let text = format!(
+        "[job]\nname = \"pq\"\n[[operator]]\ntype = \"parquet_source\"\npath = {path:?}\n[[operator]]\ntype = \"filter\"\npredicate = \"id > 1\"\n[[operator]]\ntype = \"print\"\n"
+    );
+    let plan = load(&text).expect("plannable");
+    assert_eq!(source(&plan).columns, None);
+    assert_eq!(
+        source(&plan).prune,
+        Some(Expr::parse("id > 1").expect("parse"))
+    );
+    assert_eq!(field_list(&plan.schemas[0]), field_list(&schema));
+    // A filter, then a projection of one column: the filter's and the
+    // projection's columns are read.
+    let text = format!(
+        "[job]\nname = \"pq\"\n[[operator]]\ntype = \"parquet_source\"\npath = {path:?}\n[[operator]]\ntype = \"filter\"\npredicate = \"id > 1\"\n[[operator]]\ntype = \"project\"\ncolumns = [\"score * 2 as s\"]\n[[operator]]\ntype = \"print\"\n"
+    );
+    let plan = load(&text).expect("plannable");
+    assert_eq!(
+        source(&plan).columns,
+        Some(vec!["id".into(), "score".into()])
     );
 }
 

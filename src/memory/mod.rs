@@ -1,9 +1,12 @@
 //! Memory: managed memory pages with per-slot budgets, and the network
 //! buffer pool.
 //!
-//! Both pools are allocated and pre-touched when the TaskManager starts (a
-//! first-touch page fault costs ~20× a warm access on this kind of VM), and
-//! both are fixed in size: nothing grows them after start-up.
+//! Both pools are fixed in size: their totals are hard limits set at
+//! start-up. By default a page or segment is allocated the first time it is
+//! handed out and reused from the pool's free list after that, so a job that
+//! uses 4 MiB of a 600 MiB budget commits 4 MiB; `taskmanager.memory.pre-allocate`
+//! allocates and touches everything at start-up instead (a first-touch page
+//! fault costs ~20× a warm access on this kind of VM).
 //!
 //! Invariants:
 //! - a slot never holds more managed bytes than its budget; a reservation that
@@ -15,7 +18,7 @@ mod netpool;
 mod pages;
 
 pub use netpool::{NetworkBufferPool, Segment};
-pub use pages::{MemoryManager, Page, PagePool};
+pub use pages::{Commit, MemoryManager, Page, PagePool};
 
 /// Errors of the memory module.
 #[derive(Debug, thiserror::Error)]

@@ -1,5 +1,6 @@
-//! The network buffer pool: a fixed set of equal-size segments, allocated and
-//! pre-touched at start-up (Flink's `NetworkBufferPool`). Input gates split it
+//! The network buffer pool: a fixed set of equal-size segments (Flink's
+//! `NetworkBufferPool`), allocated on first use or pre-touched at start-up
+//! (see [`Commit`]). Input gates split it
 //! into exclusive buffers per channel and floating buffers per gate; result
 //! partitions take one segment per buffer in flight.
 
@@ -7,7 +8,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use super::MemoryError;
-use super::pages::pre_touched;
+use super::pages::{BufferStore, Commit};
 
 /// A network segment. It returns to its pool when dropped.
 pub struct Segment {
@@ -50,7 +51,7 @@ pub struct NetworkBufferPool {
 }
 
 struct FreeList {
-    segments: Vec<Box<[u8]>>,
+    segments: BufferStore,
     /// Threads waiting in `request_timeout`: a recycle wakes one only then
     /// (a condvar's notify is a system call even with nobody waiting, and
     /// every sent buffer recycles a segment).
@@ -58,15 +59,21 @@ struct FreeList {
 }
 
 impl NetworkBufferPool {
+    /// A pool of `segment_count` segments, allocated on first use.
     pub fn new(segment_count: usize, segment_size_bytes: usize) -> Arc<Self> {
-        let free = (0..segment_count)
-            .map(|_| pre_touched(segment_size_bytes))
-            .collect();
+        Self::with_commit(segment_count, segment_size_bytes, Commit::OnFirstUse)
+    }
+
+    pub fn with_commit(
+        segment_count: usize,
+        segment_size_bytes: usize,
+        commit: Commit,
+    ) -> Arc<Self> {
         Arc::new(Self {
             segment_size_bytes,
             segment_count,
             free: Mutex::new(FreeList {
-                segments: free,
+                segments: BufferStore::new(segment_count, segment_size_bytes, commit),
                 waiters: 0,
             }),
             available: Condvar::new(),
@@ -79,8 +86,14 @@ impl NetworkBufferPool {
     pub fn segment_count(&self) -> usize {
         self.segment_count
     }
+    /// Segments that can be handed out now (free or not allocated yet).
     pub fn available_count(&self) -> usize {
-        self.lock().segments.len()
+        self.lock().segments.available()
+    }
+
+    /// Segments allocated so far.
+    pub fn allocated_count(&self) -> usize {
+        self.lock().segments.allocated()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, FreeList> {
@@ -91,7 +104,7 @@ impl NetworkBufferPool {
 
     fn recycle(&self, bytes: Box<[u8]>) {
         let mut free = self.lock();
-        free.segments.push(bytes);
+        free.segments.give_back(bytes);
         let wake = free.waiters > 0;
         drop(free);
         if wake {
@@ -101,17 +114,20 @@ impl NetworkBufferPool {
 
     /// Base address and length of every segment now in the pool, for
     /// registering them with an RDMA device at start-up (before any is
-    /// handed out, so the list covers the whole pool).
+    /// handed out, so the list covers the whole pool). Allocates the
+    /// segments not allocated yet: registered memory is pinned anyway.
     pub fn free_segment_ptrs(&self) -> Vec<(*mut u8, usize)> {
-        self.lock()
-            .segments
+        let mut free = self.lock();
+        free.segments.allocate_all();
+        free.segments
+            .free_list_mut()
             .iter_mut()
             .map(|s| (s.as_mut_ptr(), s.len()))
             .collect()
     }
 
     pub fn try_request(self: &Arc<Self>) -> Option<Segment> {
-        let bytes = self.lock().segments.pop()?;
+        let bytes = self.lock().segments.take()?;
         Some(Segment {
             bytes,
             pool: Arc::clone(self),
@@ -122,16 +138,15 @@ impl NetworkBufferPool {
     /// with Flink's "insufficient number of network buffers".
     pub fn request_many(self: &Arc<Self>, count: usize) -> Result<Vec<Segment>, MemoryError> {
         let mut free = self.lock();
-        if free.segments.len() < count {
-            return Err(MemoryError::InsufficientNetworkBuffers {
-                required: count,
-                available: free.segments.len(),
-            });
-        }
-        let at = free.segments.len() - count;
-        Ok(free
-            .segments
-            .split_off(at)
+        let available = free.segments.available();
+        let taken =
+            free.segments
+                .take_many(count)
+                .ok_or(MemoryError::InsufficientNetworkBuffers {
+                    required: count,
+                    available,
+                })?;
+        Ok(taken
             .into_iter()
             .map(|bytes| Segment {
                 bytes,
@@ -146,10 +161,10 @@ impl NetworkBufferPool {
         free.waiters += 1;
         let (mut free, _) = self
             .available
-            .wait_timeout_while(free, timeout, |f| f.segments.is_empty())
+            .wait_timeout_while(free, timeout, |f| f.segments.available() == 0)
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         free.waiters -= 1;
-        let bytes = free.segments.pop()?;
+        let bytes = free.segments.take()?;
         Some(Segment {
             bytes,
             pool: Arc::clone(self),
@@ -169,6 +184,23 @@ mod tests {
         assert!(pool.request_many(2).is_err());
         drop(many);
         assert_eq!(pool.available_count(), 4);
+    }
+
+    #[test]
+    fn segments_are_allocated_on_first_use() {
+        let pool = NetworkBufferPool::new(8, 4096);
+        assert_eq!((pool.allocated_count(), pool.available_count()), (0, 8));
+        let one = pool.try_request().unwrap();
+        drop(one);
+        let two = pool.request_many(2).unwrap();
+        assert_eq!(pool.allocated_count(), 2, "the freed segment is reused");
+        drop(two);
+        assert_eq!(
+            pool.free_segment_ptrs().len(),
+            8,
+            "registration allocates all"
+        );
+        assert_eq!(pool.allocated_count(), 8);
     }
 
     #[test]

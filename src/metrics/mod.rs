@@ -38,6 +38,9 @@ pub struct TaskMetrics {
     pub late_rows: AtomicU64,
     pub managed_peak_bytes: AtomicU64,
     pub source_rows_expected: AtomicU64,
+    /// When a source task produced its first batch, in microseconds since
+    /// the Unix epoch (0: not yet).
+    pub first_row_unix_us: AtomicU64,
     /// The task's input gates and remote output queues, read for Flink's
     /// inPoolUsage and outPoolUsage.
     pub gates: Vec<Arc<InputGate>>,
@@ -68,6 +71,10 @@ pub struct TaskSnapshot {
     pub late_rows: u64,
     pub managed_peak_bytes: u64,
     pub source_rows_expected: u64,
+    /// When a source task produced its first batch, µs since the Unix
+    /// epoch (0: not yet, or not a source).
+    #[serde(default)]
+    pub first_row_unix_us: u64,
     /// Share of the input gates' remote buffers holding unconsumed data, ‰.
     #[serde(default)]
     pub in_pool_usage_permille: u64,
@@ -111,6 +118,7 @@ impl TaskMetrics {
             late_rows: r(&self.late_rows),
             managed_peak_bytes: r(&self.managed_peak_bytes),
             source_rows_expected: r(&self.source_rows_expected),
+            first_row_unix_us: r(&self.first_row_unix_us),
             backpressured_ms_per_second: self.backpressure_rate(sum(&|w| r(&w.backpressure_nanos))),
             in_pool_usage_permille: self.in_pool_usage_permille(),
             out_pool_usage_permille: self.out_pool_usage_permille(),

@@ -62,7 +62,7 @@ use arrow_array::RecordBatch;
 use serde::{Deserialize, Serialize};
 
 pub use gate::{GateDemand, InputGate, InputReader, SegmentShortfall};
-pub use partition::{Partitioner, RecordWriter, ResultPartition, Subpartition};
+pub use partition::{HashSplitter, Partitioner, RecordWriter, ResultPartition, Subpartition};
 
 /// Bytes a producer leaves free at the start of every network segment: the
 /// verbs transport writes the routing header there, in front of the payload,

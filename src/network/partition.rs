@@ -376,14 +376,65 @@ pub struct RecordWriter {
     pool: Arc<NetworkBufferPool>,
     canceled: Arc<dyn Fn() -> bool + Send + Sync>,
     metrics: Arc<WriterMetrics>,
+    splitter: HashSplitter,
+    next_target: usize,
+}
+
+/// Splits batches by the hash of their key columns into one piece per
+/// target subtask (Flink's key groups): the rows are hashed a column at a
+/// time, grouped by target with a counting sort, and each target's rows
+/// gathered with one `take`.
+#[derive(Default)]
+pub struct HashSplitter {
     hashes: Vec<u64>,
-    /// A hashed batch's row indices grouped by target (a counting sort),
-    /// and where each target's group starts: O(rows + targets) memory per
-    /// writer, where a vector per target would hold a thousand allocations
-    /// in each of a thousand writers at parallelism 1000.
+    /// A hashed batch's row indices grouped by target, and where each
+    /// target's group starts: O(rows + targets) memory per writer, where a
+    /// vector per target would hold a thousand allocations in each of a
+    /// thousand writers at parallelism 1000.
     grouped_rows: Vec<u32>,
     group_starts: Vec<u32>,
-    next_target: usize,
+}
+
+impl HashSplitter {
+    /// Calls `send(target, piece)` for each target that gets rows of
+    /// `batch`, in target order; rows keep their order within a piece.
+    pub fn split(
+        &mut self,
+        batch: &RecordBatch,
+        key_columns: &[usize],
+        max_parallelism: u32,
+        parallelism: usize,
+        mut send: impl FnMut(usize, RecordBatch) -> Result<(), NetworkError>,
+    ) -> Result<(), NetworkError> {
+        let keys: Vec<ArrayRef> = key_columns
+            .iter()
+            .map(|&i| Arc::clone(batch.column(i)))
+            .collect();
+        hash_columns(&keys, &mut self.hashes).map_err(|e| NetworkError::Encode(e.to_string()))?;
+        group_rows_by_target(
+            &self.hashes,
+            |h| subtask_for_hash(h, max_parallelism, parallelism as u32),
+            parallelism,
+            &mut self.grouped_rows,
+            &mut self.group_starts,
+        );
+        for t in 0..parallelism {
+            let (start, end) = (self.group_starts[t], self.group_starts[t + 1]);
+            if start == end {
+                continue;
+            }
+            let rows = &self.grouped_rows[start as usize..end as usize];
+            let piece = if rows.len() == batch.num_rows() {
+                batch.clone()
+            } else {
+                let indices = UInt32Array::from(rows.to_vec());
+                take_record_batch(batch, &indices)
+                    .map_err(|e| NetworkError::Encode(e.to_string()))?
+            };
+            send(t, piece)?;
+        }
+        Ok(())
+    }
 }
 
 impl RecordWriter {
@@ -396,7 +447,6 @@ impl RecordWriter {
         metrics: Arc<WriterMetrics>,
     ) -> Self {
         assert!(!targets.is_empty());
-        let n = targets.len();
         Self {
             partitioner,
             targets,
@@ -404,9 +454,7 @@ impl RecordWriter {
             pool,
             canceled,
             metrics,
-            hashes: Vec::new(),
-            grouped_rows: Vec::new(),
-            group_starts: Vec::with_capacity(n + 1),
+            splitter: HashSplitter::default(),
             next_target: 0,
         }
     }
@@ -426,32 +474,19 @@ impl RecordWriter {
                 if self.targets.len() == 1 {
                     return self.send(0, batch);
                 }
-                let keys: Vec<ArrayRef> = key_columns
-                    .iter()
-                    .map(|&i| Arc::clone(batch.column(i)))
-                    .collect();
-                hash_columns(&keys, &mut self.hashes)
-                    .map_err(|e| NetworkError::Encode(e.to_string()))?;
-                let parallelism = self.targets.len() as u32;
-                group_rows_by_target(
-                    &self.hashes,
-                    |h| subtask_for_hash(h, self.max_parallelism, parallelism),
-                    parallelism as usize,
-                    &mut self.grouped_rows,
-                    &mut self.group_starts,
+                let parallelism = self.targets.len();
+                // Taken out while `send` borrows the writer.
+                let key_columns = key_columns.clone();
+                let mut splitter = std::mem::take(&mut self.splitter);
+                let result = splitter.split(
+                    &batch,
+                    &key_columns,
+                    self.max_parallelism,
+                    parallelism,
+                    |t, piece| self.send(t, piece),
                 );
-                for t in 0..self.targets.len() {
-                    let (start, end) = (self.group_starts[t], self.group_starts[t + 1]);
-                    if start == end {
-                        continue;
-                    }
-                    let rows = &self.grouped_rows[start as usize..end as usize];
-                    let indices = UInt32Array::from(rows.to_vec());
-                    let piece = take_record_batch(&batch, &indices)
-                        .map_err(|e| NetworkError::Encode(e.to_string()))?;
-                    self.send(t, piece)?;
-                }
-                Ok(())
+                self.splitter = splitter;
+                result
             }
         }
     }

@@ -54,6 +54,11 @@ pub struct JobSummary {
     pub wall_ms: u64,
     pub rows_in: u64,
     pub rows_out: u64,
+    /// When the job's first row was produced (the earliest first batch of
+    /// its source tasks), µs since the Unix epoch; `None` when no source
+    /// produced a row.
+    #[serde(default)]
+    pub first_row_unix_us: Option<u64>,
     pub vertices: Vec<VertexSummary>,
     pub remote_bytes: u64,
     pub remote_buffers: u64,

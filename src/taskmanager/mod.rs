@@ -22,7 +22,7 @@ use tokio::sync::mpsc::{UnboundedSender, unbounded_channel};
 
 use crate::config::Config;
 use crate::io::{IoConfig, IoManager};
-use crate::memory::{MemoryManager, NetworkBufferPool, PagePool};
+use crate::memory::{Commit, MemoryManager, NetworkBufferPool, PagePool};
 use crate::metrics::TaskMetrics;
 use crate::network::NetworkRegistry;
 use crate::network::tcp::{ConnectionManager, DataServer, DataServerOptions};
@@ -282,11 +282,24 @@ impl TaskManager {
         let slot_count = config.slot_count as usize;
         let page_size = config.page_size_bytes as usize;
         let segment_size = config.segment_size_bytes as usize;
-        // Touching hundreds of MiB takes seconds: keep it off the async workers.
+        let commit = if config.pre_allocate {
+            Commit::PreTouched
+        } else {
+            Commit::OnFirstUse
+        };
+        // Pre-touching hundreds of MiB takes seconds: keep it off the async workers.
         let (pages, netpool) = tokio::task::spawn_blocking(move || {
             (
-                PagePool::new(layout.managed_per_slot * slot_count as u64, page_size),
-                NetworkBufferPool::new(layout.network_segment_count as usize, segment_size),
+                PagePool::with_commit(
+                    layout.managed_per_slot * slot_count as u64,
+                    page_size,
+                    commit,
+                ),
+                NetworkBufferPool::with_commit(
+                    layout.network_segment_count as usize,
+                    segment_size,
+                    commit,
+                ),
             )
         })
         .await

@@ -21,7 +21,10 @@ use arrow_schema::{DataType, SchemaRef};
 
 use super::ExecError;
 use super::hashtable::{NO_CANDIDATE, PagedHashTable, TableError, read_u64, write_u64};
-use super::keycodec::{KeyClass, decode_keys, encode_key, key_class, prepare_key};
+use super::keycodec::{
+    FIXED_KEY_BYTES, KeyClass, KeyColumn, decode_keys, encode_fixed_keys, encode_key,
+    is_fixed_width, key_class, prepare_key,
+};
 use super::operators::{Operator, Output};
 use super::spill::SpillContext;
 use crate::job::{AggFunc, AggSpec};
@@ -111,6 +114,11 @@ struct Grouper {
     spill: Option<SpillContext>,
     hashes: Vec<u64>,
     key_scratch: Vec<u8>,
+    /// Whether every key fits [`FIXED_KEY_BYTES`]: then a batch's keys are
+    /// encoded column at a time into `fixed_keys` and compared as words.
+    fixed_width: bool,
+    fixed_keys: Vec<[u8; FIXED_KEY_BYTES]>,
+    fixed_lens: Vec<u8>,
     group_ids: Vec<u32>,
     probes: Vec<u64>,
     kept_rows: Vec<u32>,
@@ -129,7 +137,7 @@ impl Grouper {
         memory: MemoryManager,
         spill: Option<SpillContext>,
     ) -> Result<Self, ExecError> {
-        let key_classes = key_columns
+        let key_classes: Vec<KeyClass> = key_columns
             .iter()
             .map(|&i| {
                 let field = input.field(i);
@@ -147,7 +155,11 @@ impl Grouper {
             .iter()
             .map(|a| plan_acc(operator, input, a))
             .collect::<Result<_, _>>()?;
+        let fixed_width = is_fixed_width(&key_classes);
         Ok(Self {
+            fixed_width,
+            fixed_keys: Vec::new(),
+            fixed_lens: Vec::new(),
             operator: operator.to_owned(),
             input_schema: Arc::new(input.clone()),
             key_columns,
@@ -270,20 +282,40 @@ impl Grouper {
         // take the full probe-or-insert path only on a miss. This loop is
         // the hot path; it stops at the first row the budget refuses.
         let mut refused_at = rows.len();
+        let fixed = self.fixed_width;
+        if fixed {
+            encode_fixed_keys(
+                &key_cols,
+                batch.num_rows(),
+                &mut self.fixed_keys,
+                &mut self.fixed_lens,
+            );
+        }
         if let (false, Some(table)) = (groups.full, groups.table.as_mut()) {
             for (i, &row) in rows.iter().enumerate() {
-                self.key_scratch.clear();
-                for k in &key_cols {
-                    encode_key(k, row as usize, &mut self.key_scratch);
-                }
                 let probe = self.probes[i];
                 let candidate = self.group_ids[i];
-                if candidate != NO_CANDIDATE
-                    && table.matches(candidate as usize, probe, &self.key_scratch)
-                {
-                    continue;
-                }
-                match table.find_or_insert(probe, &self.key_scratch, |acc| init_accs(accs, acc)) {
+                let key: &[u8] = if fixed {
+                    let (key, len) = (
+                        &self.fixed_keys[row as usize],
+                        self.fixed_lens[row as usize],
+                    );
+                    if candidate != NO_CANDIDATE
+                        && table.matches_fixed(candidate as usize, probe, key, len as usize)
+                    {
+                        continue;
+                    }
+                    &key[..len as usize]
+                } else {
+                    encode_row_key(&key_cols, row, &mut self.key_scratch);
+                    if candidate != NO_CANDIDATE
+                        && table.matches(candidate as usize, probe, &self.key_scratch)
+                    {
+                        continue;
+                    }
+                    &self.key_scratch
+                };
+                match table.find_or_insert(probe, key, |acc| init_accs(accs, acc)) {
                     Ok(id) => self.group_ids[i] = id as u32,
                     Err(TableError::Memory(e)) if self.spill.is_some() => {
                         tracing::info!(
@@ -313,19 +345,19 @@ impl Grouper {
             self.kept_rows.clear();
             self.kept_rows.extend_from_slice(&rows[..refused_at]);
             for (i, &row) in rows.iter().enumerate().skip(refused_at) {
-                self.key_scratch.clear();
-                for k in &key_cols {
-                    encode_key(k, row as usize, &mut self.key_scratch);
-                }
+                let key: &[u8] = if fixed {
+                    &self.fixed_keys[row as usize][..self.fixed_lens[row as usize] as usize]
+                } else {
+                    encode_row_key(&key_cols, row, &mut self.key_scratch);
+                    &self.key_scratch
+                };
                 let probe = self.probes[i];
                 let candidate = self.group_ids[i];
                 let found = groups.table.as_ref().and_then(|table| {
-                    if candidate != NO_CANDIDATE
-                        && table.matches(candidate as usize, probe, &self.key_scratch)
-                    {
+                    if candidate != NO_CANDIDATE && table.matches(candidate as usize, probe, key) {
                         Some(candidate as usize)
                     } else {
-                        table.find(probe, &self.key_scratch)
+                        table.find(probe, key)
                     }
                 });
                 match found {
@@ -409,6 +441,15 @@ impl Grouper {
             Arc::clone(&self.output_schema),
             columns,
         )?)
+    }
+}
+
+/// Encodes row `row`'s key (every key column) into `out`.
+#[inline]
+fn encode_row_key(key_cols: &[KeyColumn], row: u32, out: &mut Vec<u8>) {
+    out.clear();
+    for k in key_cols {
+        encode_key(k, row as usize, out);
     }
 }
 

@@ -63,6 +63,7 @@ fn csv_spec(dir: &Path, batch_size: usize) -> CsvSourceSpec {
         schema: schema(),
         batch_size,
         watermark: None,
+        columns: None,
     }
 }
 
@@ -72,6 +73,8 @@ fn parquet_spec(dir: &Path, batch_size: usize) -> ParquetSourceSpec {
         schema: schema(),
         batch_size,
         watermark: None,
+        columns: None,
+        prune: None,
     }
 }
 
@@ -232,4 +235,155 @@ fn csv_parse_errors_do_not_quote_the_file() {
     assert!(!redacted.contains("secret"), "{redacted}");
     assert!(redacted.contains("column 1 at line 2"), "{redacted}");
     assert!(redacted.contains("'Int64'"), "{redacted}");
+}
+
+/// Every id the subtasks of a `parallelism`-way CSV source read, sorted.
+fn csv_ids_read(dir: &Path, parallelism: u32, split_bytes: u64, has_header: bool) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for subtask in 0..parallelism {
+        let spec = CsvSourceSpec {
+            has_header,
+            ..csv_spec(dir, 4)
+        };
+        let mut source = CsvSource::with_split_bytes(spec, subtask, parallelism, Some(split_bytes))
+            .expect("csv");
+        for batch in read_batches(&mut source, None) {
+            let column = batch.column(0).as_any().downcast_ref::<Int64Array>();
+            ids.extend(column.expect("int64 ids").values().iter().copied());
+        }
+    }
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn csv_byte_splits_read_every_line_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Lines of different lengths (ids 0..9 vs 1000..), a file without a
+    // final line break, and a file with only a header.
+    write_csv(&dir.path().join("a.csv"), 0, 40);
+    write_csv(&dir.path().join("b.csv"), 1000, 25);
+    std::fs::write(dir.path().join("c.csv"), "id,name\n5000,n5000").expect("write");
+    std::fs::write(dir.path().join("d.csv"), "id,name\n").expect("write");
+    let mut expected: Vec<i64> = (0..40).chain(1000..1025).chain([5000]).collect();
+    expected.sort_unstable();
+    for split_bytes in [1, 2, 5, 7, 13, 64, 1 << 20] {
+        for parallelism in [1, 2, 3, 8] {
+            assert_eq!(
+                csv_ids_read(dir.path(), parallelism, split_bytes, true),
+                expected,
+                "splits of {split_bytes} bytes over {parallelism} subtasks"
+            );
+        }
+    }
+}
+
+#[test]
+fn csv_byte_splits_without_header_and_with_crlf() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text: String = (0..30).map(|i| format!("{i},n{i}\r\n")).collect();
+    std::fs::write(dir.path().join("a.csv"), text).expect("write");
+    for split_bytes in [1, 3, 9, 100] {
+        assert_eq!(
+            csv_ids_read(dir.path(), 3, split_bytes, false),
+            (0..30).collect::<Vec<i64>>()
+        );
+    }
+}
+
+#[test]
+fn csv_byte_splits_restore_at_every_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_csv(&dir.path().join("a.csv"), 0, 30);
+    write_csv(&dir.path().join("b.csv"), 100, 17);
+    for (subtask, parallelism) in [(0, 1), (0, 2), (1, 2), (2, 3)] {
+        assert_replay_at_every_batch(&|| {
+            Box::new(
+                CsvSource::with_split_bytes(
+                    csv_spec(dir.path(), 3),
+                    subtask,
+                    parallelism,
+                    Some(40),
+                )
+                .expect("csv"),
+            )
+        });
+    }
+}
+
+#[test]
+fn csv_split_size_balances_one_big_file_over_the_subtasks() {
+    use super::csv_split_bytes;
+    assert_eq!(csv_split_bytes(0, 4), 1 << 20);
+    assert_eq!(csv_split_bytes(533 << 20, 4), 17_465_344);
+    assert_eq!(csv_split_bytes(100 << 30, 4), 32 << 20);
+}
+
+#[test]
+fn parquet_pushdown_skips_row_groups_and_reads_only_named_columns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // Ids ascend, so each row group of 10 holds one decade of ids.
+    write_parquet(&dir.path().join("a.parquet"), 0, 100, 10);
+    let spec = ParquetSourceSpec {
+        columns: Some(vec!["id".into()]),
+        prune: Some(crate::job::Expr::parse("id >= 55 and name != 'x'").expect("parse")),
+        ..parquet_spec(dir.path(), 7)
+    };
+    let mut ids = Vec::new();
+    for subtask in 0..3 {
+        let mut source = ParquetSource::new(spec.clone(), subtask, 3).expect("parquet");
+        assert_eq!(
+            source.pruned().row_groups,
+            5,
+            "decades 0..4 cannot hold id >= 55"
+        );
+        for batch in read_batches(&mut source, None) {
+            assert_eq!(batch.num_columns(), 1, "only the id column is decoded");
+            let column = batch.column(0).as_any().downcast_ref::<Int64Array>();
+            ids.extend(column.expect("ids").values().iter().copied());
+        }
+    }
+    ids.sort_unstable();
+    assert!(
+        ids.iter().all(|&id| id >= 50),
+        "pruned row groups are not read"
+    );
+    assert!(
+        (55..100).all(|id| ids.contains(&id)),
+        "every matching row is read"
+    );
+}
+
+#[test]
+fn parquet_pruned_source_restores_at_every_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_parquet(&dir.path().join("a.parquet"), 0, 60, 10);
+    write_parquet(&dir.path().join("b.parquet"), 100, 30, 10);
+    let spec = ParquetSourceSpec {
+        prune: Some(crate::job::Expr::parse("id < 25 or id >= 110").expect("parse")),
+        ..parquet_spec(dir.path(), 4)
+    };
+    for (subtask, parallelism) in [(0, 1), (1, 2)] {
+        assert_replay_at_every_batch(&|| {
+            Box::new(ParquetSource::new(spec.clone(), subtask, parallelism).expect("parquet"))
+        });
+    }
+}
+
+#[test]
+fn csv_projection_outputs_only_the_named_columns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_csv(&dir.path().join("a.csv"), 0, 10);
+    let spec = CsvSourceSpec {
+        columns: Some(vec!["name".into()]),
+        ..csv_spec(dir.path(), 4)
+    };
+    let mut source = CsvSource::new(spec, 0, 1).expect("csv");
+    let batches = read_batches(&mut source, None);
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.num_columns() == 1 && b.schema().field(0).name() == "name")
+    );
+    assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 10);
 }

@@ -520,6 +520,7 @@ pub fn summarize(entry: &JobEntry, rm: &ResourceManager, now: Duration) -> JobSu
         wall_ms: entry.elapsed(now).as_millis() as u64,
         rows_in: 0,
         rows_out: 0,
+        first_row_unix_us: None,
         vertices: Vec::new(),
         remote_bytes: 0,
         remote_buffers: 0,
@@ -595,6 +596,10 @@ pub fn summarize(entry: &JobEntry, rm: &ResourceManager, now: Duration) -> JobSu
         summary.spill_bytes_written += m.spill_bytes_written;
         summary.spill_bytes_read += m.spill_bytes_read;
         summary.spill_file_count += m.spill_file_count;
+        if m.first_row_unix_us > 0 {
+            let first = summary.first_row_unix_us.get_or_insert(m.first_row_unix_us);
+            *first = (*first).min(m.first_row_unix_us);
+        }
     }
     for (i, op) in ops.iter().enumerate() {
         if op.input.is_none() {
