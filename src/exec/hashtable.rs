@@ -3,7 +3,9 @@
 //! The keyed aggregation keeps its whole state here, so that its memory is
 //! exactly what the slot's [`MemoryManager`] granted: fixed-width entries in
 //! entry pages, variable-length encoded keys in an arena of key pages, and an
-//! open-addressing index of `u32` entry ids in index pages. Growing any part
+//! open-addressing index in index pages, of 8-byte slots that hold an entry
+//! id and a 32-bit tag of the key's hash, so that a probe passes over other
+//! keys' slots without loading their entries. Growing any part
 //! takes pages from the budget; a refusal is a [`MemoryError`] that leaves the
 //! table unchanged (the caller fails or, later, spills).
 //!
@@ -17,8 +19,24 @@ use crate::memory::{MemoryError, MemoryManager, Page};
 
 pub(crate) const INLINE_KEY: usize = 16;
 const ENTRY_HEADER: usize = 24 + INLINE_KEY;
-/// Index slots hold entry id + 1; 0 is empty.
+/// Index slots hold `tag << 32 | (entry id + 1)`; an id of 0 is empty.
 const EMPTY: u32 = 0;
+/// Bytes of an index slot.
+const SLOT_BYTES: usize = 8;
+/// Slots [`PagedHashTable::first_candidate`] looks at past the home slot.
+const CANDIDATE_PROBES: usize = 4;
+
+/// The tag of a hash in an index slot: its high half (the slot position
+/// comes from the low bits).
+#[inline]
+fn tag_of(hash: u64) -> u64 {
+    hash >> 32
+}
+
+#[inline]
+fn slot_value(hash: u64, id: usize) -> u64 {
+    (tag_of(hash) << 32) | (id as u64 + 1)
+}
 /// What [`PagedHashTable::first_candidate`] returns for an empty slot.
 pub const NO_CANDIDATE: u32 = u32::MAX;
 
@@ -77,8 +95,11 @@ impl PagedHashTable {
             });
         }
         // Inserts grow the index while `count * 2 > capacity`.
-        let index_capacity = (entry_count * 2).next_power_of_two().max(page_size / 4);
-        let mut index_pages = mem.allocate_pages((index_capacity * 4).div_ceil(page_size))?;
+        let index_capacity = (entry_count * 2)
+            .next_power_of_two()
+            .max(page_size / SLOT_BYTES);
+        let mut index_pages =
+            mem.allocate_pages((index_capacity * SLOT_BYTES).div_ceil(page_size))?;
         // Pages come back from the pool as their last user left them.
         for page in &mut index_pages {
             page.as_mut_slice().fill(0);
@@ -87,7 +108,7 @@ impl PagedHashTable {
             page_size,
             entry_width,
             entry_shift,
-            slot_shift: (page_size / 4).trailing_zeros(),
+            slot_shift: (page_size / SLOT_BYTES).trailing_zeros(),
             entry_pages: Vec::new(),
             entry_count: 0,
             key_pages: Vec::new(),
@@ -110,15 +131,17 @@ impl PagedHashTable {
     }
 
     #[inline]
-    fn slot(&self, i: usize) -> u32 {
+    fn slot(&self, i: usize) -> u64 {
         let mask = (1usize << self.slot_shift) - 1;
-        let b = &self.index_pages[i >> self.slot_shift].as_slice()[(i & mask) * 4..][..4];
-        u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        read_u64(
+            self.index_pages[i >> self.slot_shift].as_slice(),
+            (i & mask) * SLOT_BYTES,
+        )
     }
 
-    fn set_slot(pages: &mut [Page], shift: u32, i: usize, v: u32) {
+    fn set_slot(pages: &mut [Page], shift: u32, i: usize, v: u64) {
         let mask = (1usize << shift) - 1;
-        pages[i >> shift].as_mut_slice()[(i & mask) * 4..][..4].copy_from_slice(&v.to_le_bytes());
+        write_u64(pages[i >> shift].as_mut_slice(), (i & mask) * SLOT_BYTES, v);
     }
 
     #[inline]
@@ -166,12 +189,26 @@ impl PagedHashTable {
         &mut self.entry_mut(id)[ENTRY_HEADER..]
     }
 
-    /// The entry in `hash`'s home slot, or [`NO_CANDIDATE`]: the likely match,
-    /// to be confirmed with [`Self::matches`].
+    /// The first entry from `hash`'s home slot on whose slot carries
+    /// `hash`'s tag (looking at a few slots), or [`NO_CANDIDATE`]: the
+    /// likely match, to be confirmed with [`Self::matches`]. Reads only the
+    /// index.
     #[inline]
     pub fn first_candidate(&self, hash: u64) -> u32 {
-        let v = self.slot((hash as usize) & (self.index_capacity - 1));
-        v.wrapping_sub(1)
+        let mask = self.index_capacity - 1;
+        let mut i = (hash as usize) & mask;
+        for _ in 0..CANDIDATE_PROBES {
+            let v = self.slot(i);
+            let id = v as u32;
+            if id == EMPTY {
+                return NO_CANDIDATE;
+            }
+            if v >> 32 == tag_of(hash) {
+                return id - 1;
+            }
+            i = (i + 1) & mask;
+        }
+        NO_CANDIDATE
     }
 
     /// Whether entry `id` holds `key` hashed to `hash`.
@@ -203,11 +240,12 @@ impl PagedHashTable {
         let mut i = (hash as usize) & mask;
         loop {
             let v = self.slot(i);
-            if v == EMPTY {
+            if v as u32 == EMPTY {
                 return None;
             }
-            let id = (v - 1) as usize;
-            if read_u64(self.entry(id), 0) == hash && self.key(id) == key {
+            let id = (v as u32 - 1) as usize;
+            if v >> 32 == tag_of(hash) && read_u64(self.entry(id), 0) == hash && self.key(id) == key
+            {
                 return Some(id);
             }
             i = (i + 1) & mask;
@@ -227,11 +265,12 @@ impl PagedHashTable {
         let mut i = (hash as usize) & mask;
         loop {
             let v = self.slot(i);
-            if v == EMPTY {
+            if v as u32 == EMPTY {
                 break;
             }
-            let id = (v - 1) as usize;
-            if read_u64(self.entry(id), 0) == hash && self.key(id) == key {
+            let id = (v as u32 - 1) as usize;
+            if v >> 32 == tag_of(hash) && read_u64(self.entry(id), 0) == hash && self.key(id) == key
+            {
                 return Ok(id);
             }
             i = (i + 1) & mask;
@@ -292,13 +331,18 @@ impl PagedHashTable {
         }
         init(&mut e[ENTRY_HEADER..]);
         self.entry_count += 1;
-        Self::set_slot(&mut self.index_pages, self.slot_shift, i, id as u32 + 1);
+        Self::set_slot(
+            &mut self.index_pages,
+            self.slot_shift,
+            i,
+            slot_value(hash, id),
+        );
         Ok(id)
     }
 
     fn grow_index(&mut self) -> Result<(), TableError> {
         let capacity = self.index_capacity * 2;
-        let pages_needed = (capacity * 4).div_ceil(self.page_size);
+        let pages_needed = (capacity * SLOT_BYTES).div_ceil(self.page_size);
         let mut pages = self.mem.allocate_pages(pages_needed)?;
         for p in &mut pages {
             p.as_mut_slice().fill(0);
@@ -309,13 +353,13 @@ impl PagedHashTable {
             let hash = read_u64(self.entry(id), 0);
             let mut i = (hash as usize) & mask;
             loop {
-                let b = &pages[i >> self.slot_shift].as_slice()[(i & slot_mask) * 4..][..4];
-                if u32::from_le_bytes([b[0], b[1], b[2], b[3]]) == EMPTY {
+                let page = pages[i >> self.slot_shift].as_slice();
+                if read_u64(page, (i & slot_mask) * SLOT_BYTES) as u32 == EMPTY {
                     break;
                 }
                 i = (i + 1) & mask;
             }
-            Self::set_slot(&mut pages, self.slot_shift, i, id as u32 + 1);
+            Self::set_slot(&mut pages, self.slot_shift, i, slot_value(hash, id));
         }
         self.index_pages = pages;
         self.index_capacity = capacity;
