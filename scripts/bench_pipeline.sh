@@ -23,6 +23,9 @@
 #   STRATA_BIN=target/release/strata
 #   BASELINE_BIN=PATH       another strata binary (e.g. an older commit's),
 #                           run in the same rounds; ratios new / baseline
+#   BASELINE_ARGS="..."     extra `strata run` arguments for the baseline only
+#                           (e.g. "--taskmanagers 2 --slots 2", the layout
+#                           `strata run` used before it defaulted to one)
 #   JOBS="J1 J2-Parquet J2-CSV"
 #   EXTRA="-D key=value ..." passed to every `strata run`
 set -euo pipefail
@@ -33,6 +36,7 @@ jobs=${JOBS:-J1 J2-Parquet J2-CSV}
 strata=${STRATA_BIN:-$target/release/strata}
 baseline=${BASELINE_BIN:-}
 extra=${EXTRA:-}
+baseline_args=${BASELINE_ARGS:-}
 
 [ -x /usr/bin/time ] || { echo "bench_pipeline: installing GNU time"; apt-get install -y -qq time >/dev/null; }
 cargo build --release --quiet --bin strata --example reference_agg --example gen_bench_data
@@ -50,11 +54,11 @@ job_file() {
 results=$(mktemp)
 trap 'rm -f "$results" "$results".*' EXIT
 
-# run LABEL BIN JOB: one run; appends "label job wall job_s cpu rss_kb first_ms rows"
+# run LABEL BIN JOB [ARGS]: one run; appends "label job wall job_s cpu rss_kb first_ms rows"
 run() {
-  local label=$1 bin=$2 job=$3 out="$results.out" tm="$results.time"
+  local label=$1 bin=$2 job=$3 args=${4:-} out="$results.out" tm="$results.time"
   # shellcheck disable=SC2086
-  if ! /usr/bin/time -o "$tm" -f '%e %U %S %M' "$bin" run "$(job_file "$job")" --no-progress $extra \
+  if ! /usr/bin/time -o "$tm" -f '%e %U %S %M' "$bin" run "$(job_file "$job")" --no-progress $extra $args \
       >"$out" 2>"$results.err"; then
     echo "bench_pipeline: $label $job failed:" >&2
     tail -5 "$results.err" >&2
@@ -71,7 +75,7 @@ run() {
 for round in $(seq "$runs"); do
   for job in $jobs; do
     run strata "$strata" "$job"
-    if [ -n "$baseline" ]; then run baseline "$baseline" "$job"; fi
+    if [ -n "$baseline" ]; then run baseline "$baseline" "$job" "$baseline_args"; fi
   done
   echo "round $round of $runs done" >&2
 done
