@@ -143,6 +143,85 @@ fn run_prints_a_summary_and_the_results() {
         stdout.contains("tm-1/slot0") && stdout.contains("tm-2/slot0"),
         "placement: {stdout}"
     );
+    assert!(
+        stdout.contains("time to first row: ") && stdout.contains(" ms after process start"),
+        "{stdout}"
+    );
+}
+
+/// Reads every row of the Parquet part files in `dir` as (key, n, s).
+fn read_counts(dir: &std::path::Path) -> std::collections::BTreeMap<i64, (i64, i64)> {
+    use arrow_array::cast::AsArray;
+    use arrow_array::types::Int64Type;
+    use strata::exec::source::{ParquetSource, Source};
+    let spec = strata::job::ParquetSourceSpec {
+        path: dir.to_owned(),
+        schema: std::sync::Arc::new(arrow_schema::Schema::empty()),
+        batch_size: 1024,
+        watermark: None,
+        columns: None,
+        prune: None,
+    };
+    let mut source = ParquetSource::new(spec, 0, 1).unwrap();
+    let mut counts = std::collections::BTreeMap::new();
+    while let Some(batch) = source.next_batch().unwrap() {
+        let column = |i: usize| batch.column(i).as_primitive::<Int64Type>().clone();
+        let (keys, n, sums) = (column(0), column(1), column(2));
+        for row in 0..batch.num_rows() {
+            counts.insert(keys.value(row), (n.value(row), sums.value(row)));
+        }
+    }
+    counts
+}
+
+/// One CSV file is split into byte ranges over the source subtasks, which
+/// read only the columns the job uses: the results equal a plain
+/// computation.
+#[test]
+fn one_csv_file_split_over_the_subtasks_gives_the_plain_result() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv_dir = dir.path().join("csv");
+    std::fs::create_dir(&csv_dir).unwrap();
+    let mut text = String::from("key,value,note\n");
+    let mut expected = std::collections::BTreeMap::new();
+    for i in 0..200_000i64 {
+        text.push_str(&format!("{},{},n{i}\n", i % 7, i % 1000));
+        if i % 1000 >= 990 {
+            let e = expected.entry(i % 7).or_insert((0i64, 0i64));
+            *e = (e.0 + 1, e.1 + i % 1000);
+        }
+    }
+    std::fs::write(csv_dir.join("big.csv"), &text).unwrap();
+    let run = |source: String, out: &std::path::Path| {
+        let job = format!(
+            "[job]\nname = \"split\"\nparallelism = 3\n\
+             [[operator]]\nname = \"src\"\n{source}\n\
+             [[operator]]\nname = \"f\"\ntype = \"filter\"\npredicate = \"value >= 990\"\n\
+             [[operator]]\nname = \"k\"\ntype = \"key_by\"\nkeys = [\"key\"]\n\
+             [[operator]]\nname = \"a\"\ntype = \"aggregate\"\naggs = [\"count(*) as n\", \"sum(value) as s\"]\n\
+             [[operator]]\nname = \"out\"\ntype = \"parquet_sink\"\npath = {:?}\n",
+            out.display().to_string()
+        );
+        let job_file = out.with_extension("toml");
+        std::fs::write(&job_file, job).unwrap();
+        let (code, stdout, stderr) = output(strata().args([
+            "run",
+            job_file.to_str().unwrap(),
+            "--no-progress",
+            "-D",
+            "taskmanager.memory.process.size=1g",
+        ]));
+        assert_eq!(code, 0, "{stderr}");
+        stdout
+    };
+    let from_csv = dir.path().join("from-csv");
+    let csv_source = format!(
+        "type = \"csv_source\"\npath = {:?}\nschema = {{ key = \"int64\", value = \"int64\", note = \"utf8\" }}",
+        csv_dir.display().to_string()
+    );
+    let stdout = run(csv_source, &from_csv);
+    assert!(stdout.contains("rows in 200,000"), "{stdout}");
+    assert_eq!(read_counts(&from_csv), expected);
 }
 
 #[test]

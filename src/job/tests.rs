@@ -551,10 +551,9 @@ fn csv_directory_uses_its_first_csv_file_and_declared_schemas_keep_file_order() 
     assert!(message.contains("no .csv files in directory"), "{message}");
 }
 
-#[test]
-fn parquet_schema_is_read_from_the_footer() {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let path = dir.path().join("part-0.parquet");
+/// Writes a two-row Parquet file (id, name, score) into `dir`; returns its
+/// schema.
+fn write_scores_parquet(dir: &Path) -> arrow_schema::SchemaRef {
     let schema = Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
         Field::new("name", DataType::Utf8, true),
@@ -566,12 +565,18 @@ fn parquet_schema_is_read_from_the_footer() {
         Arc::new(Float64Array::from(vec![0.5, 1.5])),
     ];
     let batch = RecordBatch::try_new(schema.clone(), columns).expect("valid batch");
-    let file = std::fs::File::create(&path).expect("create parquet file");
+    let file = std::fs::File::create(dir.join("part-0.parquet")).expect("create parquet file");
     let mut writer =
         parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None).expect("writer");
     writer.write(&batch).expect("write batch");
     writer.close().expect("close writer");
+    schema
+}
 
+#[test]
+fn parquet_schema_is_read_from_the_footer() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_scores_parquet(dir.path());
     let text = format!(
         "[job]\nname = \"pq\"\n[[operator]]\ntype = \"parquet_source\"\npath = {:?}\n[[operator]]\ntype = \"key_by\"\nkeys = [\"name\"]\n[[operator]]\ntype = \"aggregate\"\naggs = [\"avg(score) as mean\", \"count(name)\"]\n[[operator]]\ntype = \"parquet_sink\"\npath = \"out\"\n",
         dir.path().display().to_string()
@@ -604,21 +609,7 @@ fn parquet_schema_is_read_from_the_footer() {
 #[test]
 fn parquet_pushdown_keeps_what_sinks_and_filters_use() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let schema = Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Int64, false),
-        Field::new("name", DataType::Utf8, true),
-        Field::new("score", DataType::Float64, true),
-    ]));
-    let columns: Vec<ArrayRef> = vec![
-        Arc::new(Int64Array::from(vec![1, 2])),
-        Arc::new(StringArray::from(vec![Some("a"), None])),
-        Arc::new(Float64Array::from(vec![0.5, 1.5])),
-    ];
-    let batch = RecordBatch::try_new(schema.clone(), columns).expect("valid batch");
-    let file = std::fs::File::create(dir.path().join("a.parquet")).expect("create");
-    let mut writer = parquet::arrow::ArrowWriter::try_new(file, schema.clone(), None).expect("w");
-    writer.write(&batch).expect("write batch");
-    writer.close().expect("close writer");
+    let schema = write_scores_parquet(dir.path());
     let source = |plan: &LogicalPlan| match &plan.spec.operators[0].kind {
         OperatorKind::ParquetSource(p) => p.clone(),
         _ => panic!("operator 0 is the parquet source"),
