@@ -224,6 +224,23 @@ fn one_csv_file_split_over_the_subtasks_gives_the_plain_result() {
     assert_eq!(read_counts(&from_csv), expected);
 }
 
+/// `taskmanager.memory.pre-allocate = true` touches all memory at start-up
+/// and runs the same job to the same result.
+#[test]
+fn pre_allocated_memory_runs_the_job() {
+    let (code, stdout, stderr) = output(strata().args([
+        "run",
+        "examples/project_and_print.toml",
+        "--no-progress",
+        "-D",
+        "taskmanager.memory.process.size=1g",
+        "-D",
+        "taskmanager.memory.pre-allocate=true",
+    ]));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("rows in 1,000,000"), "{stdout}");
+}
+
 #[test]
 fn asking_for_rdma_without_a_device_is_a_clear_error() {
     let (code, _, stderr) = output(strata().args([
