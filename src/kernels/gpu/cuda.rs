@@ -173,6 +173,31 @@ pub fn nvrtc_version() -> Result<String, GpuError> {
     }
 }
 
+/// The CUDA driver's version as `cuDriverGetVersion` reports it (e.g.
+/// `12080` for 12.8), or `None` without a driver.
+pub fn driver_version() -> Option<i32> {
+    // SAFETY: only a `dlopen` probe, as in `probe`.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return None;
+    }
+    let query = || {
+        let mut version = 0;
+        // SAFETY: the pointer is to a live local for the duration of the
+        // call, which writes one int and keeps no pointer.
+        let status = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut version) };
+        (status, version)
+    };
+    match catch_unwind(query) {
+        Ok((cudarc::driver::sys::CUresult::CUDA_SUCCESS, version)) => Some(version),
+        _ => None,
+    }
+}
+
+/// The NVRTC options every kernel is compiled with for `arch`.
+fn compile_options(arch: &str) -> Vec<String> {
+    vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()]
+}
+
 /// Compiles (or loads from the cache) every kernel source for `arch`
 /// (`compute_90`): `(stem, PTX)` per source. Needs only NVRTC, not a GPU.
 pub fn compile_modules(
@@ -180,6 +205,9 @@ pub fn compile_modules(
     cache: &PtxCache,
 ) -> Result<Vec<(&'static str, String)>, GpuError> {
     let nvrtc_version = nvrtc_version()?;
+    let driver_version = driver_version().map_or_else(|| "none".to_owned(), |v| v.to_string());
+    let options = compile_options(arch);
+    let options_text = options.join(" ");
     SOURCES
         .iter()
         .map(|source| {
@@ -188,10 +216,12 @@ pub fn compile_modules(
                 expanded_source: &expanded,
                 arch,
                 nvrtc_version: &nvrtc_version,
+                options: &options_text,
+                driver_version: &driver_version,
             };
             let (ptx, outcome) = cache.get_or_compile(source.stem, key, || {
                 let options = CompileOptions {
-                    options: vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()],
+                    options: options.clone(),
                     name: Some(format!("{}.cu", source.stem)),
                     ..Default::default()
                 };
