@@ -167,11 +167,12 @@ pub fn render(s: &JobSummary) -> String {
             let o = &s.gpu_offload;
             let _ = writeln!(
                 out,
-                "  gpu offload: {} batch pieces on the GPU, {} out-of-memory splits, {} pieces ({} rows) on the CPU twin after out-of-memory",
+                "  gpu offload: {} batch pieces on the GPU, {} out-of-memory splits, {} pieces ({} rows) on the CPU twin after out-of-memory, {} pieces on the CPU twin after a device error",
                 human_count(o.gpu_batches),
                 human_count(o.oom_splits),
                 human_count(o.cpu_fallback_batches),
-                human_count(o.cpu_fallback_rows)
+                human_count(o.cpu_fallback_rows),
+                human_count(o.device_error_fallbacks)
             );
         }
     }

@@ -13,6 +13,7 @@
 //! the CPU twin for that piece and counting it. The CPU fallback is never
 //! silent: [`OffloadStats`] feeds the task metrics and the run summary.
 
+use super::health::DeviceSlot;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -258,6 +259,9 @@ pub struct OffloadStats {
     /// Pieces that ran on the CPU twin because they did not fit even split.
     pub cpu_fallback_batches: AtomicU64,
     pub cpu_fallback_rows: AtomicU64,
+    /// Pieces that ran on the CPU twin because the GPU backend failed with
+    /// a device error (not out-of-memory) or was out of service after one.
+    pub device_error_fallbacks: AtomicU64,
 }
 
 impl OffloadStats {
@@ -267,6 +271,7 @@ impl OffloadStats {
             oom_splits: self.oom_splits.load(Ordering::Relaxed),
             cpu_fallback_batches: self.cpu_fallback_batches.load(Ordering::Relaxed),
             cpu_fallback_rows: self.cpu_fallback_rows.load(Ordering::Relaxed),
+            device_error_fallbacks: self.device_error_fallbacks.load(Ordering::Relaxed),
         }
     }
 }
@@ -278,6 +283,8 @@ pub struct OffloadSnapshot {
     pub oom_splits: u64,
     pub cpu_fallback_batches: u64,
     pub cpu_fallback_rows: u64,
+    #[serde(default)]
+    pub device_error_fallbacks: u64,
 }
 
 /// Halvings of one batch before its pieces fall back to the CPU: a batch
@@ -288,19 +295,42 @@ pub const OOM_SPLIT_DEPTH_MAX: u32 = 3;
 type PieceCall<'a, T> = dyn FnMut(&dyn KernelBackend, usize, usize) -> Result<T, KernelError> + 'a;
 
 /// A GPU backend with split-and-retry on device out-of-memory and the CPU
-/// twin as the last resort, per piece.
+/// twin as the last resort, per piece. Any other device error takes the
+/// slot's backend out of service (see [`DeviceSlot`]): the piece reruns on
+/// the CPU twin, and so do later ones until the backend is reopened.
 #[derive(Clone)]
 pub struct TieredKernels {
-    gpu: Arc<dyn KernelBackend>,
+    slot: Arc<DeviceSlot>,
+    /// The backend's description when the kernels were made.
+    gpu_description: String,
+    gpu_tier: Tier,
     cpu: CpuBackend,
     stats: Arc<OffloadStats>,
     split_depth_max: u32,
 }
 
 impl TieredKernels {
+    /// Kernels over `gpu`, which a device error takes out of service for
+    /// good (its "reopen" hands back the same backend after the backoff).
     pub fn new(gpu: Arc<dyn KernelBackend>, stats: Arc<OffloadStats>) -> Self {
+        let same = Arc::clone(&gpu);
+        let slot = DeviceSlot::new(gpu, Box::new(move || Ok(Arc::clone(&same))));
+        Self::on_slot(Arc::new(slot), stats)
+    }
+
+    /// Kernels over a GPU slot's current backend.
+    pub fn on_slot(slot: Arc<DeviceSlot>, stats: Arc<OffloadStats>) -> Self {
+        let (gpu_description, gpu_tier) = match slot.current(std::time::Instant::now()) {
+            Some(gpu) => (gpu.describe(), gpu.tier()),
+            None => (
+                "GPU (out of service after a device error)".into(),
+                Tier::Gpu,
+            ),
+        };
         TieredKernels {
-            gpu,
+            slot,
+            gpu_description,
+            gpu_tier,
             cpu: CpuBackend,
             stats,
             split_depth_max: OOM_SPLIT_DEPTH_MAX,
@@ -324,6 +354,29 @@ impl TieredKernels {
         self.run_piece(0, row_count, 0, call, join)
     }
 
+    /// The slot's backend, or `None` (counted) while it is out of service.
+    fn gpu(&self, rows: usize) -> Option<Arc<dyn KernelBackend>> {
+        let gpu = self.slot.current(std::time::Instant::now());
+        if gpu.is_none() {
+            self.count_device_fallback(rows);
+        }
+        gpu
+    }
+
+    fn count_device_fallback(&self, rows: usize) {
+        self.stats
+            .device_error_fallbacks
+            .fetch_add(1, Ordering::Relaxed);
+        tracing::debug!("{rows} rows of a GPU-placed operator run on the CPU twin (device error)");
+    }
+
+    /// `gpu` failed with a device error: out of service, and counted.
+    fn device_failed(&self, gpu: &Arc<dyn KernelBackend>, error: &GpuError, rows: usize) {
+        self.slot
+            .report_failure(gpu, error, std::time::Instant::now());
+        self.count_device_fallback(rows);
+    }
+
     fn run_piece<T>(
         &self,
         offset: usize,
@@ -332,7 +385,10 @@ impl TieredKernels {
         call: &mut PieceCall<'_, T>,
         join: &dyn Fn(T, T) -> Result<T, KernelError>,
     ) -> Result<T, KernelError> {
-        match call(self.gpu.as_ref(), offset, length) {
+        let Some(gpu) = self.gpu(length) else {
+            return call(&self.cpu, offset, length);
+        };
+        match call(gpu.as_ref(), offset, length) {
             Ok(result) => {
                 self.stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
                 Ok(result)
@@ -356,6 +412,10 @@ impl TieredKernels {
                 let second = self.run_piece(offset + half, length - half, depth + 1, call, join)?;
                 join(first, second)
             }
+            Err(KernelError::Gpu(error)) => {
+                self.device_failed(&gpu, &error, length);
+                call(&self.cpu, offset, length)
+            }
             Err(other) => Err(other),
         }
     }
@@ -368,7 +428,10 @@ impl TieredKernels {
         row_count: usize,
         call: &dyn Fn(&dyn KernelBackend) -> Result<T, KernelError>,
     ) -> Result<T, KernelError> {
-        match call(self.gpu.as_ref()) {
+        let Some(gpu) = self.gpu(row_count) else {
+            return call(&self.cpu);
+        };
+        match call(gpu.as_ref()) {
             Ok(result) => {
                 self.stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
                 Ok(result)
@@ -383,6 +446,10 @@ impl TieredKernels {
                 self.stats
                     .cpu_fallback_rows
                     .fetch_add(row_count as u64, Ordering::Relaxed);
+                call(&self.cpu)
+            }
+            Err(KernelError::Gpu(error)) => {
+                self.device_failed(&gpu, &error, row_count);
                 call(&self.cpu)
             }
             Err(other) => Err(other),
@@ -503,13 +570,13 @@ where
 
 impl KernelBackend for TieredKernels {
     fn tier(&self) -> Tier {
-        self.gpu.tier()
+        self.gpu_tier
     }
 
     fn describe(&self) -> String {
         format!(
-            "{} (out of memory: split up to {}×, then the CPU twin)",
-            self.gpu.describe(),
+            "{} (out of memory: split up to {}×, then the CPU twin; device errors: the CPU twin until the backend is reopened)",
+            self.gpu_description,
             1u32 << self.split_depth_max
         )
     }
@@ -684,6 +751,178 @@ mod tests {
         assert_eq!(stats.oom_splits, 3, "{stats:?}");
         assert_eq!(stats.gpu_batches, 4, "{stats:?}");
         assert_eq!(stats.cpu_fallback_batches, 0, "{stats:?}");
+    }
+
+    /// The CPU twin as a "GPU" whose calls fail with a device error while
+    /// `broken` is set.
+    struct Faulty {
+        broken: std::sync::atomic::AtomicBool,
+        calls: AtomicU64,
+    }
+
+    impl Faulty {
+        fn check(&self) -> Result<(), KernelError> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            if self.broken.load(Ordering::SeqCst) {
+                return Err(KernelError::Gpu(GpuError::Driver {
+                    call: "cuLaunchKernel",
+                    reason: "CUDA_ERROR_ILLEGAL_ADDRESS".into(),
+                }));
+            }
+            Ok(())
+        }
+    }
+
+    impl KernelBackend for Faulty {
+        fn tier(&self) -> Tier {
+            Tier::Gpu
+        }
+        fn describe(&self) -> String {
+            "faulty test GPU".into()
+        }
+        fn filter_i64(
+            &self,
+            a: &Int64Array,
+            op: CmpOp,
+            v: i64,
+        ) -> Result<BooleanArray, KernelError> {
+            self.check()?;
+            CpuBackend.filter_i64(a, op, v)
+        }
+        fn filter_f64(
+            &self,
+            a: &Float64Array,
+            op: CmpOp,
+            v: f64,
+        ) -> Result<BooleanArray, KernelError> {
+            self.check()?;
+            CpuBackend.filter_f64(a, op, v)
+        }
+        fn project_i64(
+            &self,
+            op: ArithOp,
+            operands: Operands<ArrayOperand<'_, Int64Type>>,
+        ) -> Result<Int64Array, KernelError> {
+            self.check()?;
+            CpuBackend.project_i64(op, operands)
+        }
+        fn project_f64(
+            &self,
+            op: ArithOp,
+            operands: Operands<ArrayOperand<'_, Float64Type>>,
+        ) -> Result<Float64Array, KernelError> {
+            self.check()?;
+            CpuBackend.project_f64(op, operands)
+        }
+        fn hash_i64(
+            &self,
+            a: &Int64Array,
+            mode: HashMode,
+            h: &mut [u64],
+        ) -> Result<(), KernelError> {
+            self.check()?;
+            CpuBackend.hash_i64(a, mode, h)
+        }
+        fn partition_hashes(&self, h: &[u64], r: Routing) -> Result<Partitioning, KernelError> {
+            self.check()?;
+            CpuBackend.partition_hashes(h, r)
+        }
+        fn standardize_fit(&self, a: &Float64Array) -> Result<ColumnStats, KernelError> {
+            self.check()?;
+            CpuBackend.standardize_fit(a)
+        }
+        fn standardize_apply(
+            &self,
+            a: &Float64Array,
+            stats: ColumnStats,
+        ) -> Result<Float64Array, KernelError> {
+            self.check()?;
+            CpuBackend.standardize_apply(a, stats)
+        }
+        fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError> {
+            self.check()?;
+            CpuBackend.aggregate_i64(input)
+        }
+    }
+
+    #[test]
+    fn a_device_error_reruns_on_the_cpu_twin_and_the_slot_reopens_later() {
+        use crate::kernels::health::DeviceSlot;
+        let faulty = Arc::new(Faulty {
+            broken: true.into(),
+            calls: AtomicU64::new(0),
+        });
+        let gpu: Arc<dyn KernelBackend> = faulty.clone();
+        let reopened = Arc::clone(&gpu);
+        // No backoff: the next call after the failure reopens.
+        let slot = Arc::new(DeviceSlot::with_backoff(
+            gpu,
+            Box::new(move || Ok(Arc::clone(&reopened))),
+            std::time::Duration::ZERO,
+            std::time::Duration::ZERO,
+        ));
+        let kernels = TieredKernels::on_slot(Arc::clone(&slot), Arc::default());
+        let array = values();
+        let expected = CpuBackend.filter_i64(&array, CmpOp::Ge, 100).unwrap();
+        assert_eq!(
+            kernels.filter_i64(&array, CmpOp::Ge, 100).unwrap(),
+            expected
+        );
+        let stats = kernels.stats().snapshot();
+        assert_eq!(
+            (stats.device_error_fallbacks, stats.gpu_batches),
+            (1, 0),
+            "{stats:?}"
+        );
+        assert_eq!(slot.error_count(), 1);
+        // Repaired: the reopened backend runs the next batch.
+        faulty.broken.store(false, Ordering::SeqCst);
+        assert_eq!(
+            kernels.filter_i64(&array, CmpOp::Ge, 100).unwrap(),
+            expected
+        );
+        assert_eq!(kernels.stats().snapshot().gpu_batches, 1);
+        assert_eq!(slot.reopen_count(), 1);
+        // Whole-batch operations fall back the same way.
+        faulty.broken.store(true, Ordering::SeqCst);
+        let fit = kernels
+            .standardize_fit(&Float64Array::from(vec![1.0, 2.0, 3.0]))
+            .unwrap();
+        assert_eq!(
+            fit,
+            CpuBackend
+                .standardize_fit(&Float64Array::from(vec![1.0, 2.0, 3.0]))
+                .unwrap()
+        );
+        assert_eq!(kernels.stats().snapshot().device_error_fallbacks, 2);
+    }
+
+    #[test]
+    fn an_out_of_service_slot_sends_every_batch_to_the_cpu_twin_without_calling_the_gpu() {
+        use crate::kernels::health::DeviceSlot;
+        let faulty = Arc::new(Faulty {
+            broken: true.into(),
+            calls: AtomicU64::new(0),
+        });
+        let gpu: Arc<dyn KernelBackend> = faulty.clone();
+        let again = Arc::clone(&gpu);
+        let slot = Arc::new(DeviceSlot::with_backoff(
+            gpu,
+            Box::new(move || Ok(Arc::clone(&again))),
+            std::time::Duration::from_secs(3600),
+            std::time::Duration::from_secs(3600),
+        ));
+        let kernels = TieredKernels::on_slot(slot, Arc::default());
+        let array = values();
+        for _ in 0..5 {
+            kernels.filter_i64(&array, CmpOp::Lt, 0).unwrap();
+        }
+        assert_eq!(
+            faulty.calls.load(Ordering::SeqCst),
+            1,
+            "one failure, then the CPU twin"
+        );
+        assert_eq!(kernels.stats().snapshot().device_error_fallbacks, 5);
     }
 
     #[test]

@@ -12,3 +12,4 @@
 pub mod backend;
 pub mod cpu;
 pub mod gpu;
+pub mod health;

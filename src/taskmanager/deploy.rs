@@ -787,9 +787,9 @@ fn build_and_run(
     checkpoints: Option<(Receiver<TaskControl>, Arc<CheckpointDeployment>)>,
 ) -> Result<(), ExecError> {
     let gpu = match services.gpu_kernels.get(tdd.slot) {
-        Some(Some(backend)) if !tdd.gpu_operators.is_empty() => Some(GpuContext {
-            kernels: Arc::new(TieredKernels::new(
-                Arc::clone(backend),
+        Some(Some(slot)) if !tdd.gpu_operators.is_empty() => Some(GpuContext {
+            kernels: Arc::new(TieredKernels::on_slot(
+                Arc::clone(slot),
                 Arc::clone(&metrics.gpu),
             )),
             operators: tdd.gpu_operators.clone(),

@@ -144,7 +144,9 @@ pub struct Services {
     task_ended: tokio::sync::Notify,
     /// Each GPU slot's kernel backend; `None` for a CPU slot (or a GPU that
     /// could not be opened, which the log says).
-    pub gpu_kernels: Vec<Option<Arc<dyn crate::kernels::backend::KernelBackend>>>,
+    /// Each GPU slot's backend and health (a device error takes it out of
+    /// service until it is reopened); `None` for CPU slots.
+    pub gpu_kernels: Vec<Option<Arc<crate::kernels::health::DeviceSlot>>>,
 }
 
 /// 1 MiB spill buffers per TaskManager (16 MiB, pre-touched).
@@ -225,11 +227,12 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
-/// One kernel backend per GPU slot, each within its slot's device budget.
+/// One kernel backend per GPU slot, each within its slot's device budget,
+/// with what reopens it after a device error.
 fn open_gpu_slots(
     profiles: &[ResourceProfile],
     devices: &[crate::kernels::gpu::GpuDevice],
-) -> Vec<Option<Arc<dyn crate::kernels::backend::KernelBackend>>> {
+) -> Vec<Option<Arc<crate::kernels::health::DeviceSlot>>> {
     use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
     let pools: Vec<Option<DevicePool>> = devices
         .iter()
@@ -261,11 +264,17 @@ fn open_gpu_slots(
             let pool = pools[device_index].as_ref()?;
             let slot_pool = pool.slot(next_in_pool[device_index]);
             next_in_pool[device_index] += 1;
-            crate::kernels::gpu::open_backend(&devices[device_index], slot_pool)
+            let device = devices[device_index].clone();
+            let backend = crate::kernels::gpu::open_backend(&device, slot_pool.clone())
                 .map_err(|e| {
                     tracing::warn!("slot {slot_index}: cannot open GPU {id} ({e}); its GPU operators run on the CPU")
                 })
-                .ok()
+                .ok()?;
+            let reopen = move || crate::kernels::gpu::open_backend(&device, slot_pool.clone());
+            Some(Arc::new(crate::kernels::health::DeviceSlot::new(
+                backend,
+                Box::new(reopen),
+            )))
         })
         .collect()
 }

@@ -126,7 +126,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         let _ = writeln!(out, "strata_jobs{{state=\"{label}\"}} {n}");
     }
     let jobs: Vec<&JobSummary> = s.running.iter().chain(&s.completed).collect();
-    let per_job: [JobCounter; 15] = [
+    let per_job: [JobCounter; 16] = [
         (
             "strata_job_rows_in_total",
             "Rows read by the job's sources.",
@@ -171,6 +171,11 @@ pub fn render(s: &ClusterSnapshot) -> String {
             "strata_job_gpu_cpu_fallback_batches_total",
             "Batch pieces of GPU-placed operators run on the CPU twin after out-of-memory.",
             |j| j.gpu_offload.cpu_fallback_batches,
+        ),
+        (
+            "strata_job_gpu_device_error_fallbacks_total",
+            "Batch pieces of GPU-placed operators run on the CPU twin after a device error (the backend out of service until reopened).",
+            |j| j.gpu_offload.device_error_fallbacks,
         ),
         (
             "strata_job_spill_written_bytes_total",

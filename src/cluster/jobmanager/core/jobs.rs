@@ -593,6 +593,7 @@ pub fn summarize(entry: &JobEntry, rm: &ResourceManager, now: Duration) -> JobSu
         offload.oom_splits += m.gpu.oom_splits;
         offload.cpu_fallback_batches += m.gpu.cpu_fallback_batches;
         offload.cpu_fallback_rows += m.gpu.cpu_fallback_rows;
+        offload.device_error_fallbacks += m.gpu.device_error_fallbacks;
         summary.spill_bytes_written += m.spill_bytes_written;
         summary.spill_bytes_read += m.spill_bytes_read;
         summary.spill_file_count += m.spill_file_count;
