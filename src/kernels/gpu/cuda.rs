@@ -363,10 +363,10 @@ impl CudaBackend {
     ) -> Result<(Option<CudaSlice<u8>>, u64), KernelError> {
         match array.nulls() {
             None => Ok((None, 0)),
-            Some(nulls) => Ok((
-                Some(self.upload(nulls.inner().values(), bytes)?),
-                nulls.offset() as u64,
-            )),
+            Some(nulls) => {
+                let (window, bit_offset) = super::validity_window(nulls.inner());
+                Ok((Some(self.upload(window, bytes)?), bit_offset))
+            }
         }
     }
 

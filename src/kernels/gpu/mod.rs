@@ -170,8 +170,10 @@ pub fn aggregate_capacity(row_count: usize) -> u64 {
 }
 
 impl LaunchBytes {
+    /// Values, and the validity bytes [`validity_window`] uploads (a
+    /// sliced array's window starts mid-byte: one byte more).
     fn column(self, value_bytes: usize) -> u64 {
-        (self.row_count * value_bytes + self.row_count.div_ceil(8)) as u64
+        (self.row_count * value_bytes + self.row_count.div_ceil(8) + 1) as u64
     }
 
     fn bitmap_words(self) -> u64 {
@@ -216,5 +218,54 @@ impl LaunchBytes {
     /// One column and its statistics in, one value per row out.
     pub fn standardize_apply(self) -> u64 {
         self.column(8) + (self.row_count * 8) as u64 + 16
+    }
+}
+
+/// The bytes of a validity bitmap that cover its rows, and the bit offset
+/// of row 0 within the first of them: a sliced array's bitmap shares its
+/// parent's buffer, and only the slice's window is uploaded (at most
+/// `len.div_ceil(8) + 1` bytes, what [`LaunchBytes`] reserves).
+pub fn validity_window(bits: &arrow_buffer::BooleanBuffer) -> (&[u8], u64) {
+    let (offset, len) = (bits.offset(), bits.len());
+    let all = bits.values();
+    let first = (offset / 8).min(all.len());
+    let last = (offset + len).div_ceil(8).clamp(first, all.len());
+    (&all[first..last], (offset % 8) as u64)
+}
+
+#[cfg(test)]
+mod validity_tests {
+    use super::*;
+    use arrow_array::{Array, Int64Array};
+
+    #[test]
+    fn a_slice_uploads_only_its_window_of_the_bitmap() {
+        let parent: Int64Array = (0..10_000i64).map(|v| (v % 3 != 0).then_some(v)).collect();
+        for (offset, len) in [
+            (0, 10_000),
+            (1, 7),
+            (8, 16),
+            (4_093, 1_000),
+            (9_999, 1),
+            (5, 0),
+        ] {
+            let slice = parent.slice(offset, len);
+            let nulls = slice.nulls().expect("has nulls").inner().clone();
+            let (window, bit) = validity_window(&nulls);
+            assert!(
+                window.len() <= len.div_ceil(8) + 1,
+                "{offset}+{len}: {} bytes",
+                window.len()
+            );
+            assert!(
+                (window.len() as u64) <= LaunchBytes { row_count: len }.column(0),
+                "accounted"
+            );
+            for row in 0..len {
+                let at = bit as usize + row;
+                let valid = window[at / 8] >> (at % 8) & 1 == 1;
+                assert_eq!(valid, slice.is_valid(row), "{offset}+{len}, row {row}");
+            }
+        }
     }
 }
