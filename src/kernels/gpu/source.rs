@@ -148,9 +148,9 @@ impl CacheKey<'_> {
 const ENTRY_MAGIC: &str = "// strata-ptx v1";
 
 /// Compiled PTX on disk, one file per (stem, key), in a directory only the
-/// TaskManager's user can read or write: PTX found there runs in the
-/// TaskManager's CUDA context, so a directory another user could write to
-/// is not used at all.
+/// TaskManager's user can write to (created 0700): PTX found there runs in
+/// the TaskManager's CUDA context, so a directory another user could write
+/// to is not used at all.
 #[derive(Clone, Debug)]
 pub struct PtxCache {
     dir: PathBuf,
@@ -163,7 +163,8 @@ impl PtxCache {
 
     /// `$STRATA_KERNEL_CACHE`, else `$XDG_CACHE_HOME/strata/kernels`, else
     /// `$HOME/.cache/strata/kernels`, else `strata-kernel-cache-<uid>` in
-    /// the temp directory (used only if this user owns it, mode 0700).
+    /// the temp directory (used only if this user owns it and no one else
+    /// can write to it).
     pub fn default_dir() -> PathBuf {
         let var = |name| std::env::var_os(name).filter(|v| !v.is_empty());
         if let Some(dir) = var("STRATA_KERNEL_CACHE") {
@@ -232,7 +233,7 @@ impl PtxCache {
     }
 
     /// Creates the cache directory (mode 0700) if needed and checks that it
-    /// is a real directory owned by this user that no one else can access.
+    /// is a real directory owned by this user that no one else can write.
     fn ensure_private_dir(&self) -> Result<(), SourceError> {
         let cache_error = |source| SourceError::Cache {
             path: self.dir.clone(),
@@ -266,10 +267,12 @@ impl PtxCache {
                     meta.uid()
                 )));
             }
+            // Others may read the PTX of open kernels, but whoever can
+            // write here could plant code that runs in our CUDA context.
             let mode = meta.permissions().mode() & 0o777;
-            if mode & 0o077 != 0 {
+            if mode & 0o022 != 0 {
                 return Err(refused(format!(
-                    "mode {mode:03o} lets other users in: not used (chmod 700 it)"
+                    "mode {mode:03o} lets other users write to it: not used (chmod 700 it)"
                 )));
             }
             Ok(())
@@ -477,7 +480,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let shared = dir.path().join("shared");
         std::fs::create_dir(&shared).unwrap();
-        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o777)).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o775)).unwrap();
         // A planted entry with a valid header must not be loaded.
         let cache = PtxCache::new(&shared);
         std::fs::write(cache.path_of("filter", key()), encode_entry("planted")).unwrap();
