@@ -405,3 +405,31 @@ fn nvrtc_compiles_the_embedded_kernels_through_cudarc_and_caches_them() {
     );
     println!("NVRTC {version}: every dispatched kernel compiles for sm_80 and sm_90");
 }
+
+#[test]
+fn nvrtc_compiles_the_embedded_kernels_to_cubins_and_caches_them() {
+    use strata::kernels::gpu::cuda::{compile_cubins, nvrtc_version};
+    if let Err(e) = nvrtc_version() {
+        println!(
+            "skipped: no NVRTC ({e}; put the nvidia-cuda-nvrtc-cu12 lib dir on LD_LIBRARY_PATH)"
+        );
+        return;
+    }
+    let dir = tempfile::tempdir().expect("scratch dir");
+    let cache = PtxCache::new(dir.path());
+    for arch in ["sm_80", "sm_90"] {
+        let cubins = compile_cubins(arch, &cache).expect("NVRTC makes a cubin of every kernel");
+        assert_eq!(cubins.len(), 6);
+        for (stem, cubin) in &cubins {
+            assert!(
+                cubin.starts_with(b"\x7fELF"),
+                "{stem} for {arch} is an ELF image"
+            );
+        }
+        let again = compile_cubins(arch, &cache).expect("cached");
+        assert_eq!(again, cubins, "served from the cache");
+    }
+    let files = std::fs::read_dir(dir.path()).expect("cache dir").count();
+    assert_eq!(files, 12, "six sources × two architectures");
+    println!("NVRTC: every kernel compiles to an sm_80 and an sm_90 cubin");
+}

@@ -239,8 +239,132 @@ pub fn compile_modules(
         .collect()
 }
 
+/// Compiles (or loads from the cache) every kernel source into a cubin for
+/// the real architecture `sm_arch` (`sm_90`) with `nvrtcGetCUBIN`: machine
+/// code the driver loads without a JIT, so a driver older than NVRTC still
+/// runs it. Needs only NVRTC, not a GPU.
+pub fn compile_cubins(
+    sm_arch: &str,
+    cache: &PtxCache,
+) -> Result<Vec<(&'static str, Vec<u8>)>, GpuError> {
+    let nvrtc_version = nvrtc_version()?;
+    let driver_version = driver_version().map_or_else(|| "none".to_owned(), |v| v.to_string());
+    let options = compile_options(sm_arch);
+    let options_text = options.join(" ");
+    SOURCES
+        .iter()
+        .map(|source| {
+            let expanded = expand_includes(*source)?;
+            let key = CacheKey {
+                expanded_source: &expanded,
+                arch: sm_arch,
+                nvrtc_version: &nvrtc_version,
+                options: &options_text,
+                driver_version: &driver_version,
+            };
+            let (cubin, outcome) = cache.get_or_compile_bytes(source.stem, key, "cubin", || {
+                nvrtc_cubin(source.stem, &expanded, &options).map_err(|log| GpuError::Compile {
+                    stem: source.stem,
+                    arch: sm_arch.to_owned(),
+                    log,
+                })
+            })?;
+            tracing::debug!("kernels/{}.cu for {sm_arch}: {outcome:?}", source.stem);
+            Ok((source.stem, cubin))
+        })
+        .collect()
+}
+
+/// One NVRTC compilation to a cubin; the error is NVRTC's log.
+fn nvrtc_cubin(stem: &str, source: &str, options: &[String]) -> Result<Vec<u8>, String> {
+    use cudarc::nvrtc::result;
+    use std::ffi::CString;
+    let text = CString::new(source).map_err(|e| e.to_string())?;
+    let name = CString::new(format!("{stem}.cu")).map_err(|e| e.to_string())?;
+    let compile = || -> Result<Vec<u8>, String> {
+        let program = result::create_program(&text, Some(&name)).map_err(|e| format!("{e:?}"))?;
+        // SAFETY: `program` was just created and is destroyed once below;
+        // `text` and `name`, which it may point into, outlive it. The cubin
+        // buffer has the size NVRTC reported for it.
+        unsafe {
+            let compiled = result::compile_program(program, options);
+            let image = compiled.map_err(|e| {
+                let log = result::get_program_log(program)
+                    .map(|l| {
+                        let bytes: Vec<u8> = l.iter().map(|&c| c as u8).collect();
+                        String::from_utf8_lossy(&bytes)
+                            .trim_end_matches('\0')
+                            .to_owned()
+                    })
+                    .unwrap_or_default();
+                format!("{e:?}: {log}")
+            });
+            let image = image.and_then(|()| {
+                let mut size = 0usize;
+                cudarc::nvrtc::sys::nvrtcGetCUBINSize(program, &mut size)
+                    .result()
+                    .map_err(|e| format!("nvrtcGetCUBINSize: {e:?}"))?;
+                let mut cubin = vec![0u8; size];
+                cudarc::nvrtc::sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast())
+                    .result()
+                    .map_err(|e| format!("nvrtcGetCUBIN: {e:?}"))?;
+                Ok(cubin)
+            });
+            let _ = result::destroy_program(program);
+            image
+        }
+    };
+    catch_unwind(AssertUnwindSafe(compile)).unwrap_or_else(|_| Err("libnvrtc panicked".into()))
+}
+
+/// `major * 1000 + minor * 10` of a `major.minor` version, as the driver
+/// reports its own (`12.9` → 12090).
+fn cuda_version_number(text: &str) -> Option<i32> {
+    let (major, minor) = text.split_once('.')?;
+    Some(major.parse::<i32>().ok()? * 1000 + minor.parse::<i32>().ok()? * 10)
+}
+
 /// A projection's values, Arrow validity bytes and first overflowing row.
 type ProjectResult<T> = (Vec<T>, Vec<u8>, Option<u64>);
+
+/// The kernel modules for `device`: cubins for its architecture, else PTX
+/// for the driver to JIT, which needs a driver at least as new as NVRTC.
+fn kernel_images(
+    device: &GpuDevice,
+    cache: &PtxCache,
+) -> Result<Vec<(&'static str, Ptx)>, GpuError> {
+    let (major, minor) = device.compute_capability;
+    let cubin_error = match compile_cubins(&format!("sm_{major}{minor}"), cache) {
+        Ok(cubins) => {
+            return Ok(cubins
+                .into_iter()
+                .map(|(stem, cubin)| (stem, Ptx::from_binary(cubin)))
+                .collect());
+        }
+        Err(e) => e,
+    };
+    let nvrtc = nvrtc_version()?;
+    if let (Some(driver), Some(needed)) = (driver_version(), cuda_version_number(&nvrtc))
+        && driver < needed
+    {
+        return Err(GpuError::NoGpu {
+            reason: format!(
+                "the CUDA driver supports CUDA {}.{} but NVRTC {nvrtc} makes PTX only CUDA {nvrtc} or newer loads, \
+                 and compiling cubins failed ({cubin_error}); update the driver or use an NVRTC no newer than it",
+                driver / 1000,
+                driver % 1000 / 10
+            ),
+        });
+    }
+    tracing::warn!(
+        "cubins for {} failed ({cubin_error}); loading PTX for the driver to compile",
+        device.name
+    );
+    Ok(compile_modules(&device.nvrtc_arch(), cache)?
+        .into_iter()
+        .map(|(stem, ptx)| (stem, Ptx::from_src(ptx)))
+        .collect())
+}
 
 /// The kernels of one GPU, launched on one stream, within one slot's budget.
 pub struct CudaBackend {
@@ -257,11 +381,11 @@ impl CudaBackend {
         let open = || -> Result<_, GpuError> {
             let context =
                 CudaContext::new(device.ordinal as usize).map_err(driver("cuCtxCreate"))?;
-            let modules = compile_modules(&device.nvrtc_arch(), cache)?;
+            let modules = kernel_images(device, cache)?;
             let mut functions = HashMap::new();
-            for (stem, ptx) in modules {
+            for (stem, image) in modules {
                 let module = context
-                    .load_module(Ptx::from_src(ptx))
+                    .load_module(image)
                     .map_err(driver("cuModuleLoadData"))?;
                 for (_, name) in ENTRY_POINTS.iter().filter(|(s, _)| *s == stem) {
                     let function = module
@@ -1119,5 +1243,17 @@ impl KernelBackend for CudaBackend {
             tracing::debug!("GPU aggregation table of {capacity} slots was full; retrying");
             capacity *= 2;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cuda_version_number;
+
+    #[test]
+    fn cuda_versions_compare_as_the_driver_reports_them() {
+        assert_eq!(cuda_version_number("12.9"), Some(12090));
+        assert_eq!(cuda_version_number("13.0"), Some(13000));
+        assert_eq!(cuda_version_number("twelve"), None);
     }
 }

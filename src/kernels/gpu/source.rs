@@ -188,8 +188,15 @@ impl PtxCache {
     }
 
     pub fn path_of(&self, stem: &str, key: CacheKey<'_>) -> PathBuf {
-        self.dir
-            .join(format!("{stem}-{}-{:016x}.ptx", key.arch, key.digest()))
+        self.path_with(stem, key, "ptx")
+    }
+
+    fn path_with(&self, stem: &str, key: CacheKey<'_>, extension: &str) -> PathBuf {
+        self.dir.join(format!(
+            "{stem}-{}-{:016x}.{extension}",
+            key.arch,
+            key.digest()
+        ))
     }
 
     /// The cached PTX for `key`, or `compile`'s, which is then stored. A
@@ -202,7 +209,21 @@ impl PtxCache {
         key: CacheKey<'_>,
         compile: impl FnOnce() -> Result<String, E>,
     ) -> Result<(String, CacheOutcome), E> {
-        let path = self.path_of(stem, key);
+        let (bytes, outcome) =
+            self.get_or_compile_bytes(stem, key, "ptx", || compile().map(String::into_bytes))?;
+        Ok((String::from_utf8_lossy(&bytes).into_owned(), outcome))
+    }
+
+    /// As [`PtxCache::get_or_compile`] for a binary image (a cubin), in a
+    /// file ending in `.extension`.
+    pub fn get_or_compile_bytes<E>(
+        &self,
+        stem: &str,
+        key: CacheKey<'_>,
+        extension: &str,
+        compile: impl FnOnce() -> Result<Vec<u8>, E>,
+    ) -> Result<(Vec<u8>, CacheOutcome), E> {
+        let path = self.path_with(stem, key, extension);
         let usable = self.ensure_private_dir();
         let mut replaced = false;
         if usable.is_ok()
@@ -286,7 +307,7 @@ impl PtxCache {
     /// Writes through a temporary file of a name no other writer uses and
     /// a rename, so that a concurrent reader never sees half an entry and
     /// concurrent writers never write into each other's file.
-    fn store(&self, path: &Path, ptx: &str) -> Result<(), SourceError> {
+    fn store(&self, path: &Path, ptx: &[u8]) -> Result<(), SourceError> {
         use std::io::Write;
         let cache_error = |source| SourceError::Cache {
             path: path.to_owned(),
@@ -328,21 +349,21 @@ fn current_uid() -> Option<u32> {
     None
 }
 
-fn encode_entry(ptx: &str) -> Vec<u8> {
+fn encode_entry(image: &[u8]) -> Vec<u8> {
     let header = format!(
         "{ENTRY_MAGIC} len={} crc32={:08x}\n",
-        ptx.len(),
-        crc32fast::hash(ptx.as_bytes())
+        image.len(),
+        crc32fast::hash(image)
     );
-    let mut out = Vec::with_capacity(header.len() + ptx.len());
+    let mut out = Vec::with_capacity(header.len() + image.len());
     out.extend_from_slice(header.as_bytes());
-    out.extend_from_slice(ptx.as_bytes());
+    out.extend_from_slice(image);
     out
 }
 
-/// The PTX of a cache entry, or `None` when the entry is not one this
-/// format wrote whole (wrong header, length or CRC, not UTF-8).
-fn decode_entry(bytes: &[u8]) -> Option<String> {
+/// The image of a cache entry, or `None` when the entry is not one this
+/// format wrote whole (wrong header, length or CRC).
+fn decode_entry(bytes: &[u8]) -> Option<Vec<u8>> {
     let newline = bytes.iter().position(|&b| b == b'\n')?;
     let header = std::str::from_utf8(&bytes[..newline]).ok()?;
     let body = &bytes[newline + 1..];
@@ -359,7 +380,7 @@ fn decode_entry(bytes: &[u8]) -> Option<String> {
     if len? != body.len() || crc? != crc32fast::hash(body) {
         return None;
     }
-    String::from_utf8(body.to_vec()).ok()
+    Some(body.to_vec())
 }
 
 /// Where a module's PTX came from.
@@ -483,7 +504,7 @@ mod tests {
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o775)).unwrap();
         // A planted entry with a valid header must not be loaded.
         let cache = PtxCache::new(&shared);
-        std::fs::write(cache.path_of("filter", key()), encode_entry("planted")).unwrap();
+        std::fs::write(cache.path_of("filter", key()), encode_entry(b"planted")).unwrap();
         let (ptx, outcome) = cache
             .get_or_compile::<()>("filter", key(), || Ok("compiled".into()))
             .unwrap();
