@@ -33,10 +33,8 @@ namespace {
 const i64 EMPTY_KEY = I64_MIN;
 const u64 NO_SLOT = U64_MAX;
 
-STRATA_DEVICE void require_power_of_two(u64 capacity) {
-    if (capacity == 0 || (capacity & (capacity - 1)) != 0) {
-        __trap();
-    }
+STRATA_DEVICE bool is_power_of_two(u64 capacity) {
+    return capacity != 0 && (capacity & (capacity - 1)) == 0;
 }
 
 // The slot that holds `key`, claiming an empty one if the key is new.
@@ -79,7 +77,9 @@ STRATA_DEVICE void add_to_sum(u64* sum_low, u64* sum_high, i64 v) {
 extern "C" __global__ void aggregate_init(i64* table_keys, u64* counts, u64* sum_low,
                                           u64* sum_high, i64* mins, i64* maxs,
                                           u32* special_used, u64 capacity) {
-    require_power_of_two(capacity);
+    if (!is_power_of_two(capacity)) {
+        return;
+    }
     const u64 slot_count = capacity + 2;
     for (u64 slot = global_thread_index(); slot < slot_count; slot += global_thread_count()) {
         table_keys[slot] = EMPTY_KEY;
@@ -102,7 +102,9 @@ extern "C" __global__ void aggregate_update(const i64* keys, const u8* key_valid
                                             u64* sum_high, i64* mins, i64* maxs,
                                             u32* special_used, u64 capacity,
                                             u32* table_full) {
-    require_power_of_two(capacity);
+    if (!is_power_of_two(capacity)) {
+        return;
+    }
     for (u64 row = global_thread_index(); row < row_count; row += global_thread_count()) {
         u64 slot;
         if (!is_valid(key_validity, key_validity_offset, row)) {
@@ -142,7 +144,9 @@ extern "C" __global__ void aggregate_compact(const i64* table_keys, const u64* c
                                              u64* group_counts, i64* group_sums,
                                              u8* group_sum_overflowed, i64* group_mins,
                                              i64* group_maxs, u64* group_count) {
-    require_power_of_two(capacity);
+    if (!is_power_of_two(capacity)) {
+        return;
+    }
     const u64 slot_count = capacity + 2;
     for (u64 slot = global_thread_index(); slot < slot_count; slot += global_thread_count()) {
         const bool used = slot < capacity ? table_keys[slot] != EMPTY_KEY

@@ -69,12 +69,11 @@ STRATA_DEVICE u64 global_warp_count() { return global_thread_count() >> 5; }
 
 STRATA_DEVICE u64 bitmap_word_count(u64 row_count) { return (row_count + 31) / 32; }
 
-// Broken launch configuration is a bug in the dispatcher: fail the launch.
-STRATA_DEVICE void require_whole_warps() {
-    if ((blockDim.x & 31u) != 0) {
-        __trap();
-    }
-}
+// Argument and launch-configuration checks. The host checks every one of
+// these before it launches (a bad value is a typed error there), so a kernel
+// that still sees one returns without writing anything: a device trap would
+// poison the context that every slot on the GPU shares.
+STRATA_DEVICE bool whole_warps() { return (blockDim.x & 31u) == 0; }
 
 #endif  // __CUDACC__
 

@@ -31,9 +31,8 @@ template <typename T>
 __device__ void filter_column(const T* values, const u8* validity, u64 validity_offset,
                               u64 row_count, u32 op, T literal, u32* selection,
                               u64* selected_count) {
-    require_whole_warps();
-    if (op > CMP_EQ) {
-        __trap();
+    if (!whole_warps() || op > CMP_EQ) {
+        return;
     }
     const u32 lane = lane_index();
     const u64 word_count = bitmap_word_count(row_count);

@@ -25,10 +25,8 @@ namespace {
 // parallelism (4 KiB) and flushed with one global atomic per partition.
 const u32 SHARED_COUNTS_MAX = 1024;
 
-STRATA_DEVICE void require_routing(u32 max_parallelism, u32 parallelism) {
-    if (parallelism == 0 || parallelism > max_parallelism) {
-        __trap();
-    }
+STRATA_DEVICE bool valid_routing(u32 max_parallelism, u32 parallelism) {
+    return parallelism != 0 && parallelism <= max_parallelism;
 }
 
 }  // namespace
@@ -36,7 +34,9 @@ STRATA_DEVICE void require_routing(u32 max_parallelism, u32 parallelism) {
 extern "C" __global__ void partition_assign(const u64* hashes, u64 row_count,
                                             u32 max_parallelism, u32 parallelism,
                                             u32* partition_ids, u32* partition_counts) {
-    require_routing(max_parallelism, parallelism);
+    if (!valid_routing(max_parallelism, parallelism)) {
+        return;
+    }
     __shared__ u32 block_counts[SHARED_COUNTS_MAX];
     // Uniform across the block, so the barriers below are safe.
     const bool shared_counts = parallelism <= SHARED_COUNTS_MAX;
@@ -67,9 +67,8 @@ extern "C" __global__ void partition_assign(const u64* hashes, u64 row_count,
 
 extern "C" __global__ void partition_offsets(const u32* partition_counts, u32 parallelism,
                                              u32* partition_offsets, u32* cursors) {
-    require_whole_warps();
-    if (gridDim.x != 1) {
-        __trap();
+    if (!whole_warps() || gridDim.x != 1) {
+        return;
     }
     __shared__ u32 warp_totals[32];
     __shared__ u32 carry;
@@ -125,7 +124,9 @@ extern "C" __global__ void partition_offsets(const u32* partition_counts, u32 pa
 
 extern "C" __global__ void partition_scatter(const u32* partition_ids, u64 row_count,
                                              u32* cursors, u32* rows) {
-    require_whole_warps();
+    if (!whole_warps()) {
+        return;
+    }
     const u32 lane = lane_index();
     const u32 lanes_below = (1u << lane) - 1;
     const u32 NO_PARTITION = 0xFFFFFFFFu;

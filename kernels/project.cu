@@ -84,9 +84,8 @@ STRATA_DEVICE double apply(double left, double right, u32 op, bool* overflowed) 
 template <typename T, typename Left, typename Right>
 __device__ void project(Left left, Right right, u64 row_count, u32 op, u32 op_max, T* out,
                         u32* out_validity, u64* first_overflow_row) {
-    require_whole_warps();
-    if (op > op_max) {
-        __trap();
+    if (!whole_warps() || op > op_max) {
+        return;
     }
     const u32 lane = lane_index();
     const u64 word_count = bitmap_word_count(row_count);

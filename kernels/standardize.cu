@@ -58,11 +58,7 @@ __device__ void reduce_chunk(double* sums, double* sum_squares, u64* counts, u64
     __syncthreads();
 }
 
-STRATA_DEVICE void require_reduce_block() {
-    if (blockDim.x != REDUCE_CHUNK_ROWS) {
-        __trap();
-    }
-}
+STRATA_DEVICE bool reduce_block() { return blockDim.x == REDUCE_CHUNK_ROWS; }
 
 }  // namespace
 
@@ -70,7 +66,9 @@ extern "C" __global__ void standardize_moments(const double* values, const u8* v
                                                u64 validity_offset, u64 row_count,
                                                double* out_sum, double* out_sum_squares,
                                                u64* out_count) {
-    require_reduce_block();
+    if (!reduce_block()) {
+        return;
+    }
     __shared__ double sums[REDUCE_CHUNK_ROWS];
     __shared__ double sum_squares[REDUCE_CHUNK_ROWS];
     __shared__ u64 counts[REDUCE_CHUNK_ROWS];
@@ -94,7 +92,9 @@ extern "C" __global__ void standardize_moments_merge(const double* sum, const do
                                                      const u64* count, u64 partial_count,
                                                      double* out_sum, double* out_sum_squares,
                                                      u64* out_count) {
-    require_reduce_block();
+    if (!reduce_block()) {
+        return;
+    }
     __shared__ double sums[REDUCE_CHUNK_ROWS];
     __shared__ double squares[REDUCE_CHUNK_ROWS];
     __shared__ u64 counts[REDUCE_CHUNK_ROWS];

@@ -404,6 +404,9 @@ mod tests {
             assert!(!text.contains("#include \""), "{}", source.stem);
             assert_eq!(text.matches("STRATA_DEVICE bool is_valid").count(), 1);
             assert!(text.contains("extern \"C\" __global__"));
+            // A trap poisons the context every slot on the GPU shares: bad
+            // arguments are refused on the host, and a kernel returns.
+            assert!(!text.contains("__trap"), "{}", source.stem);
         }
     }
 
