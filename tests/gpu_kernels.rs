@@ -19,7 +19,15 @@ use strata::kernels::gpu::pool::{DevicePool, PoolConfig};
 use strata::kernels::gpu::source::PtxCache;
 use strata::kernels::gpu::{GpuDetection, detect};
 
-const ROWS: usize = 100_003;
+/// Rows per test column: `STRATA_GPU_TEST_ROWS` (e.g. 3000017 for the
+/// device check's large run), else 100,003.
+fn rows() -> usize {
+    std::env::var("STRATA_GPU_TEST_ROWS")
+        .ok()
+        .and_then(|v| v.replace('_', "").parse().ok())
+        .filter(|&n: &usize| n >= 1_000)
+        .unwrap_or(100_003)
+}
 
 /// The CUDA backend on GPU 0 with a 1 GiB slot budget, or `None` (having
 /// printed "skipped: no GPU") on a machine without one.
@@ -52,7 +60,7 @@ impl Rng {
 fn int_column(seed: u64) -> Int64Array {
     let mut rng = Rng(seed);
     let edges = [i64::MIN, i64::MAX, -1, 0, 1, i64::MIN + 1, i64::MAX - 1];
-    (0..ROWS)
+    (0..rows())
         .map(|_| match rng.next() % 10 {
             0 => None,
             1 => Some(edges[(rng.next() % edges.len() as u64) as usize]),
@@ -72,7 +80,7 @@ fn float_column(seed: u64) -> Float64Array {
         f64::MIN_POSITIVE,
         f64::MAX,
     ];
-    (0..ROWS)
+    (0..rows())
         .map(|_| match rng.next() % 10 {
             0 => None,
             1 => Some(edges[(rng.next() % edges.len() as u64) as usize]),
@@ -107,7 +115,7 @@ fn gpu_filter_equals_the_cpu_twin() {
     for op in CmpOp::ALL {
         for sliced in [false, true] {
             let (ints, floats) = if sliced {
-                (ints.slice(3, ROWS - 10), floats.slice(5, ROWS - 10))
+                (ints.slice(3, rows() - 10), floats.slice(5, rows() - 10))
             } else {
                 (ints.clone(), floats.clone())
             };
@@ -166,8 +174,8 @@ fn gpu_projection_equals_the_cpu_twin_including_overflow() {
 fn gpu_key_hash_equals_the_cpu_twin() {
     let Some(gpu) = cuda() else { return };
     let (first, second) = (int_column(7), int_column(8));
-    let mut expected = vec![0; ROWS];
-    let mut actual = vec![0; ROWS];
+    let mut expected = vec![0; rows()];
+    let mut actual = vec![0; rows()];
     for (column, mode) in [(&first, HashMode::Replace), (&second, HashMode::Combine)] {
         CpuBackend.hash_i64(column, mode, &mut expected).unwrap();
         gpu.hash_i64(column, mode, &mut actual).unwrap();
@@ -179,12 +187,12 @@ fn gpu_key_hash_equals_the_cpu_twin() {
 fn gpu_partitioning_equals_the_cpu_twin() {
     let Some(gpu) = cuda() else { return };
     // Key hashes of columns with nulls and edges, and raw 64-bit hashes.
-    let mut key_hashes = vec![0; ROWS];
+    let mut key_hashes = vec![0; rows()];
     CpuBackend
         .hash_i64(&int_column(10), HashMode::Replace, &mut key_hashes)
         .unwrap();
     let mut rng = Rng(11);
-    let raw: Vec<u64> = (0..ROWS)
+    let raw: Vec<u64> = (0..rows())
         .map(|i| match i % 50 {
             0 => 0,
             1 => u64::MAX,
@@ -232,7 +240,7 @@ fn gpu_standardization_equals_the_cpu_twin_bit_for_bit() {
     let cases = [
         ("edges", with_edges.clone()),
         ("finite", finite.clone()),
-        ("finite sliced", finite.slice(7, ROWS - 300)),
+        ("finite sliced", finite.slice(7, rows() - 300)),
         ("one chunk", finite.slice(0, 200)),
         ("two levels of merge", finite.slice(1, 256 * 256 + 5)),
         ("all null", all_null),
@@ -281,7 +289,7 @@ fn gpu_aggregation_equals_the_cpu_twin() {
     ] {
         for sliced in [false, true] {
             let (keys, values) = if sliced {
-                (keys.slice(3, ROWS - 10), values.slice(3, ROWS - 10))
+                (keys.slice(3, rows() - 10), values.slice(3, rows() - 10))
             } else {
                 (keys.clone(), values.clone())
             };
@@ -335,7 +343,7 @@ fn gpu_out_of_memory_splits_and_still_equals_the_cpu_twin() {
         CpuBackend.filter_i64(&ints, CmpOp::Lt, 5).unwrap()
     );
     assert!(stats.snapshot().oom_splits > 0, "{:?}", stats.snapshot());
-    let mut hashes = vec![0; ROWS];
+    let mut hashes = vec![0; rows()];
     CpuBackend
         .hash_i64(&ints, HashMode::Replace, &mut hashes)
         .unwrap();

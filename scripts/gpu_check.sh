@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# The GPU tier's device check, prepared here and run on a GPU machine.
+#
+#   scripts/gpu_check.sh build        # here: builds, strips and packs the binaries
+#                                     # into target/gpu-check/ (~15 MB, xz)
+#   scripts/gpu_check.sh run [OUT]    # on the GPU machine, from the repository root
+#                                     # (carry target/gpu-check): writes OUT/gpu-check.log
+#                                     # and OUT/calibration.json (OUT default: $OUT, else
+#                                     # target/gpu-check/out)
+#
+# `run` does, in order, each step under its own timeout, and skips what is
+# left once 7 minutes have passed (the whole check must fit in 8):
+#   1. detection: nvidia-smi, the driver and NVRTC that strata finds, and
+#      NVRTC compiling every kernel to PTX and to sm_80/sm_90 cubins;
+#   2. every GPU equality test (tests/gpu_kernels.rs) alone, one at a time;
+#   3. the same tests at 3,000,017 rows per column (STRATA_GPU_TEST_ROWS);
+#   4. all of them at once, in parallel, on a cold kernel cache;
+#   5. `strata bench --calibrate` (kernel rates, launch latency, link bandwidth);
+#   6. examples/gpu_pipeline.toml with placement.mode=cpu and =gpu, timed
+#      side by side;
+#   7. compute-sanitizer memcheck over the filter and aggregation tests,
+#      where the tool exists and the runtime lets it see the device.
+# Each step's pass/fail goes into the log, with a summary at the end.
+#
+# NVRTC: strata's CUDA bindings look for libnvrtc.so, .so.12 and older; a
+# CUDA 13 machine has only libnvrtc.so.13. `run` finds the newest libnvrtc it
+# can (pip's nvidia/cuda_nvrtc, /usr/local/cuda) and links it as libnvrtc.so
+# in a private directory on LD_LIBRARY_PATH.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bundle=target/gpu-check
+mode=${1:-}
+
+case "$mode" in
+build)
+  target=${CARGO_TARGET_DIR:-target}
+  cargo build --release --bin strata
+  # The test binaries' paths, from cargo's JSON messages.
+  tests=$(cargo test --release --test gpu_kernels --no-run --message-format json 2>/dev/null |
+    python3 -c 'import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if m.get("reason") == "compiler-artifact" and m.get("profile", {}).get("test") and m.get("executable"):
+        print(m["executable"])')
+  rm -rf "$bundle"
+  mkdir -p "$bundle/bin"
+  cp "$target/release/strata" "$bundle/bin/strata"
+  for t in $tests; do cp "$t" "$bundle/bin/gpu_kernels"; done
+  strip "$bundle"/bin/*
+  tar -C "$bundle" -cJf "$bundle/bin.tar.xz" bin
+  rm -rf "$bundle/bin"
+  ls -la "$bundle"
+  echo "carry $bundle to the GPU machine and run: scripts/gpu_check.sh run"
+  ;;
+run)
+  out=${2:-${OUT:-$bundle/out}}
+  mkdir -p "$out"
+  log="$out/gpu-check.log"
+  : >"$log"
+  work=$(mktemp -d)
+  tar -C "$work" -xJf "$bundle/bin.tar.xz"
+  bin="$work/bin"
+  started=$(date +%s)
+  results=()
+  say() { echo "$*" | tee -a "$log"; }
+  # step NAME TIMEOUT CMD...: runs CMD under TIMEOUT seconds unless the
+  # check's time is up; records pass/fail.
+  step() {
+    local name=$1 limit=$2
+    shift 2
+    if (($(date +%s) - started > 420)); then
+      say "== $name: SKIPPED (7 minutes spent)"
+      results+=("SKIP $name")
+      return 0
+    fi
+    say "== $name (timeout ${limit}s)"
+    local t0 rc
+    t0=$(date +%s.%N)
+    set +e
+    timeout "$limit" "$@" >>"$log" 2>&1
+    rc=$?
+    set -e
+    local secs
+    secs=$(python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$t0" "$(date +%s.%N)")
+    if ((rc == 0)); then
+      results+=("PASS $name (${secs} s)")
+    else
+      results+=("FAIL $name (rc $rc, ${secs} s)")
+    fi
+    say "-- $name: rc $rc in ${secs} s"
+  }
+
+  # NVRTC for strata's bindings (see the header).
+  nvrtc=$(python3 - <<'PY' 2>/dev/null || true
+import glob, os
+roots = []
+try:
+    import nvidia
+    roots += [os.path.join(p, "cuda_nvrtc", "lib") for p in nvidia.__path__]
+except Exception:
+    pass
+roots += ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
+found = [f for r in roots for f in glob.glob(os.path.join(r, "libnvrtc.so.1[0-9]*"))
+         if "builtins" not in f and ".alt." not in f]
+print(sorted(found)[-1] if found else "")
+PY
+)
+  if [[ -n "$nvrtc" ]]; then
+    mkdir -p "$work/lib"
+    ln -sf "$nvrtc" "$work/lib/libnvrtc.so"
+    for builtin in "$(dirname "$nvrtc")"/libnvrtc-builtins.so*; do
+      [[ -e "$builtin" ]] && ln -sf "$builtin" "$work/lib/"
+    done
+    export LD_LIBRARY_PATH="$work/lib:$(dirname "$nvrtc")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    say "NVRTC: $nvrtc (linked as libnvrtc.so)"
+  else
+    say "NVRTC: none found; kernels cannot be compiled"
+  fi
+  export XDG_CACHE_HOME="$work/cache"
+
+  step "detection" 60 bash -ec "nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; \
+    $bin/gpu_kernels --exact gpu_detection_never_panics_and_explains_an_absent_gpu --nocapture; \
+    $bin/gpu_kernels --exact nvrtc_compiles_the_embedded_kernels_through_cudarc_and_caches_them --nocapture; \
+    $bin/gpu_kernels --exact nvrtc_compiles_the_embedded_kernels_to_cubins_and_caches_them --nocapture"
+  for test in $("$bin/gpu_kernels" --list 2>/dev/null | sed -n 's/: test$//p' | grep '^gpu_'); do
+    step "test $test" 60 "$bin/gpu_kernels" --exact "$test" --nocapture --test-threads 1
+  done
+  step "tests at 3,000,017 rows" 150 env STRATA_GPU_TEST_ROWS=3000017 "$bin/gpu_kernels" --nocapture --test-threads 1
+  step "all tests in parallel, cold cache" 90 env XDG_CACHE_HOME="$work/cold" TMPDIR="$(mktemp -d)" \
+    "$bin/gpu_kernels" --test-threads 16
+  step "strata bench --calibrate" 120 "$bin/strata" bench --calibrate --output "$out/calibration.json"
+  for placement in cpu gpu; do
+    step "gpu_pipeline.toml, placement.mode=$placement" 90 "$bin/strata" run examples/gpu_pipeline.toml \
+      --no-progress -D placement.mode="$placement" -D placement.calibration-file="$out/calibration.json"
+  done
+  if command -v compute-sanitizer >/dev/null 2>&1; then
+    step "compute-sanitizer memcheck" 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
+      "$bin/gpu_kernels" --exact gpu_filter_equals_the_cpu_twin --exact gpu_aggregation_equals_the_cpu_twin \
+      --test-threads 1
+  else
+    results+=("SKIP compute-sanitizer (not installed)")
+  fi
+  say ""
+  say "== summary ($(($(date +%s) - started)) s)"
+  for r in "${results[@]}"; do say "$r"; done
+  runs=$(grep -E "^Job |throughput|gpu offload" "$log" || true)
+  [[ -n "$runs" ]] && say "$runs"
+  rm -rf "$work"
+  ! printf '%s\n' "${results[@]}" | grep -q '^FAIL'
+  ;;
+*)
+  echo "usage: scripts/gpu_check.sh build | run [OUT]" >&2
+  exit 2
+  ;;
+esac
