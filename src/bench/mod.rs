@@ -14,14 +14,12 @@ use std::time::Instant;
 use arrow_array::Int64Array;
 
 use crate::kernels::backend::{CpuBackend, KernelBackend, KernelError};
-use crate::kernels::cpu::aggregate::{KeyedArrays, aggregate_i64_arrays};
+use crate::kernels::cpu::aggregate::KeyedArrays;
 use crate::kernels::cpu::filter::CmpOp;
 use crate::kernels::cpu::key_hash::HashMode;
 use crate::kernels::cpu::project::{ArithOp, ArrayOperand, Operands};
 use crate::kernels::gpu::{self, GpuDetection};
-use crate::placement::calibration::{
-    Calibration, GpuCalibration, KernelRates, LAUNCH_DEFAULT_OVERHEAD_S,
-};
+use crate::placement::calibration::{Calibration, GpuCalibration, KernelRates};
 
 /// Rows per batch, as the sources make them.
 const BATCH_ROWS: usize = 8192;
@@ -115,8 +113,10 @@ fn backend_rates(
         std::hint::black_box(&hashes);
         Ok(())
     })?;
+    // On the backend itself: the GPU's rate is its aggregation kernel's,
+    // not the CPU twin's scaled by another kernel's speed-up.
     let aggregate_rows_per_s = rate(options, batches, |keys, values| {
-        std::hint::black_box(aggregate_i64_arrays(KeyedArrays { keys, values })?);
+        std::hint::black_box(backend.aggregate_i64(KeyedArrays { keys, values })?);
         Ok(())
     })?;
     Ok(KernelRates {
@@ -134,7 +134,7 @@ pub fn calibrate(options: CalibrateOptions) -> Result<Calibration, BenchError> {
     let detection = gpu::detect();
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "this machine".into());
     let gpu = match detection {
-        GpuDetection::Present(devices) => Some(measure_gpu(&devices[0], options, &batches, cpu)?),
+        GpuDetection::Present(devices) => Some(measure_gpu(&devices[0], options, &batches)?),
         GpuDetection::Absent { .. } => None,
     };
     Ok(Calibration {
@@ -149,14 +149,12 @@ pub fn calibrate(options: CalibrateOptions) -> Result<Calibration, BenchError> {
     })
 }
 
-/// The CUDA kernels' rates and the link, on the first GPU. The aggregate
-/// rate is the CPU twin's scaled by the filter speed-up until the
-/// aggregation kernel has a dispatcher.
+/// The CUDA kernels' rates, the fixed cost of one call and the link, on
+/// the first GPU.
 fn measure_gpu(
     device: &gpu::GpuDevice,
     options: CalibrateOptions,
     batches: &[(Int64Array, Int64Array)],
-    cpu: KernelRates,
 ) -> Result<GpuCalibration, BenchError> {
     use crate::kernels::gpu::cuda::CudaBackend;
     use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
@@ -167,17 +165,36 @@ fn measure_gpu(
         pool.slot(0),
         &PtxCache::new(PtxCache::default_dir()),
     )?;
-    let mut rates = backend_rates(&backend, options, batches)?;
-    rates.aggregate_rows_per_s =
-        cpu.aggregate_rows_per_s * (rates.filter_rows_per_s / cpu.filter_rows_per_s).max(1.0);
+    let rates = backend_rates(&backend, options, batches)?;
     let link_bytes_per_s = backend.link_bytes_per_s(256 << 20)?;
     Ok(GpuCalibration {
         device: device.name.clone(),
         memory_bytes: device.memory_bytes,
         rates,
         link_bytes_per_s,
-        launch_overhead_s: LAUNCH_DEFAULT_OVERHEAD_S,
+        launch_overhead_s: call_overhead_s(&backend, options)?,
     })
+}
+
+/// Rows of the call that [`call_overhead_s`] times: small enough that the
+/// call's fixed costs (allocations, copies, launch, synchronisation) are all
+/// of it.
+const OVERHEAD_PROBE_ROWS: i64 = 1024;
+
+/// The fixed cost of one kernel call on `backend`: the best of several
+/// filter calls over [`OVERHEAD_PROBE_ROWS`] rows.
+fn call_overhead_s(
+    backend: &dyn KernelBackend,
+    options: CalibrateOptions,
+) -> Result<f64, BenchError> {
+    let tiny: Int64Array = (0..OVERHEAD_PROBE_ROWS).collect();
+    let mut best = f64::INFINITY;
+    for _ in 0..options.repetitions.max(5) {
+        let started = std::time::Instant::now();
+        std::hint::black_box(backend.filter_i64(&tiny, CmpOp::Ge, 0)?);
+        best = best.min(started.elapsed().as_secs_f64());
+    }
+    Ok(best.max(1e-9))
 }
 
 /// The rates as a table.
@@ -228,5 +245,18 @@ mod tests {
         ] {
             assert!(rate.is_finite() && rate > 0.0, "{cpu:?}");
         }
+    }
+
+    #[test]
+    fn the_call_overhead_probe_times_a_small_call() {
+        let options = CalibrateOptions {
+            rows: 20_000,
+            repetitions: 1,
+        };
+        let overhead = call_overhead_s(&CpuBackend, options).unwrap();
+        assert!(
+            overhead.is_finite() && overhead > 0.0 && overhead < 1.0,
+            "{overhead}"
+        );
     }
 }
