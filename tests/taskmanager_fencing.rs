@@ -136,19 +136,13 @@ fn signal(name: &str, pid: u32) {
 
 /// Waits until `log` says `needle` `count` times; returns the log.
 fn wait_for_log(log: &Path, needle: &str, count: usize) -> String {
-    let deadline = Instant::now() + BOUND;
-    loop {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        if text.matches(needle).count() >= count {
-            return text;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{} never said {needle:?}:\n{text}",
-            log.display()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let read = || std::fs::read_to_string(log).unwrap_or_default();
+    wait_for(
+        &format!("{} to say {needle:?}", log.display()),
+        BOUND,
+        || read().matches(needle).count() >= count,
+    );
+    read()
 }
 
 /// Issue 14: a deployment that cannot reach a producer TaskManager (killed,
@@ -203,14 +197,9 @@ fn a_paused_taskmanager_fences_its_tasks_before_registering_again() {
     signal("STOP", tm2.0.id());
     // The JobManager declares tm2 lost and fails the job.
     let mut running = running;
-    let deadline = Instant::now() + BOUND;
-    while running.0.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "the job did not fail without tm2"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for("the job to fail without tm2", BOUND, || {
+        running.0.try_wait().unwrap().is_some()
+    });
     signal("CONT", tm2.0.id());
     let text = wait_for_log(&log, "registered with the JobManager as tm-3", 1);
     let fenced = text
