@@ -198,12 +198,15 @@ fn compile_options(arch: &str) -> Vec<String> {
     vec![format!("--gpu-architecture={arch}"), "-std=c++17".into()]
 }
 
-/// Compiles (or loads from the cache) every kernel source for `arch`
-/// (`compute_90`): `(stem, PTX)` per source. Needs only NVRTC, not a GPU.
-pub fn compile_modules(
+/// Compiles (or loads from the cache, in files ending in `.extension`)
+/// every kernel source for `arch`: `compile(stem, expanded source, NVRTC
+/// options)` makes one image, its error is NVRTC's log.
+fn compile_all(
     arch: &str,
     cache: &PtxCache,
-) -> Result<Vec<(&'static str, String)>, GpuError> {
+    extension: &str,
+    compile: impl Fn(&'static str, &str, &[String]) -> Result<Vec<u8>, String>,
+) -> Result<Vec<(&'static str, Vec<u8>)>, GpuError> {
     let nvrtc_version = nvrtc_version()?;
     let driver_version = driver_version().map_or_else(|| "none".to_owned(), |v| v.to_string());
     let options = compile_options(arch);
@@ -219,24 +222,40 @@ pub fn compile_modules(
                 options: &options_text,
                 driver_version: &driver_version,
             };
-            let (ptx, outcome) = cache.get_or_compile(source.stem, key, || {
-                let options = CompileOptions {
-                    options: options.clone(),
-                    name: Some(format!("{}.cu", source.stem)),
-                    ..Default::default()
-                };
-                cudarc::nvrtc::compile_ptx_with_opts(&expanded, options)
-                    .map(|ptx| ptx.to_src())
-                    .map_err(|e| GpuError::Compile {
+            let (image, outcome) =
+                cache.get_or_compile_bytes(source.stem, key, extension, || {
+                    compile(source.stem, &expanded, &options).map_err(|log| GpuError::Compile {
                         stem: source.stem,
                         arch: arch.to_owned(),
-                        log: format!("{e:?}"),
+                        log,
                     })
-            })?;
+                })?;
             tracing::debug!("kernels/{}.cu for {arch}: {outcome:?}", source.stem);
-            Ok((source.stem, ptx))
+            Ok((source.stem, image))
         })
         .collect()
+}
+
+/// Compiles (or loads from the cache) every kernel source for `arch`
+/// (`compute_90`): `(stem, PTX)` per source. Needs only NVRTC, not a GPU.
+pub fn compile_modules(
+    arch: &str,
+    cache: &PtxCache,
+) -> Result<Vec<(&'static str, String)>, GpuError> {
+    let images = compile_all(arch, cache, "ptx", |stem, source, options| {
+        let options = CompileOptions {
+            options: options.to_vec(),
+            name: Some(format!("{stem}.cu")),
+            ..Default::default()
+        };
+        cudarc::nvrtc::compile_ptx_with_opts(source, options)
+            .map(|ptx| ptx.to_src().into_bytes())
+            .map_err(|e| format!("{e:?}"))
+    })?;
+    Ok(images
+        .into_iter()
+        .map(|(stem, bytes)| (stem, String::from_utf8_lossy(&bytes).into_owned()))
+        .collect())
 }
 
 /// Compiles (or loads from the cache) every kernel source into a cubin for
@@ -247,32 +266,7 @@ pub fn compile_cubins(
     sm_arch: &str,
     cache: &PtxCache,
 ) -> Result<Vec<(&'static str, Vec<u8>)>, GpuError> {
-    let nvrtc_version = nvrtc_version()?;
-    let driver_version = driver_version().map_or_else(|| "none".to_owned(), |v| v.to_string());
-    let options = compile_options(sm_arch);
-    let options_text = options.join(" ");
-    SOURCES
-        .iter()
-        .map(|source| {
-            let expanded = expand_includes(*source)?;
-            let key = CacheKey {
-                expanded_source: &expanded,
-                arch: sm_arch,
-                nvrtc_version: &nvrtc_version,
-                options: &options_text,
-                driver_version: &driver_version,
-            };
-            let (cubin, outcome) = cache.get_or_compile_bytes(source.stem, key, "cubin", || {
-                nvrtc_cubin(source.stem, &expanded, &options).map_err(|log| GpuError::Compile {
-                    stem: source.stem,
-                    arch: sm_arch.to_owned(),
-                    log,
-                })
-            })?;
-            tracing::debug!("kernels/{}.cu for {sm_arch}: {outcome:?}", source.stem);
-            Ok((source.stem, cubin))
-        })
-        .collect()
+    compile_all(sm_arch, cache, "cubin", nvrtc_cubin)
 }
 
 /// One NVRTC compilation to a cubin; the error is NVRTC's log.
