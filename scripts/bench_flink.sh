@@ -196,40 +196,13 @@ fi
 # ---- job files -----------------------------------------------------------
 grep -q '^rows = ' examples/keyed_aggregation.toml || die "examples/keyed_aggregation.toml has no 'rows = ' line"
 sed -E "s/^rows = .*/rows = $rows_j1/" examples/keyed_aggregation.toml >"$tmp/j1.toml"
-cat >"$tmp/j2.toml" <<EOF
-# J2-CSV: the keyed aggregation of J1 over one CSV file.
-[job]
-name = "bench-flink-j2-csv"
-parallelism = $parallelism
-
-[[operator]]
-name = "rows"
-type = "csv_source"
-path = "$j2_csv"
-has_header = true
-schema = { key = "int64", value = "int64", price = "float64", ts = "int64" }
-
-[[operator]]
-name = "positive"
-type = "filter"
-predicate = "value >= 10"
-
-[[operator]]
-name = "by-key"
-type = "key_by"
-keys = ["key"]
-
-[[operator]]
-name = "totals"
-type = "aggregate"
-aggs = ["count(*) as cnt", "sum(value) as total", "min(value) as lo", "max(value) as hi", "avg(price) as avg_price"]
-
-[[operator]]
-name = "out"
-type = "csv_sink"
-path = "target/out/bench-flink/strata-j2"
-mode = "overwrite"
-EOF
+# J2-CSV: examples/bench/j2_csv.toml (the same query as J1) over $j2_csv.
+grep -q '^path = "target/bench-data/j2-csv"' examples/bench/j2_csv.toml ||
+  die "examples/bench/j2_csv.toml has no source 'path' line"
+sed -E -e "s#^path = \"target/bench-data/j2-csv\"#path = \"$j2_csv\"#" \
+  -e "s#^path = \"target/out/j2-csv\"#path = \"target/out/bench-flink/strata-j2\"#" \
+  -e "s/^parallelism = .*/parallelism = $parallelism/" \
+  examples/bench/j2_csv.toml >"$tmp/j2.toml"
 
 cat >"$tmp/flink_job.py" <<'PY'
 """One Flink job (J1 or J2-CSV) in batch or streaming mode on PyFlink's
