@@ -205,14 +205,14 @@ fn filter(c: &mut Criterion) {
 
 fn hash_partition(c: &mut Criterion) {
     let data = datagen_batch(8192);
-    let mut splitter = strata::network::HashSplitter::default();
+    let mut splitter = strata::network::HashSplitter::new(vec![0]);
     let mut g = c.benchmark_group("network/hash-partition");
     g.throughput(Throughput::Elements(8192));
     g.bench_function("targets=4/rows=8192", |bench| {
         bench.iter(|| {
             let mut rows = 0;
             splitter
-                .split(&data, &[0], 128, 4, |_, piece| {
+                .split(&data, 128, 4, |_, piece| {
                     rows += piece.num_rows();
                     Ok(())
                 })

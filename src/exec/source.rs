@@ -20,7 +20,8 @@ use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch};
 use arrow_schema::SchemaRef;
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::{
-    ArrowReaderOptions, ParquetRecordBatchReader, ParquetRecordBatchReaderBuilder, RowSelection,
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReader,
+    ParquetRecordBatchReaderBuilder, RowSelection,
 };
 use parquet::file::metadata::PageIndexPolicy;
 
@@ -630,6 +631,9 @@ struct RowGroupSplit {
     /// The rows the page index says may match the pushed-down predicate
     /// (`None`: all).
     selection: Option<RowSelection>,
+    /// The file's footer (and page index), read once and shared by its row
+    /// groups, so opening a row group does not parse it again.
+    metadata: ArrowReaderMetadata,
 }
 
 /// Parquet files; row groups are dealt round-robin over subtasks, after
@@ -679,16 +683,16 @@ impl ParquetSource {
                 source: e,
             })?;
             let options = reader_options(spec.prune.is_some());
-            let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
-                .map_err(|e| ExecError::Read {
+            let file_metadata =
+                ArrowReaderMetadata::load(&file, options).map_err(|e| ExecError::Read {
                     path: path.clone(),
                     detail: e.to_string(),
                 })?;
-            let metadata = builder.metadata();
+            let metadata = file_metadata.metadata();
             let integer_columns = spec
                 .prune
                 .as_ref()
-                .map(|p| prune::integer_columns(p, builder.schema(), metadata));
+                .map(|p| prune::integer_columns(p, file_metadata.schema(), metadata));
             for (row_group, rg) in metadata.row_groups().iter().enumerate() {
                 let row_count = u64::try_from(rg.num_rows()).unwrap_or(0);
                 let mut selection = None;
@@ -708,6 +712,7 @@ impl ParquetSource {
                     row_group,
                     row_count,
                     selection,
+                    metadata: file_metadata.clone(),
                 });
             }
         }
@@ -766,9 +771,8 @@ impl ParquetSource {
             path: split.path.clone(),
             source: e,
         })?;
-        let options = reader_options(split.selection.is_some());
-        let builder = ParquetRecordBatchReaderBuilder::try_new_with_options(file, options)
-            .map_err(|e| read_err(e.to_string()))?;
+        let builder =
+            ParquetRecordBatchReaderBuilder::new_with_metadata(file, split.metadata.clone());
         let mut builder = builder
             .with_row_groups(vec![split.row_group])
             .with_batch_size(self.batch_size);

@@ -386,6 +386,8 @@ pub struct RecordWriter {
 /// gathered with one `take`.
 #[derive(Default)]
 pub struct HashSplitter {
+    /// The key columns' indices in the batches split.
+    key_columns: Vec<usize>,
     hashes: Vec<u64>,
     /// A hashed batch's row indices grouped by target, and where each
     /// target's group starts: O(rows + targets) memory per writer, where a
@@ -396,17 +398,25 @@ pub struct HashSplitter {
 }
 
 impl HashSplitter {
+    /// A splitter by the columns `key_columns` of its batches.
+    pub fn new(key_columns: Vec<usize>) -> Self {
+        HashSplitter {
+            key_columns,
+            ..Default::default()
+        }
+    }
+
     /// Calls `send(target, piece)` for each target that gets rows of
     /// `batch`, in target order; rows keep their order within a piece.
     pub fn split(
         &mut self,
         batch: &RecordBatch,
-        key_columns: &[usize],
         max_parallelism: u32,
         parallelism: usize,
         mut send: impl FnMut(usize, RecordBatch) -> Result<(), NetworkError>,
     ) -> Result<(), NetworkError> {
-        let keys: Vec<ArrayRef> = key_columns
+        let keys: Vec<ArrayRef> = self
+            .key_columns
             .iter()
             .map(|&i| Arc::clone(batch.column(i)))
             .collect();
@@ -447,6 +457,10 @@ impl RecordWriter {
         metrics: Arc<WriterMetrics>,
     ) -> Self {
         assert!(!targets.is_empty());
+        let splitter = match &partitioner {
+            Partitioner::Hash { key_columns } => HashSplitter::new(key_columns.clone()),
+            _ => HashSplitter::default(),
+        };
         Self {
             partitioner,
             targets,
@@ -454,7 +468,7 @@ impl RecordWriter {
             pool,
             canceled,
             metrics,
-            splitter: HashSplitter::default(),
+            splitter,
             next_target: 0,
         }
     }
@@ -470,21 +484,17 @@ impl RecordWriter {
                 self.next_target = (t + 1) % self.targets.len();
                 self.send(t, batch)
             }
-            Partitioner::Hash { key_columns } => {
+            Partitioner::Hash { .. } => {
                 if self.targets.len() == 1 {
                     return self.send(0, batch);
                 }
                 let parallelism = self.targets.len();
                 // Taken out while `send` borrows the writer.
-                let key_columns = key_columns.clone();
                 let mut splitter = std::mem::take(&mut self.splitter);
-                let result = splitter.split(
-                    &batch,
-                    &key_columns,
-                    self.max_parallelism,
-                    parallelism,
-                    |t, piece| self.send(t, piece),
-                );
+                let result =
+                    splitter.split(&batch, self.max_parallelism, parallelism, |t, piece| {
+                        self.send(t, piece)
+                    });
                 self.splitter = splitter;
                 result
             }
