@@ -157,6 +157,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Resolves on SIGTERM or Ctrl-C (SIGINT).
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            tokio::signal::ctrl_c().await.ok();
+        }
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -282,6 +298,15 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
                 let tm = TaskManager::start(config).await?;
                 println!("TaskManager data port {}", tm.data_addr());
                 let shutdown = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+                // SIGTERM (how service managers stop it) or Ctrl-C: the
+                // TaskManager cancels its tasks and returns, so its spill
+                // directories are removed instead of left for the next start.
+                let stop = std::sync::Arc::clone(&shutdown);
+                tokio::spawn(async move {
+                    stop_signal().await;
+                    tracing::info!("TaskManager stopping on a signal: cancelling its tasks");
+                    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                });
                 tm.run(address, shutdown).await?;
                 Ok(ExitCode::SUCCESS)
             })

@@ -216,3 +216,37 @@ fn a_paused_taskmanager_fences_its_tasks_before_registering_again() {
     assert!(stdout.contains("tm-3/slot"), "{stdout}");
     drop(tm2);
 }
+
+/// A TaskManager stopped with SIGTERM mid-job (how a service manager stops
+/// it) cancels its tasks, exits, and leaves no spill directory behind; the
+/// job fails with the TaskManager named instead of hanging.
+#[test]
+fn sigterm_mid_job_exits_and_removes_the_spill_directory() {
+    let mut cluster = Cluster::start();
+    let spill = cluster.dir.path().join("spill");
+    std::fs::create_dir_all(&spill).unwrap();
+    let log = cluster.dir.path().join("tm-term.log");
+    let mut tm = strata_command();
+    tm.args(["taskmanager", "--jobmanager", &cluster.address])
+        .args(CLUSTER)
+        .args(["-D", &format!("io.tmp.dirs={}", spill.display())])
+        .stderr(std::fs::File::create(&log).unwrap())
+        .stdout(Stdio::null());
+    let mut tm = Proc(tm.spawn().expect("spawn strata"));
+    wait_for_log(&log, "registered with the JobManager", 1);
+    let spill_dirs = || std::fs::read_dir(&spill).unwrap().count();
+    assert_eq!(spill_dirs(), 1, "the TaskManager's spill directory");
+    let job = cluster.job(200_000_000, 2, "rows_per_second = 2000000");
+    let mut running = cluster.submit(&job);
+    let mut running = Proc(running.stdout(Stdio::null()).spawn().unwrap());
+    wait_for_log(&log, "every task deployed here started", 1);
+    signal("TERM", tm.0.id());
+    wait_for("the TaskManager to exit on SIGTERM", BOUND, || {
+        tm.0.try_wait().unwrap().is_some()
+    });
+    assert!(tm.0.wait().unwrap().success());
+    assert_eq!(spill_dirs(), 0, "no spill directory left behind");
+    wait_for("the job to end without its TaskManager", BOUND, || {
+        running.0.try_wait().unwrap().is_some()
+    });
+}

@@ -125,12 +125,26 @@ path = "{}"
     )
 }
 
-/// A child process killed when dropped, so a failing test leaves nothing
-/// behind.
+/// A child process stopped when dropped, so a failing test leaves nothing
+/// behind: SIGTERM first (a TaskManager then removes its spill directory),
+/// SIGKILL after a short grace.
 pub struct Proc(pub std::process::Child);
+
+/// How long a dropped [`Proc`] may take to exit on SIGTERM.
+const TERM_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl Drop for Proc {
     fn drop(&mut self) {
+        if matches!(self.0.try_wait(), Ok(None)) {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &self.0.id().to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+            let deadline = std::time::Instant::now() + TERM_GRACE;
+            while matches!(self.0.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
