@@ -170,7 +170,7 @@ fn work_dir(name: &str) -> PathBuf {
 
 /// Compiles every source for every target in one helper process; `None`
 /// when Python or the wheels are missing.
-fn run_nvrtc(sources: &[PathBuf], out_dir: &Path) -> Option<NvrtcRun> {
+fn run_nvrtc(sources: &[PathBuf], out_dir: &Path, flags: &[&str]) -> Option<NvrtcRun> {
     let archs: Vec<&str> = TARGETS.iter().map(|(arch, _)| *arch).collect();
     let output = Command::new(python())
         .args(["-c", NVRTC_HELPER])
@@ -179,7 +179,7 @@ fn run_nvrtc(sources: &[PathBuf], out_dir: &Path) -> Option<NvrtcRun> {
         .args(sources)
         .arg("--")
         .arg(format!("--include-path={}", kernels_dir().display()))
-        .args(NVRTC_FLAGS)
+        .args(flags)
         .output()
         .ok()?;
     assert!(
@@ -222,14 +222,19 @@ fn parse_build_line(line: &str) -> NvrtcBuild {
 
 /// Checks one NVRTC build: the log on failure, else the entries and ptxas.
 /// `Ok` carries a one-line summary with the timings.
-fn check_build(build: &NvrtcBuild, ptxas: &Path, out_dir: &Path) -> Result<String, String> {
+fn check_build(
+    build: &NvrtcBuild,
+    ptxas: &Path,
+    out_dir: &Path,
+    source_dir: &Path,
+) -> Result<String, String> {
     let output_path =
         |extension: &str| out_dir.join(format!("{}.{}.{extension}", build.stem, build.arch));
     let Some(nvrtc_ms) = build.nvrtc_ms else {
         let log = std::fs::read_to_string(output_path("log")).unwrap_or_default();
         return Err(format!("NVRTC failed:\n{log}"));
     };
-    let source = kernels_dir().join(format!("{}.cu", build.stem));
+    let source = source_dir.join(format!("{}.cu", build.stem));
     let ptx_path = output_path("ptx");
     let entry_count = check_entries(&source, &ptx_path)?;
     let sm = TARGETS
@@ -284,7 +289,7 @@ fn every_kernel_compiles_with_nvrtc_for_sm80_and_sm90_and_assembles_with_ptxas()
     let sources = kernel_sources();
     assert!(!sources.is_empty(), "no kernels/*.cu found");
     let out_dir = work_dir("kernels_nvrtc");
-    let Some(run) = run_nvrtc(&sources, &out_dir) else {
+    let Some(run) = run_nvrtc(&sources, &out_dir, &NVRTC_FLAGS) else {
         println!("skipped: NVRTC not installed (run scripts/install_cuda_tools.sh)");
         return;
     };
@@ -297,7 +302,7 @@ fn every_kernel_compiles_with_nvrtc_for_sm80_and_sm90_and_assembles_with_ptxas()
     let mut failures = Vec::new();
     for build in &run.builds {
         let label = format!("{}.cu for {}", build.stem, build.arch);
-        match check_build(build, &run.ptxas, &out_dir) {
+        match check_build(build, &run.ptxas, &out_dir, &kernels_dir()) {
             Ok(summary) => println!("ok   {label}: {summary}"),
             Err(error) => {
                 println!("FAIL {label}");
@@ -305,6 +310,88 @@ fn every_kernel_compiles_with_nvrtc_for_sm80_and_sm90_and_assembles_with_ptxas()
             }
         }
     }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Fused chains as the GPU tier generates them (`kernels::chain`): a few
+/// shapes covering every instruction, compiled with the chain's own NVRTC
+/// options (no FMA contraction) for sm_80 and sm_90.
+#[test]
+fn generated_chain_kernels_compile_with_nvrtc_for_sm80_and_sm90() {
+    use std::sync::Arc;
+
+    use arrow_schema::{DataType, Field, Schema};
+    use strata::job::{Expr, NamedExpr};
+    use strata::kernels::chain::{ChainProgram, ChainStep, cuda_src};
+
+    let input = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Int64, true),
+        Field::new("value", DataType::Int64, false),
+        Field::new("price", DataType::Float64, true),
+        Field::new("name", DataType::Utf8, true),
+    ]));
+    let named = |text: &str, name: &str| NamedExpr {
+        name: name.to_owned(),
+        expr: Expr::parse(text).expect("parses"),
+    };
+    let projection = vec![
+        named("key", "key"),
+        named("value * 3", "tripled"),
+        named("value + key", "shifted"),
+        named("price / 2.0 - -price % 3.0", "p"),
+        named("value / (key - 1) % 7", "q"),
+        named("not (price >= 1.5 or key = null)", "flag"),
+        named("name", "name"),
+    ];
+    let projected = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Int64, true),
+        Field::new("tripled", DataType::Int64, true),
+        Field::new("shifted", DataType::Int64, true),
+        Field::new("p", DataType::Float64, true),
+        Field::new("q", DataType::Int64, true),
+        Field::new("flag", DataType::Boolean, true),
+        Field::new("name", DataType::Utf8, true),
+    ]));
+    let predicate = Expr::parse("tripled > 300 and shifted != 0 or -p < key").expect("parses");
+    let no_filter = [ChainStep::Project {
+        name: "scaled",
+        columns: &projection,
+    }];
+    let with_filter = [
+        ChainStep::Project {
+            name: "scaled",
+            columns: &projection,
+        },
+        ChainStep::Filter {
+            name: "large",
+            predicate: &predicate,
+        },
+    ];
+    let dir = work_dir("chain_kernels_src");
+    let mut sources = Vec::new();
+    for (stem, steps) in [
+        ("chain_project", &no_filter[..]),
+        ("chain_project_filter", &with_filter[..]),
+    ] {
+        let program = ChainProgram::compile(&input, steps, &projected).expect("the chain fuses");
+        let path = dir.join(format!("{stem}.cu"));
+        std::fs::write(&path, cuda_src::cuda_source(&program)).expect("write the source");
+        sources.push(path);
+    }
+    let out_dir = work_dir("chain_kernels_nvrtc");
+    let Some(run) = run_nvrtc(&sources, &out_dir, cuda_src::COMPILE_OPTIONS) else {
+        println!("skipped: NVRTC not installed (run scripts/install_cuda_tools.sh)");
+        return;
+    };
+    let mut failures = Vec::new();
+    for build in &run.builds {
+        let label = format!("{}.cu for {}", build.stem, build.arch);
+        match check_build(build, &run.ptxas, &out_dir, &dir) {
+            Ok(summary) => println!("ok   {label}: {summary}"),
+            Err(error) => failures.push(format!("{label}: {error}")),
+        }
+    }
+    assert_eq!(run.builds.len(), sources.len() * TARGETS.len());
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 

@@ -154,8 +154,12 @@ fn evaluate_binary(
             is_scalar,
         });
     }
-    let left = left.with(cast_exact(&left.array, &types.operand)?);
-    let right = right.with(cast_exact(&right.array, &types.operand)?);
+    let mut left = left.with(cast_exact(&left.array, &types.operand)?);
+    let mut right = right.with(cast_exact(&right.array, &types.operand)?);
+    if op.is_comparison() && types.operand == DataType::Float64 {
+        left = left.with(one_nan(&left.array));
+        right = right.with(one_nan(&right.array));
+    }
     let array: ArrayRef = match op {
         BinOp::And | BinOp::Or => {
             // The Kleene kernels take two arrays of equal length.
@@ -182,6 +186,34 @@ fn evaluate_binary(
         BinOp::Mod => numeric::rem(&left, &right)?,
     };
     Ok(Operand { array, is_scalar })
+}
+
+/// `array` with every NaN replaced by the positive quiet NaN.
+///
+/// Comparisons order Float64 by Arrow's total order, which puts a NaN with
+/// the sign bit set below every number. The sign of a computed NaN is not
+/// specified (x86 makes `0.0 / 0.0` negative, a GPU makes it positive, and
+/// LLVM may swap the operands of a commutative operation, which picks the
+/// other NaN), so comparisons treat all NaNs as one value above +inf, as
+/// SQL engines do. The fused GPU chains (`kernels::chain`) compare the same
+/// way.
+fn one_nan(array: &ArrayRef) -> ArrayRef {
+    let values = array.as_primitive::<arrow_array::types::Float64Type>();
+    let canonical = f64::NAN.to_bits();
+    if !values
+        .values()
+        .iter()
+        .any(|v| v.is_nan() && v.to_bits() != canonical)
+    {
+        return array.clone();
+    }
+    Arc::new(
+        values.unary::<_, arrow_array::types::Float64Type>(
+            |v| {
+                if v.is_nan() { f64::NAN } else { v }
+            },
+        ),
+    )
 }
 
 /// An intermediate result: a batch-length array, or a length-1 scalar.

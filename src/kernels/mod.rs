@@ -10,6 +10,7 @@
 //! per-slot device memory budgets.
 
 pub mod backend;
+pub mod chain;
 pub mod cpu;
 pub mod gpu;
 pub mod health;
