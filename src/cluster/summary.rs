@@ -174,6 +174,19 @@ pub fn render(s: &JobSummary) -> String {
                 human_count(o.cpu_fallback_rows),
                 human_count(o.device_error_fallbacks)
             );
+            if o.chain_batches > 0 {
+                let _ = writeln!(
+                    out,
+                    "  gpu chains: {} rows in {} coalesced device batches ({} rows each), {} up, {} down, {} launches, {} stream waits",
+                    human_count(o.chain_rows),
+                    human_count(o.chain_batches),
+                    human_count(o.chain_rows / o.chain_batches),
+                    human_bytes(o.h2d_bytes),
+                    human_bytes(o.d2h_bytes),
+                    human_count(o.launches),
+                    human_count(o.syncs)
+                );
+            }
         }
     }
     let _ = writeln!(out, "  vertices:");

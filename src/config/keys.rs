@@ -102,6 +102,8 @@ keys! {
     "metrics.reporter.prom.port"                           => prometheus_port: port, show;
     "placement.mode"                                       => placement_mode: placement_mode, show;
     "placement.calibration-file"                           => calibration_file: optional_text, show;
+    "taskmanager.gpu.coalesce-bytes"                       => gpu_coalesce_bytes: memory, show_memory;
+    "taskmanager.gpu.coalesce-latency"                     => gpu_coalesce_latency: positive_duration, show_duration;
     "taskmanager.data.connections.max"                     => data_connections_max: at_least_one, show;
     "jobmanager.rpc.connections.max"                       => rpc_connections_max: at_least_one, show;
     "security.auth.secret"                                 => auth_secret: secret, show_secret;

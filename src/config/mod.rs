@@ -297,6 +297,14 @@ pub struct Config {
     pub prometheus_port: u16,
     /// `placement.mode`.
     pub placement_mode: PlacementMode,
+    /// `taskmanager.gpu.coalesce-bytes`: a GPU chain gathers input batches
+    /// until their device columns reach this many bytes, so that each
+    /// upload, launch and sync is paid per 32 MiB rather than per batch.
+    pub gpu_coalesce_bytes: u64,
+    /// `taskmanager.gpu.coalesce-latency`: the longest a row waits in a GPU
+    /// chain's coalescing buffer (checked when a batch arrives, and the
+    /// buffer is flushed when the input goes idle or a checkpoint comes).
+    pub gpu_coalesce_latency: Duration,
     /// `placement.calibration-file`: the rates `strata bench --calibrate`
     /// wrote; empty means the default location (see `placement::calibration`).
     pub calibration_file: String,
@@ -466,6 +474,8 @@ impl Config {
             prometheus_port: 9249,
             placement_mode: PlacementMode::Auto,
             calibration_file: String::new(),
+            gpu_coalesce_bytes: 32 << 20,
+            gpu_coalesce_latency: Duration::from_millis(20),
             data_connections_max: 1024,
             rpc_connections_max: 1024,
             auth_secret: None,

@@ -22,6 +22,8 @@ pub struct GpuContext {
     pub kernels: Arc<crate::kernels::backend::TieredKernels>,
     /// Logical operators that placement put on the GPU.
     pub operators: Vec<usize>,
+    /// When a fused chain's buffered input becomes a device batch.
+    pub coalesce: super::gpu_chain::CoalescePolicy,
 }
 
 /// Per-subtask context for building operators.
@@ -79,6 +81,100 @@ pub fn build_source(
         },
         expected,
     ))
+}
+
+/// The chained operators of a task, in order. A run of consecutive
+/// filters and projections placed on the GPU becomes one fused program
+/// ([`super::gpu_chain`]); a run whose expressions do not fuse keeps its
+/// operators, each on the kernels where it can (the reason is logged).
+pub fn build_operators(
+    ctx: &BuildContext<'_>,
+    chained: &[usize],
+) -> Result<Vec<Box<dyn Operator>>, ExecError> {
+    let fusable = |op: usize| {
+        ctx.gpu.as_ref().is_some_and(|g| g.operators.contains(&op))
+            && matches!(
+                ctx.plan.spec.operators[op].kind,
+                OperatorKind::Filter { .. } | OperatorKind::Project { .. }
+            )
+    };
+    let mut operators: Vec<Box<dyn Operator>> = Vec::with_capacity(chained.len());
+    let mut i = 0;
+    while i < chained.len() {
+        let mut end = i;
+        while end < chained.len()
+            && fusable(chained[end])
+            && (end == i || ctx.plan.spec.operators[chained[end]].input == Some(chained[end - 1]))
+        {
+            end += 1;
+        }
+        if end > i
+            && let Some(fused) = fused_chain(ctx, &chained[i..end])
+        {
+            operators.extend((i..end - 1).map(|_| Box::new(super::gpu_chain::Forward) as _));
+            operators.push(fused);
+            i = end;
+            continue;
+        }
+        operators.push(build_operator(ctx, chained[i])?);
+        i += 1;
+    }
+    Ok(operators)
+}
+
+/// The run `ops` as one fused GPU program, or `None` (logged) when its
+/// expressions do not fuse.
+fn fused_chain(ctx: &BuildContext<'_>, ops: &[usize]) -> Option<Box<dyn Operator>> {
+    let gpu = ctx.gpu.as_ref()?;
+    let plan = ctx.plan;
+    let steps: Vec<crate::kernels::chain::ChainStep<'_>> = ops
+        .iter()
+        .map(|&op| {
+            let spec = &plan.spec.operators[op];
+            match &spec.kind {
+                OperatorKind::Filter { predicate } => crate::kernels::chain::ChainStep::Filter {
+                    name: &spec.name,
+                    predicate,
+                },
+                OperatorKind::Project { columns } => crate::kernels::chain::ChainStep::Project {
+                    name: &spec.name,
+                    columns,
+                },
+                _ => unreachable!("only filters and projections fuse"),
+            }
+        })
+        .collect();
+    let input = plan.spec.operators[ops[0]].input?;
+    let names = ops
+        .iter()
+        .map(|&op| plan.spec.operators[op].name.as_str())
+        .collect::<Vec<_>>()
+        .join(" → ");
+    match crate::kernels::chain::ChainProgram::compile(
+        &plan.schemas[input],
+        &steps,
+        &plan.schemas[*ops.last()?],
+    ) {
+        Ok(program) => {
+            tracing::debug!(
+                "GPU chain {names}: one fused program of {} instructions, {} device input columns",
+                program.instrs.len(),
+                program.device_inputs().len()
+            );
+            Some(Box::new(super::gpu_chain::GpuChainOperator::new(
+                names,
+                program,
+                Arc::clone(&gpu.kernels) as _,
+                gpu.coalesce,
+            )))
+        }
+        Err(reason) => {
+            tracing::warn!(
+                "GPU chain {names} does not fuse ({reason}); its operators run one by one"
+            );
+            None
+        }
+    }
 }
 
 /// A non-source operator.

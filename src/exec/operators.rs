@@ -35,6 +35,14 @@ pub trait Operator: Send {
         Ok(())
     }
 
+    /// Emits what the operator holds back only to batch work up (a GPU
+    /// chain's coalescing buffer), not state. The task calls it before a
+    /// checkpoint's snapshot (so the rows belong to the checkpoint they
+    /// arrived in) and when its input has been idle for a poll interval.
+    fn flush(&mut self, _out: &mut dyn Output) -> Result<(), ExecError> {
+        Ok(())
+    }
+
     /// Checkpoint `checkpoint`'s barrier reached this operator: returns the
     /// operator's state at this point of the stream (`None`: it has none).
     /// Called between batches; everything the operator emits after this

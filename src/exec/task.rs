@@ -116,9 +116,11 @@ impl Chain {
         self.link().watermark(watermark)
     }
 
-    /// Checkpoint barrier `checkpoint`: every operator snapshots its state,
-    /// in chain order, then every edge gets the barrier.
+    /// Checkpoint barrier `checkpoint`: the operators flush what they batch
+    /// up, then each snapshots its state, in chain order, then every edge
+    /// gets the barrier.
     pub fn snapshot(&mut self, checkpoint: u64) -> Result<Vec<(usize, Vec<u8>)>, ExecError> {
+        self.flush()?;
         let mut states = Vec::new();
         for (op, &id) in self.operators.iter_mut().zip(&self.operator_ids) {
             if let Some(state) = op.snapshot_state(checkpoint)? {
@@ -155,6 +157,22 @@ impl Chain {
     /// job's final commit ([`FINAL_CHECKPOINT`]) commits.
     pub(crate) fn has_pending_commit(&self) -> bool {
         self.operators.iter().any(|op| op.has_pending_commit())
+    }
+
+    /// Each operator emits what it batches up ([`Operator::flush`]) into
+    /// the rest of the chain, in order.
+    pub fn flush(&mut self) -> Result<(), ExecError> {
+        for i in 0..self.operators.len() {
+            let (done, rest) = self.operators.split_at_mut(i + 1);
+            let mut link = Link {
+                operators: rest,
+                metrics: &self.metrics[i + 1..],
+                writers: &mut self.writers,
+                upstream: Some(&self.metrics[i]),
+            };
+            done[i].flush(&mut link)?;
+        }
+        Ok(())
     }
 
     /// End of input: each operator flushes into the rest of the chain, in
@@ -571,7 +589,8 @@ fn run_gates(
                 None => chain.barrier(n)?,
             },
             Some(InputEvent::End) => return Ok(()),
-            None => {}
+            // Idle for a poll interval: nothing waits in a coalescing buffer.
+            None => chain.flush()?,
         }
     }
 }

@@ -21,6 +21,7 @@ use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{Array, BooleanArray, Float64Array, Int64Array, PrimitiveArray};
 use arrow_schema::ArrowError;
 
+use super::chain::{ChainError, ChainProgram};
 use super::cpu::aggregate::{AggregateError, Group, KeyedArrays, KeyedValues, aggregate_i64};
 use super::cpu::column::Column;
 use super::cpu::filter::{CmpOp, filter_f64_array, filter_i64_array};
@@ -32,6 +33,7 @@ use super::cpu::project::{
 use super::cpu::standardize::{ColumnStats, fit_column, transform_column};
 use super::gpu::GpuError;
 use super::gpu::pool::PoolError;
+use arrow_array::RecordBatch;
 
 /// Where a kernel runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
@@ -67,6 +69,10 @@ pub enum KernelError {
     Gpu(#[from] GpuError),
     #[error("combining kernel results: {0}")]
     Arrow(#[from] ArrowError),
+    /// A fused chain's checked instruction failed on a row: the
+    /// evaluator's error, a fault of the data and not of the device.
+    #[error(transparent)]
+    Chain(#[from] ChainError),
 }
 
 /// The kernels an operator can call, on one tier.
@@ -141,6 +147,29 @@ pub trait KernelBackend: Send + Sync {
     /// group order is unspecified). A sum whose exact total does not fit in
     /// i64 is an error naming the smallest such key.
     fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError>;
+
+    /// Runs a fused chain (`kernels::chain`) over `pieces`, the coalesced
+    /// input batches (each of the program's input schema), as one device
+    /// batch: the surviving rows with the output columns, in input order.
+    fn run_chain(
+        &self,
+        program: &ChainProgram,
+        pieces: &[RecordBatch],
+    ) -> Result<RecordBatch, KernelError>;
+}
+
+/// The pieces as one batch (the host twin and the simulator run on one).
+pub(crate) fn coalesce(
+    program: &ChainProgram,
+    pieces: &[RecordBatch],
+) -> Result<RecordBatch, KernelError> {
+    match pieces {
+        [one] => Ok(one.clone()),
+        _ => Ok(arrow_select::concat::concat_batches(
+            &program.input_schema,
+            pieces,
+        )?),
+    }
 }
 
 /// Checks that the key and value columns have the same rows.
@@ -247,6 +276,15 @@ impl KernelBackend for CpuBackend {
         sort_groups(&mut groups);
         Ok(groups)
     }
+
+    fn run_chain(
+        &self,
+        program: &ChainProgram,
+        pieces: &[RecordBatch],
+    ) -> Result<RecordBatch, KernelError> {
+        let input = coalesce(program, pieces)?;
+        Ok(super::chain::interp::run(program, &input)?)
+    }
 }
 
 /// Counters of the GPU offload of one operator (or one task).
@@ -262,17 +300,44 @@ pub struct OffloadStats {
     /// Pieces that ran on the CPU twin because the GPU backend failed with
     /// a device error (not out-of-memory) or was out of service after one.
     pub device_error_fallbacks: AtomicU64,
+    /// Coalesced device batches of fused chains, and their input rows.
+    pub chain_batches: AtomicU64,
+    pub chain_rows: AtomicU64,
+    /// What those batches cost the device: bytes each way over the link,
+    /// kernel launches (memsets included) and host waits on a stream.
+    pub h2d_bytes: AtomicU64,
+    pub d2h_bytes: AtomicU64,
+    pub launches: AtomicU64,
+    pub syncs: AtomicU64,
 }
 
 impl OffloadStats {
     pub fn snapshot(&self) -> OffloadSnapshot {
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
         OffloadSnapshot {
-            gpu_batches: self.gpu_batches.load(Ordering::Relaxed),
-            oom_splits: self.oom_splits.load(Ordering::Relaxed),
-            cpu_fallback_batches: self.cpu_fallback_batches.load(Ordering::Relaxed),
-            cpu_fallback_rows: self.cpu_fallback_rows.load(Ordering::Relaxed),
-            device_error_fallbacks: self.device_error_fallbacks.load(Ordering::Relaxed),
+            gpu_batches: load(&self.gpu_batches),
+            oom_splits: load(&self.oom_splits),
+            cpu_fallback_batches: load(&self.cpu_fallback_batches),
+            cpu_fallback_rows: load(&self.cpu_fallback_rows),
+            device_error_fallbacks: load(&self.device_error_fallbacks),
+            chain_batches: load(&self.chain_batches),
+            chain_rows: load(&self.chain_rows),
+            h2d_bytes: load(&self.h2d_bytes),
+            d2h_bytes: load(&self.d2h_bytes),
+            launches: load(&self.launches),
+            syncs: load(&self.syncs),
         }
+    }
+
+    /// Counts one device batch of a fused chain.
+    pub fn count_chain_batch(&self, traffic: &super::chain::DeviceTraffic) {
+        let add = |c: &AtomicU64, v: u64| c.fetch_add(v, Ordering::Relaxed);
+        add(&self.chain_batches, 1);
+        add(&self.chain_rows, traffic.rows);
+        add(&self.h2d_bytes, traffic.h2d_bytes);
+        add(&self.d2h_bytes, traffic.d2h_bytes);
+        add(&self.launches, traffic.launches);
+        add(&self.syncs, traffic.syncs);
     }
 }
 
@@ -285,6 +350,35 @@ pub struct OffloadSnapshot {
     pub cpu_fallback_rows: u64,
     #[serde(default)]
     pub device_error_fallbacks: u64,
+    #[serde(default)]
+    pub chain_batches: u64,
+    #[serde(default)]
+    pub chain_rows: u64,
+    #[serde(default)]
+    pub h2d_bytes: u64,
+    #[serde(default)]
+    pub d2h_bytes: u64,
+    #[serde(default)]
+    pub launches: u64,
+    #[serde(default)]
+    pub syncs: u64,
+}
+
+impl OffloadSnapshot {
+    /// Adds another task's counters (the job's totals).
+    pub fn add(&mut self, other: &OffloadSnapshot) {
+        self.gpu_batches += other.gpu_batches;
+        self.oom_splits += other.oom_splits;
+        self.cpu_fallback_batches += other.cpu_fallback_batches;
+        self.cpu_fallback_rows += other.cpu_fallback_rows;
+        self.device_error_fallbacks += other.device_error_fallbacks;
+        self.chain_batches += other.chain_batches;
+        self.chain_rows += other.chain_rows;
+        self.h2d_bytes += other.h2d_bytes;
+        self.d2h_bytes += other.d2h_bytes;
+        self.launches += other.launches;
+        self.syncs += other.syncs;
+    }
 }
 
 /// Halvings of one batch before its pieces fall back to the CPU: a batch
@@ -714,6 +808,96 @@ impl KernelBackend for TieredKernels {
         let row_count = check_keyed_rows(input)?;
         self.run_whole(row_count, &|backend| backend.aggregate_i64(input))
     }
+
+    fn run_chain(
+        &self,
+        program: &ChainProgram,
+        pieces: &[RecordBatch],
+    ) -> Result<RecordBatch, KernelError> {
+        let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
+        let Some(gpu) = self.gpu(rows) else {
+            return self.cpu.run_chain(program, pieces);
+        };
+        self.chain_piece(&gpu, program, pieces, 0)
+    }
+}
+
+impl TieredKernels {
+    /// A device batch of a chain; on a memory refusal, its halves (by
+    /// pieces, or by rows when one piece is left), then the host twin.
+    fn chain_piece(
+        &self,
+        gpu: &Arc<dyn KernelBackend>,
+        program: &ChainProgram,
+        pieces: &[RecordBatch],
+        depth: u32,
+    ) -> Result<RecordBatch, KernelError> {
+        let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
+        match gpu.run_chain(program, pieces) {
+            Ok(result) => {
+                self.stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
+                self.stats
+                    .count_chain_batch(&super::chain::DeviceTraffic::plan(
+                        program,
+                        pieces,
+                        result.num_rows() as u64,
+                    ));
+                Ok(result)
+            }
+            Err(KernelError::DeviceOutOfMemory(refusal)) => {
+                if depth >= self.split_depth_max || rows < 2 {
+                    tracing::debug!(
+                        "GPU chain batch of {rows} rows does not fit ({refusal}); the host twin runs it"
+                    );
+                    self.stats
+                        .cpu_fallback_batches
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .cpu_fallback_rows
+                        .fetch_add(rows as u64, Ordering::Relaxed);
+                    return self.cpu.run_chain(program, pieces);
+                }
+                self.stats.oom_splits.fetch_add(1, Ordering::Relaxed);
+                let halves: [Vec<RecordBatch>; 2] = if pieces.len() > 1 {
+                    let (a, b) = pieces.split_at(pieces.len() / 2);
+                    [a.to_vec(), b.to_vec()]
+                } else {
+                    let one = &pieces[0];
+                    let half = one.num_rows() / 2;
+                    [
+                        vec![one.slice(0, half)],
+                        vec![one.slice(half, one.num_rows() - half)],
+                    ]
+                };
+                let first = self.chain_piece(gpu, program, &halves[0], depth + 1);
+                let first = first.map_err(|e| offset_chain_row(e, 0))?;
+                let first_rows: usize = halves[0].iter().map(RecordBatch::num_rows).sum();
+                let second = self
+                    .chain_piece(gpu, program, &halves[1], depth + 1)
+                    .map_err(|e| offset_chain_row(e, first_rows as u64))?;
+                Ok(arrow_select::concat::concat_batches(
+                    &program.output_schema,
+                    &[first, second],
+                )?)
+            }
+            Err(KernelError::Gpu(error)) => {
+                self.device_failed(gpu, &error, rows);
+                self.cpu.run_chain(program, pieces)
+            }
+            Err(other) => Err(other),
+        }
+    }
+}
+
+/// A chain fault's row in the numbering of the whole device batch.
+fn offset_chain_row(error: KernelError, offset: u64) -> KernelError {
+    match error {
+        KernelError::Chain(mut fault) => {
+            fault.row += offset;
+            KernelError::Chain(fault)
+        }
+        other => other,
+    }
 }
 
 #[cfg(test)]
@@ -842,6 +1026,15 @@ mod tests {
         fn aggregate_i64(&self, input: KeyedArrays<'_>) -> Result<Vec<Group>, KernelError> {
             self.check()?;
             CpuBackend.aggregate_i64(input)
+        }
+
+        fn run_chain(
+            &self,
+            program: &ChainProgram,
+            pieces: &[RecordBatch],
+        ) -> Result<RecordBatch, KernelError> {
+            self.check()?;
+            CpuBackend.run_chain(program, pieces)
         }
     }
 

@@ -16,7 +16,7 @@ use std::sync::mpsc::Receiver;
 use crate::checkpoint::state::TaskState;
 use crate::checkpoint::storage::CheckpointStorage;
 use crate::exec::ExecError;
-use crate::exec::build::{BuildContext, GpuContext, build_operator, build_source};
+use crate::exec::build::{BuildContext, GpuContext, build_source};
 use crate::exec::task::{Chain, Task, TaskInput};
 use crate::exec::task::{CheckpointContext, Snapshot, TaskControl};
 use crate::job::graph::JobGraph;
@@ -793,6 +793,7 @@ fn build_and_run(
                 Arc::clone(&metrics.gpu),
             )),
             operators: tdd.gpu_operators.clone(),
+            coalesce: crate::exec::gpu_chain::CoalescePolicy::from_config(&services.config),
         }),
         _ if !tdd.gpu_operators.is_empty() => {
             tracing::warn!(
@@ -835,10 +836,7 @@ fn build_and_run(
             None,
         )
     };
-    let operators = chained
-        .iter()
-        .map(|&op| build_operator(&ctx, op))
-        .collect::<Result<Vec<_>, _>>()?;
+    let operators = crate::exec::build::build_operators(&ctx, chained)?;
     let skip = usize::from(is_source);
     let chain = Chain {
         operators,

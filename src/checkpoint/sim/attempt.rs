@@ -21,7 +21,7 @@ use super::{Broken, Fault, Invariant};
 use crate::checkpoint::coordinator::TaskKey;
 use crate::checkpoint::state::TaskState;
 use crate::checkpoint::storage::{CheckpointStorage, CompletedCheckpoint};
-use crate::exec::build::{BuildContext, build_operator, build_source};
+use crate::exec::build::{BuildContext, build_operators, build_source};
 use crate::exec::task::{Chain, CheckpointContext, Snapshot, TaskInput};
 use crate::job::LogicalPlan;
 use crate::job::graph::JobGraph;
@@ -197,11 +197,7 @@ fn build_task(
             &vertex.operators[..],
         )
     };
-    let operators = chained
-        .iter()
-        .map(|&op| build_operator(&ctx, op))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(failed)?;
+    let operators = build_operators(&ctx, chained).map_err(failed)?;
     let mut staging = Vec::new();
     let mut writers = Vec::new();
     for &edge in &vertex.outputs {

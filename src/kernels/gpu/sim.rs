@@ -4,11 +4,12 @@
 //! slot budgets be tested on a machine without a GPU.
 
 use arrow_array::types::{Float64Type, Int64Type};
-use arrow_array::{BooleanArray, Float64Array, Int64Array};
+use arrow_array::{BooleanArray, Float64Array, Int64Array, RecordBatch};
 
 use super::LaunchBytes;
 use super::pool::SlotPool;
 use crate::kernels::backend::{CpuBackend, KernelBackend, KernelError, Tier};
+use crate::kernels::chain::{ChainProgram, DeviceTraffic};
 use crate::kernels::cpu::aggregate::{Group, KeyedArrays};
 use crate::kernels::cpu::filter::CmpOp;
 use crate::kernels::cpu::key_hash::HashMode;
@@ -167,5 +168,18 @@ impl KernelBackend for SimulatedGpuBackend {
         let capacity = super::aggregate_capacity(row_count);
         let _held = self.reserve(LaunchBytes { row_count }.aggregate(capacity))?;
         CpuBackend.aggregate_i64(input)
+    }
+
+    /// Reserves what the CUDA backend's plan allocates (every row
+    /// surviving), then runs the host twin of the program.
+    fn run_chain(
+        &self,
+        program: &ChainProgram,
+        pieces: &[RecordBatch],
+    ) -> Result<RecordBatch, KernelError> {
+        let rows = pieces.iter().map(|p| p.num_rows() as u64).sum();
+        let plan = DeviceTraffic::plan(program, pieces, rows);
+        let _held = self.reserve(plan.device_bytes)?;
+        CpuBackend.run_chain(program, pieces)
     }
 }

@@ -588,12 +588,7 @@ pub fn summarize(entry: &JobEntry, rm: &ResourceManager, now: Duration) -> JobSu
         summary.backpressure_ms += m.backpressure_ms;
         summary.late_rows += m.late_rows;
         summary.managed_peak_bytes = summary.managed_peak_bytes.max(m.managed_peak_bytes);
-        let offload = &mut summary.gpu_offload;
-        offload.gpu_batches += m.gpu.gpu_batches;
-        offload.oom_splits += m.gpu.oom_splits;
-        offload.cpu_fallback_batches += m.gpu.cpu_fallback_batches;
-        offload.cpu_fallback_rows += m.gpu.cpu_fallback_rows;
-        offload.device_error_fallbacks += m.gpu.device_error_fallbacks;
+        summary.gpu_offload.add(&m.gpu);
         summary.spill_bytes_written += m.spill_bytes_written;
         summary.spill_bytes_read += m.spill_bytes_read;
         summary.spill_file_count += m.spill_file_count;

@@ -1,0 +1,596 @@
+//! Fused chains on the device: one coalesced batch up, three kernels, the
+//! survivors down.
+//!
+//! The batch's device input columns are packed from the coalesced pieces
+//! into the slot's pinned staging buffers (one host copy each) and copied
+//! up once; the program's module (`chain::cuda_src`, compiled by NVRTC on
+//! first use and kept per program text) counts, scans and writes the
+//! surviving rows in order on the device; with a filter the host waits once
+//! for the 16-byte survivor count and fault word, then downloads exactly
+//! the survivors into pinned buffers and waits a second time. The plan is
+//! [`DeviceTraffic::plan`]: what the simulator reserves and the summary
+//! counts is what this code does.
+//!
+//! Buffers handed to the device are owned by the call (device buffers) or
+//! by the slot's staging (pinned buffers, behind a mutex the call holds),
+//! and the call synchronizes its stream before it returns or fails, so no
+//! buffer is reused or freed while a copy or kernel may still read it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arrow_array::cast::AsArray;
+use arrow_array::types::{Float64Type, Int64Type};
+use arrow_array::{
+    Array, ArrayRef, BooleanArray, Float64Array, Int64Array, RecordBatch, RecordBatchOptions,
+    UInt32Array,
+};
+use arrow_buffer::{BooleanBuffer, BooleanBufferBuilder, Buffer, NullBuffer, ScalarBuffer};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, DevicePtrMut, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
+
+use super::CudaBackend;
+use crate::kernels::backend::{KernelBackend, KernelError};
+use crate::kernels::chain::cuda_src::{self, BLOCK_THREADS, SCAN_THREADS};
+use crate::kernels::chain::{
+    ChainProgram, DeviceTraffic, Fault, OutputSource, ValueType, bitmap_word_bytes,
+};
+use crate::kernels::gpu::GpuError;
+use crate::kernels::gpu::pool::PoolError;
+
+/// Programs whose modules a backend keeps; a task compiles one per chain,
+/// so more means programs are churning and the cache starts over.
+const MODULES_MAX: usize = 64;
+
+/// The compiled modules and pinned staging of one slot's backend.
+#[derive(Default)]
+pub(super) struct ChainCache {
+    modules: Mutex<HashMap<String, Arc<ChainModule>>>,
+    staging: Mutex<Staging>,
+}
+
+struct ChainModule {
+    count: CudaFunction,
+    scan: CudaFunction,
+    write: CudaFunction,
+}
+
+/// Pinned host buffers reused across batches: `up[k]` stages device input
+/// `k` (values, then validity words), `down[j]` receives output `j`.
+#[derive(Default)]
+struct Staging {
+    up: Vec<PinnedHostSlice<u8>>,
+    down: Vec<PinnedHostSlice<u8>>,
+    header: Option<PinnedHostSlice<u64>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A device column: values, and validity words when some row is null.
+struct DeviceColumn {
+    values: CudaSlice<u8>,
+    validity: Option<CudaSlice<u8>>,
+}
+
+impl CudaBackend {
+    fn chain_module(&self, program: &ChainProgram) -> Result<Arc<ChainModule>, KernelError> {
+        let source = cuda_src::cuda_source(program);
+        if let Some(module) = lock(&self.chains.modules).get(&source) {
+            return Ok(Arc::clone(module));
+        }
+        let (major, minor) = self.device.compute_capability;
+        let arch = format!("sm_{major}{minor}");
+        let mut options = vec![format!("--gpu-architecture={arch}")];
+        options.extend(cuda_src::COMPILE_OPTIONS.iter().map(|o| (*o).to_owned()));
+        let cache =
+            super::super::source::PtxCache::new(super::super::source::PtxCache::default_dir());
+        let nvrtc_version = super::nvrtc_version()?;
+        let driver_version =
+            super::driver_version().map_or_else(|| "none".to_owned(), |v| v.to_string());
+        let options_text = options.join(" ");
+        let key = super::super::source::CacheKey {
+            expanded_source: &source,
+            arch: &arch,
+            nvrtc_version: &nvrtc_version,
+            options: &options_text,
+            driver_version: &driver_version,
+        };
+        let (cubin, _) = cache.get_or_compile_bytes("chain", key, "cubin", || {
+            super::nvrtc_cubin("chain", &source, &options).map_err(|log| GpuError::Compile {
+                stem: "chain",
+                arch: arch.clone(),
+                log,
+            })
+        })?;
+        let module = self
+            .stream
+            .context()
+            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+            .map_err(self.driver_error("cuModuleLoadData", 0))?;
+        let function = |name: &'static str| {
+            module
+                .load_function(name)
+                .map_err(|_| KernelError::Gpu(GpuError::MissingKernel { name }))
+        };
+        let loaded = Arc::new(ChainModule {
+            count: function("chain_count")?,
+            scan: function("chain_scan")?,
+            write: function("chain_write")?,
+        });
+        let mut modules = lock(&self.chains.modules);
+        if modules.len() >= MODULES_MAX {
+            modules.clear();
+        }
+        modules.insert(source, Arc::clone(&loaded));
+        Ok(loaded)
+    }
+
+    /// Device memory the driver hands out uninitialised.
+    fn alloc_bytes(&self, len: usize, bytes: u64) -> Result<CudaSlice<u8>, KernelError> {
+        // SAFETY: every caller overwrites the whole buffer (a copy up, a
+        // memset, or a kernel that writes every element it later reads)
+        // before the device or the host reads it.
+        unsafe { self.stream.alloc::<u8>(len.max(1)) }
+            .map_err(self.driver_error("cuMemAllocAsync", bytes))
+    }
+
+    /// `bytes` staged in pinned buffer `slot` of `buffers`, grown to fit.
+    fn stage<'s, T: cudarc::driver::DeviceRepr + Default + Copy>(
+        &self,
+        buffers: &'s mut Vec<PinnedHostSlice<T>>,
+        slot: usize,
+        len: usize,
+        write_combined: bool,
+    ) -> Result<&'s mut PinnedHostSlice<T>, KernelError> {
+        while buffers.len() <= slot {
+            buffers.push(self.pinned(1, write_combined)?);
+        }
+        if buffers[slot].len() < len {
+            buffers[slot] = self.pinned(len.next_power_of_two(), write_combined)?;
+        }
+        Ok(&mut buffers[slot])
+    }
+
+    fn pinned<T: cudarc::driver::DeviceRepr>(
+        &self,
+        len: usize,
+        write_combined: bool,
+    ) -> Result<PinnedHostSlice<T>, KernelError> {
+        let flags = if write_combined {
+            cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
+        } else {
+            0
+        };
+        // SAFETY: the staging buffer is written (uploads) or filled by a
+        // device copy (downloads) before any byte of it is read.
+        unsafe {
+            self.stream
+                .context()
+                .alloc_pinned_with_flags::<T>(len, flags)
+        }
+        .map_err(self.driver_error("cuMemHostAlloc", (len * std::mem::size_of::<T>()) as u64))
+    }
+
+    /// Packs device input `column` of the pieces into pinned staging and
+    /// copies it up (values, then validity words if any row is null).
+    fn upload_column(
+        &self,
+        staging: &mut Staging,
+        slot: usize,
+        pieces: &[RecordBatch],
+        column: usize,
+        rows: usize,
+        bytes: u64,
+    ) -> Result<DeviceColumn, KernelError> {
+        let value_bytes = rows * 8;
+        let nullable = pieces.iter().any(|p| p.column(column).null_count() > 0);
+        let word_bytes = if nullable {
+            bitmap_word_bytes(rows as u64) as usize
+        } else {
+            0
+        };
+        let buffer = self.stage(&mut staging.up, slot, value_bytes + word_bytes, true)?;
+        let host = buffer
+            .as_mut_slice()
+            .map_err(self.driver_error("cuEventSynchronize", bytes))?;
+        let mut at = 0;
+        for piece in pieces {
+            let array = piece.column(column);
+            let values = match array.as_primitive_opt::<Int64Type>() {
+                Some(ints) => ints.values().inner().clone(),
+                None => array.as_primitive::<Float64Type>().values().inner().clone(),
+            };
+            let values: &[u8] = values.as_slice();
+            host[at..at + values.len()].copy_from_slice(values);
+            at += values.len();
+        }
+        if nullable {
+            let mut bits = BooleanBufferBuilder::new(rows);
+            for piece in pieces {
+                let array = piece.column(column);
+                match array.nulls() {
+                    Some(nulls) => bits.append_buffer(nulls.inner()),
+                    None => bits.append_n(array.len(), true),
+                }
+            }
+            let bits = bits.finish();
+            let packed = bits.values();
+            host[value_bytes..value_bytes + packed.len()].copy_from_slice(packed);
+            host[value_bytes + packed.len()..value_bytes + word_bytes].fill(0);
+        }
+        let mut values = self.alloc_bytes(value_bytes, bytes)?;
+        let mut validity = if nullable {
+            Some(self.alloc_bytes(word_bytes, bytes)?)
+        } else {
+            None
+        };
+        let host: &[u8] = host;
+        {
+            let (pointer, _record) = values.device_ptr_mut(&self.stream);
+            // SAFETY: `values` holds `value_bytes` bytes; the pinned source
+            // stays untouched (the staging mutex is held) until the stream
+            // is synchronized at the end of the batch.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    pointer,
+                    &host[..value_bytes],
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(self.driver_error("cuMemcpyHtoDAsync", bytes))?;
+        }
+        if let Some(validity) = validity.as_mut() {
+            let (pointer, _record) = validity.device_ptr_mut(&self.stream);
+            // SAFETY: as above, `word_bytes` bytes each side.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    pointer,
+                    &host[value_bytes..value_bytes + word_bytes],
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(self.driver_error("cuMemcpyHtoDAsync", bytes))?;
+        }
+        Ok(DeviceColumn { values, validity })
+    }
+
+    /// Copies the first `len` bytes of `device` into pinned buffer `slot`.
+    fn download_into(
+        &self,
+        staging: &mut Staging,
+        slot: usize,
+        device: &CudaSlice<u8>,
+        len: usize,
+    ) -> Result<(), KernelError> {
+        if len == 0 {
+            return Ok(());
+        }
+        let buffer = self.stage(&mut staging.down, slot, len, false)?;
+        let host = buffer
+            .as_mut_slice()
+            .map_err(self.driver_error("cuEventSynchronize", 0))?;
+        let (pointer, _record) = cudarc::driver::DevicePtr::device_ptr(device, &self.stream);
+        // SAFETY: `device` holds at least `len` bytes (outputs are sized for
+        // every row); the pinned destination is not read until the stream
+        // is synchronized, and the staging mutex is held until then.
+        unsafe {
+            cudarc::driver::result::memcpy_dtoh_async(
+                &mut host[..len],
+                pointer,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(self.driver_error("cuMemcpyDtoHAsync", 0))
+    }
+
+    fn sync(&self) -> Result<(), KernelError> {
+        self.stream
+            .synchronize()
+            .map_err(self.driver_error("cuStreamSynchronize", 0))
+    }
+
+    pub(super) fn run_chain_on_device(
+        &self,
+        program: &ChainProgram,
+        pieces: &[RecordBatch],
+    ) -> Result<RecordBatch, KernelError> {
+        let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
+        if rows == 0 {
+            return crate::kernels::backend::CpuBackend.run_chain(program, pieces);
+        }
+        let plan = DeviceTraffic::plan(program, pieces, rows as u64);
+        if rows > u32::MAX as usize / 2 {
+            // Row numbers and block offsets are 32-bit on the device.
+            return Err(KernelError::DeviceOutOfMemory(PoolError::DeviceRefused {
+                slot_index: self.pool.slot_index(),
+                requested_bytes: plan.device_bytes,
+            }));
+        }
+        let bytes = plan.device_bytes;
+        let _held = self.reserve(bytes)?;
+        let module = self.chain_module(program)?;
+        let mut staging = lock(&self.chains.staging);
+        let inputs = program.device_inputs();
+        let columns = inputs
+            .iter()
+            .enumerate()
+            .map(|(k, &c)| self.upload_column(&mut staging, k, pieces, c as usize, rows, bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        let blocks = rows.div_ceil(BLOCK_THREADS as usize);
+        let mut fault = self.alloc_bytes(8, bytes)?;
+        {
+            let (pointer, _record) = fault.device_ptr_mut(&self.stream);
+            // SAFETY: `fault` holds 8 bytes; all-ones is `NO_FAULT`.
+            unsafe {
+                cudarc::driver::result::memset_d8_async(pointer, 0xff, 8, self.stream.cu_stream())
+            }
+            .map_err(self.driver_error("cuMemsetD8Async", bytes))?;
+        }
+        let mut header = self.alloc_bytes(16, bytes)?;
+        let mut block_counts = self.alloc_bytes(blocks * 4, bytes)?;
+        // Outputs sized for every row surviving; bitmaps zeroed for atomicOr.
+        let mut outputs: Vec<(ValueType, CudaSlice<u8>, CudaSlice<u8>)> = Vec::new();
+        for output in &program.outputs {
+            if let OutputSource::Device(reg) = output {
+                let ty = program.types[*reg as usize];
+                let words = bitmap_word_bytes(rows as u64) as usize;
+                let mut values = if ty == ValueType::Bool {
+                    self.stream
+                        .alloc_zeros::<u8>(words)
+                        .map_err(self.driver_error("cuMemAllocAsync", bytes))?
+                } else {
+                    self.alloc_bytes(rows * 8, bytes)?
+                };
+                if ty == ValueType::Bool {
+                    self.stream
+                        .memset_zeros(&mut values)
+                        .map_err(self.driver_error("cuMemsetD8Async", bytes))?;
+                }
+                let validity = self
+                    .stream
+                    .alloc_zeros::<u8>(words)
+                    .map_err(self.driver_error("cuMemAllocAsync", bytes))?;
+                outputs.push((ty, values, validity));
+            }
+        }
+        let mut row_ids = if program.needs_row_ids() {
+            Some(self.alloc_bytes(rows * 4, bytes)?)
+        } else {
+            None
+        };
+        let n = rows as u64;
+        let null_pointer = 0u64;
+        let grid = LaunchConfig {
+            grid_dim: (blocks as u32, 1, 1),
+            block_dim: (BLOCK_THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let filters = program.filters();
+        if filters {
+            let mut launch = self.stream.launch_builder(&module.count);
+            for column in &columns {
+                launch.arg(&column.values);
+                match &column.validity {
+                    Some(v) => launch.arg(v),
+                    None => launch.arg(&null_pointer),
+                };
+            }
+            launch.arg(&n).arg(&mut block_counts).arg(&mut fault);
+            // SAFETY: the arguments follow `chain_count`'s generated
+            // signature (each device input's values and validity words or
+            // a null pointer, the row count, one count per block, the fault
+            // word); every buffer covers `rows` rows or `blocks` blocks and
+            // lives until the stream is synchronized below.
+            unsafe { launch.launch(grid) }.map_err(self.driver_error("cuLaunchKernel", bytes))?;
+            let blocks_arg = blocks as u64;
+            let mut launch = self.stream.launch_builder(&module.scan);
+            launch
+                .arg(&mut block_counts)
+                .arg(&blocks_arg)
+                .arg(&mut header);
+            // SAFETY: `chain_scan(counts, blocks, total)`: `block_counts`
+            // holds `blocks` counts, `header` 16 bytes (the total first).
+            unsafe {
+                launch.launch(LaunchConfig {
+                    grid_dim: (1, 1, 1),
+                    block_dim: (SCAN_THREADS, 1, 1),
+                    shared_mem_bytes: 0,
+                })
+            }
+            .map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        }
+        let mut launch = self.stream.launch_builder(&module.write);
+        for column in &columns {
+            launch.arg(&column.values);
+            match &column.validity {
+                Some(v) => launch.arg(v),
+                None => launch.arg(&null_pointer),
+            };
+        }
+        launch.arg(&n);
+        if filters {
+            launch.arg(&block_counts);
+        } else {
+            launch.arg(&null_pointer);
+        }
+        for (ty, values, validity) in outputs.iter_mut() {
+            let _ = ty;
+            launch.arg(values).arg(validity);
+        }
+        if let Some(ids) = row_ids.as_mut() {
+            launch.arg(ids);
+        }
+        launch.arg(&mut fault);
+        // SAFETY: the arguments follow `chain_write`'s generated signature
+        // (inputs as for `chain_count`, the row count, the block offsets or
+        // a null pointer, each device output's values and validity words,
+        // the row numbers when the chain has host columns, the fault word);
+        // outputs are sized for every row surviving.
+        unsafe { launch.launch(grid) }.map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        // The survivor count and the fault word: one small wait with a
+        // filter, which sizes the downloads.
+        let header_host = {
+            let buffer = match staging.header.as_mut() {
+                Some(b) => b,
+                None => {
+                    let b = self.pinned::<u64>(2, false)?;
+                    staging.header.insert(b)
+                }
+            };
+            let host = buffer
+                .as_mut_slice()
+                .map_err(self.driver_error("cuEventSynchronize", 0))?;
+            {
+                let (pointer, _record) =
+                    cudarc::driver::DevicePtr::device_ptr(&fault, &self.stream);
+                // SAFETY: 8 bytes each side; read after the sync below.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(
+                        &mut host[1..2],
+                        pointer,
+                        self.stream.cu_stream(),
+                    )
+                }
+                .map_err(self.driver_error("cuMemcpyDtoHAsync", 0))?;
+            }
+            if filters {
+                let (pointer, _record) =
+                    cudarc::driver::DevicePtr::device_ptr(&header, &self.stream);
+                // SAFETY: as above; the total is the header's first word.
+                unsafe {
+                    cudarc::driver::result::memcpy_dtoh_async(
+                        &mut host[0..1],
+                        pointer,
+                        self.stream.cu_stream(),
+                    )
+                }
+                .map_err(self.driver_error("cuMemcpyDtoHAsync", 0))?;
+            } else {
+                host[0] = n;
+            }
+            if filters {
+                self.sync()?;
+            }
+            [host[0], host[1]]
+        };
+        let survivors = header_host[0] as usize;
+        if filters && let Some((instr, row, zero)) = cuda_src::decode_fault(header_host[1]) {
+            let fault = if zero {
+                Fault::DivideByZero
+            } else {
+                Fault::Overflow
+            };
+            return Err(program.fault(instr, row, fault).into());
+        }
+        let words = bitmap_word_bytes(survivors as u64) as usize;
+        for (j, (ty, values, validity)) in outputs.iter().enumerate() {
+            let value_len = if *ty == ValueType::Bool {
+                words
+            } else {
+                survivors * 8
+            };
+            self.download_into(&mut staging, 2 * j, values, value_len)?;
+            self.download_into(&mut staging, 2 * j + 1, validity, words)?;
+        }
+        if let Some(ids) = &row_ids {
+            self.download_into(&mut staging, 2 * outputs.len(), ids, survivors * 4)?;
+        }
+        self.sync()?;
+        if !filters && let Some(header) = &staging.header {
+            let host = header
+                .as_slice()
+                .map_err(self.driver_error("cuEventSynchronize", 0))?;
+            if let Some((instr, row, zero)) = cuda_src::decode_fault(host[1]) {
+                let fault = if zero {
+                    Fault::DivideByZero
+                } else {
+                    Fault::Overflow
+                };
+                return Err(program.fault(instr, row, fault).into());
+            }
+        }
+        self.assemble(program, pieces, &staging, survivors)
+    }
+
+    /// The result batch from the downloaded outputs (copied out of pinned
+    /// memory) and the host columns gathered by the row numbers.
+    fn assemble(
+        &self,
+        program: &ChainProgram,
+        pieces: &[RecordBatch],
+        staging: &Staging,
+        survivors: usize,
+    ) -> Result<RecordBatch, KernelError> {
+        let words = bitmap_word_bytes(survivors as u64) as usize;
+        let down = |slot: usize, len: usize| -> Result<Buffer, KernelError> {
+            if len == 0 {
+                return Ok(Buffer::from_vec(Vec::<u8>::new()));
+            }
+            let host = staging.down[slot]
+                .as_slice()
+                .map_err(self.driver_error("cuEventSynchronize", 0))?;
+            Ok(Buffer::from_slice_ref(&host[..len]))
+        };
+        let row_ids = if program.needs_row_ids() {
+            let device_outputs = program
+                .outputs
+                .iter()
+                .filter(|o| matches!(o, OutputSource::Device(_)))
+                .count();
+            let ids: ScalarBuffer<u32> =
+                ScalarBuffer::new(down(2 * device_outputs, survivors * 4)?, 0, survivors);
+            Some(UInt32Array::new(ids, None))
+        } else {
+            None
+        };
+        let mut arrays: Vec<ArrayRef> = Vec::with_capacity(program.outputs.len());
+        let mut j = 0;
+        for output in &program.outputs {
+            match output {
+                OutputSource::Device(reg) => {
+                    let ty = program.types[*reg as usize];
+                    let validity = BooleanBuffer::new(down(2 * j + 1, words)?, 0, survivors);
+                    let nulls = NullBuffer::new(validity);
+                    let nulls = (nulls.null_count() > 0).then_some(nulls);
+                    arrays.push(match ty {
+                        ValueType::I64 => Arc::new(Int64Array::new(
+                            ScalarBuffer::new(down(2 * j, survivors * 8)?, 0, survivors),
+                            nulls,
+                        )),
+                        ValueType::F64 => Arc::new(Float64Array::new(
+                            ScalarBuffer::new(down(2 * j, survivors * 8)?, 0, survivors),
+                            nulls,
+                        )),
+                        ValueType::Bool => Arc::new(BooleanArray::new(
+                            BooleanBuffer::new(down(2 * j, words)?, 0, survivors),
+                            nulls,
+                        )),
+                    });
+                    j += 1;
+                }
+                OutputSource::Host(column) => {
+                    let parts: Vec<&dyn Array> = pieces
+                        .iter()
+                        .map(|p| p.column(*column as usize).as_ref())
+                        .collect();
+                    let whole = arrow_select::concat::concat(&parts)?;
+                    let ids = row_ids
+                        .as_ref()
+                        .expect("host columns come with row numbers");
+                    arrays.push(arrow_select::take::take(whole.as_ref(), ids, None)?);
+                }
+            }
+        }
+        let options = RecordBatchOptions::new().with_row_count(Some(survivors));
+        Ok(RecordBatch::try_new_with_options(
+            Arc::clone(&program.output_schema),
+            arrays,
+            &options,
+        )?)
+    }
+}
