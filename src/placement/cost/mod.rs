@@ -1,0 +1,243 @@
+//! The cost model's inputs: which operators have a GPU kernel, how many
+//! rows each operator sees, and what a row weighs.
+//!
+//! Row counts are estimates from the job file alone (no statistics yet): a
+//! `datagen` source says how many rows it makes; file sources are assumed
+//! to hold [`FILE_SOURCE_ROWS_ASSUMED`] rows; a filter keeps
+//! [`FILTER_SELECTIVITY`] of its input; a keyed aggregate emits one row per
+//! key (the generator's key count when known).
+
+use arrow_schema::{DataType, Schema};
+
+use crate::job::{BinOp, Expr, LogicalPlan, OperatorKind, ScalarValue};
+
+use super::calibration::KernelRates;
+
+mod gpu_chain;
+
+pub use gpu_chain::{
+    CHAIN_LAUNCHES, CHAIN_LAUNCHES_WITH_GPU_KEY_HASH, COALESCE_BYTES_DEFAULT, ChainCostBreakdown,
+    ChainShape, ComputeRateSource, chain_rate_at, chain_shape, gpu_chain_cost,
+};
+
+pub const FILE_SOURCE_ROWS_ASSUMED: u64 = 1_000_000;
+pub const FILTER_SELECTIVITY: f64 = 0.5;
+/// Bytes assumed per string value (offsets and data).
+const UTF8_VALUE_BYTES: u64 = 24;
+
+/// The kernel family an operator runs, which picks its calibrated rate.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KernelFamily {
+    Filter,
+    Project,
+    Hash,
+    Aggregate,
+}
+
+impl KernelFamily {
+    pub fn rate(self, rates: &KernelRates) -> f64 {
+        match self {
+            KernelFamily::Filter => rates.filter_rows_per_s,
+            KernelFamily::Project => rates.project_rows_per_s,
+            KernelFamily::Hash => rates.hash_rows_per_s,
+            KernelFamily::Aggregate => rates.aggregate_rows_per_s,
+        }
+    }
+}
+
+/// How an operator may be placed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Capability {
+    /// Runs on the host whatever the rates: the reason says why.
+    Pinned { reason: String },
+    /// Priced on the CPU only: it has no GPU kernel (the reason says which
+    /// part of it lacks one).
+    CpuOnly {
+        family: KernelFamily,
+        reason: String,
+    },
+    /// Has kernels on both tiers.
+    Both { family: KernelFamily },
+}
+
+impl Capability {
+    pub fn family(&self) -> Option<KernelFamily> {
+        match self {
+            Capability::Pinned { .. } => None,
+            Capability::CpuOnly { family, .. } | Capability::Both { family } => Some(*family),
+        }
+    }
+}
+
+/// What operator `index` of `plan` can run on.
+pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
+    let op = &plan.spec.operators[index];
+    let input_schema = op.input.map(|input| plan.schemas[input].as_ref());
+    let gpu_or = |family, check: Result<(), String>| match check {
+        Ok(()) => Capability::Both { family },
+        Err(reason) => Capability::CpuOnly { family, reason },
+    };
+    match (&op.kind, input_schema) {
+        (kind, _) if kind.is_source() => Capability::Pinned {
+            reason: "pinned to CPU: sources read files or generate rows on the host".into(),
+        },
+        (kind, _) if kind.is_sink() => Capability::Pinned {
+            reason: "pinned to CPU: sinks write from the host".into(),
+        },
+        (OperatorKind::KeyBy { .. }, _) => Capability::Pinned {
+            reason: "pinned to CPU: key_by is an exchange (hash routing into network buffers)"
+                .into(),
+        },
+        (OperatorKind::Filter { predicate }, Some(schema)) => {
+            gpu_or(KernelFamily::Filter, gpu_predicate(predicate, schema))
+        }
+        (OperatorKind::Project { columns }, Some(schema)) => gpu_or(
+            KernelFamily::Project,
+            columns
+                .iter()
+                .try_for_each(|column| gpu_projection(&column.expr, schema)),
+        ),
+        (OperatorKind::Aggregate { .. }, _) => Capability::CpuOnly {
+            family: KernelFamily::Aggregate,
+            // The keyed-aggregation kernel is dispatched on the kernel
+            // backend (`aggregate_i64`), but the aggregate operator still
+            // keeps its state in managed memory on the CPU: placing it on the
+            // GPU would report a tier it does not run on.
+            reason: "the aggregate operator does not run the GPU aggregation kernel yet".into(),
+        },
+        (OperatorKind::Window { .. }, _) => Capability::CpuOnly {
+            family: KernelFamily::Aggregate,
+            reason: "no GPU kernel for event-time windows".into(),
+        },
+        _ => Capability::Pinned {
+            reason: "pinned to CPU".into(),
+        },
+    }
+}
+
+fn column_type<'a>(schema: &'a Schema, name: &str) -> Option<&'a DataType> {
+    schema.field_with_name(name).ok().map(|f| f.data_type())
+}
+
+/// The numeric type of a column or literal operand, if it is one.
+fn operand_type(expr: &Expr, schema: &Schema) -> Option<DataType> {
+    match expr {
+        Expr::Column(name) => column_type(schema, name)
+            .filter(|t| matches!(t, DataType::Int64 | DataType::Float64))
+            .cloned(),
+        Expr::Literal(ScalarValue::Int64(_)) => Some(DataType::Int64),
+        Expr::Literal(ScalarValue::Float64(_)) => Some(DataType::Float64),
+        _ => None,
+    }
+}
+
+/// A predicate the filter runs on the kernels (`exec::gpu_filter`):
+/// comparisons of an Int64 column with an Int64 literal, joined by `and`
+/// and `or`. Float64 comparisons and `not` stay on the evaluator, whose NaN
+/// and null semantics differ from a kernel selection's.
+fn gpu_predicate(expr: &Expr, schema: &Schema) -> Result<(), String> {
+    match expr {
+        Expr::Binary {
+            op: BinOp::And | BinOp::Or,
+            left,
+            right,
+        } => gpu_predicate(left, schema).and_then(|()| gpu_predicate(right, schema)),
+        Expr::Binary {
+            op: BinOp::Eq | BinOp::NotEq | BinOp::Lt | BinOp::LtEq | BinOp::Gt | BinOp::GtEq,
+            left,
+            right,
+        } => {
+            let column_and_literal = matches!(
+                (left.as_ref(), right.as_ref()),
+                (Expr::Column(_), Expr::Literal(_)) | (Expr::Literal(_), Expr::Column(_))
+            );
+            let types = (operand_type(left, schema), operand_type(right, schema));
+            match types {
+                (Some(DataType::Int64), Some(DataType::Int64)) if column_and_literal => Ok(()),
+                _ => Err(format!(
+                    "`{expr}` is not a comparison of an Int64 column with an Int64 literal"
+                )),
+            }
+        }
+        _ => Err(format!("`{expr}` has no GPU filter kernel")),
+    }
+}
+
+/// A projection the project kernel runs: a column as is, or one `+ - * /`
+/// of two same-typed Int64/Float64 operands (no Int64 division).
+fn gpu_projection(expr: &Expr, schema: &Schema) -> Result<(), String> {
+    match expr {
+        Expr::Column(_) => Ok(()),
+        Expr::Binary { op, left, right } => {
+            let arithmetic = matches!(op, BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div);
+            let literals_only = matches!(left.as_ref(), Expr::Literal(_))
+                && matches!(right.as_ref(), Expr::Literal(_));
+            match (operand_type(left, schema), operand_type(right, schema)) {
+                _ if !arithmetic => Err(format!("`{expr}`: no GPU kernel for `{op}`")),
+                _ if literals_only => Err(format!("`{expr}` has no column operand")),
+                (Some(DataType::Int64), Some(DataType::Int64)) if *op == BinOp::Div => {
+                    Err(format!("`{expr}`: no GPU kernel for Int64 division"))
+                }
+                (Some(l), Some(r)) if l == r => Ok(()),
+                (Some(l), Some(r)) => Err(format!("`{expr}` mixes {l} and {r}")),
+                _ => Err(format!(
+                    "`{expr}` is not one operator over columns and literals"
+                )),
+            }
+        }
+        _ => Err(format!("`{expr}` has no GPU projection kernel")),
+    }
+}
+
+/// Estimated rows into each operator and out of it.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RowEstimate {
+    pub rows_in: f64,
+    pub rows_out: f64,
+    /// Whether a source's size was assumed rather than known.
+    pub assumed: bool,
+}
+
+/// Walks the plan in file order (inputs first).
+pub fn estimate_rows(plan: &LogicalPlan) -> Vec<RowEstimate> {
+    let ops = &plan.spec.operators;
+    let mut estimates: Vec<RowEstimate> = Vec::with_capacity(ops.len());
+    let mut keys_of_source: Vec<Option<u64>> = Vec::with_capacity(ops.len());
+    for op in ops {
+        let upstream = op.input.map(|input| estimates[input]);
+        let keys = op.input.and_then(|input| keys_of_source[input]);
+        let rows_in = upstream.map_or(0.0, |u| u.rows_out);
+        let assumed = upstream.is_some_and(|u| u.assumed);
+        let (rows_out, keys, assumed) = match &op.kind {
+            OperatorKind::Datagen(d) => (d.rows as f64, Some(d.keys), false),
+            OperatorKind::CsvSource(_) | OperatorKind::ParquetSource(_) => {
+                (FILE_SOURCE_ROWS_ASSUMED as f64, None, true)
+            }
+            OperatorKind::Filter { .. } => (rows_in * FILTER_SELECTIVITY, keys, assumed),
+            OperatorKind::Aggregate { .. } | OperatorKind::Window { .. } => {
+                let groups = keys.map_or(rows_in / 10.0, |k| k as f64);
+                (rows_in.min(groups.max(1.0)), keys, assumed)
+            }
+            kind if kind.is_sink() => (0.0, keys, assumed),
+            _ => (rows_in, keys, assumed),
+        };
+        estimates.push(RowEstimate {
+            rows_in,
+            rows_out,
+            assumed,
+        });
+        keys_of_source.push(keys);
+    }
+    estimates
+}
+
+/// Bytes of one value of `data_type` (validity not included).
+fn value_bytes(data_type: &DataType) -> u64 {
+    match data_type {
+        DataType::Boolean | DataType::Int8 | DataType::UInt8 => 1,
+        DataType::Int16 | DataType::UInt16 => 2,
+        DataType::Int32 | DataType::UInt32 | DataType::Float32 | DataType::Date32 => 4,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Binary => UTF8_VALUE_BYTES,
+        _ => 8,
+    }
+}
