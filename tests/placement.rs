@@ -416,6 +416,31 @@ fn bench_calibrate_writes_the_file_that_explain_prices_with() {
     );
 }
 
+#[test]
+fn bench_calibrate_on_a_simulated_gpu_keeps_the_default_per_call_costs_and_says_so() {
+    let scratch = tempfile::tempdir().unwrap();
+    let path = scratch.path().join("simulated.json");
+    let (code, stdout, stderr) = run(strata(scratch.path())
+        .env("STRATA_SIMULATE_GPU_BYTES", "100000000")
+        .args(["bench", "--calibrate", "--rows", "20000", "--output"])
+        .arg(&path));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout
+            .contains("simulated GPU: its rates and per-call costs are the defaults, not measured"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("launch 5.0 µs, sync 10.0 µs"), "{stdout}");
+    let placement = explain_json(
+        strata(scratch.path())
+            .arg("explain")
+            .arg(example("gpu_pipeline.toml"))
+            .arg("--calibration")
+            .arg(&path),
+    );
+    assert!(placement.chains[0].gpu.is_some(), "{placement:#?}");
+}
+
 fn tiny_job(dir: &Path) -> PathBuf {
     let path = dir.join("tiny.toml");
     std::fs::write(

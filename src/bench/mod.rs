@@ -137,6 +137,12 @@ pub fn calibrate(options: CalibrateOptions) -> Result<Calibration, BenchError> {
     let detection = gpu::detect();
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "this machine".into());
     let (gpu, gpu_note) = match &detection {
+        // The simulator's device runs the CPU twins: there is no device to
+        // time, so it keeps the defaults a detected GPU gets, and says so.
+        GpuDetection::Present(devices) if devices[0].simulated => (
+            Some(GpuCalibration::unmeasured(&devices[0])),
+            "simulated GPU: its rates and per-call costs are the defaults, not measured".to_owned(),
+        ),
         GpuDetection::Present(devices) => {
             let (gpu, note) = measure_gpu(&devices[0], options, &batches)?;
             (Some(gpu), note)
