@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use strata::kernels::backend::Tier;
-use strata::placement::Placement;
+use strata::placement::cost::ComputeRateSource;
+use strata::placement::{OperatorPlacement, Placement};
 
 fn examples() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
@@ -58,16 +59,22 @@ fn tier_of(placement: &Placement, name: &str) -> Tier {
         .tier
 }
 
-/// A calibration of an H100-class node with the built-in CPU rates.
-fn gpu_calibration(dir: &Path) -> PathBuf {
-    let path = dir.join("gpu-node.json");
+/// The simulated H100 node of `examples/calibration/`.
+fn h100_sim() -> PathBuf {
+    example("calibration/h100-sim.json")
+}
+
+/// A calibration file as the first cost model wrote them: one link figure
+/// and one launch overhead, no per-call measurements.
+fn old_format_calibration(dir: &Path) -> PathBuf {
+    let path = dir.join("old-gpu-node.json");
     std::fs::write(
         &path,
         r#"{
-  "origin": "simulated H100 node",
+  "origin": "old-format H100 node",
   "cpu": {"filter_rows_per_s": 3e8, "project_rows_per_s": 2e8,
           "hash_rows_per_s": 3e8, "aggregate_rows_per_s": 3e7},
-  "gpu": {"device": "NVIDIA H100 (simulated)", "memory_bytes": 85899345920,
+  "gpu": {"device": "NVIDIA H100 (old format)", "memory_bytes": 85899345920,
           "rates": {"filter_rows_per_s": 2e10, "project_rows_per_s": 1.5e10,
                     "hash_rows_per_s": 2e10, "aggregate_rows_per_s": 2e9},
           "link_bytes_per_s": 2.5e10, "launch_overhead_s": 1e-5}
@@ -75,6 +82,21 @@ fn gpu_calibration(dir: &Path) -> PathBuf {
     )
     .unwrap();
     path
+}
+
+fn assert_close(actual: f64, expected: f64) {
+    assert!(
+        (actual - expected).abs() <= 1e-9 * expected.abs(),
+        "{actual} != {expected}"
+    );
+}
+
+fn operator<'a>(placement: &'a Placement, name: &str) -> &'a OperatorPlacement {
+    placement
+        .operators
+        .iter()
+        .find(|p| p.name == name)
+        .unwrap_or_else(|| panic!("no operator {name}"))
 }
 
 #[test]
@@ -106,10 +128,184 @@ fn explain_without_a_gpu_places_every_example_operator_on_the_cpu_with_a_reason(
     assert!(filter.cpu_cost_s.is_some() && filter.gpu_cost_s.is_none());
 }
 
+/// gpu_pipeline.toml's project → filter chain reads `key` and `value`
+/// (two Int64 columns: 8 bytes and a validity bit each, 16.25 bytes a row)
+/// of 20M rows and returns all four columns (32.5 bytes a row) of the half
+/// the filter keeps.
+const PIPELINE_ROWS: f64 = 20e6;
+const PIPELINE_H2D_BYTES: f64 = PIPELINE_ROWS * 16.25;
+const PIPELINE_D2H_BYTES: f64 = PIPELINE_ROWS / 2.0 * 32.5;
+
 #[test]
-fn explain_with_a_simulated_gpu_calibration_puts_filter_project_chains_on_the_gpu() {
+fn explain_with_the_simulated_h100_puts_the_project_filter_chain_on_the_gpu_priced_per_call() {
     let scratch = tempfile::tempdir().unwrap();
-    let calibration = gpu_calibration(scratch.path());
+    let placement = explain_json(
+        strata(scratch.path())
+            .arg("explain")
+            .arg(example("gpu_pipeline.toml"))
+            .arg("--calibration")
+            .arg(h100_sim()),
+    );
+    for name in ["scaled", "large"] {
+        assert_eq!(tier_of(&placement, name), Tier::Gpu, "{placement:#?}");
+    }
+    // The aggregate operator does not call the GPU kernel yet: the aggregate
+    // stays on the CPU and says why.
+    assert!(
+        operator(&placement, "totals")
+            .reason
+            .contains("does not run the GPU aggregation kernel"),
+        "{placement:#?}"
+    );
+    for name in ["events", "by-key", "totals", "out"] {
+        assert_eq!(tier_of(&placement, name), Tier::Cpu, "{placement:#?}");
+    }
+    assert!(
+        placement.gpu_tier.contains("H100")
+            && placement.gpu_tier.contains("launch 4 µs, sync 8 µs")
+            && placement
+                .gpu_tier
+                .contains("H2D pinned 50.0 / pageable 15.0 GB/s")
+            && placement
+                .gpu_tier
+                .contains("D2H pinned 48.0 / pageable 14.0 GB/s"),
+        "{}",
+        placement.gpu_tier
+    );
+
+    // The chain is decided and priced as one.
+    assert_eq!(placement.chains.len(), 1, "{placement:#?}");
+    let chain = &placement.chains[0];
+    assert_eq!(chain.operators, vec![1, 2]);
+    assert_eq!(chain.tier, Tier::Gpu);
+    let cost = chain.gpu.as_ref().expect("priced on the GPU");
+    // 325 MB of input in 32 MiB batches: 10 of 2M rows, 3 launches and one
+    // sync each.
+    assert_eq!(cost.batches, 10);
+    assert_close(cost.rows_per_batch, 2e6);
+    assert_eq!((cost.launches, cost.syncs), (30, 10));
+    assert_close(cost.h2d_bytes, PIPELINE_H2D_BYTES);
+    assert_close(cost.d2h_bytes, PIPELINE_D2H_BYTES);
+    // Each way: the host copy (20 GB/s) and the pinned DMA (50 in, 48 out).
+    let h2d_batch_s = PIPELINE_H2D_BYTES / 10.0 * (1.0 / 20e9 + 1.0 / 50e9);
+    let d2h_batch_s = PIPELINE_D2H_BYTES / 10.0 * (1.0 / 48e9 + 1.0 / 20e9);
+    assert_close(cost.h2d_s, 10.0 * h2d_batch_s);
+    assert_close(cost.d2h_s, 10.0 * d2h_batch_s);
+    assert_eq!(cost.compute_rate_source, ComputeRateSource::MeasuredChain);
+    // 32.5 MB batches lie between the 16 MiB (1.0 TB/s) and 64 MiB (1.3
+    // TB/s) chain rates.
+    assert!(
+        cost.compute_bytes_per_s > 1.0e12 && cost.compute_bytes_per_s < 1.3e12,
+        "{cost:?}"
+    );
+    // The copies dominate and overlap the compute: 10 × (D2H + 3 × 4 µs +
+    // 8 µs) + one batch's H2D and D2H to fill the pipeline.
+    assert!(cost.compute_s < cost.d2h_s && cost.h2d_s < cost.d2h_s);
+    assert_close(cost.fixed_s, 10.0 * 20e-6);
+    assert_close(cost.fill_s, h2d_batch_s + d2h_batch_s);
+    assert_close(
+        cost.total_s,
+        10.0 * (d2h_batch_s + 20e-6) + h2d_batch_s + d2h_batch_s,
+    );
+    // CPU: 20M rows ÷ 200M rows/s (project) + ÷ 300M (filter), 2 subtasks.
+    assert_close(chain.cpu_cost_s, (20e6 / 2e8 + 20e6 / 3e8) / 2.0);
+    assert!(cost.total_s < chain.cpu_cost_s);
+    // The operators share the chain's cost and print its breakdown.
+    let (scaled, large) = (
+        operator(&placement, "scaled"),
+        operator(&placement, "large"),
+    );
+    assert_eq!(scaled.reason, large.reason);
+    assert_close(
+        scaled.gpu_cost_s.unwrap() + large.gpu_cost_s.unwrap(),
+        cost.total_s,
+    );
+    for part in [
+        "GPU: chain scaled → large costs 27.8 ms on GPU vs 83.3 ms on CPU",
+        "10 coalesced batches of 2000000 rows",
+        "H2D 309.9 MiB",
+        "D2H 309.9 MiB",
+        "30 launches + 10 syncs",
+        "measured chain rate",
+    ] {
+        assert!(scaled.reason.contains(part), "{part}: {}", scaled.reason);
+    }
+
+    // The text table says the same, with the chain's breakdown below it.
+    let (code, stdout, stderr) = run(strata(scratch.path())
+        .arg("explain")
+        .arg(example("gpu_pipeline.toml"))
+        .arg("--calibration")
+        .arg(h100_sim()));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout.contains("scaled → large on GPU: 27.8 ms on GPU vs 83.3 ms on CPU"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("batches of 32.0 MiB"), "{stdout}");
+}
+
+#[test]
+fn a_lone_filter_whose_other_columns_are_gathered_on_the_host_stays_on_the_cpu() {
+    let scratch = tempfile::tempdir().unwrap();
+    let placement = explain_json(
+        strata(scratch.path())
+            .arg("explain")
+            .arg(example("keyed_aggregation.toml"))
+            .arg("--calibration")
+            .arg(h100_sim()),
+    );
+    let filter = operator(&placement, "positive");
+    assert_eq!(filter.tier, Tier::Cpu, "{filter:?}");
+    assert!(
+        filter.reason.starts_with("CPU: chain positive costs"),
+        "{filter:?}"
+    );
+    let chain = &placement.chains[filter.chain.expect("in a chain")];
+    let cost = chain.gpu.as_ref().unwrap();
+    // The copies alone outweigh the filter on four CPU subtasks.
+    assert!(cost.h2d_s + cost.d2h_s > chain.cpu_cost_s, "{cost:?}");
+    assert!(cost.total_s > chain.cpu_cost_s, "{cost:?}");
+}
+
+#[test]
+fn explain_with_the_default_calibration_of_a_detected_gpu_uses_the_family_rates() {
+    let scratch = tempfile::tempdir().unwrap();
+    let placement = explain_json(
+        strata(scratch.path())
+            .env("STRATA_SIMULATE_GPU_BYTES", "80000000000")
+            .arg("explain")
+            .arg(example("gpu_pipeline.toml")),
+    );
+    assert!(
+        placement.gpu_tier.contains("launch 5 µs, sync 10 µs")
+            && placement
+                .gpu_tier
+                .contains("H2D pinned 25.0 / pageable 8.0 GB/s")
+            && placement.gpu_tier.contains("host copy 10.0 GB/s")
+            && placement.gpu_tier.contains("fused chain rate not measured"),
+        "{}",
+        placement.gpu_tier
+    );
+    let chain = &placement.chains[0];
+    let cost = chain.gpu.as_ref().unwrap();
+    assert_eq!(cost.compute_rate_source, ComputeRateSource::FamilyRates);
+    // 2M rows a batch ÷ 15 G rows/s (project) + ÷ 20 G rows/s (filter).
+    assert_close(cost.compute_s, 10.0 * (2e6 / 15e9 + 2e6 / 20e9));
+    let h2d_batch_s = PIPELINE_H2D_BYTES / 10.0 * (1.0 / 10e9 + 1.0 / 25e9);
+    let d2h_batch_s = PIPELINE_D2H_BYTES / 10.0 * (1.0 / 25e9 + 1.0 / 10e9);
+    assert_close(
+        cost.total_s,
+        10.0 * (h2d_batch_s.max(d2h_batch_s) + 3.0 * 5e-6 + 10e-6) + h2d_batch_s + d2h_batch_s,
+    );
+    assert_eq!(chain.tier, Tier::Gpu, "{placement:#?}");
+    assert_eq!(tier_of(&placement, "scaled"), Tier::Gpu);
+}
+
+#[test]
+fn an_old_format_calibration_file_still_prices_the_gpu() {
+    let scratch = tempfile::tempdir().unwrap();
+    let calibration = old_format_calibration(scratch.path());
     let placement = explain_json(
         strata(scratch.path())
             .arg("explain")
@@ -117,45 +313,16 @@ fn explain_with_a_simulated_gpu_calibration_puts_filter_project_chains_on_the_gp
             .arg("--calibration")
             .arg(&calibration),
     );
-    for name in ["scaled", "large"] {
-        assert_eq!(tier_of(&placement, name), Tier::Gpu, "{placement:#?}");
-    }
-    // The aggregate operator does not call the GPU kernel yet: the aggregate
-    // stays on the CPU and says why.
-    let totals = placement
-        .operators
-        .iter()
-        .find(|o| o.name == "totals")
-        .unwrap();
+    // Its one link figure stands for every copy; its launch overhead for
+    // the launch latency.
     assert!(
-        totals
-            .reason
-            .contains("does not run the GPU aggregation kernel"),
-        "{totals:?}"
-    );
-    for name in ["events", "by-key", "totals", "out"] {
-        assert_eq!(tier_of(&placement, name), Tier::Cpu, "{placement:#?}");
-    }
-    // The project -> filter chain is decided as one.
-    assert_eq!(placement.operators[1].reason, placement.operators[2].reason);
-    assert!(placement.operators[1].reason.contains("scaled → large"));
-    assert!(
-        placement.gpu_tier.contains("H100"),
+        placement
+            .gpu_tier
+            .contains("launch 10 µs, sync 10 µs; H2D pinned 25.0 / pageable 25.0 GB/s"),
         "{}",
         placement.gpu_tier
     );
-
-    // The 50M-row example: a lone filter does not pay for its transfers.
-    let placement = explain_json(
-        strata(scratch.path())
-            .arg("explain")
-            .arg(example("keyed_aggregation.toml"))
-            .arg("--calibration")
-            .arg(&calibration),
-    );
-    let filter = &placement.operators[1];
-    assert_eq!(filter.tier, Tier::Cpu);
-    assert!(filter.reason.contains("transfers"), "{filter:?}");
+    assert!(placement.chains[0].gpu.is_some());
 }
 
 #[test]
@@ -176,7 +343,9 @@ fn placement_mode_gpu_without_a_gpu_is_a_clear_error() {
 #[test]
 fn placement_modes_override_the_cost_model() {
     let scratch = tempfile::tempdir().unwrap();
-    let calibration = gpu_calibration(scratch.path());
+    let calibration = h100_sim();
+    // The lone filter the model keeps on the CPU goes to the GPU when
+    // asked, and its reason still prints what that costs.
     let forced = explain_json(
         strata(scratch.path())
             .arg("explain")
@@ -187,7 +356,18 @@ fn placement_modes_override_the_cost_model() {
                 calibration.display()
             )),
     );
-    assert_eq!(tier_of(&forced, "positive"), Tier::Gpu, "{forced:#?}");
+    let positive = operator(&forced, "positive");
+    assert_eq!(positive.tier, Tier::Gpu, "{forced:#?}");
+    assert!(
+        positive
+            .reason
+            .starts_with("GPU: placement.mode = gpu (chain positive:"),
+        "{positive:?}"
+    );
+    assert!(
+        positive.reason.contains("coalesced batches"),
+        "{positive:?}"
+    );
     assert_eq!(
         tier_of(&forced, "totals"),
         Tier::Cpu,
@@ -202,6 +382,9 @@ fn placement_modes_override_the_cost_model() {
     );
     assert!(cpu.operators.iter().all(|op| op.tier == Tier::Cpu));
     assert_eq!(cpu.operators[1].reason, "CPU: placement.mode = cpu");
+    // Still priced, so that explain shows what the GPU would have cost.
+    assert_eq!(cpu.chains[0].tier, Tier::Cpu);
+    assert!(cpu.chains[0].gpu.is_some());
 }
 
 #[test]
@@ -224,10 +407,38 @@ fn bench_calibrate_writes_the_file_that_explain_prices_with() {
     assert!(
         placement
             .calibration_origin
-            .contains("measured by `strata bench --calibrate`"),
+            .contains("measured by `strata bench --calibrate`")
+            && placement
+                .calibration_origin
+                .contains("GPU per-call costs not measured"),
         "{}",
         placement.calibration_origin
     );
+}
+
+#[test]
+fn bench_calibrate_on_a_simulated_gpu_keeps_the_default_per_call_costs_and_says_so() {
+    let scratch = tempfile::tempdir().unwrap();
+    let path = scratch.path().join("simulated.json");
+    let (code, stdout, stderr) = run(strata(scratch.path())
+        .env("STRATA_SIMULATE_GPU_BYTES", "100000000")
+        .args(["bench", "--calibrate", "--rows", "20000", "--output"])
+        .arg(&path));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stdout
+            .contains("simulated GPU: its rates and per-call costs are the defaults, not measured"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("launch 5.0 µs, sync 10.0 µs"), "{stdout}");
+    let placement = explain_json(
+        strata(scratch.path())
+            .arg("explain")
+            .arg(example("gpu_pipeline.toml"))
+            .arg("--calibration")
+            .arg(&path),
+    );
+    assert!(placement.chains[0].gpu.is_some(), "{placement:#?}");
 }
 
 fn tiny_job(dir: &Path) -> PathBuf {

@@ -6,8 +6,10 @@
 //! the best of [`CalibrateOptions::repetitions`] runs counts. When a GPU is
 //! detected, the CUDA kernels run on the same input through
 //! [`crate::kernels::gpu::cuda::CudaBackend`] (copies included in the kernel
-//! time) and a round trip of a large buffer measures the link. Without a
-//! GPU the calibration has no GPU section, and says why.
+//! time), and [`crate::kernels::gpu::cuda::measure`] times the per-call
+//! costs the placement model prices: launch and synchronisation latency,
+//! pinned and pageable copies both ways, the host copy into pinned memory.
+//! Without a GPU the calibration has no GPU section, and says why.
 
 use std::time::Instant;
 
@@ -20,6 +22,7 @@ use crate::kernels::cpu::key_hash::HashMode;
 use crate::kernels::cpu::project::{ArithOp, ArrayOperand, Operands};
 use crate::kernels::gpu::{self, GpuDetection};
 use crate::placement::calibration::{Calibration, GpuCalibration, KernelRates};
+use crate::placement::cost::COALESCE_BYTES_DEFAULT;
 
 /// Rows per batch, as the sources make them.
 const BATCH_ROWS: usize = 8192;
@@ -133,13 +136,22 @@ pub fn calibrate(options: CalibrateOptions) -> Result<Calibration, BenchError> {
     let cpu = backend_rates(&CpuBackend, options, &batches)?;
     let detection = gpu::detect();
     let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "this machine".into());
-    let gpu = match detection {
-        GpuDetection::Present(devices) => Some(measure_gpu(&devices[0], options, &batches)?),
-        GpuDetection::Absent { .. } => None,
+    let (gpu, gpu_note) = match &detection {
+        // The simulator's device runs the CPU twins: there is no device to
+        // time, so it keeps the defaults a detected GPU gets, and says so.
+        GpuDetection::Present(devices) if devices[0].simulated => (
+            Some(GpuCalibration::unmeasured(&devices[0])),
+            "simulated GPU: its rates and per-call costs are the defaults, not measured".to_owned(),
+        ),
+        GpuDetection::Present(devices) => {
+            let (gpu, note) = measure_gpu(&devices[0], options, &batches)?;
+            (Some(gpu), note)
+        }
+        GpuDetection::Absent { .. } => (None, "GPU per-call costs not measured".to_owned()),
     };
     Ok(Calibration {
         origin: format!(
-            "measured by `strata bench --calibrate` on {host}, {} rows, best of {}; {}",
+            "measured by `strata bench --calibrate` on {host}, {} rows, best of {}; {}; {gpu_note}",
             options.rows,
             options.repetitions,
             detection.describe()
@@ -149,13 +161,13 @@ pub fn calibrate(options: CalibrateOptions) -> Result<Calibration, BenchError> {
     })
 }
 
-/// The CUDA kernels' rates, the fixed cost of one call and the link, on
-/// the first GPU.
+/// The CUDA kernels' rates and the per-call costs of the first GPU, with a
+/// note for the origin saying whether the per-call costs were measured.
 fn measure_gpu(
     device: &gpu::GpuDevice,
     options: CalibrateOptions,
     batches: &[(Int64Array, Int64Array)],
-) -> Result<GpuCalibration, BenchError> {
+) -> Result<(GpuCalibration, String), BenchError> {
     use crate::kernels::gpu::cuda::CudaBackend;
     use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
     use crate::kernels::gpu::source::PtxCache;
@@ -165,36 +177,54 @@ fn measure_gpu(
         pool.slot(0),
         &PtxCache::new(PtxCache::default_dir()),
     )?;
-    let rates = backend_rates(&backend, options, batches)?;
-    let link_bytes_per_s = backend.link_bytes_per_s(256 << 20)?;
-    Ok(GpuCalibration {
-        device: device.name.clone(),
-        memory_bytes: device.memory_bytes,
-        rates,
-        link_bytes_per_s,
-        launch_overhead_s: call_overhead_s(&backend, options)?,
-    })
+    let mut calibration = GpuCalibration::unmeasured(device);
+    calibration.rates = backend_rates(&backend, options, batches)?;
+    drop(backend);
+    let note = match gpu::cuda::measure::measure_call_costs(device) {
+        Ok(costs) => {
+            apply_call_costs(&mut calibration, &costs);
+            "GPU per-call costs measured (copies at the coalesced size)".to_owned()
+        }
+        Err(e) => {
+            tracing::warn!("GPU per-call costs not measured, defaults kept: {e}");
+            format!("GPU per-call costs not measured ({e}): defaults")
+        }
+    };
+    // The fused chain's rate by coalesced size is measured by the chain
+    // executor, which owns the fused program; until it reports one,
+    // placement prices a chain with the per-family rates above.
+    calibration.chain_rates = Vec::new();
+    Ok((calibration, note))
 }
 
-/// Rows of the call that [`call_overhead_s`] times: small enough that the
-/// call's fixed costs (allocations, copies, launch, synchronisation) are all
-/// of it.
-const OVERHEAD_PROBE_ROWS: i64 = 1024;
-
-/// The fixed cost of one kernel call on `backend`: the best of several
-/// filter calls over [`OVERHEAD_PROBE_ROWS`] rows.
-fn call_overhead_s(
-    backend: &dyn KernelBackend,
-    options: CalibrateOptions,
-) -> Result<f64, BenchError> {
-    let tiny: Int64Array = (0..OVERHEAD_PROBE_ROWS).collect();
-    let mut best = f64::INFINITY;
-    for _ in 0..options.repetitions.max(5) {
-        let started = std::time::Instant::now();
-        std::hint::black_box(backend.filter_i64(&tiny, CmpOp::Ge, 0)?);
-        best = best.min(started.elapsed().as_secs_f64());
+/// Takes the latencies, and the bandwidths at the size closest to the
+/// default coalesced batch (the size the executor copies at); the other
+/// sizes are logged.
+fn apply_call_costs(calibration: &mut GpuCalibration, costs: &gpu::cuda::measure::CallCosts) {
+    calibration.launch_latency_s = costs.launch_latency_s;
+    calibration.sync_latency_s = costs.sync_latency_s;
+    for point in &costs.transfers {
+        tracing::info!(
+            "GPU copies at {} B: H2D pinned {:.1} / pageable {:.1} GB/s, D2H pinned {:.1} / pageable {:.1} GB/s, host copy {:.1} GB/s",
+            point.bytes,
+            point.h2d_pinned_bytes_per_s / 1e9,
+            point.h2d_pageable_bytes_per_s / 1e9,
+            point.d2h_pinned_bytes_per_s / 1e9,
+            point.d2h_pageable_bytes_per_s / 1e9,
+            point.host_copy_bytes_per_s / 1e9
+        );
     }
-    Ok(best.max(1e-9))
+    let coalesced = costs
+        .transfers
+        .iter()
+        .min_by_key(|p| (p.bytes as u64).abs_diff(COALESCE_BYTES_DEFAULT));
+    if let Some(point) = coalesced {
+        calibration.h2d_pinned_bytes_per_s = point.h2d_pinned_bytes_per_s;
+        calibration.h2d_pageable_bytes_per_s = point.h2d_pageable_bytes_per_s;
+        calibration.d2h_pinned_bytes_per_s = point.d2h_pinned_bytes_per_s;
+        calibration.d2h_pageable_bytes_per_s = point.d2h_pageable_bytes_per_s;
+        calibration.host_copy_bytes_per_s = point.host_copy_bytes_per_s;
+    }
 }
 
 /// The rates as a table.
@@ -214,9 +244,15 @@ pub fn render(calibration: &Calibration) -> String {
         Some(gpu) => {
             out.push_str(&row("GPU", &gpu.rates));
             out.push_str(&format!(
-                "  link {:.2} GB/s host<->device, launch {:.0} µs ({})\n",
-                gpu.link_bytes_per_s / 1e9,
-                gpu.launch_overhead_s * 1e6,
+                "  launch {:.1} µs, sync {:.1} µs; H2D pinned {:.1} / pageable {:.1} GB/s, \
+                 D2H pinned {:.1} / pageable {:.1} GB/s, host copy {:.1} GB/s ({})\n",
+                gpu.launch_latency_s * 1e6,
+                gpu.sync_latency_s * 1e6,
+                gpu.h2d_pinned_bytes_per_s / 1e9,
+                gpu.h2d_pageable_bytes_per_s / 1e9,
+                gpu.d2h_pinned_bytes_per_s / 1e9,
+                gpu.d2h_pageable_bytes_per_s / 1e9,
+                gpu.host_copy_bytes_per_s / 1e9,
                 gpu.device
             ));
         }
@@ -245,18 +281,5 @@ mod tests {
         ] {
             assert!(rate.is_finite() && rate > 0.0, "{cpu:?}");
         }
-    }
-
-    #[test]
-    fn the_call_overhead_probe_times_a_small_call() {
-        let options = CalibrateOptions {
-            rows: 20_000,
-            repetitions: 1,
-        };
-        let overhead = call_overhead_s(&CpuBackend, options).unwrap();
-        assert!(
-            overhead.is_finite() && overhead > 0.0 && overhead < 1.0,
-            "{overhead}"
-        );
     }
 }

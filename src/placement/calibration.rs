@@ -21,16 +21,130 @@ pub struct KernelRates {
     pub aggregate_rows_per_s: f64,
 }
 
-/// The GPU tier of a node: its kernel rates and the link to it.
+/// The fused chain program's device rate at one coalesced batch size:
+/// bytes of input columns per second, kernels only (copies, launches and
+/// synchronisation are priced separately from their own measurements).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ChainRate {
+    pub coalesced_bytes: u64,
+    pub input_bytes_per_s: f64,
+}
+
+/// The GPU tier of a node: what each part of one call costs.
+///
+/// The cost model ([`super::cost::gpu_chain_cost`]) prices a chain per
+/// coalesced batch from these: copies through the pinned staging ring
+/// (host copy plus DMA), the chain's launches, one stream synchronisation
+/// and the fused program's rate at that batch size. The pageable
+/// bandwidths are not used by the model (the executor always stages
+/// through pinned memory); they are measured and shown so that the choice
+/// of staging can be checked against them.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(from = "GpuCalibrationFile")]
 pub struct GpuCalibration {
     pub device: String,
     pub memory_bytes: u64,
+    /// Rows per second of each family's own kernel, the fallback for a
+    /// chain whose fused rate was not measured.
     pub rates: KernelRates,
-    /// Host→device and device→host copy bandwidth (PCIe or NVLink-C2C).
-    pub link_bytes_per_s: f64,
-    /// Fixed cost of one launch including its synchronisation.
-    pub launch_overhead_s: f64,
+    /// Host-side cost of one kernel launch (the call returning, not the
+    /// kernel finishing).
+    pub launch_latency_s: f64,
+    /// One `cuStreamSynchronize` on a stream whose work is done or about
+    /// to be: the wake-up the host pays once per batch.
+    pub sync_latency_s: f64,
+    pub h2d_pinned_bytes_per_s: f64,
+    pub h2d_pageable_bytes_per_s: f64,
+    pub d2h_pinned_bytes_per_s: f64,
+    pub d2h_pageable_bytes_per_s: f64,
+    /// Host memcpy between Arrow buffers and the pinned staging ring.
+    pub host_copy_bytes_per_s: f64,
+    /// The fused chain's measured rates, by coalesced size; empty when
+    /// not measured.
+    pub chain_rates: Vec<ChainRate>,
+}
+
+/// A `gpu` section as files spell it: every measured field may be absent
+/// (files written before it existed), and the two fields of the first cost
+/// model (`link_bytes_per_s`, `launch_overhead_s`) are still read.
+#[derive(Deserialize)]
+struct GpuCalibrationFile {
+    device: String,
+    memory_bytes: u64,
+    rates: KernelRates,
+    launch_latency_s: Option<f64>,
+    sync_latency_s: Option<f64>,
+    h2d_pinned_bytes_per_s: Option<f64>,
+    h2d_pageable_bytes_per_s: Option<f64>,
+    d2h_pinned_bytes_per_s: Option<f64>,
+    d2h_pageable_bytes_per_s: Option<f64>,
+    host_copy_bytes_per_s: Option<f64>,
+    #[serde(default)]
+    chain_rates: Vec<ChainRate>,
+    /// Old files: one round trip of a pageable `Vec` (`clone_htod` then
+    /// `clone_dtoh`). It is the only link figure such a file has, so it
+    /// stands for every direction and memory kind it does not name.
+    link_bytes_per_s: Option<f64>,
+    /// Old files: a whole 1024-row filter call (allocations, copies,
+    /// launch, synchronisation). Read as the launch latency: it
+    /// over-prices launches, which errs towards the CPU.
+    launch_overhead_s: Option<f64>,
+}
+
+impl From<GpuCalibrationFile> for GpuCalibration {
+    fn from(file: GpuCalibrationFile) -> Self {
+        let link = file.link_bytes_per_s;
+        let bandwidth = |measured: Option<f64>, default: f64| measured.or(link).unwrap_or(default);
+        GpuCalibration {
+            device: file.device,
+            memory_bytes: file.memory_bytes,
+            rates: file.rates,
+            launch_latency_s: file
+                .launch_latency_s
+                .or(file.launch_overhead_s)
+                .unwrap_or(LAUNCH_LATENCY_DEFAULT_S),
+            sync_latency_s: file.sync_latency_s.unwrap_or(SYNC_LATENCY_DEFAULT_S),
+            h2d_pinned_bytes_per_s: bandwidth(
+                file.h2d_pinned_bytes_per_s,
+                PINNED_DEFAULT_BYTES_PER_S,
+            ),
+            h2d_pageable_bytes_per_s: bandwidth(
+                file.h2d_pageable_bytes_per_s,
+                PAGEABLE_DEFAULT_BYTES_PER_S,
+            ),
+            d2h_pinned_bytes_per_s: bandwidth(
+                file.d2h_pinned_bytes_per_s,
+                PINNED_DEFAULT_BYTES_PER_S,
+            ),
+            d2h_pageable_bytes_per_s: bandwidth(
+                file.d2h_pageable_bytes_per_s,
+                PAGEABLE_DEFAULT_BYTES_PER_S,
+            ),
+            host_copy_bytes_per_s: file
+                .host_copy_bytes_per_s
+                .unwrap_or(HOST_COPY_DEFAULT_BYTES_PER_S),
+            chain_rates: file.chain_rates,
+        }
+    }
+}
+
+impl GpuCalibration {
+    /// A detected GPU that was not measured: the default figures below.
+    pub fn unmeasured(device: &crate::kernels::gpu::GpuDevice) -> Self {
+        GpuCalibration {
+            device: device.name.clone(),
+            memory_bytes: device.memory_bytes,
+            rates: GPU_DEFAULT_RATES,
+            launch_latency_s: LAUNCH_LATENCY_DEFAULT_S,
+            sync_latency_s: SYNC_LATENCY_DEFAULT_S,
+            h2d_pinned_bytes_per_s: PINNED_DEFAULT_BYTES_PER_S,
+            h2d_pageable_bytes_per_s: PAGEABLE_DEFAULT_BYTES_PER_S,
+            d2h_pinned_bytes_per_s: PINNED_DEFAULT_BYTES_PER_S,
+            d2h_pageable_bytes_per_s: PAGEABLE_DEFAULT_BYTES_PER_S,
+            host_copy_bytes_per_s: HOST_COPY_DEFAULT_BYTES_PER_S,
+            chain_rates: Vec::new(),
+        }
+    }
 }
 
 /// A node's calibration.
@@ -59,7 +173,13 @@ pub enum CalibrationError {
     #[error("calibration file {path}: {field} must be a positive number, found {value}")]
     NotPositive {
         path: PathBuf,
-        field: &'static str,
+        field: String,
+        value: f64,
+    },
+    #[error("calibration file {path}: {field} must be a number of seconds ≥ 0, found {value}")]
+    Negative {
+        path: PathBuf,
+        field: String,
         value: f64,
     },
     #[error("cannot write calibration file {path}: {source}")]
@@ -89,9 +209,28 @@ pub const GPU_DEFAULT_RATES: KernelRates = KernelRates {
     aggregate_rows_per_s: 2e9,
 };
 
-/// PCIe 4.0 x16 in practice.
-pub const LINK_DEFAULT_BYTES_PER_S: f64 = 20e9;
-pub const LAUNCH_DEFAULT_OVERHEAD_S: f64 = 20e-6;
+// Per-call figures for a GPU that was detected but not measured. They are
+// deliberately those of a modest H100 PCIe node (a PCIe Gen4 host, one
+// thread copying), so that an unmeasured GPU is not flattered; `strata
+// bench --calibrate` replaces every one of them on a real device.
+
+/// Host-side cost of `cuLaunchKernel`: NVIDIA quotes 2–4 µs on Hopper with
+/// CUDA 12 (CUDA Graphs blog, "launch overhead"); 5 µs leaves headroom for
+/// a busy driver thread.
+pub const LAUNCH_LATENCY_DEFAULT_S: f64 = 5e-6;
+/// `cuStreamSynchronize` once the work is done: the driver's completion
+/// poll and the thread's wake-up, 5–10 µs in the CUDA samples'
+/// measurements; the upper end.
+pub const SYNC_LATENCY_DEFAULT_S: f64 = 10e-6;
+/// Pinned DMA over PCIe Gen4 x16: 32 GB/s raw, 25–26 GB/s in
+/// `bandwidthTest --memory=pinned`.
+pub const PINNED_DEFAULT_BYTES_PER_S: f64 = 25e9;
+/// Pageable copies, which the driver stages through its own pinned buffer
+/// chunk by chunk: 6–12 GB/s in `bandwidthTest --memory=pageable`.
+pub const PAGEABLE_DEFAULT_BYTES_PER_S: f64 = 8e9;
+/// One thread's `memcpy` of buffers far larger than the caches on a
+/// 2020s server core (single-thread STREAM copy): about 10 GB/s.
+pub const HOST_COPY_DEFAULT_BYTES_PER_S: f64 = 10e9;
 
 impl Calibration {
     /// Built-in rates, with a GPU section when `gpu` is a detected device.
@@ -99,13 +238,7 @@ impl Calibration {
         Calibration {
             origin: "built-in defaults (run `strata bench --calibrate` to measure)".into(),
             cpu: CPU_DEFAULT_RATES,
-            gpu: gpu.map(|device| GpuCalibration {
-                device: device.name.clone(),
-                memory_bytes: device.memory_bytes,
-                rates: GPU_DEFAULT_RATES,
-                link_bytes_per_s: LINK_DEFAULT_BYTES_PER_S,
-                launch_overhead_s: LAUNCH_DEFAULT_OVERHEAD_S,
-            }),
+            gpu: gpu.map(GpuCalibration::unmeasured),
         }
     }
 
@@ -135,61 +268,70 @@ impl Calibration {
         std::fs::write(path, text + "\n").map_err(write_error)
     }
 
-    /// Every rate is positive and finite: the cost model divides by them.
+    /// Every rate and bandwidth is positive and finite (the cost model
+    /// divides by them); every latency is finite and not negative.
     fn check(&self, path: &Path) -> Result<(), CalibrationError> {
-        let mut fields = rate_fields("cpu", &self.cpu);
+        let mut positive = rate_fields("cpu", &self.cpu);
+        let mut nonnegative: Vec<(String, f64)> = Vec::new();
         if let Some(gpu) = &self.gpu {
-            fields.extend(rate_fields("gpu", &gpu.rates));
-            fields.push(("gpu.link_bytes_per_s", gpu.link_bytes_per_s));
+            positive.extend(rate_fields("gpu.rates", &gpu.rates));
+            positive.extend(
+                [
+                    ("gpu.h2d_pinned_bytes_per_s", gpu.h2d_pinned_bytes_per_s),
+                    ("gpu.h2d_pageable_bytes_per_s", gpu.h2d_pageable_bytes_per_s),
+                    ("gpu.d2h_pinned_bytes_per_s", gpu.d2h_pinned_bytes_per_s),
+                    ("gpu.d2h_pageable_bytes_per_s", gpu.d2h_pageable_bytes_per_s),
+                    ("gpu.host_copy_bytes_per_s", gpu.host_copy_bytes_per_s),
+                ]
+                .map(|(name, value)| (name.to_owned(), value)),
+            );
+            for (index, rate) in gpu.chain_rates.iter().enumerate() {
+                positive.push((
+                    format!("gpu.chain_rates[{index}].coalesced_bytes"),
+                    rate.coalesced_bytes as f64,
+                ));
+                positive.push((
+                    format!("gpu.chain_rates[{index}].input_bytes_per_s"),
+                    rate.input_bytes_per_s,
+                ));
+            }
+            nonnegative.push(("gpu.launch_latency_s".to_owned(), gpu.launch_latency_s));
+            nonnegative.push(("gpu.sync_latency_s".to_owned(), gpu.sync_latency_s));
         }
-        let mut nonnegative = vec![];
-        if let Some(gpu) = &self.gpu {
-            nonnegative.push(("gpu.launch_overhead_s", gpu.launch_overhead_s));
-        }
-        let bad = fields
+        if let Some((field, value)) = positive
             .into_iter()
             .find(|(_, v)| !(v.is_finite() && *v > 0.0))
-            .or_else(|| {
-                nonnegative
-                    .into_iter()
-                    .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
-            });
-        match bad {
-            Some((field, value)) => Err(CalibrationError::NotPositive {
+        {
+            return Err(CalibrationError::NotPositive {
                 path: path.to_owned(),
                 field,
                 value,
-            }),
-            None => Ok(()),
+            });
         }
+        if let Some((field, value)) = nonnegative
+            .into_iter()
+            .find(|(_, v)| !(v.is_finite() && *v >= 0.0))
+        {
+            return Err(CalibrationError::Negative {
+                path: path.to_owned(),
+                field,
+                value,
+            });
+        }
+        Ok(())
     }
 }
 
-fn rate_fields(tier: &'static str, rates: &KernelRates) -> Vec<(&'static str, f64)> {
-    let names: [&'static str; 4] = if tier == "cpu" {
-        [
-            "cpu.filter_rows_per_s",
-            "cpu.project_rows_per_s",
-            "cpu.hash_rows_per_s",
-            "cpu.aggregate_rows_per_s",
-        ]
-    } else {
-        [
-            "gpu.rates.filter_rows_per_s",
-            "gpu.rates.project_rows_per_s",
-            "gpu.rates.hash_rows_per_s",
-            "gpu.rates.aggregate_rows_per_s",
-        ]
-    };
-    names
-        .into_iter()
-        .zip([
-            rates.filter_rows_per_s,
-            rates.project_rows_per_s,
-            rates.hash_rows_per_s,
-            rates.aggregate_rows_per_s,
-        ])
-        .collect()
+fn rate_fields(prefix: &str, rates: &KernelRates) -> Vec<(String, f64)> {
+    [
+        ("filter_rows_per_s", rates.filter_rows_per_s),
+        ("project_rows_per_s", rates.project_rows_per_s),
+        ("hash_rows_per_s", rates.hash_rows_per_s),
+        ("aggregate_rows_per_s", rates.aggregate_rows_per_s),
+    ]
+    .into_iter()
+    .map(|(name, value)| (format!("{prefix}.{name}"), value))
+    .collect()
 }
 
 /// `$STRATA_CALIBRATION`, else `$XDG_CONFIG_HOME/strata/calibration.json`,
@@ -240,13 +382,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c/calibration.json");
         let mut calibration = Calibration::defaults(None);
-        calibration.gpu = Some(GpuCalibration {
-            device: "sim".into(),
-            memory_bytes: 1 << 30,
-            rates: GPU_DEFAULT_RATES,
-            link_bytes_per_s: 25e9,
-            launch_overhead_s: 1e-5,
-        });
+        let mut gpu = GpuCalibration::unmeasured(&sim_device());
+        gpu.h2d_pinned_bytes_per_s = 51e9;
+        gpu.chain_rates = vec![ChainRate {
+            coalesced_bytes: 1 << 20,
+            input_bytes_per_s: 4e11,
+        }];
+        calibration.gpu = Some(gpu);
         calibration.write(&path).unwrap();
         assert_eq!(Calibration::read(&path).unwrap(), calibration);
     }
@@ -260,6 +402,63 @@ mod tests {
         calibration.write(&path).unwrap();
         let message = Calibration::read(&path).unwrap_err().to_string();
         assert!(message.contains("cpu.project_rows_per_s"), "{message}");
+    }
+
+    fn sim_device() -> crate::kernels::gpu::GpuDevice {
+        crate::kernels::gpu::GpuDevice {
+            ordinal: 0,
+            name: "sim".into(),
+            memory_bytes: 1 << 30,
+            compute_capability: (9, 0),
+            simulated: true,
+        }
+    }
+
+    #[test]
+    fn old_files_with_one_link_figure_still_load_and_map_it_to_every_direction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.json");
+        std::fs::write(
+            &path,
+            r#"{"origin": "old", "cpu": {"filter_rows_per_s": 3e8, "project_rows_per_s": 2e8,
+                 "hash_rows_per_s": 3e8, "aggregate_rows_per_s": 3e7},
+               "gpu": {"device": "old GPU", "memory_bytes": 1073741824,
+                 "rates": {"filter_rows_per_s": 2e10, "project_rows_per_s": 1.5e10,
+                           "hash_rows_per_s": 2e10, "aggregate_rows_per_s": 2e9},
+                 "link_bytes_per_s": 2e10, "launch_overhead_s": 2e-5}}"#,
+        )
+        .unwrap();
+        let gpu = Calibration::read(&path).unwrap().gpu.unwrap();
+        assert_eq!(gpu.h2d_pinned_bytes_per_s, 2e10);
+        assert_eq!(gpu.d2h_pageable_bytes_per_s, 2e10);
+        assert_eq!(gpu.launch_latency_s, 2e-5);
+        assert_eq!(gpu.sync_latency_s, SYNC_LATENCY_DEFAULT_S);
+        assert_eq!(gpu.host_copy_bytes_per_s, HOST_COPY_DEFAULT_BYTES_PER_S);
+        assert!(gpu.chain_rates.is_empty());
+    }
+
+    #[test]
+    fn bad_gpu_fields_are_refused_naming_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("calibration.json");
+        let mut calibration = Calibration::defaults(Some(&sim_device()));
+        let gpu = calibration.gpu.as_mut().unwrap();
+        gpu.chain_rates = vec![ChainRate {
+            coalesced_bytes: 1 << 20,
+            input_bytes_per_s: -1.0,
+        }];
+        calibration.write(&path).unwrap();
+        let message = Calibration::read(&path).unwrap_err().to_string();
+        assert!(
+            message.contains("gpu.chain_rates[0].input_bytes_per_s"),
+            "{message}"
+        );
+        let gpu = calibration.gpu.as_mut().unwrap();
+        gpu.chain_rates.clear();
+        gpu.sync_latency_s = -1e-6;
+        calibration.write(&path).unwrap();
+        let message = Calibration::read(&path).unwrap_err().to_string();
+        assert!(message.contains("gpu.sync_latency_s"), "{message}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 
 use std::fmt::Write;
 
-use super::{Placement, seconds};
+use super::{Placement, breakdown_summary, bytes, seconds};
 
 fn cost(cost_s: Option<f64>) -> String {
     cost_s.map_or_else(|| "-".to_owned(), seconds)
@@ -44,9 +44,33 @@ pub fn render(job_name: &str, placement: &Placement) -> String {
             op.reason
         );
     }
+    let priced: Vec<_> = placement
+        .chains
+        .iter()
+        .filter_map(|chain| chain.gpu.as_ref().map(|gpu| (chain, gpu)))
+        .collect();
+    if !priced.is_empty() {
+        let _ = writeln!(
+            out,
+            "  GPU chains (one fused program each; input coalesced into batches of {}):",
+            bytes(placement.coalesce_bytes as f64)
+        );
+    }
+    for (chain, gpu) in priced {
+        let _ = writeln!(
+            out,
+            "    {} on {}: {} on GPU vs {} on CPU",
+            chain.names,
+            chain.tier,
+            seconds(gpu.total_s),
+            seconds(chain.cpu_cost_s)
+        );
+        let _ = writeln!(out, "      {}", breakdown_summary(gpu));
+    }
     let _ = writeln!(
         out,
-        "  (costs: estimated seconds for the whole job; rows in: estimates from the job file)"
+        "  (costs: estimated seconds for the whole job; rows in: estimates from the job file; \
+         a GPU chain's cost is shared equally by its operators)"
     );
     out
 }

@@ -412,6 +412,8 @@ fn place_on_cluster(
         calibration: &calibration,
         mode: config.placement_mode,
         gpu_absent_reason: absent,
+        coalesce_bytes: crate::placement::cost::COALESCE_BYTES_DEFAULT,
+        gpu_key_by_hash: false,
     })?;
     for op in &placement.operators {
         tracing::info!(

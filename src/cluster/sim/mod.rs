@@ -292,6 +292,8 @@ pub fn plan_text(text: &str) -> PlannedJob {
         calibration: &calibration,
         mode: crate::config::PlacementMode::default(),
         gpu_absent_reason: "simulated cluster",
+        coalesce_bytes: crate::placement::cost::COALESCE_BYTES_DEFAULT,
+        gpu_key_by_hash: false,
     })
     .expect("placement");
     PlannedJob {

@@ -20,8 +20,8 @@
 //! `cudarc`. Each block says what it relies on.
 #![allow(unsafe_code)]
 
-#[path = "cuda_chain.rs"]
 mod chain;
+pub mod measure;
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -415,18 +415,6 @@ impl CudaBackend {
             pool,
             chains: chain::ChainCache::default(),
         })
-    }
-
-    /// Host→device→host bandwidth: one round trip of `bytes` bytes.
-    pub fn link_bytes_per_s(&self, bytes: usize) -> Result<f64, KernelError> {
-        let _held = self.reserve(bytes as u64)?;
-        let host = vec![0u8; bytes];
-        let started = std::time::Instant::now();
-        let device = self.upload(&host, bytes as u64)?;
-        let back = self.download(&device)?;
-        let elapsed_s = started.elapsed().as_secs_f64();
-        assert_eq!(back.len(), bytes, "round trip length");
-        Ok(2.0 * bytes as f64 / elapsed_s.max(1e-9))
     }
 
     fn function(&self, name: &'static str) -> Result<&CudaFunction, KernelError> {

@@ -13,6 +13,13 @@ use crate::job::{BinOp, Expr, LogicalPlan, OperatorKind, ScalarValue};
 
 use super::calibration::KernelRates;
 
+mod gpu_chain;
+
+pub use gpu_chain::{
+    CHAIN_LAUNCHES, CHAIN_LAUNCHES_WITH_GPU_KEY_HASH, COALESCE_BYTES_DEFAULT, ChainCostBreakdown,
+    ChainShape, ComputeRateSource, chain_rate_at, chain_shape, gpu_chain_cost,
+};
+
 pub const FILE_SOURCE_ROWS_ASSUMED: u64 = 1_000_000;
 pub const FILTER_SELECTIVITY: f64 = 0.5;
 /// Bytes assumed per string value (offsets and data).
@@ -224,18 +231,13 @@ pub fn estimate_rows(plan: &LogicalPlan) -> Vec<RowEstimate> {
     estimates
 }
 
-/// Bytes of one row of `schema` as it crosses the link.
-pub fn row_bytes(schema: &Schema) -> u64 {
-    schema
-        .fields()
-        .iter()
-        .map(|field| match field.data_type() {
-            DataType::Boolean | DataType::Int8 | DataType::UInt8 => 1,
-            DataType::Int16 | DataType::UInt16 => 2,
-            DataType::Int32 | DataType::UInt32 | DataType::Float32 | DataType::Date32 => 4,
-            DataType::Utf8 | DataType::LargeUtf8 | DataType::Binary => UTF8_VALUE_BYTES,
-            _ => 8,
-        })
-        .sum::<u64>()
-        .max(1)
+/// Bytes of one value of `data_type` (validity not included).
+fn value_bytes(data_type: &DataType) -> u64 {
+    match data_type {
+        DataType::Boolean | DataType::Int8 | DataType::UInt8 => 1,
+        DataType::Int16 | DataType::UInt16 => 2,
+        DataType::Int32 | DataType::UInt32 | DataType::Float32 | DataType::Date32 => 4,
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Binary => UTF8_VALUE_BYTES,
+        _ => 8,
+    }
 }
