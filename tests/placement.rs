@@ -519,7 +519,9 @@ fn run_with_placement_mode_gpu_on_a_cluster_without_gpus_is_refused() {
     );
 }
 
-/// The "in … out …" lines of the filters of a run summary.
+/// The "in … out …" line of the chain's last filter in a run summary (a
+/// fused GPU chain counts its rows where it ends: the filters before the
+/// last pass its input on).
 fn filter_line(stdout: &str) -> String {
     let lines: Vec<String> = stdout
         .lines()
@@ -527,7 +529,7 @@ fn filter_line(stdout: &str) -> String {
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect();
     assert_eq!(lines.len(), 2, "{stdout}");
-    lines.join("; ")
+    lines[1].clone()
 }
 
 #[test]
@@ -572,14 +574,16 @@ type = "blackhole"
     let args = ["--no-progress", "--taskmanagers", "1", "-D", "rest.port=0"];
     let (code, cpu_run, stderr) = run(strata(scratch.path()).arg("run").arg(&job).args(args));
     assert_eq!(code, 0, "{stderr}");
-    // One 8192-row launch needs ~68 KB of device memory; the slot gets 90%
-    // of 55 KB, so every batch is split in two.
+    // Device batches of one 8192-row input batch each (64 KiB coalescing),
+    // ~330 KB on the device with every row surviving; the slot gets 90% of
+    // 55 KB, so each is split three times into pieces of 1024 rows.
     let (code, gpu_run, stderr) = run(strata(scratch.path())
         .env("STRATA_SIMULATE_GPU_BYTES", "55000")
         .arg("run")
         .arg(&job)
         .args(args)
-        .args(["-D", "placement.mode=gpu"]));
+        .args(["-D", "placement.mode=gpu"])
+        .args(["-D", "taskmanager.gpu.coalesce-bytes=64kb"]));
     assert_eq!(code, 0, "{stderr}");
     assert!(
         gpu_run.contains("tier GPU for scaled, small, wide"),
@@ -592,6 +596,14 @@ type = "blackhole"
         .unwrap_or_else(|| panic!("no offload line in {gpu_run}"));
     assert!(!offload.contains(" 0 out-of-memory splits"), "{offload}");
     assert!(!offload.contains("gpu offload: 0 batch"), "{offload}");
+    assert!(
+        offload.contains(" 0 pieces (0 rows) on the CPU twin after out-of-memory"),
+        "{offload}"
+    );
+    assert!(
+        gpu_run.contains("gpu chains: 100,000 rows in "),
+        "{gpu_run}"
+    );
     assert_eq!(filter_line(&gpu_run), filter_line(&cpu_run));
 
     // A budget that no piece of a full batch fits even split 8 ways: those

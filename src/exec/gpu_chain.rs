@@ -152,3 +152,236 @@ impl Operator for Forward {
         out.emit(batch)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema, SchemaRef};
+
+    use super::*;
+    use crate::exec::operators::{FilterOperator, ProjectOperator};
+    use crate::job::{Expr, NamedExpr};
+    use crate::kernels::backend::{OffloadStats, TieredKernels};
+    use crate::kernels::chain::ChainStep;
+    use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
+    use crate::kernels::gpu::sim::SimulatedGpuBackend;
+
+    /// Collects what an operator emits.
+    #[derive(Default)]
+    struct Sink {
+        batches: Vec<RecordBatch>,
+    }
+
+    impl Output for Sink {
+        fn emit(&mut self, batch: RecordBatch) -> Result<(), ExecError> {
+            self.batches.push(batch);
+            Ok(())
+        }
+        fn watermark(&mut self, _: i64) -> Result<(), ExecError> {
+            Ok(())
+        }
+    }
+
+    fn input_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("key", DataType::Int64, true),
+            Field::new("value", DataType::Int64, false),
+        ]))
+    }
+
+    fn batches(count: usize, rows: usize) -> Vec<RecordBatch> {
+        (0..count)
+            .map(|b| {
+                let base = (b * rows) as i64;
+                let key: Int64Array = (0..rows as i64)
+                    .map(|i| ((base + i) % 7 != 0).then_some((base + i) % 50))
+                    .collect();
+                let value: Int64Array = (0..rows as i64).map(|i| (base + i) * 3 - 500).collect();
+                RecordBatch::try_new(input_schema(), vec![Arc::new(key), Arc::new(value)]).unwrap()
+            })
+            .collect()
+    }
+
+    fn projection() -> Vec<NamedExpr> {
+        ["key", "value * 3 as tripled", "value + key as shifted"]
+            .iter()
+            .map(|t| {
+                let (expr, name) = Expr::parse_named(t).unwrap();
+                NamedExpr {
+                    name: name.unwrap_or_else(|| t.to_string()),
+                    expr,
+                }
+            })
+            .collect()
+    }
+
+    fn projected_schema() -> SchemaRef {
+        Arc::new(Schema::new(vec![
+            Field::new("key", DataType::Int64, true),
+            Field::new("tripled", DataType::Int64, true),
+            Field::new("shifted", DataType::Int64, true),
+        ]))
+    }
+
+    /// The chain as the CPU operators run it.
+    fn on_cpu(predicate: &Expr, input: &[RecordBatch]) -> Result<RecordBatch, String> {
+        let mut project = ProjectOperator::new("scaled", projection(), projected_schema());
+        let mut filter = FilterOperator::new("large", predicate.clone());
+        let mut projected = Sink::default();
+        for batch in input {
+            project
+                .process(batch.clone(), &mut projected)
+                .map_err(|e| e.to_string())?;
+        }
+        let mut kept = Sink::default();
+        for batch in projected.batches {
+            filter
+                .process(batch, &mut kept)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(arrow_select::concat::concat_batches(&projected_schema(), &kept.batches).unwrap())
+    }
+
+    fn fused(
+        predicate: &Expr,
+        input: &[RecordBatch],
+        budget_bytes: u64,
+        coalesce_bytes: u64,
+    ) -> (Result<RecordBatch, String>, Arc<OffloadStats>) {
+        let columns = projection();
+        let steps = [
+            ChainStep::Project {
+                name: "scaled",
+                columns: &columns,
+            },
+            ChainStep::Filter {
+                name: "large",
+                predicate,
+            },
+        ];
+        let program = ChainProgram::compile(&input_schema(), &steps, &projected_schema()).unwrap();
+        let pool = DevicePool::new(PoolConfig::even(budget_bytes, 1)).unwrap();
+        let stats = Arc::new(OffloadStats::default());
+        let kernels = Arc::new(TieredKernels::new(
+            Arc::new(SimulatedGpuBackend::new(pool.slot(0))),
+            Arc::clone(&stats),
+        ));
+        let mut op = GpuChainOperator::new(
+            "scaled → large".into(),
+            program,
+            kernels,
+            CoalescePolicy {
+                bytes: coalesce_bytes,
+                latency: Duration::from_secs(3600),
+            },
+        );
+        let mut out = Sink::default();
+        let run = (|| {
+            for batch in input {
+                op.process(batch.clone(), &mut out)?;
+            }
+            op.finish(&mut out)
+        })();
+        let result = run.map_err(|e| e.to_string()).map(|()| {
+            assert!(
+                out.batches.iter().all(|b| b.num_rows() <= 1000),
+                "re-sliced"
+            );
+            arrow_select::concat::concat_batches(&projected_schema(), &out.batches).unwrap()
+        });
+        (result, stats)
+    }
+
+    #[test]
+    fn coalesced_device_batches_equal_the_cpu_operators() {
+        let predicate = Expr::parse("tripled > 300 and shifted != 0").unwrap();
+        let input = batches(10, 1000);
+        let expected = on_cpu(&predicate, &input).unwrap();
+        // Three 1000-row batches of two 8-byte columns per device batch.
+        let (actual, stats) = fused(&predicate, &input, 1 << 30, 3 * 1000 * 16);
+        assert_eq!(actual.unwrap(), expected);
+        let stats = stats.snapshot();
+        assert_eq!(
+            stats.chain_batches, 4,
+            "10 batches coalesced 3 by 3: {stats:?}"
+        );
+        assert_eq!(stats.chain_rows, 10_000);
+        // Each device input column goes up once per device batch: two
+        // columns of 8-byte values, and the nullable key's validity words.
+        let validity: u64 = [3000u64, 3000, 3000, 1000]
+            .iter()
+            .map(|&rows| crate::kernels::chain::bitmap_word_bytes(rows))
+            .sum();
+        assert_eq!(stats.h2d_bytes, 10_000 * 16 + validity, "{stats:?}");
+        assert_eq!(stats.syncs, 8, "two waits per device batch with a filter");
+    }
+
+    #[test]
+    fn a_device_batch_that_does_not_fit_is_split_and_still_equal() {
+        let predicate = Expr::parse("tripled > 300 and shifted != 0").unwrap();
+        let input = batches(4, 1000);
+        let expected = on_cpu(&predicate, &input).unwrap();
+        // Everything coalesces into one batch of 4000 rows (~230 KB on the
+        // device); the slot holds 90% of 100 KB.
+        let (actual, stats) = fused(&predicate, &input, 100_000, 1 << 30);
+        assert_eq!(actual.unwrap(), expected);
+        let stats = stats.snapshot();
+        assert!(stats.oom_splits >= 1, "{stats:?}");
+        assert!(stats.d2h_bytes > 3000 * 24, "most rows survive: {stats:?}");
+        assert_eq!(stats.cpu_fallback_rows, 0, "{stats:?}");
+    }
+
+    #[test]
+    fn an_overflow_fails_with_the_cpu_operators_error() {
+        let predicate = Expr::parse("tripled * 4611686018427387904 > 0").unwrap();
+        let input = batches(3, 1000);
+        let expected = on_cpu(&predicate, &input).unwrap_err();
+        let (actual, _) = fused(&predicate, &input, 1 << 30, 1 << 30);
+        assert_eq!(actual.unwrap_err(), expected);
+    }
+
+    #[test]
+    fn flush_emits_what_waits_and_nothing_twice() {
+        let predicate = Expr::parse("tripled > -1000").unwrap();
+        let columns = projection();
+        let steps = [
+            ChainStep::Project {
+                name: "scaled",
+                columns: &columns,
+            },
+            ChainStep::Filter {
+                name: "large",
+                predicate: &predicate,
+            },
+        ];
+        let program = ChainProgram::compile(&input_schema(), &steps, &projected_schema()).unwrap();
+        let mut op = GpuChainOperator::new(
+            "c".into(),
+            program,
+            Arc::new(crate::kernels::backend::CpuBackend),
+            CoalescePolicy {
+                bytes: 1 << 30,
+                latency: Duration::from_secs(3600),
+            },
+        );
+        let mut out = Sink::default();
+        for batch in batches(2, 100) {
+            op.process(batch, &mut out).unwrap();
+        }
+        assert!(
+            out.batches.is_empty(),
+            "held back below the coalescing size"
+        );
+        op.flush(&mut out).unwrap();
+        let rows: usize = out.batches.iter().map(RecordBatch::num_rows).sum();
+        assert!(rows > 0);
+        op.flush(&mut out).unwrap();
+        op.finish(&mut out).unwrap();
+        assert_eq!(
+            out.batches.iter().map(RecordBatch::num_rows).sum::<usize>(),
+            rows
+        );
+    }
+}

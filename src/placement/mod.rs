@@ -481,7 +481,7 @@ pub fn place_on_this_node(
         calibration: &calibration,
         mode: config.placement_mode,
         gpu_absent_reason: &gpu_absent_reason,
-        coalesce_bytes: cost::COALESCE_BYTES_DEFAULT,
+        coalesce_bytes: config.gpu_coalesce_bytes.max(1),
         gpu_key_by_hash: false,
     })
 }

@@ -412,7 +412,7 @@ fn place_on_cluster(
         calibration: &calibration,
         mode: config.placement_mode,
         gpu_absent_reason: absent,
-        coalesce_bytes: crate::placement::cost::COALESCE_BYTES_DEFAULT,
+        coalesce_bytes: config.gpu_coalesce_bytes.max(1),
         gpu_key_by_hash: false,
     })?;
     for op in &placement.operators {
