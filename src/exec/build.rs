@@ -87,9 +87,14 @@ pub fn build_source(
 /// filters and projections placed on the GPU becomes one fused program
 /// ([`super::gpu_chain`]); a run whose expressions do not fuse keeps its
 /// operators, each on the kernels where it can (the reason is logged).
+///
+/// `metrics` are the chained operators' metrics in the same order (empty
+/// where nobody reads them): a fused chain corrects the row counts of the
+/// operators it computes.
 pub fn build_operators(
     ctx: &BuildContext<'_>,
     chained: &[usize],
+    metrics: &[Arc<crate::metrics::OperatorMetrics>],
 ) -> Result<Vec<Box<dyn Operator>>, ExecError> {
     let fusable = |op: usize| {
         ctx.gpu.as_ref().is_some_and(|g| g.operators.contains(&op))
@@ -109,7 +114,7 @@ pub fn build_operators(
             end += 1;
         }
         if end > i
-            && let Some(fused) = fused_chain(ctx, &chained[i..end])
+            && let Some(fused) = fused_chain(ctx, &chained[i..end], metrics.get(i..end))
         {
             operators.extend((i..end - 1).map(|_| Box::new(super::gpu_chain::Forward) as _));
             operators.push(fused);
@@ -124,7 +129,11 @@ pub fn build_operators(
 
 /// The run `ops` as one fused GPU program, or `None` (logged) when its
 /// expressions do not fuse.
-fn fused_chain(ctx: &BuildContext<'_>, ops: &[usize]) -> Option<Box<dyn Operator>> {
+fn fused_chain(
+    ctx: &BuildContext<'_>,
+    ops: &[usize],
+    metrics: Option<&[Arc<crate::metrics::OperatorMetrics>]>,
+) -> Option<Box<dyn Operator>> {
     let gpu = ctx.gpu.as_ref()?;
     let plan = ctx.plan;
     let steps: Vec<crate::kernels::chain::ChainStep<'_>> = ops
@@ -161,12 +170,15 @@ fn fused_chain(ctx: &BuildContext<'_>, ops: &[usize]) -> Option<Box<dyn Operator
                 program.instrs.len(),
                 program.device_inputs().len()
             );
-            Some(Box::new(super::gpu_chain::GpuChainOperator::new(
-                names,
-                program,
-                Arc::clone(&gpu.kernels) as _,
-                gpu.coalesce,
-            )))
+            Some(Box::new(
+                super::gpu_chain::GpuChainOperator::new(
+                    names,
+                    program,
+                    Arc::clone(&gpu.kernels) as _,
+                    gpu.coalesce,
+                )
+                .with_step_metrics(metrics.map(<[_]>::to_vec).unwrap_or_default()),
+            ))
         }
         Err(reason) => {
             tracing::warn!(

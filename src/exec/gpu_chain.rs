@@ -52,6 +52,7 @@ pub struct GpuChainOperator {
     pending_rows: usize,
     pending_since: Option<Instant>,
     emit_rows_max: usize,
+    step_metrics: Vec<Arc<crate::metrics::OperatorMetrics>>,
 }
 
 impl GpuChainOperator {
@@ -70,7 +71,37 @@ impl GpuChainOperator {
             pending_rows: 0,
             pending_since: None,
             emit_rows_max: 1,
+            step_metrics: Vec::new(),
         }
+    }
+
+    /// The task counted every input row through the chain's operators (the
+    /// ones before the last forward them); the device says how many rows
+    /// each operator kept, and the difference comes off its `rows_out` and
+    /// the next one's `rows_in`.
+    fn correct_metrics(&self, step_rows: &[u64], input_rows: u64) {
+        if self.step_metrics.len() != step_rows.len() {
+            return;
+        }
+        let last = step_rows.len().saturating_sub(1);
+        for (step, &kept) in step_rows.iter().enumerate().take(last) {
+            let dropped = input_rows.saturating_sub(kept);
+            if dropped > 0 {
+                self.step_metrics[step]
+                    .rows_out
+                    .fetch_sub(dropped, std::sync::atomic::Ordering::Relaxed);
+                self.step_metrics[step + 1]
+                    .rows_in
+                    .fetch_sub(dropped, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// The metrics of the chain's operators, in order, for
+    /// [`GpuChainOperator::correct_metrics`].
+    pub fn with_step_metrics(mut self, metrics: Vec<Arc<crate::metrics::OperatorMetrics>>) -> Self {
+        self.step_metrics = metrics;
+        self
     }
 
     /// Device bytes the buffered rows upload (at least a byte per row, so
@@ -100,10 +131,15 @@ impl GpuChainOperator {
                     detail: other.to_string(),
                 },
             })?;
+        self.correct_metrics(
+            &result.step_rows,
+            pieces.iter().map(|p| p.num_rows() as u64).sum(),
+        );
+        let batch = result.batch;
         let mut offset = 0;
-        while offset < result.num_rows() {
-            let length = self.emit_rows_max.min(result.num_rows() - offset);
-            out.emit(result.slice(offset, length))?;
+        while offset < batch.num_rows() {
+            let length = self.emit_rows_max.min(batch.num_rows() - offset);
+            out.emit(batch.slice(offset, length))?;
             offset += length;
         }
         Ok(())

@@ -21,7 +21,7 @@ use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{Array, BooleanArray, Float64Array, Int64Array, PrimitiveArray};
 use arrow_schema::ArrowError;
 
-use super::chain::{ChainError, ChainProgram};
+use super::chain::{ChainError, ChainOutput, ChainProgram};
 use super::cpu::aggregate::{AggregateError, Group, KeyedArrays, KeyedValues, aggregate_i64};
 use super::cpu::column::Column;
 use super::cpu::filter::{CmpOp, filter_f64_array, filter_i64_array};
@@ -155,7 +155,7 @@ pub trait KernelBackend: Send + Sync {
         &self,
         program: &ChainProgram,
         pieces: &[RecordBatch],
-    ) -> Result<RecordBatch, KernelError>;
+    ) -> Result<ChainOutput, KernelError>;
 }
 
 /// The pieces as one batch (the host twin and the simulator run on one).
@@ -281,7 +281,7 @@ impl KernelBackend for CpuBackend {
         &self,
         program: &ChainProgram,
         pieces: &[RecordBatch],
-    ) -> Result<RecordBatch, KernelError> {
+    ) -> Result<ChainOutput, KernelError> {
         let input = coalesce(program, pieces)?;
         Ok(super::chain::interp::run(program, &input)?)
     }
@@ -813,7 +813,7 @@ impl KernelBackend for TieredKernels {
         &self,
         program: &ChainProgram,
         pieces: &[RecordBatch],
-    ) -> Result<RecordBatch, KernelError> {
+    ) -> Result<ChainOutput, KernelError> {
         let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
         let Some(gpu) = self.gpu(rows) else {
             return self.cpu.run_chain(program, pieces);
@@ -831,7 +831,7 @@ impl TieredKernels {
         program: &ChainProgram,
         pieces: &[RecordBatch],
         depth: u32,
-    ) -> Result<RecordBatch, KernelError> {
+    ) -> Result<ChainOutput, KernelError> {
         let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
         match gpu.run_chain(program, pieces) {
             Ok(result) => {
@@ -840,7 +840,7 @@ impl TieredKernels {
                     .count_chain_batch(&super::chain::DeviceTraffic::plan(
                         program,
                         pieces,
-                        result.num_rows() as u64,
+                        result.batch.num_rows() as u64,
                     ));
                 Ok(result)
             }
@@ -875,10 +875,7 @@ impl TieredKernels {
                 let second = self
                     .chain_piece(gpu, program, &halves[1], depth + 1)
                     .map_err(|e| offset_chain_row(e, first_rows as u64))?;
-                Ok(arrow_select::concat::concat_batches(
-                    &program.output_schema,
-                    &[first, second],
-                )?)
+                Ok(first.join(second)?)
             }
             Err(KernelError::Gpu(error)) => {
                 self.device_failed(gpu, &error, rows);
@@ -1032,7 +1029,7 @@ mod tests {
             &self,
             program: &ChainProgram,
             pieces: &[RecordBatch],
-        ) -> Result<RecordBatch, KernelError> {
+        ) -> Result<ChainOutput, KernelError> {
             self.check()?;
             CpuBackend.run_chain(program, pieces)
         }

@@ -836,8 +836,12 @@ fn build_and_run(
             None,
         )
     };
-    let operators = crate::exec::build::build_operators(&ctx, chained)?;
     let skip = usize::from(is_source);
+    let chained_metrics: Vec<Arc<OperatorMetrics>> = operator_metrics[skip..]
+        .iter()
+        .map(|(_, m)| Arc::clone(m))
+        .collect();
+    let operators = crate::exec::build::build_operators(&ctx, chained, &chained_metrics)?;
     let chain = Chain {
         operators,
         metrics: operator_metrics[skip..]

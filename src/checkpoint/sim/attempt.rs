@@ -197,7 +197,7 @@ fn build_task(
             &vertex.operators[..],
         )
     };
-    let operators = build_operators(&ctx, chained).map_err(failed)?;
+    let operators = build_operators(&ctx, chained, &[]).map_err(failed)?;
     let mut staging = Vec::new();
     let mut writers = Vec::new();
     for &edge in &vertex.outputs {

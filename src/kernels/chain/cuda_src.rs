@@ -3,8 +3,10 @@
 //! kernel cache is keyed by the source text).
 //!
 //! - `chain_count`: one thread per row evaluates the program, records the
-//!   first fault (instruction, then row, by `atomicMin` on one 64-bit word)
-//!   and writes the block's surviving-row count.
+//!   first fault (instruction, then row, by `atomicMin` on one 64-bit word),
+//!   adds the rows alive after each filter to its counter (so every
+//!   operator of the chain reports its own rows) and writes the block's
+//!   surviving-row count.
 //! - `chain_scan`: one block turns the counts into exclusive offsets and the
 //!   total (the host reads 8 bytes: how much to download).
 //! - `chain_write`: evaluates again (reading the inputs twice from device
@@ -80,7 +82,8 @@ fn literal(value: Const, ty: ValueType) -> String {
 }
 
 /// The per-row body: defines `alive`, `v<i>` and `n<i>` for every register.
-fn body(program: &ChainProgram) -> String {
+fn body(program: &ChainProgram, count_keeps: bool) -> String {
+    let mut keep = 0;
     let mut s = String::from(
         "  const bool in_range = row < n;\n  const unsigned long long r = in_range ? row : 0;\n  bool alive = in_range;\n",
     );
@@ -228,6 +231,13 @@ fn body(program: &ChainProgram) -> String {
             }
             Instr::Keep { a } => {
                 let _ = writeln!(s, "  alive = alive && n{a} && v{a};");
+                if count_keeps {
+                    let _ = writeln!(
+                        s,
+                        "  {{ const int kept = __syncthreads_count(alive); if (threadIdx.x == 0 && kept) atomicAdd(&keep_counts[{keep}], (unsigned long long)kept); }}"
+                    );
+                    keep += 1;
+                }
             }
         }
     }
@@ -237,7 +247,8 @@ fn body(program: &ChainProgram) -> String {
 /// The module's source text.
 pub fn cuda_source(program: &ChainProgram) -> String {
     let inputs = input_params(program);
-    let body = body(program);
+    let count_body = body(program, true);
+    let body = body(program, false);
     let mut outputs = String::new();
     let mut stores = String::new();
     for (j, output) in program.outputs.iter().enumerate() {
@@ -280,9 +291,9 @@ __device__ __forceinline__ long long total_key(double v) {{
   return bits ^ (long long)(((unsigned long long)(bits >> 63)) >> 1);
 }}
 
-extern "C" __global__ void chain_count({inputs}unsigned long long n, unsigned int* __restrict__ block_counts, unsigned long long* __restrict__ fault) {{
+extern "C" __global__ void chain_count({inputs}unsigned long long n, unsigned int* __restrict__ block_counts, unsigned long long* __restrict__ fault, unsigned long long* __restrict__ keep_counts) {{
   const unsigned long long row = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x;
-{body}  const int kept = __syncthreads_count(alive);
+{count_body}  const int kept = __syncthreads_count(alive);
   if (threadIdx.x == 0) block_counts[blockIdx.x] = (unsigned int)kept;
 }}
 
@@ -337,5 +348,84 @@ extern "C" __global__ void chain_write({inputs}unsigned long long n, const unsig
 "#,
         scan_warps = SCAN_THREADS / 32,
         block_warps = BLOCK_THREADS / 32,
+    )
+}
+
+/// A host C++ program that runs the generated per-row code of `program`
+/// (the exact text the kernels contain, with the few CUDA intrinsics it
+/// uses defined for the host) over columns read from a file, printing per
+/// row whether it survives and each device output's validity and bits,
+/// then the fault word. The tests compile it with the system's C++
+/// compiler and hold it to the host twin: a machine without a GPU still
+/// checks what the device will compute, row by row.
+pub fn host_harness(program: &ChainProgram) -> String {
+    let inputs = program.device_inputs();
+    let mut declare = String::new();
+    for (k, c) in inputs.iter().enumerate() {
+        let ty = match program.input_schema.field(*c as usize).data_type() {
+            arrow_schema::DataType::Int64 => "long long",
+            _ => "double",
+        };
+        let _ = writeln!(
+            declare,
+            "  std::vector<{ty}> c{c}_v(n); std::vector<unsigned int> m{c}_v((n + 31) / 32 + 1, 0u);\n  \
+             if (std::fread(c{c}_v.data(), 8, n, in) != n) return 2;\n  \
+             for (unsigned long long i = 0; i < n; ++i) {{ unsigned char b; if (std::fread(&b, 1, 1, in) != 1) return 2; if (b) m{c}_v[i >> 5] |= 1u << (i & 31); }}\n  \
+             const {ty}* c{c} = c{c}_v.data(); const unsigned int* m{c} = m{c}_v.data(); (void){k};"
+        );
+    }
+    let mut print = String::new();
+    for output in &program.outputs {
+        if let OutputSource::Device(reg) = output {
+            let bits = match program.types[*reg as usize] {
+                ValueType::F64 => format!("(unsigned long long)__double_as_longlong(v{reg})"),
+                _ => format!("(unsigned long long)v{reg}"),
+            };
+            let _ = write!(
+                print,
+                "      std::printf(\" %d %llx\", (int)n{reg}, n{reg} ? {bits} : 0ull);\n"
+            );
+        }
+    }
+    format!(
+        r#"#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <vector>
+#define __device__
+#define __forceinline__ inline
+using std::isnan;
+using std::fmod;
+static inline long long __double_as_longlong(double v) {{ long long r; std::memcpy(&r, &v, 8); return r; }}
+static inline double __longlong_as_double(long long v) {{ double r; std::memcpy(&r, &v, 8); return r; }}
+static inline long long __mul64hi(long long a, long long b) {{ return (long long)(((__int128)a * (__int128)b) >> 64); }}
+static inline void atomicMin(unsigned long long* p, unsigned long long v) {{ if (v < *p) *p = v; }}
+__device__ __forceinline__ long long total_key(double v) {{
+  long long bits = isnan(v) ? 0x7ff8000000000000LL : __double_as_longlong(v);
+  return bits ^ (long long)(((unsigned long long)(bits >> 63)) >> 1);
+}}
+int main(int argc, char** argv) {{
+  if (argc != 2) return 1;
+  std::FILE* in = std::fopen(argv[1], "rb");
+  if (!in) return 1;
+  unsigned long long n = 0;
+  if (std::fread(&n, 8, 1, in) != 1) return 2;
+{declare}
+  unsigned long long fault_word = ~0ull;
+  unsigned long long* fault = &fault_word;
+  for (unsigned long long row = 0; row < n; ++row) {{
+{body}    std::printf("%d", (int)alive);
+    if (alive) {{
+{print}    }}
+    std::printf("\n");
+  }}
+  std::printf("fault %llx\n", fault_word);
+  return 0;
+}}
+"#,
+        body = body(program, false)
+            .lines()
+            .map(|l| format!("  {l}\n"))
+            .collect::<String>(),
     )
 }

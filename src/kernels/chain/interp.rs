@@ -15,7 +15,8 @@ use arrow_array::{
 use arrow_buffer::{BooleanBuffer, NullBuffer};
 
 use super::{
-    Arith, ChainError, ChainProgram, Cmp, Const, Fault, Instr, OutputSource, total_order_key,
+    Arith, ChainError, ChainOutput, ChainProgram, Cmp, Const, Fault, Instr, OutputSource,
+    total_order_key,
 };
 
 /// The values of one register.
@@ -34,13 +35,17 @@ struct Register {
 
 /// Runs `program` over `input` (whose schema is the program's input
 /// schema): the surviving rows with the output columns.
-pub fn run(program: &ChainProgram, input: &RecordBatch) -> Result<RecordBatch, ChainError> {
+pub fn run(program: &ChainProgram, input: &RecordBatch) -> Result<ChainOutput, ChainError> {
     let rows = input.num_rows();
     let mut alive = vec![true; rows];
     let mut regs: Vec<Register> = Vec::with_capacity(program.instrs.len());
+    let mut keep_rows = Vec::new();
     for (index, instr) in program.instrs.iter().enumerate() {
         let register = step(program, index, *instr, input, &regs, &mut alive)?;
         regs.push(register);
+        if matches!(instr, Instr::Keep { .. }) {
+            keep_rows.push(alive.iter().filter(|a| **a).count() as u64);
+        }
     }
     let row_ids: Vec<u32> = (0..rows as u32).filter(|&r| alive[r as usize]).collect();
     let arrays = program
@@ -56,10 +61,13 @@ pub fn run(program: &ChainProgram, input: &RecordBatch) -> Result<RecordBatch, C
         })
         .collect();
     let options = RecordBatchOptions::new().with_row_count(Some(row_ids.len()));
-    Ok(
+    let batch =
         RecordBatch::try_new_with_options(Arc::clone(&program.output_schema), arrays, &options)
-            .expect("outputs match the program's output schema"),
-    )
+            .expect("outputs match the program's output schema");
+    Ok(ChainOutput {
+        step_rows: program.step_rows(rows as u64, &keep_rows),
+        batch,
+    })
 }
 
 fn gather(register: &Register, row_ids: &[u32]) -> ArrayRef {

@@ -172,6 +172,31 @@ pub struct ChainError {
     pub detail: ExprError,
 }
 
+/// What a device batch of a chain gives back.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ChainOutput {
+    /// The surviving rows with the output columns, in input order.
+    pub batch: arrow_array::RecordBatch,
+    /// Rows alive after each operator of the chain (the last is the
+    /// batch's row count), so each operator's metrics stay its own.
+    pub step_rows: Vec<u64>,
+}
+
+impl ChainOutput {
+    /// Two adjacent device batches as one.
+    pub fn join(self, other: ChainOutput) -> Result<ChainOutput, arrow_schema::ArrowError> {
+        let batch =
+            arrow_select::concat::concat_batches(&self.batch.schema(), &[self.batch, other.batch])?;
+        let step_rows = self
+            .step_rows
+            .iter()
+            .zip(&other.step_rows)
+            .map(|(a, b)| a + b)
+            .collect();
+        Ok(ChainOutput { batch, step_rows })
+    }
+}
+
 /// Where an output column comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum OutputSource {
@@ -298,6 +323,34 @@ impl ChainProgram {
             compiler.program.outputs.push(source);
         }
         Ok(compiler.program)
+    }
+
+    /// The operator each `Keep` belongs to, in instruction order: the
+    /// device counts the rows alive after each.
+    pub fn keep_steps(&self) -> Vec<u16> {
+        self.instrs
+            .iter()
+            .zip(&self.instr_operator)
+            .filter(|(i, _)| matches!(i, Instr::Keep { .. }))
+            .map(|(_, op)| *op)
+            .collect()
+    }
+
+    /// Rows alive after each operator from the rows alive after each
+    /// `Keep` (`keep_rows`, in [`ChainProgram::keep_steps`] order).
+    pub fn step_rows(&self, input_rows: u64, keep_rows: &[u64]) -> Vec<u64> {
+        let keeps = self.keep_steps();
+        (0..self.operator_names.len())
+            .map(|step| {
+                keeps
+                    .iter()
+                    .zip(keep_rows)
+                    .filter(|(op, _)| usize::from(**op) <= step)
+                    .map(|(_, rows)| *rows)
+                    .next_back()
+                    .unwrap_or(input_rows)
+            })
+            .collect()
     }
 
     /// Whether any instruction drops rows.
@@ -445,13 +498,16 @@ impl DeviceTraffic {
         let (download, _) = output_bytes(survivors);
         let filters = program.filters();
         let blocks = rows.div_ceil(u64::from(cuda_src::BLOCK_THREADS));
+        let keep_bytes = 8 * program.keep_steps().len() as u64;
         DeviceTraffic {
             rows,
             h2d_bytes,
-            d2h_bytes: download + 16,
-            launches: 1 + bitmaps + if filters { 3 } else { 1 },
+            d2h_bytes: download + 16 + keep_bytes,
+            // Fault word and output bitmaps zeroed (and the keep counters,
+            // with a filter); the kernels.
+            launches: 1 + bitmaps + if filters { 4 } else { 1 },
             syncs: if filters { 2 } else { 1 },
-            device_bytes: h2d_bytes + capacity_bytes + blocks * 4 + 16,
+            device_bytes: h2d_bytes + capacity_bytes + blocks * 4 + 16 + keep_bytes,
         }
     }
 }

@@ -9,6 +9,7 @@ use arrow_array::{ArrayRef, Float64Array, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use arrow_select::filter::filter_record_batch;
 
+use super::interp;
 use super::*;
 use crate::job::NamedExpr;
 
@@ -308,7 +309,9 @@ fn fused_chains_equal_the_evaluator_on_random_programs() {
         };
         fused += 1;
         let expected = evaluate(&chain, &batch, &schemas);
-        let actual = interp::run(&program, &batch).map_err(|e| e.to_string());
+        let actual = interp::run(&program, &batch)
+            .map(|o| o.batch)
+            .map_err(|e| e.to_string());
         match (expected, actual) {
             (Ok(e), Ok(a)) => {
                 if let Err(diff) = same(&e, &a) {
@@ -347,7 +350,7 @@ fn a_string_column_passes_through_as_a_host_column() {
         vec![0, 1, 2],
         "a, b and x on the device"
     );
-    let out = interp::run(&program, &batch).unwrap();
+    let out = interp::run(&program, &batch).unwrap().batch;
     let expected = evaluate(&steps, &batch, &[batch.schema()]).unwrap();
     same(&expected, &out).unwrap();
 }
@@ -384,4 +387,175 @@ fn generated_source_has_the_three_kernels_and_no_trap() {
     }
     assert!(!source.contains("__trap"));
     assert!(source.contains("__mul64hi"), "checked multiply");
+}
+
+/// Writes the harness's input file: the row count, then each device input
+/// column's 8-byte values and one validity byte per row.
+fn harness_input(program: &ChainProgram, batch: &RecordBatch, path: &std::path::Path) {
+    let mut bytes = (batch.num_rows() as u64).to_le_bytes().to_vec();
+    for c in program.device_inputs() {
+        let column = batch.column(c as usize);
+        let data = column.to_data();
+        let values =
+            &data.buffers()[0].as_slice()[data.offset() * 8..(data.offset() + data.len()) * 8];
+        bytes.extend_from_slice(values);
+        bytes.extend((0..column.len()).map(|r| u8::from(column.is_valid(r))));
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// Compares the harness's rows with the host twin's output; `Err` says how
+/// they differ.
+fn compare_harness(
+    program: &ChainProgram,
+    printed: &str,
+    twin: &Result<ChainOutput, ChainError>,
+) -> Result<(), String> {
+    let mut lines: Vec<&str> = printed.lines().collect();
+    let fault_line = lines.pop().ok_or("no output")?;
+    let fault_word = u64::from_str_radix(fault_line.trim_start_matches("fault "), 16)
+        .map_err(|e| format!("{fault_line}: {e}"))?;
+    let output = match twin {
+        Err(error) => {
+            let Some((instr, row, zero)) = cuda_src::decode_fault(fault_word) else {
+                return Err(format!(
+                    "the twin failed ({error}), the generated code did not"
+                ));
+            };
+            let kind = if zero {
+                Fault::DivideByZero
+            } else {
+                Fault::Overflow
+            };
+            let generated = program.fault(instr, row, kind);
+            if generated.to_string() != error.to_string() || generated.row != error.row {
+                return Err(format!(
+                    "faults differ: generated {generated} at row {}, twin {error} at row {}",
+                    generated.row, error.row
+                ));
+            }
+            return Ok(());
+        }
+        Ok(output) => output,
+    };
+    if fault_word != cuda_src::NO_FAULT {
+        return Err(format!(
+            "the generated code faulted ({fault_word:x}), the twin did not"
+        ));
+    }
+    let survivors: Vec<&str> = lines.into_iter().filter(|l| l.starts_with('1')).collect();
+    if survivors.len() != output.batch.num_rows() {
+        return Err(format!(
+            "{} survivors vs the twin's {}",
+            survivors.len(),
+            output.batch.num_rows()
+        ));
+    }
+    let device_columns: Vec<usize> = program
+        .outputs
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| matches!(o, OutputSource::Device(_)))
+        .map(|(i, _)| i)
+        .collect();
+    for (row, line) in survivors.iter().enumerate() {
+        let fields: Vec<&str> = line.split(' ').skip(1).collect();
+        for (k, &column) in device_columns.iter().enumerate() {
+            let array = output.batch.column(column);
+            let valid = fields[2 * k] == "1";
+            if valid != array.is_valid(row) {
+                return Err(format!("row {row} column {column}: validity {valid}"));
+            }
+            if !valid {
+                continue;
+            }
+            let bits = u64::from_str_radix(fields[2 * k + 1], 16).unwrap();
+            let same = if let Some(f) = array.as_primitive_opt::<arrow_array::types::Float64Type>()
+            {
+                let (g, t) = (f64::from_bits(bits), f.value(row));
+                g.to_bits() == t.to_bits() || (g.is_nan() && t.is_nan())
+            } else if let Some(i) = array.as_primitive_opt::<arrow_array::types::Int64Type>() {
+                bits as i64 == i.value(row)
+            } else {
+                (bits != 0) == array.as_boolean().value(row)
+            };
+            if !same {
+                return Err(format!(
+                    "row {row} column {column}: generated bits {bits:x}"
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The generated per-row CUDA text, compiled as host C++ with the few
+/// intrinsics it uses defined, computes what the host twin computes on
+/// random chains: survivors, values bit for bit, and the same first fault.
+/// This machine has no GPU; the scan and ordered write around that code are
+/// checked on a GPU by `tests/gpu_kernels.rs`.
+#[test]
+fn generated_row_code_compiled_for_the_host_equals_the_twin() {
+    let cxx = ["c++", "g++", "clang++"].into_iter().find(|c| {
+        std::process::Command::new(c)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    let Some(cxx) = cxx else {
+        println!("skipped: no C++ compiler");
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let seeds: Vec<u64> = match std::env::var("STRATA_SIM_SEED") {
+        Ok(seed) => vec![seed.parse().expect("STRATA_SIM_SEED is a number")],
+        Err(_) => (0..400).step_by(13).collect(),
+    };
+    let mut checked = 0;
+    for seed in seeds {
+        let mut rng = Rng(seed);
+        let batch = input(&mut rng);
+        let (steps, schemas) = random_chain(&mut rng, batch.schema_ref());
+        if steps.is_empty() {
+            continue;
+        }
+        let chain = borrowed(&steps);
+        let Ok(program) =
+            ChainProgram::compile(batch.schema_ref(), &chain, schemas.last().unwrap())
+        else {
+            continue;
+        };
+        let source = dir.path().join(format!("h{seed}.cpp"));
+        let binary = dir.path().join(format!("h{seed}"));
+        let data = dir.path().join(format!("h{seed}.bin"));
+        std::fs::write(&source, cuda_src::host_harness(&program)).unwrap();
+        let built = std::process::Command::new(cxx)
+            .args(["-std=c++17", "-O1", "-ffp-contract=off", "-o"])
+            .arg(&binary)
+            .arg(&source)
+            .output()
+            .unwrap();
+        assert!(
+            built.status.success(),
+            "seed={seed}: {}\n{}",
+            String::from_utf8_lossy(&built.stderr),
+            std::fs::read_to_string(&source).unwrap()
+        );
+        harness_input(&program, &batch, &data);
+        let ran = std::process::Command::new(&binary)
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            ran.status.success(),
+            "seed={seed}: harness exit {:?}",
+            ran.status
+        );
+        let twin = interp::run(&program, &batch);
+        if let Err(diff) = compare_harness(&program, &String::from_utf8_lossy(&ran.stdout), &twin) {
+            panic!("seed={seed}: {diff}\nprogram {:?}", program.instrs);
+        }
+        checked += 1;
+    }
+    assert!(checked > 10, "only {checked} programs checked");
 }

@@ -1243,7 +1243,7 @@ impl KernelBackend for CudaBackend {
         &self,
         program: &crate::kernels::chain::ChainProgram,
         pieces: &[arrow_array::RecordBatch],
-    ) -> Result<arrow_array::RecordBatch, KernelError> {
+    ) -> Result<crate::kernels::chain::ChainOutput, KernelError> {
         self.run_chain_on_device(program, pieces)
     }
 }

@@ -9,7 +9,7 @@ use arrow_array::{BooleanArray, Float64Array, Int64Array, RecordBatch};
 use super::LaunchBytes;
 use super::pool::SlotPool;
 use crate::kernels::backend::{CpuBackend, KernelBackend, KernelError, Tier};
-use crate::kernels::chain::{ChainProgram, DeviceTraffic};
+use crate::kernels::chain::{ChainOutput, ChainProgram, DeviceTraffic};
 use crate::kernels::cpu::aggregate::{Group, KeyedArrays};
 use crate::kernels::cpu::filter::CmpOp;
 use crate::kernels::cpu::key_hash::HashMode;
@@ -176,7 +176,7 @@ impl KernelBackend for SimulatedGpuBackend {
         &self,
         program: &ChainProgram,
         pieces: &[RecordBatch],
-    ) -> Result<RecordBatch, KernelError> {
+    ) -> Result<ChainOutput, KernelError> {
         let rows = pieces.iter().map(|p| p.num_rows() as u64).sum();
         let plan = DeviceTraffic::plan(program, pieces, rows);
         let _held = self.reserve(plan.device_bytes)?;

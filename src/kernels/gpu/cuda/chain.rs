@@ -34,7 +34,7 @@ use super::CudaBackend;
 use crate::kernels::backend::{KernelBackend, KernelError};
 use crate::kernels::chain::cuda_src::{self, BLOCK_THREADS, SCAN_THREADS};
 use crate::kernels::chain::{
-    ChainProgram, DeviceTraffic, Fault, OutputSource, ValueType, bitmap_word_bytes,
+    ChainOutput, ChainProgram, DeviceTraffic, Fault, OutputSource, ValueType, bitmap_word_bytes,
 };
 use crate::kernels::gpu::GpuError;
 use crate::kernels::gpu::pool::PoolError;
@@ -298,7 +298,7 @@ impl CudaBackend {
         &self,
         program: &ChainProgram,
         pieces: &[RecordBatch],
-    ) -> Result<RecordBatch, KernelError> {
+    ) -> Result<ChainOutput, KernelError> {
         let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
         if rows == 0 {
             return crate::kernels::backend::CpuBackend.run_chain(program, pieces);
@@ -332,6 +332,15 @@ impl CudaBackend {
             .map_err(self.driver_error("cuMemsetD8Async", bytes))?;
         }
         let mut header = self.alloc_bytes(16, bytes)?;
+        let keeps = program.keep_steps().len();
+        // Zeroed (one memset) only where a filter counts into it.
+        let mut keep_counts = if keeps > 0 {
+            self.stream
+                .alloc_zeros::<u8>(8 * keeps)
+                .map_err(self.driver_error("cuMemAllocAsync", bytes))?
+        } else {
+            self.alloc_bytes(8, bytes)?
+        };
         let mut block_counts = self.alloc_bytes(blocks * 4, bytes)?;
         // Outputs sized for every row surviving; bitmaps zeroed for atomicOr.
         let mut outputs: Vec<(ValueType, CudaSlice<u8>, CudaSlice<u8>)> = Vec::new();
@@ -339,18 +348,13 @@ impl CudaBackend {
             if let OutputSource::Device(reg) = output {
                 let ty = program.types[*reg as usize];
                 let words = bitmap_word_bytes(rows as u64) as usize;
-                let mut values = if ty == ValueType::Bool {
+                let values = if ty == ValueType::Bool {
                     self.stream
                         .alloc_zeros::<u8>(words)
                         .map_err(self.driver_error("cuMemAllocAsync", bytes))?
                 } else {
                     self.alloc_bytes(rows * 8, bytes)?
                 };
-                if ty == ValueType::Bool {
-                    self.stream
-                        .memset_zeros(&mut values)
-                        .map_err(self.driver_error("cuMemsetD8Async", bytes))?;
-                }
                 let validity = self
                     .stream
                     .alloc_zeros::<u8>(words)
@@ -380,12 +384,17 @@ impl CudaBackend {
                     None => launch.arg(&null_pointer),
                 };
             }
-            launch.arg(&n).arg(&mut block_counts).arg(&mut fault);
+            launch
+                .arg(&n)
+                .arg(&mut block_counts)
+                .arg(&mut fault)
+                .arg(&mut keep_counts);
             // SAFETY: the arguments follow `chain_count`'s generated
             // signature (each device input's values and validity words or
             // a null pointer, the row count, one count per block, the fault
-            // word); every buffer covers `rows` rows or `blocks` blocks and
-            // lives until the stream is synchronized below.
+            // word, one zeroed counter per filter); every buffer covers
+            // `rows` rows, `blocks` blocks or `keeps` filters and lives
+            // until the stream is synchronized below.
             unsafe { launch.launch(grid) }.map_err(self.driver_error("cuLaunchKernel", bytes))?;
             let blocks_arg = blocks as u64;
             let mut launch = self.stream.launch_builder(&module.scan);
@@ -434,49 +443,49 @@ impl CudaBackend {
         unsafe { launch.launch(grid) }.map_err(self.driver_error("cuLaunchKernel", bytes))?;
         // The survivor count and the fault word: one small wait with a
         // filter, which sizes the downloads.
-        let header_host = {
-            let buffer = match staging.header.as_mut() {
-                Some(b) => b,
-                None => {
-                    let b = self.pinned::<u64>(2, false)?;
-                    staging.header.insert(b)
-                }
+        // Host words: the survivor count, the fault word, then the rows
+        // alive after each filter.
+        let header_len = 2 + keeps;
+        if staging.header.as_ref().is_none_or(|b| b.len() < header_len) {
+            staging.header = Some(self.pinned::<u64>(header_len, false)?);
+        }
+        let header_host: Vec<u64> = {
+            let Some(buffer) = staging.header.as_mut() else {
+                unreachable!("allocated above")
             };
             let host = buffer
                 .as_mut_slice()
                 .map_err(self.driver_error("cuEventSynchronize", 0))?;
-            {
-                let (pointer, _record) =
-                    cudarc::driver::DevicePtr::device_ptr(&fault, &self.stream);
-                // SAFETY: 8 bytes each side; read after the sync below.
+            let mut copy = |to: std::ops::Range<usize>, from: cudarc::driver::sys::CUdeviceptr| {
+                // SAFETY: `to` is within the pinned header and `from` holds
+                // as many 8-byte words (the fault word, the scan's total, the
+                // filter counters); the host reads them after a sync.
                 unsafe {
                     cudarc::driver::result::memcpy_dtoh_async(
-                        &mut host[1..2],
-                        pointer,
+                        &mut host[to],
+                        from,
                         self.stream.cu_stream(),
                     )
                 }
-                .map_err(self.driver_error("cuMemcpyDtoHAsync", 0))?;
+                .map_err(self.driver_error("cuMemcpyDtoHAsync", 0))
+            };
+            {
+                let (pointer, _record) =
+                    cudarc::driver::DevicePtr::device_ptr(&fault, &self.stream);
+                copy(1..2, pointer)?;
             }
             if filters {
                 let (pointer, _record) =
                     cudarc::driver::DevicePtr::device_ptr(&header, &self.stream);
-                // SAFETY: as above; the total is the header's first word.
-                unsafe {
-                    cudarc::driver::result::memcpy_dtoh_async(
-                        &mut host[0..1],
-                        pointer,
-                        self.stream.cu_stream(),
-                    )
-                }
-                .map_err(self.driver_error("cuMemcpyDtoHAsync", 0))?;
+                copy(0..1, pointer)?;
+                let (pointer, _record) =
+                    cudarc::driver::DevicePtr::device_ptr(&keep_counts, &self.stream);
+                copy(2..2 + keeps, pointer)?;
+                self.sync()?;
             } else {
                 host[0] = n;
             }
-            if filters {
-                self.sync()?;
-            }
-            [host[0], host[1]]
+            host[..header_len].to_vec()
         };
         let survivors = header_host[0] as usize;
         if filters && let Some((instr, row, zero)) = cuda_src::decode_fault(header_host[1]) {
@@ -514,7 +523,11 @@ impl CudaBackend {
                 return Err(program.fault(instr, row, fault).into());
             }
         }
-        self.assemble(program, pieces, &staging, survivors)
+        let batch = self.assemble(program, pieces, &staging, survivors)?;
+        Ok(ChainOutput {
+            step_rows: program.step_rows(n, &header_host[2..]),
+            batch,
+        })
     }
 
     /// The result batch from the downloaded outputs (copied out of pinned
