@@ -381,9 +381,9 @@ pub fn host_harness(program: &ChainProgram) -> String {
                 ValueType::F64 => format!("(unsigned long long)__double_as_longlong(v{reg})"),
                 _ => format!("(unsigned long long)v{reg}"),
             };
-            let _ = write!(
+            let _ = writeln!(
                 print,
-                "      std::printf(\" %d %llx\", (int)n{reg}, n{reg} ? {bits} : 0ull);\n"
+                "      std::printf(\" %d %llx\", (int)n{reg}, n{reg} ? {bits} : 0ull);"
             );
         }
     }
