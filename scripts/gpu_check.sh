@@ -136,6 +136,7 @@ PY
   if command -v compute-sanitizer >/dev/null 2>&1; then
     step "compute-sanitizer memcheck" 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
       "$bin/gpu_kernels" --exact gpu_filter_equals_the_cpu_twin --exact gpu_aggregation_equals_the_cpu_twin \
+      --exact gpu_fused_chains_equal_the_host_twin \
       --test-threads 1
   else
     results+=("SKIP compute-sanitizer (not installed)")
@@ -143,7 +144,7 @@ PY
   say ""
   say "== summary ($(($(date +%s) - started)) s)"
   for r in "${results[@]}"; do say "$r"; done
-  runs=$(grep -E "^Job |throughput|gpu offload" "$log" || true)
+  runs=$(grep -E "^Job |throughput|gpu offload|gpu chains|fused chain at|GPU copies at" "$log" || true)
   [[ -n "$runs" ]] && say "$runs"
   rm -rf "$work"
   ! printf '%s\n' "${results[@]}" | grep -q '^FAIL'

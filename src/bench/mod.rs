@@ -40,6 +40,8 @@ pub enum BenchError {
     Gpu(#[from] gpu::GpuError),
     #[error(transparent)]
     Pool(#[from] gpu::pool::PoolError),
+    #[error("the calibration chain does not fuse: {reason}")]
+    Chain { reason: String },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -190,11 +192,99 @@ fn measure_gpu(
             format!("GPU per-call costs not measured ({e}): defaults")
         }
     };
-    // The fused chain's rate by coalesced size is measured by the chain
-    // executor, which owns the fused program; until it reports one,
-    // placement prices a chain with the per-family rates above.
-    calibration.chain_rates = Vec::new();
+    calibration.chain_rates = match measure_chain_rates(device, options) {
+        Ok(rates) => rates,
+        Err(e) => {
+            tracing::warn!("fused chain rates not measured, per-family rates kept: {e}");
+            Vec::new()
+        }
+    };
     Ok((calibration, note))
+}
+
+/// Coalesced sizes the fused chain is timed at.
+const CHAIN_SIZES_BYTES: [u64; 4] = [1 << 20, 8 << 20, 32 << 20, 128 << 20];
+
+/// The fused chain of `examples/gpu_pipeline.toml` (project `value * 3`,
+/// `value + key`; filter on both), run by the CUDA backend's chain
+/// executor on one coalesced batch of each size: its kernels' device time
+/// (events around the launches; the copies are left out, since the cost
+/// model prices them from the measured bandwidths), best of the
+/// repetitions after a warm-up.
+fn measure_chain_rates(
+    device: &gpu::GpuDevice,
+    options: CalibrateOptions,
+) -> Result<Vec<crate::placement::calibration::ChainRate>, BenchError> {
+    use std::sync::Arc;
+
+    use arrow_array::RecordBatch;
+    use arrow_schema::{DataType, Field, Schema};
+
+    use crate::job::{Expr, NamedExpr};
+    use crate::kernels::chain::{ChainProgram, ChainStep};
+    use crate::kernels::gpu::cuda::CudaBackend;
+    use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
+    use crate::kernels::gpu::source::PtxCache;
+
+    let parse = |text: &str| Expr::parse(text).expect("the calibration chain parses");
+    let input = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Int64, false),
+        Field::new("value", DataType::Int64, false),
+    ]));
+    let named = |name: &str, text: &str| NamedExpr {
+        name: name.to_owned(),
+        expr: parse(text),
+    };
+    let columns = vec![
+        named("key", "key"),
+        named("tripled", "value * 3"),
+        named("shifted", "value + key"),
+    ];
+    let output = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Int64, false),
+        Field::new("tripled", DataType::Int64, false),
+        Field::new("shifted", DataType::Int64, false),
+    ]));
+    let predicate = parse("tripled > 300 and shifted != 0");
+    let steps = [
+        ChainStep::Project {
+            name: "scaled",
+            columns: &columns,
+        },
+        ChainStep::Filter {
+            name: "large",
+            predicate: &predicate,
+        },
+    ];
+    let program = ChainProgram::compile(&input, &steps, &output)
+        .map_err(|reason| BenchError::Chain { reason })?;
+    let pool = DevicePool::new(PoolConfig::even(device.memory_bytes / 2, 1))?;
+    let cache = PtxCache::new(PtxCache::default_dir());
+    let backend = CudaBackend::new(device, pool.slot(0), &cache)?;
+    backend.profile_chains(true);
+    let mut rates = Vec::new();
+    for bytes in CHAIN_SIZES_BYTES {
+        let rows = (bytes / 16) as i64;
+        let key = Int64Array::from_iter_values((0..rows).map(|i| i % 1000));
+        let value = Int64Array::from_iter_values((0..rows).map(|i| i % 2000 - 500));
+        let batch = RecordBatch::try_new(Arc::clone(&input), vec![Arc::new(key), Arc::new(value)])
+            .map_err(KernelError::from)?;
+        let mut best = f64::INFINITY;
+        for _ in 0..=options.repetitions.max(1) {
+            backend.run_chain(&program, std::slice::from_ref(&batch))?;
+            best = best.min(backend.last_chain_kernel_seconds());
+        }
+        let rate = bytes as f64 / best.max(1e-9);
+        tracing::info!(
+            "fused chain at {bytes} B: {:.1} GB/s of input on the device",
+            rate / 1e9
+        );
+        rates.push(crate::placement::calibration::ChainRate {
+            coalesced_bytes: bytes,
+            input_bytes_per_s: rate,
+        });
+    }
+    Ok(rates)
 }
 
 /// Takes the latencies, and the bandwidths at the size closest to the

@@ -48,6 +48,11 @@ const MODULES_MAX: usize = 64;
 pub(super) struct ChainCache {
     modules: Mutex<HashMap<String, Arc<ChainModule>>>,
     staging: Mutex<Staging>,
+    /// `strata bench --calibrate`: time the kernels of each batch with
+    /// events (off in production: two event records per batch).
+    profile: std::sync::atomic::AtomicBool,
+    /// The last profiled batch's kernel time, in nanoseconds.
+    kernel_ns: std::sync::atomic::AtomicU64,
 }
 
 struct ChainModule {
@@ -78,6 +83,22 @@ struct DeviceColumn {
 }
 
 impl CudaBackend {
+    /// Times the kernels of every following chain batch (calibration).
+    pub fn profile_chains(&self, on: bool) {
+        self.chains
+            .profile
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The device time of the last profiled chain batch's kernels, from
+    /// the first launch to the end of the ordered write.
+    pub fn last_chain_kernel_seconds(&self) -> f64 {
+        self.chains
+            .kernel_ns
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            / 1e9
+    }
+
     fn chain_module(&self, program: &ChainProgram) -> Result<Arc<ChainModule>, KernelError> {
         let source = cuda_src::cuda_source(program);
         if let Some(module) = lock(&self.chains.modules).get(&source) {
@@ -375,6 +396,20 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let filters = program.filters();
+        let profile = self
+            .chains
+            .profile
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let timing = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let started = if profile {
+            Some(
+                self.stream
+                    .record_event(Some(timing))
+                    .map_err(self.driver_error("cuEventRecord", 0))?,
+            )
+        } else {
+            None
+        };
         if filters {
             let mut launch = self.stream.launch_builder(&module.count);
             for column in &columns {
@@ -441,9 +476,16 @@ impl CudaBackend {
         // the row numbers when the chain has host columns, the fault word);
         // outputs are sized for every row surviving.
         unsafe { launch.launch(grid) }.map_err(self.driver_error("cuLaunchKernel", bytes))?;
+        let kernels_done = match started {
+            Some(_) => Some(
+                self.stream
+                    .record_event(Some(timing))
+                    .map_err(self.driver_error("cuEventRecord", 0))?,
+            ),
+            None => None,
+        };
         // The survivor count and the fault word: one small wait with a
-        // filter, which sizes the downloads.
-        // Host words: the survivor count, the fault word, then the rows
+        // filter, which sizes the downloads. Host words: the survivor count, the fault word, then the rows
         // alive after each filter.
         let header_len = 2 + keeps;
         if staging.header.as_ref().is_none_or(|b| b.len() < header_len) {
@@ -522,6 +564,15 @@ impl CudaBackend {
                 };
                 return Err(program.fault(instr, row, fault).into());
             }
+        }
+        if let (Some(start), Some(end)) = (&started, &kernels_done) {
+            let ms = start
+                .elapsed_ms(end)
+                .map_err(self.driver_error("cuEventElapsedTime", 0))?;
+            self.chains.kernel_ns.store(
+                (f64::from(ms) * 1e6) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
         }
         let batch = self.assemble(program, pieces, &staging, survivors)?;
         Ok(ChainOutput {
