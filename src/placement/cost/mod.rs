@@ -7,9 +7,10 @@
 //! [`FILTER_SELECTIVITY`] of its input; a keyed aggregate emits one row per
 //! key (the generator's key count when known).
 
-use arrow_schema::{DataType, Schema};
+use arrow_schema::DataType;
 
-use crate::job::{BinOp, Expr, LogicalPlan, OperatorKind, ScalarValue};
+use crate::job::{LogicalPlan, OperatorKind};
+use crate::kernels::chain::{ChainProgram, ChainStep};
 
 use super::calibration::KernelRates;
 
@@ -88,14 +89,27 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
             reason: "pinned to CPU: key_by is an exchange (hash routing into network buffers)"
                 .into(),
         },
-        (OperatorKind::Filter { predicate }, Some(schema)) => {
-            gpu_or(KernelFamily::Filter, gpu_predicate(predicate, schema))
-        }
-        (OperatorKind::Project { columns }, Some(schema)) => gpu_or(
+        (OperatorKind::Filter { predicate }, Some(_)) => gpu_or(
+            KernelFamily::Filter,
+            fuses(
+                plan,
+                index,
+                ChainStep::Filter {
+                    name: &op.name,
+                    predicate,
+                },
+            ),
+        ),
+        (OperatorKind::Project { columns }, Some(_)) => gpu_or(
             KernelFamily::Project,
-            columns
-                .iter()
-                .try_for_each(|column| gpu_projection(&column.expr, schema)),
+            fuses(
+                plan,
+                index,
+                ChainStep::Project {
+                    name: &op.name,
+                    columns,
+                },
+            ),
         ),
         (OperatorKind::Aggregate { .. }, _) => Capability::CpuOnly {
             family: KernelFamily::Aggregate,
@@ -115,78 +129,14 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
     }
 }
 
-fn column_type<'a>(schema: &'a Schema, name: &str) -> Option<&'a DataType> {
-    schema.field_with_name(name).ok().map(|f| f.data_type())
-}
-
-/// The numeric type of a column or literal operand, if it is one.
-fn operand_type(expr: &Expr, schema: &Schema) -> Option<DataType> {
-    match expr {
-        Expr::Column(name) => column_type(schema, name)
-            .filter(|t| matches!(t, DataType::Int64 | DataType::Float64))
-            .cloned(),
-        Expr::Literal(ScalarValue::Int64(_)) => Some(DataType::Int64),
-        Expr::Literal(ScalarValue::Float64(_)) => Some(DataType::Float64),
-        _ => None,
-    }
-}
-
-/// A predicate the filter runs on the kernels (`exec::gpu_filter`):
-/// comparisons of an Int64 column with an Int64 literal, joined by `and`
-/// and `or`. Float64 comparisons and `not` stay on the evaluator, whose NaN
-/// and null semantics differ from a kernel selection's.
-fn gpu_predicate(expr: &Expr, schema: &Schema) -> Result<(), String> {
-    match expr {
-        Expr::Binary {
-            op: BinOp::And | BinOp::Or,
-            left,
-            right,
-        } => gpu_predicate(left, schema).and_then(|()| gpu_predicate(right, schema)),
-        Expr::Binary {
-            op: BinOp::Eq | BinOp::NotEq | BinOp::Lt | BinOp::LtEq | BinOp::Gt | BinOp::GtEq,
-            left,
-            right,
-        } => {
-            let column_and_literal = matches!(
-                (left.as_ref(), right.as_ref()),
-                (Expr::Column(_), Expr::Literal(_)) | (Expr::Literal(_), Expr::Column(_))
-            );
-            let types = (operand_type(left, schema), operand_type(right, schema));
-            match types {
-                (Some(DataType::Int64), Some(DataType::Int64)) if column_and_literal => Ok(()),
-                _ => Err(format!(
-                    "`{expr}` is not a comparison of an Int64 column with an Int64 literal"
-                )),
-            }
-        }
-        _ => Err(format!("`{expr}` has no GPU filter kernel")),
-    }
-}
-
-/// A projection the project kernel runs: a column as is, or one `+ - * /`
-/// of two same-typed Int64/Float64 operands (no Int64 division).
-fn gpu_projection(expr: &Expr, schema: &Schema) -> Result<(), String> {
-    match expr {
-        Expr::Column(_) => Ok(()),
-        Expr::Binary { op, left, right } => {
-            let arithmetic = matches!(op, BinOp::Add | BinOp::Sub | BinOp::Mul | BinOp::Div);
-            let literals_only = matches!(left.as_ref(), Expr::Literal(_))
-                && matches!(right.as_ref(), Expr::Literal(_));
-            match (operand_type(left, schema), operand_type(right, schema)) {
-                _ if !arithmetic => Err(format!("`{expr}`: no GPU kernel for `{op}`")),
-                _ if literals_only => Err(format!("`{expr}` has no column operand")),
-                (Some(DataType::Int64), Some(DataType::Int64)) if *op == BinOp::Div => {
-                    Err(format!("`{expr}`: no GPU kernel for Int64 division"))
-                }
-                (Some(l), Some(r)) if l == r => Ok(()),
-                (Some(l), Some(r)) => Err(format!("`{expr}` mixes {l} and {r}")),
-                _ => Err(format!(
-                    "`{expr}` is not one operator over columns and literals"
-                )),
-            }
-        }
-        _ => Err(format!("`{expr}` has no GPU projection kernel")),
-    }
+/// Whether operator `index` compiles into a fused GPU program
+/// (`kernels::chain`): the GPU tier runs filters and projections only that
+/// way, so this is the test of their GPU capability.
+fn fuses(plan: &LogicalPlan, index: usize, step: ChainStep<'_>) -> Result<(), String> {
+    let input = plan.spec.operators[index]
+        .input
+        .expect("filters and projections have an input");
+    ChainProgram::compile(&plan.schemas[input], &[step], &plan.schemas[index]).map(|_| ())
 }
 
 /// Estimated rows into each operator and out of it.
