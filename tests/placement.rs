@@ -179,11 +179,12 @@ fn explain_with_the_simulated_h100_puts_the_project_filter_chain_on_the_gpu_pric
     assert_eq!(chain.operators, vec![1, 2]);
     assert_eq!(chain.tier, Tier::Gpu);
     let cost = chain.gpu.as_ref().expect("priced on the GPU");
-    // 325 MB of input in 32 MiB batches: 10 of 2M rows, 3 launches and one
-    // sync each.
+    // 325 MB of input in 32 MiB batches: 10 of 2M rows, each 3 kernels and
+    // 6 memsets (fault word, 4 output bitmaps, the filter's row counter)
+    // and two waits (the survivor count, then the results).
     assert_eq!(cost.batches, 10);
     assert_close(cost.rows_per_batch, 2e6);
-    assert_eq!((cost.launches, cost.syncs), (30, 10));
+    assert_eq!((cost.launches, cost.syncs), (90, 20));
     assert_close(cost.h2d_bytes, PIPELINE_H2D_BYTES);
     assert_close(cost.d2h_bytes, PIPELINE_D2H_BYTES);
     // Each way: the host copy (20 GB/s) and the pinned DMA (50 in, 48 out).
@@ -198,14 +199,14 @@ fn explain_with_the_simulated_h100_puts_the_project_filter_chain_on_the_gpu_pric
         cost.compute_bytes_per_s > 1.0e12 && cost.compute_bytes_per_s < 1.3e12,
         "{cost:?}"
     );
-    // The copies dominate and overlap the compute: 10 × (D2H + 3 × 4 µs +
-    // 8 µs) + one batch's H2D and D2H to fill the pipeline.
+    // The copies dominate and overlap the compute: 10 × (D2H + 9 × 4 µs +
+    // 2 × 8 µs) + one batch's H2D and D2H to fill the pipeline.
     assert!(cost.compute_s < cost.d2h_s && cost.h2d_s < cost.d2h_s);
-    assert_close(cost.fixed_s, 10.0 * 20e-6);
+    assert_close(cost.fixed_s, 10.0 * 52e-6);
     assert_close(cost.fill_s, h2d_batch_s + d2h_batch_s);
     assert_close(
         cost.total_s,
-        10.0 * (d2h_batch_s + 20e-6) + h2d_batch_s + d2h_batch_s,
+        10.0 * (d2h_batch_s + 52e-6) + h2d_batch_s + d2h_batch_s,
     );
     // CPU: 20M rows ÷ 200M rows/s (project) + ÷ 300M (filter), 2 subtasks.
     assert_close(chain.cpu_cost_s, (20e6 / 2e8 + 20e6 / 3e8) / 2.0);
@@ -221,11 +222,11 @@ fn explain_with_the_simulated_h100_puts_the_project_filter_chain_on_the_gpu_pric
         cost.total_s,
     );
     for part in [
-        "GPU: chain scaled → large costs 27.8 ms on GPU vs 83.3 ms on CPU",
+        "GPU: chain scaled → large costs 28.1 ms on GPU vs 83.3 ms on CPU",
         "10 coalesced batches of 2000000 rows",
         "H2D 309.9 MiB",
         "D2H 309.9 MiB",
-        "30 launches + 10 syncs",
+        "90 launches + 20 syncs",
         "measured chain rate",
     ] {
         assert!(scaled.reason.contains(part), "{part}: {}", scaled.reason);
@@ -239,7 +240,7 @@ fn explain_with_the_simulated_h100_puts_the_project_filter_chain_on_the_gpu_pric
         .arg(h100_sim()));
     assert_eq!(code, 0, "{stderr}");
     assert!(
-        stdout.contains("scaled → large on GPU: 27.8 ms on GPU vs 83.3 ms on CPU"),
+        stdout.contains("scaled → large on GPU: 28.1 ms on GPU vs 83.3 ms on CPU"),
         "{stdout}"
     );
     assert!(stdout.contains("batches of 32.0 MiB"), "{stdout}");
@@ -296,7 +297,9 @@ fn explain_with_the_default_calibration_of_a_detected_gpu_uses_the_family_rates(
     let d2h_batch_s = PIPELINE_D2H_BYTES / 10.0 * (1.0 / 25e9 + 1.0 / 10e9);
     assert_close(
         cost.total_s,
-        10.0 * (h2d_batch_s.max(d2h_batch_s) + 3.0 * 5e-6 + 10e-6) + h2d_batch_s + d2h_batch_s,
+        10.0 * (h2d_batch_s.max(d2h_batch_s) + 9.0 * 5e-6 + 2.0 * 10e-6)
+            + h2d_batch_s
+            + d2h_batch_s,
     );
     assert_eq!(chain.tier, Tier::Gpu, "{placement:#?}");
     assert_eq!(tier_of(&placement, "scaled"), Tier::Gpu);

@@ -28,9 +28,10 @@
 //!
 //! What fuses: Int64 and Float64 columns, Int64/Float64/Boolean/null
 //! literals, `+ - * / %`, unary `-`, the six comparisons, `and`, `or`,
-//! `not`. Output columns of other types that pass through the chain
-//! unchanged (a string column beside the numeric ones) are "host columns":
-//! the device returns the surviving row numbers and the host gathers them.
+//! `not`. Output columns that pass through the chain unread (a string
+//! column, or a number no expression uses) are "host columns": the device
+//! returns the surviving row numbers and the host gathers them, so only
+//! the columns the chain reads cross the link.
 //! Anything else keeps the chain on the CPU, with the reason in `explain`.
 
 pub mod cuda_src;
@@ -297,15 +298,16 @@ impl ChainProgram {
             return Err("the chain's columns do not match its output schema".into());
         }
         for ((_, at), field) in columns.iter().zip(output_schema.fields()) {
+            // A column that passes through unread stays on the host and is
+            // gathered by the survivors' row numbers (4 bytes a row back
+            // instead of its values up and down); one the chain reads is on
+            // the device already.
             let source = match *at {
                 ColumnAt::Reg(reg) => OutputSource::Device(reg),
-                ColumnAt::Input(column) => {
-                    let data_type = input_schema.field(column as usize).data_type();
-                    match ValueType::of(data_type).filter(|t| *t != ValueType::Bool) {
-                        Some(_) => OutputSource::Device(compiler.load(column)?),
-                        None => OutputSource::Host(column),
-                    }
-                }
+                ColumnAt::Input(column) => match compiler.loads.get(&column) {
+                    Some(reg) => OutputSource::Device(*reg),
+                    None => OutputSource::Host(column),
+                },
             };
             let produced = match source {
                 OutputSource::Device(reg) => compiler.program.types[reg as usize].data_type(),

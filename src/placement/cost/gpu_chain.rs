@@ -14,12 +14,16 @@ use super::{KernelFamily, RowEstimate, value_bytes};
 /// small beside its copies, small enough that two or three batches in
 /// flight fit beside the operators' state on any GPU of the last decade.
 pub const COALESCE_BYTES_DEFAULT: u64 = 32 << 20;
-/// Launches of one coalesced batch of a fused chain: evaluate and flag,
-/// block scan, ordered compaction scatter.
-pub const CHAIN_LAUNCHES: u64 = 3;
-/// The same when the `key_by` after the chain hashes and partitions on the
-/// GPU: the key hash and the partition scatter are two more.
-pub const CHAIN_LAUNCHES_WITH_GPU_KEY_HASH: u64 = 5;
+/// Kernels of one coalesced batch of a fused chain that filters: count the
+/// survivors, scan the block counts, write them in order
+/// (`kernels::chain::cuda_src`); a chain without a filter runs the write
+/// alone. Memsets are launches too: the fault word, each device output's
+/// validity words, and the filters' row counters (see
+/// `kernels::chain::DeviceTraffic`, the executor's own plan).
+pub const CHAIN_KERNELS: u64 = 3;
+/// The key hash and the partition scatter, when the `key_by` after the
+/// chain hashes and partitions on the GPU.
+pub const GPU_KEY_HASH_KERNELS: u64 = 2;
 /// One validity bit per value.
 const VALIDITY_BYTES_PER_VALUE: f64 = 1.0 / 8.0;
 
@@ -132,12 +136,13 @@ pub fn gpu_chain_cost(
     let batches = (input_bytes / coalesce_bytes.max(1) as f64).ceil().max(1.0);
     let rows_per_batch = shape.rows_in / batches;
     let h2d_batch_bytes = rows_per_batch * shape.input_row_bytes();
+    let selected_rows_per_batch = shape.rows_out / batches;
+    // Host columns are gathered by the survivors' 32-bit row numbers.
     let selection_bytes = if shape.output_host_column_count > 0 {
-        rows_per_batch * VALIDITY_BYTES_PER_VALUE
+        selected_rows_per_batch * 4.0
     } else {
         0.0
     };
-    let selected_rows_per_batch = shape.rows_out / batches;
     let d2h_batch_bytes = selected_rows_per_batch * shape.output_row_bytes() + selection_bytes;
     let gather_batch_bytes = selected_rows_per_batch * shape.output_host_row_bytes();
     let h2d_batch_s =
@@ -161,12 +166,20 @@ pub fn gpu_chain_cost(
         0.0
     };
     let compute_batch_s = chain_s + hash_s;
-    let launches_per_batch = if shape.gpu_key_hash {
-        CHAIN_LAUNCHES_WITH_GPU_KEY_HASH
+    let filters = shape.families.contains(&KernelFamily::Filter);
+    let kernels = if filters { CHAIN_KERNELS } else { 1 };
+    let memsets = 1 + u64::from(shape.output_column_count) + u64::from(filters);
+    let hash_kernels = if shape.gpu_key_hash {
+        GPU_KEY_HASH_KERNELS
     } else {
-        CHAIN_LAUNCHES
+        0
     };
-    let fixed_batch_s = launches_per_batch as f64 * gpu.launch_latency_s + gpu.sync_latency_s;
+    let launches_per_batch = kernels + memsets + hash_kernels;
+    // A filtering chain waits twice: for the survivor count that sizes the
+    // download, then for the download.
+    let syncs_per_batch: u64 = if filters { 2 } else { 1 };
+    let fixed_batch_s = launches_per_batch as f64 * gpu.launch_latency_s
+        + syncs_per_batch as f64 * gpu.sync_latency_s;
     let steady_batch_s = h2d_batch_s.max(compute_batch_s).max(d2h_batch_s) + fixed_batch_s;
     let fill_s = h2d_batch_s + d2h_batch_s;
     let batch_count = batches as u64;
@@ -176,7 +189,7 @@ pub fn gpu_chain_cost(
         h2d_bytes: h2d_batch_bytes * batches,
         d2h_bytes: d2h_batch_bytes * batches,
         launches: launches_per_batch * batch_count,
-        syncs: batch_count,
+        syncs: syncs_per_batch * batch_count,
         h2d_s: h2d_batch_s * batches,
         compute_s: compute_batch_s * batches,
         d2h_s: d2h_batch_s * batches,
@@ -407,7 +420,9 @@ mod tests {
         assert_close(cost.rows_per_batch, 128_000.0);
         assert_close(cost.h2d_bytes, 7_280_000.0);
         assert_close(cost.d2h_bytes, 7_280_000.0);
-        assert_eq!((cost.launches, cost.syncs), (21, 7));
+        // A batch: 3 kernels and 4 memsets (fault word, two validity
+        // bitmaps, the filter's row counter); two waits.
+        assert_eq!((cost.launches, cost.syncs), (49, 14));
         // Per batch: h2d 0.5 ms host copy + 1 ms DMA; d2h 0.5 + 0.5 ms;
         // compute 1,040,000 B at 8e8 B/s (halfway, in log₂ of the size,
         // between 520,000 B at 4e8 and 2,080,000 B at 12e8) = 1.3 ms.
@@ -416,11 +431,11 @@ mod tests {
         assert_close(cost.compute_s, 7.0 * 1.3e-3);
         assert_close(cost.compute_bytes_per_s, 8e8);
         assert_eq!(cost.compute_rate_source, ComputeRateSource::MeasuredChain);
-        // 3 launches × 2 µs + one 4 µs sync a batch.
-        assert_close(cost.fixed_s, 7.0 * 10e-6);
+        // 7 launches × 2 µs + two 4 µs waits a batch.
+        assert_close(cost.fixed_s, 7.0 * 22e-6);
         assert_close(cost.fill_s, 2.5e-3);
-        // 7 × (max(1.5, 1.3, 1.0) ms + 10 µs) + 2.5 ms fill.
-        assert_close(cost.total_s, 7.0 * 1.51e-3 + 2.5e-3);
+        // 7 × (max(1.5, 1.3, 1.0) ms + 22 µs) + 2.5 ms fill.
+        assert_close(cost.total_s, 7.0 * 1.522e-3 + 2.5e-3);
     }
 
     #[test]
@@ -438,9 +453,10 @@ mod tests {
         // (hash) = 0.25 ms a batch.
         assert_close(cost.compute_s, 7.0 * 0.25e-3);
         assert_eq!(cost.compute_rate_source, ComputeRateSource::FamilyRates);
-        assert_eq!(cost.launches, 35);
-        assert_close(cost.fixed_s, 7.0 * 14e-6);
-        assert_close(cost.total_s, 7.0 * (1.5e-3 + 14e-6) + 2.5e-3);
+        // 9 launches a batch: two more kernels than `shape()`'s 7.
+        assert_eq!(cost.launches, 63);
+        assert_close(cost.fixed_s, 7.0 * 26e-6);
+        assert_close(cost.total_s, 7.0 * (1.5e-3 + 26e-6) + 2.5e-3);
     }
 
     #[test]
@@ -461,7 +477,7 @@ mod tests {
     }
 
     #[test]
-    fn host_resident_output_columns_bring_the_selection_back_and_are_gathered_on_the_host() {
+    fn host_resident_output_columns_bring_the_row_numbers_back_and_are_gathered_on_the_host() {
         let shape = ChainShape {
             output_value_bytes: 8,
             output_column_count: 1,
@@ -470,9 +486,9 @@ mod tests {
             ..shape()
         };
         let cost = gpu_chain_cost(&shape, &gpu(), COALESCE_BYTES);
-        // Per batch: 64,000 selected rows × 8.125 B + 128,000 / 8 selection
-        // bytes come back; 64,000 × 8.125 B more are gathered on the host.
-        let back = 64_000.0 * 8.125 + 16_000.0;
+        // Per batch: 64,000 selected rows × 8.125 B and their 4-byte row
+        // numbers come back; 64,000 × 8.125 B more are gathered on the host.
+        let back = 64_000.0 * 8.125 + 64_000.0 * 4.0;
         assert_close(cost.d2h_bytes, 7.0 * back);
         let gathered = 64_000.0 * 8.125;
         assert_close(

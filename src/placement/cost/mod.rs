@@ -17,8 +17,8 @@ use super::calibration::KernelRates;
 mod gpu_chain;
 
 pub use gpu_chain::{
-    CHAIN_LAUNCHES, CHAIN_LAUNCHES_WITH_GPU_KEY_HASH, COALESCE_BYTES_DEFAULT, ChainCostBreakdown,
-    ChainShape, ComputeRateSource, chain_rate_at, chain_shape, gpu_chain_cost,
+    CHAIN_KERNELS, COALESCE_BYTES_DEFAULT, ChainCostBreakdown, ChainShape, ComputeRateSource,
+    GPU_KEY_HASH_KERNELS, chain_rate_at, chain_shape, gpu_chain_cost,
 };
 
 pub const FILE_SOURCE_ROWS_ASSUMED: u64 = 1_000_000;
