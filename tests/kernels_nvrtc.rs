@@ -322,7 +322,7 @@ fn generated_chain_kernels_compile_with_nvrtc_for_sm80_and_sm90() {
 
     use arrow_schema::{DataType, Field, Schema};
     use strata::job::{Expr, NamedExpr};
-    use strata::kernels::chain::{ChainProgram, ChainStep, cuda_src};
+    use strata::kernels::chain::{ChainProgram, ChainStep, Route, cuda_src};
 
     let input = Arc::new(Schema::new(vec![
         Field::new("key", DataType::Int64, true),
@@ -369,11 +369,23 @@ fn generated_chain_kernels_compile_with_nvrtc_for_sm80_and_sm90() {
     ];
     let dir = work_dir("chain_kernels_src");
     let mut sources = Vec::new();
-    for (stem, steps) in [
-        ("chain_project", &no_filter[..]),
-        ("chain_project_filter", &with_filter[..]),
+    for (stem, steps, route) in [
+        ("chain_project", &no_filter[..], false),
+        ("chain_project_filter", &with_filter[..], false),
+        ("chain_project_filter_route", &with_filter[..], true),
     ] {
-        let program = ChainProgram::compile(&input, steps, &projected).expect("the chain fuses");
+        let mut program =
+            ChainProgram::compile(&input, steps, &projected).expect("the chain fuses");
+        if route {
+            // key_by(key, p) after the chain: targets hashed on the device.
+            program = program
+                .with_route(Route {
+                    key_columns: vec![0, 3],
+                    max_parallelism: 128,
+                    parallelism: 7,
+                })
+                .expect("numeric keys route");
+        }
         let path = dir.join(format!("{stem}.cu"));
         std::fs::write(&path, cuda_src::cuda_source(&program)).expect("write the source");
         sources.push(path);

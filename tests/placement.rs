@@ -628,3 +628,112 @@ type = "blackhole"
     );
     assert_eq!(filter_line(&starved_run), filter_line(&cpu_run));
 }
+
+/// Every part file of a CSV sink's output directory, with its rows sorted.
+fn parts(dir: &Path) -> Vec<(String, Vec<String>)> {
+    let mut parts: Vec<(String, Vec<String>)> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| {
+            let path = e.unwrap().path();
+            let mut lines: Vec<String> = std::fs::read_to_string(&path)
+                .unwrap()
+                .lines()
+                .map(str::to_owned)
+                .collect();
+            lines.sort();
+            (
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                lines,
+            )
+        })
+        .collect();
+    parts.sort();
+    parts
+}
+
+/// A fused GPU chain (on the simulated GPU) whose `key_by` targets are
+/// hashed on the device, at parallelism 3 with checkpoints: every
+/// subtask's output file holds exactly the rows it holds on the CPU, so
+/// the device routed every key to the subtask the CPU hash picks.
+#[test]
+fn a_gpu_chain_routes_its_key_by_on_the_device_to_the_cpu_hash_targets() {
+    let scratch = tempfile::tempdir().unwrap();
+    let job = |out: &Path| {
+        format!(
+            r#"[job]
+name = "gpu-route"
+parallelism = 3
+
+[[operator]]
+name = "events"
+type = "datagen"
+rows = 200000
+keys = 97
+seed = 9
+columns = ["key", "value"]
+rows_per_second = 400000
+
+[[operator]]
+name = "scaled"
+type = "project"
+columns = ["key", "value * 3 as tripled", "value / 4.0 as quarter"]
+
+[[operator]]
+name = "large"
+type = "filter"
+predicate = "tripled % 7 != 0 and quarter > -500.0"
+
+[[operator]]
+name = "by-key"
+type = "key_by"
+keys = ["key"]
+
+[[operator]]
+name = "totals"
+type = "aggregate"
+aggs = ["count(*) as cnt", "sum(tripled) as total", "max(quarter) as hi"]
+
+[[operator]]
+name = "out"
+type = "csv_sink"
+path = "{}"
+mode = "overwrite"
+"#,
+            out.display()
+        )
+    };
+    let args = [
+        "--no-progress",
+        "--taskmanagers",
+        "2",
+        "-D",
+        "rest.port=0",
+        "-D",
+        "execution.checkpointing.interval=100ms",
+        "-D",
+        "taskmanager.gpu.coalesce-bytes=256kb",
+    ];
+    let mut outputs = Vec::new();
+    for mode in ["cpu", "gpu"] {
+        let out = scratch.path().join(format!("out-{mode}"));
+        let path = scratch.path().join(format!("{mode}.toml"));
+        std::fs::write(&path, job(&out)).unwrap();
+        let (code, stdout, stderr) = run(strata(scratch.path())
+            .env("STRATA_SIMULATE_GPU_BYTES", "1000000000")
+            .arg("run")
+            .arg(&path)
+            .args(args)
+            .args(["-D", &format!("placement.mode={mode}")]));
+        assert_eq!(code, 0, "{stderr}");
+        if mode == "gpu" {
+            assert!(stdout.contains("tier GPU for scaled, large"), "{stdout}");
+            assert!(
+                stdout.contains("rows routed by targets hashed on the device"),
+                "{stdout}"
+            );
+        }
+        outputs.push(parts(&out));
+    }
+    assert_eq!(outputs[0].len(), 3, "one part per subtask");
+    assert_eq!(outputs[0], outputs[1]);
+}

@@ -186,6 +186,13 @@ pub fn render(s: &JobSummary) -> String {
                     human_count(o.launches),
                     human_count(o.syncs)
                 );
+                if o.routed_rows > 0 {
+                    let _ = writeln!(
+                        out,
+                        "  gpu key_by: {} rows routed by targets hashed on the device",
+                        human_count(o.routed_rows)
+                    );
+                }
             }
         }
     }

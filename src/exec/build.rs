@@ -24,6 +24,9 @@ pub struct GpuContext {
     pub operators: Vec<usize>,
     /// When a fused chain's buffered input becomes a device batch.
     pub coalesce: super::gpu_chain::CoalescePolicy,
+    /// The hash exchange the task's output feeds, if any: a fused chain
+    /// that ends the task computes its rows' targets on the device.
+    pub route: Option<crate::kernels::chain::Route>,
 }
 
 /// Per-subtask context for building operators.
@@ -114,7 +117,12 @@ pub fn build_operators(
             end += 1;
         }
         if end > i
-            && let Some(fused) = fused_chain(ctx, &chained[i..end], metrics.get(i..end))
+            && let Some(fused) = fused_chain(
+                ctx,
+                &chained[i..end],
+                metrics.get(i..end),
+                end == chained.len(),
+            )
         {
             operators.extend((i..end - 1).map(|_| Box::new(super::gpu_chain::Forward) as _));
             operators.push(fused);
@@ -133,6 +141,7 @@ fn fused_chain(
     ctx: &BuildContext<'_>,
     ops: &[usize],
     metrics: Option<&[Arc<crate::metrics::OperatorMetrics>]>,
+    ends_task: bool,
 ) -> Option<Box<dyn Operator>> {
     let gpu = ctx.gpu.as_ref()?;
     let plan = ctx.plan;
@@ -165,10 +174,27 @@ fn fused_chain(
         &plan.schemas[*ops.last()?],
     ) {
         Ok(program) => {
+            let program = match gpu.route.clone().filter(|_| ends_task) {
+                None => program,
+                Some(route) => match program.clone().with_route(route) {
+                    Ok(routed) => routed,
+                    Err(reason) => {
+                        tracing::debug!(
+                            "GPU chain {names}: the key_by after it hashes on the host ({reason})"
+                        );
+                        program
+                    }
+                },
+            };
             tracing::debug!(
-                "GPU chain {names}: one fused program of {} instructions, {} device input columns",
+                "GPU chain {names}: one fused program of {} instructions, {} device input columns{}",
                 program.instrs.len(),
-                program.device_inputs().len()
+                program.device_inputs().len(),
+                if program.route.is_some() {
+                    ", key_by targets hashed on the device"
+                } else {
+                    ""
+                }
             );
             Some(Box::new(
                 super::gpu_chain::GpuChainOperator::new(

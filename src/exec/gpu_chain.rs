@@ -139,7 +139,11 @@ impl GpuChainOperator {
         let mut offset = 0;
         while offset < batch.num_rows() {
             let length = self.emit_rows_max.min(batch.num_rows() - offset);
-            out.emit(batch.slice(offset, length))?;
+            let slice = batch.slice(offset, length);
+            match &result.targets {
+                Some(targets) => out.emit_routed(slice, &targets[offset..offset + length])?,
+                None => out.emit(slice)?,
+            }
             offset += length;
         }
         Ok(())

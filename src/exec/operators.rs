@@ -19,6 +19,13 @@ use crate::kernels::backend::KernelBackend;
 pub trait Output {
     fn emit(&mut self, batch: RecordBatch) -> Result<(), ExecError>;
     fn watermark(&mut self, watermark: i64) -> Result<(), ExecError>;
+
+    /// `batch` with each row's target subtask of the hash exchange that
+    /// follows computed already (a GPU chain hashes on the device). Where
+    /// no such exchange follows directly, the targets are dropped.
+    fn emit_routed(&mut self, batch: RecordBatch, _targets: &[u32]) -> Result<(), ExecError> {
+        self.emit(batch)
+    }
 }
 
 /// One step of a task's chain.

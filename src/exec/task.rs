@@ -77,6 +77,18 @@ impl Output for Link<'_> {
         }
     }
 
+    fn emit_routed(&mut self, batch: RecordBatch, targets: &[u32]) -> Result<(), ExecError> {
+        if !self.operators.is_empty() || self.writers.len() != 1 {
+            return self.emit(batch);
+        }
+        let rows = batch.num_rows() as u64;
+        if let Some(u) = self.upstream {
+            u.rows_out.fetch_add(rows, Ordering::Relaxed);
+        }
+        self.writers[0].emit_routed(batch, targets)?;
+        Ok(())
+    }
+
     fn watermark(&mut self, watermark: i64) -> Result<(), ExecError> {
         match (self.operators.split_first_mut(), self.metrics.split_first()) {
             (Some((op, rest)), Some((m, mrest))) => op.watermark(

@@ -309,6 +309,8 @@ pub struct OffloadStats {
     pub d2h_bytes: AtomicU64,
     pub launches: AtomicU64,
     pub syncs: AtomicU64,
+    /// Rows whose `key_by` target the device computed (`chain::Route`).
+    pub routed_rows: AtomicU64,
 }
 
 impl OffloadStats {
@@ -326,6 +328,7 @@ impl OffloadStats {
             d2h_bytes: load(&self.d2h_bytes),
             launches: load(&self.launches),
             syncs: load(&self.syncs),
+            routed_rows: load(&self.routed_rows),
         }
     }
 
@@ -362,6 +365,8 @@ pub struct OffloadSnapshot {
     pub launches: u64,
     #[serde(default)]
     pub syncs: u64,
+    #[serde(default)]
+    pub routed_rows: u64,
 }
 
 impl OffloadSnapshot {
@@ -378,6 +383,7 @@ impl OffloadSnapshot {
         self.d2h_bytes += other.d2h_bytes;
         self.launches += other.launches;
         self.syncs += other.syncs;
+        self.routed_rows += other.routed_rows;
     }
 }
 
@@ -842,6 +848,11 @@ impl TieredKernels {
                         pieces,
                         result.batch.num_rows() as u64,
                     ));
+                if let Some(targets) = &result.targets {
+                    self.stats
+                        .routed_rows
+                        .fetch_add(targets.len() as u64, Ordering::Relaxed);
+                }
                 Ok(result)
             }
             Err(KernelError::DeviceOutOfMemory(refusal)) => {

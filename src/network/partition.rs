@@ -413,7 +413,7 @@ impl HashSplitter {
         batch: &RecordBatch,
         max_parallelism: u32,
         parallelism: usize,
-        mut send: impl FnMut(usize, RecordBatch) -> Result<(), NetworkError>,
+        send: impl FnMut(usize, RecordBatch) -> Result<(), NetworkError>,
     ) -> Result<(), NetworkError> {
         let keys: Vec<ArrayRef> = self
             .key_columns
@@ -428,6 +428,37 @@ impl HashSplitter {
             &mut self.grouped_rows,
             &mut self.group_starts,
         );
+        self.send_groups(batch, parallelism, send)
+    }
+
+    /// As [`HashSplitter::split`] for rows whose target subtasks were
+    /// computed already (a GPU chain's device hash, `targets[row] <
+    /// parallelism`): grouped by target without hashing.
+    pub fn split_routed(
+        &mut self,
+        batch: &RecordBatch,
+        targets: &[u32],
+        parallelism: usize,
+        send: impl FnMut(usize, RecordBatch) -> Result<(), NetworkError>,
+    ) -> Result<(), NetworkError> {
+        assert_eq!(targets.len(), batch.num_rows(), "one target per row");
+        group_rows_by_target(
+            targets,
+            |t| t,
+            parallelism,
+            &mut self.grouped_rows,
+            &mut self.group_starts,
+        );
+        self.send_groups(batch, parallelism, send)
+    }
+
+    /// Sends each target's group of rows, in target order.
+    fn send_groups(
+        &mut self,
+        batch: &RecordBatch,
+        parallelism: usize,
+        mut send: impl FnMut(usize, RecordBatch) -> Result<(), NetworkError>,
+    ) -> Result<(), NetworkError> {
         for t in 0..parallelism {
             let (start, end) = (self.group_starts[t], self.group_starts[t + 1]);
             if start == end {
@@ -499,6 +530,40 @@ impl RecordWriter {
                 result
             }
         }
+    }
+
+    /// The hash exchange this writer routes by: its key columns, max
+    /// parallelism and target count (`None` for other partitioners).
+    pub fn hash_route(&self) -> Option<(Vec<usize>, u32, usize)> {
+        match &self.partitioner {
+            Partitioner::Hash { key_columns } => Some((
+                key_columns.clone(),
+                self.max_parallelism,
+                self.targets.len(),
+            )),
+            _ => None,
+        }
+    }
+
+    /// `batch` with each row's target subtask computed already (by a GPU
+    /// chain, with the stable hash of this exchange's keys): rows are
+    /// grouped by target without hashing. Targets that do not fit this
+    /// writer (another partitioner, a count that differs, one out of
+    /// range) are ignored and the batch is hashed as usual.
+    pub fn emit_routed(&mut self, batch: RecordBatch, targets: &[u32]) -> Result<(), NetworkError> {
+        let parallelism = self.targets.len();
+        let usable = matches!(self.partitioner, Partitioner::Hash { .. })
+            && parallelism > 1
+            && targets.len() == batch.num_rows()
+            && targets.iter().all(|&t| (t as usize) < parallelism);
+        if !usable || batch.num_rows() == 0 {
+            return self.emit(batch);
+        }
+        let mut splitter = std::mem::take(&mut self.splitter);
+        let result =
+            splitter.split_routed(&batch, targets, parallelism, |t, piece| self.send(t, piece));
+        self.splitter = splitter;
+        result
     }
 
     fn send(&mut self, t: usize, batch: RecordBatch) -> Result<(), NetworkError> {
@@ -625,9 +690,9 @@ impl RecordWriter {
 /// Groups row indices by the target `target_of` gives each row's hash, in
 /// row order within a target: afterwards target `t`'s rows are
 /// `grouped[starts[t]..starts[t + 1]]`.
-fn group_rows_by_target(
-    hashes: &[u64],
-    target_of: impl Fn(u64) -> u32,
+fn group_rows_by_target<K: Copy>(
+    hashes: &[K],
+    target_of: impl Fn(K) -> u32,
     target_count: usize,
     grouped: &mut Vec<u32>,
     starts: &mut Vec<u32>,
@@ -693,7 +758,7 @@ mod tests {
             (starts.as_slice(), grouped.as_slice()),
             (&[0, 0, 0, 0, 0, 1][..], &[0][..])
         );
-        group_rows_by_target(&[], |h| h as u32, 3, &mut grouped, &mut starts);
+        group_rows_by_target(&[], |h: u64| h as u32, 3, &mut grouped, &mut starts);
         assert_eq!((starts.as_slice(), grouped.len()), (&[0, 0, 0, 0][..], 0));
     }
 }

@@ -794,6 +794,18 @@ fn build_and_run(
             )),
             operators: tdd.gpu_operators.clone(),
             coalesce: crate::exec::gpu_chain::CoalescePolicy::from_config(&services.config),
+            route: match p.writers.as_slice() {
+                [writer] => writer
+                    .hash_route()
+                    .and_then(|(key_columns, max_parallelism, n)| {
+                        (n > 1).then_some(crate::kernels::chain::Route {
+                            key_columns,
+                            max_parallelism,
+                            parallelism: n as u32,
+                        })
+                    }),
+                _ => None,
+            },
         }),
         _ if !tdd.gpu_operators.is_empty() => {
             tracing::warn!(

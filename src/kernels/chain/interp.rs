@@ -64,10 +64,31 @@ pub fn run(program: &ChainProgram, input: &RecordBatch) -> Result<ChainOutput, C
     let batch =
         RecordBatch::try_new_with_options(Arc::clone(&program.output_schema), arrays, &options)
             .expect("outputs match the program's output schema");
+    let targets = program.route.as_ref().map(|route| targets(route, &batch));
     Ok(ChainOutput {
         step_rows: program.step_rows(rows as u64, &keep_rows),
         batch,
+        targets,
     })
+}
+
+/// The target subtask of each row, by the CPU's stable hash of the key
+/// columns (what `network::partition::HashSplitter` computes).
+pub fn targets(route: &super::Route, batch: &RecordBatch) -> Vec<u32> {
+    let keys: Vec<ArrayRef> = route
+        .key_columns
+        .iter()
+        .map(|&c| Arc::clone(batch.column(c)))
+        .collect();
+    let mut hashes = Vec::new();
+    crate::kernels::cpu::hash::hash_columns(&keys, &mut hashes)
+        .expect("route keys are Int64 or Float64");
+    hashes
+        .iter()
+        .map(|&h| {
+            crate::kernels::cpu::hash::subtask_for_hash(h, route.max_parallelism, route.parallelism)
+        })
+        .collect()
 }
 
 fn gather(register: &Register, row_ids: &[u32]) -> ArrayRef {

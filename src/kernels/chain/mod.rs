@@ -181,6 +181,8 @@ pub struct ChainOutput {
     /// Rows alive after each operator of the chain (the last is the
     /// batch's row count), so each operator's metrics stay its own.
     pub step_rows: Vec<u64>,
+    /// Each row's target subtask, when the program routes ([`Route`]).
+    pub targets: Option<Vec<u32>>,
 }
 
 impl ChainOutput {
@@ -194,7 +196,18 @@ impl ChainOutput {
             .zip(&other.step_rows)
             .map(|(a, b)| a + b)
             .collect();
-        Ok(ChainOutput { batch, step_rows })
+        let targets = match (self.targets, other.targets) {
+            (Some(mut a), Some(b)) => {
+                a.extend(b);
+                Some(a)
+            }
+            _ => None,
+        };
+        Ok(ChainOutput {
+            batch,
+            step_rows,
+            targets,
+        })
     }
 }
 
@@ -206,6 +219,18 @@ pub enum OutputSource {
     /// An input column of a type the device does not hold, gathered on the
     /// host by the surviving row numbers.
     Host(u32),
+}
+
+/// How the `key_by` after a chain routes its rows: the device hashes the
+/// key output columns with the stable hash (`kernels/hash.cuh`, the CPU's
+/// `hash_columns` bit for bit) and computes each survivor's target subtask,
+/// so the exchange only groups rows by target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Route {
+    /// Output columns of the key, in key order.
+    pub key_columns: Vec<usize>,
+    pub max_parallelism: u32,
+    pub parallelism: u32,
 }
 
 /// A compiled chain.
@@ -222,6 +247,8 @@ pub struct ChainProgram {
     pub instr_operator: Vec<u16>,
     pub operator_names: Vec<String>,
     pub outputs: Vec<OutputSource>,
+    /// The survivors' target subtasks, computed on the device.
+    pub route: Option<Route>,
 }
 
 /// One operator of a chain, as the compiler sees it.
@@ -255,6 +282,7 @@ impl ChainProgram {
                 instr_operator: Vec::new(),
                 operator_names: Vec::new(),
                 outputs: Vec::new(),
+                route: None,
             },
             loads: HashMap::new(),
             operator: 0,
@@ -325,6 +353,45 @@ impl ChainProgram {
             compiler.program.outputs.push(source);
         }
         Ok(compiler.program)
+    }
+
+    /// Routes the survivors by `route` on the device, or says why not:
+    /// every key column must be computed there as Int64 or Float64.
+    pub fn with_route(mut self, route: Route) -> Result<Self, String> {
+        for &column in &route.key_columns {
+            // A key that passes through unread goes to the device after all:
+            // the hash reads it there.
+            if let Some(OutputSource::Host(input)) = self.outputs.get(column).copied()
+                && let Some(ty @ (ValueType::I64 | ValueType::F64)) =
+                    ValueType::of(self.input_schema.field(input as usize).data_type())
+            {
+                let reg = self.instrs.len() as Reg;
+                self.instrs.push(Instr::Load { column: input });
+                self.types.push(ty);
+                self.exprs.push(None);
+                let last_operator = self.operator_names.len().saturating_sub(1) as u16;
+                self.instr_operator.push(last_operator);
+                self.outputs[column] = OutputSource::Device(reg);
+            }
+            match self.outputs.get(column) {
+                Some(OutputSource::Device(reg))
+                    if matches!(self.types[*reg as usize], ValueType::I64 | ValueType::F64) => {}
+                _ => {
+                    return Err(format!(
+                        "key column `{}` is not an Int64 or Float64 column on the device",
+                        self.output_schema
+                            .fields()
+                            .get(column)
+                            .map_or("?", |f| f.name().as_str())
+                    ));
+                }
+            }
+        }
+        if route.parallelism == 0 || route.max_parallelism < route.parallelism {
+            return Err("the key_by's parallelism is out of range".into());
+        }
+        self.route = Some(route);
+        Ok(self)
     }
 
     /// The operator each `Keep` belongs to, in instruction order: the
@@ -402,7 +469,9 @@ impl ChainProgram {
                 OutputSource::Host(_) => 0.0,
             })
             .sum();
-        columns + if self.needs_row_ids() { 4.0 } else { 0.0 }
+        columns
+            + if self.needs_row_ids() { 4.0 } else { 0.0 }
+            + if self.route.is_some() { 4.0 } else { 0.0 }
     }
 
     /// The evaluator's error for a fault of checked instruction `instr`.
@@ -492,6 +561,9 @@ impl DeviceTraffic {
                 }
             }
             if program.needs_row_ids() {
+                bytes += n * 4;
+            }
+            if program.route.is_some() {
                 bytes += n * 4;
             }
             (bytes, bitmaps)

@@ -485,8 +485,46 @@ fn compare_harness(
                 ));
             }
         }
+        if let Some(targets) = &output.targets {
+            let printed = fields
+                .last()
+                .and_then(|f| f.strip_prefix('t'))
+                .and_then(|t| t.parse::<u32>().ok());
+            if printed != Some(targets[row]) {
+                return Err(format!(
+                    "row {row}: generated target {printed:?}, the CPU hash says {}",
+                    targets[row]
+                ));
+            }
+        }
     }
     Ok(())
+}
+
+/// Routes `program` by its first one or two numeric device outputs, when
+/// it has any (a `key_by` after the chain).
+fn routed(program: ChainProgram, seed: u64) -> ChainProgram {
+    let keys: Vec<usize> = program
+        .outputs
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| match o {
+            OutputSource::Device(reg) => program.types[*reg as usize] != ValueType::Bool,
+            OutputSource::Host(_) => false,
+        })
+        .map(|(i, _)| i)
+        .take(1 + (seed % 2) as usize)
+        .collect();
+    if keys.is_empty() {
+        return program;
+    }
+    program
+        .with_route(Route {
+            key_columns: keys,
+            max_parallelism: 128,
+            parallelism: 7,
+        })
+        .expect("numeric device outputs route")
 }
 
 /// The generated per-row CUDA text, compiled as host C++ with the few
@@ -511,7 +549,7 @@ fn generated_row_code_compiled_for_the_host_equals_the_twin() {
         Ok(seed) => vec![seed.parse().expect("STRATA_SIM_SEED is a number")],
         Err(_) => (0..400).step_by(13).collect(),
     };
-    let mut checked = 0;
+    let (mut checked, mut routes) = (0, 0);
     for seed in seeds {
         let mut rng = Rng(seed);
         let batch = input(&mut rng);
@@ -525,6 +563,8 @@ fn generated_row_code_compiled_for_the_host_equals_the_twin() {
         else {
             continue;
         };
+        let program = routed(program, seed);
+        routes += usize::from(program.route.is_some());
         let source = dir.path().join(format!("h{seed}.cpp"));
         let binary = dir.path().join(format!("h{seed}"));
         let data = dir.path().join(format!("h{seed}.bin"));
@@ -558,4 +598,5 @@ fn generated_row_code_compiled_for_the_host_equals_the_twin() {
         checked += 1;
     }
     assert!(checked > 10, "only {checked} programs checked");
+    assert!(routes > 5, "only {routes} programs routed");
 }

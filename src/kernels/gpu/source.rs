@@ -77,6 +77,15 @@ pub fn expand_includes(source: KernelSource) -> Result<String, SourceError> {
     Ok(out)
 }
 
+/// A generated source (a fused chain's module) with the embedded headers it
+/// includes expanded.
+pub fn expand_generated(stem: &'static str, text: &str) -> Result<String, SourceError> {
+    let mut out = String::with_capacity(text.len() * 2);
+    let mut included = BTreeSet::new();
+    expand_into(stem, text, &mut included, &mut out)?;
+    Ok(out)
+}
+
 fn expand_into(
     stem: &'static str,
     text: &str,

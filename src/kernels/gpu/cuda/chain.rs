@@ -100,7 +100,9 @@ impl CudaBackend {
     }
 
     fn chain_module(&self, program: &ChainProgram) -> Result<Arc<ChainModule>, KernelError> {
-        let source = cuda_src::cuda_source(program);
+        let source =
+            super::super::source::expand_generated("chain", &cuda_src::cuda_source(program))
+                .map_err(|e| KernelError::Gpu(GpuError::from(e)))?;
         if let Some(module) = lock(&self.chains.modules).get(&source) {
             return Ok(Arc::clone(module));
         }
@@ -388,6 +390,11 @@ impl CudaBackend {
         } else {
             None
         };
+        let mut targets = if program.route.is_some() {
+            Some(self.alloc_bytes(rows * 4, bytes)?)
+        } else {
+            None
+        };
         let n = rows as u64;
         let null_pointer = 0u64;
         let grid = LaunchConfig {
@@ -469,12 +476,16 @@ impl CudaBackend {
         if let Some(ids) = row_ids.as_mut() {
             launch.arg(ids);
         }
+        if let Some(targets) = targets.as_mut() {
+            launch.arg(targets);
+        }
         launch.arg(&mut fault);
         // SAFETY: the arguments follow `chain_write`'s generated signature
         // (inputs as for `chain_count`, the row count, the block offsets or
         // a null pointer, each device output's values and validity words,
-        // the row numbers when the chain has host columns, the fault word);
-        // outputs are sized for every row surviving.
+        // the row numbers when the chain has host columns, the target
+        // subtasks when it routes, the fault word); outputs are sized for
+        // every row surviving.
         unsafe { launch.launch(grid) }.map_err(self.driver_error("cuLaunchKernel", bytes))?;
         let kernels_done = match started {
             Some(_) => Some(
@@ -551,6 +562,9 @@ impl CudaBackend {
         if let Some(ids) = &row_ids {
             self.download_into(&mut staging, 2 * outputs.len(), ids, survivors * 4)?;
         }
+        if let Some(targets) = &targets {
+            self.download_into(&mut staging, 2 * outputs.len() + 1, targets, survivors * 4)?;
+        }
         self.sync()?;
         if !filters && let Some(header) = &staging.header {
             let host = header
@@ -575,9 +589,25 @@ impl CudaBackend {
             );
         }
         let batch = self.assemble(program, pieces, &staging, survivors)?;
+        let targets = match program.route {
+            Some(_) if survivors == 0 => Some(Vec::new()),
+            Some(_) => {
+                let host = staging.down[2 * outputs.len() + 1]
+                    .as_slice()
+                    .map_err(self.driver_error("cuEventSynchronize", 0))?;
+                Some(
+                    host[..survivors * 4]
+                        .chunks_exact(4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect(),
+                )
+            }
+            None => None,
+        };
         Ok(ChainOutput {
             step_rows: program.step_rows(n, &header_host[2..]),
             batch,
+            targets,
         })
     }
 
