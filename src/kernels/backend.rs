@@ -1099,6 +1099,60 @@ mod tests {
     }
 
     #[test]
+    fn a_fused_chain_reruns_on_the_host_twin_after_a_device_error_and_a_fault_is_not_one() {
+        use crate::job::Expr;
+        use crate::kernels::chain::{ChainProgram, ChainStep};
+        use crate::kernels::health::DeviceSlot;
+        use arrow_schema::{DataType, Field, Schema};
+        let faulty = Arc::new(Faulty {
+            broken: true.into(),
+            calls: AtomicU64::new(0),
+        });
+        let gpu: Arc<dyn KernelBackend> = faulty.clone();
+        let reopened = Arc::clone(&gpu);
+        let slot = Arc::new(DeviceSlot::with_backoff(
+            gpu,
+            Box::new(move || Ok(Arc::clone(&reopened))),
+            std::time::Duration::ZERO,
+            std::time::Duration::ZERO,
+        ));
+        let kernels = TieredKernels::on_slot(Arc::clone(&slot), Arc::default());
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(values())]).unwrap();
+        let compile = |text: &str| {
+            let predicate = Expr::parse(text).unwrap();
+            ChainProgram::compile(
+                &schema,
+                &[ChainStep::Filter {
+                    name: "f",
+                    predicate: &predicate,
+                }],
+                &schema,
+            )
+            .unwrap()
+        };
+        let program = compile("v * 2 >= 100");
+        let expected = CpuBackend
+            .run_chain(&program, std::slice::from_ref(&batch))
+            .unwrap();
+        let rerun = kernels
+            .run_chain(&program, std::slice::from_ref(&batch))
+            .unwrap();
+        assert_eq!(rerun, expected);
+        let stats = kernels.stats().snapshot();
+        assert_eq!((stats.device_error_fallbacks, stats.gpu_batches), (1, 0));
+        // A fault of the data fails the batch without blaming the device.
+        faulty.broken.store(false, Ordering::SeqCst);
+        let overflow = compile("v * 4611686018427387904 > 0");
+        let error = kernels
+            .run_chain(&overflow, std::slice::from_ref(&batch))
+            .unwrap_err();
+        assert!(matches!(error, KernelError::Chain(_)), "{error}");
+        assert_eq!(slot.error_count(), 1, "only the device error counts");
+        assert_eq!(kernels.stats().snapshot().device_error_fallbacks, 1);
+    }
+
+    #[test]
     fn an_out_of_service_slot_sends_every_batch_to_the_cpu_twin_without_calling_the_gpu() {
         use crate::kernels::health::DeviceSlot;
         let faulty = Arc::new(Faulty {

@@ -363,6 +363,35 @@ fn kernel_images(
         .collect())
 }
 
+/// Lets the device's stream-ordered memory pool keep up to `bytes` of
+/// freed allocations instead of returning them to the driver at every
+/// synchronization: a chain allocates the same buffers batch after batch,
+/// and with the default threshold (0) each batch would pay cuMemAlloc
+/// again. The slot budget still bounds what is in use. Failing to set it
+/// only costs speed, so it is logged, not an error.
+fn keep_freed_device_memory(context: &Arc<CudaContext>, bytes: u64) {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold: u64 = bytes;
+    // SAFETY: `pool` and `threshold` are live locals the driver writes or
+    // reads during the calls; the device handle is the context's own.
+    let result = unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            .result()
+            .and_then(|()| {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    (&mut threshold as *mut u64).cast(),
+                )
+                .result()
+            })
+    };
+    if let Err(e) = result {
+        tracing::warn!("GPU memory pool keeps nothing freed (release threshold not set: {e})");
+    }
+}
+
 /// The kernels of one GPU, launched on one stream, within one slot's budget.
 pub struct CudaBackend {
     device: GpuDevice,
@@ -402,6 +431,7 @@ impl CudaBackend {
             // stream, and each call synchronizes that stream before it
             // returns, so the ~28 event calls per launch order nothing.
             unsafe { context.disable_event_tracking() };
+            keep_freed_device_memory(&context, pool.budget_bytes());
             Ok((stream, functions))
         };
         let (stream, functions) =
