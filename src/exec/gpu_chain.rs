@@ -265,6 +265,22 @@ mod tests {
         ]))
     }
 
+    /// `scaled` → `large` as one fused program.
+    fn chain_program(predicate: &Expr) -> ChainProgram {
+        let columns = projection();
+        let steps = [
+            ChainStep::Project {
+                name: "scaled",
+                columns: &columns,
+            },
+            ChainStep::Filter {
+                name: "large",
+                predicate,
+            },
+        ];
+        ChainProgram::compile(&input_schema(), &steps, &projected_schema()).unwrap()
+    }
+
     /// The chain as the CPU operators run it.
     fn on_cpu(predicate: &Expr, input: &[RecordBatch]) -> Result<RecordBatch, String> {
         let mut project = ProjectOperator::new("scaled", projection(), projected_schema());
@@ -290,18 +306,7 @@ mod tests {
         budget_bytes: u64,
         coalesce_bytes: u64,
     ) -> (Result<RecordBatch, String>, Arc<OffloadStats>) {
-        let columns = projection();
-        let steps = [
-            ChainStep::Project {
-                name: "scaled",
-                columns: &columns,
-            },
-            ChainStep::Filter {
-                name: "large",
-                predicate,
-            },
-        ];
-        let program = ChainProgram::compile(&input_schema(), &steps, &projected_schema()).unwrap();
+        let program = chain_program(predicate);
         let pool = DevicePool::new(PoolConfig::even(budget_bytes, 1)).unwrap();
         let stats = Arc::new(OffloadStats::default());
         let kernels = Arc::new(TieredKernels::new(
@@ -385,18 +390,7 @@ mod tests {
     #[test]
     fn flush_emits_what_waits_and_nothing_twice() {
         let predicate = Expr::parse("tripled > -1000").unwrap();
-        let columns = projection();
-        let steps = [
-            ChainStep::Project {
-                name: "scaled",
-                columns: &columns,
-            },
-            ChainStep::Filter {
-                name: "large",
-                predicate: &predicate,
-            },
-        ];
-        let program = ChainProgram::compile(&input_schema(), &steps, &projected_schema()).unwrap();
+        let program = chain_program(&predicate);
         let mut op = GpuChainOperator::new(
             "c".into(),
             program,

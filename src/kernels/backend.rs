@@ -1046,23 +1046,32 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_device_error_reruns_on_the_cpu_twin_and_the_slot_reopens_later() {
-        use crate::kernels::health::DeviceSlot;
+    /// A slot over a [`Faulty`] GPU that fails until repaired, reopening
+    /// with no backoff (the next call after a failure reopens).
+    fn broken_slot() -> (
+        Arc<Faulty>,
+        Arc<crate::kernels::health::DeviceSlot>,
+        TieredKernels,
+    ) {
         let faulty = Arc::new(Faulty {
             broken: true.into(),
             calls: AtomicU64::new(0),
         });
         let gpu: Arc<dyn KernelBackend> = faulty.clone();
         let reopened = Arc::clone(&gpu);
-        // No backoff: the next call after the failure reopens.
-        let slot = Arc::new(DeviceSlot::with_backoff(
+        let slot = Arc::new(crate::kernels::health::DeviceSlot::with_backoff(
             gpu,
             Box::new(move || Ok(Arc::clone(&reopened))),
             std::time::Duration::ZERO,
             std::time::Duration::ZERO,
         ));
         let kernels = TieredKernels::on_slot(Arc::clone(&slot), Arc::default());
+        (faulty, slot, kernels)
+    }
+
+    #[test]
+    fn a_device_error_reruns_on_the_cpu_twin_and_the_slot_reopens_later() {
+        let (faulty, slot, kernels) = broken_slot();
         let array = values();
         let expected = CpuBackend.filter_i64(&array, CmpOp::Ge, 100).unwrap();
         assert_eq!(
@@ -1102,21 +1111,8 @@ mod tests {
     fn a_fused_chain_reruns_on_the_host_twin_after_a_device_error_and_a_fault_is_not_one() {
         use crate::job::Expr;
         use crate::kernels::chain::{ChainProgram, ChainStep};
-        use crate::kernels::health::DeviceSlot;
         use arrow_schema::{DataType, Field, Schema};
-        let faulty = Arc::new(Faulty {
-            broken: true.into(),
-            calls: AtomicU64::new(0),
-        });
-        let gpu: Arc<dyn KernelBackend> = faulty.clone();
-        let reopened = Arc::clone(&gpu);
-        let slot = Arc::new(DeviceSlot::with_backoff(
-            gpu,
-            Box::new(move || Ok(Arc::clone(&reopened))),
-            std::time::Duration::ZERO,
-            std::time::Duration::ZERO,
-        ));
-        let kernels = TieredKernels::on_slot(Arc::clone(&slot), Arc::default());
+        let (faulty, slot, kernels) = broken_slot();
         let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
         let batch = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(values())]).unwrap();
         let compile = |text: &str| {

@@ -334,16 +334,24 @@ fn fused_chains_equal_the_evaluator_on_random_programs() {
     assert!(errors > 10, "only {errors} chains failed: faults untested");
 }
 
+/// `predicate` as a one-filter chain over `batch`'s columns.
+fn filter_program(batch: &RecordBatch, predicate: &Expr) -> Result<ChainProgram, String> {
+    let steps = [ChainStep::Filter {
+        name: "f",
+        predicate,
+    }];
+    ChainProgram::compile(batch.schema_ref(), &steps, batch.schema_ref())
+}
+
 #[test]
 fn unread_columns_pass_through_as_host_columns() {
-    let mut rng = Rng(7);
-    let batch = input(&mut rng);
+    let batch = input(&mut Rng(7));
     let predicate = crate::job::Expr::parse("a > 0 and x < 2.0").unwrap();
     let steps = [ChainStep::Filter {
         name: "f",
         predicate: &predicate,
     }];
-    let program = ChainProgram::compile(batch.schema_ref(), &steps, batch.schema_ref()).unwrap();
+    let program = filter_program(&batch, &predicate).unwrap();
     assert!(program.needs_row_ids());
     assert_eq!(
         program.device_inputs(),
@@ -357,14 +365,9 @@ fn unread_columns_pass_through_as_host_columns() {
 
 #[test]
 fn unsupported_shapes_say_why() {
-    let mut rng = Rng(7);
-    let batch = input(&mut rng);
+    let batch = input(&mut Rng(7));
     let predicate = crate::job::Expr::parse("s = 'row1'").unwrap();
-    let steps = [ChainStep::Filter {
-        name: "f",
-        predicate: &predicate,
-    }];
-    let error = ChainProgram::compile(batch.schema_ref(), &steps, batch.schema_ref()).unwrap_err();
+    let error = filter_program(&batch, &predicate).unwrap_err();
     assert!(
         error.contains("`s`") || error.contains("strings"),
         "{error}"
@@ -373,14 +376,9 @@ fn unsupported_shapes_say_why() {
 
 #[test]
 fn generated_source_has_the_three_kernels_and_no_trap() {
-    let mut rng = Rng(3);
-    let batch = input(&mut rng);
+    let batch = input(&mut Rng(3));
     let predicate = crate::job::Expr::parse("a * b > 10 or x / 2.0 <= -1.0").unwrap();
-    let steps = [ChainStep::Filter {
-        name: "f",
-        predicate: &predicate,
-    }];
-    let program = ChainProgram::compile(batch.schema_ref(), &steps, batch.schema_ref()).unwrap();
+    let program = filter_program(&batch, &predicate).unwrap();
     let source = cuda_src::cuda_source(&program);
     for kernel in ["chain_count", "chain_scan", "chain_write"] {
         assert!(source.contains(&format!("void {kernel}(")), "{source}");

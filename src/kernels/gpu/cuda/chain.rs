@@ -82,6 +82,22 @@ struct DeviceColumn {
     validity: Option<CudaSlice<u8>>,
 }
 
+/// The device inputs' kernel arguments, as every chain kernel takes them:
+/// values, then validity words or a null pointer (every row valid).
+fn push_inputs<'a>(
+    launch: &mut cudarc::driver::LaunchArgs<'a>,
+    columns: &'a [DeviceColumn],
+    null_pointer: &'a u64,
+) {
+    for column in columns {
+        launch.arg(&column.values);
+        match &column.validity {
+            Some(v) => launch.arg(v),
+            None => launch.arg(null_pointer),
+        };
+    }
+}
+
 impl CudaBackend {
     /// Times the kernels of every following chain batch (calibration).
     pub fn profile_chains(&self, on: bool) {
@@ -419,13 +435,7 @@ impl CudaBackend {
         };
         if filters {
             let mut launch = self.stream.launch_builder(&module.count);
-            for column in &columns {
-                launch.arg(&column.values);
-                match &column.validity {
-                    Some(v) => launch.arg(v),
-                    None => launch.arg(&null_pointer),
-                };
-            }
+            push_inputs(&mut launch, &columns, &null_pointer);
             launch
                 .arg(&n)
                 .arg(&mut block_counts)
@@ -456,13 +466,7 @@ impl CudaBackend {
             .map_err(self.driver_error("cuLaunchKernel", bytes))?;
         }
         let mut launch = self.stream.launch_builder(&module.write);
-        for column in &columns {
-            launch.arg(&column.values);
-            match &column.validity {
-                Some(v) => launch.arg(v),
-                None => launch.arg(&null_pointer),
-            };
-        }
+        push_inputs(&mut launch, &columns, &null_pointer);
         launch.arg(&n);
         if filters {
             launch.arg(&block_counts);
