@@ -5,6 +5,7 @@ use std::sync::atomic::AtomicU64;
 
 use super::ExecError;
 use super::aggregate::{AggregateOperator, WindowOperator};
+use super::gpu_chain::CoalescePolicy;
 use super::operators::{FilterOperator, Operator, ProjectOperator};
 use super::sink::{
     BlackholeSink, CsvSink, ParquetSink, PrintSink, TwoPhaseCsvSink, TwoPhaseParquetSink,
@@ -43,6 +44,10 @@ pub struct BuildContext<'a> {
     pub gpu: Option<GpuContext>,
     /// Checkpointing is on for the job: file sinks write exactly-once (two-phase commit per checkpoint).
     pub checkpointing: bool,
+    /// The operators placement put on the GPU, whether or not this slot
+    /// has a GPU backend: a GPU-placed aggregate keeps its state in the
+    /// partial form on every slot, so its checkpoints restore anywhere.
+    pub gpu_placed: Vec<usize>,
 }
 
 /// The task input for a source operator.
@@ -215,6 +220,77 @@ fn fused_chain(
     }
 }
 
+/// Device table slots per byte of managed memory: the table mirrors the
+/// operator's managed-memory budget, at most this share of it.
+const AGG_TABLE_BUDGET_SHARE: u64 = 2;
+
+/// A GPU-placed aggregate: a device table in front of a CPU aggregate over
+/// its partials. The table comes from the slot's GPU, else (no backend on
+/// this slot, or the device refuses even the smallest table) from the host
+/// twin, which keeps the same partial state (and is logged).
+fn gpu_aggregate(
+    ctx: &BuildContext<'_>,
+    name: &str,
+    input_schema: &arrow_schema::Schema,
+    keys: Vec<usize>,
+    aggs: &[crate::job::AggSpec],
+    output: arrow_schema::SchemaRef,
+) -> Result<Box<dyn Operator>, ExecError> {
+    use crate::kernels::aggtable::AggProgram;
+    use crate::kernels::backend::{AGG_TABLE_SLOTS_MIN, CpuBackend, KernelBackend};
+    let program = Arc::new(
+        AggProgram::compile(input_schema, &keys, aggs).map_err(|detail| {
+            ExecError::Unsupported {
+                operator: name.to_owned(),
+                detail,
+            }
+        })?,
+    );
+    let host = AggregateOperator::new(
+        name,
+        &program.partial_schema,
+        vec![0],
+        &program.merge_aggs(aggs),
+        output,
+        ctx.memory.clone(),
+        ctx.spill.clone(),
+    )?;
+    let slot_bytes = crate::kernels::aggtable::device_bytes(&program, 1).max(1);
+    let capacity = (ctx.memory.budget_bytes() / AGG_TABLE_BUDGET_SHARE / slot_bytes)
+        .max(AGG_TABLE_SLOTS_MIN)
+        .next_power_of_two();
+    let table = match &ctx.gpu {
+        Some(gpu) => gpu
+            .kernels
+            .open_device_agg_table(Arc::clone(&program), capacity)
+            .map_err(|e| {
+                tracing::warn!("{name}: no GPU aggregation table ({e}); its host twin aggregates");
+                gpu.kernels
+                    .stats()
+                    .cpu_fallback_batches
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            })
+            .ok(),
+        None => None,
+    };
+    let table = match table {
+        Some(table) => table,
+        None => CpuBackend
+            .open_agg_table(Arc::clone(&program), capacity)
+            .map_err(|e| ExecError::Unsupported {
+                operator: name.to_owned(),
+                detail: e.to_string(),
+            })?,
+    };
+    let policy = ctx
+        .gpu
+        .as_ref()
+        .map_or_else(CoalescePolicy::default, |g| g.coalesce);
+    Ok(Box::new(super::gpu_aggregate::GpuAggregateOperator::new(
+        name, program, table, host, policy,
+    )))
+}
+
 /// A non-source operator.
 pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Operator>, ExecError> {
     let plan = ctx.plan;
@@ -237,6 +313,9 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
                 Some(gpu) => Box::new(project.on_gpu(Arc::clone(&gpu.kernels) as _)),
                 None => Box::new(project),
             }
+        }
+        OperatorKind::Aggregate { aggs } if ctx.gpu_placed.contains(&op) => {
+            gpu_aggregate(ctx, &spec.name, &input_schema, keys(), aggs, output)?
         }
         OperatorKind::Aggregate { aggs } => Box::new(AggregateOperator::new(
             &spec.name,

@@ -30,6 +30,13 @@ pub struct CoalescePolicy {
     pub latency: Duration,
 }
 
+impl Default for CoalescePolicy {
+    /// The configuration's defaults.
+    fn default() -> Self {
+        CoalescePolicy::from_config(&crate::config::Config::default())
+    }
+}
+
 impl CoalescePolicy {
     pub fn from_config(config: &crate::config::Config) -> Self {
         CoalescePolicy {

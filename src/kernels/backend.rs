@@ -21,6 +21,7 @@ use arrow_array::types::{Float64Type, Int64Type};
 use arrow_array::{Array, BooleanArray, Float64Array, Int64Array, PrimitiveArray};
 use arrow_schema::ArrowError;
 
+use super::aggtable::{AggProgram, DeviceAggTable, HostAggTable};
 use super::chain::{ChainError, ChainOutput, ChainProgram};
 use super::cpu::aggregate::{AggregateError, Group, KeyedArrays, KeyedValues, aggregate_i64};
 use super::cpu::column::Column;
@@ -156,6 +157,14 @@ pub trait KernelBackend: Send + Sync {
         program: &ChainProgram,
         pieces: &[RecordBatch],
     ) -> Result<ChainOutput, KernelError>;
+
+    /// A keyed aggregation table of `capacity` slots that stays on this
+    /// tier across batches (`kernels::aggtable`).
+    fn open_agg_table(
+        &self,
+        program: Arc<AggProgram>,
+        capacity: u64,
+    ) -> Result<Box<dyn DeviceAggTable>, KernelError>;
 }
 
 /// The pieces as one batch (the host twin and the simulator run on one).
@@ -284,6 +293,14 @@ impl KernelBackend for CpuBackend {
     ) -> Result<ChainOutput, KernelError> {
         let input = coalesce(program, pieces)?;
         Ok(super::chain::interp::run(program, &input)?)
+    }
+
+    fn open_agg_table(
+        &self,
+        program: Arc<AggProgram>,
+        capacity: u64,
+    ) -> Result<Box<dyn DeviceAggTable>, KernelError> {
+        Ok(Box::new(HostAggTable::new(program, capacity, None)))
     }
 }
 
@@ -826,9 +843,58 @@ impl KernelBackend for TieredKernels {
         };
         self.chain_piece(&gpu, program, pieces, 0)
     }
+
+    fn open_agg_table(
+        &self,
+        program: Arc<AggProgram>,
+        capacity: u64,
+    ) -> Result<Box<dyn DeviceAggTable>, KernelError> {
+        self.open_device_agg_table(program, capacity)
+    }
 }
 
+/// Slots below which a device aggregation table is not worth opening: the
+/// operator aggregates on the CPU instead.
+pub const AGG_TABLE_SLOTS_MIN: u64 = 1 << 12;
+
 impl TieredKernels {
+    /// A device aggregation table: halved while the device refuses its
+    /// memory, down to [`AGG_TABLE_SLOTS_MIN`] slots; a device error takes
+    /// the slot out of service. An error means the caller aggregates on
+    /// the CPU.
+    pub fn open_device_agg_table(
+        &self,
+        program: Arc<AggProgram>,
+        capacity: u64,
+    ) -> Result<Box<dyn DeviceAggTable>, KernelError> {
+        let Some(gpu) = self.gpu(0) else {
+            return Err(KernelError::Gpu(GpuError::NoGpu {
+                reason: "the slot's GPU is out of service after a device error".into(),
+            }));
+        };
+        let mut capacity = capacity.max(AGG_TABLE_SLOTS_MIN);
+        loop {
+            match gpu.open_agg_table(Arc::clone(&program), capacity) {
+                Ok(table) => {
+                    return Ok(Box::new(ReportingTable {
+                        inner: table,
+                        slot: Arc::clone(&self.slot),
+                        gpu: Arc::clone(&gpu),
+                    }));
+                }
+                Err(KernelError::DeviceOutOfMemory(_)) if capacity / 2 >= AGG_TABLE_SLOTS_MIN => {
+                    self.stats.oom_splits.fetch_add(1, Ordering::Relaxed);
+                    capacity /= 2;
+                }
+                Err(KernelError::Gpu(error)) => {
+                    self.device_failed(&gpu, &error, 0);
+                    return Err(KernelError::Gpu(error));
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+
     /// A device batch of a chain; on a memory refusal, its halves (by
     /// pieces, or by rows when one piece is left), then the host twin.
     fn chain_piece(
@@ -894,6 +960,44 @@ impl TieredKernels {
             }
             Err(other) => Err(other),
         }
+    }
+}
+
+/// A device table whose device errors take its slot out of service (the
+/// state on it is lost: the task fails and restarts from its checkpoint).
+struct ReportingTable {
+    inner: Box<dyn DeviceAggTable>,
+    slot: Arc<DeviceSlot>,
+    gpu: Arc<dyn KernelBackend>,
+}
+
+impl ReportingTable {
+    fn report<T>(&self, result: Result<T, KernelError>) -> Result<T, KernelError> {
+        if let Err(KernelError::Gpu(error)) = &result {
+            self.slot
+                .report_failure(&self.gpu, error, std::time::Instant::now());
+        }
+        result
+    }
+}
+
+impl DeviceAggTable for ReportingTable {
+    fn upsert(&mut self, pieces: &[RecordBatch]) -> Result<(), KernelError> {
+        let result = self.inner.upsert(pieces);
+        self.report(result)
+    }
+
+    fn groups(&self) -> u64 {
+        self.inner.groups()
+    }
+
+    fn capacity(&self) -> u64 {
+        self.inner.capacity()
+    }
+
+    fn drain(&mut self) -> Result<RecordBatch, KernelError> {
+        let result = self.inner.drain();
+        self.report(result)
     }
 }
 
@@ -1043,6 +1147,15 @@ mod tests {
         ) -> Result<ChainOutput, KernelError> {
             self.check()?;
             CpuBackend.run_chain(program, pieces)
+        }
+
+        fn open_agg_table(
+            &self,
+            program: Arc<AggProgram>,
+            capacity: u64,
+        ) -> Result<Box<dyn DeviceAggTable>, KernelError> {
+            self.check()?;
+            CpuBackend.open_agg_table(program, capacity)
         }
     }
 

@@ -9,6 +9,7 @@
 //! detects GPUs (never panicking on a machine without one) and keeps the
 //! per-slot device memory budgets.
 
+pub mod aggtable;
 pub mod backend;
 pub mod chain;
 pub mod cpu;

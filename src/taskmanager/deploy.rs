@@ -828,6 +828,7 @@ fn build_and_run(
         printed,
         gpu,
         checkpointing: checkpoints.is_some(),
+        gpu_placed: tdd.gpu_operators.clone(),
     };
     let head = vertex.operators[0];
     let is_source = plan.spec.operators[head].input.is_none();

@@ -176,6 +176,7 @@ fn build_task(
         printed: Arc::new(AtomicU64::new(0)),
         gpu: None,
         checkpointing: true,
+        gpu_placed: Vec::new(),
     };
     let head = vertex.operators[0];
     let is_source = cx.plan.spec.operators[head].input.is_none();

@@ -20,6 +20,7 @@
 //! `cudarc`. Each block says what it relies on.
 #![allow(unsafe_code)]
 
+mod aggtable;
 mod chain;
 pub mod measure;
 
@@ -392,6 +393,25 @@ fn keep_freed_device_memory(context: &Arc<CudaContext>, bytes: u64) {
     }
 }
 
+/// A driver error of slot `slot_index` as a kernel error; the device's own
+/// out-of-memory is one the caller may split on, like the pool's.
+fn driver_error_in(
+    slot_index: usize,
+    call: &'static str,
+    bytes: u64,
+) -> impl Fn(DriverError) -> KernelError {
+    move |e| {
+        if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            KernelError::DeviceOutOfMemory(PoolError::DeviceRefused {
+                slot_index,
+                requested_bytes: bytes,
+            })
+        } else {
+            KernelError::Gpu(driver(call)(e))
+        }
+    }
+}
+
 /// The kernels of one GPU, launched on one stream, within one slot's budget.
 pub struct CudaBackend {
     device: GpuDevice,
@@ -462,17 +482,7 @@ impl CudaBackend {
     /// A driver error as a kernel error; the device's own out-of-memory is
     /// one the caller may split on, like the pool's.
     fn driver_error(&self, call: &'static str, bytes: u64) -> impl Fn(DriverError) -> KernelError {
-        let slot_index = self.pool.slot_index();
-        move |e| {
-            if e.0 == cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-                KernelError::DeviceOutOfMemory(PoolError::DeviceRefused {
-                    slot_index,
-                    requested_bytes: bytes,
-                })
-            } else {
-                KernelError::Gpu(driver(call)(e))
-            }
-        }
+        driver_error_in(self.pool.slot_index(), call, bytes)
     }
 
     fn upload<T: DeviceRepr>(&self, host: &[T], bytes: u64) -> Result<CudaSlice<T>, KernelError> {
@@ -1275,6 +1285,14 @@ impl KernelBackend for CudaBackend {
         pieces: &[arrow_array::RecordBatch],
     ) -> Result<crate::kernels::chain::ChainOutput, KernelError> {
         self.run_chain_on_device(program, pieces)
+    }
+
+    fn open_agg_table(
+        &self,
+        program: Arc<crate::kernels::aggtable::AggProgram>,
+        capacity: u64,
+    ) -> Result<Box<dyn crate::kernels::aggtable::DeviceAggTable>, KernelError> {
+        Ok(Box::new(self.open_device_table(program, capacity)?))
     }
 }
 

@@ -8,6 +8,9 @@ use arrow_array::{BooleanArray, Float64Array, Int64Array, RecordBatch};
 
 use super::LaunchBytes;
 use super::pool::SlotPool;
+use std::sync::Arc;
+
+use crate::kernels::aggtable::{AggProgram, DeviceAggTable, HostAggTable};
 use crate::kernels::backend::{CpuBackend, KernelBackend, KernelError, Tier};
 use crate::kernels::chain::{ChainOutput, ChainProgram, DeviceTraffic};
 use crate::kernels::cpu::aggregate::{Group, KeyedArrays};
@@ -181,5 +184,15 @@ impl KernelBackend for SimulatedGpuBackend {
         let plan = DeviceTraffic::plan(program, pieces, rows);
         let _held = self.reserve(plan.device_bytes)?;
         CpuBackend.run_chain(program, pieces)
+    }
+
+    /// The host twin of the table, its slots held in the device budget.
+    fn open_agg_table(
+        &self,
+        program: Arc<AggProgram>,
+        capacity: u64,
+    ) -> Result<Box<dyn DeviceAggTable>, KernelError> {
+        let held = self.reserve(crate::kernels::aggtable::device_bytes(&program, capacity))?;
+        Ok(Box::new(HostAggTable::new(program, capacity, Some(held))))
     }
 }

@@ -149,7 +149,15 @@ pub fn gpu_chain_cost(
         h2d_batch_bytes / gpu.host_copy_bytes_per_s + h2d_batch_bytes / gpu.h2d_pinned_bytes_per_s;
     let d2h_batch_s = d2h_batch_bytes / gpu.d2h_pinned_bytes_per_s
         + (d2h_batch_bytes + gather_batch_bytes) / gpu.host_copy_bytes_per_s;
-    let (chain_s, compute_rate_source) = match chain_rate_at(&gpu.chain_rates, h2d_batch_bytes) {
+    let aggregates = shape.families.contains(&KernelFamily::Aggregate);
+    // The measured chain rates are the fused filter/project program's; a
+    // device aggregation table is priced by its own kernel's rate.
+    let chain_rate = if aggregates {
+        None
+    } else {
+        chain_rate_at(&gpu.chain_rates, h2d_batch_bytes)
+    };
+    let (chain_s, compute_rate_source) = match chain_rate {
         Some(rate) => (h2d_batch_bytes / rate, ComputeRateSource::MeasuredChain),
         None => (
             shape
@@ -167,8 +175,14 @@ pub fn gpu_chain_cost(
     };
     let compute_batch_s = chain_s + hash_s;
     let filters = shape.families.contains(&KernelFamily::Filter);
+    // An aggregation table batch is one upsert kernel and one wait (for the
+    // group count); a chain batch its kernels and memsets.
     let kernels = if filters { CHAIN_KERNELS } else { 1 };
-    let memsets = 1 + u64::from(shape.output_column_count) + u64::from(filters);
+    let memsets = if aggregates {
+        0
+    } else {
+        1 + u64::from(shape.output_column_count) + u64::from(filters)
+    };
     let hash_kernels = if shape.gpu_key_hash {
         GPU_KEY_HASH_KERNELS
     } else {
@@ -282,6 +296,23 @@ pub fn chain_shape(
         match &ops[index].kind {
             OperatorKind::Filter { predicate } => {
                 for name in predicate.columns() {
+                    reference(name, &mut residence, &mut uploaded);
+                }
+            }
+            OperatorKind::Aggregate { aggs } => {
+                // The key and the aggregated columns go up; the groups come
+                // back when the device table drains.
+                let input = ops[index].input.expect("aggregates have an input");
+                let key_names: Vec<String> = plan.keyed[input]
+                    .clone()
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|&k| plan.schemas[input].field(k).name().clone())
+                    .collect();
+                for name in key_names
+                    .iter()
+                    .chain(aggs.iter().filter_map(|a| a.column.as_ref()))
+                {
                     reference(name, &mut residence, &mut uploaded);
                 }
             }

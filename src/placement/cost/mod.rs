@@ -111,14 +111,16 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
                 },
             ),
         ),
-        (OperatorKind::Aggregate { .. }, _) => Capability::CpuOnly {
-            family: KernelFamily::Aggregate,
-            // The keyed-aggregation kernel is dispatched on the kernel
-            // backend (`aggregate_i64`), but the aggregate operator still
-            // keeps its state in managed memory on the CPU: placing it on the
-            // GPU would report a tier it does not run on.
-            reason: "the aggregate operator does not run the GPU aggregation kernel yet".into(),
-        },
+        (OperatorKind::Aggregate { aggs }, Some(schema)) => {
+            let keys = op
+                .input
+                .and_then(|input| plan.keyed[input].clone())
+                .unwrap_or_default();
+            gpu_or(
+                KernelFamily::Aggregate,
+                crate::kernels::aggtable::AggProgram::compile(schema, &keys, aggs).map(|_| ()),
+            )
+        }
         (OperatorKind::Window { .. }, _) => Capability::CpuOnly {
             family: KernelFamily::Aggregate,
             reason: "no GPU kernel for event-time windows".into(),
