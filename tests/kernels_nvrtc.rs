@@ -390,6 +390,35 @@ fn generated_chain_kernels_compile_with_nvrtc_for_sm80_and_sm90() {
         std::fs::write(&path, cuda_src::cuda_source(&program)).expect("write the source");
         sources.push(path);
     }
+    // The GPU aggregation table's kernels, for one and for two value columns.
+    let agg = |func, column: Option<&str>, output: &str| strata::job::AggSpec {
+        func,
+        column: column.map(str::to_owned),
+        output: output.to_owned(),
+    };
+    use strata::job::AggFunc::{Count, Max, Min, Sum};
+    for (stem, aggs) in [
+        (
+            "aggregate_table_one",
+            vec![agg(Count, None, "n"), agg(Sum, Some("value"), "s")],
+        ),
+        (
+            "aggregate_table_two",
+            vec![
+                agg(Count, Some("value"), "c"),
+                agg(Min, Some("value"), "lo"),
+                agg(Max, Some("key"), "hi"),
+                agg(Sum, Some("key"), "sk"),
+            ],
+        ),
+    ] {
+        let program = strata::kernels::aggtable::AggProgram::compile(&input, &[0], &aggs)
+            .expect("the aggregation runs on the device");
+        let path = dir.join(format!("{stem}.cu"));
+        std::fs::write(&path, strata::kernels::aggtable::cuda_source(&program))
+            .expect("write the source");
+        sources.push(path);
+    }
     let out_dir = work_dir("chain_kernels_nvrtc");
     let Some(run) = run_nvrtc(&sources, &out_dir, cuda_src::COMPILE_OPTIONS) else {
         println!("skipped: NVRTC not installed (run scripts/install_cuda_tools.sh)");

@@ -174,6 +174,14 @@ pub fn render(s: &JobSummary) -> String {
                 human_count(o.cpu_fallback_rows),
                 human_count(o.device_error_fallbacks)
             );
+            if o.agg_batches > 0 {
+                let _ = writeln!(
+                    out,
+                    "  gpu aggregation: {} device batches into device tables, {} drains into managed memory",
+                    human_count(o.agg_batches),
+                    human_count(o.agg_drains)
+                );
+            }
             if o.chain_batches > 0 {
                 let _ = writeln!(
                     out,

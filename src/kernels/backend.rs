@@ -328,6 +328,10 @@ pub struct OffloadStats {
     pub syncs: AtomicU64,
     /// Rows whose `key_by` target the device computed (`chain::Route`).
     pub routed_rows: AtomicU64,
+    /// Device batches upserted into GPU aggregation tables, and the tables'
+    /// drains into managed memory.
+    pub agg_batches: AtomicU64,
+    pub agg_drains: AtomicU64,
 }
 
 impl OffloadStats {
@@ -346,6 +350,8 @@ impl OffloadStats {
             launches: load(&self.launches),
             syncs: load(&self.syncs),
             routed_rows: load(&self.routed_rows),
+            agg_batches: load(&self.agg_batches),
+            agg_drains: load(&self.agg_drains),
         }
     }
 
@@ -384,6 +390,10 @@ pub struct OffloadSnapshot {
     pub syncs: u64,
     #[serde(default)]
     pub routed_rows: u64,
+    #[serde(default)]
+    pub agg_batches: u64,
+    #[serde(default)]
+    pub agg_drains: u64,
 }
 
 impl OffloadSnapshot {
@@ -401,6 +411,8 @@ impl OffloadSnapshot {
         self.launches += other.launches;
         self.syncs += other.syncs;
         self.routed_rows += other.routed_rows;
+        self.agg_batches += other.agg_batches;
+        self.agg_drains += other.agg_drains;
     }
 }
 
@@ -880,6 +892,7 @@ impl TieredKernels {
                         inner: table,
                         slot: Arc::clone(&self.slot),
                         gpu: Arc::clone(&gpu),
+                        stats: Arc::clone(&self.stats),
                     }));
                 }
                 Err(KernelError::DeviceOutOfMemory(_)) if capacity / 2 >= AGG_TABLE_SLOTS_MIN => {
@@ -969,6 +982,7 @@ struct ReportingTable {
     inner: Box<dyn DeviceAggTable>,
     slot: Arc<DeviceSlot>,
     gpu: Arc<dyn KernelBackend>,
+    stats: Arc<OffloadStats>,
 }
 
 impl ReportingTable {
@@ -984,6 +998,7 @@ impl ReportingTable {
 impl DeviceAggTable for ReportingTable {
     fn upsert(&mut self, pieces: &[RecordBatch]) -> Result<(), KernelError> {
         let result = self.inner.upsert(pieces);
+        self.stats.agg_batches.fetch_add(1, Ordering::Relaxed);
         self.report(result)
     }
 
@@ -997,6 +1012,7 @@ impl DeviceAggTable for ReportingTable {
 
     fn drain(&mut self) -> Result<RecordBatch, KernelError> {
         let result = self.inner.drain();
+        self.stats.agg_drains.fetch_add(1, Ordering::Relaxed);
         self.report(result)
     }
 }
