@@ -126,7 +126,7 @@ pub fn render(s: &ClusterSnapshot) -> String {
         let _ = writeln!(out, "strata_jobs{{state=\"{label}\"}} {n}");
     }
     let jobs: Vec<&JobSummary> = s.running.iter().chain(&s.completed).collect();
-    let per_job: [JobCounter; 16] = [
+    let per_job: [JobCounter; 24] = [
         (
             "strata_job_rows_in_total",
             "Rows read by the job's sources.",
@@ -176,6 +176,46 @@ pub fn render(s: &ClusterSnapshot) -> String {
             "strata_job_gpu_device_error_fallbacks_total",
             "Batch pieces of GPU-placed operators run on the CPU twin after a device error (the backend out of service until reopened).",
             |j| j.gpu_offload.device_error_fallbacks,
+        ),
+        (
+            "strata_job_gpu_chain_batches_total",
+            "Coalesced device batches of fused GPU chains.",
+            |j| j.gpu_offload.chain_batches,
+        ),
+        (
+            "strata_job_gpu_h2d_bytes_total",
+            "Bytes fused GPU chains copied to the device.",
+            |j| j.gpu_offload.h2d_bytes,
+        ),
+        (
+            "strata_job_gpu_d2h_bytes_total",
+            "Bytes fused GPU chains copied back to the host.",
+            |j| j.gpu_offload.d2h_bytes,
+        ),
+        (
+            "strata_job_gpu_launches_total",
+            "Kernel launches and memsets of fused GPU chains.",
+            |j| j.gpu_offload.launches,
+        ),
+        (
+            "strata_job_gpu_stream_waits_total",
+            "Host waits on a GPU stream by fused GPU chains.",
+            |j| j.gpu_offload.syncs,
+        ),
+        (
+            "strata_job_gpu_routed_rows_total",
+            "Rows whose key_by target subtask the GPU computed.",
+            |j| j.gpu_offload.routed_rows,
+        ),
+        (
+            "strata_job_gpu_aggregation_batches_total",
+            "Device batches upserted into GPU aggregation tables.",
+            |j| j.gpu_offload.agg_batches,
+        ),
+        (
+            "strata_job_gpu_aggregation_drains_total",
+            "GPU aggregation tables drained into managed memory.",
+            |j| j.gpu_offload.agg_drains,
         ),
         (
             "strata_job_spill_written_bytes_total",
