@@ -54,6 +54,8 @@ struct Cluster {
     addr: String,
     checkpoints: PathBuf,
     dir: tempfile::TempDir,
+    /// Environment of the TaskManagers (a simulated GPU).
+    tm_env: Vec<(String, String)>,
 }
 
 impl Cluster {
@@ -80,16 +82,16 @@ impl Cluster {
             addr,
             checkpoints,
             dir,
+            tm_env: Vec::new(),
         }
     }
 
     /// Starts a TaskManager and returns once it has registered (and
     /// offered its slot to the JobManager).
     fn taskmanager(&self) -> Logged {
-        let tm = spawn_logged(
-            strata(&["taskmanager", "--jobmanager", &self.addr], &self.settings),
-            "TaskManager data port ",
-        );
+        let mut command = strata(&["taskmanager", "--jobmanager", &self.addr], &self.settings);
+        command.envs(self.tm_env.iter().map(|(k, v)| (k, v)));
+        let tm = spawn_logged(command, "TaskManager data port ");
         tm.wait_for_line("registered with the JobManager as", Duration::from_secs(60));
         tm
     }
@@ -225,7 +227,25 @@ fn assert_same_output(actual: &[(String, Vec<u8>)], expected: &[(String, Vec<u8>
 
 #[test]
 fn killing_a_taskmanager_mid_job_restores_from_a_checkpoint_and_commits_exactly_once() {
-    let cluster = Cluster::start();
+    kill_mid_job_and_compare(Cluster::start());
+}
+
+/// The same with the keyed aggregate on (simulated) GPUs: its state lives
+/// in device tables, drained into the checkpointed host state at every
+/// barrier, so a killed TaskManager's groups come back from the checkpoint
+/// and the output is byte-identical to the run without a failure.
+#[test]
+fn killing_a_taskmanager_with_a_gpu_aggregate_restores_its_device_state_exactly_once() {
+    let mut cluster = Cluster::start_with(&["placement.mode=gpu"]);
+    cluster.tm_env = vec![("STRATA_SIMULATE_GPU_BYTES".into(), "1000000000".into())];
+    let stdout = kill_mid_job_and_compare(cluster);
+    assert!(stdout.contains("tier GPU for totals"), "{stdout}");
+    assert!(stdout.contains("gpu aggregation: "), "{stdout}");
+}
+
+/// Runs the job once without failure for the reference, then again with a
+/// TaskManager killed after a checkpoint; returns the second run's summary.
+fn kill_mid_job_and_compare(cluster: Cluster) -> String {
     let _tm1 = cluster.taskmanager();
     let mut tm2 = cluster.taskmanager();
 
@@ -252,6 +272,7 @@ fn killing_a_taskmanager_mid_job_restores_from_a_checkpoint_and_commits_exactly_
     assert!(stdout.contains("restored from chk-"), "{stdout}");
     assert_same_output(&committed(&out), &expected);
     drop(tm2);
+    stdout
 }
 
 /// The newest completed checkpoint directory of the only job that has one.
