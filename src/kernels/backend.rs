@@ -922,11 +922,13 @@ impl TieredKernels {
             Ok(result) => {
                 self.stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
                 self.stats
-                    .count_chain_batch(&super::chain::DeviceTraffic::plan(
-                        program,
-                        pieces,
-                        result.batch.num_rows() as u64,
-                    ));
+                    .count_chain_batch(&result.traffic.unwrap_or_else(|| {
+                        super::chain::DeviceTraffic::plan(
+                            program,
+                            pieces,
+                            result.batch.num_rows() as u64,
+                        )
+                    }));
                 if let Some(targets) = &result.targets {
                     self.stats
                         .routed_rows

@@ -69,6 +69,7 @@ pub fn run(program: &ChainProgram, input: &RecordBatch) -> Result<ChainOutput, C
         step_rows: program.step_rows(rows as u64, &keep_rows),
         batch,
         targets,
+        traffic: None,
     })
 }
 

@@ -186,6 +186,10 @@ pub struct ChainOutput {
     pub step_rows: Vec<u64>,
     /// Each row's target subtask, when the program routes ([`Route`]).
     pub targets: Option<Vec<u32>>,
+    /// What the batch really cost the device, where the backend measured
+    /// it (the CUDA executor adapts its downloads and waits); `None`: its
+    /// [`DeviceTraffic::plan`].
+    pub traffic: Option<DeviceTraffic>,
 }
 
 impl ChainOutput {
@@ -206,10 +210,22 @@ impl ChainOutput {
             }
             _ => None,
         };
+        let traffic = match (self.traffic, other.traffic) {
+            (Some(a), Some(b)) => Some(DeviceTraffic {
+                rows: a.rows + b.rows,
+                h2d_bytes: a.h2d_bytes + b.h2d_bytes,
+                d2h_bytes: a.d2h_bytes + b.d2h_bytes,
+                launches: a.launches + b.launches,
+                syncs: a.syncs + b.syncs,
+                device_bytes: a.device_bytes.max(b.device_bytes),
+            }),
+            _ => None,
+        };
         Ok(ChainOutput {
             batch,
             step_rows,
             targets,
+            traffic,
         })
     }
 }

@@ -59,7 +59,15 @@ struct ChainModule {
     count: CudaFunction,
     scan: CudaFunction,
     write: CudaFunction,
+    /// Permille of rows the program's last device batch kept: at
+    /// [`SINGLE_WAIT_KEPT_PERMILLE`] or more, the next batch downloads its
+    /// outputs at full size and waits once.
+    kept_permille: std::sync::atomic::AtomicU64,
 }
+
+/// See [`ChainModule::kept_permille`]: downloading the dropped rows too
+/// costs at most as much again as the kept ones, and saves a round trip.
+const SINGLE_WAIT_KEPT_PERMILLE: u64 = 500;
 
 /// Pinned host buffers reused across batches: `up[k]` stages device input
 /// `k` (values, then validity words), `down[j]` receives output `j`.
@@ -160,6 +168,7 @@ impl CudaBackend {
             count: function("chain_count")?,
             scan: function("chain_scan")?,
             write: function("chain_write")?,
+            kept_permille: std::sync::atomic::AtomicU64::new(1000),
         });
         let mut modules = lock(&self.chains.modules);
         if modules.len() >= MODULES_MAX {
@@ -499,14 +508,20 @@ impl CudaBackend {
             ),
             None => None,
         };
-        // The survivor count and the fault word: one small wait with a
-        // filter, which sizes the downloads. Host words: the survivor count, the fault word, then the rows
-        // alive after each filter.
+        // One wait or two. When most rows survived the program's last
+        // batch, every output is copied back at full size right behind the
+        // kernels and the host waits once; otherwise it first waits for the
+        // 16-byte survivor count (and fault word and filter counters), which
+        // sizes the downloads, and then for them.
+        let kept_permille = module
+            .kept_permille
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let single_wait = !filters || kept_permille >= SINGLE_WAIT_KEPT_PERMILLE;
         let header_len = 2 + keeps;
         if staging.header.as_ref().is_none_or(|b| b.len() < header_len) {
             staging.header = Some(self.pinned::<u64>(header_len, false)?);
         }
-        let header_host: Vec<u64> = {
+        {
             let Some(buffer) = staging.header.as_mut() else {
                 unreachable!("allocated above")
             };
@@ -526,11 +541,8 @@ impl CudaBackend {
                 }
                 .map_err(self.driver_error("cuMemcpyDtoHAsync", 0))
             };
-            {
-                let (pointer, _record) =
-                    cudarc::driver::DevicePtr::device_ptr(&fault, &self.stream);
-                copy(1..2, pointer)?;
-            }
+            let (pointer, _record) = cudarc::driver::DevicePtr::device_ptr(&fault, &self.stream);
+            copy(1..2, pointer)?;
             if filters {
                 let (pointer, _record) =
                     cudarc::driver::DevicePtr::device_ptr(&header, &self.stream);
@@ -538,51 +550,37 @@ impl CudaBackend {
                 let (pointer, _record) =
                     cudarc::driver::DevicePtr::device_ptr(&keep_counts, &self.stream);
                 copy(2..2 + keeps, pointer)?;
-                self.sync()?;
             } else {
                 host[0] = n;
             }
-            host[..header_len].to_vec()
+        }
+        let mut syncs = 1;
+        let downloaded_rows = if single_wait {
+            rows
+        } else {
+            self.sync()?;
+            syncs = 2;
+            let survivors = self.header_word(&staging, 0)? as usize;
+            self.check_fault(program, &staging)?;
+            survivors
         };
-        let survivors = header_host[0] as usize;
-        if filters && let Some((instr, row, zero)) = cuda_src::decode_fault(header_host[1]) {
-            let fault = if zero {
-                Fault::DivideByZero
-            } else {
-                Fault::Overflow
-            };
-            return Err(program.fault(instr, row, fault).into());
-        }
-        let words = bitmap_word_bytes(survivors as u64) as usize;
-        for (j, (ty, values, validity)) in outputs.iter().enumerate() {
-            let value_len = if *ty == ValueType::Bool {
-                words
-            } else {
-                survivors * 8
-            };
-            self.download_into(&mut staging, 2 * j, values, value_len)?;
-            self.download_into(&mut staging, 2 * j + 1, validity, words)?;
-        }
-        if let Some(ids) = &row_ids {
-            self.download_into(&mut staging, 2 * outputs.len(), ids, survivors * 4)?;
-        }
-        if let Some(targets) = &targets {
-            self.download_into(&mut staging, 2 * outputs.len() + 1, targets, survivors * 4)?;
-        }
+        let d2h_bytes = self.download_outputs(
+            &mut staging,
+            &outputs,
+            row_ids.as_ref(),
+            targets.as_ref(),
+            downloaded_rows,
+        )? + 8 * header_len as u64;
         self.sync()?;
-        if !filters && let Some(header) = &staging.header {
-            let host = header
-                .as_slice()
-                .map_err(self.driver_error("cuEventSynchronize", 0))?;
-            if let Some((instr, row, zero)) = cuda_src::decode_fault(host[1]) {
-                let fault = if zero {
-                    Fault::DivideByZero
-                } else {
-                    Fault::Overflow
-                };
-                return Err(program.fault(instr, row, fault).into());
-            }
-        }
+        self.check_fault(program, &staging)?;
+        let header_host: Vec<u64> = (0..header_len)
+            .map(|i| self.header_word(&staging, i))
+            .collect::<Result<_, _>>()?;
+        let survivors = header_host[0] as usize;
+        module.kept_permille.store(
+            (survivors as u64 * 1000).checked_div(n).unwrap_or(1000),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         if let (Some(start), Some(end)) = (&started, &kernels_done) {
             let ms = start
                 .elapsed_ms(end)
@@ -612,7 +610,71 @@ impl CudaBackend {
             step_rows: program.step_rows(n, &header_host[2..]),
             batch,
             targets,
+            traffic: Some(DeviceTraffic {
+                d2h_bytes,
+                syncs,
+                ..plan
+            }),
         })
+    }
+
+    /// Word `index` of the pinned header (after a sync).
+    fn header_word(&self, staging: &Staging, index: usize) -> Result<u64, KernelError> {
+        let Some(header) = &staging.header else {
+            unreachable!("the header is staged before any wait")
+        };
+        let host = header
+            .as_slice()
+            .map_err(self.driver_error("cuEventSynchronize", 0))?;
+        Ok(host[index])
+    }
+
+    /// The fault the kernels recorded, as the evaluator's error.
+    fn check_fault(&self, program: &ChainProgram, staging: &Staging) -> Result<(), KernelError> {
+        match cuda_src::decode_fault(self.header_word(staging, 1)?) {
+            Some((instr, row, zero)) => {
+                let fault = if zero {
+                    Fault::DivideByZero
+                } else {
+                    Fault::Overflow
+                };
+                Err(program.fault(instr, row, fault).into())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Enqueues the copies of the first `rows` rows of every output into
+    /// pinned staging; returns their bytes.
+    fn download_outputs(
+        &self,
+        staging: &mut Staging,
+        outputs: &[(ValueType, CudaSlice<u8>, CudaSlice<u8>)],
+        row_ids: Option<&CudaSlice<u8>>,
+        targets: Option<&CudaSlice<u8>>,
+        rows: usize,
+    ) -> Result<u64, KernelError> {
+        let words = bitmap_word_bytes(rows as u64) as usize;
+        let mut bytes = 0;
+        for (j, (ty, values, validity)) in outputs.iter().enumerate() {
+            let value_len = if *ty == ValueType::Bool {
+                words
+            } else {
+                rows * 8
+            };
+            self.download_into(staging, 2 * j, values, value_len)?;
+            self.download_into(staging, 2 * j + 1, validity, words)?;
+            bytes += value_len + words;
+        }
+        if let Some(ids) = row_ids {
+            self.download_into(staging, 2 * outputs.len(), ids, rows * 4)?;
+            bytes += rows * 4;
+        }
+        if let Some(targets) = targets {
+            self.download_into(staging, 2 * outputs.len() + 1, targets, rows * 4)?;
+            bytes += rows * 4;
+        }
+        Ok(bytes as u64)
     }
 
     /// The result batch from the downloaded outputs (copied out of pinned
