@@ -420,6 +420,9 @@ pub struct CudaBackend {
     pool: SlotPool,
     /// Fused chains' modules and the slot's pinned staging.
     chains: chain::ChainCache,
+    /// The second stream a fused chain's device batch uses, so that one
+    /// half's copies overlap the other's (see `cuda/chain.rs`).
+    side_stream: Arc<CudaStream>,
 }
 
 impl CudaBackend {
@@ -445,16 +448,18 @@ impl CudaBackend {
             // One stream per slot backend, so that slots sharing a GPU do
             // not serialise on the legacy default stream.
             let stream = context.new_stream().map_err(driver("cuStreamCreate"))?;
+            let side_stream = context.new_stream().map_err(driver("cuStreamCreate"))?;
             // SAFETY: cudarc records an event on every buffer use so that
             // buffers shared across streams are ordered; here every device
-            // buffer is allocated, used and freed on this backend's one
-            // stream, and each call synchronizes that stream before it
+            // buffer is allocated, used and freed on one stream (the
+            // backend's, or the side stream for the second half of a chain
+            // batch), and each call synchronizes its streams before it
             // returns, so the ~28 event calls per launch order nothing.
             unsafe { context.disable_event_tracking() };
             keep_freed_device_memory(&context, pool.budget_bytes());
-            Ok((stream, functions))
+            Ok((stream, side_stream, functions))
         };
-        let (stream, functions) =
+        let (stream, side_stream, functions) =
             catch_unwind(AssertUnwindSafe(open)).map_err(|_| GpuError::NoGpu {
                 reason: format!("opening GPU {} panicked in the CUDA driver", device.ordinal),
             })??;
@@ -464,6 +469,7 @@ impl CudaBackend {
             functions,
             pool,
             chains: chain::ChainCache::default(),
+            side_stream,
         })
     }
 

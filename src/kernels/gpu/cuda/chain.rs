@@ -1,20 +1,25 @@
 //! Fused chains on the device: one coalesced batch up, three kernels, the
-//! survivors down.
+//! survivors down, on two streams so that copies overlap.
 //!
-//! The batch's device input columns are packed from the coalesced pieces
-//! into the slot's pinned staging buffers (one host copy each) and copied
-//! up once; the program's module (`chain::cuda_src`, compiled by NVRTC on
-//! first use and kept per program text) counts, scans and writes the
-//! surviving rows in order on the device; with a filter the host waits once
-//! for the 16-byte survivor count and fault word, then downloads exactly
-//! the survivors into pinned buffers and waits a second time. The plan is
-//! [`DeviceTraffic::plan`]: what the simulator reserves and the summary
-//! counts is what this code does.
+//! A coalesced batch of at least `2 × CHUNK_ROWS_MIN` rows is split in two
+//! halves, each on its own stream with its own pinned staging: while the
+//! first half's kernels run and its results come down, the second half
+//! goes up (a GPU copies both ways at once). For each half, the device
+//! input columns are packed from the pieces into pinned staging (one host
+//! copy each) and copied up once; the program's module (`chain::cuda_src`,
+//! compiled by NVRTC on first use and kept per program text) counts, scans
+//! and writes the surviving rows in order; the 16-byte survivor count,
+//! fault word and filter counters come back with the outputs. When the
+//! program's last batch kept at least half its rows, the outputs come back
+//! at full size right behind the kernels and the host waits once per
+//! batch; otherwise it waits for the counts first, then downloads exactly
+//! the survivors and waits again.
 //!
-//! Buffers handed to the device are owned by the call (device buffers) or
-//! by the slot's staging (pinned buffers, behind a mutex the call holds),
-//! and the call synchronizes its stream before it returns or fails, so no
-//! buffer is reused or freed while a copy or kernel may still read it.
+//! Buffers handed to the device are owned by the call (device buffers,
+//! each used only on the stream it was allocated on) or by the slot's
+//! staging (pinned buffers, behind a mutex the call holds), and the call
+//! synchronizes both streams before it returns or fails, so no buffer is
+//! reused or freed while a copy or kernel may still read it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -47,7 +52,8 @@ const MODULES_MAX: usize = 64;
 #[derive(Default)]
 pub(super) struct ChainCache {
     modules: Mutex<HashMap<String, Arc<ChainModule>>>,
-    staging: Mutex<Staging>,
+    /// One per stream (chunk) of a device batch.
+    staging: Mutex<Vec<Staging>>,
     /// `strata bench --calibrate`: time the kernels of each batch with
     /// events (off in production: two event records per batch).
     profile: std::sync::atomic::AtomicBool,
@@ -68,6 +74,26 @@ struct ChainModule {
 /// See [`ChainModule::kept_permille`]: downloading the dropped rows too
 /// costs at most as much again as the kept ones, and saves a round trip.
 const SINGLE_WAIT_KEPT_PERMILLE: u64 = 500;
+
+/// Rows per chunk below which a device batch stays on one stream: smaller
+/// copies do not amortise a second set of launches.
+const CHUNK_ROWS_MIN: usize = 1 << 16;
+
+/// One chunk of a device batch, enqueued on its stream.
+struct Chunk {
+    stream: Arc<cudarc::driver::CudaStream>,
+    /// The chunk's first row in the device batch.
+    offset: usize,
+    rows: usize,
+    pieces: Vec<RecordBatch>,
+    /// Device buffers the enqueued work reads or writes, kept alive until
+    /// the stream is synchronized (dropping one frees it stream-ordered).
+    _columns: Vec<DeviceColumn>,
+    _scratch: [CudaSlice<u8>; 4],
+    outputs: Vec<(ValueType, CudaSlice<u8>, CudaSlice<u8>)>,
+    row_ids: Option<CudaSlice<u8>>,
+    targets: Option<CudaSlice<u8>>,
+}
 
 /// Pinned host buffers reused across batches: `up[k]` stages device input
 /// `k` (values, then validity words), `down[j]` receives output `j`.
@@ -178,12 +204,29 @@ impl CudaBackend {
         Ok(loaded)
     }
 
-    /// Device memory the driver hands out uninitialised.
-    fn alloc_bytes(&self, len: usize, bytes: u64) -> Result<CudaSlice<u8>, KernelError> {
+    /// Device memory the driver hands out uninitialised, on `stream`.
+    fn alloc_bytes(
+        &self,
+        stream: &Arc<cudarc::driver::CudaStream>,
+        len: usize,
+        bytes: u64,
+    ) -> Result<CudaSlice<u8>, KernelError> {
         // SAFETY: every caller overwrites the whole buffer (a copy up, a
         // memset, or a kernel that writes every element it later reads)
         // before the device or the host reads it.
-        unsafe { self.stream.alloc::<u8>(len.max(1)) }
+        unsafe { stream.alloc::<u8>(len.max(1)) }
+            .map_err(self.driver_error("cuMemAllocAsync", bytes))
+    }
+
+    /// Zeroed device memory on `stream` (one memset).
+    fn zeroed_bytes(
+        &self,
+        stream: &Arc<cudarc::driver::CudaStream>,
+        len: usize,
+        bytes: u64,
+    ) -> Result<CudaSlice<u8>, KernelError> {
+        stream
+            .alloc_zeros::<u8>(len.max(1))
             .map_err(self.driver_error("cuMemAllocAsync", bytes))
     }
 
@@ -228,13 +271,14 @@ impl CudaBackend {
     /// copies it up (values, then validity words if any row is null).
     fn upload_column(
         &self,
+        stream: &Arc<cudarc::driver::CudaStream>,
         staging: &mut Staging,
         slot: usize,
         pieces: &[RecordBatch],
         column: usize,
-        rows: usize,
         bytes: u64,
     ) -> Result<DeviceColumn, KernelError> {
+        let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
         let value_bytes = rows * 8;
         let nullable = pieces.iter().any(|p| p.column(column).null_count() > 0);
         let word_bytes = if nullable {
@@ -271,15 +315,15 @@ impl CudaBackend {
             host[value_bytes..value_bytes + packed.len()].copy_from_slice(packed);
             host[value_bytes + packed.len()..value_bytes + word_bytes].fill(0);
         }
-        let mut values = self.alloc_bytes(value_bytes, bytes)?;
+        let mut values = self.alloc_bytes(stream, value_bytes, bytes)?;
         let mut validity = if nullable {
-            Some(self.alloc_bytes(word_bytes, bytes)?)
+            Some(self.alloc_bytes(stream, word_bytes, bytes)?)
         } else {
             None
         };
         let host: &[u8] = host;
         {
-            let (pointer, _record) = values.device_ptr_mut(&self.stream);
+            let (pointer, _record) = values.device_ptr_mut(stream);
             // SAFETY: `values` holds `value_bytes` bytes; the pinned source
             // stays untouched (the staging mutex is held) until the stream
             // is synchronized at the end of the batch.
@@ -287,19 +331,19 @@ impl CudaBackend {
                 cudarc::driver::result::memcpy_htod_async(
                     pointer,
                     &host[..value_bytes],
-                    self.stream.cu_stream(),
+                    stream.cu_stream(),
                 )
             }
             .map_err(self.driver_error("cuMemcpyHtoDAsync", bytes))?;
         }
         if let Some(validity) = validity.as_mut() {
-            let (pointer, _record) = validity.device_ptr_mut(&self.stream);
+            let (pointer, _record) = validity.device_ptr_mut(stream);
             // SAFETY: as above, `word_bytes` bytes each side.
             unsafe {
                 cudarc::driver::result::memcpy_htod_async(
                     pointer,
                     &host[value_bytes..value_bytes + word_bytes],
-                    self.stream.cu_stream(),
+                    stream.cu_stream(),
                 )
             }
             .map_err(self.driver_error("cuMemcpyHtoDAsync", bytes))?;
@@ -310,6 +354,7 @@ impl CudaBackend {
     /// Copies the first `len` bytes of `device` into pinned buffer `slot`.
     fn download_into(
         &self,
+        stream: &Arc<cudarc::driver::CudaStream>,
         staging: &mut Staging,
         slot: usize,
         device: &CudaSlice<u8>,
@@ -322,24 +367,24 @@ impl CudaBackend {
         let host = buffer
             .as_mut_slice()
             .map_err(self.driver_error("cuEventSynchronize", 0))?;
-        let (pointer, _record) = cudarc::driver::DevicePtr::device_ptr(device, &self.stream);
+        let (pointer, _record) = cudarc::driver::DevicePtr::device_ptr(device, stream);
         // SAFETY: `device` holds at least `len` bytes (outputs are sized for
         // every row); the pinned destination is not read until the stream
         // is synchronized, and the staging mutex is held until then.
         unsafe {
-            cudarc::driver::result::memcpy_dtoh_async(
-                &mut host[..len],
-                pointer,
-                self.stream.cu_stream(),
-            )
+            cudarc::driver::result::memcpy_dtoh_async(&mut host[..len], pointer, stream.cu_stream())
         }
         .map_err(self.driver_error("cuMemcpyDtoHAsync", 0))
     }
 
-    fn sync(&self) -> Result<(), KernelError> {
-        self.stream
-            .synchronize()
-            .map_err(self.driver_error("cuStreamSynchronize", 0))
+    fn sync_all(&self, chunks: &[Chunk]) -> Result<(), KernelError> {
+        for chunk in chunks {
+            chunk
+                .stream
+                .synchronize()
+                .map_err(self.driver_error("cuStreamSynchronize", 0))?;
+        }
+        Ok(())
     }
 
     pub(super) fn run_chain_on_device(
@@ -362,61 +407,171 @@ impl CudaBackend {
         let bytes = plan.device_bytes;
         let _held = self.reserve(bytes)?;
         let module = self.chain_module(program)?;
+        let profile = self
+            .chains
+            .profile
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // Two halves on two streams, unless the batch is small or the
+        // kernels are being timed (one stream times them alone).
+        let halves = if rows >= 2 * CHUNK_ROWS_MIN && !profile {
+            split_rows(pieces, rows / 2)
+        } else {
+            vec![pieces.to_vec()]
+        };
+        let streams = [&self.stream, &self.side_stream];
         let mut staging = lock(&self.chains.staging);
-        let inputs = program.device_inputs();
-        let columns = inputs
+        if staging.len() < halves.len() {
+            staging.resize_with(halves.len(), Staging::default);
+        }
+        let timing = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
+        let started = if profile {
+            Some(
+                self.stream
+                    .record_event(Some(timing))
+                    .map_err(self.driver_error("cuEventRecord", 0))?,
+            )
+        } else {
+            None
+        };
+        let mut chunks = Vec::with_capacity(halves.len());
+        let mut offset = 0;
+        for (c, half) in halves.into_iter().enumerate() {
+            let chunk = self.enqueue_chunk(
+                program,
+                &module,
+                streams[c],
+                &mut staging[c],
+                half,
+                offset,
+                bytes,
+            )?;
+            offset += chunk.rows;
+            chunks.push(chunk);
+        }
+        let kernels_done = match started {
+            Some(_) => Some(
+                self.stream
+                    .record_event(Some(timing))
+                    .map_err(self.driver_error("cuEventRecord", 0))?,
+            ),
+            None => None,
+        };
+        let filters = program.filters();
+        let kept_permille = module
+            .kept_permille
+            .load(std::sync::atomic::Ordering::Relaxed);
+        let single_wait = !filters || kept_permille >= SINGLE_WAIT_KEPT_PERMILLE;
+        let mut syncs = 1;
+        let mut d2h_bytes = 0;
+        if !single_wait {
+            self.sync_all(&chunks)?;
+            syncs = 2;
+            self.check_faults(program, &chunks, &staging)?;
+        }
+        for (c, chunk) in chunks.iter().enumerate() {
+            let download_rows = if single_wait {
+                chunk.rows
+            } else {
+                self.header_word(&staging[c], 0)? as usize
+            };
+            d2h_bytes += self.download_outputs(chunk, &mut staging[c], download_rows)?
+                + 8 * (2 + program.keep_steps().len()) as u64;
+        }
+        self.sync_all(&chunks)?;
+        self.check_faults(program, &chunks, &staging)?;
+        if let (Some(start), Some(end)) = (&started, &kernels_done) {
+            let ms = start
+                .elapsed_ms(end)
+                .map_err(self.driver_error("cuEventElapsedTime", 0))?;
+            self.chains.kernel_ns.store(
+                (f64::from(ms) * 1e6) as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+        }
+        let mut output: Option<ChainOutput> = None;
+        for (c, chunk) in chunks.iter().enumerate() {
+            let part = self.chunk_output(program, chunk, &staging[c])?;
+            output = Some(match output {
+                None => part,
+                Some(first) => first.join(part)?,
+            });
+        }
+        let mut output = output.expect("a device batch has a chunk");
+        let survivors = output.batch.num_rows() as u64;
+        module.kept_permille.store(
+            (survivors * 1000).checked_div(rows as u64).unwrap_or(1000),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        output.traffic = Some(DeviceTraffic {
+            d2h_bytes,
+            syncs,
+            launches: plan.launches * chunks.len() as u64,
+            ..plan
+        });
+        Ok(output)
+    }
+
+    /// Uploads a chunk's columns and enqueues its memsets, kernels and the
+    /// copy of its header words, all on `stream`.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue_chunk(
+        &self,
+        program: &ChainProgram,
+        module: &ChainModule,
+        stream: &Arc<cudarc::driver::CudaStream>,
+        staging: &mut Staging,
+        pieces: Vec<RecordBatch>,
+        offset: usize,
+        bytes: u64,
+    ) -> Result<Chunk, KernelError> {
+        let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
+        let columns = program
+            .device_inputs()
             .iter()
             .enumerate()
-            .map(|(k, &c)| self.upload_column(&mut staging, k, pieces, c as usize, rows, bytes))
+            .map(|(k, &c)| self.upload_column(stream, staging, k, &pieces, c as usize, bytes))
             .collect::<Result<Vec<_>, _>>()?;
         let blocks = rows.div_ceil(BLOCK_THREADS as usize);
-        let mut fault = self.alloc_bytes(8, bytes)?;
+        let mut fault = self.alloc_bytes(stream, 8, bytes)?;
         {
-            let (pointer, _record) = fault.device_ptr_mut(&self.stream);
+            let (pointer, _record) = fault.device_ptr_mut(stream);
             // SAFETY: `fault` holds 8 bytes; all-ones is `NO_FAULT`.
             unsafe {
-                cudarc::driver::result::memset_d8_async(pointer, 0xff, 8, self.stream.cu_stream())
+                cudarc::driver::result::memset_d8_async(pointer, 0xff, 8, stream.cu_stream())
             }
             .map_err(self.driver_error("cuMemsetD8Async", bytes))?;
         }
-        let mut header = self.alloc_bytes(16, bytes)?;
+        let mut header = self.alloc_bytes(stream, 16, bytes)?;
         let keeps = program.keep_steps().len();
         // Zeroed (one memset) only where a filter counts into it.
         let mut keep_counts = if keeps > 0 {
-            self.stream
-                .alloc_zeros::<u8>(8 * keeps)
-                .map_err(self.driver_error("cuMemAllocAsync", bytes))?
+            self.zeroed_bytes(stream, 8 * keeps, bytes)?
         } else {
-            self.alloc_bytes(8, bytes)?
+            self.alloc_bytes(stream, 8, bytes)?
         };
-        let mut block_counts = self.alloc_bytes(blocks * 4, bytes)?;
+        let mut block_counts = self.alloc_bytes(stream, blocks * 4, bytes)?;
         // Outputs sized for every row surviving; bitmaps zeroed for atomicOr.
+        let words = bitmap_word_bytes(rows as u64) as usize;
         let mut outputs: Vec<(ValueType, CudaSlice<u8>, CudaSlice<u8>)> = Vec::new();
         for output in &program.outputs {
             if let OutputSource::Device(reg) = output {
                 let ty = program.types[*reg as usize];
-                let words = bitmap_word_bytes(rows as u64) as usize;
                 let values = if ty == ValueType::Bool {
-                    self.stream
-                        .alloc_zeros::<u8>(words)
-                        .map_err(self.driver_error("cuMemAllocAsync", bytes))?
+                    self.zeroed_bytes(stream, words, bytes)?
                 } else {
-                    self.alloc_bytes(rows * 8, bytes)?
+                    self.alloc_bytes(stream, rows * 8, bytes)?
                 };
-                let validity = self
-                    .stream
-                    .alloc_zeros::<u8>(words)
-                    .map_err(self.driver_error("cuMemAllocAsync", bytes))?;
+                let validity = self.zeroed_bytes(stream, words, bytes)?;
                 outputs.push((ty, values, validity));
             }
         }
         let mut row_ids = if program.needs_row_ids() {
-            Some(self.alloc_bytes(rows * 4, bytes)?)
+            Some(self.alloc_bytes(stream, rows * 4, bytes)?)
         } else {
             None
         };
         let mut targets = if program.route.is_some() {
-            Some(self.alloc_bytes(rows * 4, bytes)?)
+            Some(self.alloc_bytes(stream, rows * 4, bytes)?)
         } else {
             None
         };
@@ -428,22 +583,8 @@ impl CudaBackend {
             shared_mem_bytes: 0,
         };
         let filters = program.filters();
-        let profile = self
-            .chains
-            .profile
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let timing = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
-        let started = if profile {
-            Some(
-                self.stream
-                    .record_event(Some(timing))
-                    .map_err(self.driver_error("cuEventRecord", 0))?,
-            )
-        } else {
-            None
-        };
         if filters {
-            let mut launch = self.stream.launch_builder(&module.count);
+            let mut launch = stream.launch_builder(&module.count);
             push_inputs(&mut launch, &columns, &null_pointer);
             launch
                 .arg(&n)
@@ -454,11 +595,11 @@ impl CudaBackend {
             // signature (each device input's values and validity words or
             // a null pointer, the row count, one count per block, the fault
             // word, one zeroed counter per filter); every buffer covers
-            // `rows` rows, `blocks` blocks or `keeps` filters and lives
-            // until the stream is synchronized below.
+            // `rows` rows, `blocks` blocks or `keeps` filters and lives in
+            // the chunk until its stream is synchronized.
             unsafe { launch.launch(grid) }.map_err(self.driver_error("cuLaunchKernel", bytes))?;
             let blocks_arg = blocks as u64;
-            let mut launch = self.stream.launch_builder(&module.scan);
+            let mut launch = stream.launch_builder(&module.scan);
             launch
                 .arg(&mut block_counts)
                 .arg(&blocks_arg)
@@ -474,7 +615,7 @@ impl CudaBackend {
             }
             .map_err(self.driver_error("cuLaunchKernel", bytes))?;
         }
-        let mut launch = self.stream.launch_builder(&module.write);
+        let mut launch = stream.launch_builder(&module.write);
         push_inputs(&mut launch, &columns, &null_pointer);
         launch.arg(&n);
         if filters {
@@ -482,8 +623,7 @@ impl CudaBackend {
         } else {
             launch.arg(&null_pointer);
         }
-        for (ty, values, validity) in outputs.iter_mut() {
-            let _ = ty;
+        for (_, values, validity) in outputs.iter_mut() {
             launch.arg(values).arg(validity);
         }
         if let Some(ids) = row_ids.as_mut() {
@@ -500,23 +640,8 @@ impl CudaBackend {
         // subtasks when it routes, the fault word); outputs are sized for
         // every row surviving.
         unsafe { launch.launch(grid) }.map_err(self.driver_error("cuLaunchKernel", bytes))?;
-        let kernels_done = match started {
-            Some(_) => Some(
-                self.stream
-                    .record_event(Some(timing))
-                    .map_err(self.driver_error("cuEventRecord", 0))?,
-            ),
-            None => None,
-        };
-        // One wait or two. When most rows survived the program's last
-        // batch, every output is copied back at full size right behind the
-        // kernels and the host waits once; otherwise it first waits for the
-        // 16-byte survivor count (and fault word and filter counters), which
-        // sizes the downloads, and then for them.
-        let kept_permille = module
-            .kept_permille
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let single_wait = !filters || kept_permille >= SINGLE_WAIT_KEPT_PERMILLE;
+        // The header words: survivor count, fault word, rows after each
+        // filter.
         let header_len = 2 + keeps;
         if staging.header.as_ref().is_none_or(|b| b.len() < header_len) {
             staging.header = Some(self.pinned::<u64>(header_len, false)?);
@@ -536,65 +661,86 @@ impl CudaBackend {
                     cudarc::driver::result::memcpy_dtoh_async(
                         &mut host[to],
                         from,
-                        self.stream.cu_stream(),
+                        stream.cu_stream(),
                     )
                 }
                 .map_err(self.driver_error("cuMemcpyDtoHAsync", 0))
             };
-            let (pointer, _record) = cudarc::driver::DevicePtr::device_ptr(&fault, &self.stream);
+            let (pointer, _record) = cudarc::driver::DevicePtr::device_ptr(&fault, stream);
             copy(1..2, pointer)?;
             if filters {
-                let (pointer, _record) =
-                    cudarc::driver::DevicePtr::device_ptr(&header, &self.stream);
+                let (pointer, _record) = cudarc::driver::DevicePtr::device_ptr(&header, stream);
                 copy(0..1, pointer)?;
                 let (pointer, _record) =
-                    cudarc::driver::DevicePtr::device_ptr(&keep_counts, &self.stream);
+                    cudarc::driver::DevicePtr::device_ptr(&keep_counts, stream);
                 copy(2..2 + keeps, pointer)?;
             } else {
                 host[0] = n;
             }
         }
-        let mut syncs = 1;
-        let downloaded_rows = if single_wait {
-            rows
-        } else {
-            self.sync()?;
-            syncs = 2;
-            let survivors = self.header_word(&staging, 0)? as usize;
-            self.check_fault(program, &staging)?;
-            survivors
-        };
-        let d2h_bytes = self.download_outputs(
-            &mut staging,
-            &outputs,
-            row_ids.as_ref(),
-            targets.as_ref(),
-            downloaded_rows,
-        )? + 8 * header_len as u64;
-        self.sync()?;
-        self.check_fault(program, &staging)?;
-        let header_host: Vec<u64> = (0..header_len)
-            .map(|i| self.header_word(&staging, i))
-            .collect::<Result<_, _>>()?;
-        let survivors = header_host[0] as usize;
-        module.kept_permille.store(
-            (survivors as u64 * 1000).checked_div(n).unwrap_or(1000),
-            std::sync::atomic::Ordering::Relaxed,
-        );
-        if let (Some(start), Some(end)) = (&started, &kernels_done) {
-            let ms = start
-                .elapsed_ms(end)
-                .map_err(self.driver_error("cuEventElapsedTime", 0))?;
-            self.chains.kernel_ns.store(
-                (f64::from(ms) * 1e6) as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
+        Ok(Chunk {
+            stream: Arc::clone(stream),
+            offset,
+            rows,
+            pieces,
+            _columns: columns,
+            _scratch: [block_counts, fault, header, keep_counts],
+            outputs,
+            row_ids,
+            targets,
+        })
+    }
+
+    /// The first fault in evaluation order over the chunks (instruction,
+    /// then row of the whole batch), as the evaluator's error.
+    fn check_faults(
+        &self,
+        program: &ChainProgram,
+        chunks: &[Chunk],
+        staging: &[Staging],
+    ) -> Result<(), KernelError> {
+        let mut first: Option<(usize, u64, bool)> = None;
+        for (c, chunk) in chunks.iter().enumerate() {
+            if let Some((instr, row, zero)) =
+                cuda_src::decode_fault(self.header_word(&staging[c], 1)?)
+            {
+                let at = (instr, row + chunk.offset as u64, zero);
+                if first.is_none_or(|f| (at.0, at.1) < (f.0, f.1)) {
+                    first = Some(at);
+                }
+            }
         }
-        let batch = self.assemble(program, pieces, &staging, survivors)?;
+        match first {
+            Some((instr, row, zero)) => {
+                let fault = if zero {
+                    Fault::DivideByZero
+                } else {
+                    Fault::Overflow
+                };
+                Err(program.fault(instr, row, fault).into())
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// A chunk's result from its header and downloaded outputs.
+    fn chunk_output(
+        &self,
+        program: &ChainProgram,
+        chunk: &Chunk,
+        staging: &Staging,
+    ) -> Result<ChainOutput, KernelError> {
+        let header_len = 2 + program.keep_steps().len();
+        let header: Vec<u64> = (0..header_len)
+            .map(|i| self.header_word(staging, i))
+            .collect::<Result<_, _>>()?;
+        let survivors = header[0] as usize;
+        let batch = self.assemble(program, &chunk.pieces, staging, survivors)?;
+        let device_outputs = chunk.outputs.len();
         let targets = match program.route {
             Some(_) if survivors == 0 => Some(Vec::new()),
             Some(_) => {
-                let host = staging.down[2 * outputs.len() + 1]
+                let host = staging.down[2 * device_outputs + 1]
                     .as_slice()
                     .map_err(self.driver_error("cuEventSynchronize", 0))?;
                 Some(
@@ -607,14 +753,10 @@ impl CudaBackend {
             None => None,
         };
         Ok(ChainOutput {
-            step_rows: program.step_rows(n, &header_host[2..]),
+            step_rows: program.step_rows(chunk.rows as u64, &header[2..]),
             batch,
             targets,
-            traffic: Some(DeviceTraffic {
-                d2h_bytes,
-                syncs,
-                ..plan
-            }),
+            traffic: None,
         })
     }
 
@@ -629,49 +771,34 @@ impl CudaBackend {
         Ok(host[index])
     }
 
-    /// The fault the kernels recorded, as the evaluator's error.
-    fn check_fault(&self, program: &ChainProgram, staging: &Staging) -> Result<(), KernelError> {
-        match cuda_src::decode_fault(self.header_word(staging, 1)?) {
-            Some((instr, row, zero)) => {
-                let fault = if zero {
-                    Fault::DivideByZero
-                } else {
-                    Fault::Overflow
-                };
-                Err(program.fault(instr, row, fault).into())
-            }
-            None => Ok(()),
-        }
-    }
-
-    /// Enqueues the copies of the first `rows` rows of every output into
-    /// pinned staging; returns their bytes.
+    /// Enqueues the copies of the first `rows` rows of every output of
+    /// `chunk` into its pinned staging; returns their bytes.
     fn download_outputs(
         &self,
+        chunk: &Chunk,
         staging: &mut Staging,
-        outputs: &[(ValueType, CudaSlice<u8>, CudaSlice<u8>)],
-        row_ids: Option<&CudaSlice<u8>>,
-        targets: Option<&CudaSlice<u8>>,
         rows: usize,
     ) -> Result<u64, KernelError> {
+        let stream = &chunk.stream;
         let words = bitmap_word_bytes(rows as u64) as usize;
         let mut bytes = 0;
-        for (j, (ty, values, validity)) in outputs.iter().enumerate() {
+        for (j, (ty, values, validity)) in chunk.outputs.iter().enumerate() {
             let value_len = if *ty == ValueType::Bool {
                 words
             } else {
                 rows * 8
             };
-            self.download_into(staging, 2 * j, values, value_len)?;
-            self.download_into(staging, 2 * j + 1, validity, words)?;
+            self.download_into(stream, staging, 2 * j, values, value_len)?;
+            self.download_into(stream, staging, 2 * j + 1, validity, words)?;
             bytes += value_len + words;
         }
-        if let Some(ids) = row_ids {
-            self.download_into(staging, 2 * outputs.len(), ids, rows * 4)?;
+        let slot = 2 * chunk.outputs.len();
+        if let Some(ids) = &chunk.row_ids {
+            self.download_into(stream, staging, slot, ids, rows * 4)?;
             bytes += rows * 4;
         }
-        if let Some(targets) = targets {
-            self.download_into(staging, 2 * outputs.len() + 1, targets, rows * 4)?;
+        if let Some(targets) = &chunk.targets {
+            self.download_into(stream, staging, slot + 1, targets, rows * 4)?;
             bytes += rows * 4;
         }
         Ok(bytes as u64)
@@ -753,4 +880,22 @@ impl CudaBackend {
             &options,
         )?)
     }
+}
+
+/// `pieces` cut into the first `first_rows` rows and the rest (slices, no
+/// copies).
+fn split_rows(pieces: &[RecordBatch], first_rows: usize) -> Vec<Vec<RecordBatch>> {
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    let mut taken = 0;
+    for piece in pieces {
+        let want = first_rows.saturating_sub(taken).min(piece.num_rows());
+        if want > 0 {
+            first.push(piece.slice(0, want));
+            taken += want;
+        }
+        if want < piece.num_rows() {
+            second.push(piece.slice(want, piece.num_rows() - want));
+        }
+    }
+    vec![first, second]
 }
