@@ -899,3 +899,46 @@ fn split_rows(pieces: &[RecordBatch], first_rows: usize) -> Vec<Vec<RecordBatch>
     }
     vec![first, second]
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use arrow_array::{Int64Array, RecordBatch};
+    use arrow_schema::{DataType, Field, Schema};
+
+    use super::split_rows;
+
+    #[test]
+    fn halves_cut_pieces_at_the_row_without_losing_or_reordering_rows() {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
+        let piece = |from: i64, to: i64| {
+            RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from_iter_values(from..to))],
+            )
+            .unwrap()
+        };
+        let pieces = [piece(0, 3), piece(3, 10), piece(10, 11)];
+        for first_rows in [0, 1, 3, 5, 10, 11] {
+            let halves = split_rows(&pieces, first_rows);
+            let rows = |h: &Vec<RecordBatch>| h.iter().map(RecordBatch::num_rows).sum::<usize>();
+            assert_eq!(rows(&halves[0]), first_rows);
+            assert_eq!(rows(&halves[1]), 11 - first_rows);
+            let values: Vec<i64> = halves
+                .iter()
+                .flatten()
+                .flat_map(|b| {
+                    b.column(0)
+                        .as_any()
+                        .downcast_ref::<Int64Array>()
+                        .unwrap()
+                        .values()
+                        .to_vec()
+                })
+                .collect();
+            assert_eq!(values, (0..11).collect::<Vec<_>>(), "cut at {first_rows}");
+            assert!(halves.iter().flatten().all(|b| b.num_rows() > 0));
+        }
+    }
+}
