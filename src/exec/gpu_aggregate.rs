@@ -217,20 +217,8 @@ mod tests {
     use crate::kernels::gpu::sim::SimulatedGpuBackend;
     use crate::memory::{MemoryManager, PagePool};
 
-    #[derive(Default)]
-    struct Sink {
-        batches: Vec<RecordBatch>,
-    }
-
-    impl Output for Sink {
-        fn emit(&mut self, batch: RecordBatch) -> Result<(), ExecError> {
-            self.batches.push(batch);
-            Ok(())
-        }
-        fn watermark(&mut self, _: i64) -> Result<(), ExecError> {
-            Ok(())
-        }
-    }
+    /// Collects what an operator emits.
+    type Sink = crate::exec::spill_tests::Collect;
 
     fn memory() -> MemoryManager {
         PagePool::new(64 << 20, 32 << 10).slot_manager(0, 64 << 20)

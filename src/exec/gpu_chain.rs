@@ -216,20 +216,7 @@ mod tests {
     use crate::kernels::gpu::sim::SimulatedGpuBackend;
 
     /// Collects what an operator emits.
-    #[derive(Default)]
-    struct Sink {
-        batches: Vec<RecordBatch>,
-    }
-
-    impl Output for Sink {
-        fn emit(&mut self, batch: RecordBatch) -> Result<(), ExecError> {
-            self.batches.push(batch);
-            Ok(())
-        }
-        fn watermark(&mut self, _: i64) -> Result<(), ExecError> {
-            Ok(())
-        }
-    }
+    type Sink = crate::exec::spill_tests::Collect;
 
     fn input_schema() -> SchemaRef {
         Arc::new(Schema::new(vec![

@@ -473,6 +473,59 @@ impl CudaBackend {
         })
     }
 
+    /// A generated module (a fused chain's, an aggregation table's) with
+    /// its embedded headers expanded, as a cubin for this device: compiled
+    /// by NVRTC with `options` (no FMA contraction) or loaded from the
+    /// kernel cache, then loaded into the context.
+    fn load_generated(
+        &self,
+        stem: &'static str,
+        generated: &str,
+    ) -> Result<Arc<cudarc::driver::CudaModule>, KernelError> {
+        let source = super::source::expand_generated(stem, generated)
+            .map_err(|e| KernelError::Gpu(GpuError::from(e)))?;
+        let (major, minor) = self.device.compute_capability;
+        let arch = format!("sm_{major}{minor}");
+        let mut options = vec![format!("--gpu-architecture={arch}")];
+        options.extend(
+            crate::kernels::chain::cuda_src::COMPILE_OPTIONS
+                .iter()
+                .map(|o| (*o).to_owned()),
+        );
+        let cache = PtxCache::new(PtxCache::default_dir());
+        let nvrtc_version = nvrtc_version()?;
+        let driver_version = driver_version().map_or_else(|| "none".to_owned(), |v| v.to_string());
+        let options_text = options.join(" ");
+        let key = CacheKey {
+            expanded_source: &source,
+            arch: &arch,
+            nvrtc_version: &nvrtc_version,
+            options: &options_text,
+            driver_version: &driver_version,
+        };
+        let (cubin, _) = cache.get_or_compile_bytes(stem, key, "cubin", || {
+            nvrtc_cubin(stem, &source, &options).map_err(|log| GpuError::Compile {
+                stem,
+                arch: arch.clone(),
+                log,
+            })
+        })?;
+        self.stream
+            .context()
+            .load_module(Ptx::from_binary(cubin))
+            .map_err(self.driver_error("cuModuleLoadData", 0))
+    }
+
+    /// Entry `name` of a generated module.
+    fn generated_function(
+        module: &Arc<cudarc::driver::CudaModule>,
+        name: &'static str,
+    ) -> Result<CudaFunction, KernelError> {
+        module
+            .load_function(name)
+            .map_err(|_| KernelError::Gpu(GpuError::MissingKernel { name }))
+    }
+
     fn function(&self, name: &'static str) -> Result<&CudaFunction, KernelError> {
         self.functions
             .get(name)

@@ -21,7 +21,6 @@ use crate::kernels::aggtable::{
     table_layout,
 };
 use crate::kernels::backend::KernelError;
-use crate::kernels::gpu::GpuError;
 use crate::kernels::gpu::pool::DeviceReservation;
 
 const BLOCK_THREADS: u32 = 256;
@@ -49,49 +48,8 @@ impl CudaBackend {
         let capacity = capacity.next_power_of_two();
         let bytes = device_bytes(&program, capacity);
         let held = self.reserve(bytes)?;
-        let (major, minor) = self.device.compute_capability;
-        let arch = format!("sm_{major}{minor}");
-        let source =
-            super::super::source::expand_generated("aggregate_table", &cuda_source(&program))
-                .map_err(|e| KernelError::Gpu(GpuError::from(e)))?;
-        let mut options = vec![format!("--gpu-architecture={arch}")];
-        options.extend(
-            crate::kernels::chain::cuda_src::COMPILE_OPTIONS
-                .iter()
-                .map(|o| (*o).to_owned()),
-        );
-        let cache =
-            super::super::source::PtxCache::new(super::super::source::PtxCache::default_dir());
-        let nvrtc_version = super::nvrtc_version()?;
-        let driver_version =
-            super::driver_version().map_or_else(|| "none".to_owned(), |v| v.to_string());
-        let options_text = options.join(" ");
-        let key = super::super::source::CacheKey {
-            expanded_source: &source,
-            arch: &arch,
-            nvrtc_version: &nvrtc_version,
-            options: &options_text,
-            driver_version: &driver_version,
-        };
-        let (cubin, _) = cache.get_or_compile_bytes("aggregate_table", key, "cubin", || {
-            super::nvrtc_cubin("aggregate_table", &source, &options).map_err(|log| {
-                GpuError::Compile {
-                    stem: "aggregate_table",
-                    arch: arch.clone(),
-                    log,
-                }
-            })
-        })?;
-        let module = self
-            .stream
-            .context()
-            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-            .map_err(self.driver_error("cuModuleLoadData", 0))?;
-        let function = |name: &'static str| {
-            module
-                .load_function(name)
-                .map_err(|_| KernelError::Gpu(GpuError::MissingKernel { name }))
-        };
+        let module = self.load_generated("aggregate_table", &cuda_source(&program))?;
+        let function = |name| Self::generated_function(&module, name);
         let slots = capacity + 1;
         let values = program.value_columns().len() as u64;
         let (_, counters) = table_layout(slots, values);

@@ -41,7 +41,6 @@ use crate::kernels::chain::cuda_src::{self, BLOCK_THREADS, SCAN_THREADS};
 use crate::kernels::chain::{
     ChainOutput, ChainProgram, DeviceTraffic, Fault, OutputSource, ValueType, bitmap_word_bytes,
 };
-use crate::kernels::gpu::GpuError;
 use crate::kernels::gpu::pool::PoolError;
 
 /// Programs whose modules a backend keeps; a task compiles one per chain,
@@ -150,46 +149,12 @@ impl CudaBackend {
     }
 
     fn chain_module(&self, program: &ChainProgram) -> Result<Arc<ChainModule>, KernelError> {
-        let source =
-            super::super::source::expand_generated("chain", &cuda_src::cuda_source(program))
-                .map_err(|e| KernelError::Gpu(GpuError::from(e)))?;
+        let source = cuda_src::cuda_source(program);
         if let Some(module) = lock(&self.chains.modules).get(&source) {
             return Ok(Arc::clone(module));
         }
-        let (major, minor) = self.device.compute_capability;
-        let arch = format!("sm_{major}{minor}");
-        let mut options = vec![format!("--gpu-architecture={arch}")];
-        options.extend(cuda_src::COMPILE_OPTIONS.iter().map(|o| (*o).to_owned()));
-        let cache =
-            super::super::source::PtxCache::new(super::super::source::PtxCache::default_dir());
-        let nvrtc_version = super::nvrtc_version()?;
-        let driver_version =
-            super::driver_version().map_or_else(|| "none".to_owned(), |v| v.to_string());
-        let options_text = options.join(" ");
-        let key = super::super::source::CacheKey {
-            expanded_source: &source,
-            arch: &arch,
-            nvrtc_version: &nvrtc_version,
-            options: &options_text,
-            driver_version: &driver_version,
-        };
-        let (cubin, _) = cache.get_or_compile_bytes("chain", key, "cubin", || {
-            super::nvrtc_cubin("chain", &source, &options).map_err(|log| GpuError::Compile {
-                stem: "chain",
-                arch: arch.clone(),
-                log,
-            })
-        })?;
-        let module = self
-            .stream
-            .context()
-            .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
-            .map_err(self.driver_error("cuModuleLoadData", 0))?;
-        let function = |name: &'static str| {
-            module
-                .load_function(name)
-                .map_err(|_| KernelError::Gpu(GpuError::MissingKernel { name }))
-        };
+        let module = self.load_generated("chain", &source)?;
+        let function = |name| Self::generated_function(&module, name);
         let loaded = Arc::new(ChainModule {
             count: function("chain_count")?,
             scan: function("chain_scan")?,
