@@ -254,14 +254,28 @@ impl IoManager {
     }
 }
 
-impl Drop for IoManager {
-    fn drop(&mut self) {
+impl IoManager {
+    /// Removes the spill directories now (a TaskManager shutting down,
+    /// once its tasks have stopped): the process may exit before the last
+    /// thread holding this manager drops it. Dropping it later finds them
+    /// gone.
+    pub fn remove_spill_dirs(&self) {
         for dir in &self.dirs {
-            if let Err(e) = std::fs::remove_dir_all(&dir.path) {
-                let path = dir.path.display();
-                tracing::warn!(%path, error = %e, "could not remove spill directory");
+            match std::fs::remove_dir_all(&dir.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    let path = dir.path.display();
+                    tracing::warn!(%path, error = %e, "could not remove spill directory");
+                }
             }
         }
+    }
+}
+
+impl Drop for IoManager {
+    fn drop(&mut self) {
+        self.remove_spill_dirs();
     }
 }
 

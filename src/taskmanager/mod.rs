@@ -454,7 +454,10 @@ impl TaskManager {
                     let stuck = services
                         .fence("the TaskManager is shutting down", config.heartbeat_timeout)
                         .await;
-                    if !stuck.is_empty() {
+                    if stuck.is_empty() {
+                        // Every task has stopped: no spill file is in use.
+                        services.io.remove_spill_dirs();
+                    } else {
                         tracing::warn!("shutting down with {} slot(s) still held", stuck.len());
                     }
                     return Ok(());
