@@ -503,12 +503,19 @@ fn gpu_fused_chains_equal_the_host_twin() {
         ],
     )
     .expect("batch");
-    let cut = [n / 7, n / 7 + 3, n / 2 + 1, n];
-    let pieces: Vec<RecordBatch> = [0, cut[0], cut[1], cut[2]]
-        .iter()
-        .zip(cut)
-        .map(|(&from, to)| batch.slice(from, to - from))
-        .collect();
+    // The batch as is (one stream below 128k rows), and three times over
+    // (two halves on two streams), each in uneven pieces.
+    let tripled = arrow_select::concat::concat_batches(&batch.schema(), [&batch, &batch, &batch])
+        .expect("concat");
+    let cut_pieces = |b: &RecordBatch| -> Vec<RecordBatch> {
+        let n = b.num_rows();
+        let cut = [n / 7, n / 7 + 3, n / 2 + 1, n];
+        [0, cut[0], cut[1], cut[2]]
+            .iter()
+            .zip(cut)
+            .map(|(&from, to)| b.slice(from, to - from))
+            .collect()
+    };
     let named = |text: &str| {
         let (expr, name) = Expr::parse_named(text).expect("parses");
         NamedExpr {
@@ -535,52 +542,58 @@ fn gpu_fused_chains_equal_the_host_twin() {
         (&["value * 4611686018427387904 as big"], None),
         (&["value / (key % 3) as q", "key"], Some("q < 0")),
     ];
-    for (columns, predicate) in chains {
-        let columns: Vec<NamedExpr> = columns.iter().map(|c| named(c)).collect();
-        let fields: Vec<Field> = columns
-            .iter()
-            .map(|c| {
-                Field::new(
-                    &c.name,
-                    c.expr.data_type(&batch.schema()).expect("types"),
-                    true,
-                )
-            })
-            .collect();
-        let schema = Arc::new(Schema::new(fields));
-        let predicate = predicate.map(|p| Expr::parse(p).expect("parses"));
-        let mut steps = vec![ChainStep::Project {
-            name: "project",
-            columns: &columns,
-        }];
-        if let Some(p) = &predicate {
-            steps.push(ChainStep::Filter {
-                name: "filter",
-                predicate: p,
-            });
-        }
-        let program = ChainProgram::compile(batch.schema_ref(), &steps, &schema).expect("fuses");
-        let what = format!(
-            "{:?} / {predicate:?}",
-            columns.iter().map(|c| &c.name).collect::<Vec<_>>()
-        );
-        let cpu = CpuBackend.run_chain(&program, &pieces);
-        let device = gpu.run_chain(&program, &pieces);
-        match (device, cpu) {
-            (Ok(g), Ok(c)) => {
-                same_batches(&g.batch, &c.batch, &what);
-                assert_eq!(g.step_rows, c.step_rows, "{what}: rows after each operator");
-                println!("ok {what}: {} of {n} rows", c.batch.num_rows());
+    for input in [&batch, &tripled] {
+        let pieces = cut_pieces(input);
+        for (columns, predicate) in chains {
+            let columns: Vec<NamedExpr> = columns.iter().map(|c| named(c)).collect();
+            let fields: Vec<Field> = columns
+                .iter()
+                .map(|c| {
+                    Field::new(
+                        &c.name,
+                        c.expr.data_type(&batch.schema()).expect("types"),
+                        true,
+                    )
+                })
+                .collect();
+            let schema = Arc::new(Schema::new(fields));
+            let predicate = predicate.map(|p| Expr::parse(p).expect("parses"));
+            let mut steps = vec![ChainStep::Project {
+                name: "project",
+                columns: &columns,
+            }];
+            if let Some(p) = &predicate {
+                steps.push(ChainStep::Filter {
+                    name: "filter",
+                    predicate: p,
+                });
             }
-            (Err(g), Err(c)) => {
-                assert_eq!(g.to_string(), c.to_string(), "{what}");
-                println!("ok {what}: both fail with {c}");
+            let program =
+                ChainProgram::compile(batch.schema_ref(), &steps, &schema).expect("fuses");
+            let what = format!(
+                "{:?} where {} over {} rows",
+                columns.iter().map(|c| &c.name).collect::<Vec<_>>(),
+                predicate.as_ref().map_or("-".to_owned(), |p| p.to_string()),
+                input.num_rows()
+            );
+            let cpu = CpuBackend.run_chain(&program, &pieces);
+            let device = gpu.run_chain(&program, &pieces);
+            match (device, cpu) {
+                (Ok(g), Ok(c)) => {
+                    same_batches(&g.batch, &c.batch, &what);
+                    assert_eq!(g.step_rows, c.step_rows, "{what}: rows after each operator");
+                    println!("ok {what}: {} kept", c.batch.num_rows());
+                }
+                (Err(g), Err(c)) => {
+                    assert_eq!(g.to_string(), c.to_string(), "{what}");
+                    println!("ok {what}: both fail with {c}");
+                }
+                (g, c) => panic!(
+                    "{what}: GPU {:?} vs CPU {:?}",
+                    g.map(|o| o.step_rows),
+                    c.map(|o| o.step_rows)
+                ),
             }
-            (g, c) => panic!(
-                "{what}: GPU {:?} vs CPU {:?}",
-                g.map(|o| o.step_rows),
-                c.map(|o| o.step_rows)
-            ),
         }
     }
 }
