@@ -321,3 +321,83 @@ path = "{}"
     );
     assert!(all.contains("restarts 2"), "{all}");
 }
+
+/// A feature pipeline's operators (issue 17): `fill_null` and a seeded
+/// `sample`, whose rows are the same on every run with the same seed and
+/// parallelism; and their bad inputs, refused before the job starts with
+/// the file, line and what was expected.
+#[test]
+fn fill_null_and_a_seeded_sample_run_and_reject_bad_input_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let job = |tail: &str, out: &str| {
+        format!(
+            "[job]\nname = \"features\"\nparallelism = 3\n\n[[operator]]\nname = \"events\"\ntype = \"datagen\"\nrows = 30000\nkeys = 50\nseed = 4\ncolumns = [\"key\", \"value\"]\n\n{tail}\n[[operator]]\nname = \"out\"\ntype = \"csv_sink\"\npath = \"{out}\"\nmode = \"overwrite\"\n"
+        )
+    };
+    let good = "[[operator]]\nname = \"filled\"\ntype = \"fill_null\"\ncolumns = [\"value\"]\nvalue = 0\n\n[[operator]]\nname = \"some\"\ntype = \"sample\"\nfraction = 0.25\nseed = 9\n";
+    let mut outputs = Vec::new();
+    for run in 0..2 {
+        let out = dir.path().join(format!("out-{run}"));
+        let path = dir.path().join(format!("good-{run}.toml"));
+        std::fs::write(&path, job(good, &out.display().to_string())).unwrap();
+        let (code, stdout, stderr) =
+            output(
+                strata()
+                    .arg("run")
+                    .arg(&path)
+                    .args(["--no-progress", "-D", "rest.port=0"]),
+            );
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("FINISHED"), "{stdout}");
+        let mut rows: Vec<String> = std::fs::read_dir(&out)
+            .unwrap()
+            .flat_map(|f| {
+                std::fs::read_to_string(f.unwrap().path())
+                    .unwrap()
+                    .lines()
+                    .skip(1)
+                    .map(str::to_owned)
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        rows.sort();
+        outputs.push(rows);
+    }
+    assert_eq!(
+        outputs[0], outputs[1],
+        "the same seed samples the same rows"
+    );
+    let kept = outputs[0].len() as f64 / 30_000.0;
+    assert!((kept - 0.25).abs() < 0.02, "kept {kept}");
+    for (tail, line, expected) in [
+        (
+            "[[operator]]\ntype = \"sample\"\nfraction = 0\n",
+            "bad.toml:15",
+            "greater than 0 and at most 1",
+        ),
+        (
+            "[[operator]]\ntype = \"sample\"\nfraction = 1.5\n",
+            "bad.toml:15",
+            "greater than 0 and at most 1",
+        ),
+        (
+            "[[operator]]\ntype = \"fill_null\"\ncolumns = [\"vlaue\"]\nvalue = 0\n",
+            "bad.toml",
+            "vlaue",
+        ),
+        (
+            "[[operator]]\ntype = \"fill_null\"\ncolumns = [\"value\"]\nvalue = \"none\"\n",
+            "bad.toml",
+            "Int64",
+        ),
+    ] {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, job(tail, "/nonexistent/out")).unwrap();
+        let (code, _, stderr) = output(strata().arg("run").arg(&path));
+        assert_ne!(code, 0, "{tail}");
+        assert!(
+            stderr.contains(line) && stderr.contains(expected),
+            "{tail}: {stderr}"
+        );
+    }
+}

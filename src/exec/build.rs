@@ -363,6 +363,14 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
                 ctx.spill.clone(),
             )?)
         }
+        OperatorKind::Sample { fraction, seed } => Box::new(super::features::SampleOperator::new(
+            *fraction,
+            *seed,
+            ctx.subtask,
+        )),
+        OperatorKind::FillNull { columns, value } => Box::new(
+            super::features::FillNullOperator::new(&spec.name, &input_schema, columns, value)?,
+        ),
         OperatorKind::Blackhole => Box::new(BlackholeSink),
         OperatorKind::Print { limit } => Box::new(PrintSink::new(
             ctx.subtask,

@@ -15,6 +15,7 @@
 
 pub mod aggregate;
 pub mod build;
+pub mod features;
 pub mod gpu_aggregate;
 pub mod gpu_chain;
 pub mod gpu_filter;

@@ -97,9 +97,11 @@ fn output_origin(
     input: Option<PathBuf>,
 ) -> Option<PathBuf> {
     match kind {
-        OperatorKind::Filter { .. } | OperatorKind::KeyBy { .. } | OperatorKind::Sort { .. } => {
-            input
-        }
+        OperatorKind::Filter { .. }
+        | OperatorKind::KeyBy { .. }
+        | OperatorKind::Sort { .. }
+        | OperatorKind::Sample { .. }
+        | OperatorKind::FillNull { .. } => input,
         _ => own,
     }
 }
@@ -401,6 +403,8 @@ fn output(
             }
             input.schema.clone()
         }
+        OperatorKind::Sample { .. } => input.schema.clone(),
+        OperatorKind::FillNull { columns, value } => fill_null_schema(at, schema, columns, value)?,
         _ if at.op.kind.is_sink() => Arc::new(Schema::empty()),
         _ => unreachable!("sources have no input (checked by check_input)"),
     };
@@ -432,6 +436,45 @@ fn check_time_column(schema: &Schema, column: &str, role: &'static str) -> Resul
         });
     }
     Ok(())
+}
+
+/// The input schema with the filled columns no longer nullable; every
+/// column must exist and hold the value's type (an integer also fills a
+/// Float64 column).
+fn fill_null_schema(
+    at: &At<'_>,
+    schema: &Schema,
+    columns: &[String],
+    value: &super::ScalarValue,
+) -> Result<SchemaRef, JobError> {
+    use super::ScalarValue;
+    let mut fields: Vec<Field> = schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+    for (i, column) in columns.iter().enumerate() {
+        let index = schema
+            .index_of(column)
+            .map_err(|_| at.item_error("columns", i, unknown_column(column, schema)))?;
+        let found = schema.field(index).data_type();
+        let fits = matches!(
+            (found, value),
+            (DataType::Int64, ScalarValue::Int64(_))
+                | (
+                    DataType::Float64,
+                    ScalarValue::Int64(_) | ScalarValue::Float64(_)
+                )
+                | (DataType::Utf8, ScalarValue::Utf8(_))
+                | (DataType::Boolean, ScalarValue::Boolean(_))
+        );
+        if !fits {
+            let error = JobError::InvalidValue {
+                key: "value".to_string(),
+                value: value.to_string(),
+                expected: format!("a value of column '{column}''s type {found}"),
+            };
+            return Err(at.error("value", error));
+        }
+        fields[index] = fields[index].clone().with_nullable(false);
+    }
+    Ok(Arc::new(Schema::new(fields)))
 }
 
 fn key_indices(at: &At<'_>, schema: &Schema, keys: &[String]) -> Result<Vec<usize>, JobError> {

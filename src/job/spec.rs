@@ -13,7 +13,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
-use super::expr::{Expr, ExprError, parse_agg_call};
+use super::expr::{Expr, ExprError, ScalarValue, parse_agg_call};
 use super::tomlx::{Source, Table, closest};
 use super::{DATAGEN_COLUMNS, JobError, Scope};
 
@@ -97,6 +97,18 @@ pub enum OperatorKind {
         /// Runs merged at once; more runs take several passes.
         fan_in: usize,
     },
+    /// Keeps each row with probability `fraction`, decided by a hash of
+    /// `seed`, the subtask and the row's position in the subtask's input:
+    /// the same rows for the same seed and parallelism on every run.
+    Sample {
+        fraction: f64,
+        seed: u64,
+    },
+    /// Replaces the nulls of `columns` with `value`.
+    FillNull {
+        columns: Vec<String>,
+        value: ScalarValue,
+    },
     Blackhole,
     Print {
         limit: Option<u64>,
@@ -147,6 +159,8 @@ impl OperatorKind {
             OperatorKind::Aggregate { .. } => "aggregate",
             OperatorKind::Window { .. } => "window",
             OperatorKind::Sort { .. } => "sort",
+            OperatorKind::Sample { .. } => "sample",
+            OperatorKind::FillNull { .. } => "fill_null",
             OperatorKind::Blackhole => "blackhole",
             OperatorKind::Print { .. } => "print",
             OperatorKind::CsvSink { .. } => "csv_sink",
@@ -367,7 +381,7 @@ pub struct SortKey {
 /// Runs a sort merges at once unless the job file sets `fan_in`.
 pub const SORT_FAN_IN_DEFAULT: usize = 16;
 
-const OPERATOR_TYPES: [&str; 13] = [
+const OPERATOR_TYPES: [&str; 15] = [
     "datagen",
     "csv_source",
     "parquet_source",
@@ -377,6 +391,8 @@ const OPERATOR_TYPES: [&str; 13] = [
     "aggregate",
     "window",
     "sort",
+    "sample",
+    "fill_null",
     "blackhole",
     "print",
     "csv_sink",
@@ -407,6 +423,8 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         "aggregate" => &["aggs"],
         "window" => &["time_column", "size", "aggs"],
         "sort" => &["keys", "fan_in"],
+        "sample" => &["fraction", "seed"],
+        "fill_null" => &["columns", "value"],
         "print" => &["limit"],
         "csv_sink" | "parquet_sink" => &["path", "mode"],
         _ => &[],
@@ -607,6 +625,17 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
                 .u64("fan_in", 2)?
                 .map_or(SORT_FAN_IN_DEFAULT, |n| n as usize),
         },
+        "sample" => OperatorKind::Sample {
+            fraction: fraction(t, "fraction")?,
+            seed: t.u64("seed", 0)?.unwrap_or(0),
+        },
+        "fill_null" => OperatorKind::FillNull {
+            columns: required_strings(t, "columns")?
+                .iter()
+                .map(|c| c.get_ref().to_string())
+                .collect(),
+            value: scalar(t, "value")?,
+        },
         "blackhole" => OperatorKind::Blackhole,
         "print" => OperatorKind::Print {
             limit: t.u64("limit", 0)?,
@@ -620,6 +649,62 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
             mode: sink_mode(t)?,
         },
         other => unreachable!("operator type '{other}' passed the OPERATOR_TYPES check"),
+    })
+}
+
+/// A number in (0, 1] (an integer or a float).
+fn fraction(t: &Table<'_, '_>, key: &str) -> Result<f64, JobError> {
+    let value = t
+        .get(key)
+        .ok_or_else(|| t.missing(key, "a number greater than 0 and at most 1"))?;
+    let text = match (value.get_ref().as_float(), value.get_ref().as_integer()) {
+        (Some(f), _) => f.as_str().replace('_', ""),
+        (None, Some(i)) => i.as_str().replace('_', ""),
+        _ => String::new(),
+    };
+    match text.parse::<f64>() {
+        Ok(f) if f > 0.0 && f <= 1.0 => Ok(f),
+        _ => Err(t.invalid(
+            key,
+            &value.span(),
+            if text.is_empty() {
+                "a non-number".to_owned()
+            } else {
+                text
+            },
+            "a number greater than 0 and at most 1",
+        )),
+    }
+}
+
+/// A literal: an integer, a float, a string or a boolean.
+fn scalar(t: &Table<'_, '_>, key: &str) -> Result<ScalarValue, JobError> {
+    let value = t
+        .get(key)
+        .ok_or_else(|| t.missing(key, "an integer, float, string or boolean"))?;
+    let v = value.get_ref();
+    let parsed = if let Some(i) = v.as_integer() {
+        i64::from_str_radix(&i.as_str().replace('_', ""), i.radix())
+            .ok()
+            .map(ScalarValue::Int64)
+    } else if let Some(f) = v.as_float() {
+        f.as_str()
+            .replace('_', "")
+            .parse::<f64>()
+            .ok()
+            .map(ScalarValue::Float64)
+    } else if let Some(s) = v.as_str() {
+        Some(ScalarValue::Utf8(s.to_owned()))
+    } else {
+        v.as_bool().map(ScalarValue::Boolean)
+    };
+    parsed.ok_or_else(|| {
+        t.invalid(
+            key,
+            &value.span(),
+            "this value".to_owned(),
+            "an integer, float, string or boolean",
+        )
     })
 }
 

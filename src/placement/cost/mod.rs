@@ -121,6 +121,9 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
                 crate::kernels::aggtable::AggProgram::compile(schema, &keys, aggs).map(|_| ()),
             )
         }
+        (OperatorKind::Sample { .. } | OperatorKind::FillNull { .. }, _) => Capability::Pinned {
+            reason: format!("CPU: no GPU kernel for {} yet", op.kind.type_name()),
+        },
         (OperatorKind::Window { .. }, _) => Capability::CpuOnly {
             family: KernelFamily::Aggregate,
             reason: "no GPU kernel for event-time windows".into(),

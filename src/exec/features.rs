@@ -1,0 +1,258 @@
+//! Feature-preparation operators for ML training data (issue 17): seeded
+//! sampling and null filling. Both are CPU operators; `sample` keeps a row
+//! counter in its checkpoint so a restored task draws the same rows.
+
+use std::sync::Arc;
+
+use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, Scalar};
+use arrow_schema::{DataType, Schema};
+use arrow_select::filter::filter_record_batch;
+
+use super::ExecError;
+use super::operators::{Operator, Output};
+use crate::job::ScalarValue;
+use crate::kernels::cpu::hash::fmix64;
+
+/// Keeps each row with probability `fraction`: row `n` of subtask `s` is
+/// kept when a hash of (seed, s, n) falls below `fraction` of the 64-bit
+/// range, so a seed and a parallelism always pick the same rows.
+pub struct SampleOperator {
+    threshold: u64,
+    seed: u64,
+    subtask: u32,
+    /// Rows this subtask has seen (checkpointed).
+    rows_seen: u64,
+}
+
+impl SampleOperator {
+    pub fn new(fraction: f64, seed: u64, subtask: u32) -> Self {
+        let threshold = if fraction >= 1.0 {
+            u64::MAX
+        } else {
+            (fraction * u64::MAX as f64) as u64
+        };
+        SampleOperator {
+            threshold,
+            seed,
+            subtask,
+            rows_seen: 0,
+        }
+    }
+
+    fn keeps(&self, row: u64) -> bool {
+        let h = fmix64(
+            fmix64(self.seed ^ 0x9E37_79B9_7F4A_7C15) ^ (u64::from(self.subtask) << 40) ^ row,
+        );
+        self.threshold == u64::MAX || h < self.threshold
+    }
+}
+
+impl Operator for SampleOperator {
+    fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError> {
+        let first = self.rows_seen;
+        self.rows_seen += batch.num_rows() as u64;
+        let mask: BooleanArray = (0..batch.num_rows() as u64)
+            .map(|i| Some(self.keeps(first + i)))
+            .collect();
+        let kept = filter_record_batch(&batch, &mask)?;
+        if kept.num_rows() > 0 {
+            out.emit(kept)?;
+        }
+        Ok(())
+    }
+
+    fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
+        Ok(Some(self.rows_seen.to_le_bytes().to_vec()))
+    }
+
+    fn restore_state(&mut self, state: Option<&[u8]>) -> Result<(), ExecError> {
+        if let Some(bytes) = state {
+            let bytes: [u8; 8] = bytes.try_into().map_err(|_| ExecError::State {
+                operator: "sample".into(),
+                detail: format!("a sample's state is 8 bytes, found {}", bytes.len()),
+            })?;
+            self.rows_seen = u64::from_le_bytes(bytes);
+        }
+        Ok(())
+    }
+}
+
+/// Replaces the nulls of some columns with a value.
+pub struct FillNullOperator {
+    /// Column index and its one-row fill value.
+    fills: Vec<(usize, ArrayRef)>,
+}
+
+impl FillNullOperator {
+    pub fn new(
+        name: &str,
+        input: &Schema,
+        columns: &[String],
+        value: &ScalarValue,
+    ) -> Result<Self, ExecError> {
+        let fills = columns
+            .iter()
+            .map(|column| {
+                let index = input.index_of(column)?;
+                let data_type = input.field(index).data_type();
+                let fill = match (data_type, value) {
+                    (DataType::Float64, ScalarValue::Int64(v)) => {
+                        ScalarValue::Float64(*v as f64).to_array(1)
+                    }
+                    _ => value.to_array(1),
+                };
+                if fill.data_type() != data_type {
+                    return Err(ExecError::Unsupported {
+                        operator: name.to_owned(),
+                        detail: format!("cannot fill {data_type} column '{column}' with {value}"),
+                    });
+                }
+                Ok((index, fill))
+            })
+            .collect::<Result<_, ExecError>>()?;
+        Ok(FillNullOperator { fills })
+    }
+}
+
+impl Operator for FillNullOperator {
+    fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError> {
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        for (index, fill) in &self.fills {
+            let column = &columns[*index];
+            if column.null_count() == 0 {
+                continue;
+            }
+            let valid = arrow_arith::boolean::is_not_null(column.as_ref())?;
+            columns[*index] =
+                arrow_select::zip::zip(&valid, column, &Scalar::new(Arc::clone(fill)))?;
+        }
+        let schema = Arc::new(Schema::new(
+            batch
+                .schema()
+                .fields()
+                .iter()
+                .enumerate()
+                .map(|(i, f)| {
+                    let filled = self.fills.iter().any(|(index, _)| *index == i);
+                    f.as_ref().clone().with_nullable(f.is_nullable() && !filled)
+                })
+                .collect::<Vec<_>>(),
+        ));
+        out.emit(RecordBatch::try_new(schema, columns)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use arrow_array::{Float64Array, Int64Array, StringArray};
+    use arrow_schema::Field;
+
+    use super::*;
+
+    type Sink = crate::exec::spill_tests::Collect;
+
+    fn batch(rows: i64) -> RecordBatch {
+        RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("v", DataType::Int64, true),
+                Field::new("x", DataType::Float64, true),
+                Field::new("s", DataType::Utf8, true),
+            ])),
+            vec![
+                Arc::new(
+                    (0..rows)
+                        .map(|i| (i % 3 != 0).then_some(i))
+                        .collect::<Int64Array>(),
+                ),
+                Arc::new(
+                    (0..rows)
+                        .map(|i| (i % 4 != 0).then_some(i as f64))
+                        .collect::<Float64Array>(),
+                ),
+                Arc::new(
+                    (0..rows)
+                        .map(|i| (i % 5 != 0).then(|| format!("s{i}")))
+                        .collect::<StringArray>(),
+                ),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn sampled(fraction: f64, seed: u64, batches: &[RecordBatch]) -> Vec<i64> {
+        let mut op = SampleOperator::new(fraction, seed, 1);
+        let mut out = Sink::default();
+        for b in batches {
+            op.process(b.clone(), &mut out).unwrap();
+        }
+        out.batches
+            .iter()
+            .flat_map(|b| {
+                let v = b.column(1).as_any().downcast_ref::<Float64Array>().unwrap();
+                (0..v.len()).map(|i| v.value(i) as i64).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sample_is_reproducible_for_a_seed_and_near_its_fraction() {
+        let input: Vec<RecordBatch> = (0..20).map(|_| batch(1000)).collect();
+        let a = sampled(0.1, 7, &input);
+        assert_eq!(a, sampled(0.1, 7, &input), "same seed, same rows");
+        assert_ne!(a, sampled(0.1, 8, &input), "another seed, other rows");
+        let kept = a.len() as f64 / 20_000.0;
+        assert!((kept - 0.1).abs() < 0.01, "kept {kept}");
+        assert_eq!(sampled(1.0, 7, &input).len(), 20_000);
+    }
+
+    #[test]
+    fn a_restored_sample_draws_the_rows_the_uninterrupted_one_draws() {
+        let input: Vec<RecordBatch> = (0..6).map(|_| batch(500)).collect();
+        let whole = sampled(0.3, 3, &input);
+        let mut first = SampleOperator::new(0.3, 3, 1);
+        let mut out = Sink::default();
+        for b in &input[..2] {
+            first.process(b.clone(), &mut out).unwrap();
+        }
+        let state = first.snapshot_state(1).unwrap();
+        let mut second = SampleOperator::new(0.3, 3, 1);
+        second.restore_state(state.as_deref()).unwrap();
+        for b in &input[2..] {
+            second.process(b.clone(), &mut out).unwrap();
+        }
+        let rows: usize = out.batches.iter().map(RecordBatch::num_rows).sum();
+        assert_eq!(rows, whole.len());
+    }
+
+    #[test]
+    fn fill_null_replaces_nulls_and_leaves_values() {
+        let input = batch(100);
+        let mut op = FillNullOperator::new(
+            "f",
+            &input.schema(),
+            &["v".into(), "x".into()],
+            &ScalarValue::Int64(-1),
+        )
+        .unwrap();
+        let mut out = Sink::default();
+        op.process(input.clone(), &mut out).unwrap();
+        let filled = &out.batches[0];
+        let v = filled
+            .column(0)
+            .as_any()
+            .downcast_ref::<Int64Array>()
+            .unwrap();
+        let x = filled
+            .column(1)
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap();
+        assert_eq!(v.null_count(), 0);
+        assert_eq!(x.null_count(), 0);
+        assert_eq!(v.value(3), -1);
+        assert_eq!(v.value(4), 4);
+        assert_eq!(x.value(4), -1.0);
+        assert_eq!(filled.column(2).null_count(), input.column(2).null_count());
+        assert!(!filled.schema().field(0).is_nullable());
+    }
+}
