@@ -368,6 +368,11 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
             *seed,
             ctx.subtask,
         )),
+        OperatorKind::Batch { rows } => Box::new(super::features::BatchOperator::new(
+            &spec.name,
+            *rows,
+            Arc::clone(&input_schema),
+        )),
         OperatorKind::FillNull { columns, value } => Box::new(
             super::features::FillNullOperator::new(&spec.name, &input_schema, columns, value)?,
         ),

@@ -1,6 +1,7 @@
 //! Feature-preparation operators for ML training data (issue 17): seeded
-//! sampling and null filling. Both are CPU operators; `sample` keeps a row
-//! counter in its checkpoint so a restored task draws the same rows.
+//! sampling, null filling and fixed-size batches. All run on the CPU;
+//! `sample` checkpoints its row position and `batch` the rows waiting for a
+//! full batch, so a restored task produces what an uninterrupted one does.
 
 use std::sync::Arc;
 
@@ -72,6 +73,108 @@ impl Operator for SampleOperator {
                 detail: format!("a sample's state is 8 bytes, found {}", bytes.len()),
             })?;
             self.rows_seen = u64::from_le_bytes(bytes);
+        }
+        Ok(())
+    }
+}
+
+/// Re-chunks its input into batches of exactly `rows` rows; the rows that
+/// wait for a full batch are part of its checkpoint, so a restored task
+/// cuts the same batches.
+pub struct BatchOperator {
+    name: String,
+    rows: usize,
+    schema: arrow_schema::SchemaRef,
+    pending: Vec<RecordBatch>,
+    pending_rows: usize,
+}
+
+impl BatchOperator {
+    pub fn new(name: &str, rows: usize, schema: arrow_schema::SchemaRef) -> Self {
+        assert!(rows > 0, "the planner refuses a zero batch size");
+        BatchOperator {
+            name: name.to_owned(),
+            rows,
+            schema,
+            pending: Vec::new(),
+            pending_rows: 0,
+        }
+    }
+
+    /// The waiting rows as one batch, leaving none waiting.
+    fn take_pending(&mut self) -> Result<RecordBatch, ExecError> {
+        let all = arrow_select::concat::concat_batches(&self.schema, &self.pending)?;
+        self.pending.clear();
+        self.pending_rows = 0;
+        Ok(all)
+    }
+
+    fn state_error(&self, detail: String) -> ExecError {
+        ExecError::State {
+            operator: self.name.clone(),
+            detail,
+        }
+    }
+}
+
+impl Operator for BatchOperator {
+    fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.pending_rows += batch.num_rows();
+        self.pending.push(batch);
+        if self.pending_rows < self.rows {
+            return Ok(());
+        }
+        let all = self.take_pending()?;
+        let mut offset = 0;
+        while all.num_rows() - offset >= self.rows {
+            out.emit(all.slice(offset, self.rows))?;
+            offset += self.rows;
+        }
+        if offset < all.num_rows() {
+            self.pending_rows = all.num_rows() - offset;
+            self.pending.push(all.slice(offset, self.pending_rows));
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
+        if self.pending_rows > 0 {
+            let rest = self.take_pending()?;
+            out.emit(rest)?;
+        }
+        Ok(())
+    }
+
+    /// The waiting rows, as an Arrow IPC stream.
+    fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
+        let waiting = arrow_select::concat::concat_batches(&self.schema, &self.pending)?;
+        let mut bytes = Vec::new();
+        let mut writer = arrow_ipc::writer::StreamWriter::try_new(&mut bytes, &self.schema)?;
+        writer.write(&waiting)?;
+        writer.finish()?;
+        drop(writer);
+        Ok(Some(bytes))
+    }
+
+    fn restore_state(&mut self, state: Option<&[u8]>) -> Result<(), ExecError> {
+        let Some(bytes) = state else {
+            return Ok(());
+        };
+        let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+            .map_err(|e| self.state_error(format!("unreadable waiting rows: {e}")))?;
+        self.pending.clear();
+        self.pending_rows = 0;
+        for batch in reader {
+            let batch =
+                batch.map_err(|e| self.state_error(format!("unreadable waiting rows: {e}")))?;
+            if batch.schema() != self.schema {
+                return Err(self.state_error("the waiting rows have another schema".into()));
+            }
+            self.pending_rows += batch.num_rows();
+            self.pending.push(batch);
         }
         Ok(())
     }
@@ -222,6 +325,39 @@ mod tests {
         }
         let rows: usize = out.batches.iter().map(RecordBatch::num_rows).sum();
         assert_eq!(rows, whole.len());
+    }
+
+    #[test]
+    fn batches_have_exactly_n_rows_the_last_shorter_and_survive_a_restore() {
+        let input: Vec<RecordBatch> = [7i64, 300, 1, 45, 999].iter().map(|&n| batch(n)).collect();
+        let total: usize = input.iter().map(RecordBatch::num_rows).sum();
+        let schema = input[0].schema();
+        let mut whole = BatchOperator::new("b", 64, Arc::clone(&schema));
+        let mut out = Sink::default();
+        for b in &input {
+            whole.process(b.clone(), &mut out).unwrap();
+        }
+        whole.finish(&mut out).unwrap();
+        let sizes: Vec<usize> = out.batches.iter().map(RecordBatch::num_rows).collect();
+        assert!(
+            sizes[..sizes.len() - 1].iter().all(|&n| n == 64),
+            "{sizes:?}"
+        );
+        assert_eq!(sizes.iter().sum::<usize>(), total);
+        // Interrupted after two inputs, restored from the snapshot.
+        let mut first = BatchOperator::new("b", 64, Arc::clone(&schema));
+        let mut again = Sink::default();
+        for b in &input[..2] {
+            first.process(b.clone(), &mut again).unwrap();
+        }
+        let state = first.snapshot_state(1).unwrap();
+        let mut second = BatchOperator::new("b", 64, Arc::clone(&schema));
+        second.restore_state(state.as_deref()).unwrap();
+        for b in &input[2..] {
+            second.process(b.clone(), &mut again).unwrap();
+        }
+        second.finish(&mut again).unwrap();
+        assert_eq!(again.batches, out.batches);
     }
 
     #[test]

@@ -101,6 +101,7 @@ fn output_origin(
         | OperatorKind::KeyBy { .. }
         | OperatorKind::Sort { .. }
         | OperatorKind::Sample { .. }
+        | OperatorKind::Batch { .. }
         | OperatorKind::FillNull { .. } => input,
         _ => own,
     }
@@ -403,7 +404,7 @@ fn output(
             }
             input.schema.clone()
         }
-        OperatorKind::Sample { .. } => input.schema.clone(),
+        OperatorKind::Sample { .. } | OperatorKind::Batch { .. } => input.schema.clone(),
         OperatorKind::FillNull { columns, value } => fill_null_schema(at, schema, columns, value)?,
         _ if at.op.kind.is_sink() => Arc::new(Schema::empty()),
         _ => unreachable!("sources have no input (checked by check_input)"),

@@ -104,6 +104,11 @@ pub enum OperatorKind {
         fraction: f64,
         seed: u64,
     },
+    /// Re-chunks the stream into batches of exactly `rows` rows (the
+    /// last one of each subtask shorter).
+    Batch {
+        rows: usize,
+    },
     /// Replaces the nulls of `columns` with `value`.
     FillNull {
         columns: Vec<String>,
@@ -161,6 +166,7 @@ impl OperatorKind {
             OperatorKind::Sort { .. } => "sort",
             OperatorKind::Sample { .. } => "sample",
             OperatorKind::FillNull { .. } => "fill_null",
+            OperatorKind::Batch { .. } => "batch",
             OperatorKind::Blackhole => "blackhole",
             OperatorKind::Print { .. } => "print",
             OperatorKind::CsvSink { .. } => "csv_sink",
@@ -381,7 +387,7 @@ pub struct SortKey {
 /// Runs a sort merges at once unless the job file sets `fan_in`.
 pub const SORT_FAN_IN_DEFAULT: usize = 16;
 
-const OPERATOR_TYPES: [&str; 15] = [
+const OPERATOR_TYPES: [&str; 16] = [
     "datagen",
     "csv_source",
     "parquet_source",
@@ -393,6 +399,7 @@ const OPERATOR_TYPES: [&str; 15] = [
     "sort",
     "sample",
     "fill_null",
+    "batch",
     "blackhole",
     "print",
     "csv_sink",
@@ -425,6 +432,7 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         "sort" => &["keys", "fan_in"],
         "sample" => &["fraction", "seed"],
         "fill_null" => &["columns", "value"],
+        "batch" => &["rows"],
         "print" => &["limit"],
         "csv_sink" | "parquet_sink" => &["path", "mode"],
         _ => &[],
@@ -635,6 +643,12 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
                 .map(|c| c.get_ref().to_string())
                 .collect(),
             value: scalar(t, "value")?,
+        },
+        "batch" => OperatorKind::Batch {
+            rows: t
+                .int("rows", 1, 1 << 30)?
+                .ok_or_else(|| t.missing("rows", "an integer between 1 and 1073741824"))?
+                .into_inner() as usize,
         },
         "blackhole" => OperatorKind::Blackhole,
         "print" => OperatorKind::Print {

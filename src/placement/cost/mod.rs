@@ -121,7 +121,12 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
                 crate::kernels::aggtable::AggProgram::compile(schema, &keys, aggs).map(|_| ()),
             )
         }
-        (OperatorKind::Sample { .. } | OperatorKind::FillNull { .. }, _) => Capability::Pinned {
+        (
+            OperatorKind::Sample { .. }
+            | OperatorKind::FillNull { .. }
+            | OperatorKind::Batch { .. },
+            _,
+        ) => Capability::Pinned {
             reason: format!("CPU: no GPU kernel for {} yet", op.kind.type_name()),
         },
         (OperatorKind::Window { .. }, _) => Capability::CpuOnly {
