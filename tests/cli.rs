@@ -323,18 +323,18 @@ path = "{}"
 }
 
 /// A feature pipeline's operators (issue 17): `fill_null`, a seeded
-/// `sample` and `batch`, whose rows are the same on every run with the same seed and
+/// `sample`, `cast` and `batch`, whose rows are the same on every run with the same seed and
 /// parallelism; and their bad inputs, refused before the job starts with
 /// the file, line and what was expected.
 #[test]
-fn fill_null_a_seeded_sample_and_batch_run_and_reject_bad_input_before_starting() {
+fn feature_operators_run_reproducibly_and_reject_bad_input_before_starting() {
     let dir = tempfile::tempdir().unwrap();
     let job = |tail: &str, out: &str| {
         format!(
             "[job]\nname = \"features\"\nparallelism = 3\n\n[[operator]]\nname = \"events\"\ntype = \"datagen\"\nrows = 30000\nkeys = 50\nseed = 4\ncolumns = [\"key\", \"value\"]\n\n{tail}\n[[operator]]\nname = \"out\"\ntype = \"csv_sink\"\npath = \"{out}\"\nmode = \"overwrite\"\n"
         )
     };
-    let good = "[[operator]]\nname = \"filled\"\ntype = \"fill_null\"\ncolumns = [\"value\"]\nvalue = 0\n\n[[operator]]\nname = \"some\"\ntype = \"sample\"\nfraction = 0.25\nseed = 9\n\n[[operator]]\nname = \"chunks\"\ntype = \"batch\"\nrows = 1000\n";
+    let good = "[[operator]]\nname = \"filled\"\ntype = \"fill_null\"\ncolumns = [\"value\"]\nvalue = 0\n\n[[operator]]\nname = \"some\"\ntype = \"sample\"\nfraction = 0.25\nseed = 9\n\n[[operator]]\nname = \"as-float\"\ntype = \"cast\"\ncolumns = { value = \"float64\" }\n\n[[operator]]\nname = \"chunks\"\ntype = \"batch\"\nrows = 1000\n";
     let mut outputs = Vec::new();
     for run in 0..2 {
         let out = dir.path().join(format!("out-{run}"));
@@ -379,6 +379,11 @@ fn fill_null_a_seeded_sample_and_batch_run_and_reject_bad_input_before_starting(
             "[[operator]]\ntype = \"sample\"\nfraction = 1.5\n",
             "bad.toml:15",
             "greater than 0 and at most 1",
+        ),
+        (
+            "[[operator]]\ntype = \"cast\"\ncolumns = { value = \"decimal\" }\n",
+            "bad.toml:15",
+            "one of int64, float64, utf8, boolean",
         ),
         (
             "[[operator]]\ntype = \"batch\"\nrows = 0\n",

@@ -368,6 +368,12 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
             *seed,
             ctx.subtask,
         )),
+        OperatorKind::Cast { columns } => Box::new(super::features::CastOperator::new(
+            &spec.name,
+            &input_schema,
+            columns,
+            output,
+        )?),
         OperatorKind::Batch { rows } => Box::new(super::features::BatchOperator::new(
             &spec.name,
             *rows,

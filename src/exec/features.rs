@@ -1,5 +1,5 @@
 //! Feature-preparation operators for ML training data (issue 17): seeded
-//! sampling, null filling and fixed-size batches. All run on the CPU;
+//! sampling, null filling, casts and fixed-size batches. All run on the CPU;
 //! `sample` checkpoints its row position and `batch` the rows waiting for a
 //! full batch, so a restored task produces what an uninterrupted one does.
 
@@ -177,6 +177,59 @@ impl Operator for BatchOperator {
             self.pending.push(batch);
         }
         Ok(())
+    }
+}
+
+/// Converts columns to other types; a value that does not convert fails
+/// the batch naming the column (`safe = false`: never a silent null).
+pub struct CastOperator {
+    name: String,
+    casts: Vec<(usize, DataType)>,
+    output: arrow_schema::SchemaRef,
+}
+
+impl CastOperator {
+    pub fn new(
+        name: &str,
+        input: &Schema,
+        columns: &[(String, DataType)],
+        output: arrow_schema::SchemaRef,
+    ) -> Result<Self, ExecError> {
+        let casts = columns
+            .iter()
+            .map(|(column, to)| Ok((input.index_of(column)?, to.clone())))
+            .collect::<Result<_, ExecError>>()?;
+        Ok(CastOperator {
+            name: name.to_owned(),
+            casts,
+            output,
+        })
+    }
+}
+
+impl Operator for CastOperator {
+    fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError> {
+        let mut columns: Vec<ArrayRef> = batch.columns().to_vec();
+        let options = arrow_cast::CastOptions {
+            safe: false,
+            ..Default::default()
+        };
+        for (index, to) in &self.casts {
+            columns[*index] = arrow_cast::cast_with_options(&columns[*index], to, &options)
+                .map_err(|e| ExecError::Expression {
+                    operator: self.name.clone(),
+                    detail: format!(
+                        "cannot cast column '{}' to {to}: {e}",
+                        self.output.field(*index).name()
+                    ),
+                })?;
+        }
+        let options = arrow_array::RecordBatchOptions::new().with_row_count(Some(batch.num_rows()));
+        out.emit(RecordBatch::try_new_with_options(
+            Arc::clone(&self.output),
+            columns,
+            &options,
+        )?)
     }
 }
 
@@ -358,6 +411,50 @@ mod tests {
         }
         second.finish(&mut again).unwrap();
         assert_eq!(again.batches, out.batches);
+    }
+
+    #[test]
+    fn cast_converts_and_a_value_that_does_not_convert_fails_naming_the_column() {
+        let input = batch(50);
+        let output = Arc::new(Schema::new(vec![
+            Field::new("v", DataType::Float64, true),
+            Field::new("x", DataType::Utf8, true),
+            Field::new("s", DataType::Utf8, true),
+        ]));
+        let mut op = CastOperator::new(
+            "c",
+            &input.schema(),
+            &[
+                ("v".into(), DataType::Float64),
+                ("x".into(), DataType::Utf8),
+            ],
+            Arc::clone(&output),
+        )
+        .unwrap();
+        let mut out = Sink::default();
+        op.process(input.clone(), &mut out).unwrap();
+        let v = out.batches[0]
+            .column(0)
+            .as_any()
+            .downcast_ref::<Float64Array>()
+            .unwrap();
+        assert_eq!(v.value(4), 4.0);
+        assert_eq!(v.null_count(), input.column(0).null_count());
+        // Strings that are not numbers do not become nulls.
+        let strings = Arc::new(Schema::new(vec![
+            Field::new("v", DataType::Int64, true),
+            Field::new("x", DataType::Float64, true),
+            Field::new("s", DataType::Int64, true),
+        ]));
+        let mut bad = CastOperator::new(
+            "c",
+            &input.schema(),
+            &[("s".into(), DataType::Int64)],
+            strings,
+        )
+        .unwrap();
+        let error = bad.process(input, &mut out).unwrap_err().to_string();
+        assert!(error.contains("cannot cast column 's' to Int64"), "{error}");
     }
 
     #[test]

@@ -406,6 +406,26 @@ fn output(
         }
         OperatorKind::Sample { .. } | OperatorKind::Batch { .. } => input.schema.clone(),
         OperatorKind::FillNull { columns, value } => fill_null_schema(at, schema, columns, value)?,
+        OperatorKind::Cast { columns } => {
+            let mut fields: Vec<Field> =
+                schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+            for (column, to) in columns {
+                let index = schema
+                    .index_of(column)
+                    .map_err(|_| at.error("columns", unknown_column(column, schema)))?;
+                let from = schema.field(index).data_type();
+                if !arrow_cast::can_cast_types(from, to) {
+                    let error = JobError::InvalidValue {
+                        key: format!("columns.{column}"),
+                        value: to.to_string(),
+                        expected: format!("a type {from} converts to"),
+                    };
+                    return Err(at.error("columns", error));
+                }
+                fields[index] = fields[index].clone().with_data_type(to.clone());
+            }
+            Arc::new(Schema::new(fields))
+        }
         _ if at.op.kind.is_sink() => Arc::new(Schema::empty()),
         _ => unreachable!("sources have no input (checked by check_input)"),
     };

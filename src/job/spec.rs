@@ -109,6 +109,11 @@ pub enum OperatorKind {
     Batch {
         rows: usize,
     },
+    /// Converts `columns` to the given types (an invalid value fails the
+    /// job naming the column, it never becomes a null).
+    Cast {
+        columns: Vec<(String, arrow_schema::DataType)>,
+    },
     /// Replaces the nulls of `columns` with `value`.
     FillNull {
         columns: Vec<String>,
@@ -167,6 +172,7 @@ impl OperatorKind {
             OperatorKind::Sample { .. } => "sample",
             OperatorKind::FillNull { .. } => "fill_null",
             OperatorKind::Batch { .. } => "batch",
+            OperatorKind::Cast { .. } => "cast",
             OperatorKind::Blackhole => "blackhole",
             OperatorKind::Print { .. } => "print",
             OperatorKind::CsvSink { .. } => "csv_sink",
@@ -387,7 +393,7 @@ pub struct SortKey {
 /// Runs a sort merges at once unless the job file sets `fan_in`.
 pub const SORT_FAN_IN_DEFAULT: usize = 16;
 
-const OPERATOR_TYPES: [&str; 16] = [
+const OPERATOR_TYPES: [&str; 17] = [
     "datagen",
     "csv_source",
     "parquet_source",
@@ -400,6 +406,7 @@ const OPERATOR_TYPES: [&str; 16] = [
     "sample",
     "fill_null",
     "batch",
+    "cast",
     "blackhole",
     "print",
     "csv_sink",
@@ -433,6 +440,7 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         "sample" => &["fraction", "seed"],
         "fill_null" => &["columns", "value"],
         "batch" => &["rows"],
+        "cast" => &["columns"],
         "print" => &["limit"],
         "csv_sink" | "parquet_sink" => &["path", "mode"],
         _ => &[],
@@ -650,6 +658,9 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
                 .ok_or_else(|| t.missing("rows", "an integer between 1 and 1073741824"))?
                 .into_inner() as usize,
         },
+        "cast" => OperatorKind::Cast {
+            columns: cast_columns(t)?,
+        },
         "blackhole" => OperatorKind::Blackhole,
         "print" => OperatorKind::Print {
             limit: t.u64("limit", 0)?,
@@ -664,6 +675,36 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
         },
         other => unreachable!("operator type '{other}' passed the OPERATOR_TYPES check"),
     })
+}
+
+/// `columns = { name = "type", ... }` of a `cast`, in file order.
+fn cast_columns(t: &Table<'_, '_>) -> Result<Vec<(String, arrow_schema::DataType)>, JobError> {
+    const EXPECTED: &str = "one of int64, float64, utf8, boolean";
+    let table = t
+        .table("columns")?
+        .ok_or_else(|| t.missing("columns", "a table of column = \"type\""))?;
+    let mut columns = Vec::new();
+    for (name, value) in table.entries() {
+        let text = value
+            .get_ref()
+            .as_str()
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let data_type = match text.as_str() {
+            "int64" | "bigint" => arrow_schema::DataType::Int64,
+            "float64" | "double" => arrow_schema::DataType::Float64,
+            "utf8" | "string" => arrow_schema::DataType::Utf8,
+            "boolean" | "bool" => arrow_schema::DataType::Boolean,
+            _ => {
+                return Err(table.invalid(name.get_ref(), &value.span(), text, EXPECTED));
+            }
+        };
+        columns.push((name.get_ref().to_string(), data_type));
+    }
+    if columns.is_empty() {
+        return Err(t.missing("columns", "at least one column = \"type\""));
+    }
+    Ok(columns)
 }
 
 /// A number in (0, 1] (an integer or a float).

@@ -124,7 +124,8 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
         (
             OperatorKind::Sample { .. }
             | OperatorKind::FillNull { .. }
-            | OperatorKind::Batch { .. },
+            | OperatorKind::Batch { .. }
+            | OperatorKind::Cast { .. },
             _,
         ) => Capability::Pinned {
             reason: format!("CPU: no GPU kernel for {} yet", op.kind.type_name()),
