@@ -323,7 +323,7 @@ path = "{}"
 }
 
 /// A feature pipeline's operators (issue 17): `fill_null`, a seeded
-/// `sample`, `cast` and `batch`, whose rows are the same on every run with the same seed and
+/// `sample`, `cast`, a seeded `shuffle` and `batch`, whose rows are the same on every run with the same seed and
 /// parallelism; and their bad inputs, refused before the job starts with
 /// the file, line and what was expected.
 #[test]
@@ -334,7 +334,7 @@ fn feature_operators_run_reproducibly_and_reject_bad_input_before_starting() {
             "[job]\nname = \"features\"\nparallelism = 3\n\n[[operator]]\nname = \"events\"\ntype = \"datagen\"\nrows = 30000\nkeys = 50\nseed = 4\ncolumns = [\"key\", \"value\"]\n\n{tail}\n[[operator]]\nname = \"out\"\ntype = \"csv_sink\"\npath = \"{out}\"\nmode = \"overwrite\"\n"
         )
     };
-    let good = "[[operator]]\nname = \"filled\"\ntype = \"fill_null\"\ncolumns = [\"value\"]\nvalue = 0\n\n[[operator]]\nname = \"some\"\ntype = \"sample\"\nfraction = 0.25\nseed = 9\n\n[[operator]]\nname = \"as-float\"\ntype = \"cast\"\ncolumns = { value = \"float64\" }\n\n[[operator]]\nname = \"chunks\"\ntype = \"batch\"\nrows = 1000\n";
+    let good = "[[operator]]\nname = \"filled\"\ntype = \"fill_null\"\ncolumns = [\"value\"]\nvalue = 0\n\n[[operator]]\nname = \"some\"\ntype = \"sample\"\nfraction = 0.25\nseed = 9\n\n[[operator]]\nname = \"as-float\"\ntype = \"cast\"\ncolumns = { value = \"float64\" }\n\n[[operator]]\nname = \"mixed\"\ntype = \"shuffle\"\nbuffer_rows = 700\nseed = 3\n\n[[operator]]\nname = \"chunks\"\ntype = \"batch\"\nrows = 1000\n";
     let mut outputs = Vec::new();
     for run in 0..2 {
         let out = dir.path().join(format!("out-{run}"));
@@ -349,25 +349,32 @@ fn feature_operators_run_reproducibly_and_reject_bad_input_before_starting() {
             );
         assert_eq!(code, 0, "{stderr}");
         assert!(stdout.contains("FINISHED"), "{stdout}");
-        let mut rows: Vec<String> = std::fs::read_dir(&out)
+        // Each subtask's part file, in its order: the shuffle's order is
+        // the same on every run too (datagen's batches are deterministic).
+        let mut parts: Vec<(String, Vec<String>)> = std::fs::read_dir(&out)
             .unwrap()
-            .flat_map(|f| {
-                std::fs::read_to_string(f.unwrap().path())
+            .map(|f| {
+                let path = f.unwrap().path();
+                let lines = std::fs::read_to_string(&path)
                     .unwrap()
                     .lines()
                     .skip(1)
                     .map(str::to_owned)
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>();
+                (
+                    path.file_name().unwrap().to_string_lossy().into_owned(),
+                    lines,
+                )
             })
             .collect();
-        rows.sort();
-        outputs.push(rows);
+        parts.sort();
+        outputs.push(parts);
     }
     assert_eq!(
         outputs[0], outputs[1],
-        "the same seed samples the same rows"
+        "the same seeds give the same rows in the same order"
     );
-    let kept = outputs[0].len() as f64 / 30_000.0;
+    let kept = outputs[0].iter().map(|(_, l)| l.len()).sum::<usize>() as f64 / 30_000.0;
     assert!((kept - 0.25).abs() < 0.02, "kept {kept}");
     for (tail, line, expected) in [
         (
@@ -384,6 +391,11 @@ fn feature_operators_run_reproducibly_and_reject_bad_input_before_starting() {
             "[[operator]]\ntype = \"cast\"\ncolumns = { value = \"decimal\" }\n",
             "bad.toml:15",
             "one of int64, float64, utf8, boolean",
+        ),
+        (
+            "[[operator]]\ntype = \"shuffle\"\nbuffer_rows = -5\n",
+            "bad.toml:15",
+            "between 1 and",
         ),
         (
             "[[operator]]\ntype = \"batch\"\nrows = 0\n",

@@ -368,6 +368,16 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
             *seed,
             ctx.subtask,
         )),
+        OperatorKind::Shuffle { buffer_rows, seed } => {
+            Box::new(super::features::ShuffleOperator::new(
+                &spec.name,
+                *buffer_rows,
+                *seed,
+                ctx.subtask,
+                Arc::clone(&input_schema),
+                ctx.memory.clone(),
+            ))
+        }
         OperatorKind::Cast { columns } => Box::new(super::features::CastOperator::new(
             &spec.name,
             &input_schema,

@@ -1,6 +1,7 @@
 //! Feature-preparation operators for ML training data (issue 17): seeded
-//! sampling, null filling, casts and fixed-size batches. All run on the CPU;
-//! `sample` checkpoints its row position and `batch` the rows waiting for a
+//! sampling, null filling, casts, a seeded bounded shuffle and fixed-size
+//! batches. All run on the CPU; `sample` checkpoints its row position,
+//! `shuffle` its buffer and generator, and `batch` the rows waiting for a
 //! full batch, so a restored task produces what an uninterrupted one does.
 
 use std::sync::Arc;
@@ -177,6 +178,157 @@ impl Operator for BatchOperator {
             self.pending.push(batch);
         }
         Ok(())
+    }
+}
+
+/// A seeded, bounded shuffle of each subtask's stream: rows wait in a
+/// buffer of `buffer_rows` (its bytes held in managed memory); whenever
+/// twice that many wait, they are permuted (Fisher–Yates with a
+/// splitmix64 stream seeded by the seed and the subtask) and all but
+/// `buffer_rows` go out. The same input batches give the same order on
+/// every run (after an exchange the arrival order of batches, and so the
+/// output, can vary); the buffer and the generator's state are
+/// checkpointed.
+pub struct ShuffleOperator {
+    name: String,
+    buffer_rows: usize,
+    rng: u64,
+    schema: arrow_schema::SchemaRef,
+    memory: crate::memory::MemoryManager,
+    /// Pages held for the waiting rows' bytes.
+    held: Vec<crate::memory::Page>,
+    pending: Vec<RecordBatch>,
+    pending_rows: usize,
+}
+
+impl ShuffleOperator {
+    pub fn new(
+        name: &str,
+        buffer_rows: usize,
+        seed: u64,
+        subtask: u32,
+        schema: arrow_schema::SchemaRef,
+        memory: crate::memory::MemoryManager,
+    ) -> Self {
+        ShuffleOperator {
+            name: name.to_owned(),
+            buffer_rows: buffer_rows.max(1),
+            rng: fmix64(seed ^ (u64::from(subtask) << 32) ^ 0x2545_F491_4F6C_DD1D),
+            schema,
+            memory,
+            held: Vec::new(),
+            pending: Vec::new(),
+            pending_rows: 0,
+        }
+    }
+
+    fn next(&mut self) -> u64 {
+        self.rng = self.rng.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        fmix64(self.rng)
+    }
+
+    /// Holds managed-memory pages for the waiting rows' bytes.
+    fn account(&mut self) -> Result<(), ExecError> {
+        let bytes: usize = self.pending.iter().map(|b| b.get_array_memory_size()).sum();
+        let pages = bytes.div_ceil(self.memory.page_size_bytes());
+        if pages > self.held.len() {
+            let more = self
+                .memory
+                .allocate_pages(pages - self.held.len())
+                .map_err(|e| ExecError::State {
+                    operator: self.name.clone(),
+                    detail: format!(
+                        "the shuffle buffer of {} rows does not fit managed memory ({e}); lower buffer_rows",
+                        self.buffer_rows
+                    ),
+                })?;
+            self.held.extend(more);
+        } else {
+            self.held.truncate(pages);
+        }
+        Ok(())
+    }
+
+    /// Permutes the waiting rows and emits all but `keep` of them.
+    fn release(&mut self, keep: usize, out: &mut dyn Output) -> Result<(), ExecError> {
+        let all = arrow_select::concat::concat_batches(&self.schema, &self.pending)?;
+        let n = all.num_rows();
+        let mut order: Vec<u32> = (0..n as u32).collect();
+        for i in (1..n).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            order.swap(i, j);
+        }
+        let shuffled =
+            arrow_select::take::take_record_batch(&all, &arrow_array::UInt32Array::from(order))?;
+        let emit = n - keep.min(n);
+        self.pending.clear();
+        self.pending_rows = 0;
+        if keep > 0 && emit < n {
+            self.pending.push(shuffled.slice(emit, n - emit));
+            self.pending_rows = n - emit;
+        }
+        self.account()?;
+        if emit > 0 {
+            out.emit(shuffled.slice(0, emit))?;
+        }
+        Ok(())
+    }
+}
+
+impl Operator for ShuffleOperator {
+    fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError> {
+        if batch.num_rows() == 0 {
+            return Ok(());
+        }
+        self.pending_rows += batch.num_rows();
+        self.pending.push(batch);
+        self.account()?;
+        if self.pending_rows >= 2 * self.buffer_rows {
+            self.release(self.buffer_rows, out)?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
+        if self.pending_rows > 0 {
+            self.release(0, out)?;
+        }
+        Ok(())
+    }
+
+    /// The generator's state, then the waiting rows as an Arrow IPC stream.
+    fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
+        let waiting = arrow_select::concat::concat_batches(&self.schema, &self.pending)?;
+        let mut bytes = self.rng.to_le_bytes().to_vec();
+        let mut writer = arrow_ipc::writer::StreamWriter::try_new(&mut bytes, &self.schema)?;
+        writer.write(&waiting)?;
+        writer.finish()?;
+        drop(writer);
+        Ok(Some(bytes))
+    }
+
+    fn restore_state(&mut self, state: Option<&[u8]>) -> Result<(), ExecError> {
+        let Some(bytes) = state else {
+            return Ok(());
+        };
+        let unreadable = |detail: String| ExecError::State {
+            operator: self.name.clone(),
+            detail: format!("unreadable shuffle state: {detail}"),
+        };
+        let (rng, rows) = bytes
+            .split_first_chunk::<8>()
+            .ok_or_else(|| unreadable("shorter than its generator state".into()))?;
+        self.rng = u64::from_le_bytes(*rng);
+        let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(rows), None)
+            .map_err(|e| unreadable(e.to_string()))?;
+        self.pending.clear();
+        self.pending_rows = 0;
+        for batch in reader {
+            let batch = batch.map_err(|e| unreadable(e.to_string()))?;
+            self.pending_rows += batch.num_rows();
+            self.pending.push(batch);
+        }
+        self.account()
     }
 }
 
@@ -455,6 +607,49 @@ mod tests {
         .unwrap();
         let error = bad.process(input, &mut out).unwrap_err().to_string();
         assert!(error.contains("cannot cast column 's' to Int64"), "{error}");
+    }
+
+    fn shuffled(seed: u64, input: &[RecordBatch], cut: Option<usize>) -> Vec<i64> {
+        let schema = input[0].schema();
+        let memory = crate::memory::PagePool::new(64 << 20, 32 << 10).slot_manager(0, 64 << 20);
+        let mut op = ShuffleOperator::new("s", 500, seed, 2, Arc::clone(&schema), memory.clone());
+        let mut out = Sink::default();
+        for (i, b) in input.iter().enumerate() {
+            if cut == Some(i) {
+                let state = op.snapshot_state(1).unwrap();
+                op = ShuffleOperator::new("s", 500, seed, 2, Arc::clone(&schema), memory.clone());
+                op.restore_state(state.as_deref()).unwrap();
+            }
+            op.process(b.clone(), &mut out).unwrap();
+        }
+        op.finish(&mut out).unwrap();
+        out.batches
+            .iter()
+            .flat_map(|b| {
+                let x = b.column(1).as_any().downcast_ref::<Float64Array>().unwrap();
+                (0..x.len())
+                    .map(|i| if x.is_null(i) { -1 } else { x.value(i) as i64 })
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_shuffle_is_a_permutation_reproducible_for_a_seed_and_across_a_restore() {
+        let input: Vec<RecordBatch> = (0..8).map(|_| batch(400)).collect();
+        let a = shuffled(5, &input, None);
+        assert_eq!(a.len(), 3200);
+        let mut sorted = a.clone();
+        sorted.sort_unstable();
+        let mut expected: Vec<i64> = (0..8)
+            .flat_map(|_| (0..400).map(|i| if i % 4 == 0 { -1 } else { i }))
+            .collect();
+        expected.sort_unstable();
+        assert_eq!(sorted, expected, "every row once");
+        assert_ne!(a[..400], expected[..400], "not the input order");
+        assert_eq!(a, shuffled(5, &input, None), "same seed, same order");
+        assert_ne!(a, shuffled(6, &input, None), "another seed, another order");
+        assert_eq!(a, shuffled(5, &input, Some(5)), "restored mid-stream");
     }
 
     #[test]

@@ -102,6 +102,7 @@ fn output_origin(
         | OperatorKind::Sort { .. }
         | OperatorKind::Sample { .. }
         | OperatorKind::Batch { .. }
+        | OperatorKind::Shuffle { .. }
         | OperatorKind::FillNull { .. } => input,
         _ => own,
     }
@@ -404,7 +405,9 @@ fn output(
             }
             input.schema.clone()
         }
-        OperatorKind::Sample { .. } | OperatorKind::Batch { .. } => input.schema.clone(),
+        OperatorKind::Sample { .. } | OperatorKind::Batch { .. } | OperatorKind::Shuffle { .. } => {
+            input.schema.clone()
+        }
         OperatorKind::FillNull { columns, value } => fill_null_schema(at, schema, columns, value)?,
         OperatorKind::Cast { columns } => {
             let mut fields: Vec<Field> =

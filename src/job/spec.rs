@@ -104,6 +104,12 @@ pub enum OperatorKind {
         fraction: f64,
         seed: u64,
     },
+    /// Shuffles each subtask's stream through a buffer of `buffer_rows`
+    /// rows with a seeded generator.
+    Shuffle {
+        buffer_rows: usize,
+        seed: u64,
+    },
     /// Re-chunks the stream into batches of exactly `rows` rows (the
     /// last one of each subtask shorter).
     Batch {
@@ -173,6 +179,7 @@ impl OperatorKind {
             OperatorKind::FillNull { .. } => "fill_null",
             OperatorKind::Batch { .. } => "batch",
             OperatorKind::Cast { .. } => "cast",
+            OperatorKind::Shuffle { .. } => "shuffle",
             OperatorKind::Blackhole => "blackhole",
             OperatorKind::Print { .. } => "print",
             OperatorKind::CsvSink { .. } => "csv_sink",
@@ -393,7 +400,7 @@ pub struct SortKey {
 /// Runs a sort merges at once unless the job file sets `fan_in`.
 pub const SORT_FAN_IN_DEFAULT: usize = 16;
 
-const OPERATOR_TYPES: [&str; 17] = [
+const OPERATOR_TYPES: [&str; 18] = [
     "datagen",
     "csv_source",
     "parquet_source",
@@ -407,6 +414,7 @@ const OPERATOR_TYPES: [&str; 17] = [
     "fill_null",
     "batch",
     "cast",
+    "shuffle",
     "blackhole",
     "print",
     "csv_sink",
@@ -441,6 +449,7 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         "fill_null" => &["columns", "value"],
         "batch" => &["rows"],
         "cast" => &["columns"],
+        "shuffle" => &["buffer_rows", "seed"],
         "print" => &["limit"],
         "csv_sink" | "parquet_sink" => &["path", "mode"],
         _ => &[],
@@ -658,6 +667,12 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
                 .ok_or_else(|| t.missing("rows", "an integer between 1 and 1073741824"))?
                 .into_inner() as usize,
         },
+        "shuffle" => OperatorKind::Shuffle {
+            buffer_rows: t
+                .int("buffer_rows", 1, 1 << 30)?
+                .map_or(SHUFFLE_BUFFER_ROWS_DEFAULT, |n| n.into_inner() as usize),
+            seed: t.u64("seed", 0)?.unwrap_or(0),
+        },
         "cast" => OperatorKind::Cast {
             columns: cast_columns(t)?,
         },
@@ -706,6 +721,9 @@ fn cast_columns(t: &Table<'_, '_>) -> Result<Vec<(String, arrow_schema::DataType
     }
     Ok(columns)
 }
+
+/// Rows a `shuffle` holds when the job file does not say.
+pub const SHUFFLE_BUFFER_ROWS_DEFAULT: usize = 1 << 16;
 
 /// A number in (0, 1] (an integer or a float).
 fn fraction(t: &Table<'_, '_>, key: &str) -> Result<f64, JobError> {

@@ -125,6 +125,7 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
             OperatorKind::Sample { .. }
             | OperatorKind::FillNull { .. }
             | OperatorKind::Batch { .. }
+            | OperatorKind::Shuffle { .. }
             | OperatorKind::Cast { .. },
             _,
         ) => Capability::Pinned {
