@@ -151,12 +151,8 @@ impl Operator for BatchOperator {
 
     /// The waiting rows, as an Arrow IPC stream.
     fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
-        let waiting = arrow_select::concat::concat_batches(&self.schema, &self.pending)?;
         let mut bytes = Vec::new();
-        let mut writer = arrow_ipc::writer::StreamWriter::try_new(&mut bytes, &self.schema)?;
-        writer.write(&waiting)?;
-        writer.finish()?;
-        drop(writer);
+        encode_rows(&self.schema, &self.pending, &mut bytes)?;
         Ok(Some(bytes))
     }
 
@@ -164,21 +160,40 @@ impl Operator for BatchOperator {
         let Some(bytes) = state else {
             return Ok(());
         };
-        let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        self.pending = decode_rows(&self.schema, bytes)
             .map_err(|e| self.state_error(format!("unreadable waiting rows: {e}")))?;
-        self.pending.clear();
-        self.pending_rows = 0;
-        for batch in reader {
-            let batch =
-                batch.map_err(|e| self.state_error(format!("unreadable waiting rows: {e}")))?;
-            if batch.schema() != self.schema {
-                return Err(self.state_error("the waiting rows have another schema".into()));
-            }
-            self.pending_rows += batch.num_rows();
-            self.pending.push(batch);
-        }
+        self.pending_rows = self.pending.iter().map(RecordBatch::num_rows).sum();
         Ok(())
     }
+}
+
+/// Appends `rows` (of `schema`) to `bytes` as one Arrow IPC stream: the
+/// rows an operator holds back, in its checkpoint.
+fn encode_rows(
+    schema: &arrow_schema::SchemaRef,
+    rows: &[RecordBatch],
+    bytes: &mut Vec<u8>,
+) -> Result<(), ExecError> {
+    let waiting = arrow_select::concat::concat_batches(schema, rows)?;
+    let mut writer = arrow_ipc::writer::StreamWriter::try_new(bytes, schema)?;
+    writer.write(&waiting)?;
+    writer.finish()?;
+    Ok(())
+}
+
+/// The rows [`encode_rows`] wrote, checked against `schema`.
+fn decode_rows(schema: &arrow_schema::SchemaRef, bytes: &[u8]) -> Result<Vec<RecordBatch>, String> {
+    let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
+        .map_err(|e| e.to_string())?;
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.map_err(|e| e.to_string())?;
+        if batch.schema() != *schema {
+            return Err("the rows have another schema".into());
+        }
+        rows.push(batch);
+    }
+    Ok(rows)
 }
 
 /// A seeded, bounded shuffle of each subtask's stream: rows wait in a
@@ -298,12 +313,8 @@ impl Operator for ShuffleOperator {
 
     /// The generator's state, then the waiting rows as an Arrow IPC stream.
     fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
-        let waiting = arrow_select::concat::concat_batches(&self.schema, &self.pending)?;
         let mut bytes = self.rng.to_le_bytes().to_vec();
-        let mut writer = arrow_ipc::writer::StreamWriter::try_new(&mut bytes, &self.schema)?;
-        writer.write(&waiting)?;
-        writer.finish()?;
-        drop(writer);
+        encode_rows(&self.schema, &self.pending, &mut bytes)?;
         Ok(Some(bytes))
     }
 
@@ -319,15 +330,8 @@ impl Operator for ShuffleOperator {
             .split_first_chunk::<8>()
             .ok_or_else(|| unreadable("shorter than its generator state".into()))?;
         self.rng = u64::from_le_bytes(*rng);
-        let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(rows), None)
-            .map_err(|e| unreadable(e.to_string()))?;
-        self.pending.clear();
-        self.pending_rows = 0;
-        for batch in reader {
-            let batch = batch.map_err(|e| unreadable(e.to_string()))?;
-            self.pending_rows += batch.num_rows();
-            self.pending.push(batch);
-        }
+        self.pending = decode_rows(&self.schema, rows).map_err(unreadable)?;
+        self.pending_rows = self.pending.iter().map(RecordBatch::num_rows).sum();
         self.account()
     }
 }
