@@ -52,11 +52,6 @@ pub struct AggProgram {
     pub partial_schema: SchemaRef,
 }
 
-/// Device bytes of a table slot: key, state word, `count(*)`, and per
-/// value column its count, 128-bit sum, minimum and maximum.
-const SLOT_FIXED_BYTES: u64 = 8 + 4 + 8;
-const SLOT_VALUE_BYTES: u64 = 8 + 16 + 8 + 8;
-
 impl AggProgram {
     /// The device form of `aggs` grouped by `key_columns` of `input`, or
     /// why there is none (the reason `explain` prints).
@@ -143,11 +138,6 @@ impl AggProgram {
         columns.sort_unstable();
         columns.dedup();
         columns
-    }
-
-    /// Device bytes of one table slot.
-    pub fn slot_bytes(&self) -> u64 {
-        SLOT_FIXED_BYTES + SLOT_VALUE_BYTES * self.value_columns().len() as u64
     }
 }
 

@@ -43,7 +43,7 @@ pub use traffic::{DeviceTraffic, bitmap_word_bytes};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use arrow_schema::{DataType, Field, SchemaRef};
+use arrow_schema::{DataType, SchemaRef};
 
 use crate::job::{BinOp, Expr, ExprError, NamedExpr, ScalarValue};
 
@@ -475,24 +475,6 @@ impl ChainProgram {
         self.device_inputs().len() as f64 * (8.0 + 1.0 / 8.0)
     }
 
-    /// Bytes downloaded per surviving row.
-    pub fn download_bytes_per_row(&self) -> f64 {
-        let columns: f64 = self
-            .outputs
-            .iter()
-            .map(|o| match o {
-                OutputSource::Device(reg) => match self.types[*reg as usize] {
-                    ValueType::Bool => 2.0 / 8.0,
-                    _ => 8.0 + 1.0 / 8.0,
-                },
-                OutputSource::Host(_) => 0.0,
-            })
-            .sum();
-        columns
-            + if self.needs_row_ids() { 4.0 } else { 0.0 }
-            + if self.route.is_some() { 4.0 } else { 0.0 }
-    }
-
     /// The evaluator's error for a fault of checked instruction `instr`.
     pub fn fault(&self, instr: usize, row: u64, fault: Fault) -> ChainError {
         let expr = self.exprs[instr].clone().unwrap_or_default();
@@ -504,11 +486,6 @@ impl ChainProgram {
                 Fault::DivideByZero => ExprError::DivideByZero { expr },
             },
         }
-    }
-
-    /// The output schema's fields (helper for building result batches).
-    pub fn output_field(&self, index: usize) -> &Field {
-        self.output_schema.field(index)
     }
 }
 
