@@ -68,6 +68,7 @@ pub mod checkpoint;
 pub mod cluster;
 pub mod config;
 pub mod exec;
+pub mod flight;
 pub mod io;
 pub mod job;
 pub mod kernels;

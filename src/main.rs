@@ -209,6 +209,57 @@ fn finish(
     }
 }
 
+/// Runs the fit phases of the job's `standardize` operators (each a job of
+/// its own) before the job, and says what each fitted.
+async fn run_fit_phases(
+    auth: &PeerAuth,
+    address: &str,
+    text: &str,
+    path: &str,
+    progress: bool,
+) -> Result<()> {
+    let phases = strata::cluster::phases::fit_phases(text, std::path::Path::new(path))?;
+    for phase in phases {
+        eprintln!(
+            "fit phase for '{}': {} over the whole output of '{}' -> {}",
+            phase.operator,
+            phase.columns.join(", "),
+            phase.fitted,
+            phase.stats.display()
+        );
+        let summary = submit_job_with(
+            auth,
+            address,
+            phase.job_text.clone(),
+            path.to_owned(),
+            progress,
+        )
+        .await?;
+        if summary.state != JobState::Finished {
+            anyhow::bail!(
+                "the fit phase of '{}' (job '{}') ended {:?}: {}",
+                phase.operator,
+                phase.job_name,
+                summary.state,
+                summary.reason.as_deref().unwrap_or("no reason given")
+            );
+        }
+        let artifact = strata::job::stats::StatsArtifact::read(&phase.stats)?;
+        let fits: Vec<String> = artifact
+            .columns
+            .iter()
+            .map(|(c, f)| format!("{c}: mean {:.6} std {:.6}", f.mean, f.std))
+            .collect();
+        eprintln!(
+            "  fitted over {} rows in {:.2} s: {}",
+            artifact.rows,
+            summary.wall_ms as f64 / 1000.0,
+            fits.join("; ")
+        );
+    }
+    Ok(())
+}
+
 /// The host part of a HOST:PORT bind address.
 fn jm_host(bind: &str) -> &str {
     bind.rsplit_once(':').map_or(bind, |(host, _)| host)
@@ -267,8 +318,39 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
                     strata::minicluster::serve_rest(jm, "127.0.0.1:0").await?;
                 }
                 let auth = PeerAuth::from_config(&cluster_config)?;
+                // Arrow Flight for a trainer: the configured port when
+                // free, else any (a job with a flight_sink says where).
+                let flight_port = cluster_config.jobmanager_flight_port;
+                let secret = auth.secret.as_ref();
+                let flight = match strata::minicluster::serve_flight(
+                    jm,
+                    &format!("127.0.0.1:{flight_port}"),
+                    secret,
+                )
+                .await
+                {
+                    Ok(bound) => bound,
+                    Err(_) => strata::minicluster::serve_flight(jm, "127.0.0.1:0", secret).await?,
+                };
+                if plan
+                    .spec
+                    .operators
+                    .iter()
+                    .any(|op| matches!(op.kind, strata::job::OperatorKind::FlightSink { .. }))
+                {
+                    eprintln!(
+                        "Arrow Flight: grpc://{flight} (GetFlightInfo on \"{}\")",
+                        plan.spec.name
+                    );
+                }
                 let address = cluster.address().to_string();
-                let summary = submit_job_with(&auth, &address, text, path, !no_progress).await;
+                let summary = match run_fit_phases(&auth, &address, &text, &path, !no_progress).await
+                {
+                    Ok(()) => submit_job_with(&auth, &address, text, path, !no_progress)
+                        .await
+                        .map_err(anyhow::Error::from),
+                    Err(e) => Err(e),
+                };
                 cluster.shutdown().await;
                 Ok(finish(&summary?, ("process start", started)))
             })
@@ -281,10 +363,18 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(async {
                 let rest = format!("{}:{}", jm_host(&bind), config.rest_port);
+                let flight = format!("{}:{}", jm_host(&bind), config.jobmanager_flight_port);
+                let secret = strata::security::ClusterSecret::from_config(&config)?;
                 let jm = JobManager::start(config, &bind).await?;
                 println!("JobManager listening on {}", jm.addr);
                 if let Err(e) = strata::minicluster::serve_rest(&jm, &rest).await {
                     tracing::warn!("{e}; running without the web UI (set rest.port)");
+                }
+                match strata::minicluster::serve_flight(&jm, &flight, secret.as_ref()).await {
+                    Ok(bound) => println!("Arrow Flight on grpc://{bound}"),
+                    Err(e) => tracing::warn!(
+                        "{e}; running without Arrow Flight (set jobmanager.flight.port)"
+                    ),
                 }
                 tokio::signal::ctrl_c().await.ok();
                 Ok(ExitCode::SUCCESS)
@@ -324,6 +414,7 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(async {
                 let submitted = std::time::SystemTime::now();
+                run_fit_phases(&auth, &address, &text, &path, !no_progress).await?;
                 let summary = submit_job_with(&auth, &address, text, path, !no_progress).await?;
                 Ok(finish(&summary, ("submission", submitted)))
             })

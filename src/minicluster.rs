@@ -23,6 +23,19 @@ pub async fn serve_rest(
     Ok(bound)
 }
 
+/// Serves `jobmanager`'s Arrow Flight service (`GetFlightInfo` on a job's
+/// name) on `address`, authenticated with `secret` when there is one.
+pub async fn serve_flight(
+    jobmanager: &JobManager,
+    address: &str,
+    secret: Option<&crate::security::ClusterSecret>,
+) -> Result<SocketAddr, crate::flight::FlightError> {
+    let service = crate::flight::JobManagerFlight::new(jobmanager.flight_directory(), secret);
+    let bound = crate::flight::serve(service, address).await?;
+    tracing::info!("Arrow Flight at grpc://{bound} (GetFlightInfo on a job's name)");
+    Ok(bound)
+}
+
 pub struct MiniCluster {
     pub jobmanager: JobManager,
     shutdown: Arc<AtomicBool>,
@@ -42,6 +55,7 @@ impl MiniCluster {
         for _ in 0..taskmanagers {
             let mut tm_config = config.clone();
             tm_config.data_port = 0;
+            tm_config.taskmanager_flight_port = 0;
             starting.spawn(TaskManager::start(tm_config));
         }
         while let Some(started) = starting.join_next().await {

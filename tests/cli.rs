@@ -423,3 +423,125 @@ fn feature_operators_run_reproducibly_and_reject_bad_input_before_starting() {
         );
     }
 }
+
+#[test]
+fn split_standardize_and_flight_sink_reject_bad_input_before_starting() {
+    let dir = tempfile::tempdir().unwrap();
+    let head = "[job]\nname = \"ml\"\nparallelism = 2\n\n[[operator]]\nname = \"events\"\ntype = \"datagen\"\nrows = 1000\n\n";
+    let split = "[[operator]]\nname = \"s\"\ntype = \"split\"\ncolumns = [\"key\"]\noutputs = { train = 0.8, validation = 0.2 }\n\n";
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            "[[operator]]\nname = \"s\"\ntype = \"split\"\ncolumns = [\"key\"]\noutputs = { train = 0.8, validation = 0.3 }\n".into(),
+            "bad.toml:11",
+            "fractions that sum to 1",
+        ),
+        (
+            "[[operator]]\nname = \"s\"\ntype = \"split\"\ncolumns = [\"key\"]\noutputs = { train = 1 }\n".into(),
+            "bad.toml",
+            "at least two outputs",
+        ),
+        (
+            "[[operator]]\nname = \"s\"\ntype = \"split\"\ncolumns = [\"kee\"]\noutputs = { a = 0.5, b = 0.5 }\n[[operator]]\ntype = \"blackhole\"\ninput = \"s.a\"\n".into(),
+            "bad.toml:13",
+            "'kee' not found",
+        ),
+        (
+            format!("{split}[[operator]]\ntype = \"blackhole\"\ninput = \"s\"\n"),
+            "bad.toml:18",
+            "name one of s.train, s.validation",
+        ),
+        (
+            format!("{split}[[operator]]\ntype = \"blackhole\"\n"),
+            "bad.toml",
+            "name one of s.train, s.validation",
+        ),
+        (
+            "[[operator]]\ntype = \"project\"\ncolumns = [\"key\", \"'x' as name\"]\n[[operator]]\ntype = \"standardize\"\ncolumns = [\"name\"]\nstats = \"s.json\"\n[[operator]]\ntype = \"blackhole\"\n".into(),
+            "bad.toml:15",
+            "takes numeric columns",
+        ),
+        (
+            "[[operator]]\ntype = \"standardize\"\ncolumns = [\"valeu\"]\nstats = \"s.json\"\n[[operator]]\ntype = \"blackhole\"\n".into(),
+            "bad.toml:12",
+            "'valeu' not found",
+        ),
+        (
+            "[[operator]]\ntype = \"standardize\"\ncolumns = [\"value\"]\nstats = \"/nonexistent/s.json\"\nfit = \"none\"\n[[operator]]\ntype = \"blackhole\"\n".into(),
+            "bad.toml:13",
+            "/nonexistent/s.json",
+        ),
+        (
+            "[[operator]]\ntype = \"standardize\"\ncolumns = [\"value\"]\nstats = \"s.json\"\nfit = \"nope\"\n[[operator]]\ntype = \"blackhole\"\n".into(),
+            "bad.toml:14",
+            "the name of an earlier operator",
+        ),
+        (
+            "[[operator]]\ntype = \"flight_sink\"\nqueue_bytes = \"0\"\n".into(),
+            "bad.toml:12",
+            "queue_bytes",
+        ),
+        (
+            "[[operator]]\ntype = \"flight_sink\"\nreader_timeout = \"soon\"\n".into(),
+            "bad.toml:12",
+            "reader_timeout",
+        ),
+    ];
+    for (tail, line, expected) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, format!("{head}{tail}")).unwrap();
+        let (code, _, stderr) = output(strata().arg("run").arg(&path));
+        assert_ne!(code, 0, "{tail}");
+        assert!(
+            stderr.contains(line) && stderr.contains(expected),
+            "{tail}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_split_sends_each_key_to_one_side_with_the_stated_fractions_on_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sides = Vec::new();
+    for (run, parallelism) in [(0, 1), (1, 3)] {
+        let out = |side: &str| dir.path().join(format!("{run}-{side}"));
+        let text = format!(
+            "[job]\nname = \"split\"\nparallelism = {parallelism}\n\n[[operator]]\nname = \"events\"\ntype = \"datagen\"\nrows = 50000\nkeys = 5000\nseed = 3\ncolumns = [\"key\", \"value\"]\n\n[[operator]]\nname = \"s\"\ntype = \"split\"\ncolumns = [\"key\"]\noutputs = {{ train = 0.7, test = 0.3 }}\nseed = 11\n\n[[operator]]\ntype = \"csv_sink\"\ninput = \"s.train\"\npath = \"{}\"\n\n[[operator]]\ntype = \"csv_sink\"\ninput = \"s.test\"\npath = \"{}\"\n",
+            out("train").display(),
+            out("test").display()
+        );
+        let path = dir.path().join(format!("split-{run}.toml"));
+        std::fs::write(&path, text).unwrap();
+        let (code, stdout, stderr) = output(
+            strata()
+                .arg("run")
+                .arg(&path)
+                .args(["--no-progress", "-D", "rest.port=0"]),
+        );
+        assert_eq!(code, 0, "{stderr}");
+        assert!(stdout.contains("FINISHED"), "{stdout}");
+        let keys = |side: &str| -> std::collections::BTreeSet<(String, usize)> {
+            let mut rows = Vec::new();
+            for f in std::fs::read_dir(out(side)).unwrap() {
+                let text = std::fs::read_to_string(f.unwrap().path()).unwrap();
+                rows.extend(text.lines().skip(1).map(str::to_owned));
+            }
+            let mut counted = std::collections::BTreeMap::new();
+            for row in rows {
+                *counted.entry(row).or_insert(0usize) += 1;
+            }
+            counted.into_iter().collect()
+        };
+        sides.push((keys("train"), keys("test")));
+    }
+    // The same rows on each side at parallelism 1 and 3.
+    assert_eq!(sides[0], sides[1]);
+    let (train, test) = &sides[0];
+    let count = |s: &std::collections::BTreeSet<(String, usize)>| s.iter().map(|(_, n)| n).sum::<usize>();
+    assert_eq!(count(train) + count(test), 50_000, "every row on exactly one side");
+    let fraction = count(train) as f64 / 50_000.0;
+    assert!((fraction - 0.7).abs() < 0.03, "train fraction {fraction}");
+    // A key's rows are all on one side.
+    let key_of = |row: &str| row.split(',').next().unwrap().to_owned();
+    let train_keys: std::collections::BTreeSet<String> = train.iter().map(|(r, _)| key_of(r)).collect();
+    assert!(test.iter().all(|(r, _)| !train_keys.contains(&key_of(r))));
+}

@@ -191,6 +191,7 @@ fn registration_frame(data_port: u16) -> Vec<u8> {
         io: "forged".into(),
         transport: "forged".into(),
         gpu: "forged".into(),
+        flight_addr: None,
     })
     .unwrap()
 }

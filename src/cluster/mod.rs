@@ -11,6 +11,7 @@
 
 pub mod client;
 pub mod jobmanager;
+pub mod phases;
 pub mod restart;
 #[cfg(test)]
 pub mod sim;

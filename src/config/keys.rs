@@ -99,6 +99,8 @@ keys! {
     "restart-strategy.exponential-delay.jitter-factor"     => restart_exp_jitter: fraction, show;
     "restart-strategy.exponential-delay.attempts-before-reset-backoff" => restart_exp_attempts: at_least_one, show;
     "rest.port"                                            => rest_port: port, show;
+    "jobmanager.flight.port"                               => jobmanager_flight_port: port, show;
+    "taskmanager.flight.port"                              => taskmanager_flight_port: port, show;
     "metrics.reporter.prom.port"                           => prometheus_port: port, show;
     "placement.mode"                                       => placement_mode: placement_mode, show;
     "placement.calibration-file"                           => calibration_file: optional_text, show;

@@ -36,7 +36,7 @@ use std::time::Duration;
 pub use error::ConfigError;
 pub use layout::MemoryLayout;
 pub use source::{ConfigSource, Origin};
-pub use units::format_duration;
+pub use units::{format_duration, parse_memory_size};
 
 use source::Entry;
 
@@ -293,6 +293,12 @@ pub struct Config {
     pub buffer_timeout: Duration,
     /// `rest.port`.
     pub rest_port: u16,
+    /// `jobmanager.flight.port`: where a trainer asks the JobManager for a
+    /// job's Flight endpoints (Arrow Flight's customary 8815).
+    pub jobmanager_flight_port: u16,
+    /// `taskmanager.flight.port`: where a TaskManager serves its
+    /// `flight_sink` partitions; 0 binds any free port.
+    pub taskmanager_flight_port: u16,
     /// `metrics.reporter.prom.port`.
     pub prometheus_port: u16,
     /// `placement.mode`.
@@ -471,6 +477,8 @@ impl Config {
             max_parallelism: 128,
             buffer_timeout: Duration::from_millis(100),
             rest_port: 8081,
+            jobmanager_flight_port: 8815,
+            taskmanager_flight_port: 0,
             prometheus_port: 9249,
             placement_mode: PlacementMode::Auto,
             calibration_file: String::new(),

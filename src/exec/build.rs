@@ -48,6 +48,9 @@ pub struct BuildContext<'a> {
     /// has a GPU backend: a GPU-placed aggregate keeps its state in the
     /// partial form on every slot, so its checkpoints restore anywhere.
     pub gpu_placed: Vec<usize>,
+    /// Where `flight_sink` partitions are served; `None` where there is no
+    /// Flight server (a `flight_sink` then fails to build).
+    pub flight: Option<super::sink::flight::FlightTaskContext>,
 }
 
 /// The task input for a source operator.
@@ -389,6 +392,38 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
             *rows,
             Arc::clone(&input_schema),
         )),
+        OperatorKind::Standardize { columns, stats, .. } => {
+            let backend: Arc<dyn crate::kernels::backend::KernelBackend> =
+                match ctx.gpu.as_ref().filter(|g| g.operators.contains(&op)) {
+                    Some(gpu) => Arc::clone(&gpu.kernels) as _,
+                    None => Arc::new(crate::kernels::backend::CpuBackend),
+                };
+            Box::new(super::features::StandardizeOperator::new(
+                &spec.name,
+                &input_schema,
+                output,
+                columns,
+                stats,
+                backend,
+            )?)
+        }
+        OperatorKind::StandardizeFit { columns, stats } => Box::new(
+            super::features::StandardizeFitSink::new(&spec.name, &input_schema, columns, stats)?,
+        ),
+        OperatorKind::SplitSide {
+            columns,
+            seed,
+            lo,
+            hi,
+            ..
+        } => Box::new(super::features::SplitSideOperator::new(
+            &spec.name,
+            &input_schema,
+            columns,
+            *seed,
+            *lo,
+            *hi,
+        )?),
         OperatorKind::FillNull { columns, value } => Box::new(
             super::features::FillNullOperator::new(&spec.name, &input_schema, columns, value)?,
         ),
@@ -413,6 +448,24 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
         }
         OperatorKind::ParquetSink { path, .. } => {
             Box::new(ParquetSink::new(path, ctx.subtask, input_schema)?)
+        }
+        OperatorKind::FlightSink {
+            queue_bytes,
+            reader_timeout_ms,
+        } => {
+            let flight = ctx.flight.as_ref().ok_or_else(|| ExecError::Unsupported {
+                operator: spec.name.clone(),
+                detail: "this TaskManager serves no Arrow Flight (taskmanager.flight.port)".into(),
+            })?;
+            Box::new(super::sink::flight::FlightSink::new(
+                &spec.name,
+                op,
+                ctx.subtask,
+                input_schema,
+                *queue_bytes,
+                *reader_timeout_ms,
+                flight,
+            ))
         }
         OperatorKind::KeyBy { .. }
         | OperatorKind::Datagen(_)

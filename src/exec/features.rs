@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, Scalar};
 use arrow_schema::{DataType, Schema};
 use arrow_select::filter::filter_record_batch;
@@ -169,7 +170,7 @@ impl Operator for BatchOperator {
 
 /// Appends `rows` (of `schema`) to `bytes` as one Arrow IPC stream: the
 /// rows an operator holds back, in its checkpoint.
-fn encode_rows(
+pub(crate) fn encode_rows(
     schema: &arrow_schema::SchemaRef,
     rows: &[RecordBatch],
     bytes: &mut Vec<u8>,
@@ -182,7 +183,7 @@ fn encode_rows(
 }
 
 /// The rows [`encode_rows`] wrote, checked against `schema`.
-fn decode_rows(schema: &arrow_schema::SchemaRef, bytes: &[u8]) -> Result<Vec<RecordBatch>, String> {
+pub(crate) fn decode_rows(schema: &arrow_schema::SchemaRef, bytes: &[u8]) -> Result<Vec<RecordBatch>, String> {
     let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
         .map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
@@ -451,6 +452,275 @@ impl Operator for FillNullOperator {
                 .collect::<Vec<_>>(),
         ));
         out.emit(RecordBatch::try_new(schema, columns)?)
+    }
+}
+
+
+/// Salt of a split's row hash, so a split never lines up with the key
+/// groups of a `key_by` on the same columns.
+const SPLIT_SALT: u64 = 0x5851_F42D_4C95_7F2D;
+
+/// The point in `[0, 1)` a row's split columns hash to: the stable key
+/// hash (`kernels::cpu::hash`, the one that routes `key_by`), mixed with
+/// the split's seed, its top 53 bits as a fraction. It depends only on
+/// the row's values, never on the subtask, the parallelism or the run.
+pub fn split_point(key_hash: u64, seed: u64) -> f64 {
+    let h = fmix64(key_hash ^ fmix64(seed ^ SPLIT_SALT));
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// One output of a `split`: keeps the rows whose [`split_point`] falls in
+/// `[lo, hi)`.
+pub struct SplitSideOperator {
+    name: String,
+    columns: Vec<usize>,
+    seed: u64,
+    lo: f64,
+    hi: f64,
+    hashes: Vec<u64>,
+}
+
+impl SplitSideOperator {
+    pub fn new(
+        name: &str,
+        schema: &Schema,
+        columns: &[String],
+        seed: u64,
+        lo: f64,
+        hi: f64,
+    ) -> Result<Self, ExecError> {
+        let columns = columns
+            .iter()
+            .map(|c| schema.index_of(c))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(SplitSideOperator {
+            name: name.to_owned(),
+            columns,
+            seed,
+            lo,
+            hi,
+            hashes: Vec::new(),
+        })
+    }
+}
+
+impl Operator for SplitSideOperator {
+    fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError> {
+        let keys: Vec<ArrayRef> = self
+            .columns
+            .iter()
+            .map(|&c| Arc::clone(batch.column(c)))
+            .collect();
+        crate::kernels::cpu::hash::hash_columns(&keys, &mut self.hashes).map_err(|e| {
+            ExecError::Unsupported {
+                operator: self.name.clone(),
+                detail: e.to_string(),
+            }
+        })?;
+        let mask: BooleanArray = self
+            .hashes
+            .iter()
+            .map(|&h| {
+                let u = split_point(h, self.seed);
+                Some(u >= self.lo && u < self.hi)
+            })
+            .collect();
+        let kept = filter_record_batch(&batch, &mask)?;
+        if kept.num_rows() > 0 {
+            out.emit(kept)?;
+        }
+        Ok(())
+    }
+}
+
+
+/// `standardize`: `(x - mean) / std` of each column with the fitted
+/// statistics, through the kernel backend's `standardize_apply` (the CPU
+/// twin of `kernels/standardize.cu`). Integer columns are converted to
+/// Float64 first.
+pub struct StandardizeOperator {
+    name: String,
+    /// Column index and its statistics.
+    columns: Vec<(usize, crate::kernels::cpu::standardize::ColumnStats)>,
+    output: arrow_schema::SchemaRef,
+    backend: Arc<dyn crate::kernels::backend::KernelBackend>,
+}
+
+impl StandardizeOperator {
+    pub fn new(
+        name: &str,
+        input: &Schema,
+        output: arrow_schema::SchemaRef,
+        columns: &[String],
+        stats: &std::path::Path,
+        backend: Arc<dyn crate::kernels::backend::KernelBackend>,
+    ) -> Result<Self, ExecError> {
+        let failed = |detail: String| ExecError::State {
+            operator: name.to_owned(),
+            detail,
+        };
+        let artifact = crate::job::stats::StatsArtifact::read(stats)
+            .map_err(|e| failed(e.to_string()))?;
+        let fits = artifact
+            .columns(stats, columns)
+            .map_err(|e| failed(e.to_string()))?;
+        let columns = columns
+            .iter()
+            .zip(fits)
+            .map(|(c, fit)| {
+                Ok((
+                    input.index_of(c)?,
+                    crate::kernels::cpu::standardize::ColumnStats {
+                        mean: fit.mean,
+                        std: fit.std,
+                    },
+                ))
+            })
+            .collect::<Result<Vec<_>, ExecError>>()?;
+        Ok(StandardizeOperator {
+            name: name.to_owned(),
+            columns,
+            output,
+            backend,
+        })
+    }
+}
+
+impl Operator for StandardizeOperator {
+    fn process(&mut self, batch: RecordBatch, out: &mut dyn Output) -> Result<(), ExecError> {
+        let mut arrays: Vec<ArrayRef> = batch.columns().to_vec();
+        for &(index, stats) in &self.columns {
+            let values = arrow_cast::cast(&arrays[index], &DataType::Float64)?;
+            let values = values.as_any().downcast_ref::<arrow_array::Float64Array>().ok_or_else(
+                || ExecError::State {
+                    operator: self.name.clone(),
+                    detail: "a Float64 cast gave another type".into(),
+                },
+            )?;
+            let z = self
+                .backend
+                .standardize_apply(values, stats)
+                .map_err(|e| ExecError::Unsupported {
+                    operator: self.name.clone(),
+                    detail: e.to_string(),
+                })?;
+            arrays[index] = Arc::new(z);
+        }
+        out.emit(RecordBatch::try_new(Arc::clone(&self.output), arrays)?)
+    }
+}
+
+/// `standardize_fit`: sums each column's moments over its whole input (by
+/// the kernels' reduction tree per batch) and writes the artifact at the
+/// end of input. Runs as one subtask.
+pub struct StandardizeFitSink {
+    name: String,
+    columns: Vec<(String, usize)>,
+    moments: Vec<crate::kernels::cpu::standardize::Moments>,
+    rows: u64,
+    path: std::path::PathBuf,
+}
+
+impl StandardizeFitSink {
+    pub fn new(
+        name: &str,
+        input: &Schema,
+        columns: &[String],
+        path: &std::path::Path,
+    ) -> Result<Self, ExecError> {
+        let columns = columns
+            .iter()
+            .map(|c| Ok((c.clone(), input.index_of(c)?)))
+            .collect::<Result<Vec<_>, ExecError>>()?;
+        Ok(StandardizeFitSink {
+            name: name.to_owned(),
+            moments: vec![Default::default(); columns.len()],
+            columns,
+            rows: 0,
+            path: path.to_owned(),
+        })
+    }
+
+    fn state_error(&self, detail: String) -> ExecError {
+        ExecError::State {
+            operator: self.name.clone(),
+            detail,
+        }
+    }
+}
+
+impl Operator for StandardizeFitSink {
+    fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
+        use crate::kernels::cpu::column::Column;
+        use crate::kernels::cpu::standardize::column_moments;
+        self.rows += batch.num_rows() as u64;
+        for (i, (_, index)) in self.columns.iter().enumerate() {
+            let values = arrow_cast::cast(batch.column(*index), &DataType::Float64)?;
+            let values = values.as_primitive::<arrow_array::types::Float64Type>();
+            let m = column_moments(Column::from_array(values));
+            self.moments[i] = self.moments[i].combine(m);
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self, _out: &mut dyn Output) -> Result<(), ExecError> {
+        let columns = self
+            .columns
+            .iter()
+            .zip(&self.moments)
+            .map(|((name, _), m)| {
+                let stats = m.stats();
+                (
+                    name.clone(),
+                    crate::job::stats::ColumnFit {
+                        count: m.count,
+                        mean: stats.mean,
+                        std: stats.std,
+                    },
+                )
+            })
+            .collect();
+        let artifact = crate::job::stats::StatsArtifact {
+            format: crate::job::stats::STATS_FORMAT.to_owned(),
+            rows: self.rows,
+            columns,
+        };
+        artifact
+            .write(&self.path)
+            .map_err(|e| self.state_error(e.to_string()))
+    }
+
+    fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
+        let mut state = self.rows.to_le_bytes().to_vec();
+        for m in &self.moments {
+            state.extend_from_slice(&m.sum.to_le_bytes());
+            state.extend_from_slice(&m.sum_squares.to_le_bytes());
+            state.extend_from_slice(&m.count.to_le_bytes());
+        }
+        Ok(Some(state))
+    }
+
+    fn restore_state(&mut self, state: Option<&[u8]>) -> Result<(), ExecError> {
+        let Some(state) = state else { return Ok(()) };
+        let expected = 8 + 24 * self.moments.len();
+        if state.len() != expected {
+            return Err(self.state_error(format!(
+                "a standardize_fit's state is {expected} bytes, found {}",
+                state.len()
+            )));
+        }
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&state[i * 8..i * 8 + 8]);
+            b
+        };
+        self.rows = u64::from_le_bytes(word(0));
+        for (i, m) in self.moments.iter_mut().enumerate() {
+            m.sum = f64::from_le_bytes(word(1 + 3 * i));
+            m.sum_squares = f64::from_le_bytes(word(2 + 3 * i));
+            m.count = u64::from_le_bytes(word(3 + 3 * i));
+        }
+        Ok(())
     }
 }
 

@@ -31,6 +31,7 @@ use parquet::arrow::ArrowWriter;
 use super::ExecError;
 use super::operators::{Operator, Output};
 
+pub mod flight;
 pub mod output;
 pub mod page_checksums;
 #[cfg(test)]

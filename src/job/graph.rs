@@ -49,7 +49,8 @@ impl JobGraph {
             .max(1);
         let consumers = |i: usize| ops.iter().filter(|o| o.input == Some(i)).count();
         let is_global_agg = |i: usize| {
-            matches!(ops[i].kind, OperatorKind::Aggregate { .. })
+            matches!(ops[i].kind, OperatorKind::StandardizeFit { .. })
+                || matches!(ops[i].kind, OperatorKind::Aggregate { .. })
                 && ops[i]
                     .input
                     .is_none_or(|inp| !matches!(ops[inp].kind, OperatorKind::KeyBy { .. }))

@@ -36,6 +36,7 @@
 mod eval;
 mod expr;
 pub mod graph;
+pub mod stats;
 mod plan;
 mod pushdown;
 mod spec;
@@ -54,7 +55,7 @@ pub use plan::{
     LogicalPlan, aggregate_output_schema, infer_csv_schema, plan, read_parquet_schema, source_files,
 };
 pub use spec::{
-    AggFunc, AggSpec, CsvSourceSpec, DatagenSpec, JobSpec, NamedExpr, OperatorKind, OperatorSpec,
+    AggFunc, AggSpec, CsvSourceSpec, DatagenSpec, FitSource, JobSpec, NamedExpr, OperatorKind, OperatorSpec,
     ParquetSourceSpec, SORT_FAN_IN_DEFAULT, SinkMode, SortKey, SourceLines, WatermarkSpec,
     parse_job,
 };
@@ -179,6 +180,22 @@ pub enum JobError {
     SourceWithInput { kind: &'static str, input: String },
     #[error("a {kind} operator needs an input, but no operator precedes it")]
     MissingInput { kind: &'static str },
+    #[error("{0}")]
+    Stats(#[from] stats::StatsError),
+    #[error(
+        "column '{column}' is {found}, and {kind} takes numeric columns (integers or floats): cast or project it first"
+    )]
+    NotNumeric {
+        column: String,
+        found: DataType,
+        kind: &'static str,
+    },
+    #[error(
+        "input '{split}' is a split, which has one output per side: name one of {} (e.g. input = \"{}\")",
+        list(.outputs),
+        .outputs.first().map_or("", String::as_str)
+    )]
+    SplitInput { split: String, outputs: Vec<String> },
     #[error("input '{input}' is a sink, and sinks produce nothing to consume")]
     SinkAsInput { input: String },
     #[error("{role} \"{text}\": {error}")]

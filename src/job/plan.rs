@@ -70,6 +70,9 @@ fn plan_once(mut spec: JobSpec) -> Result<LogicalPlan, JobError> {
         keyed.push(keys);
         origins.push(output_origin(&op.kind, own_origin, input_origin));
     }
+    for index in 0..count {
+        check_fit(&spec, &schemas, index)?;
+    }
     Ok(LogicalPlan {
         spec,
         schemas,
@@ -103,6 +106,7 @@ fn output_origin(
         | OperatorKind::Sample { .. }
         | OperatorKind::Batch { .. }
         | OperatorKind::Shuffle { .. }
+        | OperatorKind::SplitSide { .. }
         | OperatorKind::FillNull { .. } => input,
         _ => own,
     }
@@ -408,6 +412,35 @@ fn output(
         OperatorKind::Sample { .. } | OperatorKind::Batch { .. } | OperatorKind::Shuffle { .. } => {
             input.schema.clone()
         }
+        OperatorKind::Standardize { columns, .. } | OperatorKind::StandardizeFit { columns, .. } => {
+            let mut fields: Vec<Field> =
+                schema.fields().iter().map(|f| f.as_ref().clone()).collect();
+            for (i, column) in columns.iter().enumerate() {
+                let index = numeric_column(schema, column, at.op.kind.type_name())
+                    .map_err(|e| at.item_error("columns", i, e))?;
+                fields[index] = fields[index].clone().with_data_type(DataType::Float64);
+            }
+            if at.op.kind.is_sink() {
+                Arc::new(Schema::empty())
+            } else {
+                Arc::new(Schema::new(fields))
+            }
+        }
+        OperatorKind::SplitSide { columns, .. } => {
+            for (i, column) in columns.iter().enumerate() {
+                let field = schema
+                    .field_with_name(column)
+                    .map_err(|_| at.item_error("columns", i, unknown_column(column, schema)))?;
+                if !is_groupable(field.data_type()) {
+                    let error = JobError::KeyType {
+                        column: column.clone(),
+                        found: field.data_type().clone(),
+                    };
+                    return Err(at.item_error("columns", i, error));
+                }
+            }
+            input.schema.clone()
+        }
         OperatorKind::FillNull { columns, value } => fill_null_schema(at, schema, columns, value)?,
         OperatorKind::Cast { columns } => {
             let mut fields: Vec<Field> =
@@ -446,6 +479,64 @@ fn source_output(at: &At<'_>) -> Result<(SchemaRef, Option<Vec<usize>>), JobErro
         check_time_column(&schema, column, "watermark").map_err(|e| at.error("watermark", e))?;
     }
     Ok((schema, None))
+}
+
+/// The index of `column`, which must hold numbers.
+fn numeric_column(schema: &Schema, column: &str, kind: &'static str) -> Result<usize, JobError> {
+    let index = schema
+        .index_of(column)
+        .map_err(|_| unknown_column(column, schema))?;
+    let found = schema.field(index).data_type();
+    if !(found.is_integer() || found.is_floating()) {
+        return Err(JobError::NotNumeric {
+            column: column.to_string(),
+            found: found.clone(),
+            kind,
+        });
+    }
+    Ok(index)
+}
+
+/// A `standardize`'s fit: the fitted operator's output has the columns,
+/// as numbers; without a fit, the artifact exists and has them.
+fn check_fit(spec: &JobSpec, schemas: &[SchemaRef], index: usize) -> Result<(), JobError> {
+    let op = &spec.operators[index];
+    let OperatorKind::Standardize { columns, stats, fit } = &op.kind else {
+        return Ok(());
+    };
+    let at = At {
+        file: &spec.file,
+        op,
+        data_file: None,
+    };
+    match fit {
+        super::FitSource::Input => Ok(()),
+        super::FitSource::Operator(target) => {
+            let target_op = &spec.operators[*target];
+            if target_op.kind.is_sink() {
+                return Err(at.error(
+                    "fit",
+                    JobError::SinkAsInput {
+                        input: target_op.name.clone(),
+                    },
+                ));
+            }
+            for column in columns {
+                numeric_column(&schemas[*target], column, "standardize")
+                    .map_err(|e| at.error("fit", e))?;
+            }
+            Ok(())
+        }
+        super::FitSource::None => {
+            let path = stats.clone();
+            let artifact = super::stats::StatsArtifact::read(&path)
+                .map_err(|e| at.error("stats", e.into()))?;
+            artifact
+                .columns(&path, columns)
+                .map_err(|e| at.error("stats", e.into()))?;
+            Ok(())
+        }
+    }
 }
 
 fn check_time_column(schema: &Schema, column: &str, role: &'static str) -> Result<(), JobError> {

@@ -33,8 +33,12 @@ pub struct JobSpec {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct OperatorSpec {
-    /// Position in the file, 0-based; equals the index in `JobSpec::operators`.
+    /// Index in `JobSpec::operators`: the position in the file, but for the
+    /// outputs of a `split`, which each become an operator of their own.
     pub index: usize,
+    /// Position of the operator's `[[operator]]` table in the file, 0-based
+    /// (the outputs of one `split` share it).
+    pub table: usize,
     pub name: String,
     /// Line of the operator's `[[operator]]` header.
     pub line: usize,
@@ -120,6 +124,34 @@ pub enum OperatorKind {
     Cast {
         columns: Vec<(String, arrow_schema::DataType)>,
     },
+    /// One named output of a `split` (the job file's `<split>.<side>`):
+    /// the rows whose stable hash of `columns`, seeded by `seed`, falls in
+    /// `[lo, hi)` of the unit interval, so a row's side never changes
+    /// between runs, parallelisms or machines.
+    SplitSide {
+        split: String,
+        side: String,
+        columns: Vec<String>,
+        seed: u64,
+        lo: f64,
+        hi: f64,
+    },
+    /// `(x - mean) / std` of each of `columns` (Float64 out), with the
+    /// statistics in the JSON artifact `stats`. Where `fit` says, the
+    /// client first runs a fit phase (a job of the operators upstream of
+    /// the fitted data, ending in a `standardize_fit`) that writes them.
+    Standardize {
+        columns: Vec<String>,
+        stats: PathBuf,
+        fit: FitSource,
+    },
+    /// Fits the mean and population std of `columns` over its whole input
+    /// and writes them to `stats` (runs as one subtask). The sink of a
+    /// `standardize`'s fit phase; usable alone.
+    StandardizeFit {
+        columns: Vec<String>,
+        stats: PathBuf,
+    },
     /// Replaces the nulls of `columns` with `value`.
     FillNull {
         columns: Vec<String>,
@@ -137,7 +169,34 @@ pub enum OperatorKind {
         path: PathBuf,
         mode: SinkMode,
     },
+    /// Serves each subtask's output as an Arrow Flight stream (one
+    /// partition per subtask) that a trainer reads directly.
+    FlightSink {
+        /// Bytes of batches a partition holds for its reader before the
+        /// sink blocks (and back-pressure slows the job).
+        queue_bytes: u64,
+        /// How long a full partition may wait for a reader before the job
+        /// fails (`None`: forever).
+        reader_timeout_ms: Option<u64>,
+    },
 }
+
+/// What a `standardize` fits its statistics over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FitSource {
+    /// Its own whole input (the default).
+    Input,
+    /// The whole output of an earlier operator (e.g. a split's training
+    /// side), so other data is standardized with the same statistics.
+    Operator(usize),
+    /// No fit: the artifact of an earlier run (inference).
+    None,
+}
+
+/// Bytes a `flight_sink` partition queues when the job file does not say.
+pub const FLIGHT_QUEUE_BYTES_DEFAULT: u64 = 4 << 20;
+/// How long a full `flight_sink` partition waits for a reader by default.
+pub const FLIGHT_READER_TIMEOUT_MS_DEFAULT: u64 = 10 * 60 * 1000;
 
 /// What a file sink does with an output directory that already holds files
 /// (the job file's `mode` key). Checked once per job, at submission: see
@@ -177,6 +236,9 @@ impl OperatorKind {
             OperatorKind::Sort { .. } => "sort",
             OperatorKind::Sample { .. } => "sample",
             OperatorKind::FillNull { .. } => "fill_null",
+            OperatorKind::SplitSide { .. } => "split",
+            OperatorKind::Standardize { .. } => "standardize",
+            OperatorKind::StandardizeFit { .. } => "standardize_fit",
             OperatorKind::Batch { .. } => "batch",
             OperatorKind::Cast { .. } => "cast",
             OperatorKind::Shuffle { .. } => "shuffle",
@@ -184,6 +246,7 @@ impl OperatorKind {
             OperatorKind::Print { .. } => "print",
             OperatorKind::CsvSink { .. } => "csv_sink",
             OperatorKind::ParquetSink { .. } => "parquet_sink",
+            OperatorKind::FlightSink { .. } => "flight_sink",
         }
     }
 
@@ -211,6 +274,8 @@ impl OperatorKind {
                 | OperatorKind::Print { .. }
                 | OperatorKind::CsvSink { .. }
                 | OperatorKind::ParquetSink { .. }
+                | OperatorKind::FlightSink { .. }
+                | OperatorKind::StandardizeFit { .. }
         )
     }
 }
@@ -400,7 +465,7 @@ pub struct SortKey {
 /// Runs a sort merges at once unless the job file sets `fan_in`.
 pub const SORT_FAN_IN_DEFAULT: usize = 16;
 
-const OPERATOR_TYPES: [&str; 18] = [
+const OPERATOR_TYPES: [&str; 22] = [
     "datagen",
     "csv_source",
     "parquet_source",
@@ -415,10 +480,14 @@ const OPERATOR_TYPES: [&str; 18] = [
     "batch",
     "cast",
     "shuffle",
+    "split",
+    "standardize",
+    "standardize_fit",
     "blackhole",
     "print",
     "csv_sink",
     "parquet_sink",
+    "flight_sink",
 ];
 
 const COMMON_KEYS: [&str; 4] = ["name", "type", "input", "parallelism"];
@@ -450,8 +519,12 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         "batch" => &["rows"],
         "cast" => &["columns"],
         "shuffle" => &["buffer_rows", "seed"],
+        "split" => &["columns", "outputs", "seed"],
+        "standardize" => &["columns", "stats", "fit"],
+        "standardize_fit" => &["columns", "stats"],
         "print" => &["limit"],
         "csv_sink" | "parquet_sink" => &["path", "mode"],
+        "flight_sink" => &["queue_bytes", "reader_timeout"],
         _ => &[],
     }
 }
@@ -479,9 +552,9 @@ pub fn parse_job(text: &str, file: &Path) -> Result<JobSpec, JobError> {
         return Err(source.error(&(0..0), &Scope::Document, JobError::NoOperators));
     }
     let mut operators: Vec<OperatorSpec> = Vec::with_capacity(items.len());
-    for (index, item) in items.iter().enumerate() {
-        let operator = parse_operator(source, index, item, &operators)?;
-        operators.push(operator);
+    for (table, item) in items.iter().enumerate() {
+        let parsed = parse_operator(source, table, item, &operators)?;
+        operators.extend(parsed);
     }
     Ok(JobSpec {
         name,
@@ -506,13 +579,16 @@ fn parallelism(table: &Table<'_, '_>) -> Result<Option<u32>, JobError> {
     Ok(n.and_then(|n| u32::try_from(n.into_inner()).ok()))
 }
 
+/// The operator of the `[[operator]]` table at position `position`: one,
+/// or one per output of a `split`.
 fn parse_operator(
     source: Source<'_>,
-    index: usize,
+    position: usize,
     item: &Spanned<DeValue<'_>>,
     earlier: &[OperatorSpec],
-) -> Result<OperatorSpec, JobError> {
-    let key = format!("operator[{index}]");
+) -> Result<Vec<OperatorSpec>, JobError> {
+    let index = earlier.len();
+    let key = format!("operator[{position}]");
     let Some(table) = item.get_ref().as_table() else {
         let error = JobError::WrongType {
             key,
@@ -542,7 +618,7 @@ fn parse_operator(
     }
     let type_name = *type_name.get_ref();
     let name = given_name.map_or_else(
-        || format!("{type_name}-{index}"),
+        || format!("{type_name}-{position}"),
         |n| n.get_ref().to_string(),
     );
     table.scope = Scope::Operator(name.clone());
@@ -560,21 +636,176 @@ fn parse_operator(
         };
         return Err(table.error(&span, error));
     }
-    let kind = parse_kind(&table, type_name)?;
     let input = match table.str("input")? {
         Some(input) => Some(resolve_input(&table, &input, earlier)?),
-        None if kind.is_source() => None,
-        None => index.checked_sub(1),
+        None if type_name_is_source(type_name) => None,
+        None => match earlier.last() {
+            Some(OperatorSpec {
+                kind: OperatorKind::SplitSide { split, .. },
+                ..
+            }) => {
+                let error = split_input_error(split, earlier);
+                return Err(table.error(&table.span, error));
+            }
+            Some(last) => Some(last.index),
+            None => None,
+        },
     };
-    Ok(OperatorSpec {
+    let line = source.line(item.span().start);
+    let parallelism = parallelism(&table)?;
+    if type_name == "split" {
+        let columns: Vec<String> = required_strings(&table, "columns")?
+            .iter()
+            .map(|c| c.get_ref().to_string())
+            .collect();
+        let seed = table.u64("seed", 0)?.unwrap_or(0);
+        let mut lo = 0.0;
+        let sides = split_outputs(&table)?;
+        let last = sides.len() - 1;
+        let mut operators = Vec::with_capacity(sides.len());
+        for (i, (side, fraction)) in sides.into_iter().enumerate() {
+            let side_name = format!("{name}.{side}");
+            if let Some(first) = earlier.iter().find(|op| op.name == side_name) {
+                let span = table.get("outputs").map_or(table.span.clone(), |v| v.span());
+                let error = JobError::DuplicateName {
+                    name: side_name,
+                    first_line: first.line,
+                };
+                return Err(table.error(&span, error));
+            }
+            // The last side ends at exactly 1: no row falls between sides
+            // through rounding.
+            let hi = if i == last { 1.0 } else { lo + fraction };
+            operators.push(OperatorSpec {
+                index: index + i,
+                table: position,
+                name: side_name,
+                line,
+                input,
+                parallelism,
+                kind: OperatorKind::SplitSide {
+                    split: name.clone(),
+                    side,
+                    columns: columns.clone(),
+                    seed,
+                    lo,
+                    hi,
+                },
+                lines: table.lines(),
+            });
+            lo = hi;
+        }
+        return Ok(operators);
+    }
+    let mut kind = parse_kind(&table, type_name)?;
+    if let OperatorKind::Standardize { fit, .. } = &mut kind {
+        *fit = match table.str("fit")? {
+            None => FitSource::Input,
+            Some(text) => match *text.get_ref() {
+                "input" => FitSource::Input,
+                "none" => FitSource::None,
+                name => FitSource::Operator(resolve_input(&table, &text, earlier).map_err(
+                    |_| {
+                        table.invalid(
+                            "fit",
+                            &text.span(),
+                            format!("\"{name}\""),
+                            "\"input\" (fit over this operator's input), \"none\" (read `stats` from an earlier run), or the name of an earlier operator whose output to fit over",
+                        )
+                    },
+                )?),
+            },
+        };
+    }
+    Ok(vec![OperatorSpec {
         index,
+        table: position,
         name,
-        line: source.line(item.span().start),
+        line,
         input,
-        parallelism: parallelism(&table)?,
+        parallelism,
         kind,
         lines: table.lines(),
-    })
+    }])
+}
+
+fn type_name_is_source(type_name: &str) -> bool {
+    matches!(type_name, "datagen" | "csv_source" | "parquet_source")
+}
+
+/// An operator reads a `split` itself rather than one of its outputs.
+fn split_input_error(split: &str, earlier: &[OperatorSpec]) -> JobError {
+    JobError::SplitInput {
+        split: split.to_string(),
+        outputs: earlier
+            .iter()
+            .filter(|op| matches!(&op.kind, OperatorKind::SplitSide { split: s, .. } if s == split))
+            .map(|op| op.name.clone())
+            .collect(),
+    }
+}
+
+/// `outputs = { train = 0.9, validation = 0.1 }` of a `split`, in file
+/// order: at least two, each fraction in (0, 1], summing to 1.
+fn split_outputs(t: &Table<'_, '_>) -> Result<Vec<(String, f64)>, JobError> {
+    const EXPECTED: &str = "a number greater than 0 and at most 1";
+    let table = t.table("outputs")?.ok_or_else(|| {
+        t.missing(
+            "outputs",
+            "a table of output = fraction, e.g. { train = 0.9, validation = 0.1 }",
+        )
+    })?;
+    let mut sides = Vec::new();
+    for (name, value) in table.entries() {
+        let key = format!("outputs.{}", name.get_ref());
+        let text = match (value.get_ref().as_float(), value.get_ref().as_integer()) {
+            (Some(f), _) => f.as_str().replace('_', ""),
+            (None, Some(i)) => i.as_str().replace('_', ""),
+            _ => String::new(),
+        };
+        match text.parse::<f64>() {
+            Ok(f) if f > 0.0 && f <= 1.0 => sides.push((name.get_ref().to_string(), f)),
+            _ => {
+                let shown = if text.is_empty() {
+                    format!("a {}", value.get_ref().type_str())
+                } else {
+                    text
+                };
+                return Err(table.invalid(&key, &value.span(), shown, EXPECTED));
+            }
+        }
+        let valid = name
+            .get_ref()
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !valid {
+            return Err(table.invalid(
+                &key,
+                &name.span(),
+                format!("\"{}\"", name.get_ref()),
+                "an output name of letters, digits, '_' and '-'",
+            ));
+        }
+    }
+    if sides.len() < 2 {
+        return Err(t.missing("outputs", "at least two outputs, e.g. { train = 0.9, validation = 0.1 }"));
+    }
+    let sum: f64 = sides.iter().map(|(_, f)| f).sum();
+    if (sum - 1.0).abs() > 1e-9 {
+        let span = t.get("outputs").map_or(t.span.clone(), |v| v.span());
+        let listed = sides
+            .iter()
+            .map(|(n, f)| format!("{n} = {f}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        return Err(t.invalid(
+            "outputs",
+            &span,
+            format!("{{ {listed} }} (sum {sum})"),
+            "fractions that sum to 1",
+        ));
+    }
+    Ok(sides)
 }
 
 fn resolve_input(
@@ -584,6 +815,12 @@ fn resolve_input(
 ) -> Result<usize, JobError> {
     match earlier.iter().find(|op| op.name == *input.get_ref()) {
         Some(op) => Ok(op.index),
+        None if earlier.iter().any(
+            |op| matches!(&op.kind, OperatorKind::SplitSide { split, .. } if split == input.get_ref()),
+        ) =>
+        {
+            Err(table.error(&input.span(), split_input_error(input.get_ref(), earlier)))
+        }
         None => {
             let error = JobError::UnknownInput {
                 input: input.get_ref().to_string(),
@@ -676,6 +913,15 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
         "cast" => OperatorKind::Cast {
             columns: cast_columns(t)?,
         },
+        "standardize" => OperatorKind::Standardize {
+            columns: distinct_columns(t)?,
+            stats: PathBuf::from(t.required_str("stats")?.into_inner()),
+            fit: FitSource::Input,
+        },
+        "standardize_fit" => OperatorKind::StandardizeFit {
+            columns: distinct_columns(t)?,
+            stats: PathBuf::from(t.required_str("stats")?.into_inner()),
+        },
         "blackhole" => OperatorKind::Blackhole,
         "print" => OperatorKind::Print {
             limit: t.u64("limit", 0)?,
@@ -688,8 +934,55 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
             path: required_path(t)?,
             mode: sink_mode(t)?,
         },
+        "flight_sink" => OperatorKind::FlightSink {
+            queue_bytes: match t.str("queue_bytes")? {
+                None => FLIGHT_QUEUE_BYTES_DEFAULT,
+                Some(text) => crate::config::parse_memory_size(text.get_ref())
+                    .ok()
+                    .filter(|b| *b > 0 && *b <= 1 << 40)
+                    .ok_or_else(|| {
+                        t.invalid(
+                            "queue_bytes",
+                            &text.span(),
+                            format!("\"{}\"", text.get_ref()),
+                            "a size such as \"4mb\" (more than 0, at most 1tb)",
+                        )
+                    })?,
+            },
+            reader_timeout_ms: match t.str("reader_timeout")? {
+                None => Some(FLIGHT_READER_TIMEOUT_MS_DEFAULT),
+                Some(text) if matches!(text.get_ref().trim(), "0" | "none" | "forever") => None,
+                Some(text) => Some(
+                    parse_duration_ms(text.get_ref())
+                        .filter(|ms| *ms > 0)
+                        .ok_or_else(|| invalid_duration(t, "reader_timeout", &text))?
+                        as u64,
+                ),
+            },
+        },
         other => unreachable!("operator type '{other}' passed the OPERATOR_TYPES check"),
     })
+}
+
+/// A non-empty `columns` list without repeats.
+fn distinct_columns(t: &Table<'_, '_>) -> Result<Vec<String>, JobError> {
+    let items = required_strings(t, "columns")?;
+    let mut columns: Vec<String> = Vec::with_capacity(items.len());
+    for item in &items {
+        if columns.iter().any(|c| c == item.get_ref()) {
+            return Err(t.invalid(
+                "columns",
+                &item.span(),
+                format!("'{}' twice", item.get_ref()),
+                "distinct column names",
+            ));
+        }
+        columns.push(item.get_ref().to_string());
+    }
+    if columns.is_empty() {
+        return Err(t.missing("columns", "at least one column name"));
+    }
+    Ok(columns)
 }
 
 /// `columns = { name = "type", ... }` of a `cast`, in file order.

@@ -25,6 +25,9 @@ pub enum Message {
         /// The GPUs found, or why there are none.
         #[serde(default)]
         gpu: String,
+        /// Where the TaskManager serves its `flight_sink` partitions.
+        #[serde(default)]
+        flight_addr: Option<SocketAddr>,
     },
     Heartbeat {
         slots: Vec<SlotStatus>,

@@ -143,6 +143,21 @@ impl ClusterSecret {
     }
 
     /// The key material for the handshake's HMAC.
+    /// HMAC-SHA256 of `message` under the secret, in hex: a credential
+    /// derived for one purpose (the Flight bearer token), from which the
+    /// secret cannot be recovered.
+    pub fn mac_hex(&self, message: &[u8]) -> String {
+        use hmac::{KeyInit, Mac};
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(self.key())
+            .expect("HMAC takes a key of any length");
+        mac.update(message);
+        mac.finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    }
+
     fn key(&self) -> &[u8] {
         &self.bytes
     }

@@ -829,6 +829,11 @@ fn build_and_run(
         gpu,
         checkpointing: checkpoints.is_some(),
         gpu_placed: tdd.gpu_operators.clone(),
+        flight: Some(crate::exec::sink::flight::FlightTaskContext {
+            streams: Arc::clone(&services.flight),
+            execution: job,
+            canceled: Arc::clone(canceled),
+        }),
     };
     let head = vertex.operators[0];
     let is_source = plan.spec.operators[head].input.is_none();

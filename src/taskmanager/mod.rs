@@ -147,6 +147,10 @@ pub struct Services {
     /// Each GPU slot's backend and health (a device error takes it out of
     /// service until it is reopened); `None` for CPU slots.
     pub gpu_kernels: Vec<Option<Arc<crate::kernels::health::DeviceSlot>>>,
+    /// The `flight_sink` partitions this TaskManager serves.
+    pub flight: Arc<crate::flight::FlightStreams>,
+    /// Where they are served.
+    pub flight_addr: SocketAddr,
 }
 
 /// 1 MiB spill buffers per TaskManager (16 MiB, pre-touched).
@@ -365,6 +369,17 @@ impl TaskManager {
             address: bind.clone(),
             source,
         })?;
+        let flight = Arc::new(crate::flight::FlightStreams::default());
+        let flight_bind = format!("{}:{}", config.host, config.taskmanager_flight_port);
+        let flight_addr = crate::flight::serve(
+            crate::flight::TaskManagerFlight::new(Arc::clone(&flight), auth.secret.as_ref()),
+            &flight_bind,
+        )
+        .await
+        .map_err(|e| TaskManagerError::Address {
+            address: flight_bind.clone(),
+            reason: e.to_string(),
+        })?;
         let profile = ResourceProfile {
             cpu_cores: 1.0,
             managed_memory_bytes: layout.managed_per_slot,
@@ -407,6 +422,8 @@ impl TaskManager {
                 slots: Mutex::new(SlotTable::with_profiles(profiles)),
                 jobs: Mutex::default(),
                 task_ended: tokio::sync::Notify::new(),
+                flight,
+                flight_addr,
                 config,
             }),
         })
@@ -589,6 +606,7 @@ async fn session(
             io: services.io.summary(),
             transport: services.transport.clone(),
             gpu: crate::kernels::gpu::detect().describe(),
+            flight_addr: Some(services.flight_addr),
         },
     )
     .await?;

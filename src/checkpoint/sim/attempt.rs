@@ -177,6 +177,7 @@ fn build_task(
         gpu: None,
         checkpointing: true,
         gpu_placed: Vec::new(),
+        flight: None,
     };
     let head = vertex.operators[0];
     let is_source = cx.plan.spec.operators[head].input.is_none();

@@ -153,6 +153,12 @@ impl JobManager {
         shell.core.snapshot(shell.now())
     }
 
+    /// The running jobs' Flight sinks, for the JobManager's Flight service.
+    pub fn flight_directory(&self) -> crate::flight::FlightDirectory {
+        let shell = Arc::clone(&self.shell);
+        Arc::new(move || lock(&shell).core.flights())
+    }
+
     /// A handle the REST server polls.
     pub fn snapshot_source(&self) -> impl Fn() -> ClusterSnapshot + Send + Sync + 'static {
         let shell = Arc::clone(&self.shell);

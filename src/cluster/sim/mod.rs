@@ -889,6 +889,7 @@ impl Sim {
                         io: "rogue".into(),
                         transport: "rogue".into(),
                         gpu: "rogue".into(),
+                        flight_addr: None,
                     },
                 );
                 conn

@@ -164,6 +164,7 @@ impl SimTm {
             io: "sim".into(),
             transport: "sim".into(),
             gpu: "sim".into(),
+            flight_addr: None,
         }
     }
 

@@ -126,10 +126,15 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
             | OperatorKind::FillNull { .. }
             | OperatorKind::Batch { .. }
             | OperatorKind::Shuffle { .. }
+            | OperatorKind::SplitSide { .. }
             | OperatorKind::Cast { .. },
             _,
         ) => Capability::Pinned {
             reason: format!("CPU: no GPU kernel for {} yet", op.kind.type_name()),
+        },
+        (OperatorKind::Standardize { .. }, _) => Capability::CpuOnly {
+            family: KernelFamily::Project,
+            reason: "standardize_apply has a GPU kernel, but alone it costs a PCIe round trip per batch for two flops per value; it stays on the CPU until it fuses into a device-resident chain".into(),
         },
         (OperatorKind::Window { .. }, _) => Capability::CpuOnly {
             family: KernelFamily::Aggregate,

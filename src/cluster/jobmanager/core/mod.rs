@@ -205,6 +205,7 @@ impl JobManagerCore {
                     io,
                     transport,
                     gpu,
+                    flight_addr,
                 } => {
                     let registration = resources::Registration {
                         data_addr,
@@ -212,6 +213,7 @@ impl JobManagerCore {
                         io,
                         transport,
                         gpu,
+                        flight_addr,
                     };
                     let id = self.rm.register(conn, registration, self.now);
                     self.send(conn, Message::Registered { taskmanager: id });
@@ -439,6 +441,83 @@ impl JobManagerCore {
     }
 
     /// A consistent copy of the cluster's state at `now`.
+    /// Every `flight_sink` of the jobs in progress, and where its
+    /// partitions are served now (or why they cannot be read now).
+    pub fn flights(&self) -> Vec<crate::flight::FlightEntry> {
+        use crate::job::OperatorKind;
+        use crate::protocol::{ExecutionState, JobState};
+        let mut entries = Vec::new();
+        for job in self.jobs.values() {
+            let spec = &job.plan.spec;
+            for (op, operator) in spec.operators.iter().enumerate() {
+                if !matches!(operator.kind, OperatorKind::FlightSink { .. }) {
+                    continue;
+                }
+                let Some(vertex) = job.graph.vertices.iter().find(|v| v.operators.contains(&op))
+                else {
+                    continue;
+                };
+                let schema = operator
+                    .input
+                    .map_or_else(|| job.plan.schemas[op].clone(), |i| job.plan.schemas[i].clone());
+                let waiting = |why: String| {
+                    Err(format!(
+                        "job '{}' (attempt {}): {why}; retry GetFlightInfo",
+                        job.name, job.attempt
+                    ))
+                };
+                let partitions = if job.restart_at.is_some() || !job.draining.is_empty() {
+                    waiting(format!(
+                        "restarting after a failure ({})",
+                        job.last_failure.as_deref().unwrap_or("unknown cause")
+                    ))
+                } else if job.state != JobState::Running {
+                    waiting(format!("the job is {:?}", job.state).to_lowercase())
+                } else {
+                    let mut partitions = Vec::with_capacity(vertex.parallelism as usize);
+                    let mut missing = None;
+                    for subtask in 0..vertex.parallelism {
+                        let task = job.tasks.get(&(vertex.id, subtask));
+                        let addr = task
+                            .filter(|t| t.state == ExecutionState::Running)
+                            .and_then(|t| self.rm.get(t.taskmanager))
+                            .and_then(|tm| tm.flight_addr);
+                        match addr {
+                            Some(addr) => partitions.push((
+                                crate::flight::StreamKey {
+                                    execution: job.execution.0,
+                                    operator: op as u32,
+                                    subtask,
+                                },
+                                addr,
+                            )),
+                            None => {
+                                let state = task.map_or("not deployed".to_owned(), |t| {
+                                    format!("{:?}", t.state).to_lowercase()
+                                });
+                                missing = Some(format!("partition {subtask} is {state}"));
+                                break;
+                            }
+                        }
+                    }
+                    match missing {
+                        Some(why) => waiting(why),
+                        None => Ok(partitions),
+                    }
+                };
+                entries.push(crate::flight::FlightEntry {
+                    job_name: job.name.clone(),
+                    sink: operator.name.clone(),
+                    job: job.id.0,
+                    attempt: job.attempt,
+                    schema,
+                    partitions,
+                });
+            }
+        }
+        entries
+    }
+
     pub fn snapshot(&self, now: Duration) -> ClusterSnapshot {
         let mut running: Vec<JobSummary> = self
             .jobs

@@ -33,6 +33,7 @@ pub struct Registration {
     pub io: String,
     pub transport: String,
     pub gpu: String,
+    pub flight_addr: Option<SocketAddr>,
 }
 
 pub struct TaskManagerEntry {
@@ -42,6 +43,8 @@ pub struct TaskManagerEntry {
     pub io: String,
     pub transport: String,
     pub gpu: String,
+    /// Where it serves `flight_sink` partitions (`None`: no Flight server).
+    pub flight_addr: Option<SocketAddr>,
     /// The TaskManager's own view, from its latest report.
     pub reported: Vec<SlotStatus>,
     /// The JobManager's allocations: the job and execution deployed there.
@@ -102,6 +105,7 @@ impl ResourceManager {
                 io: r.io,
                 transport: r.transport,
                 gpu: r.gpu,
+                flight_addr: r.flight_addr,
                 reported: r.slots,
                 allocated,
                 last_heartbeat: now,

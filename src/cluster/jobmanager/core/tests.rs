@@ -250,6 +250,7 @@ impl Harness {
                 io: "thread pool (unit test)".into(),
                 transport: "local (unit test)".into(),
                 gpu: "no GPU (unit test)".into(),
+                flight_addr: None,
             },
         )
     }
