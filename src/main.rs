@@ -344,13 +344,13 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
                     );
                 }
                 let address = cluster.address().to_string();
-                let summary = match run_fit_phases(&auth, &address, &text, &path, !no_progress).await
-                {
-                    Ok(()) => submit_job_with(&auth, &address, text, path, !no_progress)
-                        .await
-                        .map_err(anyhow::Error::from),
-                    Err(e) => Err(e),
-                };
+                let summary =
+                    match run_fit_phases(&auth, &address, &text, &path, !no_progress).await {
+                        Ok(()) => submit_job_with(&auth, &address, text, path, !no_progress)
+                            .await
+                            .map_err(anyhow::Error::from),
+                        Err(e) => Err(e),
+                    };
                 cluster.shutdown().await;
                 Ok(finish(&summary?, ("process start", started)))
             })

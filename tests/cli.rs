@@ -432,12 +432,12 @@ fn split_standardize_and_flight_sink_reject_bad_input_before_starting() {
     let cases: Vec<(String, &str, &str)> = vec![
         (
             "[[operator]]\nname = \"s\"\ntype = \"split\"\ncolumns = [\"key\"]\noutputs = { train = 0.8, validation = 0.3 }\n".into(),
-            "bad.toml:11",
+            "bad.toml:14",
             "fractions that sum to 1",
         ),
         (
             "[[operator]]\nname = \"s\"\ntype = \"split\"\ncolumns = [\"key\"]\noutputs = { train = 1 }\n".into(),
-            "bad.toml",
+            "bad.toml:14",
             "at least two outputs",
         ),
         (
@@ -511,12 +511,13 @@ fn a_split_sends_each_key_to_one_side_with_the_stated_fractions_on_every_run() {
         );
         let path = dir.path().join(format!("split-{run}.toml"));
         std::fs::write(&path, text).unwrap();
-        let (code, stdout, stderr) = output(
-            strata()
-                .arg("run")
-                .arg(&path)
-                .args(["--no-progress", "-D", "rest.port=0"]),
-        );
+        let (code, stdout, stderr) =
+            output(
+                strata()
+                    .arg("run")
+                    .arg(&path)
+                    .args(["--no-progress", "-D", "rest.port=0"]),
+            );
         assert_eq!(code, 0, "{stderr}");
         assert!(stdout.contains("FINISHED"), "{stdout}");
         let keys = |side: &str| -> std::collections::BTreeSet<(String, usize)> {
@@ -536,12 +537,18 @@ fn a_split_sends_each_key_to_one_side_with_the_stated_fractions_on_every_run() {
     // The same rows on each side at parallelism 1 and 3.
     assert_eq!(sides[0], sides[1]);
     let (train, test) = &sides[0];
-    let count = |s: &std::collections::BTreeSet<(String, usize)>| s.iter().map(|(_, n)| n).sum::<usize>();
-    assert_eq!(count(train) + count(test), 50_000, "every row on exactly one side");
+    let count =
+        |s: &std::collections::BTreeSet<(String, usize)>| s.iter().map(|(_, n)| n).sum::<usize>();
+    assert_eq!(
+        count(train) + count(test),
+        50_000,
+        "every row on exactly one side"
+    );
     let fraction = count(train) as f64 / 50_000.0;
     assert!((fraction - 0.7).abs() < 0.03, "train fraction {fraction}");
     // A key's rows are all on one side.
     let key_of = |row: &str| row.split(',').next().unwrap().to_owned();
-    let train_keys: std::collections::BTreeSet<String> = train.iter().map(|(r, _)| key_of(r)).collect();
+    let train_keys: std::collections::BTreeSet<String> =
+        train.iter().map(|(r, _)| key_of(r)).collect();
     assert!(test.iter().all(|(r, _)| !train_keys.contains(&key_of(r))));
 }

@@ -74,7 +74,11 @@ fn example_job(dir: &Path, parquet: bool) -> String {
 
 fn run_python(python: &Path, script: &str, args: &[String]) -> (bool, String, String) {
     let out = Command::new(python)
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/ml").join(script))
+        .arg(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("examples/ml")
+                .join(script),
+        )
         .args(args)
         .output()
         .expect("running python");

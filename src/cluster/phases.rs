@@ -116,7 +116,10 @@ fn fit_phase(spec: &JobSpec, document: &toml::Table, index: usize) -> Result<Fit
         operators.push(toml::Value::Table(table));
     }
     let mut fit_sink = toml::Table::new();
-    fit_sink.insert("name".into(), toml::Value::String(format!("{}.fit", op.name)));
+    fit_sink.insert(
+        "name".into(),
+        toml::Value::String(format!("{}.fit", op.name)),
+    );
     fit_sink.insert("type".into(), toml::Value::String("standardize_fit".into()));
     fit_sink.insert(
         "input".into(),
@@ -206,7 +209,12 @@ input = "val-scaled"
         let names: Vec<&str> = parsed.operators.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(
             names,
-            ["events", "split.train", "split.validation", "train-scaled.fit"]
+            [
+                "events",
+                "split.train",
+                "split.validation",
+                "train-scaled.fit"
+            ]
         );
         assert_eq!(parsed.default_parallelism, Some(2));
         let fit = parsed.operators.last().expect("fit sink");

@@ -183,7 +183,10 @@ pub(crate) fn encode_rows(
 }
 
 /// The rows [`encode_rows`] wrote, checked against `schema`.
-pub(crate) fn decode_rows(schema: &arrow_schema::SchemaRef, bytes: &[u8]) -> Result<Vec<RecordBatch>, String> {
+pub(crate) fn decode_rows(
+    schema: &arrow_schema::SchemaRef,
+    bytes: &[u8],
+) -> Result<Vec<RecordBatch>, String> {
     let reader = arrow_ipc::reader::StreamReader::try_new(std::io::Cursor::new(bytes), None)
         .map_err(|e| e.to_string())?;
     let mut rows = Vec::new();
@@ -455,7 +458,6 @@ impl Operator for FillNullOperator {
     }
 }
 
-
 /// Salt of a split's row hash, so a split never lines up with the key
 /// groups of a `key_by` on the same columns.
 const SPLIT_SALT: u64 = 0x5851_F42D_4C95_7F2D;
@@ -533,7 +535,6 @@ impl Operator for SplitSideOperator {
     }
 }
 
-
 /// `standardize`: `(x - mean) / std` of each column with the fitted
 /// statistics, through the kernel backend's `standardize_apply` (the CPU
 /// twin of `kernels/standardize.cu`). Integer columns are converted to
@@ -559,8 +560,8 @@ impl StandardizeOperator {
             operator: name.to_owned(),
             detail,
         };
-        let artifact = crate::job::stats::StatsArtifact::read(stats)
-            .map_err(|e| failed(e.to_string()))?;
+        let artifact =
+            crate::job::stats::StatsArtifact::read(stats).map_err(|e| failed(e.to_string()))?;
         let fits = artifact
             .columns(stats, columns)
             .map_err(|e| failed(e.to_string()))?;
@@ -591,32 +592,165 @@ impl Operator for StandardizeOperator {
         let mut arrays: Vec<ArrayRef> = batch.columns().to_vec();
         for &(index, stats) in &self.columns {
             let values = arrow_cast::cast(&arrays[index], &DataType::Float64)?;
-            let values = values.as_any().downcast_ref::<arrow_array::Float64Array>().ok_or_else(
-                || ExecError::State {
+            let values = values
+                .as_any()
+                .downcast_ref::<arrow_array::Float64Array>()
+                .ok_or_else(|| ExecError::State {
                     operator: self.name.clone(),
                     detail: "a Float64 cast gave another type".into(),
-                },
-            )?;
-            let z = self
-                .backend
-                .standardize_apply(values, stats)
-                .map_err(|e| ExecError::Unsupported {
+                })?;
+            let z = self.backend.standardize_apply(values, stats).map_err(|e| {
+                ExecError::Unsupported {
                     operator: self.name.clone(),
                     detail: e.to_string(),
-                })?;
+                }
+            })?;
             arrays[index] = Arc::new(z);
         }
         out.emit(RecordBatch::try_new(Arc::clone(&self.output), arrays)?)
     }
 }
 
-/// `standardize_fit`: sums each column's moments over its whole input (by
-/// the kernels' reduction tree per batch) and writes the artifact at the
-/// end of input. Runs as one subtask.
+/// An exact sum of f64 values, independent of the order they come in: each
+/// finite value is added as an integer multiple of 2^-1074 into 32-bit
+/// limbs, so the fit of a `standardize_fit`, whose single subtask receives
+/// its producers' batches interleaved in whatever order the network
+/// delivers them, is the same on every run and at every parallelism.
+/// Infinities add into an f64 of their own (inf - inf is NaN either way).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExactSum {
+    limbs: [i64; EXACT_LIMBS],
+    adds: u32,
+    special: f64,
+}
+
+/// Limbs covering every f64 (2^-1074 to 2^1024) plus carry room.
+const EXACT_LIMBS: usize = 68;
+/// Additions between carry propagations: each adds less than 2^32 to a
+/// limb, so an i64 limb holds 2^30 of them.
+const EXACT_ADDS_MAX: u32 = 1 << 30;
+
+impl Default for ExactSum {
+    fn default() -> Self {
+        ExactSum {
+            limbs: [0; EXACT_LIMBS],
+            adds: 0,
+            special: 0.0,
+        }
+    }
+}
+
+impl ExactSum {
+    pub fn add(&mut self, x: f64) {
+        if !x.is_finite() {
+            self.special += x;
+            return;
+        }
+        if x == 0.0 {
+            return;
+        }
+        let bits = x.to_bits();
+        let exponent = ((bits >> 52) & 0x7ff) as i64;
+        let fraction = bits & ((1u64 << 52) - 1);
+        // x = mantissa * 2^(shift - 1074), shift >= 0.
+        let (mantissa, shift) = if exponent == 0 {
+            (fraction, 0)
+        } else {
+            (fraction | (1u64 << 52), exponent - 1)
+        };
+        let signed = if x < 0.0 {
+            -(mantissa as i128)
+        } else {
+            mantissa as i128
+        };
+        let limb = (shift / 32) as usize;
+        let value = signed << (shift % 32);
+        self.limbs[limb] += (value & 0xffff_ffff) as i64;
+        self.limbs[limb + 1] += ((value >> 32) & 0xffff_ffff) as i64;
+        self.limbs[limb + 2] += (value >> 64) as i64;
+        self.adds += 1;
+        if self.adds >= EXACT_ADDS_MAX {
+            self.normalize();
+        }
+    }
+
+    /// Adds another sum (two subtasks' partial sums).
+    pub fn merge(&mut self, other: &ExactSum) {
+        self.normalize();
+        let mut other = other.clone();
+        other.normalize();
+        for (a, b) in self.limbs.iter_mut().zip(other.limbs) {
+            *a += b;
+        }
+        self.special += other.special;
+        self.normalize();
+    }
+
+    /// Carries into the canonical form: every limb but the top one in
+    /// [0, 2^32).
+    fn normalize(&mut self) {
+        for i in 0..EXACT_LIMBS - 1 {
+            let carry = self.limbs[i] >> 32;
+            self.limbs[i] -= carry << 32;
+            self.limbs[i + 1] += carry;
+        }
+        self.adds = 0;
+    }
+
+    /// The sum as an f64, a function of the exact value alone.
+    pub fn value(&self) -> f64 {
+        let mut canonical = self.clone();
+        canonical.normalize();
+        let mut total = 0.0f64;
+        for (i, limb) in canonical.limbs.iter().enumerate().rev() {
+            if *limb != 0 {
+                total += (*limb as f64) * 2f64.powi(32 * i as i32 - 1074);
+            }
+        }
+        total + self.special
+    }
+
+    fn to_bytes(&self, out: &mut Vec<u8>) {
+        let mut canonical = self.clone();
+        canonical.normalize();
+        for limb in canonical.limbs {
+            out.extend_from_slice(&limb.to_le_bytes());
+        }
+        out.extend_from_slice(&self.special.to_le_bytes());
+    }
+
+    const BYTES: usize = 8 * (EXACT_LIMBS + 1);
+
+    fn from_bytes(bytes: &[u8]) -> ExactSum {
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[i * 8..i * 8 + 8]);
+            b
+        };
+        let mut sum = ExactSum::default();
+        for i in 0..EXACT_LIMBS {
+            sum.limbs[i] = i64::from_le_bytes(word(i));
+        }
+        sum.special = f64::from_le_bytes(word(EXACT_LIMBS));
+        sum
+    }
+}
+
+/// One column's exact moments: the values counted are those that are
+/// neither null nor NaN (the standardize kernels' rule).
+#[derive(Clone, Debug, Default)]
+struct ExactMoments {
+    sum: ExactSum,
+    sum_squares: ExactSum,
+    count: u64,
+}
+
+/// `standardize_fit`: sums each column's moments exactly over its whole
+/// input and writes the artifact at the end of input. Runs as one subtask.
 pub struct StandardizeFitSink {
     name: String,
     columns: Vec<(String, usize)>,
-    moments: Vec<crate::kernels::cpu::standardize::Moments>,
+    moments: Vec<ExactMoments>,
     rows: u64,
     path: std::path::PathBuf,
 }
@@ -634,7 +768,7 @@ impl StandardizeFitSink {
             .collect::<Result<Vec<_>, ExecError>>()?;
         Ok(StandardizeFitSink {
             name: name.to_owned(),
-            moments: vec![Default::default(); columns.len()],
+            moments: vec![ExactMoments::default(); columns.len()],
             columns,
             rows: 0,
             path: path.to_owned(),
@@ -651,14 +785,16 @@ impl StandardizeFitSink {
 
 impl Operator for StandardizeFitSink {
     fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
-        use crate::kernels::cpu::column::Column;
-        use crate::kernels::cpu::standardize::column_moments;
         self.rows += batch.num_rows() as u64;
         for (i, (_, index)) in self.columns.iter().enumerate() {
             let values = arrow_cast::cast(batch.column(*index), &DataType::Float64)?;
             let values = values.as_primitive::<arrow_array::types::Float64Type>();
-            let m = column_moments(Column::from_array(values));
-            self.moments[i] = self.moments[i].combine(m);
+            let m = &mut self.moments[i];
+            for x in values.iter().flatten().filter(|x| !x.is_nan()) {
+                m.sum.add(x);
+                m.sum_squares.add(x * x);
+                m.count += 1;
+            }
         }
         Ok(())
     }
@@ -669,7 +805,12 @@ impl Operator for StandardizeFitSink {
             .iter()
             .zip(&self.moments)
             .map(|((name, _), m)| {
-                let stats = m.stats();
+                let stats = crate::kernels::cpu::standardize::Moments {
+                    sum: m.sum.value(),
+                    sum_squares: m.sum_squares.value(),
+                    count: m.count,
+                }
+                .stats();
                 (
                     name.clone(),
                     crate::job::stats::ColumnFit {
@@ -693,8 +834,8 @@ impl Operator for StandardizeFitSink {
     fn snapshot_state(&mut self, _checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
         let mut state = self.rows.to_le_bytes().to_vec();
         for m in &self.moments {
-            state.extend_from_slice(&m.sum.to_le_bytes());
-            state.extend_from_slice(&m.sum_squares.to_le_bytes());
+            m.sum.to_bytes(&mut state);
+            m.sum_squares.to_bytes(&mut state);
             state.extend_from_slice(&m.count.to_le_bytes());
         }
         Ok(Some(state))
@@ -702,23 +843,24 @@ impl Operator for StandardizeFitSink {
 
     fn restore_state(&mut self, state: Option<&[u8]>) -> Result<(), ExecError> {
         let Some(state) = state else { return Ok(()) };
-        let expected = 8 + 24 * self.moments.len();
+        let per_column = 2 * ExactSum::BYTES + 8;
+        let expected = 8 + per_column * self.moments.len();
         if state.len() != expected {
             return Err(self.state_error(format!(
                 "a standardize_fit's state is {expected} bytes, found {}",
                 state.len()
             )));
         }
-        let word = |i: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&state[i * 8..i * 8 + 8]);
-            b
-        };
-        self.rows = u64::from_le_bytes(word(0));
+        let mut rows = [0u8; 8];
+        rows.copy_from_slice(&state[..8]);
+        self.rows = u64::from_le_bytes(rows);
         for (i, m) in self.moments.iter_mut().enumerate() {
-            m.sum = f64::from_le_bytes(word(1 + 3 * i));
-            m.sum_squares = f64::from_le_bytes(word(2 + 3 * i));
-            m.count = u64::from_le_bytes(word(3 + 3 * i));
+            let at = &state[8 + i * per_column..8 + (i + 1) * per_column];
+            m.sum = ExactSum::from_bytes(&at[..ExactSum::BYTES]);
+            m.sum_squares = ExactSum::from_bytes(&at[ExactSum::BYTES..2 * ExactSum::BYTES]);
+            let mut count = [0u8; 8];
+            count.copy_from_slice(&at[2 * ExactSum::BYTES..]);
+            m.count = u64::from_le_bytes(count);
         }
         Ok(())
     }
@@ -956,5 +1098,52 @@ mod tests {
         assert_eq!(x.value(4), -1.0);
         assert_eq!(filled.column(2).null_count(), input.column(2).null_count());
         assert!(!filled.schema().field(0).is_nullable());
+    }
+
+    #[test]
+    fn exact_sums_do_not_depend_on_the_order_of_the_values() {
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut values: Vec<f64> = (0..10_000)
+            .map(|i| {
+                state = crate::kernels::cpu::hash::fmix64(state.wrapping_add(i));
+                let scale = [1e-300, 1e-3, 1.0, 7.5e5, 1e300][(state % 5) as usize];
+                (state >> 11) as f64 / (1u64 << 53) as f64
+                    * scale
+                    * if state & 1 == 0 { -1.0 } else { 1.0 }
+            })
+            .collect();
+        values.extend([0.1, 0.2, -0.3, f64::MIN_POSITIVE, -0.0, 5e-324]);
+        let sum = |vals: &[f64]| {
+            let mut s = ExactSum::default();
+            vals.iter().for_each(|v| s.add(*v));
+            s
+        };
+        let forward = sum(&values);
+        values.reverse();
+        let backward = sum(&values);
+        assert_eq!(forward.value().to_bits(), backward.value().to_bits());
+        // Split in two and merged: the same value again.
+        let (a, b) = values.split_at(3333);
+        let mut merged = sum(b);
+        merged.merge(&sum(a));
+        assert_eq!(merged.value().to_bits(), forward.value().to_bits());
+        // Exact where a running sum is not.
+        let mut tricky = ExactSum::default();
+        for v in [1e16, 1.0, -1e16] {
+            tricky.add(v);
+        }
+        assert_eq!(tricky.value(), 1.0);
+        let mut inf = ExactSum::default();
+        inf.add(f64::INFINITY);
+        inf.add(1.0);
+        assert_eq!(inf.value(), f64::INFINITY);
+        // The state round-trips.
+        let mut bytes = Vec::new();
+        forward.to_bytes(&mut bytes);
+        assert_eq!(bytes.len(), ExactSum::BYTES);
+        assert_eq!(
+            ExactSum::from_bytes(&bytes).value().to_bits(),
+            forward.value().to_bits()
+        );
     }
 }

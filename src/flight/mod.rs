@@ -216,7 +216,10 @@ impl FlightService for TaskManagerFlight {
         &self,
         _request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Self::HandshakeStream>, Status> {
-        unimplemented("Handshake (send the bearer token with each call)", "TaskManager")
+        unimplemented(
+            "Handshake (send the bearer token with each call)",
+            "TaskManager",
+        )
     }
 
     async fn list_flights(
@@ -264,33 +267,36 @@ impl FlightService for TaskManagerFlight {
         let mut pending = std::collections::VecDeque::new();
         pending.push_back(encoder.schema(&partition.schema));
         let state = (reader, encoder, pending, false);
-        let stream = futures::stream::unfold(state, |(mut reader, mut encoder, mut pending, done)| async move {
-            loop {
-                if let Some(message) = pending.pop_front() {
-                    return Some((Ok(message), (reader, encoder, pending, done)));
-                }
-                if done {
-                    return None;
-                }
-                match reader.next().await {
-                    Next::Batch(item) => {
-                        let key = reader.partition().key;
-                        if let Err(status) =
-                            encoder.batch(&item.batch, item.offset, &key, &mut pending)
-                        {
-                            return Some((Err(status), (reader, encoder, pending, true)));
+        let stream = futures::stream::unfold(
+            state,
+            |(mut reader, mut encoder, mut pending, done)| async move {
+                loop {
+                    if let Some(message) = pending.pop_front() {
+                        return Some((Ok(message), (reader, encoder, pending, done)));
+                    }
+                    if done {
+                        return None;
+                    }
+                    match reader.next().await {
+                        Next::Batch(item) => {
+                            let key = reader.partition().key;
+                            if let Err(status) =
+                                encoder.batch(&item.batch, item.offset, &key, &mut pending)
+                            {
+                                return Some((Err(status), (reader, encoder, pending, true)));
+                            }
+                        }
+                        Next::End => return None,
+                        Next::Aborted(reason) => {
+                            return Some((
+                                Err(Status::aborted(reason)),
+                                (reader, encoder, pending, true),
+                            ));
                         }
                     }
-                    Next::End => return None,
-                    Next::Aborted(reason) => {
-                        return Some((
-                            Err(Status::aborted(reason)),
-                            (reader, encoder, pending, true),
-                        ));
-                    }
                 }
-            }
-        });
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -458,7 +464,10 @@ impl FlightService for JobManagerFlight {
         &self,
         _request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Self::HandshakeStream>, Status> {
-        unimplemented("Handshake (send the bearer token with each call)", "JobManager")
+        unimplemented(
+            "Handshake (send the bearer token with each call)",
+            "JobManager",
+        )
     }
 
     async fn list_flights(
@@ -502,7 +511,10 @@ impl FlightService for JobManagerFlight {
             .map_err(|e| Status::internal(format!("encoding the schema: {e}")))
     }
 
-    async fn do_get(&self, _request: Request<Ticket>) -> Result<Response<Self::DoGetStream>, Status> {
+    async fn do_get(
+        &self,
+        _request: Request<Ticket>,
+    ) -> Result<Response<Self::DoGetStream>, Status> {
         unimplemented("DoGet (read each endpoint's TaskManager)", "JobManager")
     }
 

@@ -349,8 +349,11 @@ mod tests {
 
     fn batch(from: i64, rows: i64) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, false)]));
-        RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(from..from + rows))])
-            .expect("batch")
+        RecordBatch::try_new(
+            schema,
+            vec![Arc::new(Int64Array::from_iter_values(from..from + rows))],
+        )
+        .expect("batch")
     }
 
     fn partition(limit: usize) -> Arc<Partition> {
@@ -396,7 +399,8 @@ mod tests {
     #[test]
     fn a_blocked_sink_sees_cancel_abort_and_the_reader_timeout() {
         let p = partition(1);
-        p.push(batch(0, 10), &|| false, None).expect("first batch is always admitted");
+        p.push(batch(0, 10), &|| false, None)
+            .expect("first batch is always admitted");
         let canceled = AtomicBool::new(true);
         let err = p
             .push(batch(10, 10), &|| canceled.load(Ordering::Relaxed), None)
@@ -448,7 +452,10 @@ mod tests {
             offsets.push(item.offset);
         }
         assert_eq!(offsets, vec![100, 104, 108]);
-        finisher.join().expect("thread").expect("finish after the drain");
+        finisher
+            .join()
+            .expect("thread")
+            .expect("finish after the drain");
         // An abort after the drain changes nothing for the reader.
         p.abort("too late".into());
         assert!(p.attach().is_err(), "a drained partition is not read twice");

@@ -51,9 +51,9 @@ impl JobGraph {
         let is_global_agg = |i: usize| {
             matches!(ops[i].kind, OperatorKind::StandardizeFit { .. })
                 || matches!(ops[i].kind, OperatorKind::Aggregate { .. })
-                && ops[i]
-                    .input
-                    .is_none_or(|inp| !matches!(ops[inp].kind, OperatorKind::KeyBy { .. }))
+                    && ops[i]
+                        .input
+                        .is_none_or(|inp| !matches!(ops[inp].kind, OperatorKind::KeyBy { .. }))
         };
         let mut parallelism: Vec<u32> = ops
             .iter()

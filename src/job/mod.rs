@@ -36,10 +36,10 @@
 mod eval;
 mod expr;
 pub mod graph;
-pub mod stats;
 mod plan;
 mod pushdown;
 mod spec;
+pub mod stats;
 #[cfg(test)]
 mod tests;
 mod tomlx;
@@ -55,9 +55,9 @@ pub use plan::{
     LogicalPlan, aggregate_output_schema, infer_csv_schema, plan, read_parquet_schema, source_files,
 };
 pub use spec::{
-    AggFunc, AggSpec, CsvSourceSpec, DatagenSpec, FitSource, JobSpec, NamedExpr, OperatorKind, OperatorSpec,
-    ParquetSourceSpec, SORT_FAN_IN_DEFAULT, SinkMode, SortKey, SourceLines, WatermarkSpec,
-    parse_job,
+    AggFunc, AggSpec, CsvSourceSpec, DatagenSpec, FitSource, JobSpec, NamedExpr, OperatorKind,
+    OperatorSpec, ParquetSourceSpec, SORT_FAN_IN_DEFAULT, SinkMode, SortKey, SourceLines,
+    WatermarkSpec, parse_job,
 };
 
 /// The columns a `datagen` source can produce, in their default order.

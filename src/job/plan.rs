@@ -412,7 +412,8 @@ fn output(
         OperatorKind::Sample { .. } | OperatorKind::Batch { .. } | OperatorKind::Shuffle { .. } => {
             input.schema.clone()
         }
-        OperatorKind::Standardize { columns, .. } | OperatorKind::StandardizeFit { columns, .. } => {
+        OperatorKind::Standardize { columns, .. }
+        | OperatorKind::StandardizeFit { columns, .. } => {
             let mut fields: Vec<Field> =
                 schema.fields().iter().map(|f| f.as_ref().clone()).collect();
             for (i, column) in columns.iter().enumerate() {
@@ -501,7 +502,12 @@ fn numeric_column(schema: &Schema, column: &str, kind: &'static str) -> Result<u
 /// as numbers; without a fit, the artifact exists and has them.
 fn check_fit(spec: &JobSpec, schemas: &[SchemaRef], index: usize) -> Result<(), JobError> {
     let op = &spec.operators[index];
-    let OperatorKind::Standardize { columns, stats, fit } = &op.kind else {
+    let OperatorKind::Standardize {
+        columns,
+        stats,
+        fit,
+    } = &op.kind
+    else {
         return Ok(());
     };
     let at = At {

@@ -666,7 +666,9 @@ fn parse_operator(
         for (i, (side, fraction)) in sides.into_iter().enumerate() {
             let side_name = format!("{name}.{side}");
             if let Some(first) = earlier.iter().find(|op| op.name == side_name) {
-                let span = table.get("outputs").map_or(table.span.clone(), |v| v.span());
+                let span = table
+                    .get("outputs")
+                    .map_or(table.span.clone(), |v| v.span());
                 let error = JobError::DuplicateName {
                     name: side_name,
                     first_line: first.line,
@@ -787,17 +789,22 @@ fn split_outputs(t: &Table<'_, '_>) -> Result<Vec<(String, f64)>, JobError> {
             ));
         }
     }
+    let span = t.get("outputs").map_or(t.span.clone(), |v| v.span());
+    let listed = sides
+        .iter()
+        .map(|(n, f)| format!("{n} = {f}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     if sides.len() < 2 {
-        return Err(t.missing("outputs", "at least two outputs, e.g. { train = 0.9, validation = 0.1 }"));
+        return Err(t.invalid(
+            "outputs",
+            &span,
+            format!("{{ {listed} }}"),
+            "at least two outputs, e.g. { train = 0.9, validation = 0.1 }",
+        ));
     }
     let sum: f64 = sides.iter().map(|(_, f)| f).sum();
     if (sum - 1.0).abs() > 1e-9 {
-        let span = t.get("outputs").map_or(t.span.clone(), |v| v.span());
-        let listed = sides
-            .iter()
-            .map(|(n, f)| format!("{n} = {f}"))
-            .collect::<Vec<_>>()
-            .join(", ");
         return Err(t.invalid(
             "outputs",
             &span,

@@ -101,7 +101,10 @@ impl Operator for FlightSink {
     fn finish(&mut self, _out: &mut dyn Output) -> Result<(), ExecError> {
         let canceled = Arc::clone(&self.canceled);
         self.partition
-            .finish(&move || canceled.load(Ordering::Relaxed), self.reader_timeout)
+            .finish(
+                &move || canceled.load(Ordering::Relaxed),
+                self.reader_timeout,
+            )
             .map_err(|e| self.error(e))?;
         self.finished = true;
         Ok(())

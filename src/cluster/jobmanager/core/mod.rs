@@ -453,13 +453,18 @@ impl JobManagerCore {
                 if !matches!(operator.kind, OperatorKind::FlightSink { .. }) {
                     continue;
                 }
-                let Some(vertex) = job.graph.vertices.iter().find(|v| v.operators.contains(&op))
+                let Some(vertex) = job
+                    .graph
+                    .vertices
+                    .iter()
+                    .find(|v| v.operators.contains(&op))
                 else {
                     continue;
                 };
-                let schema = operator
-                    .input
-                    .map_or_else(|| job.plan.schemas[op].clone(), |i| job.plan.schemas[i].clone());
+                let schema = operator.input.map_or_else(
+                    || job.plan.schemas[op].clone(),
+                    |i| job.plan.schemas[i].clone(),
+                );
                 let waiting = |why: String| {
                     Err(format!(
                         "job '{}' (attempt {}): {why}; retry GetFlightInfo",
