@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.flight as flight
 
 FEATURES = ["value", "price", "weekday"]
+# Stream breaks survived (failovers, reconnects), for reporting.
+BREAKS = [0]
 LABEL = "label"
 
 
@@ -45,13 +47,19 @@ def flight_info(client, job, sink, options, wait_s):
     while True:
         try:
             return client.get_flight_info(flight.FlightDescriptor.for_path(job, sink), options)
-        except (flight.FlightUnavailableError, flight.FlightServerError) as e:
-            last = e
-        except flight.FlightError as e:  # not found yet: the job has not started
+        except flight.FlightUnauthenticatedError:
+            raise
+        except (flight.FlightError, pa.ArrowException) as e:
+            # Unavailable while the job deploys or restarts; not found
+            # before it is submitted.
             last = e
         if time.time() > deadline:
             raise SystemExit(f"no Flight endpoints for {job}/{sink} within {wait_s} s: {last}")
         time.sleep(0.2)
+
+
+class StreamGap(Exception):
+    """A restored stream starts after rows this trainer never received."""
 
 
 class Partition:
@@ -73,10 +81,10 @@ class Partition:
             meta = json.loads(chunk.app_metadata.to_pybytes()) if chunk.app_metadata else None
             batch = chunk.data
             if meta is None:
-                raise SystemExit(f"partition {self.index}: a batch without strata metadata")
+                raise StreamGap(f"partition {self.index}: a batch without strata metadata")
             offset = meta["offset"]
             if offset > self.rows_seen:
-                raise SystemExit(
+                raise StreamGap(
                     f"partition {self.index}: rows {self.rows_seen}..{offset} were lost in a failover; restart the epoch"
                 )
             skip = self.rows_seen - offset
@@ -87,7 +95,7 @@ class Partition:
             on_batch(self.index, batch)
 
 
-def read_all(client, job, sink, options, wait_s, on_batch, retries=5):
+def read_all(client, job, sink, options, wait_s, on_batch, retries=50):
     """Reads every partition of a sink in parallel; returns the row count."""
     info = flight_info(client, job, sink, options, wait_s)
     partitions = [Partition(i) for i in range(len(info.endpoints))]
@@ -100,14 +108,28 @@ def read_all(client, job, sink, options, wait_s, on_batch, retries=5):
             try:
                 p.read(endpoint, options, on_batch)
                 return
-            except flight.FlightError as e:
+            except (flight.FlightError, pa.ArrowException, OSError) as e:
+                if isinstance(e, flight.FlightUnauthenticatedError):
+                    errors.append(f"partition {p.index}: {e}")
+                    return
                 attempts += 1
                 if attempts > retries:
                     errors.append(f"partition {p.index}: {e}")
                     return
+                # The JobManager may not know of the failure yet (it waits
+                # for a heartbeat timeout): back off before asking again.
+                time.sleep(min(0.2 * attempts, 2.0))
+                BREAKS[0] += 1
                 print(f"partition {p.index}: stream broke ({e}); asking for the flight info again", file=sys.stderr)
-                fresh = flight_info(client, job, sink, options, wait_s)
+                try:
+                    fresh = flight_info(client, job, sink, options, wait_s)
+                except SystemExit as gone:
+                    errors.append(f"partition {p.index}: {gone}")
+                    return
                 endpoint = fresh.endpoints[p.index]
+            except Exception as e:  # a gap, a bug: fail the read, not just this thread
+                errors.append(f"partition {p.index}: {e!r}")
+                return
 
     threads = [threading.Thread(target=run, args=(p,)) for p in partitions]
     for t in threads:
