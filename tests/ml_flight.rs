@@ -186,7 +186,10 @@ fn a_trainer_reads_every_row_exactly_once_across_a_taskmanager_kill() {
         eprintln!("skipped: no pyarrow (scripts/install_python_deps.sh)");
         return;
     };
-    let dir = tempfile::Builder::new().keep(std::env::var_os("STRATA_KEEP").is_some()).tempdir().expect("tempdir");
+    let dir = tempfile::Builder::new()
+        .disable_cleanup(std::env::var_os("STRATA_KEEP").is_some())
+        .tempdir()
+        .expect("tempdir");
     eprintln!("dir {}", dir.path().display());
     // The reference: the same job writing Parquet, without failures.
     let reference = dir.path().join("reference.toml");
@@ -195,7 +198,10 @@ fn a_trainer_reads_every_row_exactly_once_across_a_taskmanager_kill() {
         &reference,
         STREAMING_JOB.replace(
             "type = \"flight_sink\"",
-            &format!("type = \"parquet_sink\"\npath = \"{}\"", reference_out.display()),
+            &format!(
+                "type = \"parquet_sink\"\npath = \"{}\"",
+                reference_out.display()
+            ),
         ),
     )
     .expect("write job");
@@ -205,7 +211,11 @@ fn a_trainer_reads_every_row_exactly_once_across_a_taskmanager_kill() {
         .args(["--no-progress", "-D", "rest.port=0"])
         .output()
         .expect("reference run");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let flight_port = free_port();
     let settings: Vec<String> = [
@@ -313,7 +323,10 @@ fn a_trainer_reads_every_row_exactly_once_across_a_taskmanager_kill() {
     assert!(summary.contains("restarts 1"), "{summary}");
     let report = String::from_utf8_lossy(&reader.stdout);
     assert!(report.contains("\"rows\": 400000"), "{report}");
-    assert!(!report.contains("\"breaks\": 0"), "the streams broke: {report}");
+    assert!(
+        !report.contains("\"breaks\": 0"),
+        "the streams broke: {report}"
+    );
     // Every partition holds the reference's rows, in order: none lost,
     // none twice.
     let compare = format!(
@@ -325,5 +338,8 @@ fn a_trainer_reads_every_row_exactly_once_across_a_taskmanager_kill() {
         .args(["-c", &compare])
         .status()
         .expect("compare");
-    assert!(status.success(), "the trainer's rows differ from the reference");
+    assert!(
+        status.success(),
+        "the trainer's rows differ from the reference"
+    );
 }
