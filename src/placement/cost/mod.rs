@@ -126,7 +126,10 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
             | OperatorKind::FillNull { .. }
             | OperatorKind::Batch { .. }
             | OperatorKind::Shuffle { .. }
-            | OperatorKind::Cast { .. },
+            | OperatorKind::Cast { .. }
+            | OperatorKind::Bucketize(_)
+            | OperatorKind::OneHot(_)
+            | OperatorKind::Join(_),
             _,
         ) => Capability::Pinned {
             reason: format!("CPU: no GPU kernel for {} yet", op.kind.type_name()),
