@@ -475,6 +475,11 @@ mod tests {
                 vec!["join key 'key' is Int64", "'segment' is Utf8"],
             ),
             (
+                "[[operator]]\ntype = \"join\"\ntable = \"dim.txt\"\non = [\"key\"]\n".into(),
+                "table",
+                vec!["\"dim.txt\"", "a `format` key"],
+            ),
+            (
                 join("how = \"outer\"\n"),
                 "how",
                 vec!["\"outer\"", "\"inner\"", "\"left\""],

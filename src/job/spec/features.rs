@@ -430,8 +430,8 @@ pub(super) fn join(t: &Table<'_, '_>) -> Result<JoinSpec, JobError> {
     })
 }
 
-/// The `format` key, else the table path's extension (a directory is
-/// Parquet).
+/// The `format` key, else the table path's extension; a path without
+/// one (a directory) is Parquet. The file itself is read by `plan`.
 fn table_format(
     t: &Table<'_, '_>,
     path: &Path,
@@ -452,9 +452,8 @@ fn table_format(
     let extension = path.extension().map(|e| e.to_string_lossy().to_lowercase());
     match extension.as_deref() {
         Some("csv") => Ok(TableFormat::Csv),
-        Some("parquet" | "parq") => Ok(TableFormat::Parquet),
-        _ if !path.is_file() => Ok(TableFormat::Parquet),
-        _ => Err(t.invalid(
+        Some("parquet" | "parq") | None => Ok(TableFormat::Parquet),
+        Some(_) => Err(t.invalid(
             "table",
             &table.span(),
             format!("\"{}\"", table.get_ref()),
