@@ -3,6 +3,8 @@
 
 use std::process::Command;
 
+mod common;
+
 fn strata() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
     c.env("STRATA_LOG", "warn,strata=info");
@@ -551,4 +553,185 @@ fn a_split_sends_each_key_to_one_side_with_the_stated_fractions_on_every_run() {
     let train_keys: std::collections::BTreeSet<String> =
         train.iter().map(|(r, _)| key_of(r)).collect();
     assert!(test.iter().all(|(r, _)| !train_keys.contains(&key_of(r))));
+}
+
+/// The line of the first `marker` in `text` (1-based).
+fn line_of(text: &str, marker: &str) -> usize {
+    let offset = text
+        .find(marker)
+        .unwrap_or_else(|| panic!("{marker:?} in {text}"));
+    text[..offset].matches('\n').count() + 1
+}
+
+/// A training-data pipeline of issue 17: datagen → `join` with a small CSV
+/// dimension table → `bucketize` (appended, and in place) → `one_hot`
+/// (dropping its source column) → csv_sink, checked row by row against
+/// values computed here from the generator's definition.
+#[test]
+fn join_bucketize_and_one_hot_enrich_a_stream_as_computed_by_hand() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("segments.csv");
+    // Keys 0..40 but the multiples of 7 (an inner join drops those rows,
+    // and those of keys 40..50); segment "z" is no category (all zeros).
+    let segment = |key: i64| ["a", "b", "c", "z"][(key % 4) as usize];
+    let weight = |key: i64| key as f64 * 1.5;
+    let mut text = String::from("key,segment,weight\n");
+    for key in (0..40).filter(|k| k % 7 != 0) {
+        text.push_str(&format!("{key},{},{:?}\n", segment(key), weight(key)));
+    }
+    std::fs::write(&table, text).unwrap();
+    let out = dir.path().join("out");
+    let job = format!(
+        "[job]\nname = \"enrich\"\nparallelism = 2\n\n\
+         [[operator]]\ntype = \"datagen\"\nrows = 5000\nkeys = 50\nseed = 11\n\
+         columns = [\"key\", \"value\", \"price\"]\n\n\
+         [[operator]]\ntype = \"join\"\ntable = \"{}\"\non = [\"key\"]\n\n\
+         [[operator]]\ntype = \"bucketize\"\ncolumn = \"value\"\nboundaries = [100, 500, 900]\n\n\
+         [[operator]]\ntype = \"bucketize\"\ncolumn = \"weight\"\nboundaries = [10, 30.5]\n\
+         output = \"weight\"\n\n\
+         [[operator]]\ntype = \"one_hot\"\ncolumn = \"segment\"\ncategories = [\"a\", \"b\", \"c\"]\n\
+         drop = true\n\n\
+         [[operator]]\ntype = \"csv_sink\"\npath = \"{}\"\n",
+        table.display(),
+        out.display()
+    );
+    let path = dir.path().join("enrich.toml");
+    std::fs::write(&path, job).unwrap();
+    let (code, stdout, stderr) =
+        output(
+            strata()
+                .arg("run")
+                .arg(&path)
+                .args(["--no-progress", "-D", "rest.port=0"]),
+        );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("FINISHED"), "{stdout}");
+    let header = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+        .find_map(|text| text.lines().next().map(str::to_owned))
+        .unwrap();
+    assert_eq!(
+        header,
+        "key,value,price,weight,value_bucket,segment_a,segment_b,segment_c"
+    );
+    // Every column but the price, whose text is the CSV writer's.
+    let mut found: Vec<String> = common::read_csv_parts(&out)
+        .into_iter()
+        .map(|row| [&row[..2], &row[3..]].concat().join(","))
+        .collect();
+    found.sort();
+    let spec = strata::job::DatagenSpec::new(5000, 50, 11);
+    let mut expected: Vec<String> = (0..5000)
+        .map(|i| strata::exec::source::datagen_row(&spec, i))
+        .filter(|r| r.key % 7 != 0 && r.key < 40)
+        .map(|r| {
+            let value_bucket = [100, 500, 900].iter().filter(|&&b| b <= r.value).count();
+            let weight_bucket = [10.0, 30.5].iter().filter(|&&b| b <= weight(r.key)).count();
+            let hot = |c: &str| i32::from(segment(r.key) == c);
+            format!(
+                "{},{},{weight_bucket},{value_bucket},{},{},{}",
+                r.key,
+                r.value,
+                hot("a"),
+                hot("b"),
+                hot("c")
+            )
+        })
+        .collect();
+    expected.sort();
+    assert!(expected.len() > 3000, "most rows match: {}", expected.len());
+    assert_eq!(found, expected);
+}
+
+/// Bad `bucketize`, `one_hot` and `join` operators are refused before the
+/// job starts, naming the file, the line of the key and what is wrong; an
+/// unknown category with `unknown = "error"` fails the running job naming
+/// the value and the column.
+#[test]
+fn feature_encodings_and_join_reject_bad_input_naming_the_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let table = dir.path().join("dim.csv");
+    std::fs::write(&table, "key,segment,value\n1,a,5\n2,b,6\n").unwrap();
+    let table = table.display().to_string();
+    let job = |tail: &str| {
+        format!(
+            "[job]\nname = \"bad\"\n\n[[operator]]\ntype = \"datagen\"\nrows = 100\nkeys = 5\n\
+             columns = [\"key\", \"value\", \"price\"]\n\n{tail}\n\
+             [[operator]]\ntype = \"blackhole\"\n"
+        )
+    };
+    let join = |tail: &str| {
+        format!("[[operator]]\ntype = \"join\"\ntable = \"{table}\"\non = [\"key\"]\n{tail}")
+    };
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            "[[operator]]\ntype = \"bucketize\"\ncolumn = \"value\"\nboundaries = [5, 1]\n".into(),
+            "boundaries",
+            "greater than the one before it (5)",
+        ),
+        (
+            "[[operator]]\ntype = \"bucketize\"\ncolumn = \"valeu\"\nboundaries = [1]\n".into(),
+            "column = \"valeu\"",
+            "'valeu' not found",
+        ),
+        (
+            "[[operator]]\ntype = \"one_hot\"\ncolumn = \"key\"\ncategories = []\n".into(),
+            "categories",
+            "at least one category",
+        ),
+        (
+            "[[operator]]\ntype = \"one_hot\"\ncolumn = \"price\"\ncategories = [1]\n".into(),
+            "column = \"price\"",
+            "must be Utf8 or Int64, found Float64",
+        ),
+        (
+            "[[operator]]\ntype = \"join\"\ntable = \"/nonexistent/dim.csv\"\non = [\"key\"]\n"
+                .into(),
+            "table",
+            "/nonexistent/dim.csv",
+        ),
+        (
+            join("table_on = [\"segment\"]\n"),
+            "table_on",
+            "key types must match",
+        ),
+        (join("how = \"outer\"\n"), "how", "\"inner\""),
+        (join(""), "table = ", "set `prefix`"),
+    ];
+    for (tail, marker, expected) in cases {
+        let text = job(&tail);
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, &text).unwrap();
+        let (code, stdout, stderr) = output(strata().arg("run").arg(&path));
+        assert_ne!(code, 0, "{tail}");
+        let at = format!("bad.toml:{}", line_of(&text, marker));
+        assert!(
+            stderr.contains(&at) && stderr.contains(expected),
+            "{tail}: expected {at} and {expected:?} in {stderr}"
+        );
+        assert!(
+            stdout.trim().is_empty(),
+            "refused before starting: {stdout}"
+        );
+    }
+    // A prefix resolves the clash; an unknown category fails the run.
+    let tail = join("prefix = \"dim_\"\n")
+        + "\n[[operator]]\ntype = \"one_hot\"\ncolumn = \"dim_segment\"\ncategories = [\"a\"]\n\
+           unknown = \"error\"\n";
+    let path = dir.path().join("unknown.toml");
+    std::fs::write(&path, job(&tail)).unwrap();
+    let (code, stdout, stderr) = output(strata().arg("run").arg(&path).args([
+        "--no-progress",
+        "-D",
+        "rest.port=0",
+        "-D",
+        "restart-strategy.type=none",
+    ]));
+    assert_ne!(code, 0, "{stdout}");
+    let all = format!("{stdout}{stderr}");
+    assert!(
+        all.contains("value 'b' of column 'dim_segment'"),
+        "names the value and the column: {all}"
+    );
 }

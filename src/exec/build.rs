@@ -427,6 +427,27 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
         OperatorKind::FillNull { columns, value } => Box::new(
             super::features::FillNullOperator::new(&spec.name, &input_schema, columns, value)?,
         ),
+        OperatorKind::Bucketize(bucketize) => Box::new(super::features::BucketizeOperator::new(
+            &spec.name,
+            &input_schema,
+            bucketize,
+            output,
+        )?),
+        OperatorKind::OneHot(one_hot) => Box::new(super::features::OneHotOperator::new(
+            &spec.name,
+            &input_schema,
+            one_hot,
+            output,
+        )?),
+        OperatorKind::Join(join) => Box::new(super::features::JoinOperator::open(
+            join,
+            super::features::JoinOptions {
+                name: &spec.name,
+                input: &input_schema,
+                output,
+                memory: ctx.memory.clone(),
+            },
+        )?),
         OperatorKind::Blackhole => Box::new(BlackholeSink),
         OperatorKind::Print { limit } => Box::new(PrintSink::new(
             ctx.subtask,

@@ -1,8 +1,11 @@
 //! Feature-preparation operators for ML training data (issue 17): seeded
 //! sampling, null filling, casts, a seeded bounded shuffle and fixed-size
-//! batches. All run on the CPU; `sample` checkpoints its row position,
-//! `shuffle` its buffer and generator, and `batch` the rows waiting for a
-//! full batch, so a restored task produces what an uninterrupted one does.
+//! batches here; `bucketize` and `one_hot` in [`encode`], and the `join`
+//! with a bounded dimension table in [`join`]. All run on the CPU;
+//! `sample` checkpoints its row position, `shuffle` its buffer and
+//! generator, and `batch` the rows waiting for a full batch, so a restored
+//! task produces what an uninterrupted one does. The encodings and the
+//! join hold no checkpoint state (a restored join reads its table again).
 
 use std::sync::Arc;
 
@@ -15,6 +18,12 @@ use super::ExecError;
 use super::operators::{Operator, Output};
 use crate::job::ScalarValue;
 use crate::kernels::cpu::hash::fmix64;
+
+pub mod encode;
+pub mod join;
+
+pub use encode::{BucketizeOperator, OneHotOperator};
+pub use join::{JoinOperator, JoinOptions};
 
 /// Keeps each row with probability `fraction`: row `n` of subtask `s` is
 /// kept when a hash of (seed, s, n) falls below `fraction` of the 64-bit

@@ -77,6 +77,44 @@ pub enum ExecError {
         column: String,
         detail: String,
     },
+    /// A `one_hot` with `unknown = "error"` met a value that is none of
+    /// its categories.
+    #[error(
+        "operator '{operator}': value {value} of column '{column}' is not one of the \
+         categories (unknown = \"error\")"
+    )]
+    UnknownCategory {
+        operator: String,
+        column: String,
+        value: String,
+    },
+    /// A `join`'s dimension table (its columns and key index) does not fit
+    /// the slot's managed memory.
+    #[error(
+        "operator '{operator}': dimension table {} does not fit the slot's managed memory \
+         ({held_bytes} bytes held when {requested_bytes} more were refused, budget \
+         {budget_bytes} bytes); select fewer `columns`, join a smaller table, or give each \
+         slot more managed memory (taskmanager.memory.managed.fraction)",
+        .table.display()
+    )]
+    DimensionTableTooLarge {
+        operator: String,
+        table: PathBuf,
+        held_bytes: u64,
+        requested_bytes: u64,
+        budget_bytes: u64,
+    },
+    /// A `join`'s dimension table holds a key twice.
+    #[error(
+        "operator '{operator}': dimension table {} holds key {key} more than once; a \
+         dimension table has one row per key",
+        .table.display()
+    )]
+    DuplicateDimensionKey {
+        operator: String,
+        table: PathBuf,
+        key: String,
+    },
     #[error("operator '{operator}': spilling failed: {source}")]
     Spill {
         operator: String,

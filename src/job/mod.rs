@@ -25,9 +25,10 @@
 //!   `aggregate` or `window` reads its keys from the `key_by` it consumes directly;
 //! - CSV and Parquet source specs carry a non-empty schema after planning.
 //!
-//! Limits: one input per operator (no joins or unions), tumbling event-time windows
-//! only, relative paths are kept as written (they resolve against the process's
-//! working directory, not the job file).
+//! Limits: one input per operator (no unions, and no stream-stream joins: a `join`
+//! looks rows up in a bounded dimension table read from a file), tumbling event-time
+//! windows only, relative paths are kept as written (they resolve against the
+//! process's working directory, not the job file).
 //!
 //! Errors are a single [`JobError`] enum; the location of a problem is attached by
 //! wrapping it in [`JobError::At`], so leaf checks (such as
@@ -55,9 +56,10 @@ pub use plan::{
     LogicalPlan, aggregate_output_schema, infer_csv_schema, plan, read_parquet_schema, source_files,
 };
 pub use spec::{
-    AggFunc, AggSpec, CsvSourceSpec, DatagenSpec, FitSource, JobSpec, NamedExpr, OperatorKind,
-    OperatorSpec, ParquetSourceSpec, SORT_FAN_IN_DEFAULT, SinkMode, SortKey, SourceLines,
-    WatermarkSpec, parse_job,
+    AggFunc, AggSpec, BucketizeSpec, Categories, CsvSourceSpec, DatagenSpec, DimensionTableSpec,
+    FitSource, JobSpec, JoinHow, JoinSpec, NamedExpr, Number, ONE_HOT_CATEGORIES_MAX, OneHotSpec,
+    OperatorKind, OperatorSpec, ParquetSourceSpec, SORT_FAN_IN_DEFAULT, SinkMode, SortKey,
+    SourceLines, TableFormat, UnknownCategory, WatermarkSpec, parse_job,
 };
 
 /// The columns a `datagen` source can produce, in their default order.
@@ -252,6 +254,28 @@ pub enum JobError {
         "key column '{column}' has type {found}; keys must be integers, floats, Boolean, strings, dates or timestamps"
     )]
     KeyType { column: String, found: DataType },
+    #[error("{role} column '{column}' must be {expected}, found {found}; cast it first")]
+    FeatureColumnType {
+        role: &'static str,
+        column: String,
+        expected: &'static str,
+        found: DataType,
+    },
+    #[error(
+        "join key '{column}' is {found}, but the table's key column '{table_column}' is \
+         {table_found}; key types must match (cast the stream's column first)"
+    )]
+    JoinKeyType {
+        column: String,
+        found: DataType,
+        table_column: String,
+        table_found: DataType,
+    },
+    #[error(
+        "column '{column}', added from the dimension table, is already a column of the \
+         stream; set `prefix` (e.g. prefix = \"dim_\") or choose other `columns`"
+    )]
+    JoinColumnClash { column: String },
     #[error("a window needs a key_by input, but '{input}' is a {kind}")]
     WindowNeedsKeyBy { input: String, kind: &'static str },
     #[error("no .{extension} files in directory {}", .path.display())]

@@ -16,6 +16,8 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use super::spec::{AggFunc, AggSpec, JobSpec, OperatorKind, OperatorSpec, WatermarkSpec};
 use super::{ExprError, JobError, Location, Scope, datagen_schema};
 
+mod features;
+
 /// Rows read from the first CSV file to infer column types.
 const CSV_INFER_ROWS_MAX: usize = 1000;
 
@@ -52,6 +54,7 @@ fn plan_once(mut spec: JobSpec) -> Result<LogicalPlan, JobError> {
         check_input(&spec, index)?;
         let own_origin = data_file_schema(&spec.operators[index].kind);
         resolve_source_schema(&file, &mut spec.operators[index])?;
+        features::resolve_table_schema(&file, &mut spec.operators[index])?;
         let op = &spec.operators[index];
         let input_origin = op.input.and_then(|i| origins[i].clone());
         let data_file = own_origin.as_deref().or(input_origin.as_deref());
@@ -107,7 +110,11 @@ fn output_origin(
         | OperatorKind::Batch { .. }
         | OperatorKind::Shuffle { .. }
         | OperatorKind::SplitSide { .. }
-        | OperatorKind::FillNull { .. } => input,
+        | OperatorKind::FillNull { .. }
+        | OperatorKind::Bucketize(_)
+        | OperatorKind::OneHot(_) => input,
+        // The added columns carry the dimension table's column names.
+        OperatorKind::Join(join) => input.or_else(|| Some(join.table.path.clone())),
         _ => own,
     }
 }
@@ -463,6 +470,9 @@ fn output(
             }
             Arc::new(Schema::new(fields))
         }
+        OperatorKind::Bucketize(bucketize) => features::bucketize_schema(at, schema, bucketize)?,
+        OperatorKind::OneHot(one_hot) => features::one_hot_schema(at, schema, one_hot)?,
+        OperatorKind::Join(join) => features::join_schema(at, schema, join)?,
         _ if at.op.kind.is_sink() => Arc::new(Schema::empty()),
         _ => unreachable!("sources have no input (checked by check_input)"),
     };

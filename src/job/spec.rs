@@ -17,6 +17,13 @@ use super::expr::{Expr, ExprError, ScalarValue, parse_agg_call};
 use super::tomlx::{Source, Table, closest};
 use super::{DATAGEN_COLUMNS, JobError, Scope};
 
+mod features;
+
+pub use features::{
+    BucketizeSpec, Categories, DimensionTableSpec, JoinHow, JoinSpec, Number,
+    ONE_HOT_CATEGORIES_MAX, OneHotSpec, TableFormat, UnknownCategory,
+};
+
 /// Rows per batch when a source does not say.
 pub const BATCH_SIZE_DEFAULT: usize = 8192;
 /// Key cardinality of a `datagen` source that does not say.
@@ -157,6 +164,14 @@ pub enum OperatorKind {
         columns: Vec<String>,
         value: ScalarValue,
     },
+    /// Appends (or puts in place of its column) an Int64 column of bucket
+    /// numbers.
+    Bucketize(BucketizeSpec),
+    /// Appends one Int8 column per category.
+    OneHot(OneHotSpec),
+    /// Adds the columns of a bounded dimension table's row with the same
+    /// key.
+    Join(JoinSpec),
     Blackhole,
     Print {
         limit: Option<u64>,
@@ -242,6 +257,9 @@ impl OperatorKind {
             OperatorKind::Batch { .. } => "batch",
             OperatorKind::Cast { .. } => "cast",
             OperatorKind::Shuffle { .. } => "shuffle",
+            OperatorKind::Bucketize(_) => "bucketize",
+            OperatorKind::OneHot(_) => "one_hot",
+            OperatorKind::Join(_) => "join",
             OperatorKind::Blackhole => "blackhole",
             OperatorKind::Print { .. } => "print",
             OperatorKind::CsvSink { .. } => "csv_sink",
@@ -465,7 +483,7 @@ pub struct SortKey {
 /// Runs a sort merges at once unless the job file sets `fan_in`.
 pub const SORT_FAN_IN_DEFAULT: usize = 16;
 
-const OPERATOR_TYPES: [&str; 22] = [
+const OPERATOR_TYPES: [&str; 25] = [
     "datagen",
     "csv_source",
     "parquet_source",
@@ -483,6 +501,9 @@ const OPERATOR_TYPES: [&str; 22] = [
     "split",
     "standardize",
     "standardize_fit",
+    "bucketize",
+    "one_hot",
+    "join",
     "blackhole",
     "print",
     "csv_sink",
@@ -522,6 +543,11 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         "split" => &["columns", "outputs", "seed"],
         "standardize" => &["columns", "stats", "fit"],
         "standardize_fit" => &["columns", "stats"],
+        "bucketize" => &["column", "boundaries", "output"],
+        "one_hot" => &["column", "categories", "prefix", "unknown", "drop"],
+        "join" => &[
+            "table", "format", "schema", "on", "table_on", "how", "columns", "prefix",
+        ],
         "print" => &["limit"],
         "csv_sink" | "parquet_sink" => &["path", "mode"],
         "flight_sink" => &["queue_bytes", "reader_timeout"],
@@ -929,6 +955,9 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
             columns: distinct_columns(t)?,
             stats: PathBuf::from(t.required_str("stats")?.into_inner()),
         },
+        "bucketize" => OperatorKind::Bucketize(features::bucketize(t)?),
+        "one_hot" => OperatorKind::OneHot(features::one_hot(t)?),
+        "join" => OperatorKind::Join(features::join(t)?),
         "blackhole" => OperatorKind::Blackhole,
         "print" => OperatorKind::Print {
             limit: t.u64("limit", 0)?,

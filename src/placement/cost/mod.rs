@@ -127,7 +127,10 @@ pub fn capability(plan: &LogicalPlan, index: usize) -> Capability {
             | OperatorKind::Batch { .. }
             | OperatorKind::Shuffle { .. }
             | OperatorKind::SplitSide { .. }
-            | OperatorKind::Cast { .. },
+            | OperatorKind::Cast { .. }
+            | OperatorKind::Bucketize(_)
+            | OperatorKind::OneHot(_)
+            | OperatorKind::Join(_),
             _,
         ) => Capability::Pinned {
             reason: format!("CPU: no GPU kernel for {} yet", op.kind.type_name()),
