@@ -37,6 +37,7 @@ pub use error::ConfigError;
 pub use layout::MemoryLayout;
 pub use source::{ConfigSource, Origin};
 pub use units::format_duration;
+pub(crate) use units::parse_memory_size;
 
 use source::Entry;
 

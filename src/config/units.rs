@@ -45,7 +45,7 @@ const DURATION_UNITS: &[(&[&str], u128)] = &[
 ];
 
 /// Parses `1728m`, `32kb`, `1 gb`, `512 mebibytes` or `4096` (bytes).
-pub(super) fn parse_memory_size(text: &str) -> Result<u64, &'static str> {
+pub(crate) fn parse_memory_size(text: &str) -> Result<u64, &'static str> {
     let (number, unit) = split_number(text).ok_or(MEMORY_SYNTAX)?;
     let factor = lookup_unit(MEMORY_UNITS, &unit).ok_or(MEMORY_SYNTAX)?;
     number

@@ -14,6 +14,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::expr::{Expr, ExprError, ScalarValue, parse_agg_call};
+use super::formats::{self, ArrowIpcSinkOptions, ArrowIpcSourceSpec, ParquetSinkOptions};
 use super::tomlx::{Source, Table, closest};
 use super::{DATAGEN_COLUMNS, JobError, Scope};
 
@@ -74,6 +75,7 @@ pub enum OperatorKind {
     Datagen(DatagenSpec),
     CsvSource(CsvSourceSpec),
     ParquetSource(ParquetSourceSpec),
+    ArrowIpcSource(ArrowIpcSourceSpec),
     Filter {
         predicate: Expr,
     },
@@ -136,6 +138,12 @@ pub enum OperatorKind {
     ParquetSink {
         path: PathBuf,
         mode: SinkMode,
+        options: ParquetSinkOptions,
+    },
+    ArrowIpcSink {
+        path: PathBuf,
+        mode: SinkMode,
+        options: ArrowIpcSinkOptions,
     },
 }
 
@@ -169,6 +177,7 @@ impl OperatorKind {
             OperatorKind::Datagen(_) => "datagen",
             OperatorKind::CsvSource(_) => "csv_source",
             OperatorKind::ParquetSource(_) => "parquet_source",
+            OperatorKind::ArrowIpcSource(_) => "arrow_ipc_source",
             OperatorKind::Filter { .. } => "filter",
             OperatorKind::Project { .. } => "project",
             OperatorKind::KeyBy { .. } => "key_by",
@@ -184,13 +193,17 @@ impl OperatorKind {
             OperatorKind::Print { .. } => "print",
             OperatorKind::CsvSink { .. } => "csv_sink",
             OperatorKind::ParquetSink { .. } => "parquet_sink",
+            OperatorKind::ArrowIpcSink { .. } => "arrow_ipc_sink",
         }
     }
 
     pub fn is_source(&self) -> bool {
         matches!(
             self,
-            OperatorKind::Datagen(_) | OperatorKind::CsvSource(_) | OperatorKind::ParquetSource(_)
+            OperatorKind::Datagen(_)
+                | OperatorKind::CsvSource(_)
+                | OperatorKind::ParquetSource(_)
+                | OperatorKind::ArrowIpcSource(_)
         )
     }
 
@@ -199,7 +212,12 @@ impl OperatorKind {
     pub fn file_sink(&self) -> Option<(&Path, SinkMode, &'static str)> {
         match self {
             OperatorKind::CsvSink { path, mode } => Some((path, *mode, "csv")),
-            OperatorKind::ParquetSink { path, mode } => Some((path, *mode, "parquet")),
+            OperatorKind::ParquetSink { path, mode, .. } => Some((path, *mode, "parquet")),
+            OperatorKind::ArrowIpcSink {
+                path,
+                mode,
+                options,
+            } => Some((path, *mode, options.format.extension())),
             _ => None,
         }
     }
@@ -211,6 +229,7 @@ impl OperatorKind {
                 | OperatorKind::Print { .. }
                 | OperatorKind::CsvSink { .. }
                 | OperatorKind::ParquetSink { .. }
+                | OperatorKind::ArrowIpcSink { .. }
         )
     }
 }
@@ -400,10 +419,11 @@ pub struct SortKey {
 /// Runs a sort merges at once unless the job file sets `fan_in`.
 pub const SORT_FAN_IN_DEFAULT: usize = 16;
 
-const OPERATOR_TYPES: [&str; 18] = [
+const OPERATOR_TYPES: [&str; 20] = [
     "datagen",
     "csv_source",
     "parquet_source",
+    "arrow_ipc_source",
     "filter",
     "project",
     "key_by",
@@ -419,6 +439,7 @@ const OPERATOR_TYPES: [&str; 18] = [
     "print",
     "csv_sink",
     "parquet_sink",
+    "arrow_ipc_sink",
 ];
 
 const COMMON_KEYS: [&str; 4] = ["name", "type", "input", "parallelism"];
@@ -439,6 +460,7 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         ],
         "csv_source" => &["path", "has_header", "schema", "batch_size", "watermark"],
         "parquet_source" => &["path", "batch_size", "watermark"],
+        "arrow_ipc_source" => &["path", "format", "watermark"],
         "filter" => &["predicate"],
         "project" => &["columns"],
         "key_by" => &["keys"],
@@ -451,7 +473,9 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         "cast" => &["columns"],
         "shuffle" => &["buffer_rows", "seed"],
         "print" => &["limit"],
-        "csv_sink" | "parquet_sink" => &["path", "mode"],
+        "csv_sink" => &["path", "mode"],
+        "parquet_sink" => &["path", "mode", "row_group_rows", "target_file_bytes"],
+        "arrow_ipc_sink" => &["path", "mode", "format", "compression", "target_file_bytes"],
         _ => &[],
     }
 }
@@ -613,6 +637,11 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
             columns: None,
             prune: None,
         }),
+        "arrow_ipc_source" => OperatorKind::ArrowIpcSource(formats::arrow_ipc_source(
+            t,
+            required_path(t)?,
+            watermark(t)?,
+        )?),
         "filter" => {
             let text = t.required_str("predicate")?;
             let predicate = Expr::parse(text.get_ref());
@@ -687,6 +716,12 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
         "parquet_sink" => OperatorKind::ParquetSink {
             path: required_path(t)?,
             mode: sink_mode(t)?,
+            options: formats::parquet_sink_options(t)?,
+        },
+        "arrow_ipc_sink" => OperatorKind::ArrowIpcSink {
+            path: required_path(t)?,
+            mode: sink_mode(t)?,
+            options: formats::arrow_ipc_sink_options(t)?,
         },
         other => unreachable!("operator type '{other}' passed the OPERATOR_TYPES check"),
     })
