@@ -639,3 +639,101 @@ fn a_sink_dropped_before_finishing_leaves_nothing() {
         assert!(file_names(dir.path()).is_empty(), "parquet={parquet}");
     }
 }
+
+/// Every file in `dir` read back, in name order.
+fn all_rows(dir: &Path) -> RecordBatch {
+    let parts: Vec<RecordBatch> = committed_rows(dir).into_values().collect();
+    concat(&parts)
+}
+
+#[test]
+fn a_rolling_sink_without_checkpoints_shows_its_parts_only_when_it_finishes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parts = PartFiles {
+        format: IpcPart {
+            format: IpcFormat::Stream,
+            compression: IpcCompression::Lz4,
+        },
+        target_file_bytes: Some(1),
+    };
+    let mut sink = super::ArrowIpcSink::with_parts(dir.path(), 1, schema(), parts).expect("sink");
+    for i in 0..3 {
+        sink.process(rows(10 * i, 4), &mut NoOutput)
+            .expect("process");
+    }
+    assert_eq!(
+        file_names(dir.path()),
+        [
+            ".part-1-0.arrows.inprogress",
+            ".part-1-1.arrows.inprogress",
+            ".part-1-2.arrows.inprogress"
+        ]
+    );
+    sink.finish(&mut NoOutput).expect("finish");
+    assert_eq!(
+        file_names(dir.path()),
+        ["part-1-0.arrows", "part-1-1.arrows", "part-1-2.arrows"]
+    );
+    let expected = concat(&[rows(0, 4), rows(10, 4), rows(20, 4)]);
+    assert_eq!(all_rows(dir.path()), expected);
+}
+
+#[test]
+fn a_rolling_sink_dropped_before_finishing_removes_its_closed_parts_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parts = PartFiles {
+        format: ParquetPart::default(),
+        target_file_bytes: Some(1),
+    };
+    let mut sink = super::ParquetSink::with_parts(dir.path(), 0, schema(), parts).expect("sink");
+    sink.process(rows(0, 4), &mut NoOutput).expect("process");
+    sink.process(rows(4, 4), &mut NoOutput).expect("process");
+    assert_eq!(file_names(dir.path()).len(), 2);
+    drop(sink);
+    assert!(file_names(dir.path()).is_empty());
+}
+
+#[test]
+fn parquet_parts_keep_to_row_group_rows() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parts = PartFiles {
+        format: ParquetPart { row_group_rows: 4 },
+        target_file_bytes: None,
+    };
+    let mut sink = super::ParquetSink::with_parts(dir.path(), 0, schema(), parts).expect("sink");
+    sink.process(rows(0, 3), &mut NoOutput).expect("process");
+    sink.process(rows(3, 7), &mut NoOutput).expect("process");
+    sink.finish(&mut NoOutput).expect("finish");
+    assert_eq!(file_names(dir.path()), ["part-0.parquet"]);
+    let file = std::fs::File::open(dir.path().join("part-0.parquet")).expect("open");
+    let reader = SerializedFileReader::new(file).expect("reader");
+    let groups: Vec<i64> = reader
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|rg| rg.num_rows())
+        .collect();
+    assert_eq!(groups, [4, 4, 2]);
+    assert_eq!(all_rows(dir.path()), rows(0, 10));
+}
+
+#[test]
+fn an_empty_subtask_still_writes_a_readable_ipc_file_of_either_format() {
+    for format in [IpcFormat::File, IpcFormat::Stream] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let part = IpcPart {
+            format,
+            compression: IpcCompression::None,
+        };
+        let mut sink = TwoPhaseFileSink::with_parts("sink", dir.path(), 0, schema(), whole(part))
+            .expect("sink");
+        sink.restore_state(None).expect("restore");
+        sink.finish(&mut NoOutput).expect("finish");
+        sink.notify_checkpoint_complete(FINAL_CHECKPOINT)
+            .expect("notify");
+        let name = format!("part-0-0.{}", format.extension());
+        assert_eq!(file_names(dir.path()), [name.clone()]);
+        assert_eq!(all_rows(dir.path()).num_rows(), 0, "{name}");
+    }
+}

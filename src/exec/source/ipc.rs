@@ -17,8 +17,9 @@
 //! planned ones in name, type and nullability, or the source fails naming
 //! the file. Buffers: each file's footer is checked against the file's
 //! size before it is read ([`crate::job::inspect_ipc`]); arrow's stream
-//! reader grows a message body as it arrives rather than trusting its
-//! declared length. One batch is held at a time.
+//! reader (arrow-ipc 60) grows a message's metadata and body as the bytes
+//! arrive rather than trusting their declared lengths. One batch is held at
+//! a time.
 
 use std::fs::File;
 use std::io::BufReader;

@@ -436,11 +436,14 @@ fn ipc_spec(path: &Path) -> ArrowIpcSourceSpec {
 }
 
 /// Files of both formats, compressed or not: 14 + 9 + 16 rows in batches of
-/// three.
+/// three, and two files without batches.
 fn write_ipc_dir(dir: &Path) {
     write_ipc(&dir.join("a.arrow"), IpcFormat::File, 0, 14, false);
     write_ipc(&dir.join("b.arrows"), IpcFormat::Stream, 100, 9, true);
     write_ipc(&dir.join("c.feather"), IpcFormat::File, 200, 16, true);
+    // Files without batches, as an empty subtask's sink writes them.
+    write_ipc(&dir.join("e.arrow"), IpcFormat::File, 500, 0, false);
+    write_ipc(&dir.join("f.arrows"), IpcFormat::Stream, 600, 0, false);
     // Not listed: another extension, and a hidden in-progress part.
     write_ipc(&dir.join("d.bin"), IpcFormat::File, 300, 3, false);
     write_ipc(
