@@ -733,7 +733,7 @@ fn an_empty_subtask_still_writes_a_readable_ipc_file_of_either_format() {
         sink.notify_checkpoint_complete(FINAL_CHECKPOINT)
             .expect("notify");
         let name = format!("part-0-0.{}", format.extension());
-        assert_eq!(file_names(dir.path()), [name.clone()]);
+        assert_eq!(file_names(dir.path()), std::slice::from_ref(&name));
         assert_eq!(all_rows(dir.path()).num_rows(), 0, "{name}");
     }
 }
