@@ -8,10 +8,13 @@ use super::aggregate::{AggregateOperator, WindowOperator};
 use super::gpu_chain::CoalescePolicy;
 use super::operators::{FilterOperator, Operator, ProjectOperator};
 use super::sink::{
-    BlackholeSink, CsvSink, ParquetSink, PrintSink, TwoPhaseCsvSink, TwoPhaseParquetSink,
+    ArrowIpcSink, BlackholeSink, CsvSink, IpcPart, ParquetPart, ParquetSink, PartFiles, PrintSink,
+    TwoPhaseCsvSink, TwoPhaseIpcSink, TwoPhaseParquetSink,
 };
 use super::sort::{SortColumn, SortOperator};
-use super::source::{CsvSource, DatagenSource, ParquetSource, Source, WatermarkGenerator};
+use super::source::{
+    ArrowIpcSource, CsvSource, DatagenSource, ParquetSource, Source, WatermarkGenerator,
+};
 use super::spill::SpillContext;
 use super::task::TaskInput;
 use crate::job::{LogicalPlan, OperatorKind, WatermarkSpec};
@@ -79,6 +82,15 @@ pub fn build_source(
         OperatorKind::ParquetSource(p) => (
             Box::new(ParquetSource::new(p.clone(), ctx.subtask, ctx.parallelism)?),
             watermark_gen(&p.watermark)?,
+            None,
+        ),
+        OperatorKind::ArrowIpcSource(a) => (
+            Box::new(ArrowIpcSource::new(
+                a.clone(),
+                ctx.subtask,
+                ctx.parallelism,
+            )?),
+            watermark_gen(&a.watermark)?,
             None,
         ),
         _ => unreachable!("operator {op} is not a source"),
@@ -461,15 +473,39 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
             ctx.subtask,
             input_schema,
         )?),
-        OperatorKind::ParquetSink { path, .. } if ctx.checkpointing => Box::new(
-            TwoPhaseParquetSink::new(&spec.name, path, ctx.subtask, input_schema)?,
-        ),
+        OperatorKind::ParquetSink { path, options, .. } if ctx.checkpointing => {
+            Box::new(TwoPhaseParquetSink::with_parts(
+                &spec.name,
+                path,
+                ctx.subtask,
+                input_schema,
+                parquet_parts(options),
+            )?)
+        }
+        OperatorKind::ArrowIpcSink { path, options, .. } if ctx.checkpointing => {
+            Box::new(TwoPhaseIpcSink::with_parts(
+                &spec.name,
+                path,
+                ctx.subtask,
+                input_schema,
+                ipc_parts(options),
+            )?)
+        }
         OperatorKind::CsvSink { path, .. } => {
             Box::new(CsvSink::new(path, ctx.subtask, input_schema)?)
         }
-        OperatorKind::ParquetSink { path, .. } => {
-            Box::new(ParquetSink::new(path, ctx.subtask, input_schema)?)
-        }
+        OperatorKind::ParquetSink { path, options, .. } => Box::new(ParquetSink::with_parts(
+            path,
+            ctx.subtask,
+            input_schema,
+            parquet_parts(options),
+        )?),
+        OperatorKind::ArrowIpcSink { path, options, .. } => Box::new(ArrowIpcSink::with_parts(
+            path,
+            ctx.subtask,
+            input_schema,
+            ipc_parts(options),
+        )?),
         OperatorKind::FlightSink {
             queue_bytes,
             reader_timeout_ms,
@@ -491,8 +527,28 @@ pub fn build_operator(ctx: &BuildContext<'_>, op: usize) -> Result<Box<dyn Opera
         OperatorKind::KeyBy { .. }
         | OperatorKind::Datagen(_)
         | OperatorKind::CsvSource(_)
-        | OperatorKind::ParquetSource(_) => {
+        | OperatorKind::ParquetSource(_)
+        | OperatorKind::ArrowIpcSource(_) => {
             unreachable!("operator {op} is not chained as an operator")
         }
     })
+}
+
+fn parquet_parts(options: &crate::job::ParquetSinkOptions) -> PartFiles<ParquetPart> {
+    PartFiles {
+        format: ParquetPart {
+            row_group_rows: options.row_group_rows,
+        },
+        target_file_bytes: options.target_file_bytes,
+    }
+}
+
+fn ipc_parts(options: &crate::job::ArrowIpcSinkOptions) -> PartFiles<IpcPart> {
+    PartFiles {
+        format: IpcPart {
+            format: options.format,
+            compression: options.compression,
+        },
+        target_file_bytes: options.target_file_bytes,
+    }
 }

@@ -1,10 +1,12 @@
-//! Sinks: blackhole, print, CSV and Parquet files.
+//! Sinks: blackhole, print, and CSV, Parquet and Arrow IPC files.
 //!
 //! Without checkpointing, file sinks write `part-<subtask>.<ext>` in the
-//! sink's directory. A part file is written under a hidden in-progress name
-//! and renamed when the task finishes. A sink dropped before that (the task
-//! failed, panicked or was canceled) removes its in-progress file, so a
-//! failed run leaves no partial part file, hidden or not.
+//! sink's directory ([`part_sink`]), or, when they roll at
+//! `target_file_bytes`, `part-<subtask>-<n>.<ext>` for `n = 0, 1, …`. A part
+//! file is written under a hidden in-progress name and renamed when the task
+//! finishes. A sink dropped before that (the task failed, panicked or was
+//! canceled) removes its in-progress files, so a failed run leaves no
+//! partial part file, hidden or not.
 //!
 //! With checkpointing, file sinks are exactly-once ([`two_phase`]): they roll
 //! a new part file `part-<subtask>-<seq>.<ext>` at each checkpoint and commit
@@ -14,31 +16,35 @@
 //! What a sink finds in its directory when the job starts is decided once
 //! per job, at submission, by the sink's `mode` ([`output`]).
 //!
-//! Parquet part files carry a CRC in every page header
+//! Both kinds of file sink write through a [`format::PartFormat`]: CSV,
+//! Parquet (row groups of `row_group_rows`) or Arrow IPC (file or stream
+//! framing, LZ4 or not). Parquet part files carry a CRC in every page header
 //! ([`page_checksums`]), which the Parquet source verifies.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow_array::RecordBatch;
 use arrow_cast::display::{ArrayFormatter, FormatOptions};
-use arrow_schema::SchemaRef;
-use parquet::arrow::ArrowWriter;
 
 use super::ExecError;
 use super::operators::{Operator, Output};
 
 pub mod flight;
+pub mod format;
 pub mod output;
 pub mod page_checksums;
+pub mod part_sink;
 #[cfg(test)]
 mod tests;
 pub mod two_phase;
 
-pub use two_phase::{TwoPhaseCsvSink, TwoPhaseFileSink, TwoPhaseParquetSink};
+pub use format::{CsvPart, IpcPart, ParquetPart, PartFiles, PartFormat};
+pub use part_sink::{ArrowIpcSink, CsvSink, ParquetSink, PartFileSink};
+pub use two_phase::{TwoPhaseCsvSink, TwoPhaseFileSink, TwoPhaseIpcSink, TwoPhaseParquetSink};
 
 /// Counts rows and drops them.
 #[derive(Default)]
@@ -111,35 +117,54 @@ impl Operator for PrintSink {
     }
 }
 
-/// A part file being written under an in-progress name.
+/// A part file of a sink without checkpoints, under its in-progress name
+/// until it is committed.
 struct PartFile {
     final_path: PathBuf,
     temp_path: PathBuf,
-    /// The in-progress file until it is committed.
-    identity: Option<FileIdentity>,
+    /// What to remove on drop: the in-progress file until it is committed.
+    guard: Option<PartGuard>,
+}
+
+/// Which file an uncommitted part's in-progress name named.
+#[derive(Clone, Copy, Debug)]
+enum PartGuard {
+    /// Being written: the writer holds it open.
+    Open(FileIdentity),
+    /// Closed at `target_file_bytes`, waiting for the task to finish.
+    Closed(ClosedFile),
 }
 
 impl PartFile {
-    fn create(dir: &Path, subtask: u32, extension: &str) -> Result<(Self, File), ExecError> {
+    /// Creates `.<stem>.<extension>.inprogress` in `dir`, to be committed
+    /// as `<stem>.<extension>`.
+    fn create(dir: &Path, stem: &str, extension: &str) -> Result<(Self, File), ExecError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
-        let final_path = dir.join(format!("part-{subtask}.{extension}"));
-        let temp_path = dir.join(format!(".part-{subtask}.{extension}.inprogress"));
+        let final_path = dir.join(format!("{stem}.{extension}"));
+        let temp_path = dir.join(format!(".{stem}.{extension}.inprogress"));
         let (file, identity) = create_fresh(&temp_path)?;
         Ok((
             Self {
                 final_path,
                 temp_path,
-                identity: Some(identity),
+                guard: Some(PartGuard::Open(identity)),
             },
             file,
         ))
+    }
+
+    /// The part's writer closed `file`, which the in-progress name now names.
+    fn closed(&mut self, file: &File) -> Result<(), ExecError> {
+        let closed = ClosedFile::of(file).map_err(|e| io_error(&self.temp_path, e))?;
+        self.guard = Some(PartGuard::Closed(closed));
+        Ok(())
     }
 
     fn commit(&mut self) -> Result<(), ExecError> {
         std::fs::rename(&self.temp_path, &self.final_path)
             .map_err(|e| io_error(&self.final_path, e))?;
         // Committed: there is nothing left to remove on drop.
-        self.identity = None;
+        self.guard = None;
         Ok(())
     }
 }
@@ -147,10 +172,12 @@ impl PartFile {
 impl Drop for PartFile {
     fn drop(&mut self) {
         // Not committed: the task failed or was canceled; drop the partial.
-        // The writer that holds the file open is dropped after this, so the
+        // The writer that holds an open file is dropped after this, so the
         // file's identity cannot have been reused by another file.
-        if let Some(identity) = self.identity {
-            remove_if_same_file(&self.temp_path, identity);
+        match self.guard {
+            Some(PartGuard::Open(identity)) => remove_if_same_file(&self.temp_path, identity),
+            Some(PartGuard::Closed(closed)) => remove_if_same_closed_file(&self.temp_path, closed),
+            None => {}
         }
     }
 }
@@ -186,11 +213,47 @@ pub(super) fn create_fresh(path: &Path) -> Result<(File, FileIdentity), ExecErro
     Ok((file, identity))
 }
 
+/// A part file that its writer has closed: which file it is, and its length.
+/// Nothing holds it open any more, so once a later attempt unlinks it (to
+/// reuse its name) its inode number may be reused too; the length makes
+/// taking that later file for it as unlikely as the two agreeing to the byte.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct ClosedFile {
+    identity: FileIdentity,
+    len_bytes: u64,
+}
+
+impl ClosedFile {
+    pub(super) fn of(file: &File) -> std::io::Result<Self> {
+        let metadata = file.metadata()?;
+        Ok(Self {
+            identity: FileIdentity::of(&metadata),
+            len_bytes: metadata.len(),
+        })
+    }
+}
+
+/// Removes `path` if it still names the closed file `closed`. Best effort:
+/// it runs on drop.
+pub(super) fn remove_if_same_closed_file(path: &Path, closed: ClosedFile) {
+    let same = std::fs::symlink_metadata(path)
+        .is_ok_and(|m| FileIdentity::of(&m) == closed.identity && m.len() == closed.len_bytes);
+    if same {
+        remove_unfinished(path);
+    }
+}
+
 /// Removes `path` if it still names the file with `identity`, and not a
 /// later attempt's file of the same name. Best effort: it runs on drop.
 pub(super) fn remove_if_same_file(path: &Path, identity: FileIdentity) {
     let same = std::fs::symlink_metadata(path).is_ok_and(|m| FileIdentity::of(&m) == identity);
-    if same && let Err(e) = std::fs::remove_file(path) {
+    if same {
+        remove_unfinished(path);
+    }
+}
+
+fn remove_unfinished(path: &Path) {
+    if let Err(e) = std::fs::remove_file(path) {
         let path = path.display();
         tracing::warn!(%path, error = %e, "could not remove an unfinished part file");
     }
@@ -200,111 +263,5 @@ fn io_error(path: &Path, source: std::io::Error) -> ExecError {
     ExecError::Io {
         path: path.to_owned(),
         source,
-    }
-}
-
-pub struct CsvSink {
-    part: PartFile,
-    writer: Option<arrow_csv::Writer<BufWriter<File>>>,
-    schema: SchemaRef,
-}
-
-impl CsvSink {
-    pub fn new(dir: &Path, subtask: u32, schema: SchemaRef) -> Result<Self, ExecError> {
-        let (part, file) = PartFile::create(dir, subtask, "csv")?;
-        let writer = arrow_csv::WriterBuilder::new()
-            .with_header(true)
-            .build(BufWriter::with_capacity(1 << 20, file));
-        Ok(Self {
-            part,
-            writer: Some(writer),
-            schema,
-        })
-    }
-}
-
-impl Operator for CsvSink {
-    fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
-        if let Some(w) = &mut self.writer {
-            w.write(&batch).map_err(|e| ExecError::Write {
-                path: self.part.final_path.clone(),
-                detail: e.to_string(),
-            })?;
-        }
-        Ok(())
-    }
-    fn watermark(&mut self, _w: i64, _out: &mut dyn Output) -> Result<(), ExecError> {
-        Ok(())
-    }
-    fn finish(&mut self, _out: &mut dyn Output) -> Result<(), ExecError> {
-        let path = self.part.final_path.clone();
-        let werr = |detail: String| ExecError::Write {
-            path: path.clone(),
-            detail,
-        };
-        if let Some(mut w) = self.writer.take() {
-            // An empty part still carries the header.
-            w.write(&RecordBatch::new_empty(Arc::clone(&self.schema)))
-                .map_err(|e| werr(e.to_string()))?;
-            let mut inner = w.into_inner();
-            inner.flush().map_err(|e| werr(e.to_string()))?;
-            inner
-                .into_inner()
-                .map_err(|e| werr(e.to_string()))?
-                .sync_all()
-                .map_err(|e| werr(e.to_string()))?;
-        }
-        self.part.commit()
-    }
-}
-
-pub struct ParquetSink {
-    part: PartFile,
-    writer: Option<ArrowWriter<File>>,
-}
-
-impl ParquetSink {
-    pub fn new(dir: &Path, subtask: u32, schema: SchemaRef) -> Result<Self, ExecError> {
-        let (part, file) = PartFile::create(dir, subtask, "parquet")?;
-        let properties = page_checksums::sink_writer_properties();
-        let writer =
-            ArrowWriter::try_new(file, schema, Some(properties)).map_err(|e| ExecError::Write {
-                path: part.final_path.clone(),
-                detail: e.to_string(),
-            })?;
-        Ok(Self {
-            part,
-            writer: Some(writer),
-        })
-    }
-}
-
-impl Operator for ParquetSink {
-    fn process(&mut self, batch: RecordBatch, _out: &mut dyn Output) -> Result<(), ExecError> {
-        if let Some(w) = &mut self.writer {
-            w.write(&batch).map_err(|e| ExecError::Write {
-                path: self.part.final_path.clone(),
-                detail: e.to_string(),
-            })?;
-        }
-        Ok(())
-    }
-    fn watermark(&mut self, _w: i64, _out: &mut dyn Output) -> Result<(), ExecError> {
-        Ok(())
-    }
-    fn finish(&mut self, _out: &mut dyn Output) -> Result<(), ExecError> {
-        let werr = |detail: String| ExecError::Write {
-            path: self.part.final_path.clone(),
-            detail,
-        };
-        if let Some(w) = self.writer.take() {
-            w.close().map_err(|e| werr(e.to_string()))?;
-            page_checksums::add_page_checksums(&self.part.temp_path).map_err(werr)?;
-            // The copy replaced the in-progress file: follow it.
-            let metadata = std::fs::symlink_metadata(&self.part.temp_path)
-                .map_err(|e| io_error(&self.part.temp_path, e))?;
-            self.part.identity = Some(FileIdentity::of(&metadata));
-        }
-        self.part.commit()
     }
 }

@@ -1,8 +1,8 @@
-//! Sources: datagen, CSV files and Parquet files.
+//! Sources: datagen, CSV files, Parquet files and Arrow IPC files ([`ipc`]).
 //!
 //! Every source is split across its subtasks deterministically (datagen by
 //! strided row index, CSV by byte ranges aligned to line starts, Parquet by
-//! row group), so that a
+//! row group, Arrow IPC by ranges of record batches), so that a
 //! subtask's output depends only on the job file and its index. That makes
 //! every source replayable: its checkpointed offset is the position after
 //! the last batch returned (datagen: the local row index; files: the splits
@@ -225,6 +225,11 @@ fn state_error(operator: &str, e: impl std::fmt::Display) -> ExecError {
 /// Lists the files of a path: the file itself, or the directory's files with
 /// the given extension, sorted by name.
 pub fn list_files(path: &Path, extension: &str) -> Result<Vec<PathBuf>, ExecError> {
+    list_files_with(path, &[extension])
+}
+
+/// As [`list_files`], for files with any of `extensions`.
+pub fn list_files_with(path: &Path, extensions: &[&str]) -> Result<Vec<PathBuf>, ExecError> {
     let io = |e: std::io::Error| ExecError::Io {
         path: path.to_owned(),
         source: e,
@@ -232,19 +237,25 @@ pub fn list_files(path: &Path, extension: &str) -> Result<Vec<PathBuf>, ExecErro
     if path.is_file() {
         return Ok(vec![path.to_owned()]);
     }
+    let listed = |p: &Path| {
+        p.extension()
+            .is_some_and(|e| extensions.iter().any(|x| e == *x))
+    };
     let mut files: Vec<PathBuf> = std::fs::read_dir(path)
         .map_err(io)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.is_file() && p.extension().is_some_and(|e| e == extension))
+        .filter(|p| p.is_file() && listed(p))
         .collect();
     files.sort();
     Ok(files)
 }
 
 /// One unit of a file source subtask's share: a byte range of a CSV file
-/// (the whole file when it is small), or one row group of a Parquet file. A checkpoint records the subtask's splits by
-/// name, so that restoring against other files fails, naming the file,
-/// instead of silently skipping the wrong rows.
+/// (the whole file when it is small), one row group of a Parquet file, or a
+/// range of record batches of an Arrow IPC file (the whole file when it is
+/// small or a stream). A checkpoint records the subtask's splits by name, so
+/// that restoring against other files fails, naming the file, instead of
+/// silently skipping the wrong rows.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct SplitName {
     /// The file's name in the source directory.
@@ -257,6 +268,10 @@ struct SplitName {
     /// The byte range `[start, end)`, for a CSV file split in several.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     bytes: Option<[u64; 2]>,
+    /// The record batches `[start, end)`, for an Arrow IPC file split in
+    /// several.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    batches: Option<[usize; 2]>,
 }
 
 impl SplitName {
@@ -271,6 +286,7 @@ impl SplitName {
             size_bytes: metadata.len(),
             row_group,
             bytes: None,
+            batches: None,
         })
     }
 }
@@ -284,26 +300,47 @@ impl std::fmt::Display for SplitName {
         if let Some([start, end]) = self.bytes {
             write!(f, " bytes {start}..{end}")?;
         }
+        if let Some([start, end]) = self.batches {
+            write!(f, " batches {start}..{end}")?;
+        }
         Ok(())
     }
 }
 
-/// Where a file source subtask stands: `split_index` splits are read, and
-/// `rows` rows of the next one.
+/// Where a file source subtask stands within its splits.
+trait SplitProgress: Copy + serde::Serialize + serde::de::DeserializeOwned {
+    /// The splits read to their end.
+    fn split_index(&self) -> usize;
+    /// How far into the next split, in words (`row 5`); `None` at its start.
+    fn within(&self) -> Option<String>;
+}
+
+/// Where a CSV or Parquet source subtask stands: `split_index` splits are
+/// read, and `rows` rows of the next one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct SplitPosition {
     split_index: usize,
     rows: u64,
 }
 
+impl SplitProgress for SplitPosition {
+    fn split_index(&self) -> usize {
+        self.split_index
+    }
+
+    fn within(&self) -> Option<String> {
+        (self.rows > 0).then(|| format!("row {}", self.rows))
+    }
+}
+
 /// A file source subtask's checkpointed position, with the splits it was
 /// taken against.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct FileOffset {
+struct FileOffset<P> {
     subtask: u32,
     parallelism: u32,
     splits: Vec<SplitName>,
-    position: SplitPosition,
+    position: P,
 }
 
 /// Which subtask of how many: the identity a file offset must match.
@@ -313,11 +350,11 @@ struct SubtaskIndex {
     parallelism: u32,
 }
 
-fn snapshot_file_offset(
+fn snapshot_file_offset<P: SplitProgress>(
     operator: &str,
     owner: SubtaskIndex,
     splits: &[SplitName],
-    position: SplitPosition,
+    position: P,
 ) -> Result<Vec<u8>, ExecError> {
     let state = FileOffset {
         subtask: owner.subtask,
@@ -330,13 +367,14 @@ fn snapshot_file_offset(
 
 /// Reads a checkpointed position and checks that it was taken by this
 /// subtask over the same splits that it finds now.
-fn restore_file_offset(
+fn restore_file_offset<P: SplitProgress>(
     operator: &str,
     owner: SubtaskIndex,
     splits: &[SplitName],
     state: &[u8],
-) -> Result<SplitPosition, ExecError> {
-    let state: FileOffset = serde_json::from_slice(state).map_err(|e| state_error(operator, e))?;
+) -> Result<P, ExecError> {
+    let state: FileOffset<P> =
+        serde_json::from_slice(state).map_err(|e| state_error(operator, e))?;
     let mismatch = |detail: String| ExecError::State {
         operator: operator.into(),
         detail,
@@ -352,8 +390,12 @@ fn restore_file_offset(
         )));
     }
     let position = state.position;
-    let at = match state.splits.get(position.split_index) {
-        Some(split) => format!("row {} of {split}", position.rows),
+    let split_index = position.split_index();
+    let at = match state.splits.get(split_index) {
+        Some(split) => format!(
+            "{} of {split}",
+            position.within().unwrap_or_else(|| "the start".to_owned())
+        ),
         None => "the end of its files".to_owned(),
     };
     if let Some(difference) = split_difference(&state.splits, splits) {
@@ -362,13 +404,11 @@ fn restore_file_offset(
             owner.subtask
         )));
     }
-    if position.split_index > splits.len()
-        || (position.split_index == splits.len() && position.rows > 0)
-    {
+    if split_index > splits.len() || (split_index == splits.len() && position.within().is_some()) {
         return Err(mismatch(format!(
-            "the checkpointed position (split {}, row {}) lies past the subtask's {} splits",
-            position.split_index,
-            position.rows,
+            "the checkpointed position (split {split_index}, {}) lies past the subtask's {} \
+             splits",
+            position.within().unwrap_or_else(|| "its start".to_owned()),
             splits.len()
         )));
     }
@@ -811,7 +851,8 @@ impl Source for ParquetSource {
 
     fn restore_offset(&mut self, state: &[u8]) -> Result<(), ExecError> {
         assert!(self.reader.is_none(), "restore_offset after next_batch");
-        let position = restore_file_offset("parquet_source", self.owner, &self.splits, state)?;
+        let position: SplitPosition =
+            restore_file_offset("parquet_source", self.owner, &self.splits, state)?;
         if let Some(split) = self.row_groups.get(position.split_index)
             && position.rows > split.row_count
         {
@@ -950,7 +991,10 @@ impl WatermarkGenerator {
     }
 }
 
+pub mod ipc;
 mod prune;
+
+pub use ipc::ArrowIpcSource;
 
 #[cfg(test)]
 mod tests;

@@ -10,8 +10,10 @@
 //!   lexer, precedence-climbing parser, type checker and a vectorised evaluator
 //!   over Arrow compute kernels;
 //! - `plan` propagates schemas through the operators (inferring CSV schemas and
-//!   reading Parquet footers on the way) and checks that every operator fits its
-//!   input;
+//!   reading Parquet footers and Arrow IPC schemas on the way) and checks that
+//!   every operator fits its input;
+//! - `formats` holds the Arrow IPC source's spec, the part-file options of the
+//!   Parquet and Arrow IPC sinks, and the probing of IPC files;
 //! - `graph` chains a plan into the job graph that the scheduler deploys.
 //!
 //! Invariants of a [`LogicalPlan`]:
@@ -23,7 +25,8 @@
 //!   input's schema with a type that fits its use;
 //! - `keyed[i]` is `Some(key column indices)` exactly for `key_by` operators; an
 //!   `aggregate` or `window` reads its keys from the `key_by` it consumes directly;
-//! - CSV and Parquet source specs carry a non-empty schema after planning.
+//! - CSV, Parquet and Arrow IPC source specs carry a non-empty schema after
+//!   planning; every file of an Arrow IPC source has the same columns.
 //!
 //! Limits: one input per operator (no unions, and no stream-stream joins: a `join`
 //! looks rows up in a bounded dimension table read from a file), tumbling event-time
@@ -36,6 +39,7 @@
 
 mod eval;
 mod expr;
+mod formats;
 pub mod graph;
 mod plan;
 mod pushdown;
@@ -52,6 +56,11 @@ use std::sync::Arc;
 use arrow_schema::{ArrowError, DataType, Field, Schema, SchemaRef};
 
 pub use expr::{BinOp, Expr, ExprError, ScalarValue};
+pub use formats::{
+    ArrowIpcSinkOptions, ArrowIpcSourceSpec, IPC_EXTENSIONS, IPC_FOOTER_BYTES_MAX, IpcCompression,
+    IpcFileError, IpcFileInfo, IpcFormat, ParquetSinkOptions, ROW_GROUP_ROWS_DEFAULT,
+    SchemaDifference, inspect_ipc, read_ipc_schema, schema_difference,
+};
 pub use plan::{
     LogicalPlan, aggregate_output_schema, infer_csv_schema, plan, read_parquet_schema, source_files,
 };
@@ -278,10 +287,10 @@ pub enum JobError {
     JoinColumnClash { column: String },
     #[error("a window needs a key_by input, but '{input}' is a {kind}")]
     WindowNeedsKeyBy { input: String, kind: &'static str },
-    #[error("no .{extension} files in directory {}", .path.display())]
+    #[error("no {} files in directory {}", dotted(.extensions), .path.display())]
     NoDataFiles {
         path: PathBuf,
-        extension: &'static str,
+        extensions: Vec<&'static str>,
     },
     #[error("{}: cannot infer the CSV schema: {source}", .path.display())]
     CsvSchema { path: PathBuf, source: ArrowError },
@@ -289,6 +298,17 @@ pub enum JobError {
     ParquetSchema {
         path: PathBuf,
         source: parquet::errors::ParquetError,
+    },
+    #[error("{}: {source}", .path.display())]
+    IpcFile { path: PathBuf, source: IpcFileError },
+    #[error(
+        "{}: its columns differ from those of {}, the first file: {difference}",
+        .path.display(), .first.display()
+    )]
+    IpcSchemaMismatch {
+        path: PathBuf,
+        first: PathBuf,
+        difference: SchemaDifference,
     },
     #[error("the job has no operators; add an [[operator]] table")]
     NoOperators,
@@ -299,6 +319,15 @@ fn hint(suggestion: &Option<String>, allowed: &[&'static str]) -> String {
     match suggestion {
         Some(s) => format!("; did you mean '{s}'? ({expected})"),
         None => format!("; {expected}"),
+    }
+}
+
+/// `.csv`, or `.arrow, .arrows or .ipc`.
+fn dotted(extensions: &[&'static str]) -> String {
+    let dotted: Vec<String> = extensions.iter().map(|e| format!(".{e}")).collect();
+    match dotted.split_last() {
+        Some((last, rest)) if !rest.is_empty() => format!("{} or {last}", rest.join(", ")),
+        _ => dotted.concat(),
     }
 }
 

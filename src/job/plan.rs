@@ -2,7 +2,8 @@
 //!
 //! Operators are visited in file order; each one's output schema is derived from
 //! its input's, so one pass suffices. Source schemas come from the datagen column
-//! list, the job file, the CSV header plus first rows, or the Parquet footer.
+//! list, the job file, the CSV header plus first rows, the Parquet footer, or
+//! the Arrow IPC schema of the first file (which every other file must share).
 //! Every error is located at the line of the value it concerns when the spec came
 //! from a file, else at the operator's line.
 
@@ -89,6 +90,7 @@ fn data_file_schema(kind: &OperatorKind) -> Option<PathBuf> {
     match kind {
         OperatorKind::CsvSource(csv) if csv.schema.fields().is_empty() => Some(csv.path.clone()),
         OperatorKind::ParquetSource(parquet) => Some(parquet.path.clone()),
+        OperatorKind::ArrowIpcSource(ipc) => Some(ipc.path.clone()),
         _ => None,
     }
 }
@@ -243,11 +245,16 @@ fn resolve_source_schema(file: &Path, op: &mut OperatorSpec) -> Result<(), JobEr
             let schema = read_parquet_schema(&parquet.path).map_err(at_path)?;
             super::spec::project_schema(&schema, parquet.columns.as_deref())
         }
+        OperatorKind::ArrowIpcSource(ipc) => {
+            let schema = super::read_ipc_schema(&ipc.path, ipc.format).map_err(at_path)?;
+            super::spec::project_schema(&schema, ipc.columns.as_deref())
+        }
         _ => return Ok(()),
     };
     match &mut op.kind {
         OperatorKind::CsvSource(csv) => csv.schema = schema,
         OperatorKind::ParquetSource(parquet) => parquet.schema = schema,
+        OperatorKind::ArrowIpcSource(ipc) => ipc.schema = schema,
         _ => unreachable!("only sources reach here"),
     }
     Ok(())
@@ -256,6 +263,15 @@ fn resolve_source_schema(file: &Path, op: &mut OperatorSpec) -> Result<(), JobEr
 /// The files a source at `path` reads: the file itself, or the directory's files
 /// ending in `.extension`, sorted by name.
 pub fn source_files(path: &Path, extension: &'static str) -> Result<Vec<PathBuf>, JobError> {
+    data_files(path, &[extension])
+}
+
+/// The files a source at `path` reads: the file itself, or the directory's
+/// files ending in one of `extensions`, sorted by name; never empty.
+pub(super) fn data_files(
+    path: &Path,
+    extensions: &[&'static str],
+) -> Result<Vec<PathBuf>, JobError> {
     let io = |source| JobError::Io {
         path: path.to_path_buf(),
         source,
@@ -266,7 +282,10 @@ pub fn source_files(path: &Path, extension: &'static str) -> Result<Vec<PathBuf>
     let mut files = Vec::new();
     for entry in std::fs::read_dir(path).map_err(io)? {
         let file = entry.map_err(io)?.path();
-        if file.is_file() && file.extension().is_some_and(|e| e == extension) {
+        let listed = file
+            .extension()
+            .is_some_and(|e| extensions.iter().any(|x| e == *x));
+        if listed && file.is_file() {
             files.push(file);
         }
     }
@@ -274,7 +293,7 @@ pub fn source_files(path: &Path, extension: &'static str) -> Result<Vec<PathBuf>
     if files.is_empty() {
         return Err(JobError::NoDataFiles {
             path: path.to_path_buf(),
-            extension,
+            extensions: extensions.to_vec(),
         });
     }
     Ok(files)
@@ -317,7 +336,7 @@ fn first_file(path: &Path, extension: &'static str) -> Result<PathBuf, JobError>
     let first = source_files(path, extension)?.into_iter().next();
     first.ok_or_else(|| JobError::NoDataFiles {
         path: path.to_path_buf(),
-        extension,
+        extensions: vec![extension],
     })
 }
 
@@ -484,6 +503,7 @@ fn source_output(at: &At<'_>) -> Result<(SchemaRef, Option<Vec<usize>>), JobErro
         OperatorKind::Datagen(datagen) => (datagen_schema(&datagen.columns), &datagen.watermark),
         OperatorKind::CsvSource(csv) => (csv.output_schema(), &csv.watermark),
         OperatorKind::ParquetSource(parquet) => (parquet.schema.clone(), &parquet.watermark),
+        OperatorKind::ArrowIpcSource(ipc) => (ipc.schema.clone(), &ipc.watermark),
         _ => unreachable!("only sources lack an input (checked by check_input)"),
     };
     if let Some(WatermarkSpec { column, .. }) = watermark {

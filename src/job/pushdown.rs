@@ -1,5 +1,5 @@
-//! Projection pushdown into CSV and Parquet sources, and predicate pushdown
-//! into Parquet sources.
+//! Projection pushdown into CSV, Parquet and Arrow IPC sources, and
+//! predicate pushdown into Parquet sources.
 //!
 //! After a first planning pass, each Parquet source learns which of its
 //! columns the operators downstream use (walking the graph from the sinks
@@ -35,7 +35,9 @@ pub(super) fn push_down(plan: &LogicalPlan) -> Option<JobSpec> {
     if !ops.iter().any(|op| {
         matches!(
             op.kind,
-            OperatorKind::ParquetSource(_) | OperatorKind::CsvSource(_)
+            OperatorKind::ParquetSource(_)
+                | OperatorKind::CsvSource(_)
+                | OperatorKind::ArrowIpcSource(_)
         )
     }) {
         return None;
@@ -95,6 +97,13 @@ pub(super) fn push_down(plan: &LogicalPlan) -> Option<JobSpec> {
         if let OperatorKind::CsvSource(csv) = &mut op.kind {
             if let Some(kept) = kept_columns(&needed[index], csv.watermark.as_ref(), schema) {
                 csv.columns = Some(kept);
+                changed = true;
+            }
+            continue;
+        }
+        if let OperatorKind::ArrowIpcSource(ipc) = &mut op.kind {
+            if let Some(kept) = kept_columns(&needed[index], ipc.watermark.as_ref(), schema) {
+                ipc.columns = Some(kept);
                 changed = true;
             }
             continue;

@@ -14,6 +14,7 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue};
 
 use super::expr::{Expr, ExprError, ScalarValue, parse_agg_call};
+use super::formats::{self, ArrowIpcSinkOptions, ArrowIpcSourceSpec, ParquetSinkOptions};
 use super::tomlx::{Source, Table, closest};
 use super::{DATAGEN_COLUMNS, JobError, Scope};
 
@@ -85,6 +86,7 @@ pub enum OperatorKind {
     Datagen(DatagenSpec),
     CsvSource(CsvSourceSpec),
     ParquetSource(ParquetSourceSpec),
+    ArrowIpcSource(ArrowIpcSourceSpec),
     Filter {
         predicate: Expr,
     },
@@ -183,6 +185,12 @@ pub enum OperatorKind {
     ParquetSink {
         path: PathBuf,
         mode: SinkMode,
+        options: ParquetSinkOptions,
+    },
+    ArrowIpcSink {
+        path: PathBuf,
+        mode: SinkMode,
+        options: ArrowIpcSinkOptions,
     },
     /// Serves each subtask's output as an Arrow Flight stream (one
     /// partition per subtask) that a trainer reads directly.
@@ -243,6 +251,7 @@ impl OperatorKind {
             OperatorKind::Datagen(_) => "datagen",
             OperatorKind::CsvSource(_) => "csv_source",
             OperatorKind::ParquetSource(_) => "parquet_source",
+            OperatorKind::ArrowIpcSource(_) => "arrow_ipc_source",
             OperatorKind::Filter { .. } => "filter",
             OperatorKind::Project { .. } => "project",
             OperatorKind::KeyBy { .. } => "key_by",
@@ -265,13 +274,17 @@ impl OperatorKind {
             OperatorKind::CsvSink { .. } => "csv_sink",
             OperatorKind::ParquetSink { .. } => "parquet_sink",
             OperatorKind::FlightSink { .. } => "flight_sink",
+            OperatorKind::ArrowIpcSink { .. } => "arrow_ipc_sink",
         }
     }
 
     pub fn is_source(&self) -> bool {
         matches!(
             self,
-            OperatorKind::Datagen(_) | OperatorKind::CsvSource(_) | OperatorKind::ParquetSource(_)
+            OperatorKind::Datagen(_)
+                | OperatorKind::CsvSource(_)
+                | OperatorKind::ParquetSource(_)
+                | OperatorKind::ArrowIpcSource(_)
         )
     }
 
@@ -280,7 +293,12 @@ impl OperatorKind {
     pub fn file_sink(&self) -> Option<(&Path, SinkMode, &'static str)> {
         match self {
             OperatorKind::CsvSink { path, mode } => Some((path, *mode, "csv")),
-            OperatorKind::ParquetSink { path, mode } => Some((path, *mode, "parquet")),
+            OperatorKind::ParquetSink { path, mode, .. } => Some((path, *mode, "parquet")),
+            OperatorKind::ArrowIpcSink {
+                path,
+                mode,
+                options,
+            } => Some((path, *mode, options.format.extension())),
             _ => None,
         }
     }
@@ -294,6 +312,7 @@ impl OperatorKind {
                 | OperatorKind::ParquetSink { .. }
                 | OperatorKind::FlightSink { .. }
                 | OperatorKind::StandardizeFit { .. }
+                | OperatorKind::ArrowIpcSink { .. }
         )
     }
 }
@@ -483,10 +502,11 @@ pub struct SortKey {
 /// Runs a sort merges at once unless the job file sets `fan_in`.
 pub const SORT_FAN_IN_DEFAULT: usize = 16;
 
-const OPERATOR_TYPES: [&str; 25] = [
+const OPERATOR_TYPES: [&str; 27] = [
     "datagen",
     "csv_source",
     "parquet_source",
+    "arrow_ipc_source",
     "filter",
     "project",
     "key_by",
@@ -509,6 +529,7 @@ const OPERATOR_TYPES: [&str; 25] = [
     "csv_sink",
     "parquet_sink",
     "flight_sink",
+    "arrow_ipc_sink",
 ];
 
 const COMMON_KEYS: [&str; 4] = ["name", "type", "input", "parallelism"];
@@ -529,6 +550,7 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
         ],
         "csv_source" => &["path", "has_header", "schema", "batch_size", "watermark"],
         "parquet_source" => &["path", "batch_size", "watermark"],
+        "arrow_ipc_source" => &["path", "format", "watermark"],
         "filter" => &["predicate"],
         "project" => &["columns"],
         "key_by" => &["keys"],
@@ -549,7 +571,9 @@ fn type_keys(type_name: &str) -> &'static [&'static str] {
             "table", "format", "schema", "on", "table_on", "how", "columns", "prefix",
         ],
         "print" => &["limit"],
-        "csv_sink" | "parquet_sink" => &["path", "mode"],
+        "csv_sink" => &["path", "mode"],
+        "parquet_sink" => &["path", "mode", "row_group_rows", "target_file_bytes"],
+        "arrow_ipc_sink" => &["path", "mode", "format", "compression", "target_file_bytes"],
         "flight_sink" => &["queue_bytes", "reader_timeout"],
         _ => &[],
     }
@@ -758,7 +782,10 @@ fn parse_operator(
 }
 
 fn type_name_is_source(type_name: &str) -> bool {
-    matches!(type_name, "datagen" | "csv_source" | "parquet_source")
+    matches!(
+        type_name,
+        "datagen" | "csv_source" | "parquet_source" | "arrow_ipc_source"
+    )
 }
 
 /// An operator reads a `split` itself rather than one of its outputs.
@@ -883,6 +910,11 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
             columns: None,
             prune: None,
         }),
+        "arrow_ipc_source" => OperatorKind::ArrowIpcSource(formats::arrow_ipc_source(
+            t,
+            required_path(t)?,
+            watermark(t)?,
+        )?),
         "filter" => {
             let text = t.required_str("predicate")?;
             let predicate = Expr::parse(text.get_ref());
@@ -969,6 +1001,12 @@ fn parse_kind(t: &Table<'_, '_>, type_name: &str) -> Result<OperatorKind, JobErr
         "parquet_sink" => OperatorKind::ParquetSink {
             path: required_path(t)?,
             mode: sink_mode(t)?,
+            options: formats::parquet_sink_options(t)?,
+        },
+        "arrow_ipc_sink" => OperatorKind::ArrowIpcSink {
+            path: required_path(t)?,
+            mode: sink_mode(t)?,
+            options: formats::arrow_ipc_sink_options(t)?,
         },
         "flight_sink" => OperatorKind::FlightSink {
             queue_bytes: match t.str("queue_bytes")? {

@@ -369,6 +369,53 @@ const ERROR_CASES: &[(&str, &str, &[&str])] = &[
         "[operator]",
         &["key 'operator' must be an array, found table"],
     ),
+    (
+        "[[operator]]\ntype = \"datagen\"\nrows = 10\n[[operator]]\ntype = \"parquet_sink\"\npath = \"o\"\nrow_group_rows = 0\n",
+        "row_group_rows",
+        &["key 'row_group_rows' has invalid value 0; expected an integer between 1 and"],
+    ),
+    (
+        "[[operator]]\ntype = \"datagen\"\nrows = 10\n[[operator]]\ntype = \"parquet_sink\"\npath = \"o\"\ntarget_file_bytes = \"128 parsecs\"\n",
+        "parsecs",
+        &[
+            "key 'target_file_bytes' has invalid value \"128 parsecs\"",
+            "\"128mb\"",
+        ],
+    ),
+    (
+        "[[operator]]\ntype = \"datagen\"\nrows = 10\n[[operator]]\ntype = \"arrow_ipc_sink\"\npath = \"o\"\ntarget_file_bytes = 0\n",
+        "target_file_bytes",
+        &["key 'target_file_bytes' has invalid value 0; expected a size of at least 1 byte"],
+    ),
+    (
+        "[[operator]]\ntype = \"datagen\"\nrows = 10\n[[operator]]\ntype = \"arrow_ipc_sink\"\npath = \"o\"\ncompression = \"zstd\"\n",
+        "zstd",
+        &["key 'compression' has invalid value 'zstd'; expected \"lz4\" or \"none\""],
+    ),
+    (
+        "[[operator]]\ntype = \"datagen\"\nrows = 10\n[[operator]]\ntype = \"arrow_ipc_sink\"\npath = \"o\"\nformat = \"feather\"\n",
+        "feather",
+        &[
+            "key 'format' has invalid value 'feather'",
+            "\"file\"",
+            "\"stream\"",
+        ],
+    ),
+    (
+        "[[operator]]\ntype = \"arrow_ipc_source\"\npath = \"/nonexistent/strata-job-test.arrow\"\nformat = \"streams\"\n",
+        "streams",
+        &["key 'format' has invalid value 'streams'"],
+    ),
+    (
+        "[[operator]]\ntype = \"arrow_ipc_source\"\npath = \"/nonexistent/strata-job-test.arrow\"\n",
+        "nonexistent",
+        &["/nonexistent/strata-job-test.arrow: ", "No such file"],
+    ),
+    (
+        "[[operator]]\ntype = \"datagen\"\nrows = 10\n[[operator]]\ntype = \"csv_sink\"\npath = \"o\"\nrow_group_rows = 10\n",
+        "row_group_rows",
+        &["unknown key 'row_group_rows' for csv_sink"],
+    ),
 ];
 
 fn line_of(text: &str, marker: &str) -> usize {
@@ -706,4 +753,163 @@ fn example_job_files_plan() {
         let text = std::fs::read_to_string(&path).expect("example");
         plan(parse_job(&text, &path).expect("parses")).expect("plans");
     }
+}
+
+/// Writes an Arrow IPC file of `batch` at `path` in `format`.
+fn write_ipc(path: &Path, format: IpcFormat, batch: &RecordBatch) {
+    let file = std::fs::File::create(path).expect("create ipc file");
+    match format {
+        IpcFormat::File => {
+            let mut w =
+                arrow_ipc::writer::FileWriter::try_new(file, &batch.schema()).expect("writer");
+            w.write(batch).expect("write");
+            w.finish().expect("finish");
+        }
+        IpcFormat::Stream => {
+            let mut w =
+                arrow_ipc::writer::StreamWriter::try_new(file, &batch.schema()).expect("writer");
+            w.write(batch).expect("write");
+            w.finish().expect("finish");
+        }
+    }
+}
+
+fn scores_batch() -> RecordBatch {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Int64, false),
+        Field::new("name", DataType::Utf8, true),
+        Field::new("score", DataType::Float64, true),
+    ]));
+    let columns: Vec<ArrayRef> = vec![
+        Arc::new(Int64Array::from(vec![1, 2])),
+        Arc::new(StringArray::from(vec![Some("a"), None])),
+        Arc::new(Float64Array::from(vec![0.5, 1.5])),
+    ];
+    RecordBatch::try_new(schema, columns).expect("valid batch")
+}
+
+fn ipc_job(path: &Path, tail: &str) -> String {
+    format!(
+        "[job]\nname = \"ipc\"\n[[operator]]\ntype = \"arrow_ipc_source\"\npath = {:?}\n{tail}\n[[operator]]\ntype = \"key_by\"\nkeys = [\"name\"]\n[[operator]]\ntype = \"aggregate\"\naggs = [\"avg(score) as mean\"]\n[[operator]]\ntype = \"arrow_ipc_sink\"\npath = \"out\"\nformat = \"stream\"\ncompression = \"lz4\"\ntarget_file_bytes = \"64kb\"\n",
+        path.display().to_string()
+    )
+}
+
+#[test]
+fn arrow_ipc_schema_is_read_from_files_of_either_format() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let batch = scores_batch();
+    write_ipc(&dir.path().join("a.arrow"), IpcFormat::File, &batch);
+    write_ipc(&dir.path().join("b.arrows"), IpcFormat::Stream, &batch);
+    let plan = load(&ipc_job(dir.path(), "")).expect("plannable");
+    // Projection pushdown: `id` is used by no operator, so it is not read.
+    assert_eq!(
+        field_list(&plan.schemas[0]),
+        vec![
+            col("name", DataType::Utf8, true),
+            col("score", DataType::Float64, true),
+        ]
+    );
+    let OperatorKind::ArrowIpcSource(source) = &plan.spec.operators[0].kind else {
+        panic!("operator 0 is the arrow_ipc source");
+    };
+    assert_eq!(source.columns, Some(vec!["name".into(), "score".into()]));
+    assert_eq!(source.format, None);
+    let OperatorKind::ArrowIpcSink { options, .. } = &plan.spec.operators[3].kind else {
+        panic!("operator 3 is the arrow_ipc sink");
+    };
+    let expected = ArrowIpcSinkOptions {
+        format: IpcFormat::Stream,
+        compression: IpcCompression::Lz4,
+        target_file_bytes: Some(64 << 10),
+    };
+    assert_eq!(*options, expected);
+    assert_eq!(
+        plan.spec.operators[3].kind.file_sink().map(|(_, _, e)| e),
+        Some("arrows")
+    );
+    // Forcing the format of a directory that holds both is an error
+    // naming the file that does not have it.
+    let text = ipc_job(dir.path(), "format = \"file\"");
+    let message = load(&text).expect_err("b.arrows is a stream").to_string();
+    assert!(message.contains("b.arrows"), "{message}");
+    assert!(
+        message.contains("format = \"file\", but the file is in the Arrow IPC stream format"),
+        "{message}"
+    );
+}
+
+#[test]
+fn arrow_ipc_files_must_share_the_first_files_columns() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    write_ipc(
+        &dir.path().join("a.arrow"),
+        IpcFormat::File,
+        &scores_batch(),
+    );
+    let other = RecordBatch::try_new(
+        Arc::new(Schema::new(vec![Field::new(
+            "secret",
+            DataType::Int64,
+            false,
+        )])),
+        vec![Arc::new(Int64Array::from(vec![1]))],
+    )
+    .expect("batch");
+    write_ipc(&dir.path().join("b.arrow"), IpcFormat::File, &other);
+    let text = ipc_job(dir.path(), "");
+    let message = load(&text).expect_err("b.arrow differs").to_string();
+    let line = line_of(&text, "path = ");
+    assert!(
+        message.starts_with(&format!("{FILE}:{line}: operator 'arrow_ipc_source-0': ")),
+        "{message}"
+    );
+    assert!(
+        message.contains("b.arrow: its columns differ from those of"),
+        "{message}"
+    );
+    assert!(
+        message.contains("a.arrow, the first file: it has 1 columns, not 3"),
+        "{message}"
+    );
+    assert!(
+        !message.contains("secret"),
+        "the file's column names stay out: {message}"
+    );
+
+    std::fs::write(dir.path().join("b.arrow"), "id,name\n").expect("write");
+    let message = load(&text).expect_err("b.arrow is text").to_string();
+    assert!(
+        message.contains("b.arrow: not an Arrow IPC file"),
+        "{message}"
+    );
+    std::fs::remove_file(dir.path().join("b.arrow")).expect("remove");
+    std::fs::remove_file(dir.path().join("a.arrow")).expect("remove");
+    let message = load(&text).expect_err("no files").to_string();
+    assert!(
+        message.contains("no .arrow, .arrows, .feather or .ipc files in directory"),
+        "{message}"
+    );
+}
+
+#[test]
+fn parquet_sink_options_default_to_parquets_own() {
+    let text = "[job]\nname = \"t\"\n[[operator]]\ntype = \"datagen\"\nrows = 10\n\
+                [[operator]]\ntype = \"parquet_sink\"\npath = \"a\"\n\
+                [[operator]]\ntype = \"parquet_sink\"\ninput = \"datagen-0\"\npath = \"b\"\n\
+                row_group_rows = 1_000\ntarget_file_bytes = 1048576\n";
+    let plan = load(text).expect("plannable");
+    let options = |i: usize| match &plan.spec.operators[i].kind {
+        OperatorKind::ParquetSink { options, .. } => *options,
+        other => panic!("not a parquet sink: {other:?}"),
+    };
+    assert_eq!(options(1), ParquetSinkOptions::default());
+    assert_eq!(options(1).row_group_rows, 1024 * 1024);
+    assert_eq!(
+        options(2),
+        ParquetSinkOptions {
+            row_group_rows: 1000,
+            target_file_bytes: Some(1 << 20),
+        }
+    );
 }

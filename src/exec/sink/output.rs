@@ -286,6 +286,17 @@ mod tests {
             assert!(is_part_file_name(name, "csv"), "{name}");
         }
         for name in [
+            "part-0.arrow",
+            "part-2-11.arrow",
+            ".part-2-11.arrow.inprogress",
+        ] {
+            assert!(is_part_file_name(name, "arrow"), "{name}");
+            let stream = name.replace(".arrow", ".arrows");
+            assert!(is_part_file_name(&stream, "arrows"), "{stream}");
+            assert!(!is_part_file_name(&stream, "arrow"), "{stream}");
+            assert!(!is_part_file_name(name, "arrows"), "{name}");
+        }
+        for name in [
             "part-0.parquet",
             "part-.csv",
             "part-a.csv",

@@ -58,12 +58,17 @@ const DICTIONARY_PAGE: i32 = 2;
 /// Nesting deeper than this is not a page header strata's writer made.
 const THRIFT_DEPTH_MAX: usize = 16;
 
-/// Writer properties of the Parquet sinks: no page index, see the module
-/// documentation.
-pub fn sink_writer_properties() -> WriterProperties {
+/// Writer properties of the Parquet sinks: no page index (see the module
+/// documentation), and row groups of `row_group_rows` rows.
+pub fn sink_writer_properties(row_group_rows: usize) -> WriterProperties {
+    assert!(
+        row_group_rows > 0,
+        "the job file refuses row_group_rows = 0"
+    );
     WriterProperties::builder()
         .set_statistics_enabled(EnabledStatistics::Chunk)
         .set_offset_index_disabled(true)
+        .set_max_row_group_row_count(Some(row_group_rows))
         .build()
 }
 

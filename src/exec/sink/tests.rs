@@ -9,10 +9,12 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use arrow_select::concat::concat_batches;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use super::two_phase::{PartFormat, PartName, PartStage};
+use super::format::{CsvPart, IpcPart, ParquetPart, PartFiles, PartFormat};
+use super::two_phase::{PartName, PartStage};
 use super::{TwoPhaseCsvSink, TwoPhaseFileSink, TwoPhaseParquetSink};
 use crate::exec::ExecError;
 use crate::exec::operators::{FINAL_CHECKPOINT, Operator, Output};
+use crate::job::{IpcCompression, IpcFormat};
 
 struct NoOutput;
 
@@ -71,6 +73,9 @@ fn committed_rows(dir: &Path) -> BTreeMap<String, RecordBatch> {
         let path = dir.join(&name);
         let batch = if name.starts_with('.') {
             continue;
+        } else if name.ends_with(".arrow") || name.ends_with(".arrows") {
+            let batches = read_ipc(&path);
+            concat_batches(&schema(), &batches).expect("concat")
         } else if name.ends_with(".csv") {
             let reader = arrow_csv::ReaderBuilder::new(schema())
                 .with_header(true)
@@ -90,6 +95,21 @@ fn committed_rows(dir: &Path) -> BTreeMap<String, RecordBatch> {
         parts.insert(name, batch);
     }
     parts
+}
+
+/// The batches of an Arrow IPC file of either format.
+fn read_ipc(path: &Path) -> Vec<RecordBatch> {
+    let file = std::fs::File::open(path).expect("open");
+    let batches: Result<Vec<RecordBatch>, _> = if path.extension().is_some_and(|e| e == "arrow") {
+        arrow_ipc::reader::FileReader::try_new(file, None)
+            .expect("file reader")
+            .collect()
+    } else {
+        arrow_ipc::reader::StreamReader::try_new(file, None)
+            .expect("stream reader")
+            .collect()
+    };
+    batches.expect("ipc batches")
 }
 
 #[test]
@@ -208,8 +228,9 @@ fn batch(i: i64) -> RecordBatch {
 
 /// One run without failure: batches 0..6, checkpoints 1..=3 after batches
 /// 1, 2 and 4, each notified.
-fn uninterrupted_run<F: PartFormat>(dir: &Path) {
-    let mut sink = TwoPhaseFileSink::<F>::new("sink", dir, 0, schema()).expect("sink");
+fn uninterrupted_run<F: PartFormat + Clone>(dir: &Path, parts: &PartFiles<F>) {
+    let sink = TwoPhaseFileSink::with_parts("sink", dir, 0, schema(), parts.clone());
+    let mut sink = sink.expect("sink");
     sink.restore_state(None).expect("restore");
     let mut checkpoint = 0;
     for i in 0..6 {
@@ -230,8 +251,9 @@ fn uninterrupted_run<F: PartFormat>(dir: &Path) {
 /// restarted task restores checkpoint 1 and the source replays from batch 2.
 /// `notified_1`: whether checkpoint 1's notification arrived before the
 /// failure (if not, the restore must commit its part).
-fn run_with_failure<F: PartFormat>(dir: &Path, notified_1: bool) {
-    let mut sink = TwoPhaseFileSink::<F>::new("sink", dir, 0, schema()).expect("sink");
+fn run_with_failure<F: PartFormat + Clone>(dir: &Path, parts: &PartFiles<F>, notified_1: bool) {
+    let sink = TwoPhaseFileSink::with_parts("sink", dir, 0, schema(), parts.clone());
+    let mut sink = sink.expect("sink");
     sink.restore_state(None).expect("restore");
     sink.process(batch(0), &mut NoOutput).expect("process");
     sink.process(batch(1), &mut NoOutput).expect("process");
@@ -244,7 +266,8 @@ fn run_with_failure<F: PartFormat>(dir: &Path, notified_1: bool) {
     sink.process(batch(3), &mut NoOutput).expect("process");
     drop(sink);
 
-    let mut sink = TwoPhaseFileSink::<F>::new("sink", dir, 0, schema()).expect("sink");
+    let sink = TwoPhaseFileSink::with_parts("sink", dir, 0, schema(), parts.clone());
+    let mut sink = sink.expect("sink");
     sink.restore_state(Some(&state_1)).expect("restore");
     let mut checkpoint = 1;
     for i in 2..6 {
@@ -260,14 +283,20 @@ fn run_with_failure<F: PartFormat>(dir: &Path, notified_1: bool) {
         .expect("notify");
 }
 
-fn assert_failover_is_exactly_once<F: PartFormat>() {
+/// Fails over as [`run_with_failure`] does and checks the committed files
+/// against an uninterrupted run's; returns how many files that run made.
+fn assert_failover_is_exactly_once<F: PartFormat + Clone>(parts: PartFiles<F>) -> usize {
     let reference = tempfile::tempdir().expect("tempdir");
-    uninterrupted_run::<F>(reference.path());
+    uninterrupted_run(reference.path(), &parts);
     let expected = committed_rows(reference.path());
-    assert_eq!(expected.len(), 4, "{:?}", expected.keys());
+    let all_rows: Vec<RecordBatch> = expected.values().cloned().collect();
+    assert_eq!(
+        concat(&all_rows),
+        concat(&(0..6).map(batch).collect::<Vec<_>>())
+    );
     for notified_1 in [true, false] {
         let dir = tempfile::tempdir().expect("tempdir");
-        run_with_failure::<F>(dir.path(), notified_1);
+        run_with_failure(dir.path(), &parts, notified_1);
         assert_eq!(
             file_names(dir.path()),
             file_names(reference.path()),
@@ -279,16 +308,98 @@ fn assert_failover_is_exactly_once<F: PartFormat>() {
             "notified_1={notified_1}"
         );
     }
+    expected.len()
+}
+
+fn concat(batches: &[RecordBatch]) -> RecordBatch {
+    concat_batches(&schema(), batches).expect("concat")
+}
+
+/// Whole part files: one per checkpoint interval.
+fn whole<F>(format: F) -> PartFiles<F> {
+    PartFiles {
+        format,
+        target_file_bytes: None,
+    }
 }
 
 #[test]
 fn csv_failover_commits_exactly_what_an_uninterrupted_run_does() {
-    assert_failover_is_exactly_once::<super::two_phase::CsvPart>();
+    assert_eq!(assert_failover_is_exactly_once(whole(CsvPart)), 4);
 }
 
 #[test]
 fn parquet_failover_commits_exactly_what_an_uninterrupted_run_does() {
-    assert_failover_is_exactly_once::<super::two_phase::ParquetPart>();
+    assert_eq!(
+        assert_failover_is_exactly_once(whole(ParquetPart::default())),
+        4
+    );
+}
+
+#[test]
+fn arrow_ipc_failover_commits_exactly_what_an_uninterrupted_run_does() {
+    for format in [IpcFormat::File, IpcFormat::Stream] {
+        for compression in [IpcCompression::None, IpcCompression::Lz4] {
+            let part = IpcPart {
+                format,
+                compression,
+            };
+            assert_eq!(assert_failover_is_exactly_once(whole(part)), 4);
+        }
+    }
+}
+
+/// With a target of one byte every batch fills a part file: each
+/// checkpoint stages several parts, and a failover still commits exactly
+/// the uninterrupted run's files.
+#[test]
+fn rolled_parts_fail_over_exactly_once() {
+    let parquet = PartFiles {
+        format: ParquetPart { row_group_rows: 2 },
+        target_file_bytes: Some(1),
+    };
+    assert_eq!(assert_failover_is_exactly_once(parquet), 6);
+    let ipc = PartFiles {
+        format: IpcPart::default(),
+        target_file_bytes: Some(1),
+    };
+    assert_eq!(assert_failover_is_exactly_once(ipc), 6);
+}
+
+#[test]
+fn rolled_parts_stay_in_progress_until_a_barrier_stages_them_all() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parts = PartFiles {
+        format: IpcPart::default(),
+        target_file_bytes: Some(1),
+    };
+    let mut sink =
+        TwoPhaseFileSink::with_parts("sink", dir.path(), 2, schema(), parts).expect("sink");
+    sink.restore_state(None).expect("restore");
+    sink.process(rows(0, 3), &mut NoOutput).expect("process");
+    sink.process(rows(3, 3), &mut NoOutput).expect("process");
+    assert_eq!(
+        file_names(dir.path()),
+        [".part-2-0.arrow.inprogress", ".part-2-1.arrow.inprogress"]
+    );
+    sink.snapshot_state(1).expect("snapshot");
+    assert_eq!(
+        file_names(dir.path()),
+        [".part-2-0.arrow.pending", ".part-2-1.arrow.pending"]
+    );
+    sink.process(rows(6, 3), &mut NoOutput).expect("process");
+    sink.notify_checkpoint_complete(1).expect("notify");
+    assert_eq!(
+        file_names(dir.path()),
+        [
+            ".part-2-2.arrow.inprogress",
+            "part-2-0.arrow",
+            "part-2-1.arrow"
+        ]
+    );
+    // A failure now: the closed part after the barrier goes with the sink.
+    drop(sink);
+    assert_eq!(file_names(dir.path()), ["part-2-0.arrow", "part-2-1.arrow"]);
 }
 
 #[test]
@@ -526,5 +637,103 @@ fn a_sink_dropped_before_finishing_leaves_nothing() {
         sink.process(rows(0, 100), &mut NoOutput).expect("process");
         drop(sink);
         assert!(file_names(dir.path()).is_empty(), "parquet={parquet}");
+    }
+}
+
+/// Every file in `dir` read back, in name order.
+fn all_rows(dir: &Path) -> RecordBatch {
+    let parts: Vec<RecordBatch> = committed_rows(dir).into_values().collect();
+    concat(&parts)
+}
+
+#[test]
+fn a_rolling_sink_without_checkpoints_shows_its_parts_only_when_it_finishes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parts = PartFiles {
+        format: IpcPart {
+            format: IpcFormat::Stream,
+            compression: IpcCompression::Lz4,
+        },
+        target_file_bytes: Some(1),
+    };
+    let mut sink = super::ArrowIpcSink::with_parts(dir.path(), 1, schema(), parts).expect("sink");
+    for i in 0..3 {
+        sink.process(rows(10 * i, 4), &mut NoOutput)
+            .expect("process");
+    }
+    assert_eq!(
+        file_names(dir.path()),
+        [
+            ".part-1-0.arrows.inprogress",
+            ".part-1-1.arrows.inprogress",
+            ".part-1-2.arrows.inprogress"
+        ]
+    );
+    sink.finish(&mut NoOutput).expect("finish");
+    assert_eq!(
+        file_names(dir.path()),
+        ["part-1-0.arrows", "part-1-1.arrows", "part-1-2.arrows"]
+    );
+    let expected = concat(&[rows(0, 4), rows(10, 4), rows(20, 4)]);
+    assert_eq!(all_rows(dir.path()), expected);
+}
+
+#[test]
+fn a_rolling_sink_dropped_before_finishing_removes_its_closed_parts_too() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parts = PartFiles {
+        format: ParquetPart::default(),
+        target_file_bytes: Some(1),
+    };
+    let mut sink = super::ParquetSink::with_parts(dir.path(), 0, schema(), parts).expect("sink");
+    sink.process(rows(0, 4), &mut NoOutput).expect("process");
+    sink.process(rows(4, 4), &mut NoOutput).expect("process");
+    assert_eq!(file_names(dir.path()).len(), 2);
+    drop(sink);
+    assert!(file_names(dir.path()).is_empty());
+}
+
+#[test]
+fn parquet_parts_keep_to_row_group_rows() {
+    use parquet::file::reader::{FileReader, SerializedFileReader};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let parts = PartFiles {
+        format: ParquetPart { row_group_rows: 4 },
+        target_file_bytes: None,
+    };
+    let mut sink = super::ParquetSink::with_parts(dir.path(), 0, schema(), parts).expect("sink");
+    sink.process(rows(0, 3), &mut NoOutput).expect("process");
+    sink.process(rows(3, 7), &mut NoOutput).expect("process");
+    sink.finish(&mut NoOutput).expect("finish");
+    assert_eq!(file_names(dir.path()), ["part-0.parquet"]);
+    let file = std::fs::File::open(dir.path().join("part-0.parquet")).expect("open");
+    let reader = SerializedFileReader::new(file).expect("reader");
+    let groups: Vec<i64> = reader
+        .metadata()
+        .row_groups()
+        .iter()
+        .map(|rg| rg.num_rows())
+        .collect();
+    assert_eq!(groups, [4, 4, 2]);
+    assert_eq!(all_rows(dir.path()), rows(0, 10));
+}
+
+#[test]
+fn an_empty_subtask_still_writes_a_readable_ipc_file_of_either_format() {
+    for format in [IpcFormat::File, IpcFormat::Stream] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let part = IpcPart {
+            format,
+            compression: IpcCompression::None,
+        };
+        let mut sink = TwoPhaseFileSink::with_parts("sink", dir.path(), 0, schema(), whole(part))
+            .expect("sink");
+        sink.restore_state(None).expect("restore");
+        sink.finish(&mut NoOutput).expect("finish");
+        sink.notify_checkpoint_complete(FINAL_CHECKPOINT)
+            .expect("notify");
+        let name = format!("part-0-0.{}", format.extension());
+        assert_eq!(file_names(dir.path()), std::slice::from_ref(&name));
+        assert_eq!(all_rows(dir.path()).num_rows(), 0, "{name}");
     }
 }

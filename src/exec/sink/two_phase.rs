@@ -14,6 +14,11 @@
 //! Readers treat hidden files as absent, so the visible output is always the
 //! rows up to a completed checkpoint, never more.
 //!
+//! With `target_file_bytes`, a part file that reaches that size is closed
+//! and fsynced at once, and the next rows go to part `seq + 1`. A closed
+//! part keeps its in-progress name until the next barrier stages it with
+//! the open one, so one checkpoint may stage (and commit) several parts.
+//!
 //! Invariants:
 //!
 //! - `next_seq` only grows while a sink runs, and every file it names with
@@ -44,82 +49,17 @@
 //! ever deletes this subtask's own part files.
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use arrow_array::RecordBatch;
 use arrow_schema::SchemaRef;
-use parquet::arrow::ArrowWriter;
 
-use super::{FileIdentity, create_fresh, remove_if_same_file};
+use super::format::{PartFiles, PartFormat};
+use super::{
+    ClosedFile, FileIdentity, create_fresh, remove_if_same_closed_file, remove_if_same_file,
+};
 use crate::exec::ExecError;
 use crate::exec::operators::{FINAL_CHECKPOINT, Operator, Output};
-
-/// A file format a two-phase sink writes.
-pub trait PartFormat: 'static {
-    type Writer: Send;
-    /// The committed file's extension.
-    const EXTENSION: &'static str;
-    fn create(file: File, schema: &SchemaRef) -> Result<Self::Writer, String>;
-    fn write(writer: &mut Self::Writer, batch: &RecordBatch) -> Result<(), String>;
-    /// Completes the file at `path` (buffers, footer) and hands it back for
-    /// the fsync.
-    fn close(writer: Self::Writer, schema: &SchemaRef, path: &Path) -> Result<File, String>;
-}
-
-/// CSV part files, each with its header.
-pub struct CsvPart;
-
-impl PartFormat for CsvPart {
-    type Writer = arrow_csv::Writer<BufWriter<File>>;
-    const EXTENSION: &'static str = "csv";
-
-    fn create(file: File, _schema: &SchemaRef) -> Result<Self::Writer, String> {
-        Ok(arrow_csv::WriterBuilder::new()
-            .with_header(true)
-            .build(BufWriter::with_capacity(1 << 20, file)))
-    }
-
-    fn write(writer: &mut Self::Writer, batch: &RecordBatch) -> Result<(), String> {
-        writer.write(batch).map_err(|e| e.to_string())
-    }
-
-    fn close(mut writer: Self::Writer, schema: &SchemaRef, _path: &Path) -> Result<File, String> {
-        // Writes the header if no row did (an empty subtask's only file).
-        writer
-            .write(&RecordBatch::new_empty(Arc::clone(schema)))
-            .map_err(|e| e.to_string())?;
-        let mut buffered = writer.into_inner();
-        buffered.flush().map_err(|e| e.to_string())?;
-        buffered.into_inner().map_err(|e| e.to_string())
-    }
-}
-
-/// Parquet part files: one `ArrowWriter` per file, closed on roll.
-pub struct ParquetPart;
-
-impl PartFormat for ParquetPart {
-    type Writer = ArrowWriter<File>;
-    const EXTENSION: &'static str = "parquet";
-
-    fn create(file: File, schema: &SchemaRef) -> Result<Self::Writer, String> {
-        let properties = super::page_checksums::sink_writer_properties();
-        ArrowWriter::try_new(file, Arc::clone(schema), Some(properties)).map_err(|e| e.to_string())
-    }
-
-    fn write(writer: &mut Self::Writer, batch: &RecordBatch) -> Result<(), String> {
-        writer.write(batch).map_err(|e| e.to_string())
-    }
-
-    fn close(writer: Self::Writer, _schema: &SchemaRef, path: &Path) -> Result<File, String> {
-        // `into_inner` flushes the last row group and writes the footer.
-        drop(writer.into_inner().map_err(|e| e.to_string())?);
-        super::page_checksums::add_page_checksums(path)?;
-        File::open(path).map_err(|e| e.to_string())
-    }
-}
 
 /// The stage of a part file, encoded in its name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -198,6 +138,15 @@ struct SinkState {
     pending: Vec<PendingPart>,
 }
 
+/// A part file closed at `target_file_bytes`, still under its in-progress
+/// name: the next barrier stages it.
+#[derive(Clone, Copy, Debug)]
+struct ClosedPart {
+    seq: u64,
+    /// Which file the in-progress name named when it was closed.
+    file: ClosedFile,
+}
+
 /// The part file being written.
 struct InProgress<W> {
     seq: u64,
@@ -212,39 +161,57 @@ pub struct TwoPhaseFileSink<F: PartFormat> {
     dir: PathBuf,
     subtask: u32,
     schema: SchemaRef,
+    parts: PartFiles<F>,
     /// The sequence number of the next part file (the open one, if any).
     next_seq: u64,
     /// Opened on the first row after a roll, so it always has rows, except
     /// for an empty subtask's file that `finish` writes.
     in_progress: Option<InProgress<F::Writer>>,
+    /// Parts closed at `target_file_bytes` since the last barrier, in order.
+    closed: Vec<ClosedPart>,
     /// Staged parts, in staging order, so by checkpoint.
     pending: Vec<PendingPart>,
     /// `restore_state` ran: until then the files of an earlier attempt in
     /// the directory are not sorted out, so writing would mix with them.
     restored: bool,
-    format: PhantomData<fn() -> F>,
 }
 
 /// The exactly-once CSV sink.
-pub type TwoPhaseCsvSink = TwoPhaseFileSink<CsvPart>;
+pub type TwoPhaseCsvSink = TwoPhaseFileSink<super::format::CsvPart>;
 /// The exactly-once Parquet sink.
-pub type TwoPhaseParquetSink = TwoPhaseFileSink<ParquetPart>;
+pub type TwoPhaseParquetSink = TwoPhaseFileSink<super::format::ParquetPart>;
+/// The exactly-once Arrow IPC sink.
+pub type TwoPhaseIpcSink = TwoPhaseFileSink<super::format::IpcPart>;
+
+impl<F: PartFormat + Default> TwoPhaseFileSink<F> {
+    /// A sink of the format's default options that never rolls on size.
+    pub fn new(name: &str, dir: &Path, subtask: u32, schema: SchemaRef) -> Result<Self, ExecError> {
+        Self::with_parts(name, dir, subtask, schema, PartFiles::default())
+    }
+}
 
 impl<F: PartFormat> TwoPhaseFileSink<F> {
     /// `name` is the operator's, for errors. Creates `dir`; touches no file
     /// until `restore_state`.
-    pub fn new(name: &str, dir: &Path, subtask: u32, schema: SchemaRef) -> Result<Self, ExecError> {
+    pub fn with_parts(
+        name: &str,
+        dir: &Path,
+        subtask: u32,
+        schema: SchemaRef,
+        parts: PartFiles<F>,
+    ) -> Result<Self, ExecError> {
         std::fs::create_dir_all(dir).map_err(|e| io_error(dir, e))?;
         Ok(Self {
             name: name.to_owned(),
             dir: dir.to_owned(),
             subtask,
             schema,
+            parts,
             next_seq: 0,
             in_progress: None,
+            closed: Vec::new(),
             pending: Vec::new(),
             restored: false,
-            format: PhantomData,
         })
     }
 
@@ -254,7 +221,7 @@ impl<F: PartFormat> TwoPhaseFileSink<F> {
             seq,
             stage,
         };
-        self.dir.join(name.file_name(F::EXTENSION))
+        self.dir.join(name.file_name(self.parts.format.extension()))
     }
 
     fn state_error(&self, detail: String) -> ExecError {
@@ -281,7 +248,9 @@ impl<F: PartFormat> TwoPhaseFileSink<F> {
         let seq = self.next_seq;
         let path = self.path(seq, PartStage::InProgress);
         let (file, identity) = create_fresh(&path)?;
-        let writer = F::create(file, &self.schema).map_err(|e| write_error(&path, e))?;
+        let writer = (self.parts.format)
+            .create(file, &self.schema)
+            .map_err(|e| write_error(&path, e))?;
         Ok(self.in_progress.insert(InProgress {
             seq,
             writer,
@@ -289,31 +258,61 @@ impl<F: PartFormat> TwoPhaseFileSink<F> {
         }))
     }
 
-    /// Closes the open part, makes it durable and renames it to pending,
-    /// staged for `checkpoint`.
-    fn stage(&mut self, checkpoint: u64) -> Result<(), ExecError> {
-        let part = self.in_progress.take().expect("stage needs an open part");
+    /// Closes the open part and makes it durable; it keeps its in-progress
+    /// name until [`Self::stage`].
+    fn close_open_part(&mut self) -> Result<(), ExecError> {
+        let part = self.in_progress.take().expect("close needs an open part");
         assert_eq!(part.seq, self.next_seq);
+        let path = self.path(part.seq, PartStage::InProgress);
+        let file = F::close(part.writer, &self.schema, &path).map_err(|e| write_error(&path, e))?;
+        file.sync_all().map_err(|e| io_error(&path, e))?;
+        // The format may have replaced the file (Parquet's checksum copy).
+        let closed = ClosedFile::of(&file).map_err(|e| io_error(&path, e))?;
+        self.closed.push(ClosedPart {
+            seq: part.seq,
+            file: closed,
+        });
+        self.next_seq += 1;
+        Ok(())
+    }
+
+    /// Whether the open part has reached `target_file_bytes`.
+    fn open_part_is_full(&self) -> bool {
+        let (Some(target), Some(part)) = (self.parts.target_file_bytes, &self.in_progress) else {
+            return false;
+        };
+        F::size_bytes(&part.writer).is_some_and(|size| size >= target)
+    }
+
+    /// Closes the open part, if any, and renames it and the parts closed
+    /// before it to pending, staged for `checkpoint`.
+    fn stage(&mut self, checkpoint: u64) -> Result<(), ExecError> {
+        if self.in_progress.is_some() {
+            self.close_open_part()?;
+        }
+        assert!(!self.closed.is_empty(), "stage needs a closed part");
         assert!(
             self.pending
                 .last()
                 .is_none_or(|p| p.checkpoint <= checkpoint),
             "checkpoints are staged in order"
         );
-        let source = self.path(part.seq, PartStage::InProgress);
-        let file =
-            F::close(part.writer, &self.schema, &source).map_err(|e| write_error(&source, e))?;
-        file.sync_all().map_err(|e| io_error(&source, e))?;
-        drop(file);
-        let target = self.path(part.seq, PartStage::Pending);
-        std::fs::rename(&source, &target).map_err(|e| io_error(&target, e))?;
-        sync_dir(&self.dir)?;
-        self.pending.push(PendingPart {
-            seq: part.seq,
-            checkpoint,
-        });
-        self.next_seq += 1;
-        Ok(())
+        while let Some(part) = self.closed.first().copied() {
+            let source = self.path(part.seq, PartStage::InProgress);
+            let target = self.path(part.seq, PartStage::Pending);
+            std::fs::rename(&source, &target).map_err(|e| io_error(&target, e))?;
+            self.closed.remove(0);
+            self.pending.push(PendingPart {
+                seq: part.seq,
+                checkpoint,
+            });
+        }
+        sync_dir(&self.dir)
+    }
+
+    /// Whether a barrier has anything to stage.
+    fn has_unstaged_parts(&self) -> bool {
+        self.in_progress.is_some() || !self.closed.is_empty()
     }
 
     /// Renames a pending part to its committed name. Idempotent: a part
@@ -343,7 +342,7 @@ impl<F: PartFormat> TwoPhaseFileSink<F> {
             let file_name = entry.file_name();
             let Some(part) = file_name
                 .to_str()
-                .and_then(|n| PartName::parse(n, F::EXTENSION))
+                .and_then(|n| PartName::parse(n, self.parts.format.extension()))
             else {
                 continue;
             };
@@ -401,7 +400,11 @@ impl<F: PartFormat> Operator for TwoPhaseFileSink<F> {
         };
         let seq = part.seq;
         F::write(&mut part.writer, &batch)
-            .map_err(|e| write_error(&self.path(seq, PartStage::InProgress), e))
+            .map_err(|e| write_error(&self.path(seq, PartStage::InProgress), e))?;
+        if self.open_part_is_full() {
+            self.close_open_part()?;
+        }
+        Ok(())
     }
 
     fn watermark(&mut self, _w: i64, _out: &mut dyn Output) -> Result<(), ExecError> {
@@ -414,7 +417,7 @@ impl<F: PartFormat> Operator for TwoPhaseFileSink<F> {
             // Like the non-checkpointed sink, every subtask yields a file.
             self.open_part()?;
         }
-        if self.in_progress.is_some() {
+        if self.has_unstaged_parts() {
             self.stage(FINAL_CHECKPOINT)?;
         }
         Ok(())
@@ -422,7 +425,7 @@ impl<F: PartFormat> Operator for TwoPhaseFileSink<F> {
 
     fn snapshot_state(&mut self, checkpoint: u64) -> Result<Option<Vec<u8>>, ExecError> {
         self.check_restored()?;
-        if self.in_progress.is_some() {
+        if self.has_unstaged_parts() {
             self.stage(checkpoint)?;
         }
         let state = SinkState {
@@ -437,7 +440,7 @@ impl<F: PartFormat> Operator for TwoPhaseFileSink<F> {
 
     fn restore_state(&mut self, state: Option<&[u8]>) -> Result<(), ExecError> {
         assert!(!self.restored, "restore_state is called once");
-        assert!(self.in_progress.is_none() && self.pending.is_empty());
+        assert!(self.in_progress.is_none() && self.closed.is_empty() && self.pending.is_empty());
         match state {
             Some(bytes) => self.restore_from(bytes)?,
             None => {
@@ -470,10 +473,14 @@ impl<F: PartFormat> Operator for TwoPhaseFileSink<F> {
 
 impl<F: PartFormat> Drop for TwoPhaseFileSink<F> {
     fn drop(&mut self) {
-        // An open part holds rows after the last checkpoint's barrier: no
-        // checkpoint refers to it, and a restore would delete it anyway.
+        // Open and closed parts hold rows after the last checkpoint's
+        // barrier: no checkpoint refers to them, and a restore would delete
+        // them anyway.
         if let Some(part) = &self.in_progress {
             remove_if_same_file(&self.path(part.seq, PartStage::InProgress), part.identity);
+        }
+        for part in &self.closed {
+            remove_if_same_closed_file(&self.path(part.seq, PartStage::InProgress), part.file);
         }
     }
 }

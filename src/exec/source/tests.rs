@@ -1,4 +1,5 @@
-//! Replay of the file sources from a checkpointed offset.
+//! Replay of the file sources from a checkpointed offset, and how they split
+//! their files over subtasks.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -9,9 +10,9 @@ use arrow_select::concat::concat_batches;
 use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 
-use super::{CsvSource, ParquetSource, Source};
+use super::{ArrowIpcSource, CsvSource, ParquetSource, Source};
 use crate::exec::ExecError;
-use crate::job::{CsvSourceSpec, ParquetSourceSpec};
+use crate::job::{ArrowIpcSourceSpec, CsvSourceSpec, IpcFormat, ParquetSourceSpec};
 
 fn schema() -> SchemaRef {
     Arc::new(Schema::new(vec![
@@ -386,4 +387,209 @@ fn csv_projection_outputs_only_the_named_columns() {
             .all(|b| b.num_columns() == 1 && b.schema().field(0).name() == "name")
     );
     assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 10);
+}
+
+/// An Arrow IPC file of batches of `batch_rows` rows holding rows
+/// `first..first + row_count`; LZ4-compressed when `lz4`.
+fn write_ipc(path: &Path, format: IpcFormat, first: i64, row_count: i64, lz4: bool) {
+    let batch_rows = 3;
+    let file = std::fs::File::create(path).expect("create ipc");
+    let compression = lz4.then_some(arrow_ipc::CompressionType::LZ4_FRAME);
+    let options = arrow_ipc::writer::IpcWriteOptions::default()
+        .try_with_compression(compression)
+        .expect("options");
+    // Schema metadata, as pyarrow writes it, must not matter.
+    let schema = Arc::new(schema().as_ref().clone().with_metadata(
+        std::collections::HashMap::from([("writer".to_owned(), "test".to_owned())]),
+    ));
+    let batches = (first..first + row_count).step_by(batch_rows).map(|start| {
+        let count = batch_rows.min((first + row_count - start) as usize) as i64;
+        rows(start, count)
+            .with_schema(Arc::clone(&schema))
+            .expect("same columns")
+    });
+    match format {
+        IpcFormat::File => {
+            let mut w = arrow_ipc::writer::FileWriter::try_new_with_options(file, &schema, options)
+                .expect("writer");
+            batches.for_each(|b| w.write(&b).expect("write"));
+            w.finish().expect("finish");
+        }
+        IpcFormat::Stream => {
+            let mut w =
+                arrow_ipc::writer::StreamWriter::try_new_with_options(file, &schema, options)
+                    .expect("writer");
+            batches.for_each(|b| w.write(&b).expect("write"));
+            w.finish().expect("finish");
+        }
+    }
+}
+
+fn ipc_spec(path: &Path) -> ArrowIpcSourceSpec {
+    ArrowIpcSourceSpec {
+        path: path.to_owned(),
+        format: None,
+        schema: schema(),
+        watermark: None,
+        columns: None,
+    }
+}
+
+/// Files of both formats, compressed or not: 14 + 9 + 16 rows in batches of
+/// three, and two files without batches.
+fn write_ipc_dir(dir: &Path) {
+    write_ipc(&dir.join("a.arrow"), IpcFormat::File, 0, 14, false);
+    write_ipc(&dir.join("b.arrows"), IpcFormat::Stream, 100, 9, true);
+    write_ipc(&dir.join("c.feather"), IpcFormat::File, 200, 16, true);
+    // Files without batches, as an empty subtask's sink writes them.
+    write_ipc(&dir.join("e.arrow"), IpcFormat::File, 500, 0, false);
+    write_ipc(&dir.join("f.arrows"), IpcFormat::Stream, 600, 0, false);
+    // Not listed: another extension, and a hidden in-progress part.
+    write_ipc(&dir.join("d.bin"), IpcFormat::File, 300, 3, false);
+    write_ipc(
+        &dir.join(".part-0-1.arrow.inprogress"),
+        IpcFormat::File,
+        400,
+        3,
+        false,
+    );
+}
+
+fn ipc_ids_read(spec: &ArrowIpcSourceSpec, parallelism: u32) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for subtask in 0..parallelism {
+        let mut source = ArrowIpcSource::new(spec.clone(), subtask, parallelism).expect("ipc");
+        for batch in read_batches(&mut source, None) {
+            assert_eq!(
+                batch.schema(),
+                spec.schema,
+                "batches carry the planned schema"
+            );
+            let column = batch.column(0).as_any().downcast_ref::<Int64Array>();
+            ids.extend(column.expect("int64 ids").values().iter().copied());
+        }
+    }
+    ids.sort_unstable();
+    ids
+}
+
+#[test]
+fn arrow_ipc_splits_read_every_batch_exactly_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ipc_dir(dir.path());
+    let expected: Vec<i64> = (0..14).chain(100..109).chain(200..216).collect();
+    for parallelism in [1, 2, 3, 5, 16] {
+        assert_eq!(
+            ipc_ids_read(&ipc_spec(dir.path()), parallelism),
+            expected,
+            "over {parallelism} subtasks"
+        );
+    }
+    // A file path reads that file, whatever its extension.
+    let single = ipc_spec(&dir.path().join("d.bin"));
+    assert_eq!(ipc_ids_read(&single, 2), (300..303).collect::<Vec<_>>());
+}
+
+#[test]
+fn arrow_ipc_file_format_batches_are_dealt_over_the_subtasks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    // One file of 30 batches: every one of 3 subtasks gets some.
+    write_ipc(&dir.path().join("a.arrow"), IpcFormat::File, 0, 90, false);
+    for subtask in 0..3 {
+        let mut source = ArrowIpcSource::new(ipc_spec(dir.path()), subtask, 3).expect("ipc");
+        let batch_count = read_batches(&mut source, None).len();
+        assert_eq!(batch_count, 10, "subtask {subtask}");
+    }
+}
+
+#[test]
+fn arrow_ipc_restore_continues_exactly_after_the_snapshot_at_every_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ipc_dir(dir.path());
+    for (subtask, parallelism) in [(0, 1), (0, 2), (1, 2), (2, 3)] {
+        assert_replay_at_every_batch(&|| {
+            Box::new(ArrowIpcSource::new(ipc_spec(dir.path()), subtask, parallelism).expect("ipc"))
+        });
+    }
+}
+
+#[test]
+fn arrow_ipc_restore_against_a_changed_file_names_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ipc(&dir.path().join("a.arrows"), IpcFormat::Stream, 0, 9, false);
+    write_ipc(
+        &dir.path().join("b.arrows"),
+        IpcFormat::Stream,
+        100,
+        9,
+        false,
+    );
+    let mut first = ArrowIpcSource::new(ipc_spec(dir.path()), 0, 1).expect("ipc");
+    read_batches(&mut first, Some(4));
+    let offset = first.snapshot_offset().expect("snapshot");
+    let mut same = ArrowIpcSource::new(ipc_spec(dir.path()), 0, 1).expect("ipc");
+    same.restore_offset(&offset).expect("restore");
+
+    write_ipc(
+        &dir.path().join("b.arrows"),
+        IpcFormat::Stream,
+        100,
+        12,
+        false,
+    );
+    let mut second = ArrowIpcSource::new(ipc_spec(dir.path()), 0, 1).expect("ipc");
+    let message = restore_error(&mut second, &offset);
+    assert!(message.contains("'b.arrows'"), "{message}");
+    assert!(message.contains("record batch 1"), "{message}");
+}
+
+#[test]
+fn arrow_ipc_files_with_other_columns_or_bytes_are_refused_naming_the_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ipc(&dir.path().join("a.arrow"), IpcFormat::File, 0, 3, false);
+    let other = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("name", DataType::Utf8, false),
+    ]));
+    let file = std::fs::File::create(dir.path().join("b.arrow")).expect("create");
+    let mut w = arrow_ipc::writer::FileWriter::try_new(file, &other).expect("writer");
+    w.finish().expect("finish");
+    let error = ArrowIpcSource::new(ipc_spec(dir.path()), 0, 1)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("b.arrow") && error.contains("column 0 is Utf8, not Int64"),
+        "{error}"
+    );
+
+    std::fs::write(dir.path().join("b.arrow"), "id,name\n1,a\n").expect("write");
+    let error = ArrowIpcSource::new(ipc_spec(dir.path()), 0, 1)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(
+        error.contains("b.arrow") && error.contains("not an Arrow IPC file"),
+        "{error}"
+    );
+}
+
+#[test]
+fn arrow_ipc_projection_reads_only_the_named_columns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write_ipc_dir(dir.path());
+    let name_only = Arc::new(Schema::new(vec![Field::new("name", DataType::Utf8, false)]));
+    let spec = ArrowIpcSourceSpec {
+        columns: Some(vec!["name".into()]),
+        schema: name_only,
+        ..ipc_spec(dir.path())
+    };
+    let mut source = ArrowIpcSource::new(spec, 0, 1).expect("ipc");
+    let batches = read_batches(&mut source, None);
+    assert!(
+        batches
+            .iter()
+            .all(|b| b.num_columns() == 1 && b.schema().field(0).name() == "name")
+    );
+    assert_eq!(batches.iter().map(RecordBatch::num_rows).sum::<usize>(), 39);
 }

@@ -180,9 +180,9 @@ pub fn estimate_rows(plan: &LogicalPlan) -> Vec<RowEstimate> {
         let assumed = upstream.is_some_and(|u| u.assumed);
         let (rows_out, keys, assumed) = match &op.kind {
             OperatorKind::Datagen(d) => (d.rows as f64, Some(d.keys), false),
-            OperatorKind::CsvSource(_) | OperatorKind::ParquetSource(_) => {
-                (FILE_SOURCE_ROWS_ASSUMED as f64, None, true)
-            }
+            OperatorKind::CsvSource(_)
+            | OperatorKind::ParquetSource(_)
+            | OperatorKind::ArrowIpcSource(_) => (FILE_SOURCE_ROWS_ASSUMED as f64, None, true),
             OperatorKind::Filter { .. } => (rows_in * FILTER_SELECTIVITY, keys, assumed),
             OperatorKind::Aggregate { .. } | OperatorKind::Window { .. } => {
                 let groups = keys.map_or(rows_in / 10.0, |k| k as f64);
