@@ -371,7 +371,9 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
                     tracing::warn!("{e}; running without the web UI (set rest.port)");
                 }
                 match strata::minicluster::serve_flight(&jm, &flight, secret.as_ref()).await {
-                    Ok(bound) => println!("Arrow Flight on grpc://{bound}"),
+                    // Logged, not printed: a supervisor may read the first
+                    // line of standard output only and close it.
+                    Ok(bound) => tracing::info!("Arrow Flight on grpc://{bound}"),
                     Err(e) => tracing::warn!(
                         "{e}; running without Arrow Flight (set jobmanager.flight.port)"
                     ),

@@ -45,7 +45,7 @@ def main():
             with open(progress, "w") as f:
                 f.write(str(total[0]))
 
-        rows = train.read_all(client, args.job, args.sink, options, args.wait, keep)
+    rows = train.read_all(client, args.job, args.sink, options, args.wait, keep)
     for i, batches in parts.items():
         pq.write_table(pa.Table.from_batches(batches), os.path.join(args.out, f"part-{i}.parquet"))
     print(json.dumps({"rows": rows, "partitions": {i: sum(b.num_rows for b in bs) for i, bs in parts.items()}, "breaks": train.BREAKS[0]}))
