@@ -99,12 +99,20 @@ def flight_run(strata, path, delay_s, batches_limit=None):
     started = time.time()
     rows = train.read_all(client, path_job_name(path), "out", flight.FlightCallOptions(), 60, on_batch)
     seconds = time.time() - started
-    out, err = proc.communicate(timeout=120)
+    out, err = proc.communicate(timeout=600)
     stop.set()
     sampler.join()
     if proc.returncode != 0:
         raise SystemExit(f"flight job failed: {out}\n{err}")
-    return rows, nbytes[0], seconds, peak[0]
+    return rows, nbytes[0], seconds, peak[0], job_seconds(out)
+
+
+def job_seconds(summary):
+    """The job's own wall time from its summary ("FINISHED in 1.23 s")."""
+    import re
+
+    m = re.search(r"FINISHED in ([0-9.]+) s", summary)
+    return float(m.group(1)) if m else float("nan")
 
 
 JOB_NAMES = {}
@@ -117,10 +125,10 @@ def path_job_name(path):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--strata", default="target/release/strata")
-    ap.add_argument("--rows", type=int, default=5_000_000)
+    ap.add_argument("--rows", type=int, default=20_000_000)
     ap.add_argument("--parallelism", type=int, default=2)
     ap.add_argument("--slow-rows", type=int, default=2_000_000)
-    ap.add_argument("--slow-delay", type=float, default=0.005, help="seconds the slow trainer sleeps per batch")
+    ap.add_argument("--slow-delay", type=float, default=0.05, help="seconds the slow trainer sleeps per batch")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="strata-bench-flight-")
     results = {}
@@ -129,8 +137,8 @@ def main():
     with open(fpath, "w") as f:
         f.write(job("bench-flight", args.rows, '[[operator]]\nname = "out"\ntype = "flight_sink"\n', args.parallelism))
     JOB_NAMES[fpath] = "bench-flight"
-    rows, nbytes, seconds, peak_fast = flight_run(args.strata, fpath, 0)
-    results["flight"] = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "gb_per_s": nbytes / seconds / 1e9, "peak_rss_mib": peak_fast / 1024}
+    rows, nbytes, seconds, peak_fast, job_s = flight_run(args.strata, fpath, 0)
+    results["flight"] = {"rows": rows, "seconds": seconds, "rows_per_s": rows / seconds, "gb_per_s": nbytes / seconds / 1e9, "peak_rss_mib": peak_fast / 1024, "job_seconds": job_s, "job_rows_per_s": rows / job_s}
 
     out_dir = os.path.join(tmp, "parquet")
     ppath = os.path.join(tmp, "parquet.toml")
@@ -141,25 +149,26 @@ def main():
     wall = time.time() - started
     if done.returncode != 0:
         raise SystemExit(done.stderr)
-    results["parquet_sink"] = {"rows": args.rows, "seconds_process": wall, "rows_per_s": args.rows / wall}
+    job_s = job_seconds(done.stdout)
+    results["parquet_sink"] = {"rows": args.rows, "seconds_process": wall, "job_seconds": job_s, "rows_per_s": args.rows / job_s}
 
     started = time.time()
     table = ds.dataset(out_dir, format="parquet").to_table()
     seconds = time.time() - started
     results["pyarrow_dataset_read"] = {"rows": table.num_rows, "seconds": seconds, "rows_per_s": table.num_rows / seconds, "gb_per_s": table.nbytes / seconds / 1e9}
     # Parquet end to end: write with strata, then read into Python.
-    results["parquet_end_to_end_rows_per_s"] = args.rows / (wall + seconds)
+    results["parquet_end_to_end_rows_per_s"] = args.rows / (job_s + seconds)
 
     spath = os.path.join(tmp, "slow.toml")
     with open(spath, "w") as f:
         f.write(job("bench-slow", args.slow_rows, '[[operator]]\nname = "out"\ntype = "flight_sink"\n', args.parallelism))
     JOB_NAMES[spath] = "bench-slow"
-    rows, nbytes, seconds, peak_slow = flight_run(args.strata, spath, args.slow_delay)
+    rows, nbytes, seconds, peak_slow, _ = flight_run(args.strata, spath, args.slow_delay)
     fpath2 = os.path.join(tmp, "fast-small.toml")
     with open(fpath2, "w") as f:
         f.write(job("bench-fast-small", args.slow_rows, '[[operator]]\nname = "out"\ntype = "flight_sink"\n', args.parallelism))
     JOB_NAMES[fpath2] = "bench-fast-small"
-    _, _, fast_seconds, peak_fast_small = flight_run(args.strata, fpath2, 0)
+    _, _, fast_seconds, peak_fast_small, _ = flight_run(args.strata, fpath2, 0)
     results["slow_trainer"] = {
         "rows": rows,
         "seconds": seconds,
@@ -171,13 +180,14 @@ def main():
     }
 
     f = results["flight"]
-    print(f"Flight into pyarrow:     {f['rows_per_s']:>14,.0f} rows/s  {f['gb_per_s']:.3f} GB/s  ({f['rows']:,} rows, {f['seconds']:.2f} s)")
+    print(f"Flight into pyarrow:     {f['rows_per_s']:>14,.0f} rows/s  {f['gb_per_s']:.3f} GB/s  ({f['rows']:,} rows, {f['seconds']:.2f} s reading)")
+    print(f"Flight job (deploy to last row read): {f['job_rows_per_s']:>14,.0f} rows/s  ({f['job_seconds']:.2f} s)")
     p = results["parquet_sink"]
-    print(f"parquet_sink (process):  {p['rows_per_s']:>14,.0f} rows/s  ({p['seconds_process']:.2f} s incl. start)")
+    print(f"parquet_sink job:        {p['rows_per_s']:>14,.0f} rows/s  ({p['job_seconds']:.2f} s; process {p['seconds_process']:.2f} s)")
     d = results["pyarrow_dataset_read"]
     print(f"pyarrow.dataset read:    {d['rows_per_s']:>14,.0f} rows/s  {d['gb_per_s']:.3f} GB/s  ({d['seconds']:.2f} s)")
     print(f"Parquet write+read:      {results['parquet_end_to_end_rows_per_s']:>14,.0f} rows/s")
-    print(f"ratio Flight / (Parquet write+read): {f['rows_per_s'] / results['parquet_end_to_end_rows_per_s']:.2f}x")
+    print(f"ratio Flight job / (Parquet job + dataset read): {f['job_rows_per_s'] / results['parquet_end_to_end_rows_per_s']:.2f}x")
     s = results["slow_trainer"]
     print(
         f"slow trainer ({s['delay_per_batch_s'] * 1000:.0f} ms/batch): {s['rows_per_s']:,.0f} rows/s over {s['seconds']:.1f} s, "
