@@ -378,7 +378,8 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
                         "{e}; running without Arrow Flight (set jobmanager.flight.port)"
                     ),
                 }
-                tokio::signal::ctrl_c().await.ok();
+                // SIGTERM (service managers, `docker stop`, pod deletion) or Ctrl-C.
+                stop_signal().await;
                 Ok(ExitCode::SUCCESS)
             })
         }

@@ -336,7 +336,12 @@ impl JobManagerCore {
             );
             return;
         }
-        if let Some(m) = metrics {
+        // A periodic report snapshotted before the task ended can arrive
+        // after its final report: the final metrics stand (else a summary
+        // under load counts fewer rows than the job moved).
+        if let Some(m) = metrics
+            && !(t.state.is_terminal() && !next.is_terminal())
+        {
             t.metrics = m;
         }
         if t.state == next || !t.state.can_become(next) {

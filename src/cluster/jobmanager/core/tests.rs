@@ -683,6 +683,38 @@ fn a_job_finishes_only_when_every_task_reported_finished() {
 }
 
 #[test]
+fn a_periodic_report_that_trails_a_tasks_end_does_not_replace_its_final_metrics() {
+    let mut h = Harness::new(config(1));
+    let (_tms, client, _, deploys) = running_job(&mut h, 2, 1, 2);
+    let execution = deploys[0].execution;
+    let all: Vec<(ConnId, TaskKey)> = deploys
+        .iter()
+        .flat_map(|d| d.tasks.iter().map(move |&t| (d.conn, t)))
+        .collect();
+    let status = |task: TaskKey, state, late_rows| Message::TaskStatus {
+        execution,
+        vertex: task.0,
+        subtask: task.1,
+        state,
+        error: None,
+        metrics: Some(crate::metrics::TaskSnapshot {
+            late_rows,
+            ..Default::default()
+        }),
+    };
+    let (first, rest) = all.split_first().expect("tasks");
+    h.send(first.0, status(first.1, ExecutionState::Finished, 10));
+    // Snapshotted before the end, sent after it.
+    h.send(first.0, status(first.1, ExecutionState::Running, 3));
+    let mut out = Vec::new();
+    for &(conn, task) in rest {
+        out = h.send(conn, status(task, ExecutionState::Finished, 10));
+    }
+    let summary = finished(&out, client).expect("JobFinished");
+    assert_eq!(summary.late_rows, 10 * all.len() as u64);
+}
+
+#[test]
 fn a_freed_slot_is_scheduled_again_only_after_its_taskmanager_reports_it_free() {
     let mut h = Harness::new(config(1));
     let (tms, client, _, deploys) = running_job(&mut h, 1, 2, 2);
