@@ -17,8 +17,9 @@
    and HTTP paths that src/web/mod.rs routes; the config file is mounted
    from the ConfigMap that holds it; every path strata writes is on a
    writable volume; every strata container gets the cluster secret.
-4. Lints the Dockerfile (targets, non-root user, entrypoint, files the
-   build needs that .dockerignore would leave out).
+4. Parses the Dockerfile with BuildKit's parser and lints it (stages and
+   targets, the non-root user, the entrypoint, files the build needs that
+   .dockerignore would leave out).
 
 Exits 1 naming every problem found; prints one line per check otherwise.
 """
@@ -499,34 +500,76 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
     return ignored
 
 
+INSTRUCTIONS = {
+    "ADD", "ARG", "CMD", "COPY", "ENTRYPOINT", "ENV", "EXPOSE", "FROM", "HEALTHCHECK", "LABEL",
+    "MAINTAINER", "ONBUILD", "RUN", "SHELL", "STOPSIGNAL", "USER", "VOLUME", "WORKDIR",
+}
+
+
 def check_dockerfile() -> list[str]:
-    text = (ROOT / "Dockerfile").read_text()
+    """Parses the Dockerfile with BuildKit's own parser (the `dockerfile`
+    package wraps it) and checks what a build would trip over, since no
+    container engine may be there to build it."""
+    import dockerfile
+
+    try:
+        commands = dockerfile.parse_file(str(ROOT / "Dockerfile"))
+    except dockerfile.GoParseError as e:
+        problem(f"Dockerfile: does not parse: {e}")
+        return []
     patterns = [
         line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
         if line.strip() and not line.startswith("#")
     ]
-    stages: list[tuple[str, list[str]]] = []
-    for line in text.splitlines():
-        match = re.match(r"FROM\s+\S+\s+AS\s+(\S+)", line, re.I)
-        if match:
-            stages.append((match.group(1), []))
-        elif stages:
-            stages[-1][1].append(line)
+    global_args: set[str] = set()
+    stages: list[tuple[str, list]] = []
+    needed: set[str] = set()
+    for c in commands:
+        where = f"Dockerfile:{c.start_line}"
+        if c.cmd not in INSTRUCTIONS:
+            problem(f"{where}: unknown instruction {c.cmd}")
+        if c.cmd == "FROM":
+            base, name = c.value[0], c.value[2] if len(c.value) == 3 and c.value[1].upper() == "AS" else ""
+            variable = re.fullmatch(r"\$\{?(\w+)\}?", base)
+            if variable and variable.group(1) not in global_args:
+                problem(f"{where}: FROM {base}: no ARG {variable.group(1)} before the first FROM")
+            if not variable and ":" not in base and base not in [n for n, _ in stages]:
+                problem(f"{where}: FROM {base} is neither an earlier stage nor a tagged image")
+            stages.append((name, []))
+            continue
+        if not stages:
+            if c.cmd == "ARG":
+                global_args.add(c.value[0].split("=", 1)[0])
+            continue
+        stages[-1][1].append(c)
+        flags = dict(f.lstrip("-").split("=", 1) for f in c.flags if "=" in f)
+        if c.cmd in ("COPY", "ADD"):
+            if "from" in flags:
+                if flags["from"] not in [n for n, _ in stages[:-1]]:
+                    problem(f"{where}: COPY --from={flags['from']} names no earlier stage")
+            else:
+                needed |= {v for v in c.value[:-1] if v != "."}
+        if c.cmd == "RUN":
+            for flag in c.flags:
+                mount = dict(p.split("=", 1) for p in flag.removeprefix("--mount=").split(",") if "=" in p)
+                if flag.startswith("--mount=") and mount.get("type") == "bind" and "from" not in mount:
+                    needed.add(mount.get("source", "."))
     names = [name for name, _ in stages]
     for target in ("runtime", "rdma", "gpu", "gpu-rdma"):
         if target not in names:
             problem(f"Dockerfile: no `{target}` target")
     if names and names[-1] != "runtime":
         problem("Dockerfile: the last stage (what a plain `docker build` makes) is not `runtime`")
-    for name, lines in stages:
-        body = "\n".join(lines)
-        if "ENTRYPOINT" in body:
-            if not re.search(r"^USER\s+10001", body, re.M):
-                problem(f"Dockerfile: stage {name} has an entrypoint but does not run as uid 10001")
-            if '"/usr/local/bin/strata"' not in body:
-                problem(f"Dockerfile: stage {name}'s entrypoint is not /usr/local/bin/strata")
-    needed = set(re.findall(r"source=([^,\s]+)", text))
-    needed |= {m for m in re.findall(r"^COPY\s+(?!--from)(\S+)\s", text, re.M) if m != "."}
+    for name, body in stages:
+        entrypoints = [c for c in body if c.cmd == "ENTRYPOINT"]
+        if not entrypoints:
+            continue
+        users = [c.value[0] for c in body if c.cmd == "USER"]
+        if not users or not users[-1].split(":")[0] == "10001":
+            problem(f"Dockerfile: stage {name} has an entrypoint but does not run as uid 10001")
+        entry = entrypoints[-1]
+        if not entry.json or entry.value[-1] != "/usr/local/bin/strata":
+            problem(f"Dockerfile: stage {name}'s entrypoint is not the exec form ending in /usr/local/bin/strata")
     for path in sorted(needed):
         if not (ROOT / path).exists():
             problem(f"Dockerfile: needs {path}, which does not exist")

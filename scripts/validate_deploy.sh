@@ -12,9 +12,9 @@
 #   their exposure scores, when systemd-analyze exists;
 # - the container image: built only with STRATA_DEPLOY_BUILD_IMAGE=1 (it
 #   compiles strata inside the image) and a container engine; otherwise the
-#   Dockerfile gets the static checks of validate_deploy.py only.
+#   Dockerfile is parsed with BuildKit's parser and linted only.
 #
-# The first run installs kubernetes-validate and PyYAML into
+# The first run installs kubernetes-validate, PyYAML and dockerfile into
 # target/deploy-venv; later runs need no network. Exits non-zero on any
 # invalid manifest or unit.
 set -euo pipefail
@@ -22,14 +22,17 @@ cd "$(dirname "$0")/.."
 
 KUBERNETES_VALIDATE_VERSION=1.37.0
 PYYAML_VERSION=6.0.3
+# BuildKit's Dockerfile parser (Go, in the wheel).
+DOCKERFILE_PARSER_VERSION=3.4.0
 # Kubernetes versions whose schemas every resource must pass.
 K8S_VERSIONS="${STRATA_K8S_VERSIONS:-1.32.0 1.37.0}"
 
 venv=target/deploy-venv
 py="$venv/bin/python"
 installed() {
-  "$py" -c "import yaml, kubernetes_validate.version as v
-raise SystemExit((v.__version__, yaml.__version__) != ('$KUBERNETES_VALIDATE_VERSION', '$PYYAML_VERSION'))" \
+  "$py" -c "import yaml, dockerfile, importlib.metadata as m, kubernetes_validate.version as v
+raise SystemExit((v.__version__, yaml.__version__, m.version('dockerfile'))
+                 != ('$KUBERNETES_VALIDATE_VERSION', '$PYYAML_VERSION', '$DOCKERFILE_PARSER_VERSION'))" \
     >/dev/null 2>&1
 }
 if ! installed; then
@@ -39,7 +42,8 @@ if ! installed; then
   rm -rf "$venv"
   python3 -m venv "$venv"
   "$venv/bin/pip" install --quiet --disable-pip-version-check \
-    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "PyYAML==$PYYAML_VERSION"
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION" "PyYAML==$PYYAML_VERSION" \
+    "dockerfile==$DOCKERFILE_PARSER_VERSION"
   installed
 fi
 
