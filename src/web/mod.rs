@@ -1,8 +1,9 @@
 //! The JobManager's REST API, Prometheus endpoint and web UI.
 //!
 //! Read-only views over [`ClusterSnapshot`]s: `/taskmanagers`, `/jobs`,
-//! `/jobs/{id}` (JSON, like Flink's REST API), `/metrics` (Prometheus text
-//! format) and `/` (a page that polls the JSON endpoints). The server never
+//! `/jobs/{id}` (JSON, like Flink's REST API), `/metrics` (Prometheus, see
+//! [`prometheus`] for the names and formats) and `/` (a page that polls the
+//! JSON endpoints). The server never
 //! holds the JobManager's lock across an await: each request takes one
 //! snapshot.
 
@@ -13,14 +14,14 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
 
 use crate::protocol::ClusterSnapshot;
 
-pub use prometheus::render as render_prometheus;
+pub use prometheus::{Format as MetricsFormat, render as render_prometheus};
 
 type Source = Arc<dyn Fn() -> ClusterSnapshot + Send + Sync>;
 
@@ -98,10 +99,12 @@ async fn job(State(source): State<Source>, Path(id): Path<String>) -> Response {
     }
 }
 
-async fn metrics(State(source): State<Source>) -> Response {
+async fn metrics(State(source): State<Source>, headers: HeaderMap) -> Response {
+    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+    let format = prometheus::Format::negotiate(accept);
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        prometheus::render(&source()),
+        [(header::CONTENT_TYPE, format.content_type())],
+        prometheus::render(&source(), format),
     )
         .into_response()
 }
