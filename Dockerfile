@@ -8,10 +8,9 @@
 #   docker build -t strata:gpu-rdma --target gpu-rdma .   # both
 #
 # Every image runs `strata` as the non-root user strata (uid/gid 10001) under
-# tini. tini is there because the JobManager installs no SIGTERM handler: as
-# PID 1 the kernel would drop the signal and a `docker stop` or pod deletion
-# would wait for the SIGKILL; under tini, SIGTERM ends it at once and a
-# TaskManager still gets it to cancel its tasks and remove its spill files.
+# tini, which as PID 1 forwards signals and reaps zombies: SIGTERM (docker
+# stop, pod deletion) stops the JobManager, and a TaskManager cancels its
+# tasks and removes its spill files first.
 #
 # BuildKit (the default builder since Docker 23) builds only the stages a
 # target needs, so the default image never installs the RDMA headers.

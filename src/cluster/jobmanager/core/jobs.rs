@@ -340,7 +340,7 @@ impl JobManagerCore {
         // after its final report: the final metrics stand (else a summary
         // under load counts fewer rows than the job moved).
         if let Some(m) = metrics
-            && !(t.state.is_terminal() && !next.is_terminal())
+            && (!t.state.is_terminal() || next.is_terminal())
         {
             t.metrics = m;
         }
