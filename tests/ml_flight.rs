@@ -39,6 +39,20 @@ fn python() -> Option<PathBuf> {
     None
 }
 
+/// The Python with pyarrow, or `None` after saying "skipped: no pyarrow"
+/// (a failure instead when `STRATA_REQUIRE_PYARROW` is set, as in CI).
+fn python_or_skip() -> Option<PathBuf> {
+    let python = python();
+    if python.is_none() {
+        assert!(
+            std::env::var_os("STRATA_REQUIRE_PYARROW").is_none(),
+            "STRATA_REQUIRE_PYARROW is set but no Python with pyarrow was found"
+        );
+        eprintln!("skipped: no pyarrow (scripts/install_python_deps.sh)");
+    }
+    python
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -96,12 +110,7 @@ fn run_python(python: &Path, script: &str, args: &[String]) -> (bool, String, St
 
 #[test]
 fn a_pyarrow_flight_client_reads_every_stream_of_the_ml_example() {
-    let Some(python) = python() else {
-        assert!(
-            std::env::var_os("STRATA_REQUIRE_PYARROW").is_none(),
-            "STRATA_REQUIRE_PYARROW is set but no Python with pyarrow was found"
-        );
-        eprintln!("skipped: no pyarrow (scripts/install_python_deps.sh)");
+    let Some(python) = python_or_skip() else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");
@@ -178,12 +187,7 @@ const STREAMING_JOB: &str = "[job]\nname = \"stream\"\nparallelism = 2\n\n[[oper
 
 #[test]
 fn a_trainer_reads_every_row_exactly_once_across_a_taskmanager_kill() {
-    let Some(python) = python() else {
-        assert!(
-            std::env::var_os("STRATA_REQUIRE_PYARROW").is_none(),
-            "STRATA_REQUIRE_PYARROW is set but no Python with pyarrow was found"
-        );
-        eprintln!("skipped: no pyarrow (scripts/install_python_deps.sh)");
+    let Some(python) = python_or_skip() else {
         return;
     };
     let dir = tempfile::Builder::new()

@@ -826,6 +826,7 @@ impl Operator for StandardizeFitSink {
                         count: m.count,
                         mean: stats.mean,
                         std: stats.std,
+                        variance: stats.std * stats.std,
                     },
                 )
             })

@@ -4,7 +4,7 @@
 //!
 //! ```json
 //! {"format": "strata-standardize-v1", "rows": 1000,
-//!  "columns": {"value": {"count": 990, "mean": 12.5, "std": 3.25}}}
+//!  "columns": {"value": {"count": 990, "mean": 12.5, "std": 3.25, "variance": 10.5625}}}
 //! ```
 //! `count` is the number of values counted (nulls and NaNs are not);
 //! `std` is the population standard deviation (scikit-learn's
@@ -22,6 +22,10 @@ pub struct ColumnFit {
     pub count: u64,
     pub mean: f64,
     pub std: f64,
+    /// `std` squared (population variance), for readers that want it; the
+    /// transform uses `std`.
+    #[serde(default)]
+    pub variance: f64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
