@@ -272,7 +272,12 @@ pub enum JobError {
     },
     #[error(
         "join key '{column}' is {found}, but the table's key column '{table_column}' is \
-         {table_found}; key types must match (cast the stream's column first)"
+         {table_found}; key types must match ({})",
+        if matches!(.table_found, DataType::Null) {
+            "the table has no rows to infer types from: declare them with `schema`"
+        } else {
+            "cast the stream's column first"
+        }
     )]
     JoinKeyType {
         column: String,
