@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use common::{spawn_logged, strata_command, wait_for};
+use common::{spawn_logged, strata_command, wait_for, wait_for_explained};
 
 fn python() -> Option<PathBuf> {
     let candidates: Vec<PathBuf> = std::env::var_os("STRATA_PYTHON")
@@ -91,6 +91,21 @@ fn example_job(dir: &Path, parquet: bool) -> String {
     text
 }
 
+/// Runs the reference job at `path` to its end on the embedded cluster.
+fn run_reference(path: &Path) {
+    let out = strata()
+        .arg("run")
+        .arg(path)
+        .args(["--no-progress", "-D", "rest.port=0"])
+        .output()
+        .expect("reference run");
+    assert!(
+        out.status.success(),
+        "reference run: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn run_python(python: &Path, script: &str, args: &[String]) -> (bool, String, String) {
     let out = Command::new(python)
         .arg(
@@ -117,17 +132,7 @@ fn a_pyarrow_flight_client_reads_every_stream_of_the_ml_example() {
     // The reference: the same job writing Parquet.
     let reference = dir.path().join("reference.toml");
     std::fs::write(&reference, example_job(dir.path(), true)).expect("write job");
-    let out = strata()
-        .arg("run")
-        .arg(&reference)
-        .args(["--no-progress", "-D", "rest.port=0"])
-        .output()
-        .expect("reference run");
-    assert!(
-        out.status.success(),
-        "reference run: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_reference(&reference);
     let stats = dir.path().join("stats.json");
     let reference_stats = std::fs::read_to_string(&stats).expect("the fit phase wrote the stats");
     std::fs::remove_file(&stats).expect("remove stats");
@@ -209,17 +214,7 @@ fn a_trainer_reads_every_row_exactly_once_across_a_taskmanager_kill() {
         ),
     )
     .expect("write job");
-    let out = strata()
-        .arg("run")
-        .arg(&reference)
-        .args(["--no-progress", "-D", "rest.port=0"])
-        .output()
-        .expect("reference run");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_reference(&reference);
 
     let flight_port = free_port();
     let settings: Vec<String> = [
@@ -289,17 +284,18 @@ fn a_trainer_reads_every_row_exactly_once_across_a_taskmanager_kill() {
             .unwrap_or(0)
     };
     let log = dir.path().join("reader.log");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while rows_read() < 20_000 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the trainer read {} rows in 60 s; its log:\n{}\nthe JobManager's:\n{}",
-            rows_read(),
-            std::fs::read_to_string(&log).unwrap_or_default(),
-            jm_proc.lines().join("\n")
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_for_explained(
+        Duration::from_secs(60),
+        || rows_read() >= 20_000,
+        || {
+            format!(
+                "the trainer read {} rows in 60 s; its log:\n{}\nthe JobManager's:\n{}",
+                rows_read(),
+                std::fs::read_to_string(&log).unwrap_or_default(),
+                jm_proc.lines().join("\n")
+            )
+        },
+    );
     wait_for("a completed checkpoint", Duration::from_secs(60), || {
         std::fs::read_dir(dir.path().join("checkpoints"))
             .into_iter()

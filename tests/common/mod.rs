@@ -185,13 +185,22 @@ pub fn spawn_announcing_command(
 /// Polls `done` every 50 ms until it holds; panics naming `what` after
 /// `timeout`. The timeout only bounds a hung test: nothing here measures
 /// speed.
-pub fn wait_for(what: &str, timeout: std::time::Duration, mut done: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, timeout: std::time::Duration, done: impl FnMut() -> bool) {
+    wait_for_explained(timeout, done, || format!("timed out waiting for {what}"));
+}
+
+/// [`wait_for`], panicking with what `explain` says then (the state the
+/// test saw: logs, counts).
+pub fn wait_for_explained(
+    timeout: std::time::Duration,
+    mut done: impl FnMut() -> bool,
+    explain: impl FnOnce() -> String,
+) {
     let deadline = std::time::Instant::now() + timeout;
     while !done() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        if std::time::Instant::now() >= deadline {
+            panic!("{}", explain());
+        }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
