@@ -1,5 +1,3 @@
-# syntax=docker/dockerfile:1
-#
 # strata container images, one Dockerfile, four targets (deploy/README.md):
 #
 #   docker build -t strata:latest .                       # runtime (the last stage)
@@ -12,8 +10,11 @@
 # stop, pod deletion) stops the JobManager, and a TaskManager cancels its
 # tasks and removes its spill files first.
 #
-# BuildKit (the default builder since Docker 23) builds only the stages a
-# target needs, so the default image never installs the RDMA headers.
+# BuildKit (the default builder since Docker 23; DOCKER_BUILDKIT=1 on 20.10)
+# builds only the stages a target needs, so the default image never installs
+# the RDMA headers. Its built-in Dockerfile frontend reads the cache and bind
+# mounts below, so there is no `# syntax=` line: the build needs no image
+# besides the two bases, and works against a private or offline registry.
 
 ARG RUST_IMAGE=rust:1.95-slim-bookworm
 ARG RUNTIME_IMAGE=debian:bookworm-slim
