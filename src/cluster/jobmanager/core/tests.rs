@@ -329,7 +329,7 @@ impl Harness {
     }
 
     fn heartbeat(&mut self, tm: Tm, slots: Vec<SlotStatus>) -> Vec<Command> {
-        self.send(tm.conn, Message::Heartbeat { slots })
+        self.send(tm.conn, Message::Heartbeat { slots, usage: None })
     }
 
     /// Moves the clock by `ms` and ticks.
@@ -528,7 +528,13 @@ fn a_second_registration_on_one_connection_is_ignored() {
 fn an_unregistered_connection_that_does_not_register_is_refused() {
     let mut h = Harness::new(config(1));
     let conn = h.conn();
-    let out = h.send(conn, Message::Heartbeat { slots: vec![] });
+    let out = h.send(
+        conn,
+        Message::Heartbeat {
+            slots: vec![],
+            usage: None,
+        },
+    );
     let reason = sent_to(&out, conn)
         .find_map(|m| match m {
             Message::Disconnect { reason } => Some(reason.clone()),
