@@ -80,20 +80,14 @@ impl Cluster {
             .collect();
         let out = dir.path().join("out");
         let job_file = dir.path().join("throttled.toml");
-        let job = keyed_job(
-            50_000_000,
-            1000,
-            3,
-            2,
-            &out,
-            "rows_per_second = 20_000\nbatch_size = 1000",
-        );
+        let job = keyed_job(50_000_000, 1000, 3, 2, &out, "rows_per_second = 20_000");
         std::fs::write(&job_file, job).unwrap();
+        let submit_log = dir.path().join("submit.log");
         let submit = Proc(
             strata(&["submit", "--no-progress", "--jobmanager", &addr])
                 .arg(&job_file)
                 .stdout(Stdio::null())
-                .stderr(Stdio::null())
+                .stderr(std::fs::File::create(&submit_log).unwrap())
                 .spawn()
                 .unwrap(),
         );
@@ -111,7 +105,13 @@ impl Cluster {
                     _ => false,
                 }
             },
-            || format!("no running job with rows; JobManager log:\n{}", jm.dump()),
+            || {
+                format!(
+                    "no running job with rows; strata submit said:\n{}\nJobManager log:\n{}",
+                    std::fs::read_to_string(&submit_log).unwrap_or_default(),
+                    jm.dump()
+                )
+            },
         );
         Self {
             rest,
@@ -278,8 +278,9 @@ fn rest_endpoints_serve_a_running_job_and_cancel_it_with_the_token() {
     ] {
         assert_eq!(http(rest, "GET", path, "").0, status, "{path}");
     }
+    let job_path = format!("/jobs/{}", cluster.job);
     for i in 0..200 {
-        let path = ["/", "/overview", "/jobs", &format!("/jobs/{}", cluster.job)][i % 4];
+        let path = ["/", "/overview", "/jobs", &job_path][i % 4];
         assert_eq!(http(rest, "GET", path, "").0, 200, "request {i}: {path}");
     }
 

@@ -705,6 +705,14 @@ fn vertex_metrics(
     out
 }
 
+/// A transport line's name: `tcp` of "tcp, task reads (…)".
+fn transport_name(line: &str) -> &str {
+    line.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .next()
+        .filter(|name| !name.is_empty())
+        .unwrap_or("?")
+}
+
 /// How rows cross the edge `(source, target)`: `local` when every subtask
 /// of both vertices runs on one TaskManager, else the transports of the
 /// TaskManagers involved (their first word: `tcp`, `verbs`, …).
@@ -727,13 +735,7 @@ fn edge_transport(
     let mut names: Vec<String> = tms
         .iter()
         .filter_map(|&tm| rm.get(tm))
-        .map(|t| {
-            t.transport
-                .split_whitespace()
-                .next()
-                .unwrap_or("?")
-                .to_owned()
-        })
+        .map(|t| transport_name(&t.transport).to_owned())
         .collect();
     names.sort();
     names.dedup();
