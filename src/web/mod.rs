@@ -157,17 +157,18 @@ fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-fn parse_job_id(id: &str) -> Result<JobId, Response> {
+/// A job id of up to 16 hex digits, or a 400 response saying so.
+fn parse_job_id(id: &str) -> Result<JobId, Box<Response>> {
     let valid = !id.is_empty() && id.len() <= 16 && id.bytes().all(|b| b.is_ascii_hexdigit());
     match valid.then(|| u64::from_str_radix(id, 16)) {
         Some(Ok(id)) => Ok(JobId(id)),
-        _ => Err(error(
+        _ => Err(Box::new(error(
             StatusCode::BAD_REQUEST,
             format!(
                 "job id '{}' is not a job id (up to 16 hex digits)",
                 id.chars().take(64).collect::<String>()
             ),
-        )),
+        ))),
     }
 }
 
@@ -205,7 +206,7 @@ async fn jobs(State(state): State<AppState>) -> impl IntoResponse {
 async fn job(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let id = match parse_job_id(&id) {
         Ok(id) => id,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     let s = state.snapshot();
     match s
@@ -223,7 +224,7 @@ async fn job(State(state): State<AppState>, Path(id): Path<String>) -> Response 
 async fn throughput(State(state): State<AppState>, Path(id): Path<String>) -> Response {
     let id = match parse_job_id(&id) {
         Ok(id) => id,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if let Some(report) = lock(&state.history).report(id) {
         return Json(report).into_response();
@@ -253,12 +254,18 @@ async fn cancel_job(
     // Authorization first: a caller without the token learns nothing, not
     // even whether the job exists.
     if let Err(refusal) = cancel::authorize(state.view.cancel_token.as_deref(), &headers) {
-        tracing::info!("REST cancel of job {id:.64} refused: {refusal}");
+        // A wrong token is worth a line; a missing one (a curious browser,
+        // a cluster without a secret) is not, or refusals could flood the log.
+        if refusal == cancel::Refusal::Wrong {
+            tracing::info!("REST cancel of job {id:.64} refused: {refusal}");
+        } else {
+            tracing::debug!("REST cancel of job {id:.64} refused: {refusal}");
+        }
         return error(refusal.status(), refusal.to_string());
     }
     let id = match parse_job_id(&id) {
         Ok(id) => id,
-        Err(response) => return response,
+        Err(response) => return *response,
     };
     if (state.view.cancel)(id, "canceled over the REST API".to_owned()) {
         return Json(json!({ "job": format!("{:016x}", id.0), "state": JobState::Canceled }))

@@ -139,7 +139,7 @@ async function refreshOverview() {
 
 // ---- the job graph -------------------------------------------------------
 
-const BOX_W = 250, BOX_H = 92, GAP_X = 110, GAP_Y = 28, PAD = 20;
+const BOX_W = 270, BOX_H = 92, GAP_X = 110, GAP_Y = 28, PAD = 20;
 
 // Lays the vertices out left to right by topological depth (a source at 0,
 // any other vertex one column right of its deepest input), stacked within a
@@ -215,7 +215,7 @@ function renderGraph(job, vertexRates) {
       `<text class="v-meta" x="10" y="39"><tspan class="v-par">p=${v.parallelism}</tspan> · <tspan class="v-tier">${esc(v.tier)}</tspan> · <tspan class="v-transport">${esc(transport)}</tspan></text>` +
       `<text class="v-rate" x="10" y="59">${fmt(rate)} rows/s</text>` +
       `<text class="v-rows" x="${BOX_W - 10}" y="59" text-anchor="end" fill="#6b7483">${fmt(m.rows_in)} rows</text>` +
-      `<text class="v-bp" x="10" y="77">back-pressure ${(bp * 100).toFixed(0)} % · pool in ${((m.in_pool_usage_permille_max || 0) / 10).toFixed(0)} % · out ${((m.out_pool_usage_permille_max || 0) / 10).toFixed(0)} %</text>` +
+      `<text class="v-bp" x="10" y="77">back-pressure ${(bp * 100).toFixed(0)}% · pool in ${((m.in_pool_usage_permille_max || 0) / 10).toFixed(0)}%, out ${((m.out_pool_usage_permille_max || 0) / 10).toFixed(0)}%</text>` +
       `</g>`);
   });
   parts.push(...labels, "</svg>");
@@ -224,7 +224,7 @@ function renderGraph(job, vertexRates) {
 
 // ---- the throughput chart ------------------------------------------------
 
-const CHART_W = 900, CHART_H = 220, CHART_L = 70, CHART_R = 20, CHART_T = 16, CHART_B = 30;
+const CHART_W = 1300, CHART_H = 220, CHART_L = 70, CHART_R = 20, CHART_T = 16, CHART_B = 30;
 
 function niceCeil(x) {
   if (x <= 0) return 1;
@@ -235,7 +235,7 @@ function niceCeil(x) {
 
 function renderChart(samples) {
   const w = CHART_W - CHART_L - CHART_R, h = CHART_H - CHART_T - CHART_B;
-  const parts = [`<svg id="throughput-chart" data-points="${samples.length}" width="${CHART_W}" height="${CHART_H}" viewBox="0 0 ${CHART_W} ${CHART_H}">`];
+  const parts = [`<svg id="throughput-chart" data-points="${samples.length}" width="100%" viewBox="0 0 ${CHART_W} ${CHART_H}">`];
   const top = niceCeil(Math.max(0, ...samples.map((s) => Math.max(s.rows_in_per_second, s.rows_out_per_second))));
   for (let k = 0; k <= 4; k++) {
     const y = CHART_T + h - (h * k) / 4;
@@ -292,7 +292,7 @@ function renderJob(job, throughput, overview) {
       job.wall_ms > 0 ? `${fmt(job.rows_in / (job.wall_ms / 1000))} rows/s on average` : "") +
     card("Slots", fmt((job.vertices || []).reduce((a, v) => Math.max(a, v.parallelism), 0)),
       `of ${job.slots} on ${job.taskmanagers} TaskManager(s)`) +
-    card("Remote bytes", bytes(job.remote_bytes), esc(String(job.transport).split(" between")[0])) +
+    card("Remote bytes", bytes(job.remote_bytes), esc(String(job.transport).split(" (")[0])) +
     card("Managed memory peak", bytes(job.managed_peak_bytes), "largest task") +
     card("Spill", bytes(job.spill_bytes_written), `${fmt(job.spill_file_count)} files, ${bytes(job.spill_bytes_read)} read`) +
     card("Restarts", fmt(job.restarts || 0), esc(clip(job.last_failure || "", 60)));
