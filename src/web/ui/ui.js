@@ -293,7 +293,7 @@ function renderJob(job, throughput, overview) {
     card("Slots", fmt((job.vertices || []).reduce((a, v) => Math.max(a, v.parallelism), 0)),
       `of ${job.slots} on ${job.taskmanagers} TaskManager(s)`) +
     card("Remote bytes", bytes(job.remote_bytes), esc(String(job.transport).split(" (")[0])) +
-    card("Managed memory peak", bytes(job.managed_peak_bytes), "largest task") +
+    card("Managed memory peak", bytes(job.managed_peak_bytes), "largest task (reported at its end)") +
     card("Spill", bytes(job.spill_bytes_written), `${fmt(job.spill_file_count)} files, ${bytes(job.spill_bytes_read)} read`) +
     card("Restarts", fmt(job.restarts || 0), esc(clip(job.last_failure || "", 60)));
   $("#graph").innerHTML = renderGraph(job, throughput.vertex_rows_per_second);
