@@ -13,12 +13,20 @@ use crate::taskmanager::TaskManager;
 
 /// Serves `jobmanager`'s REST API, `/metrics` and the web UI on `address`
 /// (here, not in the JobManager: the cluster and the web UI know only the
-/// protocol's snapshot, not each other).
+/// protocol's snapshot and a cancel handle, not each other). With a
+/// cluster secret, `POST /jobs/{id}/cancel` accepts the token derived from
+/// it; without one, cancelling over REST is disabled.
 pub async fn serve_rest(
     jobmanager: &JobManager,
     address: &str,
 ) -> Result<SocketAddr, crate::web::WebError> {
-    let bound = crate::web::serve(address, jobmanager.snapshot_source()).await?;
+    let snapshot = jobmanager.snapshot_source();
+    let view = crate::web::ClusterView {
+        snapshot: Box::new(snapshot),
+        cancel: Box::new(jobmanager.cancel_handle()),
+        cancel_token: jobmanager.secret().map(crate::web::cancel_token),
+    };
+    let bound = crate::web::serve(address, view).await?;
     tracing::info!("web UI and REST API at http://{bound}/ (Prometheus: /metrics)");
     Ok(bound)
 }

@@ -37,7 +37,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use queue::{FlightStreams, Next, Partition, PushError, StreamKey};
 
-use crate::security::ClusterSecret;
+use crate::security::{ClusterSecret, constant_time_eq};
 
 /// What the bearer token is derived from.
 const TOKEN_CONTEXT: &[u8] = b"strata-flight-v1";
@@ -79,10 +79,6 @@ fn authorize<T>(token: &Option<String>, request: &Request<T>) -> Result<(), Stat
             "this cluster has a secret: send 'authorization: Bearer <token>', the token being HMAC-SHA256(cluster secret, \"strata-flight-v1\") in hex",
         )),
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// The JSON `app_metadata` of a batch message.

@@ -208,6 +208,45 @@ mod tests {
     use super::*;
     use crate::protocol::ExecutionId;
 
+    /// Heartbeats of TaskManagers from before the usage report (and
+    /// JobManagers from before it, which ignore the field) still decode.
+    #[test]
+    fn heartbeats_with_and_without_usage_decode_on_either_side() {
+        let old: Message = serde_json::from_str(r#"{"Heartbeat":{"slots":[]}}"#).unwrap();
+        assert!(matches!(old, Message::Heartbeat { usage: None, .. }));
+        let usage = crate::protocol::ResourceUsage {
+            managed_used_bytes: vec![1],
+            network_segments_used: 2,
+            network_segment_count: 3,
+            network_segment_size_bytes: 4,
+            gpu_used_bytes: vec![0],
+        };
+        let new = serde_json::to_value(Message::Heartbeat {
+            slots: vec![],
+            usage: Some(usage.clone()),
+        })
+        .unwrap();
+        #[derive(serde::Deserialize)]
+        enum OldMessage {
+            Heartbeat {
+                slots: Vec<crate::protocol::SlotStatus>,
+            },
+        }
+        let OldMessage::Heartbeat { slots } = serde_json::from_value(new.clone()).unwrap();
+        assert!(slots.is_empty());
+        let back: Message = serde_json::from_value(new).unwrap();
+        assert!(matches!(back, Message::Heartbeat { usage: Some(u), .. } if u == usage));
+        let none = serde_json::to_string(&Message::Heartbeat {
+            slots: vec![],
+            usage: None,
+        })
+        .unwrap();
+        assert_eq!(
+            none, r#"{"Heartbeat":{"slots":[]}}"#,
+            "no field for older peers"
+        );
+    }
+
     #[tokio::test]
     async fn messages_round_trip_and_oversize_is_refused_from_the_header() {
         let (mut a, mut b) = tokio::io::duplex(1 << 16);

@@ -31,6 +31,11 @@ pub enum Message {
     },
     Heartbeat {
         slots: Vec<SlotStatus>,
+        /// Memory in use (periodic heartbeats; absent from those a slot
+        /// change sends, and from older TaskManagers: the JobManager keeps
+        /// the last one it got).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        usage: Option<super::snapshot::ResourceUsage>,
     },
     TaskStatus {
         execution: ExecutionId,

@@ -23,7 +23,7 @@ pub use deployment::{
 pub use ids::{CheckpointId, ExecutionId, JobId, SlotId, TaskManagerId};
 pub use messages::Message;
 pub use snapshot::{
-    ClusterSnapshot, JobSummary, OperatorSummary, TaskManagerInfo, TaskNetworkMetrics,
-    VertexSummary,
+    ClusterSnapshot, EdgeSummary, JobSummary, OperatorSummary, ResourceUsage, TaskManagerInfo,
+    TaskNetworkMetrics, VertexMetrics, VertexSummary,
 };
 pub use states::{ExecutionState, JobState, ResourceProfile, SlotState, SlotStatus};

@@ -17,6 +17,45 @@ pub struct VertexSummary {
     pub input_partitioner: Option<String>,
     pub tier: String,
     pub operators: Vec<OperatorSummary>,
+    /// The edges into this vertex, in input order (the job graph's edge
+    /// list, for the web UI's graph).
+    #[serde(default)]
+    pub inputs: Vec<EdgeSummary>,
+    /// The vertex's tasks' metrics, aggregated (running jobs: the last
+    /// reports).
+    #[serde(default)]
+    pub metrics: VertexMetrics,
+}
+
+/// One edge of the job graph: where it comes from and how rows are
+/// exchanged over it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct EdgeSummary {
+    /// The index of the producing vertex in [`JobSummary::vertices`].
+    pub source: usize,
+    /// `forward`, `hash`, `rebalance`, `broadcast` or `global`.
+    pub exchange: String,
+    /// `local` when both ends run on one TaskManager, else the data-plane
+    /// transport between TaskManagers (`tcp`, `verbs`, …).
+    pub transport: String,
+}
+
+/// A vertex's tasks' metrics, summed or maxed over its subtasks.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct VertexMetrics {
+    /// Rows into the vertex: its head operator's input, or for a source
+    /// what the source produced.
+    pub rows_in: u64,
+    /// Rows out of the vertex's last operator.
+    pub rows_out: u64,
+    /// Subtasks in the RUNNING state.
+    pub subtasks_running: u32,
+    /// The most back-pressured subtask: ms per second its output waited
+    /// for buffers or credit (1000 = always).
+    pub backpressured_ms_per_second_max: u64,
+    /// Highest input and output buffer-pool usage over the subtasks, ‰.
+    pub in_pool_usage_permille_max: u64,
+    pub out_pool_usage_permille_max: u64,
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -112,6 +151,21 @@ pub struct JobSummary {
     pub last_failure: Option<String>,
 }
 
+/// A TaskManager's memory use at one instant, sent with its periodic
+/// heartbeats. Budgets are in the slot profiles ([`SlotStatus::profile`]).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResourceUsage {
+    /// Managed memory held by each slot's tasks, by slot index.
+    pub managed_used_bytes: Vec<u64>,
+    /// Network buffer segments handed out, of `network_segment_count`.
+    pub network_segments_used: u64,
+    pub network_segment_count: u64,
+    pub network_segment_size_bytes: u64,
+    /// Device memory reserved by each slot's GPU kernels, by slot index
+    /// (0 for a CPU slot).
+    pub gpu_used_bytes: Vec<u64>,
+}
+
 /// A TaskManager as the REST API shows it.
 #[derive(Clone, Debug, Serialize)]
 pub struct TaskManagerInfo {
@@ -129,6 +183,12 @@ pub struct TaskManagerInfo {
     pub transport: String,
     /// The GPUs the TaskManager found, or why it offers CPU slots only.
     pub gpu: String,
+    /// Memory in use, from the latest heartbeat that carried it (`None`
+    /// until one did, or from a TaskManager that does not report it).
+    pub usage: Option<ResourceUsage>,
+    /// Spill bytes written by the tasks of running jobs on this
+    /// TaskManager.
+    pub spill_bytes_written: u64,
 }
 
 fn hex_jobs<S: serde::Serializer>(jobs: &[Option<JobId>], s: S) -> Result<S::Ok, S::Error> {

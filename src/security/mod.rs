@@ -58,6 +58,13 @@ pub use handshake::{
     HELLO_BYTES, HandshakeFailure, PROOF_BYTES, PROTOCOL_VERSION, handshake, handshake_blocking,
 };
 
+/// Whether `a == b`, in a time that depends on their lengths only (for
+/// bearer tokens: a comparison that stops at the first difference tells an
+/// attacker how much of a guess was right).
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// The shortest secret accepted: 128 bits, so guessing it is out of reach.
 pub const SECRET_BYTES_MIN: usize = 16;
 /// The environment variable read when neither config key is set.

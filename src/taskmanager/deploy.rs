@@ -274,6 +274,7 @@ pub(super) fn abort(
         tracing::debug!("job {job:016x}: {released:?}");
         let _ = out.send(Message::Heartbeat {
             slots: slots.report(),
+            usage: None,
         });
     }
     for &task in tasks {
@@ -743,6 +744,7 @@ fn run_task(
             Ok(true) => {
                 let _ = out.send(Message::Heartbeat {
                     slots: slots.report(),
+                    usage: None,
                 });
             }
             Ok(false) => {}

@@ -147,10 +147,33 @@ pub struct Services {
     /// Each GPU slot's backend and health (a device error takes it out of
     /// service until it is reopened); `None` for CPU slots.
     pub gpu_kernels: Vec<Option<Arc<crate::kernels::health::DeviceSlot>>>,
+    /// Each GPU slot's device-memory budget, for the usage report.
+    gpu_memory: Vec<Option<crate::kernels::gpu::pool::SlotPool>>,
     /// The `flight_sink` partitions this TaskManager serves.
     pub flight: Arc<crate::flight::FlightStreams>,
     /// Where they are served.
     pub flight_addr: SocketAddr,
+}
+
+impl Services {
+    /// Memory in use now, for the periodic heartbeat (the web UI shows it
+    /// against the slot profiles' budgets).
+    pub fn usage(&self) -> crate::protocol::ResourceUsage {
+        crate::protocol::ResourceUsage {
+            managed_used_bytes: self.slot_memory.iter().map(|m| m.used_bytes()).collect(),
+            // In use: handed out and not returned (`allocated_count` counts
+            // segments committed so far, which the pool keeps).
+            network_segments_used: (self.netpool.segment_count() - self.netpool.available_count())
+                as u64,
+            network_segment_count: self.netpool.segment_count() as u64,
+            network_segment_size_bytes: self.netpool.segment_size_bytes() as u64,
+            gpu_used_bytes: self
+                .gpu_memory
+                .iter()
+                .map(|p| p.as_ref().map_or(0, |p| p.in_use_bytes()))
+                .collect(),
+        }
+    }
 }
 
 /// 1 MiB spill buffers per TaskManager (16 MiB, pre-touched).
@@ -231,12 +254,18 @@ fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".to_owned())
 }
 
+type GpuSlots = (
+    Vec<Option<Arc<crate::kernels::health::DeviceSlot>>>,
+    Vec<Option<crate::kernels::gpu::pool::SlotPool>>,
+);
+
 /// One kernel backend per GPU slot, each within its slot's device budget,
-/// with what reopens it after a device error.
+/// with what reopens it after a device error; and each slot's budget, for
+/// the usage report.
 fn open_gpu_slots(
     profiles: &[ResourceProfile],
     devices: &[crate::kernels::gpu::GpuDevice],
-) -> Vec<Option<Arc<crate::kernels::health::DeviceSlot>>> {
+) -> GpuSlots {
     use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
     let pools: Vec<Option<DevicePool>> = devices
         .iter()
@@ -259,15 +288,18 @@ fn open_gpu_slots(
         })
         .collect();
     let mut next_in_pool = vec![0usize; devices.len()];
-    profiles
+    let mut budgets = Vec::with_capacity(profiles.len());
+    let backends = profiles
         .iter()
         .enumerate()
         .map(|(slot_index, profile)| {
+            budgets.push(None);
             let (id, _) = profile.gpu?;
             let device_index = devices.iter().position(|d| d.ordinal == id)?;
             let pool = pools[device_index].as_ref()?;
             let slot_pool = pool.slot(next_in_pool[device_index]);
             next_in_pool[device_index] += 1;
+            budgets[slot_index] = Some(slot_pool.clone());
             let device = devices[device_index].clone();
             let backend = crate::kernels::gpu::open_backend(&device, slot_pool.clone())
                 .map_err(|e| {
@@ -280,7 +312,8 @@ fn open_gpu_slots(
                 Box::new(reopen),
             )))
         })
-        .collect()
+        .collect();
+    (backends, budgets)
 }
 
 /// A TaskManager that has started its services but not yet registered.
@@ -408,6 +441,7 @@ impl TaskManager {
             transport_name,
             transport.reason
         );
+        let (gpu_kernels, gpu_memory) = open_gpu_slots(&profiles, gpu.devices());
         Ok(Self {
             services: Arc::new(Services {
                 name: Mutex::new(TaskManagerId(0)),
@@ -418,7 +452,8 @@ impl TaskManager {
                 transport: format!("{transport_name} ({})", transport.reason),
                 data_addr: server.local_addr,
                 io,
-                gpu_kernels: open_gpu_slots(&profiles, gpu.devices()),
+                gpu_kernels,
+                gpu_memory,
                 slots: Mutex::new(SlotTable::with_profiles(profiles)),
                 jobs: Mutex::default(),
                 task_ended: tokio::sync::Notify::new(),
@@ -823,6 +858,7 @@ fn report_slots(services: &Services, out: &UnboundedSender<Message>) {
     let slots = lock(&services.slots);
     let _ = out.send(Message::Heartbeat {
         slots: slots.report(),
+        usage: None,
     });
 }
 
@@ -852,10 +888,12 @@ async fn report_loop(
             last_heartbeat = Instant::now();
             // Reported under the slot table's lock, so reports leave in the
             // order the table changed (task ends send one too).
+            let usage = services.usage();
             let slots = lock(&services.slots);
             if out
                 .send(Message::Heartbeat {
                     slots: slots.report(),
+                    usage: Some(usage),
                 })
                 .is_err()
             {

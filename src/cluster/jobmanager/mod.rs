@@ -102,6 +102,9 @@ impl Shell {
 pub struct JobManager {
     pub addr: SocketAddr,
     shell: Arc<Mutex<Shell>>,
+    /// The cluster secret, when there is one: the REST API derives the
+    /// token that authorizes cancelling a job from it.
+    secret: Option<crate::security::ClusterSecret>,
 }
 
 impl JobManager {
@@ -131,6 +134,7 @@ impl JobManager {
             next_conn: 0,
         }));
         let config = Arc::new(config);
+        let secret = auth.secret.clone();
         tokio::spawn(accept_loop(
             listener,
             Arc::clone(&shell),
@@ -139,7 +143,11 @@ impl JobManager {
         ));
         tokio::spawn(tick_loop(Arc::clone(&shell)));
         tracing::info!("JobManager listening on {addr}");
-        Ok(Self { addr, shell })
+        Ok(Self {
+            addr,
+            shell,
+            secret,
+        })
     }
 
     /// TaskManagers currently registered.
@@ -151,6 +159,27 @@ impl JobManager {
     pub fn snapshot(&self) -> ClusterSnapshot {
         let shell = lock(&self.shell);
         shell.core.snapshot(shell.now())
+    }
+
+    /// The cluster secret, if one is configured.
+    pub fn secret(&self) -> Option<&crate::security::ClusterSecret> {
+        self.secret.as_ref()
+    }
+
+    /// A handle that cancels a running job (the REST API's cancel): `true`
+    /// when the job ran and is now canceled, `false` when no such job runs.
+    pub fn cancel_handle(
+        &self,
+    ) -> impl Fn(crate::protocol::JobId, String) -> bool + Send + Sync + 'static {
+        let shell = Arc::clone(&self.shell);
+        move |job, reason| {
+            let mut shell = lock(&shell);
+            if !shell.core.job_is_running(job) {
+                return false;
+            }
+            shell.handle(Event::Cancel { job, reason });
+            true
+        }
     }
 
     /// The running jobs' Flight sinks, for the JobManager's Flight service.

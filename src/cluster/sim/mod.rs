@@ -223,7 +223,7 @@ fn describe(event: &SimEvent) -> String {
                 } => format!("TaskStatus {execution} {vertex}/{subtask} {state:?}"),
                 Message::CancelJob { execution, .. } => format!("CancelJob {execution}"),
                 Message::ReleaseJob { execution } => format!("ReleaseJob {execution}"),
-                Message::Heartbeat { slots } => format!(
+                Message::Heartbeat { slots, .. } => format!(
                     "Heartbeat {:?}",
                     slots
                         .iter()

@@ -139,7 +139,10 @@ impl SimTm {
             self.report_since = now;
         }
         // Sent on every change, before any task end it follows from.
-        actions.send.push(Message::Heartbeat { slots: report });
+        actions.send.push(Message::Heartbeat {
+            slots: report,
+            usage: None,
+        });
     }
 
     pub fn on_connected(

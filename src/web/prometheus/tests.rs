@@ -80,6 +80,8 @@ fn taskmanager(id: u64, slots: Vec<SlotStatus>, allocated: Vec<Option<JobId>>) -
         io: "io_uring".to_owned(),
         transport: "tcp, task reads".to_owned(),
         gpu: "no GPU (libcuda.so not found): CPU slots only".to_owned(),
+        usage: None,
+        spill_bytes_written: 0,
     }
 }
 

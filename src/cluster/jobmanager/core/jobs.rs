@@ -13,8 +13,9 @@ use crate::job::LogicalPlan;
 use crate::job::graph::JobGraph;
 use crate::metrics::TaskSnapshot;
 use crate::protocol::{
-    ExecutionId, ExecutionState, JobId, JobState, JobSummary, Message, OperatorSummary,
-    RestoreDeployment, SubtaskLocation, TaskManagerId, TaskNetworkMetrics, VertexSummary,
+    EdgeSummary, ExecutionId, ExecutionState, JobId, JobState, JobSummary, Message,
+    OperatorSummary, RestoreDeployment, SubtaskLocation, TaskManagerId, TaskNetworkMetrics,
+    VertexMetrics, VertexSummary,
 };
 
 pub struct TaskEntry {
@@ -617,6 +618,7 @@ pub fn summarize(entry: &JobEntry, rm: &ResourceManager, now: Duration) -> JobSu
             .or_default()
             .push((subtask, format!("{}/slot{}", t.taskmanager, t.slot)));
     }
+    let vertex_metrics = vertex_metrics(entry, &rows_in_by_op, &rows_out_by_op);
     for v in &graph.vertices {
         let mut placement = placement_by_vertex.remove(&v.id).unwrap_or_default();
         placement.sort();
@@ -628,6 +630,19 @@ pub fn summarize(entry: &JobEntry, rm: &ResourceManager, now: Duration) -> JobSu
                 .inputs
                 .first()
                 .map(|&e| graph.edges[e].partitioner.name().to_owned()),
+            inputs: v
+                .inputs
+                .iter()
+                .map(|&e| {
+                    let edge = &graph.edges[e];
+                    EdgeSummary {
+                        source: edge.source,
+                        exchange: edge.partitioner.name().to_ascii_lowercase(),
+                        transport: edge_transport(entry, rm, (edge.source, edge.target)),
+                    }
+                })
+                .collect(),
+            metrics: vertex_metrics[v.id].clone(),
             tier: entry.placement.vertex_tier(graph, v.id),
             operators: v
                 .operators
@@ -642,4 +657,87 @@ pub fn summarize(entry: &JobEntry, rm: &ResourceManager, now: Duration) -> JobSu
         });
     }
     summary
+}
+
+/// Each vertex's tasks' metrics, aggregated: rows through the vertex (its
+/// head operator's input, a source's output; its last operator's output),
+/// running subtasks, and the worst back-pressure and pool usage.
+fn vertex_metrics(
+    entry: &JobEntry,
+    rows_in_by_op: &[u64],
+    rows_out_by_op: &[u64],
+) -> Vec<VertexMetrics> {
+    let ops = &entry.plan.spec.operators;
+    let mut out: Vec<VertexMetrics> = entry
+        .graph
+        .vertices
+        .iter()
+        .map(|v| {
+            let head = v.operators[0];
+            let last = *v.operators.last().expect("a vertex has an operator");
+            let rows_in = if ops[head].input.is_none() {
+                rows_out_by_op[head]
+            } else {
+                rows_in_by_op[head]
+            };
+            VertexMetrics {
+                rows_in,
+                rows_out: rows_out_by_op[last],
+                ..VertexMetrics::default()
+            }
+        })
+        .collect();
+    for (&(vertex, _), t) in &entry.tasks {
+        let Some(m) = out.get_mut(vertex) else {
+            continue;
+        };
+        if t.state == ExecutionState::Running {
+            m.subtasks_running += 1;
+        }
+        let n = &t.metrics;
+        m.backpressured_ms_per_second_max = m
+            .backpressured_ms_per_second_max
+            .max(n.backpressured_ms_per_second);
+        m.in_pool_usage_permille_max = m.in_pool_usage_permille_max.max(n.in_pool_usage_permille);
+        m.out_pool_usage_permille_max =
+            m.out_pool_usage_permille_max.max(n.out_pool_usage_permille);
+    }
+    out
+}
+
+/// A transport line's name: `tcp` of "tcp, task reads (…)".
+fn transport_name(line: &str) -> &str {
+    line.split(|c: char| !(c.is_ascii_alphanumeric() || c == '-'))
+        .next()
+        .filter(|name| !name.is_empty())
+        .unwrap_or("?")
+}
+
+/// How rows cross the edge `(source, target)`: `local` when every subtask
+/// of both vertices runs on one TaskManager, else the transports of the
+/// TaskManagers involved (their first word: `tcp`, `verbs`, …).
+fn edge_transport(
+    entry: &JobEntry,
+    rm: &ResourceManager,
+    (source, target): (usize, usize),
+) -> String {
+    let mut tms: Vec<TaskManagerId> = entry
+        .tasks
+        .iter()
+        .filter(|((v, _), _)| *v == source || *v == target)
+        .map(|(_, t)| t.taskmanager)
+        .collect();
+    tms.sort_unstable();
+    tms.dedup();
+    if tms.len() <= 1 {
+        return "local".to_owned();
+    }
+    let mut names: Vec<String> = tms
+        .iter()
+        .filter_map(|&tm| rm.get(tm))
+        .map(|t| transport_name(&t.transport).to_owned())
+        .collect();
+    names.sort();
+    names.dedup();
+    names.join("/")
 }

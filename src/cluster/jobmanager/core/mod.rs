@@ -89,6 +89,9 @@ pub enum Event {
     /// Timers: heartbeats, deployment and restart deadlines, checkpoints,
     /// progress reports.
     Tick,
+    /// A user asked to cancel `job` (the REST API's `POST
+    /// /jobs/{id}/cancel`, authenticated by the shell).
+    Cancel { job: JobId, reason: String },
 }
 
 #[derive(Debug, Clone)]
@@ -184,6 +187,7 @@ impl JobManagerCore {
             Event::Submit { conn, job } => self.submit(conn, job),
             Event::Closed { conn, reason } => self.on_closed(conn, &reason),
             Event::Tick => self.on_tick(),
+            Event::Cancel { job, reason } => self.cancel(job, reason),
         }
         std::mem::take(&mut self.out)
     }
@@ -240,8 +244,8 @@ impl JobManagerCore {
         message: Message,
     ) {
         match message {
-            Message::Heartbeat { slots } => {
-                self.rm.heartbeat(tm, slots, self.now);
+            Message::Heartbeat { slots, usage } => {
+                self.rm.heartbeat(tm, slots, usage, self.now);
                 self.send(conn, Message::HeartbeatAck);
                 self.cancel_stale_executions(tm);
             }
@@ -435,6 +439,24 @@ impl JobManagerCore {
         }
     }
 
+    /// Ends a running job as CANCELED: its tasks are canceled where they
+    /// run (or it stops waiting to restart) and its client hears the end,
+    /// as for a job that failed.
+    fn cancel(&mut self, job: JobId, reason: String) {
+        match self.jobs.get(&job) {
+            Some(entry) if entry.state == crate::protocol::JobState::Running => {
+                tracing::info!("job {} ({job}): {reason}", entry.name);
+                self.end_job(job, crate::protocol::JobState::Canceled, Some(reason));
+            }
+            _ => tracing::debug!("cancel of {job}, which does not run: ignored"),
+        }
+    }
+
+    /// Whether `job` is running (or waiting to restart) now.
+    pub fn job_is_running(&self, job: JobId) -> bool {
+        self.jobs.contains_key(&job)
+    }
+
     /// TaskManagers registered now.
     pub fn taskmanager_count(&self) -> usize {
         self.rm.len()
@@ -530,8 +552,14 @@ impl JobManagerCore {
             .map(|entry| jobs::summarize(entry, &self.rm, now))
             .collect();
         running.sort_by_key(|j| j.job);
+        let mut taskmanagers = self.rm.infos(now);
+        for task in self.jobs.values().flat_map(|j| j.tasks.values()) {
+            if let Some(info) = taskmanagers.iter_mut().find(|i| i.id == task.taskmanager) {
+                info.spill_bytes_written += task.metrics.spill_bytes_written;
+            }
+        }
         ClusterSnapshot {
-            taskmanagers: self.rm.infos(now),
+            taskmanagers,
             running,
             completed: self.completed.iter().cloned().collect(),
         }

@@ -13,7 +13,9 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::ConnId;
-use crate::protocol::{ExecutionId, JobId, SlotState, SlotStatus, TaskManagerId, TaskManagerInfo};
+use crate::protocol::{
+    ExecutionId, JobId, ResourceUsage, SlotState, SlotStatus, TaskManagerId, TaskManagerInfo,
+};
 
 /// Who is at the other end of a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,6 +52,8 @@ pub struct TaskManagerEntry {
     /// The JobManager's allocations: the job and execution deployed there.
     pub allocated: Vec<Option<(JobId, ExecutionId)>>,
     pub last_heartbeat: Duration,
+    /// Memory in use, from the latest heartbeat that carried it.
+    pub usage: Option<ResourceUsage>,
 }
 
 impl TaskManagerEntry {
@@ -109,15 +113,25 @@ impl ResourceManager {
                 reported: r.slots,
                 allocated,
                 last_heartbeat: now,
+                usage: None,
             },
         );
         self.conns.insert(conn, Peer::TaskManager(id));
         id
     }
 
-    pub fn heartbeat(&mut self, tm: TaskManagerId, slots: Vec<SlotStatus>, now: Duration) {
+    pub fn heartbeat(
+        &mut self,
+        tm: TaskManagerId,
+        slots: Vec<SlotStatus>,
+        usage: Option<ResourceUsage>,
+        now: Duration,
+    ) {
         if let Some(t) = self.taskmanagers.get_mut(&tm) {
             t.last_heartbeat = now;
+            if usage.is_some() {
+                t.usage = usage;
+            }
             if slots.len() == t.allocated.len() {
                 t.reported = slots;
             } else {
@@ -244,6 +258,8 @@ impl ResourceManager {
                 io: t.io.clone(),
                 transport: t.transport.clone(),
                 gpu: t.gpu.clone(),
+                usage: t.usage.clone(),
+                spill_bytes_written: 0,
             })
             .collect()
     }

@@ -329,7 +329,7 @@ impl Harness {
     }
 
     fn heartbeat(&mut self, tm: Tm, slots: Vec<SlotStatus>) -> Vec<Command> {
-        self.send(tm.conn, Message::Heartbeat { slots })
+        self.send(tm.conn, Message::Heartbeat { slots, usage: None })
     }
 
     /// Moves the clock by `ms` and ticks.
@@ -528,7 +528,13 @@ fn a_second_registration_on_one_connection_is_ignored() {
 fn an_unregistered_connection_that_does_not_register_is_refused() {
     let mut h = Harness::new(config(1));
     let conn = h.conn();
-    let out = h.send(conn, Message::Heartbeat { slots: vec![] });
+    let out = h.send(
+        conn,
+        Message::Heartbeat {
+            slots: vec![],
+            usage: None,
+        },
+    );
     let reason = sent_to(&out, conn)
         .find_map(|m| match m {
             Message::Disconnect { reason } => Some(reason.clone()),
@@ -1398,4 +1404,60 @@ fn the_snapshot_shows_jobs_and_both_views_of_each_slot() {
     assert_eq!(snapshot.completed.len(), 1);
     assert_eq!(snapshot.completed[0].state, JobState::Finished);
     assert_eq!(snapshot.taskmanagers[0].allocated, [None, None, None]);
+}
+
+// ================================================================ user cancel
+
+#[test]
+fn a_job_canceled_by_a_user_ends_canceled_and_cancels_its_tasks_everywhere() {
+    let mut h = Harness::new(config(1));
+    let (tms, client, job, deploys) = running_job(&mut h, 2, 1, 2);
+    let reason = "canceled over the REST API".to_owned();
+    let out = h.core.handle(h.now, Event::Cancel { job, reason });
+    for tm in &tms {
+        assert_eq!(cancels_to(&out, tm.conn), [deploys[0].execution]);
+    }
+    let summary = finished(&out, client).expect("the client hears the end");
+    assert_eq!(summary.state, JobState::Canceled);
+    assert_eq!(
+        summary.reason.as_deref(),
+        Some("canceled over the REST API")
+    );
+    assert!(!h.core.job_is_running(job));
+    // A second cancel, or one of an unknown job, changes nothing.
+    let again = Event::Cancel {
+        job,
+        reason: "again".into(),
+    };
+    assert!(h.core.handle(h.now, again).is_empty());
+    let unknown = Event::Cancel {
+        job: JobId(job.0 ^ 1),
+        reason: "unknown".into(),
+    };
+    assert!(h.core.handle(h.now, unknown).is_empty());
+    let snapshot = h.core.snapshot(h.now);
+    assert!(snapshot.running.is_empty());
+    assert_eq!(snapshot.completed.len(), 1);
+}
+
+#[test]
+fn a_heartbeat_s_usage_is_kept_until_a_newer_one_replaces_it() {
+    let mut h = Harness::new(config(1));
+    let tm = h.register_tm(2);
+    let usage = crate::protocol::ResourceUsage {
+        managed_used_bytes: vec![4096, 0],
+        network_segments_used: 3,
+        network_segment_count: 64,
+        network_segment_size_bytes: 65536,
+        gpu_used_bytes: vec![0, 0],
+    };
+    let with = Message::Heartbeat {
+        slots: free_slots(2),
+        usage: Some(usage.clone()),
+    };
+    h.send(tm.conn, with);
+    // A slot-change report carries no usage: the last one stays.
+    h.heartbeat(tm, free_slots(2));
+    let info = &h.core.snapshot(h.now).taskmanagers[0];
+    assert_eq!(info.usage.as_ref(), Some(&usage));
 }
