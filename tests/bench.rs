@@ -104,7 +104,11 @@ fn bench_quick_writes_table_json_html_and_plots_then_compares_with_itself() {
         )),
         "{stdout}"
     );
-    assert!(std::fs::read_to_string(&compare_html).unwrap().contains("<svg"));
+    assert!(
+        std::fs::read_to_string(&compare_html)
+            .unwrap()
+            .contains("<svg")
+    );
 }
 
 #[test]

@@ -21,6 +21,10 @@ pub struct Difference {
     pub b: f64,
     /// `b / a`.
     pub ratio: f64,
+    /// B's ratio to its reference over A's: the change with the drift of
+    /// the machine itself (a loaded VM, a busier loopback) divided out,
+    /// since each reference was measured beside its figure.
+    pub ratio_to_reference: Option<f64>,
     pub verdict: Verdict,
 }
 
@@ -69,7 +73,7 @@ pub fn compare(a: &Report, b: &Report, noise: f64) -> Comparison {
         r.run
             .figures
             .iter()
-            .map(|f| (f.key(), (f.value, f.unit)))
+            .map(|f| (f.key(), (f.value, f.unit, f.ratio)))
             .collect::<BTreeMap<_, _>>()
     };
     let (in_a, in_b) = (index(a), index(b));
@@ -78,14 +82,19 @@ pub fn compare(a: &Report, b: &Report, noise: f64) -> Comparison {
     for figure in &a.run.figures {
         let key = figure.key();
         match in_b.get(&key) {
-            Some(&(b_value, unit)) if unit == figure.unit => {
+            Some(&(b_value, unit, b_ratio)) if unit == figure.unit => {
                 let ratio = if figure.value > 0.0 {
                     b_value / figure.value
                 } else {
                     f64::NAN
                 };
+                let ratio_to_reference = match (figure.ratio, b_ratio) {
+                    (Some(a), Some(b)) if a > 0.0 => Some(b / a),
+                    _ => None,
+                };
                 differences.push(Difference {
                     verdict: verdict(ratio, unit, noise),
+                    ratio_to_reference,
                     key,
                     unit,
                     a: figure.value,
@@ -118,8 +127,16 @@ impl Comparison {
     }
 
     pub fn render_table(&self) -> String {
-        let headers = ["figure", "A", "B", "unit", "B/A", "flag"];
-        let rows: Vec<[String; 6]> = self
+        let headers = [
+            "figure",
+            "A",
+            "B",
+            "unit",
+            "B/A",
+            "flag",
+            "vs reference B/A",
+        ];
+        let rows: Vec<[String; 7]> = self
             .differences
             .iter()
             .map(|d| {
@@ -130,6 +147,8 @@ impl Comparison {
                     d.unit.display().0.to_owned(),
                     format!("{:.3}", d.ratio),
                     d.verdict.label().to_owned(),
+                    d.ratio_to_reference
+                        .map_or_else(|| "-".into(), |r| format!("{r:.3}")),
                 ]
             })
             .collect();
@@ -164,7 +183,7 @@ impl Comparison {
         let mut body = format!(
             "<h1>strata bench: B / A</h1>\n<p>A: <code>{}</code>, B: <code>{}</code>, \
              noise ±{:.0}%</p>\n<table><tr><th>figure</th><th>A</th><th>B</th><th>unit</th>\
-             <th>B/A</th><th>flag</th></tr>\n",
+             <th>B/A</th><th>flag</th><th>vs reference B/A</th></tr>\n",
             escape(a_name),
             escape(b_name),
             self.noise * 100.0
@@ -173,13 +192,15 @@ impl Comparison {
             let _ = writeln!(
                 body,
                 "<tr><td>{}</td><td class=\"n\">{}</td><td class=\"n\">{}</td><td>{}</td>\
-                 <td class=\"n\">{:.3}</td><td class=\"flag\">{}</td></tr>",
+                 <td class=\"n\">{:.3}</td><td class=\"flag\">{}</td><td class=\"n\">{}</td></tr>",
                 escape(&d.key),
                 d.unit.format(d.a),
                 d.unit.format(d.b),
                 escape(d.unit.display().0),
                 d.ratio,
-                d.verdict.label()
+                d.verdict.label(),
+                d.ratio_to_reference
+                    .map_or_else(|| "-".into(), |r| format!("{r:.3}")),
             );
         }
         body.push_str("</table>\n");
@@ -222,6 +243,7 @@ mod tests {
         let a = sample_report();
         let mut b = a.clone();
         b.run.figures[1].value *= 2.0; // filter at 8192 rows: twice as fast
+        b.run.figures[1].ratio = b.run.figures[1].ratio.map(|r| r * 2.0);
         b.run.figures.remove(0);
         let comparison = compare(&a, &b, NOISE_DEFAULT);
         let doubled = comparison
@@ -231,6 +253,9 @@ mod tests {
             .unwrap();
         assert_eq!(doubled.ratio, 2.0);
         assert_eq!(doubled.verdict, Verdict::Better);
+        // B's reference did not move, so its ratio to it doubled too.
+        let to_reference = doubled.ratio_to_reference.unwrap();
+        assert!((to_reference - 2.0).abs() < 1e-12, "{to_reference}");
         assert_eq!(comparison.only_a, vec!["cpu/operator filter @rows=1024"]);
         let table = comparison.render_table();
         assert!(

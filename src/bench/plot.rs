@@ -50,17 +50,26 @@ pub fn throughput_svg(id: &str, figures: &[&Figure]) -> Result<String, BenchErro
         reference.sort_by(|a, b| a.0.total_cmp(&b.0));
     }
     let all = lines.values().flat_map(|(a, b)| a.iter().chain(b));
-    let (mut x_min, mut x_max, mut y_max) = (f64::INFINITY, 0.0f64, 0.0f64);
+    let (mut x_min, mut x_max) = (f64::INFINITY, 0.0f64);
+    let (mut y_min, mut y_max) = (f64::INFINITY, 0.0f64);
     for &(x, y) in all {
         x_min = x_min.min(x);
         x_max = x_max.max(x);
-        y_max = y_max.max(y);
+        if y > 0.0 && y.is_finite() {
+            y_min = y_min.min(y);
+            y_max = y_max.max(y);
+        }
     }
     if !x_min.is_finite() || x_max <= 0.0 {
         return Err(error("no sized figures to plot".into()));
     }
+    if !y_min.is_finite() {
+        return Err(error("no positive values to plot".into()));
+    }
+    // Both axes logarithmic: sizes grow by powers of two, and one plot holds
+    // a sort at 1 M rows/s beside a filter at 500.
     let x_range = (x_min.max(1.0) / 1.5)..(x_max * 1.5);
-    let y_range = 0.0..(y_max * 1.1).max(1e-9);
+    let y_range = (y_min / 2.0)..(y_max * 2.0);
 
     let mut svg = String::new();
     {
@@ -71,13 +80,14 @@ pub fn throughput_svg(id: &str, figures: &[&Figure]) -> Result<String, BenchErro
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(60)
-            .build_cartesian_2d(x_range.log_scale(), y_range)
+            .build_cartesian_2d(x_range.log_scale(), y_range.log_scale())
             .map_err(|e| error(e.to_string()))?;
         chart
             .configure_mesh()
             .x_desc(x_label)
             .y_desc(unit)
             .x_label_formatter(&|x| human(*x))
+            .y_label_formatter(&|y| format!("{y:.3}"))
             .draw()
             .map_err(|e| error(e.to_string()))?;
         for (index, (name, (own, reference))) in lines.iter().enumerate() {
@@ -176,16 +186,19 @@ pub fn ratio_svg(title: &str, ratios: &[(String, f64)]) -> Result<String, BenchE
     Ok(svg)
 }
 
-/// 1024 → "1K", 1048576 → "1M": powers of two, as the sizes are.
+/// A log axis tick: 1000 → "1k", 1000000 → "1M" (the ticks are powers of ten).
 fn human(x: f64) -> String {
     let x = x.round();
-    if x >= (1u64 << 20) as f64 {
-        format!("{}M", x / (1u64 << 20) as f64)
-    } else if x >= 1024.0 {
-        format!("{}K", x / 1024.0)
+    let (scaled, suffix) = if x >= 1e9 {
+        (x / 1e9, "G")
+    } else if x >= 1e6 {
+        (x / 1e6, "M")
+    } else if x >= 1e3 {
+        (x / 1e3, "k")
     } else {
-        format!("{x}")
-    }
+        (x, "")
+    };
+    format!("{}{suffix}", (scaled * 10.0).round() / 10.0)
 }
 
 #[cfg(test)]
@@ -219,6 +232,7 @@ mod tests {
         )
         .unwrap();
         assert!(svg.contains("cpu/filter") && svg.contains("memory/copy"));
-        assert_eq!(human(65536.0), "64K");
+        assert_eq!(human(10000.0), "10k");
+        assert_eq!(human(1e6), "1M");
     }
 }

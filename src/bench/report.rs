@@ -438,7 +438,7 @@ pub(super) fn render_columns<const N: usize>(headers: &[&str; N], rows: &[[Strin
             *width = (*width).max(cell.chars().count());
         }
     }
-    let numeric = |cell: &str| cell.starts_with(|c: char| c.is_ascii_digit() || c == '-');
+    let numeric = |cell: &str| cell.starts_with(|c: char| c.is_ascii_digit());
     let mut out = String::new();
     let line = |out: &mut String, cells: &[String]| {
         let mut text = String::new();
