@@ -16,6 +16,10 @@
 # compare different machines.
 #
 #   scripts/bench_shuffle.sh [SIZE]        (default 2G of Arrow IPC payload)
+#
+# Without iperf3, `strata bench --only network` puts the same TCP shuffle
+# beside a raw TcpStream of the same bytes, per message size, and measures
+# against another machine with `--peer` (that machine runs `strata bench --serve`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 size="${1:-2G}"

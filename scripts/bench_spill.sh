@@ -11,6 +11,10 @@
 # Reads need no cache drop: both fio (direct=1) and strata (O_DIRECT) bypass
 # the page cache. strata falls back to buffered I/O only where the file system
 # refuses O_DIRECT, and its summary line says so; fio fails there instead.
+#
+# `strata bench --only storage --dir DIR` measures the same spill files through
+# both backends beside a raw O_DIRECT write/read of the same size per block
+# size (and fio, when on PATH) in one run, without this script's medians.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dir=${1:-/tmp/strata-bench-spill}

@@ -54,7 +54,9 @@
 //! - [`kernels`]: hot loops over Arrow buffers on two tiers: CPU twins and
 //!   CUDA kernels behind the `KernelBackend` seam, GPU detection and the
 //!   per-slot device memory pool.
-//! - [`bench`]: `strata bench --calibrate`, the rates placement prices with.
+//! - [`bench`]: `strata bench`, the whole-node benchmark (each figure beside
+//!   a reference from the same run; table, JSON, HTML, plots, compare), and
+//!   `--calibrate`, the rates placement prices with.
 //! - [`placement`]: the tier cost model, calibration files and the table
 //!   `strata explain` prints.
 //! - [`metrics`]: counters shared by tasks and reported to the JobManager.

@@ -111,19 +111,65 @@ enum Command {
         #[command(flatten)]
         config: ConfigArgs,
     },
-    /// Measure this machine's kernel rates (CPU twins, and GPU kernels and
-    /// the PCIe link when a GPU exists).
+    /// Measure the whole node (memory, CPU, GPU, network, storage), each
+    /// figure beside a reference measured in the same run; or write the
+    /// placement calibration (--calibrate); or compare two reports
+    /// (--compare); or serve as the far end of another node's run (--serve).
     Bench {
-        /// Write the rates as the calibration file placement reads.
+        /// Write the kernel rates as the calibration file placement reads
+        /// (the measurement `strata bench --calibrate` always made).
         #[arg(long)]
         calibrate: bool,
-        /// Where to write it (default: placement.calibration-file, else
-        /// ~/.config/strata/calibration.json).
-        #[arg(long)]
+        /// Where to write the calibration (default: placement.calibration-file,
+        /// else ~/.config/strata/calibration.json).
+        #[arg(long, requires = "calibrate")]
         output: Option<PathBuf>,
-        /// Rows per kernel measurement.
+        /// Rows per kernel measurement of --calibrate.
         #[arg(long, default_value_t = 4 << 20)]
         rows: usize,
+        /// Smaller sizes and fewer repetitions: under a minute.
+        #[arg(long)]
+        quick: bool,
+        /// Sections to run, comma-separated: memory, cpu, gpu, network, storage.
+        #[arg(long, value_delimiter = ',', value_parser = parse_section)]
+        only: Vec<strata::bench::Section>,
+        /// Write every result as JSON (with the machine it ran on).
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+        /// Write one self-contained HTML report (tables and plots).
+        #[arg(long, value_name = "FILE")]
+        html: Option<PathBuf>,
+        /// Write SVG plots of throughput against batch and message size.
+        #[arg(long, value_name = "DIR")]
+        plots: Option<PathBuf>,
+        /// Print B/A per figure of two JSON reports (with --html/--plots:
+        /// write the comparison there too).
+        #[arg(long, num_args = 2, value_names = ["A", "B"], conflicts_with_all = ["calibrate", "serve"])]
+        compare: Vec<PathBuf>,
+        /// The change --compare flags: 0.1 is ±10%.
+        #[arg(long, default_value_t = strata::bench::compare::NOISE_DEFAULT)]
+        noise: f64,
+        /// Measure the network against `strata bench --serve` on HOST:PORT
+        /// instead of loopback.
+        #[arg(long, value_name = "HOST:PORT")]
+        peer: Option<String>,
+        /// Serve as the far end of another node's `--peer` run.
+        #[arg(long, conflicts_with = "calibrate")]
+        serve: bool,
+        /// Address --serve listens on (a non-loopback one needs the
+        /// cluster secret for the shuffle's data server).
+        #[arg(long, value_name = "ADDR", default_value = strata::bench::serve::LISTEN_DEFAULT)]
+        listen: String,
+        /// Directory the storage section writes in (default: the first
+        /// io.tmp.dirs).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+        /// Multiplies every data size (for tests on a debug build).
+        #[arg(long, default_value_t = 1.0, hide = true)]
+        size_scale: f64,
+        /// No progress bar.
+        #[arg(long)]
+        no_progress: bool,
         #[command(flatten)]
         config: ConfigArgs,
     },
@@ -155,6 +201,44 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn parse_section(text: &str) -> Result<strata::bench::Section, String> {
+    text.parse()
+        .map_err(|e: strata::bench::BenchError| e.to_string())
+}
+
+/// `strata bench --compare A B`: the table, and the page and plot if asked.
+fn bench_compare(
+    a: &Path,
+    b: &Path,
+    noise: f64,
+    html: Option<&Path>,
+    plots: Option<&Path>,
+) -> Result<ExitCode> {
+    let (report_a, report_b) = (
+        strata::bench::Report::read_json(a)?,
+        strata::bench::Report::read_json(b)?,
+    );
+    println!("A: {} ({})", a.display(), report_a.machine.describe());
+    println!("B: {} ({})", b.display(), report_b.machine.describe());
+    let comparison = strata::bench::compare::compare(&report_a, &report_b, noise);
+    print!("{}", comparison.render_table());
+    if let Some(dir) = plots {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the plot directory {}", dir.display()))?;
+        let path = dir.join("compare.svg");
+        std::fs::write(&path, comparison.ratio_svg()?)
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("comparison plot written to {}", path.display());
+    }
+    if let Some(path) = html {
+        let page = comparison.render_html(&a.display().to_string(), &b.display().to_string())?;
+        std::fs::write(path, page)
+            .with_context(|| format!("writing the comparison report {}", path.display()))?;
+        println!("comparison report written to {}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT).
@@ -451,17 +535,46 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
             calibrate,
             output,
             rows,
+            quick,
+            only,
+            json,
+            html,
+            plots,
+            compare,
+            noise,
+            peer,
+            serve,
+            listen,
+            dir,
+            size_scale,
+            no_progress,
             config,
         } => {
             let config = config.load()?;
-            eprintln!("{}", strata::kernels::gpu::detect().describe());
-            let options = strata::bench::CalibrateOptions {
-                rows: rows.max(1),
-                ..Default::default()
-            };
-            let measured = strata::bench::calibrate(options)?;
-            print!("{}", strata::bench::render(&measured));
+            if let [a, b] = compare.as_slice() {
+                return bench_compare(a, b, noise, html.as_deref(), plots.as_deref());
+            }
+            if serve {
+                let auth = PeerAuth::from_config(&config)?;
+                let server =
+                    strata::bench::serve::Server::bind(strata::bench::serve::ServeOptions {
+                        listen,
+                        auth,
+                        stoppable: false,
+                    })?;
+                // The test harness and scripts wait for this line.
+                println!("strata bench serving on {}", server.local_addr());
+                server.serve()?;
+                return Ok(ExitCode::SUCCESS);
+            }
             if calibrate {
+                eprintln!("{}", strata::kernels::gpu::detect().describe());
+                let options = strata::bench::CalibrateOptions {
+                    rows: rows.max(1),
+                    ..Default::default()
+                };
+                let measured = strata::bench::calibrate(options)?;
+                print!("{}", strata::bench::render(&measured));
                 let path = output
                     .or_else(|| {
                         (!config.calibration_file.is_empty())
@@ -470,8 +583,59 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
                     .unwrap_or_else(strata::placement::calibration::default_path);
                 measured.write(&path)?;
                 println!("calibration written to {}", path.display());
+                return Ok(ExitCode::SUCCESS);
             }
-            Ok(ExitCode::SUCCESS)
+            let options = strata::bench::BenchOptions {
+                sections: if only.is_empty() {
+                    strata::bench::Section::ALL.to_vec()
+                } else {
+                    only
+                },
+                quick,
+                size_scale,
+                dir: dir.unwrap_or_else(|| config.tmp_dirs[0].clone()),
+                peer,
+                auth: PeerAuth::from_config(&config)?,
+            };
+            let progress = if no_progress {
+                indicatif::ProgressBar::hidden()
+            } else {
+                let bar = indicatif::ProgressBar::new(0);
+                bar.set_style(
+                    indicatif::ProgressStyle::with_template(
+                        "{spinner} [{elapsed_precise}] {bar:20} {pos}/{len} {prefix}: {msg}",
+                    )
+                    .expect("a valid progress template"),
+                );
+                bar.enable_steady_tick(std::time::Duration::from_millis(200));
+                bar
+            };
+            let report = strata::bench::run(&options, &progress);
+            progress.finish_and_clear();
+            print!("{}", report.render_table());
+            if let Some(path) = &json {
+                report.write_json(path)?;
+                println!("JSON written to {}", path.display());
+            }
+            if let Some(dir) = &plots {
+                let written = report.write_plots(dir)?;
+                println!("{} plots written to {}", written.len(), dir.display());
+            }
+            if let Some(path) = &html {
+                std::fs::write(path, report.render_html()?)
+                    .with_context(|| format!("writing the HTML report {}", path.display()))?;
+                println!("HTML report written to {}", path.display());
+            }
+            let failed = report
+                .run
+                .skipped
+                .iter()
+                .any(|s| s.reason.starts_with("failed:"));
+            Ok(if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            })
         }
         Command::Config { file, config } => {
             let args = ConfigArgs {

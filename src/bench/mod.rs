@@ -1,354 +1,347 @@
-//! `strata bench --calibrate`: measures the kernel rates the placement cost
-//! model divides by, on this machine.
+//! `strata bench`: measures the whole node, each figure beside a physical
+//! reference measured in the same run, and `strata bench --calibrate`, the
+//! kernel rates the placement cost model divides by.
 //!
-//! The CPU twins run on generated Int64 columns of [`CalibrateOptions::rows`]
-//! rows in batches of 8192 (the job files' batch size), single-threaded, and
-//! the best of [`CalibrateOptions::repetitions`] runs counts. When a GPU is
-//! detected, the CUDA kernels run on the same input through
-//! [`crate::kernels::gpu::cuda::CudaBackend`] (copies included in the kernel
-//! time), and [`crate::kernels::gpu::cuda::measure`] times the per-call
-//! costs the placement model prices: launch and synchronisation latency,
-//! pinned and pageable copies both ways, the host copy into pinned memory.
-//! Without a GPU the calibration has no GPU section, and says why.
+//! # What it owns
+//!
+//! - One module per section, each a list of measurements that push
+//!   [`Figure`]s (a value, its unit, and the reference it is a ratio to) or
+//!   [`Skipped`] lines (why a figure could not be measured here):
+//!   [`memory`] (copy bandwidth, first touch, managed pages), [`cpu`] (the
+//!   kernels and the operators against a memcpy of the same bytes), [`gpu`]
+//!   (copies, launch latency, kernels and the fused chain, when a GPU is
+//!   present), [`network`] (strata's shuffle against a raw TCP stream to
+//!   the same endpoint, emulated and hardware verbs) and [`storage`] (spill
+//!   files through io_uring and the thread pool against raw O_DIRECT and
+//!   fio).
+//! - [`serve`]: the far end of `--peer`, `strata bench --serve`; the
+//!   loopback run drives an in-process server through the same protocol.
+//! - [`report`] (the table, JSON and the HTML report), [`plot`] (SVG plots
+//!   of throughput against batch or message size) and [`compare`] (two
+//!   JSON reports side by side).
+//! - [`calibrate`]: `--calibrate`, unchanged: the rates and GPU per-call
+//!   costs written to the calibration file.
+//!
+//! # Invariants and limits
+//!
+//! - Every figure that has a physical reference was measured in the same
+//!   run, on the same data size, right beside it: a ratio never mixes two
+//!   runs.
+//! - Sizes come from one [`Plan`] (quick or full, times `--size-scale`), and
+//!   every buffer, file and transfer is bounded by it; the serve side
+//!   refuses requests past [`serve::TRANSFER_BYTES_MAX`].
+//! - Timings are the best of the plan's repetitions (interference only
+//!   makes a run slower). Nothing here asserts a speed: the tests check
+//!   behaviour only.
 
+pub mod calibrate;
+pub mod compare;
+pub mod cpu;
+pub mod gpu;
+pub mod machine;
+pub mod memory;
+pub mod network;
+pub mod plot;
+pub mod report;
+pub mod serve;
+pub mod storage;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
 use std::time::Instant;
 
-use arrow_array::Int64Array;
+use indicatif::ProgressBar;
+use serde::{Deserialize, Serialize};
 
-use crate::kernels::backend::{CpuBackend, KernelBackend, KernelError};
-use crate::kernels::cpu::aggregate::KeyedArrays;
-use crate::kernels::cpu::filter::CmpOp;
-use crate::kernels::cpu::key_hash::HashMode;
-use crate::kernels::cpu::project::{ArithOp, ArrayOperand, Operands};
-use crate::kernels::gpu::{self, GpuDetection};
-use crate::placement::calibration::{Calibration, GpuCalibration, KernelRates};
-use crate::placement::cost::COALESCE_BYTES_DEFAULT;
+pub use calibrate::{CalibrateOptions, calibrate, render};
+pub use report::{Figure, Reference, Report, Size, Skipped, Unit};
 
-/// Rows per batch, as the sources make them.
-const BATCH_ROWS: usize = 8192;
-/// Distinct keys of the aggregation input.
-const AGGREGATE_KEYS: i64 = 100_000;
+use crate::kernels::gpu as kernels_gpu;
+use crate::security::PeerAuth;
 
-/// Errors of the calibration run.
+/// Errors of the benchmark, each naming what it was about.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
     #[error(transparent)]
-    Kernel(#[from] KernelError),
+    Kernel(#[from] crate::kernels::backend::KernelError),
     #[error("aggregation kernel: {0}")]
     Aggregate(#[from] crate::kernels::cpu::aggregate::AggregateError),
     #[error(transparent)]
-    Gpu(#[from] gpu::GpuError),
+    Gpu(#[from] kernels_gpu::GpuError),
     #[error(transparent)]
-    Pool(#[from] gpu::pool::PoolError),
+    Pool(#[from] kernels_gpu::pool::PoolError),
     #[error("the calibration chain does not fuse: {reason}")]
     Chain { reason: String },
+    #[error("operator {operator}: {source}")]
+    Operator {
+        operator: &'static str,
+        source: crate::exec::ExecError,
+    },
+    #[error("spill benchmark in {dir}: {source}")]
+    Spill {
+        dir: PathBuf,
+        source: crate::io::IoError,
+    },
+    #[error("{what} {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("peer {peer}: {what}: {source}")]
+    Peer {
+        peer: String,
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("peer {peer}: {detail}")]
+    PeerProtocol { peer: String, detail: String },
+    #[error("shuffle with {peer}: {detail}")]
+    Shuffle { peer: String, detail: String },
+    #[error("bench server on {address}: {source}")]
+    Serve {
+        address: String,
+        source: std::io::Error,
+    },
+    #[error("report {path}: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+    #[error(
+        "report {path}: schema version {found}, this strata reads version {expected}; \
+         rerun `strata bench --json` with this version"
+    )]
+    SchemaVersion {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("plot {plot}: {detail}")]
+    Plot { plot: String, detail: String },
+    #[error("unknown section '{name}': expected one of memory, cpu, gpu, network, storage")]
+    UnknownSection { name: String },
 }
 
-#[derive(Clone, Copy, Debug)]
-pub struct CalibrateOptions {
-    pub rows: usize,
+/// The parts of the node `--only` can pick.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Section {
+    Memory,
+    Cpu,
+    Gpu,
+    Network,
+    Storage,
+}
+
+impl Section {
+    pub const ALL: [Section; 5] = [
+        Section::Memory,
+        Section::Cpu,
+        Section::Gpu,
+        Section::Network,
+        Section::Storage,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Section::Memory => "memory",
+            Section::Cpu => "cpu",
+            Section::Gpu => "gpu",
+            Section::Network => "network",
+            Section::Storage => "storage",
+        }
+    }
+}
+
+impl fmt::Display for Section {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Section {
+    type Err = BenchError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        Section::ALL
+            .into_iter()
+            .find(|s| s.name().eq_ignore_ascii_case(text.trim()))
+            .ok_or_else(|| BenchError::UnknownSection {
+                name: text.to_owned(),
+            })
+    }
+}
+
+/// What `strata bench` measures and where.
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub sections: Vec<Section>,
+    /// Smaller sizes and fewer repetitions (under a minute on two cores).
+    pub quick: bool,
+    /// Multiplies every data size (a test knob; 1.0 normally).
+    pub size_scale: f64,
+    /// Where the storage section writes its files.
+    pub dir: PathBuf,
+    /// A `strata bench --serve` on another machine; loopback when `None`.
+    pub peer: Option<String>,
+    /// How the shuffle authenticates to the peer's data server.
+    pub auth: PeerAuth,
+}
+
+/// Sizes and repetitions of one run, from `--quick` and `--size-scale`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Plan {
+    pub quick: bool,
+    pub size_scale: f64,
     pub repetitions: u32,
+    /// Memory: the buffers copied and the region first touched.
+    pub memory_bytes: usize,
+    /// CPU: rows per measurement, and the batch sizes (rows) it is cut into.
+    pub cpu_rows: usize,
+    pub batch_rows: Vec<usize>,
+    /// Network: bytes per transfer, and the message sizes.
+    pub network_bytes: u64,
+    pub message_bytes: Vec<usize>,
+    /// Storage: bytes per file, and the block sizes.
+    pub storage_bytes: u64,
+    pub block_bytes: Vec<usize>,
 }
 
-impl Default for CalibrateOptions {
-    fn default() -> Self {
-        CalibrateOptions {
-            rows: 4 << 20,
-            repetitions: 3,
-        }
-    }
-}
-
-/// Deterministic input: values spread over ±2^40, keys over
-/// [`AGGREGATE_KEYS`] (a multiplicative hash of the row, no RNG needed).
-fn input_batches(rows: usize) -> Vec<(Int64Array, Int64Array)> {
-    (0..rows)
-        .step_by(BATCH_ROWS)
-        .map(|start| {
-            let end = (start + BATCH_ROWS).min(rows);
-            let mix = |row: usize| (row as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-            let values = (start..end).map(|r| (mix(r) >> 24) as i64 - (1 << 39));
-            let keys = (start..end).map(|r| (mix(r) >> 40) as i64 % AGGREGATE_KEYS);
-            (
-                Int64Array::from_iter_values(keys),
-                Int64Array::from_iter_values(values),
-            )
-        })
-        .collect()
-}
-
-/// Rows per second of `run` over every batch, best of `repetitions`.
-fn rate(
-    options: CalibrateOptions,
-    batches: &[(Int64Array, Int64Array)],
-    mut run: impl FnMut(&Int64Array, &Int64Array) -> Result<(), BenchError>,
-) -> Result<f64, BenchError> {
-    let mut best_s = f64::INFINITY;
-    for _ in 0..options.repetitions.max(1) {
-        let started = Instant::now();
-        for (keys, values) in batches {
-            run(keys, values)?;
-        }
-        best_s = best_s.min(started.elapsed().as_secs_f64());
-    }
-    Ok(options.rows as f64 / best_s.max(1e-9))
-}
-
-/// The four kernel families' rates on `backend`.
-fn backend_rates(
-    backend: &dyn KernelBackend,
-    options: CalibrateOptions,
-    batches: &[(Int64Array, Int64Array)],
-) -> Result<KernelRates, BenchError> {
-    let filter_rows_per_s = rate(options, batches, |_, values| {
-        std::hint::black_box(backend.filter_i64(values, CmpOp::Ge, 0)?);
-        Ok(())
-    })?;
-    let project_rows_per_s = rate(options, batches, |keys, values| {
-        let operands = Operands {
-            left: ArrayOperand::Array(values),
-            right: ArrayOperand::Array(keys),
+impl Plan {
+    pub fn new(quick: bool, size_scale: f64) -> Self {
+        let scale = if size_scale.is_finite() && size_scale > 0.0 {
+            size_scale.min(16.0)
+        } else {
+            1.0
         };
-        std::hint::black_box(backend.project_i64(ArithOp::Add, operands)?);
-        Ok(())
-    })?;
-    let mut hashes = vec![0u64; BATCH_ROWS];
-    let hash_rows_per_s = rate(options, batches, |keys, _| {
-        backend.hash_i64(keys, HashMode::Replace, &mut hashes[..keys.len()])?;
-        std::hint::black_box(&hashes);
-        Ok(())
-    })?;
-    // On the backend itself: the GPU's rate is its aggregation kernel's,
-    // not the CPU twin's scaled by another kernel's speed-up.
-    let aggregate_rows_per_s = rate(options, batches, |keys, values| {
-        std::hint::black_box(backend.aggregate_i64(KeyedArrays { keys, values })?);
-        Ok(())
-    })?;
-    Ok(KernelRates {
-        filter_rows_per_s,
-        project_rows_per_s,
-        hash_rows_per_s,
-        aggregate_rows_per_s,
-    })
+        let scaled = |n: u64, floor: u64| ((n as f64 * scale) as u64).max(floor);
+        let (memory, rows, network, storage) = if quick {
+            (64u64 << 20, 1u64 << 20, 128u64 << 20, 128u64 << 20)
+        } else {
+            (256 << 20, 4 << 20, 1 << 30, 1 << 30)
+        };
+        // Round data sizes to whole 1 MiB blocks so O_DIRECT files and
+        // copies stay aligned at any scale.
+        let mib = |n: u64| n.div_ceil(1 << 20) << 20;
+        Plan {
+            quick,
+            size_scale: scale,
+            repetitions: if quick { 2 } else { 4 },
+            memory_bytes: mib(scaled(memory, 1 << 20)) as usize,
+            cpu_rows: scaled(rows, 4096) as usize,
+            batch_rows: if quick {
+                vec![1024, 8192, 65536]
+            } else {
+                vec![256, 1024, 4096, 8192, 32768, 131072]
+            },
+            network_bytes: mib(scaled(network, 1 << 20)),
+            message_bytes: if quick {
+                vec![4 << 10, 64 << 10, 1 << 20]
+            } else {
+                vec![1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20]
+            },
+            storage_bytes: mib(scaled(storage, 1 << 20)),
+            block_bytes: if quick {
+                vec![128 << 10, 1 << 20]
+            } else {
+                vec![64 << 10, 256 << 10, 1 << 20, 4 << 20]
+            },
+        }
+    }
 }
 
-/// Measures this machine.
-pub fn calibrate(options: CalibrateOptions) -> Result<Calibration, BenchError> {
-    let batches = input_batches(options.rows);
-    let cpu = backend_rates(&CpuBackend, options, &batches)?;
-    let detection = gpu::detect();
-    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "this machine".into());
-    let (gpu, gpu_note) = match &detection {
-        // The simulator's device runs the CPU twins: there is no device to
-        // time, so it keeps the defaults a detected GPU gets, and says so.
-        GpuDetection::Present(devices) if devices[0].simulated => (
-            Some(GpuCalibration::unmeasured(&devices[0])),
-            "simulated GPU: its rates and per-call costs are the defaults, not measured".to_owned(),
-        ),
-        GpuDetection::Present(devices) => {
-            let (gpu, note) = measure_gpu(&devices[0], options, &batches)?;
-            (Some(gpu), note)
-        }
-        GpuDetection::Absent { .. } => (None, "GPU per-call costs not measured".to_owned()),
-    };
-    Ok(Calibration {
-        origin: format!(
-            "measured by `strata bench --calibrate` on {host}, {} rows, best of {}; {}; {gpu_note}",
-            options.rows,
-            options.repetitions,
-            detection.describe()
-        ),
-        cpu,
-        gpu,
-    })
+/// What the sections write into while they run.
+pub struct Recorder<'a> {
+    pub plan: &'a Plan,
+    progress: &'a ProgressBar,
+    figures: Vec<Figure>,
+    skipped: Vec<Skipped>,
 }
 
-/// The CUDA kernels' rates and the per-call costs of the first GPU, with a
-/// note for the origin saying whether the per-call costs were measured.
-fn measure_gpu(
-    device: &gpu::GpuDevice,
-    options: CalibrateOptions,
-    batches: &[(Int64Array, Int64Array)],
-) -> Result<(GpuCalibration, String), BenchError> {
-    use crate::kernels::gpu::cuda::CudaBackend;
-    use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
-    use crate::kernels::gpu::source::PtxCache;
-    let pool = DevicePool::new(PoolConfig::even(device.memory_bytes / 2, 1))?;
-    let backend = CudaBackend::new(
-        device,
-        pool.slot(0),
-        &PtxCache::new(PtxCache::default_dir()),
-    )?;
-    let mut calibration = GpuCalibration::unmeasured(device);
-    calibration.rates = backend_rates(&backend, options, batches)?;
-    drop(backend);
-    let note = match gpu::cuda::measure::measure_call_costs(device) {
-        Ok(costs) => {
-            apply_call_costs(&mut calibration, &costs);
-            "GPU per-call costs measured (copies at the coalesced size)".to_owned()
+impl<'a> Recorder<'a> {
+    pub fn new(plan: &'a Plan, progress: &'a ProgressBar) -> Self {
+        Self {
+            plan,
+            progress,
+            figures: Vec::new(),
+            skipped: Vec::new(),
         }
-        Err(e) => {
-            tracing::warn!("GPU per-call costs not measured, defaults kept: {e}");
-            format!("GPU per-call costs not measured ({e}): defaults")
-        }
-    };
-    calibration.chain_rates = match measure_chain_rates(device, options) {
-        Ok(rates) => rates,
-        Err(e) => {
-            tracing::warn!("fused chain rates not measured, per-family rates kept: {e}");
-            Vec::new()
-        }
-    };
-    Ok((calibration, note))
-}
+    }
 
-/// Coalesced sizes the fused chain is timed at.
-const CHAIN_SIZES_BYTES: [u64; 4] = [1 << 20, 8 << 20, 32 << 20, 128 << 20];
+    /// Says what runs now, on the progress bar.
+    pub fn step(&self, what: &str) {
+        self.progress.set_message(what.to_owned());
+        self.progress.tick();
+    }
 
-/// The fused chain of `examples/gpu_pipeline.toml` (project `value * 3`,
-/// `value + key`; filter on both), run by the CUDA backend's chain
-/// executor on one coalesced batch of each size: its kernels' device time
-/// (events around the launches; the copies are left out, since the cost
-/// model prices them from the measured bandwidths), best of the
-/// repetitions after a warm-up.
-fn measure_chain_rates(
-    device: &gpu::GpuDevice,
-    options: CalibrateOptions,
-) -> Result<Vec<crate::placement::calibration::ChainRate>, BenchError> {
-    use std::sync::Arc;
+    pub fn figure(&mut self, figure: Figure) {
+        self.figures.push(figure);
+    }
 
-    use arrow_array::RecordBatch;
-    use arrow_schema::{DataType, Field, Schema};
-
-    use crate::job::{Expr, NamedExpr};
-    use crate::kernels::chain::{ChainProgram, ChainStep};
-    use crate::kernels::gpu::cuda::CudaBackend;
-    use crate::kernels::gpu::pool::{DevicePool, PoolConfig};
-    use crate::kernels::gpu::source::PtxCache;
-
-    let parse = |text: &str| Expr::parse(text).expect("the calibration chain parses");
-    let input = Arc::new(Schema::new(vec![
-        Field::new("key", DataType::Int64, false),
-        Field::new("value", DataType::Int64, false),
-    ]));
-    let named = |name: &str, text: &str| NamedExpr {
-        name: name.to_owned(),
-        expr: parse(text),
-    };
-    let columns = vec![
-        named("key", "key"),
-        named("tripled", "value * 3"),
-        named("shifted", "value + key"),
-    ];
-    let output = Arc::new(Schema::new(vec![
-        Field::new("key", DataType::Int64, false),
-        Field::new("tripled", DataType::Int64, false),
-        Field::new("shifted", DataType::Int64, false),
-    ]));
-    let predicate = parse("tripled > 300 and shifted != 0");
-    let steps = [
-        ChainStep::Project {
-            name: "scaled",
-            columns: &columns,
-        },
-        ChainStep::Filter {
-            name: "large",
-            predicate: &predicate,
-        },
-    ];
-    let program = ChainProgram::compile(&input, &steps, &output)
-        .map_err(|reason| BenchError::Chain { reason })?;
-    let pool = DevicePool::new(PoolConfig::even(device.memory_bytes / 2, 1))?;
-    let cache = PtxCache::new(PtxCache::default_dir());
-    let backend = CudaBackend::new(device, pool.slot(0), &cache)?;
-    backend.profile_chains(true);
-    let mut rates = Vec::new();
-    for bytes in CHAIN_SIZES_BYTES {
-        let rows = (bytes / 16) as i64;
-        let key = Int64Array::from_iter_values((0..rows).map(|i| i % 1000));
-        let value = Int64Array::from_iter_values((0..rows).map(|i| i % 2000 - 500));
-        let batch = RecordBatch::try_new(Arc::clone(&input), vec![Arc::new(key), Arc::new(value)])
-            .map_err(KernelError::from)?;
-        let mut best = f64::INFINITY;
-        for _ in 0..=options.repetitions.max(1) {
-            backend.run_chain(&program, std::slice::from_ref(&batch))?;
-            best = best.min(backend.last_chain_kernel_seconds());
-        }
-        let rate = bytes as f64 / best.max(1e-9);
-        tracing::info!(
-            "fused chain at {bytes} B: {:.1} GB/s of input on the device",
-            rate / 1e9
-        );
-        rates.push(crate::placement::calibration::ChainRate {
-            coalesced_bytes: bytes,
-            input_bytes_per_s: rate,
+    pub fn skip(&mut self, section: Section, name: &str, reason: impl Into<String>) {
+        self.skipped.push(Skipped {
+            section,
+            name: name.to_owned(),
+            reason: reason.into(),
         });
     }
-    Ok(rates)
-}
 
-/// Takes the latencies, and the bandwidths at the size closest to the
-/// default coalesced batch (the size the executor copies at); the other
-/// sizes are logged.
-fn apply_call_costs(calibration: &mut GpuCalibration, costs: &gpu::cuda::measure::CallCosts) {
-    calibration.launch_latency_s = costs.launch_latency_s;
-    calibration.sync_latency_s = costs.sync_latency_s;
-    for point in &costs.transfers {
-        tracing::info!(
-            "GPU copies at {} B: H2D pinned {:.1} / pageable {:.1} GB/s, D2H pinned {:.1} / pageable {:.1} GB/s, host copy {:.1} GB/s",
-            point.bytes,
-            point.h2d_pinned_bytes_per_s / 1e9,
-            point.h2d_pageable_bytes_per_s / 1e9,
-            point.d2h_pinned_bytes_per_s / 1e9,
-            point.d2h_pageable_bytes_per_s / 1e9,
-            point.host_copy_bytes_per_s / 1e9
-        );
-    }
-    let coalesced = costs
-        .transfers
-        .iter()
-        .min_by_key(|p| (p.bytes as u64).abs_diff(COALESCE_BYTES_DEFAULT));
-    if let Some(point) = coalesced {
-        calibration.h2d_pinned_bytes_per_s = point.h2d_pinned_bytes_per_s;
-        calibration.h2d_pageable_bytes_per_s = point.h2d_pageable_bytes_per_s;
-        calibration.d2h_pinned_bytes_per_s = point.d2h_pinned_bytes_per_s;
-        calibration.d2h_pageable_bytes_per_s = point.d2h_pageable_bytes_per_s;
-        calibration.host_copy_bytes_per_s = point.host_copy_bytes_per_s;
+    pub fn into_parts(self) -> (Vec<Figure>, Vec<Skipped>) {
+        (self.figures, self.skipped)
     }
 }
 
-/// The rates as a table.
-pub fn render(calibration: &Calibration) -> String {
-    let row = |name: &str, rates: &KernelRates| {
-        format!(
-            "  {name:<4} filter {:>8.1}  project {:>8.1}  hash {:>8.1}  aggregate {:>8.1}  (M rows/s)\n",
-            rates.filter_rows_per_s / 1e6,
-            rates.project_rows_per_s / 1e6,
-            rates.hash_rows_per_s / 1e6,
-            rates.aggregate_rows_per_s / 1e6
-        )
-    };
-    let mut out = format!("{}\n", calibration.origin);
-    out.push_str(&row("CPU", &calibration.cpu));
-    match &calibration.gpu {
-        Some(gpu) => {
-            out.push_str(&row("GPU", &gpu.rates));
-            out.push_str(&format!(
-                "  launch {:.1} µs, sync {:.1} µs; H2D pinned {:.1} / pageable {:.1} GB/s, \
-                 D2H pinned {:.1} / pageable {:.1} GB/s, host copy {:.1} GB/s ({})\n",
-                gpu.launch_latency_s * 1e6,
-                gpu.sync_latency_s * 1e6,
-                gpu.h2d_pinned_bytes_per_s / 1e9,
-                gpu.h2d_pageable_bytes_per_s / 1e9,
-                gpu.d2h_pinned_bytes_per_s / 1e9,
-                gpu.d2h_pageable_bytes_per_s / 1e9,
-                gpu.host_copy_bytes_per_s / 1e9,
-                gpu.device
-            ));
+/// Runs the chosen sections and returns their figures. A section that fails
+/// becomes a skipped line with its error; the other sections still run.
+pub fn run(options: &BenchOptions, progress: &ProgressBar) -> Report {
+    let started = Instant::now();
+    let plan = Plan::new(options.quick, options.size_scale);
+    let mut sections = options.sections.clone();
+    sections.sort();
+    sections.dedup();
+    progress.set_length(sections.len() as u64);
+    let mut recorder = Recorder::new(&plan, progress);
+    for &section in &sections {
+        progress.set_prefix(section.name());
+        let outcome = match section {
+            Section::Memory => memory::run(&mut recorder),
+            Section::Cpu => cpu::run(&mut recorder),
+            Section::Gpu => gpu::run(&mut recorder),
+            Section::Network => network::run(&mut recorder, options),
+            Section::Storage => storage::run(&mut recorder, &options.dir),
+        };
+        if let Err(e) = outcome {
+            recorder.skip(section, "section", format!("failed: {e}"));
         }
-        None => out.push_str("  GPU  none\n"),
+        progress.inc(1);
     }
-    out
+    let (figures, skipped) = recorder.into_parts();
+    Report::new(report::RunInfo {
+        quick: options.quick,
+        size_scale: plan.size_scale,
+        sections,
+        peer: options.peer.clone(),
+        dir: options.dir.clone(),
+        elapsed_s: started.elapsed().as_secs_f64(),
+        figures,
+        skipped,
+    })
+}
+
+/// Best wall time of `repetitions` runs of `work`, in seconds.
+pub(crate) fn best_of<E>(
+    repetitions: u32,
+    mut work: impl FnMut() -> Result<(), E>,
+) -> Result<f64, E> {
+    let mut best_s = f64::INFINITY;
+    for _ in 0..repetitions.max(1) {
+        let started = Instant::now();
+        work()?;
+        best_s = best_s.min(started.elapsed().as_secs_f64());
+    }
+    Ok(best_s.max(1e-9))
 }
 
 #[cfg(test)]
@@ -356,20 +349,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn calibration_of_the_cpu_twins_gives_positive_rates() {
-        let calibration = calibrate(CalibrateOptions {
-            rows: 20_000,
-            repetitions: 1,
-        })
-        .unwrap();
-        let cpu = calibration.cpu;
-        for rate in [
-            cpu.filter_rows_per_s,
-            cpu.project_rows_per_s,
-            cpu.hash_rows_per_s,
-            cpu.aggregate_rows_per_s,
-        ] {
-            assert!(rate.is_finite() && rate > 0.0, "{cpu:?}");
-        }
+    fn sections_parse_by_name_and_unknown_ones_are_named_in_the_error() {
+        assert_eq!("CPU".parse::<Section>().unwrap(), Section::Cpu);
+        assert_eq!(" storage".parse::<Section>().unwrap(), Section::Storage);
+        let error = "disk".parse::<Section>().unwrap_err().to_string();
+        assert!(error.contains("'disk'"), "{error}");
+    }
+
+    #[test]
+    fn plan_scales_sizes_but_keeps_them_whole_mebibytes() {
+        let plan = Plan::new(true, 0.01);
+        assert_eq!(plan.storage_bytes % (1 << 20), 0);
+        assert_eq!(plan.network_bytes, 2 << 20);
+        assert!(plan.cpu_rows >= 4096);
+        let full = Plan::new(false, 1.0);
+        assert!(full.batch_rows.len() > plan.batch_rows.len());
+        assert_eq!(Plan::new(true, f64::NAN).size_scale, 1.0);
     }
 }

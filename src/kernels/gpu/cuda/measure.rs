@@ -74,6 +74,44 @@ pub fn measure_call_costs(device: &GpuDevice) -> Result<CallCosts, GpuError> {
     })?
 }
 
+/// Device-to-device copy bandwidth at each of [`TRANSFER_SIZES_BYTES`]
+/// (`strata bench`'s GPU section): (bytes, bytes per second), the best of
+/// [`REPETITIONS`] copies each. Never panics, as [`measure_call_costs`].
+pub fn measure_device_copy(device: &GpuDevice) -> Result<Vec<(usize, f64)>, GpuError> {
+    catch_unwind(AssertUnwindSafe(|| device_copy(device))).map_err(|_| GpuError::NoGpu {
+        reason: format!(
+            "measuring GPU {} device copies panicked in the CUDA driver",
+            device.ordinal
+        ),
+    })?
+}
+
+fn device_copy(device: &GpuDevice) -> Result<Vec<(usize, f64)>, GpuError> {
+    let context = CudaContext::new(device.ordinal as usize).map_err(driver("cuCtxCreate"))?;
+    let stream = context.new_stream().map_err(driver("cuStreamCreate"))?;
+    let largest = TRANSFER_SIZES_BYTES[TRANSFER_SIZES_BYTES.len() - 1];
+    let source = stream
+        .alloc_zeros::<u8>(largest)
+        .map_err(driver("cuMemAlloc"))?;
+    let mut target = stream
+        .alloc_zeros::<u8>(largest)
+        .map_err(driver("cuMemAlloc"))?;
+    TRANSFER_SIZES_BYTES
+        .iter()
+        .map(|&bytes| {
+            let source_view = source.slice(..bytes);
+            let mut target_view = target.slice_mut(..bytes);
+            let rate = best_rate(bytes, || {
+                stream
+                    .memcpy_dtod(&source_view, &mut target_view)
+                    .map_err(driver("cuMemcpyDtoDAsync"))?;
+                synchronize(&stream)
+            })?;
+            Ok((bytes, rate))
+        })
+        .collect()
+}
+
 fn measure(device: &GpuDevice) -> Result<CallCosts, GpuError> {
     let context = CudaContext::new(device.ordinal as usize).map_err(driver("cuCtxCreate"))?;
     let stream = context.new_stream().map_err(driver("cuStreamCreate"))?;
