@@ -68,13 +68,39 @@ struct Run {
     block_count: usize,
 }
 
+/// Where a record is, and the first bytes of its key: the sort compares
+/// the prefixes (one `u64` compare, no page access) and reads the records
+/// only when they are equal (Flink's normalized key). A key shorter than 8
+/// bytes is padded with zeros, which keeps the order: a prefix compare that
+/// is not `Equal` agrees with `memcmp` of the whole keys.
+#[derive(Clone, Copy, Debug)]
+struct Slot {
+    prefix: u64,
+    page: u32,
+    offset: u32,
+}
+
+impl Slot {
+    fn new(key: &[u8], page: u32, offset: u32) -> Self {
+        let mut bytes = [0u8; 8];
+        let n = key.len().min(8);
+        bytes[..n].copy_from_slice(&key[..n]);
+        Slot {
+            prefix: u64::from_be_bytes(bytes),
+            page,
+            offset,
+        }
+    }
+}
+
 /// Records in managed pages, with their positions.
 struct Arena {
     pages: Vec<Page>,
     /// Bytes used in the last page.
     used: usize,
-    /// `(page, offset)` of each record's length prefix, in arrival order.
-    records: Vec<(u32, u32)>,
+    /// Each record's slot (its length prefix's page and offset), in
+    /// arrival order.
+    records: Vec<Slot>,
     /// Pages charged to the budget for `records` (they hold no data).
     index_pages: Vec<Page>,
 }
@@ -89,9 +115,9 @@ impl Arena {
         }
     }
 
-    fn record(&self, at: (u32, u32)) -> &[u8] {
-        let page = self.pages[at.0 as usize].as_slice();
-        let offset = at.1 as usize;
+    fn record(&self, at: Slot) -> &[u8] {
+        let page = self.pages[at.page as usize].as_slice();
+        let offset = at.offset as usize;
         let len = read_u32(page, offset) as usize;
         &page[offset + LEN_BYTES..offset + LEN_BYTES + len]
     }
@@ -106,7 +132,11 @@ impl Arena {
     /// Sorts the record index by key, stably.
     fn sort(&mut self) {
         let mut records = std::mem::take(&mut self.records);
-        records.sort_by(|&a, &b| record_key(self.record(a)).cmp(record_key(self.record(b))));
+        records.sort_by(|&a, &b| {
+            a.prefix
+                .cmp(&b.prefix)
+                .then_with(|| record_key(self.record(a)).cmp(record_key(self.record(b))))
+        });
         self.records = records;
     }
 }
@@ -191,7 +221,7 @@ impl SortOperator {
     fn push_record(&mut self, record: &[u8]) -> Result<(), MemoryError> {
         let page_size = self.page_size();
         let need = LEN_BYTES + record.len();
-        let index_per_page = page_size / std::mem::size_of::<(u32, u32)>();
+        let index_per_page = page_size / std::mem::size_of::<Slot>();
         if self.arena.records.len() == self.arena.index_pages.len() * index_per_page {
             let pages = self.memory.allocate_pages(1)?;
             self.arena.index_pages.extend(pages);
@@ -207,7 +237,11 @@ impl SortOperator {
         page[offset..offset + LEN_BYTES].copy_from_slice(&(record.len() as u32).to_le_bytes());
         page[offset + LEN_BYTES..offset + need].copy_from_slice(record);
         self.arena.used += need;
-        self.arena.records.push((page_index as u32, offset as u32));
+        self.arena.records.push(Slot::new(
+            record_key(record),
+            page_index as u32,
+            offset as u32,
+        ));
         Ok(())
     }
 
