@@ -11,14 +11,7 @@ fn strata() -> Command {
     common::strata_command()
 }
 
-fn output(cmd: &mut Command) -> (i32, String, String) {
-    let out = cmd.output().expect("running strata");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+use common::output;
 
 #[test]
 fn bench_quick_writes_table_json_html_and_plots_then_compares_with_itself() {

@@ -17,26 +17,7 @@ use std::time::Duration;
 use common::{spawn_logged, strata_command, wait_for, wait_for_explained};
 
 fn python() -> Option<PathBuf> {
-    let candidates: Vec<PathBuf> = std::env::var_os("STRATA_PYTHON")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python"),
-            PathBuf::from("python3"),
-        ])
-        .collect();
-    for python in candidates {
-        let ok = Command::new(&python)
-            .args(["-c", "import pyarrow.flight, numpy"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Some(python);
-        }
-    }
-    None
+    common::python_importing("pyarrow.flight, numpy")
 }
 
 /// The Python with pyarrow, or `None` after saying "skipped: no pyarrow"

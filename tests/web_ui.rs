@@ -318,22 +318,7 @@ fn rest_endpoints_serve_a_running_job_and_cancel_it_with_the_token() {
 
 /// A Python that imports `playwright`.
 fn python_with_playwright() -> Option<PathBuf> {
-    let candidates: Vec<PathBuf> = std::env::var_os("STRATA_PYTHON")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain([
-            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python"),
-            PathBuf::from("python3"),
-        ])
-        .collect();
-    candidates.into_iter().find(|python| {
-        Command::new(python)
-            .args(["-c", "import playwright.sync_api"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
+    common::python_importing("playwright.sync_api")
 }
 
 /// `STRATA_BROWSER`, else `chromium` on the `PATH`.

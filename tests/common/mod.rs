@@ -428,3 +428,38 @@ pub fn taskmanagers_running_tasks(rest: &str) -> Vec<String> {
         .filter_map(|tm| tm["data_addr"].as_str().map(str::to_owned))
         .collect()
 }
+
+/// The first Python that runs `import <modules>`: `STRATA_PYTHON`, the
+/// virtual environment `scripts/install_python_deps.sh` makes in
+/// `target/py`, then `python3` on the `PATH`.
+pub fn python_importing(modules: &str) -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    use std::process::{Command, Stdio};
+    let candidates: Vec<PathBuf> = std::env::var_os("STRATA_PYTHON")
+        .map(PathBuf::from)
+        .into_iter()
+        .chain([
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python"),
+            PathBuf::from("python3"),
+        ])
+        .collect();
+    candidates.into_iter().find(|python| {
+        Command::new(python)
+            .args(["-c", &format!("import {modules}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// Runs `cmd` to the end: its exit code (-1 when killed by a signal),
+/// stdout and stderr.
+pub fn output(cmd: &mut std::process::Command) -> (i32, String, String) {
+    let out = cmd.output().expect("running strata");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
