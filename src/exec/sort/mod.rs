@@ -700,3 +700,48 @@ impl Operator for SortOperator {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Slot;
+
+    /// The prefix compare, then the whole key on a tie, orders keys as
+    /// `memcmp` does: keys shorter than, as long as and longer than the
+    /// prefix, keys that are prefixes of others, and zero bytes (which the
+    /// padding also uses).
+    #[test]
+    fn the_normalized_prefix_orders_keys_as_memcmp_does() {
+        let mut keys: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0],
+            vec![0, 0],
+            vec![1],
+            vec![1, 0],
+            vec![1, 0, 0, 0, 0, 0, 0, 0],
+            vec![1, 0, 0, 0, 0, 0, 0, 0, 0],
+            vec![1, 0, 0, 0, 0, 0, 0, 0, 1],
+            vec![1, 2, 3, 4, 5, 6, 7, 8, 0xff],
+            vec![1, 2, 3, 4, 5, 6, 7, 9],
+            vec![0xff; 12],
+            vec![0xff; 7],
+        ];
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        for _ in 0..2000 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let len = (state % 13) as usize;
+            // Few distinct byte values, so that prefixes often tie.
+            keys.push((0..len).map(|i| ((state >> (i * 4)) & 3) as u8).collect());
+        }
+        let mut by_slot: Vec<(Slot, &[u8])> = keys
+            .iter()
+            .map(|k| (Slot::new(k, 0, 0), k.as_slice()))
+            .collect();
+        by_slot.sort_by(|a, b| a.0.prefix.cmp(&b.0.prefix).then_with(|| a.1.cmp(b.1)));
+        let mut by_memcmp: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        by_memcmp.sort();
+        let sorted: Vec<&[u8]> = by_slot.iter().map(|(_, k)| *k).collect();
+        assert_eq!(sorted, by_memcmp);
+    }
+}
