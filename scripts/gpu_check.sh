@@ -22,10 +22,9 @@
 #      where the tool exists and the runtime lets it see the device.
 # Each step's pass/fail goes into the log, with a summary at the end.
 #
-# NVRTC: strata's CUDA bindings look for libnvrtc.so, .so.12 and older; a
-# CUDA 13 machine has only libnvrtc.so.13. `run` finds the newest libnvrtc it
-# can (pip's nvidia/cuda_nvrtc, /usr/local/cuda) and links it as libnvrtc.so
-# in a private directory on LD_LIBRARY_PATH.
+# NVRTC: strata finds libnvrtc.so.13 or .so.12 itself (the loader path,
+# the CUDA toolkit, NVIDIA's Python wheels; see src/kernels/gpu/cuda/nvrtc.rs);
+# the detection step prints which one it loaded.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bundle=target/gpu-check
@@ -90,37 +89,11 @@ run)
     say "-- $name: rc $rc in ${secs} s"
   }
 
-  # NVRTC for strata's bindings (see the header).
-  nvrtc=$(python3 - <<'PY' 2>/dev/null || true
-import glob, os
-roots = []
-try:
-    import nvidia
-    roots += [os.path.join(p, "cuda_nvrtc", "lib") for p in nvidia.__path__]
-except Exception:
-    pass
-roots += ["/usr/local/cuda/lib64", "/usr/local/cuda/targets/x86_64-linux/lib"]
-found = [f for r in roots for f in glob.glob(os.path.join(r, "libnvrtc.so.1[0-9]*"))
-         if "builtins" not in f and ".alt." not in f]
-print(sorted(found)[-1] if found else "")
-PY
-)
-  if [[ -n "$nvrtc" ]]; then
-    mkdir -p "$work/lib"
-    ln -sf "$nvrtc" "$work/lib/libnvrtc.so"
-    for builtin in "$(dirname "$nvrtc")"/libnvrtc-builtins.so*; do
-      [[ -e "$builtin" ]] && ln -sf "$builtin" "$work/lib/"
-    done
-    export LD_LIBRARY_PATH="$work/lib:$(dirname "$nvrtc")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-    say "NVRTC: $nvrtc (linked as libnvrtc.so)"
-  else
-    say "NVRTC: none found; kernels cannot be compiled"
-  fi
   export XDG_CACHE_HOME="$work/cache"
 
   step "detection" 60 bash -ec "nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; \
     $bin/gpu_kernels --exact gpu_detection_never_panics_and_explains_an_absent_gpu --nocapture; \
-    $bin/gpu_kernels --exact nvrtc_compiles_the_embedded_kernels_through_cudarc_and_caches_them --nocapture; \
+    $bin/gpu_kernels --exact nvrtc_compiles_the_embedded_kernels_to_ptx_and_caches_them --nocapture; \
     $bin/gpu_kernels --exact nvrtc_compiles_the_embedded_kernels_to_cubins_and_caches_them --nocapture"
   for test in $("$bin/gpu_kernels" --list 2>/dev/null | sed -n 's/: test$//p' | grep '^gpu_'); do
     step "test $test" 60 "$bin/gpu_kernels" --exact "$test" --nocapture --test-threads 1

@@ -23,6 +23,7 @@
 mod aggtable;
 mod chain;
 pub mod measure;
+pub mod nvrtc;
 
 use std::collections::HashMap;
 use std::panic::{AssertUnwindSafe, catch_unwind};
@@ -37,7 +38,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DeviceRepr, DriverError, LaunchConfig,
     PushKernelArg, ValidAsZeroBits,
 };
-use cudarc::nvrtc::{CompileOptions, Ptx};
+use cudarc::nvrtc::Ptx;
 
 use super::pool::{PoolError, SlotPool};
 use super::source::{CacheKey, PtxCache, SOURCES, expand_includes};
@@ -150,31 +151,12 @@ fn list_devices() -> Result<Vec<GpuDevice>, GpuError> {
 
 /// `major.minor` of the NVRTC library, or why it cannot be used.
 pub fn nvrtc_version() -> Result<String, GpuError> {
-    // SAFETY: as for the driver: only a `dlopen` probe.
-    if !unsafe { cudarc::nvrtc::sys::is_culib_present() } {
-        return Err(GpuError::NvrtcUnavailable {
-            reason: "libnvrtc.so not found, so kernels cannot be compiled".into(),
-        });
-    }
-    let query = || {
-        let (mut major, mut minor) = (0, 0);
-        // SAFETY: both pointers are to live locals for the duration of the
-        // call, which writes two ints and keeps neither pointer.
-        let status = unsafe { cudarc::nvrtc::sys::nvrtcVersion(&mut major, &mut minor) };
-        (status, major, minor)
-    };
-    match catch_unwind(query) {
-        Ok((cudarc::nvrtc::sys::nvrtcResult::NVRTC_SUCCESS, major, minor)) => {
-            Ok(format!("{major}.{minor}"))
-        }
-        Ok((status, _, _)) => Err(GpuError::Driver {
-            call: "nvrtcVersion",
-            reason: format!("{status:?}"),
-        }),
-        Err(_) => Err(GpuError::NvrtcUnavailable {
-            reason: "libnvrtc panicked while loading".into(),
-        }),
-    }
+    nvrtc::nvrtc().map(nvrtc::Nvrtc::version)
+}
+
+/// Where the NVRTC library was loaded from, or why there is none.
+pub fn nvrtc_library() -> Result<std::path::PathBuf, GpuError> {
+    nvrtc::nvrtc().map(|n| n.path().to_path_buf())
 }
 
 /// The CUDA driver's version as `cuDriverGetVersion` reports it (e.g.
@@ -247,14 +229,7 @@ pub fn compile_modules(
     cache: &PtxCache,
 ) -> Result<Vec<(&'static str, String)>, GpuError> {
     let images = compile_all(arch, cache, "ptx", |stem, source, options| {
-        let options = CompileOptions {
-            options: options.to_vec(),
-            name: Some(format!("{stem}.cu")),
-            ..Default::default()
-        };
-        cudarc::nvrtc::compile_ptx_with_opts(source, options)
-            .map(|ptx| ptx.to_src().into_bytes())
-            .map_err(|e| format!("{e:?}"))
+        nvrtc_compile(stem, source, options, nvrtc::Image::Ptx)
     })?;
     Ok(images
         .into_iter()
@@ -275,43 +250,18 @@ pub fn compile_cubins(
 
 /// One NVRTC compilation to a cubin; the error is NVRTC's log.
 fn nvrtc_cubin(stem: &str, source: &str, options: &[String]) -> Result<Vec<u8>, String> {
-    use cudarc::nvrtc::result;
-    use std::ffi::CString;
-    let text = CString::new(source).map_err(|e| e.to_string())?;
-    let name = CString::new(format!("{stem}.cu")).map_err(|e| e.to_string())?;
-    let compile = || -> Result<Vec<u8>, String> {
-        let program = result::create_program(&text, Some(&name)).map_err(|e| format!("{e:?}"))?;
-        // SAFETY: `program` was just created and is destroyed once below;
-        // `text` and `name`, which it may point into, outlive it. The cubin
-        // buffer has the size NVRTC reported for it.
-        unsafe {
-            let compiled = result::compile_program(program, options);
-            let image = compiled.map_err(|e| {
-                let log = result::get_program_log(program)
-                    .map(|l| {
-                        let bytes: Vec<u8> = l.iter().map(|&c| c as u8).collect();
-                        String::from_utf8_lossy(&bytes)
-                            .trim_end_matches('\0')
-                            .to_owned()
-                    })
-                    .unwrap_or_default();
-                format!("{e:?}: {log}")
-            });
-            let image = image.and_then(|()| {
-                let mut size = 0usize;
-                cudarc::nvrtc::sys::nvrtcGetCUBINSize(program, &mut size)
-                    .result()
-                    .map_err(|e| format!("nvrtcGetCUBINSize: {e:?}"))?;
-                let mut cubin = vec![0u8; size];
-                cudarc::nvrtc::sys::nvrtcGetCUBIN(program, cubin.as_mut_ptr().cast())
-                    .result()
-                    .map_err(|e| format!("nvrtcGetCUBIN: {e:?}"))?;
-                Ok(cubin)
-            });
-            let _ = result::destroy_program(program);
-            image
-        }
-    };
+    nvrtc_compile(stem, source, options, nvrtc::Image::Cubin)
+}
+
+/// One NVRTC compilation of `kernels/<stem>.cu` (expanded) to `image`.
+fn nvrtc_compile(
+    stem: &str,
+    source: &str,
+    options: &[String],
+    image: nvrtc::Image,
+) -> Result<Vec<u8>, String> {
+    let compiler = nvrtc::nvrtc().map_err(|e| e.to_string())?;
+    let compile = || compiler.compile(&format!("{stem}.cu"), source, options, image);
     catch_unwind(AssertUnwindSafe(compile)).unwrap_or_else(|_| Err("libnvrtc panicked".into()))
 }
 

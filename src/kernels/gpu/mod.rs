@@ -1,8 +1,9 @@
 //! The GPU tier: detection, the device memory pool, the kernel sources and
 //! their PTX cache, and the CUDA dispatcher.
 //!
-//! Nothing here needs CUDA to build or to run: `cudarc` loads `libcuda` and
-//! `libnvrtc` with `dlopen` on first use. Detection asks
+//! Nothing here needs CUDA to build or to run: `cudarc` loads `libcuda`, and
+//! `cuda::nvrtc` loads `libnvrtc` (12 or 13), with `dlopen` on first use.
+//! Detection asks
 //! `is_culib_present` first, because `cudarc` panics rather than failing
 //! when the driver library is missing, and it also runs under
 //! `catch_unwind`, so a broken installation is a "no GPU" with a reason,
