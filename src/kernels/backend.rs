@@ -165,6 +165,20 @@ pub trait KernelBackend: Send + Sync {
         program: Arc<AggProgram>,
         capacity: u64,
     ) -> Result<Box<dyn DeviceAggTable>, KernelError>;
+
+    /// Whether the backend's device context is broken for good (a sticky
+    /// error, seen by this backend or another on the same device): its
+    /// slot takes it out of service before the next batch.
+    fn context_lost(&self) -> bool {
+        false
+    }
+
+    /// After a device error of this backend: whether the error broke the
+    /// context for good (then [`KernelBackend::context_lost`] says so from
+    /// now on, on every backend sharing it).
+    fn probe_after_error(&self) -> bool {
+        false
+    }
 }
 
 /// The pieces as one batch (the host twin and the simulator run on one).

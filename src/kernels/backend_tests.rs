@@ -40,6 +40,9 @@ fn oom_splits_the_batch_and_the_result_equals_the_cpu_twin() {
 struct Faulty {
     broken: std::sync::atomic::AtomicBool,
     calls: AtomicU64,
+    /// The device context it shares with other backends, when a test
+    /// models one: its errors are then sticky (they break the context).
+    lease: Option<crate::kernels::gpu::contexts::Lease<u32>>,
 }
 
 impl Faulty {
@@ -58,6 +61,18 @@ impl Faulty {
 impl KernelBackend for Faulty {
     fn tier(&self) -> Tier {
         Tier::Gpu
+    }
+    fn context_lost(&self) -> bool {
+        self.lease.as_ref().is_some_and(|l| l.lost())
+    }
+    fn probe_after_error(&self) -> bool {
+        match &self.lease {
+            Some(lease) => {
+                lease.mark_lost();
+                true
+            }
+            None => false,
+        }
     }
     fn describe(&self) -> String {
         "faulty test GPU".into()
@@ -140,6 +155,7 @@ fn broken_slot() -> (
     let faulty = Arc::new(Faulty {
         broken: true.into(),
         calls: AtomicU64::new(0),
+        lease: None,
     });
     let gpu: Arc<dyn KernelBackend> = faulty.clone();
     let reopened = Arc::clone(&gpu);
@@ -238,6 +254,7 @@ fn an_out_of_service_slot_sends_every_batch_to_the_cpu_twin_without_calling_the_
     let faulty = Arc::new(Faulty {
         broken: true.into(),
         calls: AtomicU64::new(0),
+        lease: None,
     });
     let gpu: Arc<dyn KernelBackend> = faulty.clone();
     let again = Arc::clone(&gpu);
@@ -501,4 +518,95 @@ fn aggregate_overflow_and_row_mismatch_are_errors_on_every_tier() {
             AggregateError::RowCountMismatch { .. }
         ))
     ));
+}
+
+/// Two slots on one device share its context. A sticky error on one slot
+/// takes the other out of service before its next batch (which runs on
+/// the CPU twin without touching the device); the context is reset once,
+/// after both let go of it, and both slots come back on a fresh one.
+#[test]
+fn a_sticky_error_on_one_slot_takes_the_device_out_and_it_is_reset_once_both_let_go() {
+    use crate::kernels::gpu::contexts::DeviceContexts;
+    use crate::kernels::health::DeviceSlot;
+    #[derive(Debug, thiserror::Error)]
+    #[error("unreachable")]
+    struct Never;
+    let registry = Arc::new(DeviceContexts::<u32>::default());
+    let opened = Arc::new(AtomicU64::new(0));
+    let resets = Arc::new(AtomicU64::new(0));
+    // Slot 0's first backend fails; every other backend works.
+    let open = {
+        let (registry, opened, resets) = (registry.clone(), opened.clone(), resets.clone());
+        move |broken: bool| -> Result<Arc<dyn KernelBackend>, GpuError> {
+            let lease = registry
+                .lease(
+                    0,
+                    || Ok::<_, Never>(Arc::new(opened.fetch_add(1, Ordering::SeqCst) as u32)),
+                    || {
+                        resets.fetch_add(1, Ordering::SeqCst);
+                        Ok(())
+                    },
+                )
+                .map_err(|e| GpuError::NoGpu {
+                    reason: e.to_string(),
+                })?;
+            Ok(Arc::new(Faulty {
+                broken: broken.into(),
+                calls: AtomicU64::new(0),
+                lease: Some(lease),
+            }))
+        }
+    };
+    let slots: Vec<(Arc<DeviceSlot>, TieredKernels)> = (0..2)
+        .map(|i| {
+            let first = open(i == 0).unwrap();
+            let reopen = open.clone();
+            let slot = Arc::new(DeviceSlot::with_backoff(
+                first,
+                Box::new(move || reopen(false)),
+                std::time::Duration::ZERO,
+                std::time::Duration::ZERO,
+            ));
+            let kernels = TieredKernels::on_slot(Arc::clone(&slot), Arc::default());
+            (slot, kernels)
+        })
+        .collect();
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        1,
+        "the slots share one context"
+    );
+    let array = values();
+    let expected = CpuBackend.filter_i64(&array, CmpOp::Ge, 100).unwrap();
+    // Slot 0 fails stickily: its batch reruns on the CPU twin.
+    assert_eq!(
+        slots[0].1.filter_i64(&array, CmpOp::Ge, 100).unwrap(),
+        expected
+    );
+    assert_eq!(slots[0].0.error_count(), 1);
+    // Slot 1 never reaches its (working) backend: the context is lost.
+    assert_eq!(
+        slots[1].1.filter_i64(&array, CmpOp::Ge, 100).unwrap(),
+        expected
+    );
+    let stats = slots[1].1.stats().snapshot();
+    assert_eq!(
+        (stats.gpu_batches, stats.device_error_fallbacks),
+        (0, 1),
+        "{stats:?}"
+    );
+    assert_eq!(slots[1].0.error_count(), 1);
+    // Both let go, so the next batch of each reopens: one reset, one new
+    // context shared by both, and the batches run on the device again.
+    for (slot, kernels) in &slots {
+        assert_eq!(
+            kernels.filter_i64(&array, CmpOp::Ge, 100).unwrap(),
+            expected
+        );
+        assert_eq!(slot.reopen_count(), 1);
+        assert_eq!(kernels.stats().snapshot().gpu_batches, 1);
+    }
+    assert_eq!(resets.load(Ordering::SeqCst), 1);
+    assert_eq!(opened.load(Ordering::SeqCst), 2);
+    assert_eq!(registry.reset_count(), 1);
 }

@@ -7,7 +7,14 @@
 //! maximum) the next batch reopens the backend — a new context — and uses
 //! it again if that succeeds.
 //!
-//! States: `Healthy(backend)` → on a device error → `Unhealthy { retry_at }`
+//! A sticky error breaks the device's shared primary context for every
+//! slot on it ([`crate::kernels::gpu::contexts`]): the failing slot's probe
+//! marks the context lost, and each other slot sees that before its next
+//! batch and goes out of service too, so the context is released by all
+//! and reset before any slot reopens on it.
+//!
+//! States: `Healthy(backend)` → on a device error, or when the backend's
+//! context is lost → `Unhealthy { retry_at }`
 //! → at `retry_at`, reopen: success → `Healthy(new backend)`; failure →
 //! `Unhealthy` with twice the backoff. A failure reported against a backend
 //! that has already been replaced changes nothing (a late report from
@@ -78,6 +85,20 @@ impl DeviceSlot {
     pub fn current(&self, now: Instant) -> Option<Arc<dyn KernelBackend>> {
         let mut state = self.lock();
         let backoff = match &*state {
+            State::Healthy(backend) if backend.context_lost() => {
+                // Another slot's sticky error broke the shared context.
+                self.errors
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tracing::warn!(
+                    "GPU backend out of service: its device context was lost to a sticky error; batches run on the CPU twin until the context is reset, next try in {:.1} s",
+                    self.backoff_initial.as_secs_f64()
+                );
+                *state = State::Unhealthy {
+                    retry_at: now + self.backoff_initial,
+                    backoff: self.backoff_initial,
+                };
+                return None;
+            }
             State::Healthy(backend) => return Some(Arc::clone(backend)),
             State::Unhealthy { retry_at, .. } if now < *retry_at => return None,
             State::Unhealthy { backoff, .. } => *backoff,
@@ -108,6 +129,8 @@ impl DeviceSlot {
     /// `backend` failed with a device error: takes it out of service, if
     /// it is still the slot's backend.
     pub fn report_failure(&self, backend: &Arc<dyn KernelBackend>, error: &GpuError, now: Instant) {
+        // Outside the lock: the probe waits for the device.
+        let sticky = backend.probe_after_error();
         let mut state = self.lock();
         let State::Healthy(current) = &*state else {
             return;
@@ -117,8 +140,13 @@ impl DeviceSlot {
         }
         self.errors
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let scope = if sticky {
+            "the error is sticky: the device's context is lost for every slot on it and is reset once they release it"
+        } else {
+            "the context still works"
+        };
         tracing::warn!(
-            "GPU backend unhealthy after a device error ({error}); its batches run on the CPU twin, reopening in {:.1} s",
+            "GPU backend unhealthy after a device error ({error}; {scope}); its batches run on the CPU twin, reopening in {:.1} s",
             self.backoff_initial.as_secs_f64()
         );
         *state = State::Unhealthy {

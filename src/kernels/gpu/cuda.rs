@@ -40,6 +40,7 @@ use cudarc::driver::{
 };
 use cudarc::nvrtc::Ptx;
 
+use super::contexts::{DeviceContexts, Lease, OpenError};
 use super::pool::{PoolError, SlotPool};
 use super::source::{CacheKey, PtxCache, SOURCES, expand_includes};
 use super::{GpuDetection, GpuDevice, GpuError, LaunchBytes};
@@ -373,6 +374,25 @@ pub struct CudaBackend {
     /// The second stream a fused chain's device batch uses, so that one
     /// half's copies overlap the other's (see `cuda/chain.rs`).
     side_stream: Arc<CudaStream>,
+    /// The device's primary context, shared with the other slots on it.
+    lease: Lease<CudaContext>,
+}
+
+/// The contexts of the GPUs this process uses (see [`super::contexts`]).
+static CONTEXTS: std::sync::LazyLock<DeviceContexts<CudaContext>> =
+    std::sync::LazyLock::new(DeviceContexts::default);
+
+/// Destroys everything in device `ordinal`'s primary context, so that the
+/// next retain makes a working one after a sticky error. Called only once
+/// no backend holds the context ([`DeviceContexts::lease`]).
+fn reset_primary_context(ordinal: u32) -> Result<(), DriverError> {
+    cudarc::driver::result::init()?;
+    let device = cudarc::driver::result::device::get(ordinal as i32)?;
+    // SAFETY: `device` is a handle the driver just returned; no object of
+    // this process lives in the context any more (the registry resets
+    // only after the last holder dropped it), so nothing is used after
+    // the reset frees it.
+    unsafe { cudarc::driver::sys::cuDevicePrimaryCtxReset_v2(device) }.result()
 }
 
 impl CudaBackend {
@@ -380,8 +400,20 @@ impl CudaBackend {
     /// loads them; launches then reserve device memory from `pool`.
     pub fn new(device: &GpuDevice, pool: SlotPool, cache: &PtxCache) -> Result<Self, GpuError> {
         let open = || -> Result<_, GpuError> {
-            let context =
-                CudaContext::new(device.ordinal as usize).map_err(driver("cuCtxCreate"))?;
+            let lease = CONTEXTS
+                .lease(
+                    device.ordinal,
+                    || CudaContext::new(device.ordinal as usize),
+                    || reset_primary_context(device.ordinal),
+                )
+                .map_err(|e| match e {
+                    OpenError::Open(e) => driver("cuDevicePrimaryCtxRetain")(e),
+                    OpenError::Reset { source, .. } => driver("cuDevicePrimaryCtxReset")(source),
+                    waiting @ OpenError::WaitingForRelease { .. } => GpuError::NoGpu {
+                        reason: waiting.to_string(),
+                    },
+                })?;
+            let context = Arc::clone(&lease.context);
             let modules = kernel_images(device, cache)?;
             let mut functions = HashMap::new();
             for (stem, image) in modules {
@@ -407,10 +439,10 @@ impl CudaBackend {
             // returns, so the ~28 event calls per launch order nothing.
             unsafe { context.disable_event_tracking() };
             keep_freed_device_memory(&context, pool.budget_bytes());
-            Ok((stream, side_stream, functions))
+            Ok((stream, side_stream, functions, lease))
         };
-        let (stream, side_stream, functions) =
-            catch_unwind(AssertUnwindSafe(open)).map_err(|_| GpuError::NoGpu {
+        let (stream, side_stream, functions, lease) = catch_unwind(AssertUnwindSafe(open))
+            .map_err(|_| GpuError::NoGpu {
                 reason: format!("opening GPU {} panicked in the CUDA driver", device.ordinal),
             })??;
         Ok(CudaBackend {
@@ -420,7 +452,28 @@ impl CudaBackend {
             pool,
             chains: chain::ChainCache::default(),
             side_stream,
+            lease,
         })
+    }
+
+    /// Whether this backend's context was found broken by a sticky error
+    /// (here or by another slot on the device).
+    pub fn context_lost(&self) -> bool {
+        self.lease.lost()
+    }
+
+    /// After a device error: a sticky one breaks the whole context, so
+    /// every later call fails with it, `cuCtxSynchronize` included. Marks
+    /// the context lost (for every backend on the device) when it does.
+    pub fn probe_context(&self) -> bool {
+        let sticky = catch_unwind(AssertUnwindSafe(|| self.stream.context().synchronize()))
+            .map_or(true, |r| {
+                r.is_err_and(|e| e.0 != cudarc::driver::sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY)
+            });
+        if sticky {
+            self.lease.mark_lost();
+        }
+        sticky
     }
 
     /// A generated module (a fused chain's, an aggregation table's) with
@@ -889,6 +942,14 @@ impl CudaBackend {
 impl KernelBackend for CudaBackend {
     fn tier(&self) -> Tier {
         Tier::Gpu
+    }
+
+    fn context_lost(&self) -> bool {
+        CudaBackend::context_lost(self)
+    }
+
+    fn probe_after_error(&self) -> bool {
+        self.probe_context()
     }
 
     fn describe(&self) -> String {

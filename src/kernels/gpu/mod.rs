@@ -19,6 +19,7 @@
 //!   but computes with the CPU twins, so out-of-memory handling is tested on
 //!   any machine.
 
+pub mod contexts;
 pub mod cuda;
 pub mod pool;
 pub mod sim;
