@@ -182,7 +182,9 @@ fn explain_with_the_simulated_h100_puts_the_project_filter_chain_on_the_gpu_pric
     let cost = chain.gpu.as_ref().expect("priced on the GPU");
     // 325 MB of input in 32 MiB batches: 10 of 2M rows, each 3 kernels and
     // 6 memsets (fault word, 4 output bitmaps, the filter's row counter)
-    // and two waits (the survivor count, then the results).
+    // and two waits (the survivor count, then exactly the survivors: a
+    // predicted download's margin, 250k rows of 32.5 bytes, would cost
+    // more than the second wait).
     assert_eq!(cost.batches, 10);
     assert_close(cost.rows_per_batch, 2e6);
     assert_eq!((cost.launches, cost.syncs), (90, 20));

@@ -106,6 +106,7 @@ keys! {
     "placement.calibration-file"                           => calibration_file: optional_text, show;
     "taskmanager.gpu.coalesce-bytes"                       => gpu_coalesce_bytes: memory, show_memory;
     "taskmanager.gpu.coalesce-latency"                     => gpu_coalesce_latency: positive_duration, show_duration;
+    "taskmanager.gpu.batches-in-flight"                    => gpu_batches_in_flight: in_flight_batches, show;
     "taskmanager.data.connections.max"                     => data_connections_max: at_least_one, show;
     "jobmanager.rpc.connections.max"                       => rpc_connections_max: at_least_one, show;
     "security.auth.secret"                                 => auth_secret: secret, show_secret;
@@ -262,6 +263,13 @@ fn at_least_one(value: &RawValue) -> Result<u32, &'static str> {
     Some(count(value)?)
         .filter(|n| *n >= 1)
         .ok_or("must be at least 1")
+}
+
+/// Device batches a GPU chain keeps in flight: 1 (wait for each) to 4.
+fn in_flight_batches(value: &RawValue) -> Result<u32, &'static str> {
+    Some(count(value)?)
+        .filter(|n| (1..=4).contains(n))
+        .ok_or("must be 1 to 4")
 }
 
 fn max_parallelism(value: &RawValue) -> Result<u32, &'static str> {

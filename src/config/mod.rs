@@ -311,6 +311,11 @@ pub struct Config {
     /// chain's coalescing buffer (checked when a batch arrives, and the
     /// buffer is flushed when the input goes idle or a checkpoint comes).
     pub gpu_coalesce_latency: Duration,
+    /// `taskmanager.gpu.batches-in-flight`: device batches a GPU chain has
+    /// submitted and not yet waited for. At 2 (the default) batch N+1 is
+    /// packed and uploaded while batch N computes and comes back; 1 waits
+    /// for each batch before the next is submitted.
+    pub gpu_batches_in_flight: u32,
     /// `placement.calibration-file`: the rates `strata bench --calibrate`
     /// wrote; empty means the default location (see `placement::calibration`).
     pub calibration_file: String,
@@ -484,6 +489,7 @@ impl Config {
             calibration_file: String::new(),
             gpu_coalesce_bytes: 32 << 20,
             gpu_coalesce_latency: Duration::from_millis(20),
+            gpu_batches_in_flight: 2,
             data_connections_max: 1024,
             rpc_connections_max: 1024,
             auth_secret: None,

@@ -76,7 +76,7 @@ impl GpuAggregateOperator {
 
     /// The table's groups into the host operator.
     fn drain(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
-        if self.table.groups() == 0 {
+        if self.table.groups().map_err(|e| self.device_error(e))? == 0 {
             return Ok(());
         }
         let partials = self.table.drain().map_err(|e| self.device_error(e))?;
@@ -128,7 +128,8 @@ impl GpuAggregateOperator {
         rows: usize,
         out: &mut dyn Output,
     ) -> Result<(), ExecError> {
-        if self.table.groups() + rows as u64 > self.table.capacity() / 2 {
+        let groups = self.table.groups().map_err(|e| self.device_error(e))?;
+        if groups + rows as u64 > self.table.capacity() / 2 {
             self.drain(out)?;
         }
         self.table.upsert(pieces).map_err(|e| self.device_error(e))
@@ -307,6 +308,7 @@ mod tests {
         let policy = CoalescePolicy {
             bytes: 48_000,
             latency: Duration::from_secs(3600),
+            in_flight: 1,
         };
         (
             GpuAggregateOperator::new("totals", program, table, host, policy),

@@ -13,6 +13,7 @@
 //! longer than the largest input batch, so operators downstream see the
 //! batch sizes they were built for.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,14 +21,17 @@ use arrow_array::RecordBatch;
 
 use super::ExecError;
 use super::operators::{Operator, Output};
-use crate::kernels::backend::{KernelBackend, KernelError};
+use crate::kernels::backend::{KernelBackend, KernelError, Submitted};
 use crate::kernels::chain::ChainProgram;
 
-/// When a chain's buffered input becomes a device batch.
+/// When a chain's buffered input becomes a device batch, and how many
+/// device batches may be in flight.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CoalescePolicy {
     pub bytes: u64,
     pub latency: Duration,
+    /// `taskmanager.gpu.batches-in-flight`, at least 1.
+    pub in_flight: usize,
 }
 
 impl Default for CoalescePolicy {
@@ -42,6 +46,7 @@ impl CoalescePolicy {
         CoalescePolicy {
             bytes: config.gpu_coalesce_bytes,
             latency: config.gpu_coalesce_latency,
+            in_flight: config.gpu_batches_in_flight.max(1) as usize,
         }
     }
 }
@@ -58,8 +63,16 @@ pub struct GpuChainOperator {
     pending: Vec<RecordBatch>,
     pending_rows: usize,
     pending_since: Option<Instant>,
+    /// Device batches submitted and not yet waited for, oldest first.
+    in_flight: VecDeque<InFlight>,
     emit_rows_max: usize,
     step_metrics: Vec<Arc<crate::metrics::OperatorMetrics>>,
+}
+
+/// A submitted device batch, and its input row count (for the metrics).
+struct InFlight {
+    submitted: Submitted,
+    input_rows: u64,
 }
 
 impl GpuChainOperator {
@@ -77,6 +90,7 @@ impl GpuChainOperator {
             pending: Vec::new(),
             pending_rows: 0,
             pending_since: None,
+            in_flight: VecDeque::new(),
             emit_rows_max: 1,
             step_metrics: Vec::new(),
         }
@@ -118,30 +132,70 @@ impl GpuChainOperator {
         (self.pending_rows as f64 * per_row) as u64
     }
 
+    /// Submits the buffered input as one device batch, then waits for the
+    /// oldest batches until fewer than `in_flight` remain: with 2, this
+    /// batch uploads while the previous one computes and comes back.
     fn run(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
-        if self.pending.is_empty() {
-            return Ok(());
+        if !self.pending.is_empty() {
+            let pieces = std::mem::take(&mut self.pending);
+            self.pending_rows = 0;
+            self.pending_since = None;
+            let input_rows = pieces.iter().map(|p| p.num_rows() as u64).sum();
+            let submitted = self
+                .kernels
+                .submit_chain(&self.program, pieces)
+                .map_err(|e| self.error(e))?;
+            self.in_flight.push_back(InFlight {
+                submitted,
+                input_rows,
+            });
         }
-        let pieces = std::mem::take(&mut self.pending);
-        self.pending_rows = 0;
-        self.pending_since = None;
-        let result = self
-            .kernels
-            .run_chain(&self.program, &pieces)
-            .map_err(|e| match e {
-                KernelError::Chain(fault) => ExecError::Expression {
-                    operator: fault.operator,
-                    detail: fault.detail.to_string(),
-                },
-                other => ExecError::Expression {
-                    operator: self.name.clone(),
-                    detail: other.to_string(),
-                },
-            })?;
-        self.correct_metrics(
-            &result.step_rows,
-            pieces.iter().map(|p| p.num_rows() as u64).sum(),
-        );
+        while self.in_flight.len() >= self.policy.in_flight.max(1) {
+            self.complete_oldest(out)?;
+        }
+        Ok(())
+    }
+
+    /// Submits what is buffered and waits for every batch in flight (a
+    /// flush, watermark, checkpoint or the end of input).
+    fn drain(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
+        self.run(out)?;
+        while !self.in_flight.is_empty() {
+            self.complete_oldest(out)?;
+        }
+        Ok(())
+    }
+
+    fn error(&self, e: KernelError) -> ExecError {
+        match e {
+            KernelError::Chain(fault) => ExecError::Expression {
+                operator: fault.operator,
+                detail: fault.detail.to_string(),
+            },
+            other => ExecError::Expression {
+                operator: self.name.clone(),
+                detail: other.to_string(),
+            },
+        }
+    }
+
+    /// Waits for the oldest batch in flight and emits its rows.
+    fn complete_oldest(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
+        let Some(InFlight {
+            submitted,
+            input_rows,
+        }) = self.in_flight.pop_front()
+        else {
+            return Ok(());
+        };
+        let result = match submitted {
+            Submitted::Done(result) => result,
+            Submitted::Pending(pending) => self
+                .kernels
+                .complete_chain(pending)
+                .map_err(|e| self.error(e))?,
+        };
+        self.correct_metrics(&result.step_rows, input_rows);
         let batch = result.batch;
         let mut offset = 0;
         while offset < batch.num_rows() {
@@ -177,16 +231,16 @@ impl Operator for GpuChainOperator {
     }
 
     fn watermark(&mut self, watermark: i64, out: &mut dyn Output) -> Result<(), ExecError> {
-        self.run(out)?;
+        self.drain(out)?;
         out.watermark(watermark)
     }
 
     fn finish(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
-        self.run(out)
+        self.drain(out)
     }
 
     fn flush(&mut self, out: &mut dyn Output) -> Result<(), ExecError> {
-        self.run(out)
+        self.drain(out)
     }
 }
 
@@ -300,6 +354,16 @@ mod tests {
         budget_bytes: u64,
         coalesce_bytes: u64,
     ) -> (Result<RecordBatch, String>, Arc<OffloadStats>) {
+        fused_in_flight(predicate, input, budget_bytes, coalesce_bytes, 2)
+    }
+
+    fn fused_in_flight(
+        predicate: &Expr,
+        input: &[RecordBatch],
+        budget_bytes: u64,
+        coalesce_bytes: u64,
+        in_flight: usize,
+    ) -> (Result<RecordBatch, String>, Arc<OffloadStats>) {
         let program = chain_program(predicate);
         let pool = DevicePool::new(PoolConfig::even(budget_bytes, 1)).unwrap();
         let stats = Arc::new(OffloadStats::default());
@@ -314,6 +378,7 @@ mod tests {
             CoalescePolicy {
                 bytes: coalesce_bytes,
                 latency: Duration::from_secs(3600),
+                in_flight,
             },
         );
         let mut out = Sink::default();
@@ -324,8 +389,9 @@ mod tests {
             op.finish(&mut out)
         })();
         let result = run.map_err(|e| e.to_string()).map(|()| {
+            let largest = input.iter().map(RecordBatch::num_rows).max().unwrap_or(0);
             assert!(
-                out.batches.iter().all(|b| b.num_rows() <= 1000),
+                out.batches.iter().all(|b| b.num_rows() <= largest),
                 "re-sliced"
             );
             arrow_select::concat::concat_batches(&projected_schema(), &out.batches).unwrap()
@@ -338,23 +404,124 @@ mod tests {
         let predicate = Expr::parse("tripled > 300 and shifted != 0").unwrap();
         let input = batches(10, 1000);
         let expected = on_cpu(&predicate, &input).unwrap();
-        // Three 1000-row batches of two 8-byte columns per device batch.
-        let (actual, stats) = fused(&predicate, &input, 1 << 30, 3 * 1000 * 16);
-        assert_eq!(actual.unwrap(), expected);
-        let stats = stats.snapshot();
-        assert_eq!(
-            stats.chain_batches, 4,
-            "10 batches coalesced 3 by 3: {stats:?}"
+        for in_flight in [1, 2, 3] {
+            // Three 1000-row batches of two 8-byte columns per device batch.
+            let (actual, stats) =
+                fused_in_flight(&predicate, &input, 1 << 30, 3 * 1000 * 16, in_flight);
+            assert_eq!(actual.unwrap(), expected, "{in_flight} in flight");
+            let stats = stats.snapshot();
+            assert_eq!(
+                stats.chain_batches, 4,
+                "10 batches coalesced 3 by 3: {stats:?}"
+            );
+            assert_eq!(stats.chain_rows, 10_000);
+            // Each device input column goes up once per device batch: two
+            // columns of 8-byte values, and the nullable key's validity words.
+            let validity: u64 = [3000u64, 3000, 3000, 1000]
+                .iter()
+                .map(|&rows| crate::kernels::chain::bitmap_word_bytes(rows))
+                .sum();
+            assert_eq!(stats.h2d_bytes, 10_000 * 16 + validity, "{stats:?}");
+            assert_eq!(
+                stats.syncs, 4,
+                "one wait per device batch: the download covers the survivors"
+            );
+        }
+    }
+
+    /// A filter that keeps 1%: the first batch downloads every row (nothing
+    /// is known yet), later ones only the predicted survivors, each with
+    /// one wait; a batch that suddenly keeps everything waits twice.
+    #[test]
+    fn a_selective_filter_downloads_the_predicted_survivors_with_one_wait() {
+        let predicate = Expr::parse("tripled % 100 = 7 or shifted > 100000000").unwrap();
+        let mut input = batches(6, 10_000);
+        // The last batch: every row passes `shifted > 100000000`.
+        let big: Int64Array = (0..10_000).map(|i| 200_000_000 + i).collect();
+        let key: Int64Array = (0..10_000).map(|i| Some(i % 50)).collect();
+        input.push(
+            RecordBatch::try_new(input_schema(), vec![Arc::new(key), Arc::new(big)]).unwrap(),
         );
-        assert_eq!(stats.chain_rows, 10_000);
-        // Each device input column goes up once per device batch: two
-        // columns of 8-byte values, and the nullable key's validity words.
-        let validity: u64 = [3000u64, 3000, 3000, 1000]
-            .iter()
-            .map(|&rows| crate::kernels::chain::bitmap_word_bytes(rows))
-            .sum();
-        assert_eq!(stats.h2d_bytes, 10_000 * 16 + validity, "{stats:?}");
-        assert_eq!(stats.syncs, 8, "two waits per device batch with a filter");
+        let expected = on_cpu(&predicate, &input).unwrap();
+        let (actual, stats) = fused(&predicate, &input, 1 << 30, 10_000 * 16);
+        let actual = actual.unwrap();
+        assert_eq!(actual, expected);
+        let stats = stats.snapshot();
+        assert_eq!(stats.chain_batches, 7, "{stats:?}");
+        assert_eq!(
+            stats.syncs,
+            7 + 1,
+            "one wait each, two for the jump: {stats:?}"
+        );
+        // Three Int64 outputs of 8 bytes and their validity words a row.
+        let row_bytes = |rows: u64| rows * 24 + 3 * crate::kernels::chain::bitmap_word_bytes(rows);
+        let kept_of_first = (expected.num_rows() - 10_000) as u64 / 6;
+        // Whole batches come down three times: the first two (submitted
+        // before anything was known), and the jump's second download; the
+        // other five download about 1.25 × survivors + 1,024 rows.
+        let predicted = crate::kernels::chain::predicted_download_rows(10_000, 0.0101);
+        assert!(
+            stats.d2h_bytes < row_bytes(10_000) * 3 + 5 * row_bytes(predicted) + 5 * 64,
+            "the selective batches download about {kept_of_first} rows each, not 10,000: {stats:?}"
+        );
+        assert!(
+            stats.d2h_bytes < 4 * row_bytes(10_000),
+            "not 7 whole batches: {stats:?}"
+        );
+    }
+
+    /// With two batches in flight a batch's rows come out when the next one
+    /// is submitted; a flush or a watermark waits for all, in order.
+    #[test]
+    fn batches_in_flight_come_out_in_order_and_flush_and_watermarks_wait_for_them() {
+        let predicate = Expr::parse("tripled > -1000000").unwrap();
+        let program = chain_program(&predicate);
+        let pool = DevicePool::new(PoolConfig::even(1 << 30, 1)).unwrap();
+        let kernels = Arc::new(TieredKernels::new(
+            Arc::new(SimulatedGpuBackend::new(pool.slot(0))),
+            Arc::default(),
+        ));
+        let mut op = GpuChainOperator::new(
+            "c".into(),
+            program,
+            kernels,
+            CoalescePolicy {
+                bytes: 1,
+                latency: Duration::from_secs(3600),
+                in_flight: 2,
+            },
+        );
+        let input = batches(4, 100);
+        let first_key = |b: &RecordBatch| {
+            b.column(1)
+                .as_any()
+                .downcast_ref::<Int64Array>()
+                .unwrap()
+                .value(0)
+        };
+        let mut out = Sink::default();
+        op.process(input[0].clone(), &mut out).unwrap();
+        assert!(out.batches.is_empty(), "batch 0 is in flight");
+        op.process(input[1].clone(), &mut out).unwrap();
+        assert_eq!(out.batches.len(), 1, "batch 1 submitted, batch 0 out");
+        op.process(input[2].clone(), &mut out).unwrap();
+        assert_eq!(out.batches.len(), 2);
+        op.watermark(7, &mut out).unwrap();
+        assert_eq!(
+            (out.batches.len(), out.watermarks.as_slice()),
+            (3, &[7][..])
+        );
+        op.process(input[3].clone(), &mut out).unwrap();
+        op.flush(&mut out).unwrap();
+        op.finish(&mut out).unwrap();
+        let firsts: Vec<i64> = out.batches.iter().map(first_key).collect();
+        let expected: Vec<i64> = input.iter().map(|b| first_key(b) * 3).collect();
+        assert_eq!(firsts, expected, "in input order");
+        // A device batch still in flight when the operator is dropped
+        // gives its device memory back.
+        op.process(input[0].clone(), &mut out).unwrap();
+        drop(op);
+        assert_eq!(pool.slot(0).in_use_bytes(), 0);
     }
 
     #[test]
@@ -392,6 +559,7 @@ mod tests {
             CoalescePolicy {
                 bytes: 1 << 30,
                 latency: Duration::from_secs(3600),
+                in_flight: 2,
             },
         );
         let mut out = Sink::default();

@@ -174,8 +174,9 @@ pub trait DeviceAggTable: Send {
     /// `groups() + rows` at most half the capacity (it drains first).
     fn upsert(&mut self, pieces: &[RecordBatch]) -> Result<(), KernelError>;
 
-    /// Groups in the table now.
-    fn groups(&self) -> u64;
+    /// Groups in the table now (a device table waits here for its last
+    /// upsert, which it did not wait for).
+    fn groups(&mut self) -> Result<u64, KernelError>;
 
     /// Slots of the table.
     fn capacity(&self) -> u64;
@@ -280,8 +281,8 @@ impl DeviceAggTable for HostAggTable {
         Ok(())
     }
 
-    fn groups(&self) -> u64 {
-        self.groups.len() as u64
+    fn groups(&mut self) -> Result<u64, KernelError> {
+        Ok(self.groups.len() as u64)
     }
 
     fn capacity(&self) -> u64 {

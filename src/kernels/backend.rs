@@ -166,6 +166,30 @@ pub trait KernelBackend: Send + Sync {
         capacity: u64,
     ) -> Result<Box<dyn DeviceAggTable>, KernelError>;
 
+    /// Starts a fused chain over `pieces` as one device batch without
+    /// waiting for it: copies and kernels are enqueued, and the host is
+    /// free to prepare the next batch while the device works. A backend
+    /// without a device (and the default) runs it at once. The result is
+    /// [`KernelBackend::complete_chain`]'s, on the same backend.
+    fn submit_chain(
+        &self,
+        program: &Arc<ChainProgram>,
+        pieces: Vec<RecordBatch>,
+    ) -> Result<Submitted, KernelError> {
+        self.run_chain(program, &pieces).map(Submitted::Done)
+    }
+
+    /// Waits for a batch this backend submitted and assembles its result.
+    fn complete_chain(&self, pending: PendingChain) -> Result<ChainOutput, KernelError> {
+        Err(KernelError::Gpu(GpuError::NoGpu {
+            reason: format!(
+                "{} did not submit this chain batch ({} rows)",
+                self.describe(),
+                pending.rows
+            ),
+        }))
+    }
+
     /// Whether the backend's device context is broken for good (a sticky
     /// error, seen by this backend or another on the same device): its
     /// slot takes it out of service before the next batch.
@@ -178,6 +202,40 @@ pub trait KernelBackend: Send + Sync {
     /// now on, on every backend sharing it).
     fn probe_after_error(&self) -> bool {
         false
+    }
+}
+
+/// A chain batch handed to a backend ([`KernelBackend::submit_chain`]).
+pub enum Submitted {
+    /// It ran at once.
+    Done(ChainOutput),
+    /// It runs on the device; [`KernelBackend::complete_chain`] waits.
+    Pending(PendingChain),
+}
+
+/// A device batch in flight: the backend's own state for it (its device
+/// buffers, pinned staging and streams, which it owns until it completes
+/// or is dropped — a dropped one waits for the device first).
+pub struct PendingChain {
+    pub rows: usize,
+    pub state: Box<dyn std::any::Any + Send>,
+}
+
+impl PendingChain {
+    pub fn new<T: std::any::Any + Send>(rows: usize, state: T) -> Self {
+        PendingChain {
+            rows,
+            state: Box::new(state),
+        }
+    }
+
+    /// The backend's state, when it is of type `T`.
+    pub fn downcast<T: std::any::Any>(self) -> Result<T, PendingChain> {
+        let rows = self.rows;
+        self.state
+            .downcast::<T>()
+            .map(|b| *b)
+            .map_err(|state| PendingChain { rows, state })
     }
 }
 
@@ -870,6 +928,67 @@ impl KernelBackend for TieredKernels {
         self.chain_piece(&gpu, program, pieces, 0)
     }
 
+    fn submit_chain(
+        &self,
+        program: &Arc<ChainProgram>,
+        pieces: Vec<RecordBatch>,
+    ) -> Result<Submitted, KernelError> {
+        let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
+        let Some(gpu) = self.gpu(rows) else {
+            return self.cpu.run_chain(program, &pieces).map(Submitted::Done);
+        };
+        match gpu.submit_chain(program, pieces.clone()) {
+            Ok(Submitted::Done(result)) => {
+                self.count_chain(program, &pieces, &result);
+                Ok(Submitted::Done(result))
+            }
+            Ok(Submitted::Pending(inner)) => Ok(Submitted::Pending(PendingChain::new(
+                rows,
+                TieredPending {
+                    gpu,
+                    inner,
+                    program: Arc::clone(program),
+                    pieces,
+                },
+            ))),
+            // Does not fit beside what is in flight: split and wait.
+            Err(KernelError::DeviceOutOfMemory(_)) => self
+                .chain_piece(&gpu, program, &pieces, 0)
+                .map(Submitted::Done),
+            Err(KernelError::Gpu(error)) => {
+                self.device_failed(&gpu, &error, rows);
+                self.cpu.run_chain(program, &pieces).map(Submitted::Done)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
+    fn complete_chain(&self, pending: PendingChain) -> Result<ChainOutput, KernelError> {
+        let TieredPending {
+            gpu,
+            inner,
+            program,
+            pieces,
+        } = pending.downcast::<TieredPending>().map_err(|p| {
+            KernelError::Gpu(GpuError::NoGpu {
+                reason: format!("a chain batch of {} rows submitted elsewhere", p.rows),
+            })
+        })?;
+        match gpu.complete_chain(inner) {
+            Ok(result) => {
+                self.count_chain(&program, &pieces, &result);
+                Ok(result)
+            }
+            Err(KernelError::DeviceOutOfMemory(_)) => self.chain_piece(&gpu, &program, &pieces, 0),
+            Err(KernelError::Gpu(error)) => {
+                let rows = pieces.iter().map(RecordBatch::num_rows).sum();
+                self.device_failed(&gpu, &error, rows);
+                self.cpu.run_chain(&program, &pieces)
+            }
+            Err(other) => Err(other),
+        }
+    }
+
     fn open_agg_table(
         &self,
         program: Arc<AggProgram>,
@@ -877,6 +996,15 @@ impl KernelBackend for TieredKernels {
     ) -> Result<Box<dyn DeviceAggTable>, KernelError> {
         self.open_device_agg_table(program, capacity)
     }
+}
+
+/// A batch [`TieredKernels`] submitted: the backend that runs it, and the
+/// input, to rerun on the CPU twin if the device fails it.
+struct TieredPending {
+    gpu: Arc<dyn KernelBackend>,
+    inner: PendingChain,
+    program: Arc<ChainProgram>,
+    pieces: Vec<RecordBatch>,
 }
 
 /// Slots below which a device aggregation table is not worth opening: the
@@ -924,6 +1052,26 @@ impl TieredKernels {
 
     /// A device batch of a chain; on a memory refusal, its halves (by
     /// pieces, or by rows when one piece is left), then the host twin.
+    /// A device batch of a chain ran: counted in the stats.
+    fn count_chain(&self, program: &ChainProgram, pieces: &[RecordBatch], result: &ChainOutput) {
+        self.stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .count_chain_batch(&result.traffic.unwrap_or_else(|| {
+                let rows: u64 = pieces.iter().map(|p| p.num_rows() as u64).sum();
+                super::chain::DeviceTraffic::plan(
+                    program,
+                    pieces,
+                    super::chain::Download::Predicted(rows),
+                    result.batch.num_rows() as u64,
+                )
+            }));
+        if let Some(targets) = &result.targets {
+            self.stats
+                .routed_rows
+                .fetch_add(targets.len() as u64, Ordering::Relaxed);
+        }
+    }
+
     fn chain_piece(
         &self,
         gpu: &Arc<dyn KernelBackend>,
@@ -934,20 +1082,7 @@ impl TieredKernels {
         let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
         match gpu.run_chain(program, pieces) {
             Ok(result) => {
-                self.stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
-                self.stats
-                    .count_chain_batch(&result.traffic.unwrap_or_else(|| {
-                        super::chain::DeviceTraffic::plan(
-                            program,
-                            pieces,
-                            result.batch.num_rows() as u64,
-                        )
-                    }));
-                if let Some(targets) = &result.targets {
-                    self.stats
-                        .routed_rows
-                        .fetch_add(targets.len() as u64, Ordering::Relaxed);
-                }
+                self.count_chain(program, pieces, &result);
                 Ok(result)
             }
             Err(KernelError::DeviceOutOfMemory(refusal)) => {
@@ -1018,8 +1153,9 @@ impl DeviceAggTable for ReportingTable {
         self.report(result)
     }
 
-    fn groups(&self) -> u64 {
-        self.inner.groups()
+    fn groups(&mut self) -> Result<u64, KernelError> {
+        let groups = self.inner.groups();
+        self.report(groups)
     }
 
     fn capacity(&self) -> u64 {

@@ -42,6 +42,7 @@ pub use traffic::{DeviceTraffic, bitmap_word_bytes};
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use arrow_schema::{DataType, SchemaRef};
 
@@ -268,6 +269,62 @@ pub struct ChainProgram {
     pub outputs: Vec<OutputSource>,
     /// The survivors' target subtasks, computed on the device.
     pub route: Option<Route>,
+    /// Permille of rows the program's last device batch kept: it sizes
+    /// the next batch's download ([`ChainProgram::download_rows`]).
+    /// Shared by clones (they are the same program).
+    kept_permille: Arc<AtomicU64>,
+}
+
+/// A filtering chain's download is sized before the survivors are counted:
+/// the fraction the last batch kept, times this margin, plus
+/// [`DOWNLOAD_SLACK_ROWS`]. One wait then covers the counts and the
+/// results; a batch that keeps more than that downloads again after a
+/// second wait.
+pub const DOWNLOAD_MARGIN: f64 = 1.25;
+/// Rows added to every predicted download, so that small batches and
+/// selectivity jitter rarely need a second wait.
+pub const DOWNLOAD_SLACK_ROWS: u64 = 1024;
+
+/// Rows a device batch of `rows` downloads with its single wait when the
+/// chain is expected to keep `kept_fraction` of them (see
+/// [`DOWNLOAD_MARGIN`]); the cost model prices the same.
+pub fn predicted_download_rows(rows: u64, kept_fraction: f64) -> u64 {
+    let predicted = (rows as f64 * kept_fraction.clamp(0.0, 1.0) * DOWNLOAD_MARGIN).ceil() as u64;
+    predicted.saturating_add(DOWNLOAD_SLACK_ROWS).min(rows)
+}
+
+/// Bytes a predicted download may bring back beyond the expected survivors
+/// before a second wait is the cheaper way: about one wait's latency
+/// (~10 µs) at a PCIe 4–5 copy's 25 GB/s.
+pub const SINGLE_WAIT_MARGIN_BYTES: f64 = 256.0 * 1024.0;
+
+/// How a device batch brings its outputs back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Download {
+    /// The outputs of this many rows come back right behind the kernels,
+    /// with the survivor count: one wait (a second only when more rows
+    /// survive than that).
+    Predicted(u64),
+    /// Wait for the survivor count, then copy exactly the survivors: two
+    /// waits, no byte more than needed.
+    Counted,
+}
+
+/// The executor's and the cost model's choice for a batch of `rows`
+/// expected to keep `kept_fraction`, whose outputs cost `row_bytes` a row
+/// to bring back: predicted while the rows it downloads for nothing cost
+/// less than a wait ([`SINGLE_WAIT_MARGIN_BYTES`]), counted beyond.
+pub fn download_plan(rows: u64, kept_fraction: f64, row_bytes: f64, filters: bool) -> Download {
+    if !filters {
+        return Download::Predicted(rows);
+    }
+    let predicted = predicted_download_rows(rows, kept_fraction);
+    let expected = rows as f64 * kept_fraction.clamp(0.0, 1.0);
+    if (predicted as f64 - expected).max(0.0) * row_bytes <= SINGLE_WAIT_MARGIN_BYTES {
+        Download::Predicted(predicted)
+    } else {
+        Download::Counted
+    }
 }
 
 /// One operator of a chain, as the compiler sees it.
@@ -302,6 +359,7 @@ impl ChainProgram {
                 operator_names: Vec::new(),
                 outputs: Vec::new(),
                 route: None,
+                kept_permille: Arc::new(AtomicU64::new(1000)),
             },
             loads: HashMap::new(),
             operator: 0,
@@ -439,6 +497,44 @@ impl ChainProgram {
                     .unwrap_or(input_rows)
             })
             .collect()
+    }
+
+    /// How a device batch of `rows` brings its outputs back
+    /// ([`download_plan`], with the fraction the last batch kept).
+    pub fn download(&self, rows: u64) -> Download {
+        let kept = self.kept_permille.load(Ordering::Relaxed) as f64 / 1000.0;
+        download_plan(rows, kept, self.download_bytes_per_row(), self.filters())
+    }
+
+    /// Bytes a surviving row brings back: each device output's values and
+    /// validity bit, its row number when the host gathers columns, its
+    /// target subtask when the chain routes.
+    pub fn download_bytes_per_row(&self) -> f64 {
+        let outputs: f64 = self
+            .outputs
+            .iter()
+            .map(|o| match o {
+                OutputSource::Device(reg) => match self.types[*reg as usize] {
+                    ValueType::Bool => 2.0 / 8.0,
+                    _ => 8.0 + 1.0 / 8.0,
+                },
+                OutputSource::Host(_) => 0.0,
+            })
+            .sum();
+        let ids = if self.needs_row_ids() { 4.0 } else { 0.0 };
+        let targets = if self.route.is_some() { 4.0 } else { 0.0 };
+        outputs + ids + targets
+    }
+
+    /// A device batch of `rows` kept `survivors`: the next one's download
+    /// is sized by it.
+    pub fn observe_kept(&self, rows: u64, survivors: u64) {
+        if rows > 0 {
+            self.kept_permille.store(
+                (survivors.min(rows) * 1000).div_ceil(rows),
+                Ordering::Relaxed,
+            );
+        }
     }
 
     /// Whether any instruction drops rows.

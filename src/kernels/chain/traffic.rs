@@ -1,7 +1,7 @@
 //! What a device batch of a fused chain costs the device: the plan the
 //! CUDA executor follows, which the simulator reserves and counts.
 
-use super::{ChainProgram, OutputSource, ValueType, cuda_src};
+use super::{ChainProgram, Download, OutputSource, ValueType, cuda_src};
 
 /// What one device batch of a chain moves, allocates and launches: the
 /// plan the CUDA backend follows (`gpu::cuda`), which the simulated backend
@@ -10,10 +10,14 @@ use super::{ChainProgram, OutputSource, ValueType, cuda_src};
 /// Up: each device input column once (values, and validity words when a
 /// piece has nulls). Launches: the fault-word memset, one memset per output
 /// bitmap, then `chain_count` and `chain_scan` when the chain filters, then
-/// `chain_write`. Waits: with a filter, one for the 16-byte survivor count
-/// and fault word (it sizes the download), then one for the results;
-/// without, one. Down: the survivors' values, validity words and row
-/// numbers (for host columns).
+/// `chain_write`. Down, as [`Download`] says
+/// ([`super::ChainProgram::download`]): predicted, the first rows' values,
+/// validity words, row numbers (for host columns) and targets (when it
+/// routes) are enqueued behind the kernels before anyone knows the
+/// survivor count, with the 16-byte count and fault word and the filters'
+/// counters, and one wait covers them all (when more rows survive than
+/// that, the survivors come down again after a second wait); counted, the
+/// host waits for the count, then for exactly the survivors.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct DeviceTraffic {
     pub rows: u64,
@@ -32,9 +36,12 @@ pub fn bitmap_word_bytes(rows: u64) -> u64 {
 }
 
 impl DeviceTraffic {
+    /// The traffic of a batch of `pieces` that brought its outputs back as
+    /// `download` says and kept `survivors`.
     pub fn plan(
         program: &ChainProgram,
         pieces: &[arrow_array::RecordBatch],
+        download: Download,
         survivors: u64,
     ) -> DeviceTraffic {
         let rows: u64 = pieces.iter().map(|p| p.num_rows() as u64).sum();
@@ -79,7 +86,16 @@ impl DeviceTraffic {
             (bytes, bitmaps)
         };
         let (capacity_bytes, bitmaps) = output_bytes(rows);
-        let (download, _) = output_bytes(survivors);
+        let (download, syncs) = match download {
+            Download::Predicted(downloaded) if survivors <= downloaded => {
+                (output_bytes(downloaded.min(rows)).0, 1)
+            }
+            Download::Predicted(downloaded) => (
+                output_bytes(downloaded.min(rows)).0 + output_bytes(survivors).0,
+                2,
+            ),
+            Download::Counted => (output_bytes(survivors).0, 2),
+        };
         let filters = program.filters();
         let blocks = rows.div_ceil(u64::from(cuda_src::BLOCK_THREADS));
         let keep_bytes = 8 * program.keep_steps().len() as u64;
@@ -90,7 +106,7 @@ impl DeviceTraffic {
             // Fault word and output bitmaps zeroed (and the keep counters,
             // with a filter); the kernels.
             launches: 1 + bitmaps + if filters { 4 } else { 1 },
-            syncs: if filters { 2 } else { 1 },
+            syncs,
             device_bytes: h2d_bytes + capacity_bytes + blocks * 4 + 16 + keep_bytes,
         }
     }

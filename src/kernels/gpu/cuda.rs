@@ -371,9 +371,6 @@ pub struct CudaBackend {
     pool: SlotPool,
     /// Fused chains' modules and the slot's pinned staging.
     chains: chain::ChainCache,
-    /// The second stream a fused chain's device batch uses, so that one
-    /// half's copies overlap the other's (see `cuda/chain.rs`).
-    side_stream: Arc<CudaStream>,
     /// The device's primary context, shared with the other slots on it.
     lease: Lease<CudaContext>,
 }
@@ -430,19 +427,19 @@ impl CudaBackend {
             // One stream per slot backend, so that slots sharing a GPU do
             // not serialise on the legacy default stream.
             let stream = context.new_stream().map_err(driver("cuStreamCreate"))?;
-            let side_stream = context.new_stream().map_err(driver("cuStreamCreate"))?;
             // SAFETY: cudarc records an event on every buffer use so that
             // buffers shared across streams are ordered; here every device
             // buffer is allocated, used and freed on one stream (the
-            // backend's, or the side stream for the second half of a chain
-            // batch), and each call synchronizes its streams before it
-            // returns, so the ~28 event calls per launch order nothing.
+            // backend's, or one of the two streams of a chain batch's lane),
+            // and each call synchronizes its streams before it returns (a
+            // submitted chain batch: before it completes or is dropped), so
+            // the ~28 event calls per launch order nothing.
             unsafe { context.disable_event_tracking() };
             keep_freed_device_memory(&context, pool.budget_bytes());
-            Ok((stream, side_stream, functions, lease))
+            Ok((stream, functions, lease))
         };
-        let (stream, side_stream, functions, lease) = catch_unwind(AssertUnwindSafe(open))
-            .map_err(|_| GpuError::NoGpu {
+        let (stream, functions, lease) =
+            catch_unwind(AssertUnwindSafe(open)).map_err(|_| GpuError::NoGpu {
                 reason: format!("opening GPU {} panicked in the CUDA driver", device.ordinal),
             })??;
         Ok(CudaBackend {
@@ -451,7 +448,6 @@ impl CudaBackend {
             functions,
             pool,
             chains: chain::ChainCache::default(),
-            side_stream,
             lease,
         })
     }
@@ -1355,6 +1351,36 @@ impl KernelBackend for CudaBackend {
         pieces: &[arrow_array::RecordBatch],
     ) -> Result<crate::kernels::chain::ChainOutput, KernelError> {
         self.run_chain_on_device(program, pieces)
+    }
+
+    fn submit_chain(
+        &self,
+        program: &Arc<crate::kernels::chain::ChainProgram>,
+        pieces: Vec<arrow_array::RecordBatch>,
+    ) -> Result<crate::kernels::backend::Submitted, KernelError> {
+        use crate::kernels::backend::{PendingChain, Submitted};
+        let rows: usize = pieces.iter().map(arrow_array::RecordBatch::num_rows).sum();
+        if rows == 0 {
+            return self.run_chain(program, &pieces).map(Submitted::Done);
+        }
+        let pending = self.submit_chain_on_device(program, pieces)?;
+        Ok(Submitted::Pending(PendingChain::new(
+            rows,
+            (Arc::clone(program), pending),
+        )))
+    }
+
+    fn complete_chain(
+        &self,
+        pending: crate::kernels::backend::PendingChain,
+    ) -> Result<crate::kernels::chain::ChainOutput, KernelError> {
+        type State = (Arc<crate::kernels::chain::ChainProgram>, chain::CudaPending);
+        let (program, pending) = pending.downcast::<State>().map_err(|p| {
+            KernelError::Gpu(GpuError::NoGpu {
+                reason: format!("a chain batch of {} rows submitted elsewhere", p.rows),
+            })
+        })?;
+        self.complete_chain_on_device(&program, pending)
     }
 
     fn open_agg_table(

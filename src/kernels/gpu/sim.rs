@@ -11,8 +11,10 @@ use super::pool::SlotPool;
 use std::sync::Arc;
 
 use crate::kernels::aggtable::{AggProgram, DeviceAggTable, HostAggTable};
-use crate::kernels::backend::{CpuBackend, KernelBackend, KernelError, Tier};
-use crate::kernels::chain::{ChainOutput, ChainProgram, DeviceTraffic};
+use crate::kernels::backend::{
+    CpuBackend, KernelBackend, KernelError, PendingChain, Submitted, Tier,
+};
+use crate::kernels::chain::{ChainOutput, ChainProgram, DeviceTraffic, Download};
 use crate::kernels::cpu::aggregate::{Group, KeyedArrays};
 use crate::kernels::cpu::filter::CmpOp;
 use crate::kernels::cpu::key_hash::HashMode;
@@ -36,6 +38,44 @@ impl SimulatedGpuBackend {
             .reserve(bytes)
             .map_err(KernelError::DeviceOutOfMemory)
     }
+}
+
+/// A submitted chain batch: what the CUDA backend would hold for it.
+struct SimPending {
+    program: Arc<ChainProgram>,
+    pieces: Vec<RecordBatch>,
+    downloaded: Download,
+    _held: super::pool::DeviceReservation,
+}
+
+impl SimulatedGpuBackend {
+    /// The batch's device memory (the CUDA plan's, every row surviving)
+    /// and the rows its first download would copy.
+    fn reserve_chain(
+        &self,
+        program: &ChainProgram,
+        pieces: &[RecordBatch],
+    ) -> Result<(super::pool::DeviceReservation, Download), KernelError> {
+        let rows = pieces.iter().map(|p| p.num_rows() as u64).sum();
+        let plan = DeviceTraffic::plan(program, pieces, Download::Counted, rows);
+        let held = self.reserve(plan.device_bytes)?;
+        Ok((held, program.download(rows)))
+    }
+}
+
+/// The host twin of the program, with the traffic the CUDA executor would
+/// have had (downloading as `downloaded` says).
+fn simulate_chain(
+    program: &ChainProgram,
+    pieces: &[RecordBatch],
+    downloaded: Download,
+) -> Result<ChainOutput, KernelError> {
+    let rows = pieces.iter().map(|p| p.num_rows() as u64).sum();
+    let mut result = CpuBackend.run_chain(program, pieces)?;
+    let survivors = result.batch.num_rows() as u64;
+    result.traffic = Some(DeviceTraffic::plan(program, pieces, downloaded, survivors));
+    program.observe_kept(rows, survivors);
+    Ok(result)
 }
 
 fn row_count<T: arrow_array::ArrowPrimitiveType>(
@@ -180,10 +220,40 @@ impl KernelBackend for SimulatedGpuBackend {
         program: &ChainProgram,
         pieces: &[RecordBatch],
     ) -> Result<ChainOutput, KernelError> {
-        let rows = pieces.iter().map(|p| p.num_rows() as u64).sum();
-        let plan = DeviceTraffic::plan(program, pieces, rows);
-        let _held = self.reserve(plan.device_bytes)?;
-        CpuBackend.run_chain(program, pieces)
+        let (held, downloaded) = self.reserve_chain(program, pieces)?;
+        let result = simulate_chain(program, pieces, downloaded);
+        drop(held);
+        result
+    }
+
+    /// As the CUDA backend does: the batch's device memory is held, and
+    /// its download sized, when it is submitted; the twin runs when it is
+    /// completed, so a batch's result waits behind its successor's submit.
+    fn submit_chain(
+        &self,
+        program: &Arc<ChainProgram>,
+        pieces: Vec<RecordBatch>,
+    ) -> Result<Submitted, KernelError> {
+        let (held, downloaded) = self.reserve_chain(program, &pieces)?;
+        let rows = pieces.iter().map(RecordBatch::num_rows).sum();
+        Ok(Submitted::Pending(PendingChain::new(
+            rows,
+            SimPending {
+                program: Arc::clone(program),
+                pieces,
+                downloaded,
+                _held: held,
+            },
+        )))
+    }
+
+    fn complete_chain(&self, pending: PendingChain) -> Result<ChainOutput, KernelError> {
+        let pending = pending.downcast::<SimPending>().map_err(|p| {
+            KernelError::Gpu(super::GpuError::NoGpu {
+                reason: format!("a chain batch of {} rows submitted elsewhere", p.rows),
+            })
+        })?;
+        simulate_chain(&pending.program, &pending.pieces, pending.downloaded)
     }
 
     /// The host twin of the table, its slots held in the device budget.

@@ -5,6 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::job::{Expr, LogicalPlan, OperatorKind};
+use crate::kernels::chain::Download;
 use crate::placement::calibration::{ChainRate, GpuCalibration};
 
 use super::{KernelFamily, RowEstimate, value_bytes};
@@ -137,13 +138,34 @@ pub fn gpu_chain_cost(
     let rows_per_batch = shape.rows_in / batches;
     let h2d_batch_bytes = rows_per_batch * shape.input_row_bytes();
     let selected_rows_per_batch = shape.rows_out / batches;
+    let filters = shape.families.contains(&KernelFamily::Filter);
     // Host columns are gathered by the survivors' 32-bit row numbers.
-    let selection_bytes = if shape.output_host_column_count > 0 {
-        selected_rows_per_batch * 4.0
+    let id_bytes = if shape.output_host_column_count > 0 {
+        4.0
     } else {
         0.0
     };
-    let d2h_batch_bytes = selected_rows_per_batch * shape.output_row_bytes() + selection_bytes;
+    let download_row_bytes = shape.output_row_bytes() + id_bytes;
+    // The executor's choice (`kernels::chain::download_plan`): the rows it
+    // expects to keep, with a margin, behind the kernels and one wait; or,
+    // when that margin costs more than a wait, the count first and exactly
+    // the survivors after a second wait.
+    // Without a filter every row comes back (an aggregation table: its
+    // groups), with one wait.
+    let (downloaded_rows_per_batch, syncs_per_batch) = if filters && rows_per_batch > 0.0 {
+        match crate::kernels::chain::download_plan(
+            rows_per_batch.ceil() as u64,
+            selected_rows_per_batch / rows_per_batch,
+            download_row_bytes,
+            filters,
+        ) {
+            Download::Predicted(rows) => ((rows as f64).min(rows_per_batch), 1),
+            Download::Counted => (selected_rows_per_batch, 2),
+        }
+    } else {
+        (selected_rows_per_batch, 1)
+    };
+    let d2h_batch_bytes = downloaded_rows_per_batch * download_row_bytes;
     let gather_batch_bytes = selected_rows_per_batch * shape.output_host_row_bytes();
     let h2d_batch_s =
         h2d_batch_bytes / gpu.host_copy_bytes_per_s + h2d_batch_bytes / gpu.h2d_pinned_bytes_per_s;
@@ -174,7 +196,6 @@ pub fn gpu_chain_cost(
         0.0
     };
     let compute_batch_s = chain_s + hash_s;
-    let filters = shape.families.contains(&KernelFamily::Filter);
     // An aggregation table batch is one upsert kernel and one wait (for the
     // group count); a chain batch its kernels and memsets.
     let kernels = if filters { CHAIN_KERNELS } else { 1 };
@@ -189,9 +210,6 @@ pub fn gpu_chain_cost(
         0
     };
     let launches_per_batch = kernels + memsets + hash_kernels;
-    // A filtering chain waits twice: for the survivor count that sizes the
-    // download, then for the download.
-    let syncs_per_batch: u64 = if filters { 2 } else { 1 };
     let fixed_batch_s = launches_per_batch as f64 * gpu.launch_latency_s
         + syncs_per_batch as f64 * gpu.sync_latency_s;
     let steady_batch_s = h2d_batch_s.max(compute_batch_s).max(d2h_batch_s) + fixed_batch_s;
@@ -452,7 +470,9 @@ mod tests {
         assert_close(cost.h2d_bytes, 7_280_000.0);
         assert_close(cost.d2h_bytes, 7_280_000.0);
         // A batch: 3 kernels and 4 memsets (fault word, two validity
-        // bitmaps, the filter's row counter); two waits.
+        // bitmaps, the filter's row counter); two waits: the count, then
+        // exactly the survivors (a predicted download's margin, 17,024 rows
+        // of 16.25 bytes, would cost more than the second wait).
         assert_eq!((cost.launches, cost.syncs), (49, 14));
         // Per batch: h2d 0.5 ms host copy + 1 ms DMA; d2h 0.5 + 0.5 ms;
         // compute 1,040,000 B at 8e8 B/s (halfway, in log₂ of the size,
@@ -504,7 +524,32 @@ mod tests {
         assert_eq!(kept_few.batches, kept_all.batches);
         assert_eq!(kept_few.launches, kept_all.launches);
         assert_close(kept_few.h2d_s, kept_all.h2d_s);
-        assert_close(kept_few.d2h_bytes, kept_all.d2h_bytes / 100.0);
+        // 640 rows kept a batch: 1.25 × 640 + 1,024 = 1,824 rows come down
+        // behind the kernels with one wait (a margin of 19 KB).
+        assert_close(kept_few.d2h_bytes, 7.0 * 1_824.0 * 16.25);
+        assert_eq!((kept_few.syncs, kept_all.syncs), (7, 14));
+    }
+
+    #[test]
+    fn a_download_is_predicted_while_its_margin_costs_less_than_a_wait() {
+        use crate::kernels::chain::{Download, download_plan};
+        // No filter: every row, one wait.
+        assert_eq!(
+            download_plan(1000, 0.1, 100.0, false),
+            Download::Predicted(1000)
+        );
+        // Nothing known yet (all kept so far): every row, no margin.
+        assert_eq!(
+            download_plan(1_000_000, 1.0, 32.5, true),
+            Download::Predicted(1_000_000)
+        );
+        // 1% of 1M rows of 32.5 B: 13,524 rows for 10,000 expected, 115 KB.
+        assert_eq!(
+            download_plan(1_000_000, 0.01, 32.5, true),
+            Download::Predicted(13_524)
+        );
+        // Half of 1M rows: a margin of 126,024 rows (4 MB) — count first.
+        assert_eq!(download_plan(1_000_000, 0.5, 32.5, true), Download::Counted);
     }
 
     #[test]
@@ -517,9 +562,11 @@ mod tests {
             ..shape()
         };
         let cost = gpu_chain_cost(&shape, &gpu(), COALESCE_BYTES);
-        // Per batch: 64,000 selected rows × 8.125 B and their 4-byte row
-        // numbers come back; 64,000 × 8.125 B more are gathered on the host.
-        let back = 64_000.0 * 8.125 + 64_000.0 * 4.0;
+        // Per batch: the predicted 81,024 rows × 8.125 B and their 4-byte
+        // row numbers come back (a margin of 17,024 × 12.125 B = 206 KB,
+        // cheaper than a second wait); the 64,000 selected rows × 8.125 B
+        // more are gathered on the host.
+        let back = 81_024.0 * 8.125 + 81_024.0 * 4.0;
         assert_close(cost.d2h_bytes, 7.0 * back);
         let gathered = 64_000.0 * 8.125;
         assert_close(

@@ -1,11 +1,19 @@
 //! The device aggregation table (`kernels::aggtable`) on CUDA: one
 //! allocation holding the slots, its kernels generated per program and
-//! compiled by NVRTC, and one host wait per upsert (for the group count
-//! that decides when to drain).
+//! compiled by NVRTC.
 //!
-//! Every buffer is owned by the table or the call and used on the table's
-//! one stream, which each call synchronizes before it returns, so nothing
-//! the device reads is freed or reused while a copy or kernel runs.
+//! An upsert packs the key and value columns into the table's pinned
+//! staging (one host copy each), copies them up, launches, and enqueues the
+//! copy of the group counter into pinned memory, then returns without
+//! waiting: the host coalesces the next input while the device works. The
+//! wait comes when the group count is next needed (the operator asks before
+//! its next upsert, to decide whether to drain) or before the staging is
+//! reused.
+//!
+//! Every device buffer is owned by the table or the call and used on the
+//! table's one stream; the pinned staging is the table's, and nothing
+//! writes it again (and the table is not dropped) before the stream has
+//! been synchronized after the upsert that reads it.
 
 use std::sync::Arc;
 
@@ -13,7 +21,9 @@ use arrow_array::cast::AsArray;
 use arrow_array::types::Int64Type;
 use arrow_array::{Array, RecordBatch};
 use arrow_buffer::BooleanBufferBuilder;
-use cudarc::driver::{CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PinnedHostSlice, PushKernelArg,
+};
 
 use super::CudaBackend;
 use crate::kernels::aggtable::{
@@ -36,7 +46,51 @@ pub(super) struct CudaAggTable {
     drain: CudaFunction,
     clear: CudaFunction,
     groups: u64,
+    /// Pinned staging of each uploaded column (key first, then values):
+    /// values, then validity words.
+    staging: Vec<PinnedHostSlice<u8>>,
+    /// Where the group counter lands after an upsert.
+    counter: PinnedHostSlice<u64>,
+    /// An upsert was enqueued and not yet waited for.
+    outstanding: bool,
     _held: DeviceReservation,
+}
+
+impl Drop for CudaAggTable {
+    fn drop(&mut self) {
+        if self.outstanding {
+            // The device may still read the pinned staging: wait before it
+            // is freed. A failure means the context is gone with it.
+            let _ = self.stream.synchronize();
+        }
+    }
+}
+
+/// Pinned host memory of `len` elements (write-combined for uploads: the
+/// host only writes it).
+fn pinned<T: cudarc::driver::DeviceRepr>(
+    stream: &CudaStream,
+    len: usize,
+    write_combined: bool,
+    slot_index: usize,
+) -> Result<PinnedHostSlice<T>, KernelError> {
+    let flags = if write_combined {
+        cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
+    } else {
+        0
+    };
+    // SAFETY: the buffer is written (staging) or filled by a device copy
+    // (the counter) before any byte of it is read.
+    unsafe {
+        stream
+            .context()
+            .alloc_pinned_with_flags::<T>(len.max(1), flags)
+    }
+    .map_err(super::driver_error_in(
+        slot_index,
+        "cuMemHostAlloc",
+        (len * std::mem::size_of::<T>()) as u64,
+    ))
 }
 
 impl CudaBackend {
@@ -74,6 +128,9 @@ impl CudaBackend {
             drain: function("agg_drain")?,
             clear: function("agg_clear")?,
             groups: 0,
+            staging: Vec::new(),
+            counter: pinned::<u64>(&self.stream, 1, false, self.pool.slot_index())?,
+            outstanding: false,
             _held: held,
         };
         table.clear()?;
@@ -117,45 +174,99 @@ impl CudaAggTable {
             .map_err(self.error("cuStreamSynchronize"))
     }
 
-    /// An Int64 column of the pieces, values and validity words, on the
-    /// device (pageable copies: the table does not share the chains'
-    /// pinned staging yet).
+    /// Waits for the last upsert, if it was not waited for, and takes its
+    /// group count.
+    fn settle(&mut self) -> Result<(), KernelError> {
+        if self.outstanding {
+            self.sync()?;
+            self.outstanding = false;
+            let counter = self
+                .counter
+                .as_slice()
+                .map_err(self.error("cuEventSynchronize"))?;
+            self.groups = counter[0];
+        }
+        Ok(())
+    }
+
+    /// Int64 column `column` of the pieces packed into pinned staging
+    /// `slot` (values, then validity words when a row is null) and copied
+    /// up; the stream must be idle (the staging is reused).
     fn column(
-        &self,
+        &mut self,
         pieces: &[RecordBatch],
         column: usize,
-    ) -> Result<(CudaSlice<i64>, Option<CudaSlice<u32>>), KernelError> {
-        let mut values = Vec::new();
-        let mut bits = BooleanBufferBuilder::new(0);
-        let mut nulls = false;
+        slot: usize,
+    ) -> Result<(CudaSlice<u8>, Option<CudaSlice<u8>>), KernelError> {
+        let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
+        let value_bytes = rows * 8;
+        let nullable = pieces.iter().any(|p| p.column(column).null_count() > 0);
+        let word_bytes = if nullable { rows.div_ceil(32) * 4 } else { 0 };
+        let len = value_bytes + word_bytes;
+        while self.staging.len() <= slot {
+            self.staging
+                .push(pinned::<u8>(&self.stream, 1, true, self.slot_index)?);
+        }
+        if self.staging[slot].len() < len {
+            self.staging[slot] =
+                pinned::<u8>(&self.stream, len.next_power_of_two(), true, self.slot_index)?;
+        }
+        let (stream, slot_index) = (Arc::clone(&self.stream), self.slot_index);
+        let error = |call| super::driver_error_in(slot_index, call, 0);
+        let host = self.staging[slot]
+            .as_mut_slice()
+            .map_err(error("cuEventSynchronize"))?;
+        let mut at = 0;
         for piece in pieces {
-            let array = piece.column(column).as_primitive::<Int64Type>();
-            values.extend_from_slice(array.values());
-            nulls |= array.null_count() > 0;
-            match array.nulls() {
-                Some(n) => bits.append_buffer(n.inner()),
-                None => bits.append_n(array.len(), true),
+            let values = piece.column(column).as_primitive::<Int64Type>().values();
+            let bytes: &[u8] = values.inner().as_slice();
+            host[at..at + bytes.len()].copy_from_slice(bytes);
+            at += bytes.len();
+        }
+        if nullable {
+            let mut bits = BooleanBufferBuilder::new(rows);
+            for piece in pieces {
+                let array = piece.column(column);
+                match array.nulls() {
+                    Some(n) => bits.append_buffer(n.inner()),
+                    None => bits.append_n(array.len(), true),
+                }
             }
+            let bits = bits.finish();
+            let packed = bits.values();
+            host[value_bytes..value_bytes + packed.len()].copy_from_slice(packed);
+            host[value_bytes + packed.len()..len].fill(0);
         }
-        let device = self
-            .stream
-            .clone_htod(&values)
-            .map_err(self.error("cuMemcpyHtoD"))?;
-        if !nulls {
-            return Ok((device, None));
-        }
-        let bits = bits.finish();
-        let mut words = vec![0u32; values.len().div_ceil(32)];
-        for (i, chunk) in bits.values().chunks(4).enumerate() {
-            let mut word = [0u8; 4];
-            word[..chunk.len()].copy_from_slice(chunk);
-            words[i] = u32::from_le_bytes(word);
-        }
-        let validity = self
-            .stream
-            .clone_htod(&words)
-            .map_err(self.error("cuMemcpyHtoD"))?;
-        Ok((device, Some(validity)))
+        let host: &[u8] = host;
+        let upload = |range: std::ops::Range<usize>| -> Result<CudaSlice<u8>, KernelError> {
+            // SAFETY: every byte is overwritten by the copy below before a
+            // kernel reads it.
+            let mut device =
+                unsafe { stream.alloc::<u8>(range.len()) }.map_err(error("cuMemAllocAsync"))?;
+            {
+                let (pointer, _record) = device.device_ptr_mut(&stream);
+                // SAFETY: `device` holds `range.len()` bytes; the pinned
+                // source is not written again until the stream is
+                // synchronized (`settle` before the next upsert, or the
+                // table's drop).
+                unsafe {
+                    cudarc::driver::result::memcpy_htod_async(
+                        pointer,
+                        &host[range],
+                        stream.cu_stream(),
+                    )
+                }
+                .map_err(error("cuMemcpyHtoDAsync"))?;
+            }
+            Ok(device)
+        };
+        let values = upload(0..value_bytes)?;
+        let validity = if nullable {
+            Some(upload(value_bytes..len)?)
+        } else {
+            None
+        };
+        Ok((values, validity))
     }
 
     fn read_counter(&self, index: u64) -> Result<u64, KernelError> {
@@ -176,13 +287,13 @@ impl DeviceAggTable for CudaAggTable {
         if rows == 0 {
             return Ok(());
         }
-        let (keys, key_valid) = self.column(pieces, self.program.key_column)?;
-        let values = self
-            .program
-            .value_columns()
-            .iter()
-            .map(|&c| self.column(pieces, c))
-            .collect::<Result<Vec<_>, _>>()?;
+        self.settle()?;
+        let (keys, key_valid) = self.column(pieces, self.program.key_column, 0)?;
+        let value_columns = self.program.value_columns();
+        let mut values = Vec::with_capacity(value_columns.len());
+        for (k, &c) in value_columns.iter().enumerate() {
+            values.push(self.column(pieces, c, k + 1)?);
+        }
         let null_pointer = 0u64;
         let slots = self.slots();
         let config = self.grid(rows);
@@ -203,14 +314,39 @@ impl DeviceAggTable for CudaAggTable {
         // SAFETY: the arguments follow `agg_upsert`'s generated signature
         // (keys and their validity words or a null pointer, each value
         // column and its validity, the row count, the table, its slots);
-        // every input holds `rows` rows and lives until the sync below.
+        // every input holds `rows` rows; dropped at the end of this call,
+        // the inputs are freed in stream order, after the kernel.
         unsafe { launch.launch(config) }.map_err(self.error("cuLaunchKernel"))?;
-        self.groups = self.read_counter(0)?;
+        // The group counter comes back behind the kernel, without a wait.
+        let (_, counters) = table_layout(slots, value_columns.len() as u64);
+        let at = counters as usize;
+        let error = |call| super::driver_error_in(self.slot_index, call, 0);
+        {
+            let view = self.table.slice(at..at + 8);
+            let (pointer, _record) = cudarc::driver::DevicePtr::device_ptr(&view, &self.stream);
+            let counter = self
+                .counter
+                .as_mut_slice()
+                .map_err(error("cuEventSynchronize"))?;
+            // SAFETY: the pinned counter holds one word and is read only
+            // after the stream is synchronized (`settle`); the table
+            // outlives the copy.
+            unsafe {
+                cudarc::driver::result::memcpy_dtoh_async(
+                    &mut counter[..1],
+                    pointer,
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(error("cuMemcpyDtoHAsync"))?;
+        }
+        self.outstanding = true;
         Ok(())
     }
 
-    fn groups(&self) -> u64 {
-        self.groups
+    fn groups(&mut self) -> Result<u64, KernelError> {
+        self.settle()?;
+        Ok(self.groups)
     }
 
     fn capacity(&self) -> u64 {
@@ -218,6 +354,7 @@ impl DeviceAggTable for CudaAggTable {
     }
 
     fn drain(&mut self) -> Result<RecordBatch, KernelError> {
+        self.settle()?;
         let slots = self.slots();
         let config = self.grid(slots);
         let mut launch = self.stream.launch_builder(&self.drain);

@@ -1,25 +1,34 @@
 //! Fused chains on the device: one coalesced batch up, three kernels, the
-//! survivors down, on two streams so that copies overlap.
+//! survivors down, on a lane of two streams so that copies overlap, with
+//! the next batch already going up while this one runs.
+//!
+//! A batch is submitted ([`CudaBackend::submit_chain_on_device`]) and
+//! completed later: the operator submits batch N+1 before it waits for
+//! batch N, so N+1's host packing and upload overlap N's kernels and
+//! download. Each batch in flight has a lane of its own (two streams, the
+//! pinned staging of each), taken from the backend's free lanes.
 //!
 //! A coalesced batch of at least `2 × CHUNK_ROWS_MIN` rows is split in two
-//! halves, each on its own stream with its own pinned staging: while the
-//! first half's kernels run and its results come down, the second half
-//! goes up (a GPU copies both ways at once). For each half, the device
-//! input columns are packed from the pieces into pinned staging (one host
-//! copy each) and copied up once; the program's module (`chain::cuda_src`,
-//! compiled by NVRTC on first use and kept per program text) counts, scans
-//! and writes the surviving rows in order; the 16-byte survivor count,
-//! fault word and filter counters come back with the outputs. When the
-//! program's last batch kept at least half its rows, the outputs come back
-//! at full size right behind the kernels and the host waits once per
-//! batch; otherwise it waits for the counts first, then downloads exactly
-//! the survivors and waits again.
+//! halves, one per stream of the lane: while the first half's kernels run
+//! and its results come down, the second half goes up (a GPU copies both
+//! ways at once). For each half, the device input columns are packed from
+//! the pieces into pinned staging (one host copy each) and copied up once;
+//! the program's module (`chain::cuda_src`, compiled by NVRTC on first use
+//! and kept per program text) counts, scans and writes the surviving rows
+//! in order. Behind the kernels, still without waiting, come the 16-byte
+//! survivor count and fault word, the filters' counters, and the outputs of
+//! as many rows as the program expects to keep
+//! ([`ChainProgram::download`]: the last batch's fraction with a margin).
+//! Completing waits once; only a batch that kept more rows than that
+//! downloads the survivors and waits again. Where the margin would bring
+//! back more bytes than a wait costs (a chain keeping millions of wide
+//! rows), the batch is counted first and exactly the survivors come down
+//! after a second wait.
 //!
-//! Buffers handed to the device are owned by the call (device buffers,
-//! each used only on the stream it was allocated on) or by the slot's
-//! staging (pinned buffers, behind a mutex the call holds), and the call
-//! synchronizes both streams before it returns or fails, so no buffer is
-//! reused or freed while a copy or kernel may still read it.
+//! Buffers handed to the device are owned by the pending batch: device
+//! buffers, each used only on the stream it was allocated on, and the
+//! lane's pinned staging, which no other batch touches until this one is
+//! completed or dropped; both synchronize the lane's streams first.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -39,7 +48,8 @@ use super::CudaBackend;
 use crate::kernels::backend::{KernelBackend, KernelError};
 use crate::kernels::chain::cuda_src::{self, BLOCK_THREADS, SCAN_THREADS};
 use crate::kernels::chain::{
-    ChainOutput, ChainProgram, DeviceTraffic, Fault, OutputSource, ValueType, bitmap_word_bytes,
+    ChainOutput, ChainProgram, DeviceTraffic, Download, Fault, OutputSource, ValueType,
+    bitmap_word_bytes,
 };
 use crate::kernels::gpu::pool::PoolError;
 
@@ -47,12 +57,13 @@ use crate::kernels::gpu::pool::PoolError;
 /// so more means programs are churning and the cache starts over.
 const MODULES_MAX: usize = 64;
 
-/// The compiled modules and pinned staging of one slot's backend.
+/// The compiled modules and the device batch lanes of one slot's backend.
 #[derive(Default)]
 pub(super) struct ChainCache {
     modules: Mutex<HashMap<String, Arc<ChainModule>>>,
-    /// One per stream (chunk) of a device batch.
-    staging: Mutex<Vec<Staging>>,
+    /// Lanes no batch is using; a batch takes one (or makes one) when it
+    /// is submitted and gives it back once the device is done with it.
+    lanes: Arc<Mutex<Vec<Lane>>>,
     /// `strata bench --calibrate`: time the kernels of each batch with
     /// events (off in production: two event records per batch).
     profile: std::sync::atomic::AtomicBool,
@@ -60,19 +71,63 @@ pub(super) struct ChainCache {
     kernel_ns: std::sync::atomic::AtomicU64,
 }
 
+/// Free lanes a backend keeps; more are made while more batches are in
+/// flight (each operator has at most `IN_FLIGHT` of them, see
+/// `exec::gpu_chain`) and freed when they come back beyond this.
+const LANES_KEPT: usize = 4;
+
+/// What one device batch in flight uses alone: two streams (one per half)
+/// and the pinned staging of each half. Two batches on two lanes overlap:
+/// the second one's uploads run while the first one computes and copies
+/// back.
+struct Lane {
+    streams: [Arc<cudarc::driver::CudaStream>; 2],
+    staging: [Staging; 2],
+}
+
+/// A device batch in flight: its chunks (device buffers), its lane
+/// (streams and pinned staging the copies read and write), its device
+/// memory reservation. Dropped without being completed (an operator that
+/// failed or was cancelled), it waits for its streams before the lane is
+/// reused and its buffers freed.
+pub(super) struct CudaPending {
+    chunks: Vec<Chunk>,
+    /// Rows of each chunk whose outputs were downloaded with the header
+    /// (`None`: counted first, downloaded after the wait).
+    downloaded: Vec<Option<usize>>,
+    lane: Option<Lane>,
+    lanes: Arc<Mutex<Vec<Lane>>>,
+    rows: usize,
+    plan: DeviceTraffic,
+    /// Kernel timing events (calibration).
+    events: Option<(cudarc::driver::CudaEvent, cudarc::driver::CudaEvent)>,
+    _held: crate::kernels::gpu::pool::DeviceReservation,
+}
+
+impl Drop for CudaPending {
+    fn drop(&mut self) {
+        let Some(lane) = self.lane.take() else {
+            return;
+        };
+        // The device may still read the pinned uploads or write the pinned
+        // downloads; nothing of the lane is reused until it is done. A
+        // stream that fails to synchronize has a broken context: the lane
+        // is dropped with it rather than reused.
+        let idle = lane.streams.iter().all(|s| s.synchronize().is_ok());
+        if idle {
+            let mut free = lock(&self.lanes);
+            if free.len() < LANES_KEPT {
+                free.push(lane);
+            }
+        }
+    }
+}
+
 struct ChainModule {
     count: CudaFunction,
     scan: CudaFunction,
     write: CudaFunction,
-    /// Permille of rows the program's last device batch kept: at
-    /// [`SINGLE_WAIT_KEPT_PERMILLE`] or more, the next batch downloads its
-    /// outputs at full size and waits once.
-    kept_permille: std::sync::atomic::AtomicU64,
 }
-
-/// See [`ChainModule::kept_permille`]: downloading the dropped rows too
-/// costs at most as much again as the kept ones, and saves a round trip.
-const SINGLE_WAIT_KEPT_PERMILLE: u64 = 500;
 
 /// Rows per chunk below which a device batch stays on one stream: smaller
 /// copies do not amortise a second set of launches.
@@ -159,7 +214,6 @@ impl CudaBackend {
             count: function("chain_count")?,
             scan: function("chain_scan")?,
             write: function("chain_write")?,
-            kept_permille: std::sync::atomic::AtomicU64::new(1000),
         });
         let mut modules = lock(&self.chains.modules);
         if modules.len() >= MODULES_MAX {
@@ -342,26 +396,34 @@ impl CudaBackend {
         .map_err(self.driver_error("cuMemcpyDtoHAsync", 0))
     }
 
-    fn sync_all(&self, chunks: &[Chunk]) -> Result<(), KernelError> {
-        for chunk in chunks {
-            chunk
-                .stream
-                .synchronize()
-                .map_err(self.driver_error("cuStreamSynchronize", 0))?;
+    /// A lane for one device batch: a free one, or a new one (two new
+    /// streams, empty staging).
+    fn take_lane(&self) -> Result<Lane, KernelError> {
+        if let Some(lane) = lock(&self.chains.lanes).pop() {
+            return Ok(lane);
         }
-        Ok(())
+        let context = self.stream.context();
+        let stream = || {
+            context
+                .new_stream()
+                .map_err(self.driver_error("cuStreamCreate", 0))
+        };
+        Ok(Lane {
+            streams: [stream()?, stream()?],
+            staging: [Staging::default(), Staging::default()],
+        })
     }
 
-    pub(super) fn run_chain_on_device(
+    /// Enqueues a device batch on a lane of its own and returns without
+    /// waiting: uploads, kernels, the header, and the download of the rows
+    /// the program expects to keep when it predicts ([`ChainProgram::download`]).
+    pub(super) fn submit_chain_on_device(
         &self,
         program: &ChainProgram,
-        pieces: &[RecordBatch],
-    ) -> Result<ChainOutput, KernelError> {
+        pieces: Vec<RecordBatch>,
+    ) -> Result<CudaPending, KernelError> {
         let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
-        if rows == 0 {
-            return crate::kernels::backend::CpuBackend.run_chain(program, pieces);
-        }
-        let plan = DeviceTraffic::plan(program, pieces, rows as u64);
+        let plan = DeviceTraffic::plan(program, &pieces, Download::Counted, rows as u64);
         if rows > u32::MAX as usize / 2 {
             // Row numbers and block offsets are 32-bit on the device.
             return Err(KernelError::DeviceOutOfMemory(PoolError::DeviceRefused {
@@ -370,81 +432,110 @@ impl CudaBackend {
             }));
         }
         let bytes = plan.device_bytes;
-        let _held = self.reserve(bytes)?;
+        let held = self.reserve(bytes)?;
         let module = self.chain_module(program)?;
         let profile = self
             .chains
             .profile
             .load(std::sync::atomic::Ordering::Relaxed);
-        // Two halves on two streams, unless the batch is small or the
-        // kernels are being timed (one stream times them alone).
+        // Two halves on the lane's two streams, unless the batch is small
+        // or the kernels are being timed (one stream times them alone).
         let halves = if rows >= 2 * CHUNK_ROWS_MIN && !profile {
-            split_rows(pieces, rows / 2)
+            split_rows(&pieces, rows / 2)
         } else {
-            vec![pieces.to_vec()]
+            vec![pieces]
         };
-        let streams = [&self.stream, &self.side_stream];
-        let mut staging = lock(&self.chains.staging);
-        if staging.len() < halves.len() {
-            staging.resize_with(halves.len(), Staging::default);
-        }
+        let mut pending = CudaPending {
+            chunks: Vec::with_capacity(halves.len()),
+            downloaded: Vec::with_capacity(halves.len()),
+            lane: Some(self.take_lane()?),
+            lanes: Arc::clone(&self.chains.lanes),
+            rows,
+            plan,
+            events: None,
+            _held: held,
+        };
+        let Some(lane) = pending.lane.as_mut() else {
+            unreachable!("taken above")
+        };
         let timing = cudarc::driver::sys::CUevent_flags::CU_EVENT_DEFAULT;
         let started = if profile {
             Some(
-                self.stream
+                lane.streams[0]
                     .record_event(Some(timing))
                     .map_err(self.driver_error("cuEventRecord", 0))?,
             )
         } else {
             None
         };
-        let mut chunks = Vec::with_capacity(halves.len());
         let mut offset = 0;
         for (c, half) in halves.into_iter().enumerate() {
             let chunk = self.enqueue_chunk(
                 program,
                 &module,
-                streams[c],
-                &mut staging[c],
+                &lane.streams[c],
+                &mut lane.staging[c],
                 half,
                 offset,
                 bytes,
             )?;
             offset += chunk.rows;
-            chunks.push(chunk);
+            pending.chunks.push(chunk);
         }
-        let kernels_done = match started {
-            Some(_) => Some(
-                self.stream
-                    .record_event(Some(timing))
-                    .map_err(self.driver_error("cuEventRecord", 0))?,
-            ),
-            None => None,
+        if let Some(start) = started {
+            let end = lane.streams[0]
+                .record_event(Some(timing))
+                .map_err(self.driver_error("cuEventRecord", 0))?;
+            pending.events = Some((start, end));
+        }
+        for (c, chunk) in pending.chunks.iter().enumerate() {
+            let download = match program.download(chunk.rows as u64) {
+                Download::Predicted(rows) => {
+                    self.download_outputs(chunk, &mut lane.staging[c], rows as usize)?;
+                    Some(rows as usize)
+                }
+                Download::Counted => None,
+            };
+            pending.downloaded.push(download);
+        }
+        Ok(pending)
+    }
+
+    /// Waits for a submitted batch (one wait when its survivors fit the
+    /// rows downloaded, a second for the rest otherwise) and assembles it.
+    pub(super) fn complete_chain_on_device(
+        &self,
+        program: &ChainProgram,
+        mut pending: CudaPending,
+    ) -> Result<ChainOutput, KernelError> {
+        let Some(lane) = pending.lane.as_mut() else {
+            unreachable!("a pending batch holds its lane until it is dropped")
         };
-        let filters = program.filters();
-        let kept_permille = module
-            .kept_permille
-            .load(std::sync::atomic::Ordering::Relaxed);
-        let single_wait = !filters || kept_permille >= SINGLE_WAIT_KEPT_PERMILLE;
+        sync_chunks(&pending.chunks).map_err(self.driver_error("cuStreamSynchronize", 0))?;
         let mut syncs = 1;
         let mut d2h_bytes = 0;
-        if !single_wait {
-            self.sync_all(&chunks)?;
+        let header_bytes = 8 * (2 + program.keep_steps().len()) as u64;
+        let mut again = false;
+        for (c, chunk) in pending.chunks.iter().enumerate() {
+            let survivors = self.header_word(&lane.staging[c], 0)? as usize;
+            d2h_bytes += header_bytes;
+            match pending.downloaded[c] {
+                Some(rows) if survivors <= rows => d2h_bytes += self.output_bytes(chunk, rows),
+                downloaded => {
+                    // Counted, or more survived than the last batch
+                    // suggested: fetch exactly the survivors now.
+                    d2h_bytes += downloaded.map_or(0, |rows| self.output_bytes(chunk, rows));
+                    d2h_bytes += self.download_outputs(chunk, &mut lane.staging[c], survivors)?;
+                    again = true;
+                }
+            }
+        }
+        if again {
+            sync_chunks(&pending.chunks).map_err(self.driver_error("cuStreamSynchronize", 0))?;
             syncs = 2;
-            self.check_faults(program, &chunks, &staging)?;
         }
-        for (c, chunk) in chunks.iter().enumerate() {
-            let download_rows = if single_wait {
-                chunk.rows
-            } else {
-                self.header_word(&staging[c], 0)? as usize
-            };
-            d2h_bytes += self.download_outputs(chunk, &mut staging[c], download_rows)?
-                + 8 * (2 + program.keep_steps().len()) as u64;
-        }
-        self.sync_all(&chunks)?;
-        self.check_faults(program, &chunks, &staging)?;
-        if let (Some(start), Some(end)) = (&started, &kernels_done) {
+        self.check_faults(program, &pending.chunks, &lane.staging)?;
+        if let Some((start, end)) = &pending.events {
             let ms = start
                 .elapsed_ms(end)
                 .map_err(self.driver_error("cuEventElapsedTime", 0))?;
@@ -454,26 +545,36 @@ impl CudaBackend {
             );
         }
         let mut output: Option<ChainOutput> = None;
-        for (c, chunk) in chunks.iter().enumerate() {
-            let part = self.chunk_output(program, chunk, &staging[c])?;
+        for (c, chunk) in pending.chunks.iter().enumerate() {
+            let part = self.chunk_output(program, chunk, &lane.staging[c])?;
             output = Some(match output {
                 None => part,
                 Some(first) => first.join(part)?,
             });
         }
         let mut output = output.expect("a device batch has a chunk");
-        let survivors = output.batch.num_rows() as u64;
-        module.kept_permille.store(
-            (survivors * 1000).checked_div(rows as u64).unwrap_or(1000),
-            std::sync::atomic::Ordering::Relaxed,
-        );
+        program.observe_kept(pending.rows as u64, output.batch.num_rows() as u64);
         output.traffic = Some(DeviceTraffic {
             d2h_bytes,
             syncs,
-            launches: plan.launches * chunks.len() as u64,
-            ..plan
+            launches: pending.plan.launches * pending.chunks.len() as u64,
+            ..pending.plan
         });
         Ok(output)
+    }
+
+    /// A fused chain as one device batch, waited for at once.
+    pub(super) fn run_chain_on_device(
+        &self,
+        program: &ChainProgram,
+        pieces: &[RecordBatch],
+    ) -> Result<ChainOutput, KernelError> {
+        let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
+        if rows == 0 {
+            return crate::kernels::backend::CpuBackend.run_chain(program, pieces);
+        }
+        let pending = self.submit_chain_on_device(program, pieces.to_vec())?;
+        self.complete_chain_on_device(program, pending)
     }
 
     /// Uploads a chunk's columns and enqueues its memsets, kernels and the
@@ -736,6 +837,23 @@ impl CudaBackend {
         Ok(host[index])
     }
 
+    /// Bytes of the first `rows` rows of every output of `chunk`.
+    fn output_bytes(&self, chunk: &Chunk, rows: usize) -> u64 {
+        let words = bitmap_word_bytes(rows as u64) as usize;
+        let mut bytes = 0;
+        for (ty, _, _) in &chunk.outputs {
+            bytes += if *ty == ValueType::Bool {
+                words
+            } else {
+                rows * 8
+            } + words;
+        }
+        bytes += rows
+            * 4
+            * (usize::from(chunk.row_ids.is_some()) + usize::from(chunk.targets.is_some()));
+        bytes as u64
+    }
+
     /// Enqueues the copies of the first `rows` rows of every output of
     /// `chunk` into its pinned staging; returns their bytes.
     fn download_outputs(
@@ -845,6 +963,14 @@ impl CudaBackend {
             &options,
         )?)
     }
+}
+
+/// Waits for every chunk's stream.
+fn sync_chunks(chunks: &[Chunk]) -> Result<(), cudarc::driver::DriverError> {
+    for chunk in chunks {
+        chunk.stream.synchronize()?;
+    }
+    Ok(())
 }
 
 /// `pieces` cut into the first `first_rows` rows and the rest (slices, no
