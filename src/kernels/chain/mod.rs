@@ -269,11 +269,15 @@ pub struct ChainProgram {
     pub outputs: Vec<OutputSource>,
     /// The survivors' target subtasks, computed on the device.
     pub route: Option<Route>,
-    /// Permille of rows the program's last device batch kept: it sizes
-    /// the next batch's download ([`ChainProgram::download_rows`]).
-    /// Shared by clones (they are the same program).
+    /// Permille of rows the program's last device batch kept, or
+    /// [`KEPT_UNKNOWN`]: it sizes the next batch's download
+    /// ([`ChainProgram::download`]). Shared by clones (they are the same
+    /// program).
     kept_permille: Arc<AtomicU64>,
 }
+
+/// `ChainProgram::kept_permille` before any batch completed.
+const KEPT_UNKNOWN: u64 = u64::MAX;
 
 /// A filtering chain's download is sized before the survivors are counted:
 /// the fraction the last batch kept, times this margin, plus
@@ -314,10 +318,24 @@ pub enum Download {
 /// expected to keep `kept_fraction`, whose outputs cost `row_bytes` a row
 /// to bring back: predicted while the rows it downloads for nothing cost
 /// less than a wait ([`SINGLE_WAIT_MARGIN_BYTES`]), counted beyond.
-pub fn download_plan(rows: u64, kept_fraction: f64, row_bytes: f64, filters: bool) -> Download {
+/// `None`: nothing is known yet (the chain's first batches): the whole
+/// batch is the prediction, and its margin the whole batch.
+pub fn download_plan(
+    rows: u64,
+    kept_fraction: Option<f64>,
+    row_bytes: f64,
+    filters: bool,
+) -> Download {
     if !filters {
         return Download::Predicted(rows);
     }
+    let Some(kept_fraction) = kept_fraction else {
+        return if rows as f64 * row_bytes <= SINGLE_WAIT_MARGIN_BYTES {
+            Download::Predicted(rows)
+        } else {
+            Download::Counted
+        };
+    };
     let predicted = predicted_download_rows(rows, kept_fraction);
     let expected = rows as f64 * kept_fraction.clamp(0.0, 1.0);
     if (predicted as f64 - expected).max(0.0) * row_bytes <= SINGLE_WAIT_MARGIN_BYTES {
@@ -359,7 +377,7 @@ impl ChainProgram {
                 operator_names: Vec::new(),
                 outputs: Vec::new(),
                 route: None,
-                kept_permille: Arc::new(AtomicU64::new(1000)),
+                kept_permille: Arc::new(AtomicU64::new(KEPT_UNKNOWN)),
             },
             loads: HashMap::new(),
             operator: 0,
@@ -502,7 +520,10 @@ impl ChainProgram {
     /// How a device batch of `rows` brings its outputs back
     /// ([`download_plan`], with the fraction the last batch kept).
     pub fn download(&self, rows: u64) -> Download {
-        let kept = self.kept_permille.load(Ordering::Relaxed) as f64 / 1000.0;
+        let kept = match self.kept_permille.load(Ordering::Relaxed) {
+            KEPT_UNKNOWN => None,
+            permille => Some(permille as f64 / 1000.0),
+        };
         download_plan(rows, kept, self.download_bytes_per_row(), self.filters())
     }
 

@@ -155,7 +155,7 @@ pub fn gpu_chain_cost(
     let (downloaded_rows_per_batch, syncs_per_batch) = if filters && rows_per_batch > 0.0 {
         match crate::kernels::chain::download_plan(
             rows_per_batch.ceil() as u64,
-            selected_rows_per_batch / rows_per_batch,
+            Some(selected_rows_per_batch / rows_per_batch),
             download_row_bytes,
             filters,
         ) {
@@ -535,21 +535,34 @@ mod tests {
         use crate::kernels::chain::{Download, download_plan};
         // No filter: every row, one wait.
         assert_eq!(
-            download_plan(1000, 0.1, 100.0, false),
+            download_plan(1000, Some(0.1), 100.0, false),
             Download::Predicted(1000)
         );
-        // Nothing known yet (all kept so far): every row, no margin.
+        // Every row kept so far: every row, no margin.
         assert_eq!(
-            download_plan(1_000_000, 1.0, 32.5, true),
+            download_plan(1_000_000, Some(1.0), 32.5, true),
             Download::Predicted(1_000_000)
         );
         // 1% of 1M rows of 32.5 B: 13,524 rows for 10,000 expected, 115 KB.
         assert_eq!(
-            download_plan(1_000_000, 0.01, 32.5, true),
+            download_plan(1_000_000, Some(0.01), 32.5, true),
             Download::Predicted(13_524)
         );
         // Half of 1M rows: a margin of 126,024 rows (4 MB) — count first.
-        assert_eq!(download_plan(1_000_000, 0.5, 32.5, true), Download::Counted);
+        assert_eq!(
+            download_plan(1_000_000, Some(0.5), 32.5, true),
+            Download::Counted
+        );
+        // Nothing known yet: a small batch comes back whole, a large one
+        // is counted first.
+        assert_eq!(
+            download_plan(8_000, None, 32.5, true),
+            Download::Predicted(8_000)
+        );
+        assert_eq!(
+            download_plan(1_000_000, None, 32.5, true),
+            Download::Counted
+        );
     }
 
     #[test]
