@@ -17,7 +17,8 @@
 #   4. all of them at once, in parallel, on a cold kernel cache;
 #   5. `strata bench --calibrate` (kernel rates, launch latency, link bandwidth);
 #   6. examples/gpu_pipeline.toml with placement.mode=cpu and =gpu, timed
-#      side by side;
+#      side by side, and =gpu again with one device batch in flight (what
+#      overlapping the next batch's upload with this one's work buys);
 #   7. compute-sanitizer memcheck over the filter and aggregation tests,
 #      where the tool exists and the runtime lets it see the device.
 # Each step's pass/fail goes into the log, with a summary at the end.
@@ -106,11 +107,16 @@ run)
     step "gpu_pipeline.toml, placement.mode=$placement" 90 "$bin/strata" run examples/gpu_pipeline.toml \
       --no-progress -D placement.mode="$placement" -D placement.calibration-file="$out/calibration.json"
   done
+  # The same GPU run waiting for each device batch before the next: what
+  # submitting the next batch before waiting (the default, 2) buys.
+  step "gpu_pipeline.toml, placement.mode=gpu, batches-in-flight=1" 90 "$bin/strata" run \
+    examples/gpu_pipeline.toml --no-progress -D placement.mode=gpu \
+    -D taskmanager.gpu.batches-in-flight=1 -D placement.calibration-file="$out/calibration.json"
   if command -v compute-sanitizer >/dev/null 2>&1; then
     step "compute-sanitizer memcheck" 150 compute-sanitizer --tool memcheck --error-exitcode 9 \
       "$bin/gpu_kernels" --exact gpu_filter_equals_the_cpu_twin --exact gpu_aggregation_equals_the_cpu_twin \
-      --exact gpu_fused_chains_equal_the_host_twin \
-      --test-threads 1
+      --exact gpu_fused_chains_equal_the_host_twin --exact gpu_chain_batches_in_flight_equal_the_host_twin \
+      --exact gpu_aggregation_table_equals_the_host_twin --test-threads 1
   else
     results+=("SKIP compute-sanitizer (not installed)")
   fi

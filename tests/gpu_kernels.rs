@@ -598,6 +598,119 @@ fn gpu_fused_chains_equal_the_host_twin() {
     }
 }
 
+/// Device batches in flight, as the chain operator drives them: each batch
+/// is submitted before the one before it is completed (two lanes of
+/// streams busy at once). A filter keeping 1% is counted first (nothing
+/// known), then downloads the predicted survivors with one wait; a batch
+/// where every row passes downloads again after a second wait. Every
+/// result equals the host twin. A batch dropped while in flight waits for
+/// its device work, and the backend goes on working after it.
+/// The simulated backend runs the same schedule everywhere (same waits:
+/// it prices each batch as the CUDA executor runs it).
+#[test]
+fn gpu_chain_batches_in_flight_equal_the_host_twin() {
+    let pool = DevicePool::new(PoolConfig::even(1 << 30, 1)).expect("pool");
+    let simulated = strata::kernels::gpu::sim::SimulatedGpuBackend::new(pool.slot(0));
+    chain_batches_in_flight(&simulated);
+    println!("simulated backend: ok");
+    let Some(gpu) = cuda() else { return };
+    chain_batches_in_flight(&gpu);
+}
+
+fn chain_batches_in_flight(gpu: &dyn KernelBackend) {
+    use arrow_array::RecordBatch;
+    use arrow_schema::{DataType, Field, Schema};
+    use strata::job::{Expr, NamedExpr};
+    use strata::kernels::backend::Submitted;
+    use strata::kernels::chain::{ChainProgram, ChainStep};
+
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Int64, true),
+        Field::new("value", DataType::Int64, true),
+    ]));
+    let batch = |seed: u64| {
+        RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![Arc::new(int_column(seed)), Arc::new(int_column(seed + 1))],
+        )
+        .expect("batch")
+    };
+    let everyone = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(int_column(90)),
+            Arc::new(Int64Array::from(vec![7; rows()])),
+        ],
+    )
+    .expect("batch");
+    let columns: Vec<NamedExpr> = ["key", "value"]
+        .iter()
+        .map(|c| NamedExpr {
+            name: (*c).to_owned(),
+            expr: Expr::parse(c).expect("parses"),
+        })
+        .collect();
+    let predicate = Expr::parse("value % 100 = 7").expect("parses");
+    let steps = [
+        ChainStep::Project {
+            name: "project",
+            columns: &columns,
+        },
+        ChainStep::Filter {
+            name: "filter",
+            predicate: &predicate,
+        },
+    ];
+    let program = Arc::new(ChainProgram::compile(&schema, &steps, &schema).expect("fuses"));
+    let mut inputs: Vec<RecordBatch> = (0..6).map(|b| batch(100 + 2 * b)).collect();
+    inputs.insert(4, everyone);
+    let mut in_flight: std::collections::VecDeque<(usize, Submitted)> = Default::default();
+    let mut waits = Vec::new();
+    let mut complete = |index: usize, submitted: Submitted| {
+        let output = match submitted {
+            Submitted::Done(output) => output,
+            Submitted::Pending(pending) => gpu.complete_chain(pending).expect("completes"),
+        };
+        let expected = CpuBackend
+            .run_chain(&program, std::slice::from_ref(&inputs[index]))
+            .expect("twin");
+        same_batches(&output.batch, &expected.batch, &format!("batch {index}"));
+        waits.push(output.traffic.map_or(0, |t| t.syncs));
+    };
+    for (index, input) in inputs.iter().enumerate() {
+        let submitted = gpu
+            .submit_chain(&program, vec![input.clone()])
+            .expect("submits");
+        in_flight.push_back((index, submitted));
+        if in_flight.len() == 2 {
+            let (i, s) = in_flight.pop_front().expect("two in flight");
+            complete(i, s);
+        }
+    }
+    while let Some((i, s)) = in_flight.pop_front() {
+        complete(i, s);
+    }
+    println!("waits per batch: {waits:?}");
+    assert_eq!(waits[0], 2, "the first large batch is counted first");
+    assert_eq!(
+        waits[4], 2,
+        "the batch where every row passes downloads again"
+    );
+    assert_eq!(waits[3], 1, "a predicted download covers 1% survivors");
+    // A batch dropped in flight, then the backend again.
+    drop(
+        gpu.submit_chain(&program, vec![inputs[0].clone()])
+            .expect("submits"),
+    );
+    let again = gpu
+        .run_chain(&program, std::slice::from_ref(&inputs[1]))
+        .expect("runs");
+    let expected = CpuBackend
+        .run_chain(&program, std::slice::from_ref(&inputs[1]))
+        .expect("twin");
+    same_batches(&again.batch, &expected.batch, "after a dropped batch");
+}
+
 /// The GPU aggregation table (`kernels::aggtable`) against its host twin:
 /// keys with nulls in uneven pieces, upserted in several device batches,
 /// drained (the table then cleared) and upserted again; the partials
