@@ -113,7 +113,12 @@ impl Drop for CudaPending {
         // downloads; nothing of the lane is reused until it is done. A
         // stream that fails to synchronize has a broken context: the lane
         // is dropped with it rather than reused.
-        let idle = lane.streams.iter().all(|s| s.synchronize().is_ok());
+        let synced: Vec<bool> = lane
+            .streams
+            .iter()
+            .map(|s| s.synchronize().is_ok())
+            .collect();
+        let idle = synced.iter().all(|ok| *ok);
         if idle {
             let mut free = lock(&self.lanes);
             if free.len() < LANES_KEPT {
