@@ -17,10 +17,7 @@
 
 use std::sync::Arc;
 
-use arrow_array::cast::AsArray;
-use arrow_array::types::Int64Type;
-use arrow_array::{Array, RecordBatch};
-use arrow_buffer::BooleanBufferBuilder;
+use arrow_array::RecordBatch;
 use cudarc::driver::{
     CudaFunction, CudaSlice, CudaStream, DevicePtrMut, LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
@@ -198,10 +195,8 @@ impl CudaAggTable {
         column: usize,
         slot: usize,
     ) -> Result<(CudaSlice<u8>, Option<CudaSlice<u8>>), KernelError> {
-        let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
-        let value_bytes = rows * 8;
-        let nullable = pieces.iter().any(|p| p.column(column).null_count() > 0);
-        let word_bytes = if nullable { rows.div_ceil(32) * 4 } else { 0 };
+        let (value_bytes, word_bytes) = super::chain::column_layout(pieces, column);
+        let nullable = word_bytes > 0;
         let len = value_bytes + word_bytes;
         while self.staging.len() <= slot {
             self.staging
@@ -216,27 +211,7 @@ impl CudaAggTable {
         let host = self.staging[slot]
             .as_mut_slice()
             .map_err(error("cuEventSynchronize"))?;
-        let mut at = 0;
-        for piece in pieces {
-            let values = piece.column(column).as_primitive::<Int64Type>().values();
-            let bytes: &[u8] = values.inner().as_slice();
-            host[at..at + bytes.len()].copy_from_slice(bytes);
-            at += bytes.len();
-        }
-        if nullable {
-            let mut bits = BooleanBufferBuilder::new(rows);
-            for piece in pieces {
-                let array = piece.column(column);
-                match array.nulls() {
-                    Some(n) => bits.append_buffer(n.inner()),
-                    None => bits.append_n(array.len(), true),
-                }
-            }
-            let bits = bits.finish();
-            let packed = bits.values();
-            host[value_bytes..value_bytes + packed.len()].copy_from_slice(packed);
-            host[value_bytes + packed.len()..len].fill(0);
-        }
+        super::chain::pack_column(pieces, column, &mut host[..len]);
         let host: &[u8] = host;
         let upload = |range: std::ops::Range<usize>| -> Result<CudaSlice<u8>, KernelError> {
             // SAFETY: every byte is overwritten by the copy below before a

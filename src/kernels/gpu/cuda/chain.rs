@@ -302,43 +302,13 @@ impl CudaBackend {
         column: usize,
         bytes: u64,
     ) -> Result<DeviceColumn, KernelError> {
-        let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
-        let value_bytes = rows * 8;
-        let nullable = pieces.iter().any(|p| p.column(column).null_count() > 0);
-        let word_bytes = if nullable {
-            bitmap_word_bytes(rows as u64) as usize
-        } else {
-            0
-        };
+        let (value_bytes, word_bytes) = column_layout(pieces, column);
+        let nullable = word_bytes > 0;
         let buffer = self.stage(&mut staging.up, slot, value_bytes + word_bytes, true)?;
         let host = buffer
             .as_mut_slice()
             .map_err(self.driver_error("cuEventSynchronize", bytes))?;
-        let mut at = 0;
-        for piece in pieces {
-            let array = piece.column(column);
-            let values = match array.as_primitive_opt::<Int64Type>() {
-                Some(ints) => ints.values().inner().clone(),
-                None => array.as_primitive::<Float64Type>().values().inner().clone(),
-            };
-            let values: &[u8] = values.as_slice();
-            host[at..at + values.len()].copy_from_slice(values);
-            at += values.len();
-        }
-        if nullable {
-            let mut bits = BooleanBufferBuilder::new(rows);
-            for piece in pieces {
-                let array = piece.column(column);
-                match array.nulls() {
-                    Some(nulls) => bits.append_buffer(nulls.inner()),
-                    None => bits.append_n(array.len(), true),
-                }
-            }
-            let bits = bits.finish();
-            let packed = bits.values();
-            host[value_bytes..value_bytes + packed.len()].copy_from_slice(packed);
-            host[value_bytes + packed.len()..value_bytes + word_bytes].fill(0);
-        }
+        pack_column(pieces, column, &mut host[..value_bytes + word_bytes]);
         let mut values = self.alloc_bytes(stream, value_bytes, bytes)?;
         let mut validity = if nullable {
             Some(self.alloc_bytes(stream, word_bytes, bytes)?)
@@ -970,6 +940,52 @@ impl CudaBackend {
     }
 }
 
+/// Bytes of an Int64 or Float64 column of `pieces` packed for the device:
+/// its values, and its 32-bit validity words when some row is null (else 0).
+pub(super) fn column_layout(pieces: &[RecordBatch], column: usize) -> (usize, usize) {
+    let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
+    let nullable = pieces.iter().any(|p| p.column(column).null_count() > 0);
+    let word_bytes = if nullable {
+        bitmap_word_bytes(rows as u64) as usize
+    } else {
+        0
+    };
+    (rows * 8, word_bytes)
+}
+
+/// Packs an Int64 or Float64 column of `pieces` into `host`, laid out as
+/// [`column_layout`] says (`host` is exactly that long): one host copy of
+/// the values, the validity bits after them.
+pub(super) fn pack_column(pieces: &[RecordBatch], column: usize, host: &mut [u8]) {
+    let rows: usize = pieces.iter().map(RecordBatch::num_rows).sum();
+    let value_bytes = rows * 8;
+    let mut at = 0;
+    for piece in pieces {
+        let array = piece.column(column);
+        let values = match array.as_primitive_opt::<Int64Type>() {
+            Some(ints) => ints.values().inner().clone(),
+            None => array.as_primitive::<Float64Type>().values().inner().clone(),
+        };
+        let values: &[u8] = values.as_slice();
+        host[at..at + values.len()].copy_from_slice(values);
+        at += values.len();
+    }
+    if host.len() > value_bytes {
+        let mut bits = BooleanBufferBuilder::new(rows);
+        for piece in pieces {
+            let array = piece.column(column);
+            match array.nulls() {
+                Some(nulls) => bits.append_buffer(nulls.inner()),
+                None => bits.append_n(array.len(), true),
+            }
+        }
+        let bits = bits.finish();
+        let packed = bits.values();
+        host[value_bytes..value_bytes + packed.len()].copy_from_slice(packed);
+        host[value_bytes + packed.len()..].fill(0);
+    }
+}
+
 /// Waits for every chunk's stream.
 fn sync_chunks(chunks: &[Chunk]) -> Result<(), cudarc::driver::DriverError> {
     for chunk in chunks {
@@ -1003,7 +1019,43 @@ mod tests {
     use arrow_array::{Int64Array, RecordBatch};
     use arrow_schema::{DataType, Field, Schema};
 
-    use super::split_rows;
+    use super::{column_layout, pack_column, split_rows};
+
+    /// Pieces (one sliced mid-byte, with nulls) packed for the device: the
+    /// values one after another, then validity words whose bit `i` is row
+    /// `i` of the whole batch, the tail of the last word zero.
+    #[test]
+    fn a_column_of_pieces_packs_into_values_then_validity_words() {
+        let schema = Arc::new(Schema::new(vec![Field::new("v", DataType::Int64, true)]));
+        let whole: Int64Array = (0..45).map(|i| (i % 4 != 1).then_some(i * 10)).collect();
+        let whole = RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(whole)]).unwrap();
+        let pieces = [whole.slice(3, 17), whole.slice(20, 25)];
+        let (value_bytes, word_bytes) = column_layout(&pieces, 0);
+        assert_eq!((value_bytes, word_bytes), (42 * 8, 8));
+        let mut host = vec![0xAAu8; value_bytes + word_bytes];
+        pack_column(&pieces, 0, &mut host);
+        for row in 0..42 {
+            let value = i64::from_le_bytes(host[row * 8..row * 8 + 8].try_into().unwrap());
+            let word = u32::from_le_bytes(
+                host[value_bytes + row / 32 * 4..value_bytes + row / 32 * 4 + 4]
+                    .try_into()
+                    .unwrap(),
+            );
+            let valid = (word >> (row % 32)) & 1 == 1;
+            let source = row as i64 + 3;
+            assert_eq!(valid, source % 4 != 1, "row {row}");
+            if valid {
+                assert_eq!(value, source * 10, "row {row}");
+            }
+        }
+        let last = u32::from_le_bytes(host[value_bytes + 4..].try_into().unwrap());
+        assert_eq!(last >> 10, 0, "bits past row 42 are zero");
+        // Without nulls there are no validity words.
+        let dense =
+            RecordBatch::try_new(schema, vec![Arc::new(Int64Array::from_iter_values(0..10))])
+                .unwrap();
+        assert_eq!(column_layout(&[dense], 0), (80, 0));
+    }
 
     #[test]
     fn halves_cut_pieces_at_the_row_without_losing_or_reordering_rows() {
