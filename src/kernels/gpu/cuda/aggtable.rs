@@ -64,8 +64,8 @@ impl Drop for CudaAggTable {
 }
 
 /// Pinned host memory of `len` elements (write-combined for uploads: the
-/// host only writes it).
-fn pinned<T: cudarc::driver::DeviceRepr>(
+/// host only writes it), for staging on `stream`'s context.
+pub(super) fn pinned<T: cudarc::driver::DeviceRepr>(
     stream: &CudaStream,
     len: usize,
     write_combined: bool,
@@ -76,8 +76,9 @@ fn pinned<T: cudarc::driver::DeviceRepr>(
     } else {
         0
     };
-    // SAFETY: the buffer is written (staging) or filled by a device copy
-    // (the counter) before any byte of it is read.
+    // SAFETY: every caller writes the buffer (upload staging) or has a
+    // device copy fill it (downloads, the group counter) before any byte of
+    // it is read.
     unsafe {
         stream
             .context()

@@ -276,19 +276,7 @@ impl CudaBackend {
         len: usize,
         write_combined: bool,
     ) -> Result<PinnedHostSlice<T>, KernelError> {
-        let flags = if write_combined {
-            cudarc::driver::sys::CU_MEMHOSTALLOC_WRITECOMBINED
-        } else {
-            0
-        };
-        // SAFETY: the staging buffer is written (uploads) or filled by a
-        // device copy (downloads) before any byte of it is read.
-        unsafe {
-            self.stream
-                .context()
-                .alloc_pinned_with_flags::<T>(len, flags)
-        }
-        .map_err(self.driver_error("cuMemHostAlloc", (len * std::mem::size_of::<T>()) as u64))
+        super::aggtable::pinned(&self.stream, len, write_combined, self.pool.slot_index())
     }
 
     /// Packs device input `column` of the pieces into pinned staging and
