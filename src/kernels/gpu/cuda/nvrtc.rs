@@ -16,7 +16,8 @@
 //! 3. the usual install directories: `$CUDA_HOME/lib64`, `$CUDA_PATH/lib64`,
 //!    `/usr/local/cuda/lib64`, `/usr/local/cuda/targets/*/lib`, and the
 //!    `nvidia/cu13/lib` and `nvidia/cuda_nvrtc/lib` folders of NVIDIA's
-//!    Python wheels under the interpreters' `site-packages`.
+//!    Python wheels under the interpreters' `site-packages` (system,
+//!    `/usr/local`, `~/.local`, pyenv's, the active virtualenv's).
 //!
 //! NVRTC opens `libnvrtc-builtins.so.<major>.<minor>` by soname on its first
 //! compilation; a library found in a directory off the search path has its
@@ -142,6 +143,9 @@ fn install_dirs() -> Vec<PathBuf> {
         let home = PathBuf::from(home);
         site_roots.push(home.join(".local/lib"));
         site_roots.extend(subdirs(&home.join(".pyenv/versions")).map(|v| v.join("lib")));
+    }
+    if let Some(root) = std::env::var_os("PYENV_ROOT").filter(|v| !v.is_empty()) {
+        site_roots.extend(subdirs(&PathBuf::from(root).join("versions")).map(|v| v.join("lib")));
     }
     if let Some(env) = std::env::var_os("VIRTUAL_ENV").filter(|v| !v.is_empty()) {
         site_roots.push(PathBuf::from(env).join("lib"));
