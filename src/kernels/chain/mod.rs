@@ -520,11 +520,21 @@ impl ChainProgram {
     /// How a device batch of `rows` brings its outputs back
     /// ([`download_plan`], with the fraction the last batch kept).
     pub fn download(&self, rows: u64) -> Download {
-        let kept = match self.kept_permille.load(Ordering::Relaxed) {
+        download_plan(
+            rows,
+            self.kept_fraction(),
+            self.download_bytes_per_row(),
+            self.filters(),
+        )
+    }
+
+    /// The fraction of rows the program's last device batch kept, if one
+    /// completed.
+    pub fn kept_fraction(&self) -> Option<f64> {
+        match self.kept_permille.load(Ordering::Relaxed) {
             KEPT_UNKNOWN => None,
             permille => Some(permille as f64 / 1000.0),
-        };
-        download_plan(rows, kept, self.download_bytes_per_row(), self.filters())
+        }
     }
 
     /// Bytes a surviving row brings back: each device output's values and

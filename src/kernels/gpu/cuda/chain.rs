@@ -49,7 +49,7 @@ use crate::kernels::backend::{KernelBackend, KernelError};
 use crate::kernels::chain::cuda_src::{self, BLOCK_THREADS, SCAN_THREADS};
 use crate::kernels::chain::{
     ChainOutput, ChainProgram, DeviceTraffic, Download, Fault, OutputSource, ValueType,
-    bitmap_word_bytes,
+    bitmap_word_bytes, predicted_download_rows,
 };
 use crate::kernels::gpu::pool::PoolError;
 
@@ -451,14 +451,21 @@ impl CudaBackend {
                 .map_err(self.driver_error("cuEventRecord", 0))?;
             pending.events = Some((start, end));
         }
+        // Decided for the whole batch (as the simulator and the cost model
+        // decide it), then sized per half.
+        let download = program.download(rows as u64);
         for (c, chunk) in pending.chunks.iter().enumerate() {
-            let download = match program.download(chunk.rows as u64) {
-                Download::Predicted(rows) => {
-                    self.download_outputs(chunk, &mut lane.staging[c], rows as usize)?;
-                    Some(rows as usize)
-                }
+            let download = match download {
+                Download::Predicted(all) if all as usize == rows => Some(chunk.rows),
+                Download::Predicted(_) => Some(predicted_download_rows(
+                    chunk.rows as u64,
+                    program.kept_fraction().unwrap_or(1.0),
+                ) as usize),
                 Download::Counted => None,
             };
+            if let Some(rows) = download {
+                self.download_outputs(chunk, &mut lane.staging[c], rows)?;
+            }
             pending.downloaded.push(download);
         }
         Ok(pending)
@@ -475,6 +482,9 @@ impl CudaBackend {
             unreachable!("a pending batch holds its lane until it is dropped")
         };
         sync_chunks(&pending.chunks).map_err(self.driver_error("cuStreamSynchronize", 0))?;
+        // The fault word came back with the header: a fault of the data
+        // fails the batch before anything else is fetched.
+        self.check_faults(program, &pending.chunks, &lane.staging)?;
         let mut syncs = 1;
         let mut d2h_bytes = 0;
         let header_bytes = 8 * (2 + program.keep_steps().len()) as u64;
@@ -497,7 +507,6 @@ impl CudaBackend {
             sync_chunks(&pending.chunks).map_err(self.driver_error("cuStreamSynchronize", 0))?;
             syncs = 2;
         }
-        self.check_faults(program, &pending.chunks, &lane.staging)?;
         if let Some((start, end)) = &pending.events {
             let ms = start
                 .elapsed_ms(end)
