@@ -435,7 +435,10 @@ impl CudaBackend {
             // submitted chain batch: before it completes or is dropped), so
             // the ~28 event calls per launch order nothing.
             unsafe { context.disable_event_tracking() };
-            keep_freed_device_memory(&context, pool.budget_bytes());
+            // The device's default pool is shared by its slots: keep what
+            // all of them may use, not one slot's share (the last slot to
+            // open would otherwise set it for all).
+            keep_freed_device_memory(&context, pool.device_budget_bytes());
             Ok((stream, functions, lease))
         };
         let (stream, functions, lease) =

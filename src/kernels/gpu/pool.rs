@@ -138,6 +138,12 @@ impl SlotPool {
         self.pool.config.slot_budget_bytes
     }
 
+    /// The budget of every slot of the device together: what the device's
+    /// one stream-ordered memory pool may have to keep for them.
+    pub fn device_budget_bytes(&self) -> u64 {
+        self.pool.config.pool_bytes_max
+    }
+
     pub fn in_use_bytes(&self) -> u64 {
         self.pool.lock().in_use_bytes[self.slot_index]
     }
