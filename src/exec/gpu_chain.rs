@@ -8,10 +8,15 @@
 //! device columns reach `taskmanager.gpu.coalesce-bytes`, the oldest has
 //! waited `taskmanager.gpu.coalesce-latency` (checked as batches arrive),
 //! the input goes idle, a watermark or checkpoint barrier comes, or the
-//! input ends; then the whole buffer is one device batch
-//! ([`KernelBackend::run_chain`]) and the result is emitted in slices no
-//! longer than the largest input batch, so operators downstream see the
-//! batch sizes they were built for.
+//! input ends; then the whole buffer is one device batch, submitted
+//! without waiting ([`KernelBackend::submit_chain`]). Up to
+//! `taskmanager.gpu.batches-in-flight` batches (2) are in flight: after a
+//! submit the oldest is completed, so batch N+1 is packed and uploaded
+//! while batch N computes and comes back, and an idle input, watermark,
+//! checkpoint barrier or the end of input completes them all (in order:
+//! output order and exactly-once do not change). A completed batch is
+//! emitted in slices no longer than the largest input batch, so operators
+//! downstream see the batch sizes they were built for.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
