@@ -8,7 +8,14 @@
 //! synchronizes the stream before it returns. So the input arrays (borrowed
 //! for the call, kept alive by the caller's `Arc`ed Arrow buffers) and the
 //! device buffers (owned by the call) outlive every use the device makes of
-//! them, and nothing is lent across the kernel boundary.
+//! them, and nothing is lent across the kernel boundary. Two paths return
+//! before the device is done, and own what it uses until then: a fused
+//! chain's submitted batch (`cuda/chain.rs`: its lane's pinned staging and
+//! device buffers, released only after its streams are synchronized, on
+//! completion or drop) and an aggregation table's upsert (`cuda/aggtable.rs`:
+//! the table's pinned staging, not written again before the next wait).
+//! The input columns are copied into pinned staging before the call
+//! returns, so the caller's Arrow buffers are never read by the device.
 //!
 //! Kernels are compiled at start-up with NVRTC for the device's compute
 //! capability and cached on disk ([`PtxCache`]); no fast-math, no FMA
