@@ -12,9 +12,13 @@
 //!
 //! - [`pool`]: per-slot budgets of device memory (pure accounting, tested
 //!   without a GPU).
+//! - [`contexts`]: the device contexts the slots of a GPU share, and the
+//!   reset of one a sticky error broke (a state machine, tested without a
+//!   GPU).
 //! - [`source`]: the embedded `kernels/*.cu` and the on-disk PTX cache.
 //! - [`cuda`]: the `KernelBackend` that copies Arrow buffers to the device,
-//!   launches, and copies the results back (the only `unsafe` of the tier).
+//!   launches, and copies the results back, and its NVRTC loader (the only
+//!   `unsafe` of the tier).
 //! - [`sim`]: a GPU backend that keeps the pool's books like the CUDA one
 //!   but computes with the CPU twins, so out-of-memory handling is tested on
 //!   any machine.
