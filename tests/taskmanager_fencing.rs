@@ -205,9 +205,19 @@ fn a_paused_taskmanager_fences_its_tasks_before_registering_again() {
     let fenced = text
         .find("every task stopped and every slot is free")
         .expect("the fence waited for the tasks");
-    let paused = text
-        .find("was not scheduled for")
-        .or(text.find("no message from"));
+    // Which side notices first depends on scheduling after SIGCONT: the
+    // TaskManager's own pause detector ("was not scheduled for"), its
+    // heartbeat timeout ("no message from"), or the JobManager having
+    // closed the session ("lost the session with the JobManager"). Any of
+    // them must come before the fence.
+    let paused = [
+        "was not scheduled for",
+        "no message from",
+        "lost the session with the JobManager",
+    ]
+    .iter()
+    .filter_map(|line| text.find(line))
+    .min();
     assert!(paused.is_some_and(|p| p < fenced), "{text}");
     assert!(fenced < text.find("as tm-3").unwrap(), "{text}");
     // Both TaskManagers' slots are free again: a job needs all four.
