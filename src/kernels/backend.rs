@@ -1050,8 +1050,6 @@ impl TieredKernels {
         }
     }
 
-    /// A device batch of a chain; on a memory refusal, its halves (by
-    /// pieces, or by rows when one piece is left), then the host twin.
     /// A device batch of a chain ran: counted in the stats.
     fn count_chain(&self, program: &ChainProgram, pieces: &[RecordBatch], result: &ChainOutput) {
         self.stats.gpu_batches.fetch_add(1, Ordering::Relaxed);
@@ -1072,6 +1070,8 @@ impl TieredKernels {
         }
     }
 
+    /// A device batch of a chain; on a memory refusal, its halves (by
+    /// pieces, or by rows when one piece is left), then the host twin.
     fn chain_piece(
         &self,
         gpu: &Arc<dyn KernelBackend>,
