@@ -261,16 +261,118 @@ fn bench_compare(
 
 /// Resolves on SIGTERM or Ctrl-C (SIGINT).
 async fn stop_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+    StopSignals::new().next().await;
+}
+
+/// A signal that asks the process to stop.
+#[derive(Clone, Copy, Debug)]
+enum Stop {
+    Interrupt,
+    Terminate,
+}
+
+impl Stop {
+    fn name(self) -> &'static str {
+        match self {
+            Stop::Interrupt => "SIGINT (Ctrl-C)",
+            Stop::Terminate => "SIGTERM",
+        }
+    }
+
+    /// The shell's convention: 128 + the signal's number.
+    fn exit_code(self) -> ExitCode {
+        match self {
+            Stop::Interrupt => ExitCode::from(130),
+            Stop::Terminate => ExitCode::from(143),
+        }
+    }
+}
+
+/// SIGINT and SIGTERM, caught from when this is made (a signal that comes
+/// before anyone waits is kept for the next [`StopSignals::next`]).
+struct StopSignals {
+    interrupt: Option<tokio::signal::unix::Signal>,
+    terminate: Option<tokio::signal::unix::Signal>,
+}
+
+impl StopSignals {
+    /// Needs a running tokio runtime. A handler that cannot be installed
+    /// leaves that signal's default action (the process ends).
+    fn new() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        StopSignals {
+            interrupt: signal(SignalKind::interrupt()).ok(),
+            terminate: signal(SignalKind::terminate()).ok(),
+        }
+    }
+
+    /// The next stop signal.
+    async fn next(&mut self) -> Stop {
+        async fn recv(signal: &mut Option<tokio::signal::unix::Signal>) {
+            let received = match signal {
+                Some(s) => s.recv().await.is_some(),
+                None => false,
+            };
+            if !received {
+                // No handler, or the runtime is shutting down: never.
+                std::future::pending::<()>().await;
             }
         }
-        Err(_) => {
-            tokio::signal::ctrl_c().await.ok();
+        tokio::select! {
+            _ = recv(&mut self.interrupt) => Stop::Interrupt,
+            _ = recv(&mut self.terminate) => Stop::Terminate,
+        }
+    }
+}
+
+/// How often a stopped `strata run` looks again for jobs to cancel: a job
+/// submitted just after the signal is not running yet when it comes.
+const CANCEL_RECHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Runs `work` (a local run's jobs) until it returns. The first SIGINT or
+/// SIGTERM cancels every running job, so that the run ends through the
+/// normal path: tasks canceled, the mini-cluster shut down, its spill
+/// directories removed, a summary printed. A second signal exits at once.
+async fn run_until_stopped<T>(
+    work: impl std::future::Future<Output = T>,
+    signals: &mut StopSignals,
+    jobmanager: &JobManager,
+) -> (T, Option<Stop>) {
+    let cancel = jobmanager.cancel_handle();
+    let snapshot = jobmanager.snapshot_source();
+    let cancel_running = |stop: Stop| {
+        for job in snapshot().running {
+            if cancel(job.job, format!("canceled by {}", stop.name())) {
+                tracing::info!("job '{}' canceled by {}", job.name, stop.name());
+            }
+        }
+    };
+    tokio::pin!(work);
+    let mut stopped: Option<Stop> = None;
+    let mut recheck = tokio::time::interval(CANCEL_RECHECK);
+    loop {
+        tokio::select! {
+            out = &mut work => return (out, stopped),
+            stop = signals.next() => {
+                if stopped.is_some() {
+                    eprintln!("{}: stopping now, without waiting for the job", stop.name());
+                    std::process::exit(match stop {
+                        Stop::Interrupt => 130,
+                        Stop::Terminate => 143,
+                    });
+                }
+                eprintln!(
+                    "{}: canceling the job (send it again to stop at once)",
+                    stop.name()
+                );
+                stopped = Some(stop);
+                cancel_running(stop);
+            }
+            _ = recheck.tick(), if stopped.is_some() => {
+                if let Some(stop) = stopped {
+                    cancel_running(stop);
+                }
+            }
         }
     }
 }
@@ -407,6 +509,8 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
             }
             let rt = runtime()?;
             rt.block_on(async {
+                // Caught from here on: Ctrl-C during start-up cancels too.
+                let mut signals = StopSignals::new();
                 let rest_port = config.rest_port;
                 let cluster_config = config.clone();
                 let cluster = MiniCluster::start(config, taskmanagers).await?;
@@ -446,15 +550,28 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
                     );
                 }
                 let address = cluster.address().to_string();
-                let summary =
-                    match run_fit_phases(&auth, &address, &text, &path, !no_progress).await {
-                        Ok(()) => submit_job_with(&auth, &address, text, path, !no_progress)
-                            .await
-                            .map_err(anyhow::Error::from),
-                        Err(e) => Err(e),
-                    };
+                let work = async {
+                    run_fit_phases(&auth, &address, &text, &path, !no_progress).await?;
+                    submit_job_with(&auth, &address, text.clone(), path.clone(), !no_progress)
+                        .await
+                        .map_err(anyhow::Error::from)
+                };
+                let (summary, stopped) =
+                    run_until_stopped(work, &mut signals, &cluster.jobmanager).await;
                 cluster.shutdown().await;
-                Ok(finish(&summary?, ("process start", started)))
+                match (summary, stopped) {
+                    (Ok(summary), None) => Ok(finish(&summary, ("process start", started))),
+                    (Ok(summary), Some(stop)) => {
+                        finish(&summary, ("process start", started));
+                        Ok(stop.exit_code())
+                    }
+                    // A fit phase canceled by the signal ends the run here.
+                    (Err(e), Some(stop)) => {
+                        eprintln!("stopped by {}: {e:#}", stop.name());
+                        Ok(stop.exit_code())
+                    }
+                    (Err(e), None) => Err(e),
+                }
             })
         }
         Command::Jobmanager { bind, config } => {

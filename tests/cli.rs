@@ -144,6 +144,69 @@ fn run_prints_a_summary_and_the_results() {
     );
 }
 
+/// Ctrl-C (SIGINT) or SIGTERM on `strata run` cancels the job instead of
+/// killing the process: the summary says CANCELED and names the signal,
+/// the exit code is 128 + the signal's number, and the mini-cluster's
+/// spill directory is removed (the process used to die on the spot and
+/// leave it for the next start to sweep).
+#[test]
+fn a_signal_cancels_a_local_run_and_leaves_no_spill_directory() {
+    use std::io::Read;
+    const BOUND: std::time::Duration = std::time::Duration::from_secs(60);
+    for (signal, code) in [("INT", 130), ("TERM", 143)] {
+        let dir = tempfile::tempdir().unwrap();
+        let spill = dir.path().join("spill");
+        std::fs::create_dir_all(&spill).unwrap();
+        let job = dir.path().join("job.toml");
+        let out = dir.path().join("out");
+        let text = common::keyed_job(200_000_000, 100, 7, 2, &out, "rows_per_second = 2000000");
+        std::fs::write(&job, text).unwrap();
+        let log = dir.path().join("run.log");
+        let mut run = strata();
+        run.arg("run")
+            .arg(&job)
+            .args(["--no-progress", "-D"])
+            .arg(format!("io.tmp.dirs={}", spill.display()))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut run = common::Proc(run.spawn().expect("spawn strata"));
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        common::wait_for("the job's tasks to start", BOUND, || {
+            read_log().contains("every task deployed here started")
+        });
+        let spill_dirs = || std::fs::read_dir(&spill).unwrap().count();
+        assert_eq!(spill_dirs(), 1, "the TaskManager's spill directory");
+        let sent = Command::new("kill")
+            .args([&format!("-{signal}"), &run.0.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        common::wait_for(&format!("strata run to exit on SIG{signal}"), BOUND, || {
+            run.0.try_wait().unwrap().is_some()
+        });
+        let status = run.0.wait().unwrap();
+        let mut stdout = String::new();
+        run.0
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut stdout)
+            .unwrap();
+        let stderr = read_log();
+        assert_eq!(status.code(), Some(code), "{stdout}\n{stderr}");
+        assert!(stdout.contains("CANCELED"), "{stdout}");
+        assert!(
+            stdout.contains(&format!("canceled by SIG{signal}")),
+            "{stdout}"
+        );
+        assert!(
+            stderr.contains("canceling the job (send it again to stop at once)"),
+            "{stderr}"
+        );
+        assert_eq!(spill_dirs(), 0, "no spill directory left behind");
+    }
+}
+
 /// Reads every row of the Parquet part files in `dir` as (key, n, s).
 fn read_counts(dir: &std::path::Path) -> std::collections::BTreeMap<i64, (i64, i64)> {
     use arrow_array::cast::AsArray;
