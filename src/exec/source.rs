@@ -598,6 +598,86 @@ impl CsvSource {
     }
 }
 
+/// The number of lines that end before byte `offset` of `path` (read only
+/// when a split's error must say where it is in the whole file).
+fn lines_before(path: &Path, offset: u64) -> std::io::Result<u64> {
+    use std::io::Read;
+    if offset == 0 {
+        return Ok(0);
+    }
+    let mut file = File::open(path)?.take(offset);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut lines = 0u64;
+    loop {
+        let n = file.read(&mut chunk)?;
+        if n == 0 {
+            return Ok(lines);
+        }
+        lines += chunk[..n].iter().filter(|&&b| b == b'\n').count() as u64;
+    }
+}
+
+/// `detail` with the column a CSV value error names by its index ("for
+/// column 1") named by the schema instead ("for column 'value'").
+pub(crate) fn with_column_name(detail: &str, schema: &SchemaRef) -> String {
+    const MARKER: &str = "for column ";
+    let Some(at) = detail.find(MARKER) else {
+        return detail.to_owned();
+    };
+    let digits_at = at + MARKER.len();
+    let digits = detail[digits_at..]
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    let Some(field) = detail[digits_at..digits_at + digits]
+        .parse::<usize>()
+        .ok()
+        .and_then(|i| schema.fields().get(i))
+    else {
+        return detail.to_owned();
+    };
+    format!(
+        "{}'{}'{}",
+        &detail[..digits_at],
+        field.name(),
+        &detail[digits_at + digits..]
+    )
+}
+
+/// `detail` (a CSV decoder's error, redacted) with the line it names as the
+/// file's own line: 1-based, the header included, counted from the file's
+/// start rather than the split's. The decoder's value errors ("at line N")
+/// count from 0 and its record errors ("for line N") from 1, both from the
+/// split's first line, so the same file used to get two different numbers.
+pub(crate) fn with_file_line(
+    error: &arrow_schema::ArrowError,
+    detail: &str,
+    lines_before: u64,
+) -> String {
+    let (marker, zero_based) = match error {
+        arrow_schema::ArrowError::ParseError(_) => (" at line ", true),
+        arrow_schema::ArrowError::CsvError(_) => ("for line ", false),
+        _ => return detail.to_owned(),
+    };
+    let Some(at) = detail.find(marker) else {
+        return detail.to_owned();
+    };
+    let digits_at = at + marker.len();
+    let digits = detail[digits_at..]
+        .bytes()
+        .take_while(u8::is_ascii_digit)
+        .count();
+    let Ok(line) = detail[digits_at..digits_at + digits].parse::<u64>() else {
+        return detail.to_owned();
+    };
+    let line = line + lines_before + u64::from(zero_based);
+    format!(
+        "{}{line}{}",
+        &detail[..digits_at],
+        &detail[digits_at + digits..]
+    )
+}
+
 /// A CSV decoder's error without the data it quotes from the file (the
 /// offending value and the whole row): an error reaches whoever submitted
 /// the job, who need not be allowed to read the file. What is wrong and
@@ -641,11 +721,13 @@ impl Source for CsvSource {
                     return Ok(Some(batch));
                 }
                 Some(Err(e)) => {
-                    let mut detail = redact_file_data(&e.to_string());
-                    if *start > 0 {
-                        // The decoder counts lines from the split's start.
-                        detail.push_str(&format!(" (lines counted from byte {start})"));
-                    }
+                    let start = *start;
+                    let detail = redact_file_data(&e.to_string());
+                    let detail = with_column_name(&detail, &self.spec.schema);
+                    let detail = match lines_before(&split.path, start) {
+                        Ok(lines) => with_file_line(&e, &detail, lines),
+                        Err(_) => format!("{detail} (lines counted from byte {start})"),
+                    };
                     return Err(ExecError::Read {
                         path: split.path.clone(),
                         detail,

@@ -238,6 +238,62 @@ fn csv_parse_errors_do_not_quote_the_file() {
     assert!(redacted.contains("'Int64'"), "{redacted}");
 }
 
+/// The error of the first subtask of a `parallelism`-way CSV source over
+/// `dir` (with `split_bytes` splits) that fails, read to the end.
+fn csv_read_error(dir: &Path, parallelism: u32, split_bytes: u64, batch_size: usize) -> String {
+    for subtask in 0..parallelism {
+        let mut source = CsvSource::with_split_bytes(
+            csv_spec(dir, batch_size),
+            subtask,
+            parallelism,
+            Some(split_bytes),
+        )
+        .expect("csv");
+        loop {
+            match source.next_batch() {
+                Ok(Some(_)) => {}
+                Ok(None) => break,
+                Err(e) => return e.to_string(),
+            }
+        }
+    }
+    panic!("no subtask failed")
+}
+
+/// A CSV error names the line of the file (1-based, the header included),
+/// whichever split and batch it is in: a bad value and a short record on
+/// the same line used to be reported one line apart, and a split's lines
+/// were counted from the split's start.
+#[test]
+fn csv_errors_name_the_line_of_the_whole_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("a.csv");
+    // Header on line 1, ids 0..40 on lines 2..=41; line 30 is broken.
+    let broken = 30;
+    for (bad, what) in [("x,n28", "column 'id'"), ("28", "expected 2 got 1")] {
+        let mut text = String::from("id,name\n");
+        for line in 2..=41 {
+            if line == broken {
+                text.push_str(bad);
+            } else {
+                text.push_str(&format!("{},n{}", line - 2, line - 2));
+            }
+            text.push('\n');
+        }
+        std::fs::write(&path, &text).expect("write");
+        for (parallelism, split_bytes, batch_size) in
+            [(1, 1 << 20, 1024), (1, 1 << 20, 4), (3, 64, 5), (2, 100, 1)]
+        {
+            let message = csv_read_error(dir.path(), parallelism, split_bytes, batch_size);
+            assert!(
+                message.contains(&format!("line {broken}")) && message.contains(what),
+                "{bad:?} at p={parallelism} split={split_bytes} batch={batch_size}: {message}"
+            );
+            assert!(message.contains("a.csv"), "{message}");
+        }
+    }
+}
+
 /// Every id the subtasks of a `parallelism`-way CSV source read, sorted.
 fn csv_ids_read(dir: &Path, parallelism: u32, split_bytes: u64, has_header: bool) -> Vec<i64> {
     let mut ids = Vec::new();
