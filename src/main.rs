@@ -589,13 +589,15 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
                 if let Err(e) = strata::minicluster::serve_rest(&jm, &rest).await {
                     tracing::warn!("{e}; running without the web UI (set rest.port)");
                 }
-                match strata::minicluster::serve_flight(&jm, &flight, secret.as_ref()).await {
-                    // Logged, not printed: a supervisor may read the first
-                    // line of standard output only and close it.
-                    Ok(bound) => tracing::info!("Arrow Flight on grpc://{bound}"),
-                    Err(e) => tracing::warn!(
+                // serve_flight logs the address it bound (logged, not
+                // printed: a supervisor may read only the first line of
+                // standard output and close it).
+                if let Err(e) =
+                    strata::minicluster::serve_flight(&jm, &flight, secret.as_ref()).await
+                {
+                    tracing::warn!(
                         "{e}; running without Arrow Flight (set jobmanager.flight.port)"
-                    ),
+                    );
                 }
                 // SIGTERM (service managers, `docker stop`, pod deletion) or Ctrl-C.
                 stop_signal().await;

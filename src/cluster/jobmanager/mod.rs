@@ -366,7 +366,12 @@ async fn write_loop(mut writer: tokio::net::tcp::OwnedWriteHalf, mut rx: mpsc::R
         match outgoing {
             Outgoing::Message(message) => {
                 if let Err(e) = crate::protocol::write_message(&mut writer, &message).await {
-                    tracing::warn!("control write of {} failed: {e}", message.kind());
+                    if matches!(message, crate::protocol::Message::Disconnect { .. }) {
+                        // A goodbye to a peer that has already gone.
+                        tracing::debug!("control write of Disconnect failed: {e}");
+                    } else {
+                        tracing::warn!("control write of {} failed: {e}", message.kind());
+                    }
                     break;
                 }
             }
