@@ -59,6 +59,48 @@ fn unknown_config_key_in_a_file_names_file_line_and_suggestion() {
     );
 }
 
+/// A Flink 2 `config.yaml` (nested blocks, a list) loads: the keys strata
+/// shares with Flink take effect, each Flink-only key is named in a warning.
+#[test]
+fn a_flink_2_config_yaml_loads_with_warnings_for_flink_only_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("config.yaml");
+    std::fs::write(
+        &file,
+        "env:\n  java:\n    opts:\n      all: --add-opens=java.base/java.util=ALL-UNNAMED\n\
+         jobmanager:\n  bind-host: localhost\n  rpc:\n    address: localhost\n    port: 6123\n\
+         taskmanager:\n  numberOfTaskSlots: 3\n  memory:\n    process:\n      size: 1728m\n\
+         io:\n  tmp:\n    dirs:\n      - /tmp\n",
+    )
+    .unwrap();
+    let (code, stdout, stderr) = output(strata().args(["config", "--file"]).arg(&file));
+    assert_eq!(code, 0, "{stderr}");
+    let row = |key: &str| {
+        stdout
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} in {stdout}"))
+            .to_owned()
+    };
+    assert!(
+        row("taskmanager.numberOfTaskSlots").contains("config.yaml:11"),
+        "{stdout}"
+    );
+    assert!(
+        row("taskmanager.memory.process.size").contains("1728"),
+        "{stdout}"
+    );
+    assert!(row("io.tmp.dirs").contains("config.yaml:17"), "{stdout}");
+    for ignored in ["env.java.opts.all", "jobmanager.bind-host"] {
+        assert!(
+            stderr.contains(&format!(
+                "`{ignored}` is a Flink setting strata does not use"
+            )),
+            "{stderr}"
+        );
+    }
+}
+
 #[test]
 fn bad_job_file_names_file_line_and_expectation() {
     let dir = tempfile::tempdir().unwrap();

@@ -133,6 +133,66 @@ pub(super) fn find(name: &str) -> Option<&'static Key> {
     KEYS.iter().find(|key| key.name == name)
 }
 
+/// Flink settings that have no meaning in strata, each with why: a file
+/// written for Flink (the `config.yaml` Flink ships) loads, and each of these
+/// is named in a warning instead of failing as an unknown key. An entry that
+/// ends in `.` covers every key under it. Anything not here is still an
+/// unknown key, so that a typo is never ignored.
+const FLINK_ONLY: &[(&str, &str)] = &[
+    (
+        "env.",
+        "Flink's launch-script environment (JVM options, log and pid directories); strata is a native process",
+    ),
+    (
+        "jobmanager.memory.",
+        "the JobManager's JVM memory; strata's JobManager has no heap to size",
+    ),
+    (
+        "classloader.",
+        "Java class loading; a strata job is a TOML file, not a jar",
+    ),
+    ("blob.server.port", "strata ships no jars to TaskManagers"),
+    (
+        "jobmanager.bind-host",
+        "the JobManager binds the host of --bind (jobmanager.rpc.address)",
+    ),
+    (
+        "taskmanager.bind-host",
+        "a TaskManager binds taskmanager.host",
+    ),
+    (
+        "rest.address",
+        "the REST API is served on the JobManager's host",
+    ),
+    (
+        "rest.bind-address",
+        "the REST API binds the JobManager's host",
+    ),
+    (
+        "jobmanager.execution.failover-strategy",
+        "strata restarts the whole job on a failure, as Flink's `full`",
+    ),
+    (
+        "state.backend",
+        "strata keeps keyed state in managed memory and spills it to io.tmp.dirs",
+    ),
+    (
+        "state.backend.",
+        "strata keeps keyed state in managed memory and spills it to io.tmp.dirs",
+    ),
+];
+
+/// Why `name` is a Flink setting strata does not use, if it is one.
+pub(super) fn flink_only(name: &str) -> Option<&'static str> {
+    FLINK_ONLY
+        .iter()
+        .find(|(key, _)| match key.strip_suffix('.') {
+            Some(_) => name.len() > key.len() && name.starts_with(key),
+            None => name == *key,
+        })
+        .map(|(_, why)| *why)
+}
+
 /// Every accepted key name: the current ones, then the aliases.
 fn all_names() -> impl Iterator<Item = &'static str> {
     KEYS.iter()

@@ -3,8 +3,9 @@
 //! memory layout that follows from them.
 //!
 //! This module owns the set of known keys (`keys.rs`), their value syntax
-//! (`units.rs`: `1728m`, `10 s`), the sources (`source.rs`: TOML, Flink's flat
-//! YAML, properties, overrides) and the memory model (`layout.rs`).
+//! (`units.rs`: `1728m`, `10 s`), the sources (`source.rs`: TOML, Flink's
+//! YAML, flat or nested, properties, overrides) and the memory model
+//! (`layout.rs`).
 //!
 //! Invariants of a [`Config`] returned by [`Config::load`]:
 //! - every key is a known Flink key, and later sources win: defaults < file <
@@ -18,9 +19,12 @@
 //!
 //! Limits: the fields are public for reading; assigning to one afterwards does
 //! not re-derive the layout or re-run the checks, so build a new `Config` with
-//! [`Config::from_overrides`] instead. YAML is only Flink's flat `key: value`
-//! form. Unknown keys are errors (Flink only logs them), because a typo in a
-//! memory key silently changes the layout.
+//! [`Config::from_overrides`] instead. YAML is the subset Flink's files use
+//! (blocks, scalars, lists; no anchors or block scalars). Unknown keys are
+//! errors (Flink only logs them), because a typo in a memory key silently
+//! changes the layout; the Flink settings that mean nothing to strata (JVM
+//! options, bind hosts, ...) are ignored with a warning, so that a Flink
+//! `config.yaml` loads.
 
 mod error;
 mod keys;
@@ -505,6 +509,14 @@ impl Config {
 
     fn apply(&mut self, entry: Entry) -> Result<(), ConfigError> {
         let Some(key) = keys::find(&entry.key) else {
+            if let Some(why) = keys::flink_only(&entry.key) {
+                tracing::warn!(
+                    "{}: `{}` is a Flink setting strata does not use ({why}); ignored",
+                    entry.origin,
+                    entry.key
+                );
+                return Ok(());
+            }
             return Err(ConfigError::UnknownKey {
                 suggestion: keys::closest(&entry.key),
                 key: entry.key,
@@ -867,7 +879,8 @@ mod tests {
             "{message}"
         );
 
-        let error = Config::from_overrides(&args(&["state.backend.type=rocksdb"])).unwrap_err();
+        let error =
+            Config::from_overrides(&args(&["high-availability.type=zookeeper"])).unwrap_err();
         assert!(!error.to_string().contains("did you mean"), "{error}");
     }
 
@@ -990,9 +1003,70 @@ mod tests {
         assert!(message.contains("`parallelism.default` = 200"), "{message}");
     }
 
+    /// The `config.yaml` Flink 2 ships loads: its nested blocks are read,
+    /// the settings strata shares with Flink take effect, and those that
+    /// mean nothing here (JVM options, bind hosts, the failover strategy)
+    /// are ignored with a warning. A typo is still an error.
+    #[test]
+    fn flink_2_default_config_yaml_loads() {
+        let flink = "\
+env:
+  java:
+    opts:
+      all: --add-exports=java.base/sun.net.util=ALL-UNNAMED
+jobmanager:
+  bind-host: localhost
+  rpc:
+    address: localhost
+    port: 6123
+  memory:
+    process:
+      size: 1600m
+  execution:
+    failover-strategy: region
+taskmanager:
+  bind-host: localhost
+  host: localhost
+  numberOfTaskSlots: 1
+  memory:
+    process:
+      size: 1728m
+parallelism:
+  default: 1
+rest:
+  address: localhost
+  bind-address: localhost
+state:
+  backend:
+    type: hashmap
+";
+        let file = TempFile::new("config.yaml", flink);
+        let config = Config::load(Some(&file.0), None, &[]).unwrap();
+        assert_eq!(config.slot_count, 1);
+        assert_eq!(config.process_size_bytes, 1728 << 20);
+        assert_eq!(config.default_parallelism, 1);
+        let file_source = ConfigSource::File(file.0.clone());
+        assert_eq!(config.source_of("jobmanager.rpc.port"), Some(&file_source));
+        assert_eq!(
+            config.source_of("taskmanager.memory.process.size"),
+            Some(&file_source)
+        );
+
+        let typo = TempFile::new("typo-config.yaml", "taskmanager:\n  numberOfTaskSlot: 2\n");
+        let error = Config::load(Some(&typo.0), None, &[]).unwrap_err();
+        let message = error.to_string();
+        assert!(
+            message.contains("taskmanager.numberOfTaskSlot`"),
+            "{message}"
+        );
+        assert!(message.contains("typo-config.yaml:2"), "{message}");
+        let unsupported = args(&["high-availability.type=zookeeper"]);
+        assert!(Config::load(None, None, &unsupported).is_err());
+    }
+
     #[test]
     fn malformed_file_errors_name_the_path() {
-        let file = TempFile::new("nested.yaml", "taskmanager:\n  numberOfTaskSlots: 4\n");
+        let file = TempFile::new("nested.yaml", "taskmanager: |\n  numberOfTaskSlots: 4\n");
         let error = Config::load(Some(&file.0), None, &[]).unwrap_err();
         assert!(matches!(
             error,

@@ -1,5 +1,6 @@
-//! Where raw `key → value` entries come from: TOML files, flat YAML files, the
-//! `STRATA_PROPERTIES` variable and `-D key=value` arguments.
+//! Where raw `key → value` entries come from: TOML files, YAML files (Flink's
+//! flat `flink-conf.yaml` and nested `config.yaml`), the `STRATA_PROPERTIES`
+//! variable and `-D key=value` arguments.
 //!
 //! Nothing here knows the keys or their types: each source yields [`Entry`]s in
 //! file order, each tagged with its [`Origin`], and `Config` applies them in
@@ -47,7 +48,7 @@ pub(super) struct Entry {
     pub(super) origin: Origin,
 }
 
-/// Reads a `.toml` file, or a `.yaml`/`.yml` file in Flink's flat `key: value` form.
+/// Reads a `.toml` file, or a `.yaml`/`.yml` file as Flink writes them.
 pub(super) fn read_file(path: &Path) -> Result<Vec<Entry>, ConfigError> {
     let extension = path.extension().and_then(|e| e.to_str()).unwrap_or("");
     let is_toml = match extension.to_ascii_lowercase().as_str() {
@@ -62,20 +63,20 @@ pub(super) fn read_file(path: &Path) -> Result<Vec<Entry>, ConfigError> {
     if is_toml {
         return parse_toml(&text, path);
     }
-    let lines = parse_flat(&text).map_err(|(line, reason)| ConfigError::FileParse {
+    let lines = parse_yaml(&text).map_err(|(line, reason)| ConfigError::FileParse {
         path: path.into(),
         line: Some(line),
         message: reason.to_owned(),
     })?;
-    Ok(flat_entries(lines, |line| Origin::file(path, Some(line))))
+    Ok(yaml_entries(lines, |line| Origin::file(path, Some(line))))
 }
 
-/// Parses `STRATA_PROPERTIES`: newline-separated `key: value` lines, as Flink's
-/// `FLINK_PROPERTIES`.
+/// Parses `STRATA_PROPERTIES`: newline-separated `key: value` lines (YAML),
+/// as Flink's `FLINK_PROPERTIES`.
 pub(super) fn parse_env_properties(text: &str) -> Result<Vec<Entry>, ConfigError> {
     let lines =
-        parse_flat(text).map_err(|(line, reason)| ConfigError::PropertiesParse { line, reason })?;
-    Ok(flat_entries(lines, |line| Origin {
+        parse_yaml(text).map_err(|(line, reason)| ConfigError::PropertiesParse { line, reason })?;
+    Ok(yaml_entries(lines, |line| Origin {
         source: ConfigSource::Env,
         line: Some(line),
     }))
@@ -170,42 +171,209 @@ fn flatten_toml(
     Ok(())
 }
 
-/// One `key: value` line: (line number, key, value).
-type FlatLine = (u32, String, String);
+/// One setting of a YAML source: (line number, dotted key, value).
+type YamlLine = (u32, String, RawValue);
 
-/// Parses Flink's flat YAML: `key: value` lines, `#` comments, blank lines and
-/// optional quotes around values. Nested blocks, lists and flow collections are
-/// refused rather than misread.
-fn parse_flat(text: &str) -> Result<Vec<FlatLine>, (u32, &'static str)> {
-    let mut lines = Vec::new();
+/// A key whose value is the block below it (`taskmanager:` then indented
+/// lines), while that block is read.
+struct OpenKey {
+    /// The column of the key.
+    indent: usize,
+    /// The full dotted key.
+    key: String,
+    line: u32,
+    /// The column of the block's lines, once its first line is read.
+    child_indent: Option<usize>,
+    /// `Some` once the block turned out to be a list (`- item` lines).
+    items: Option<Vec<String>>,
+}
+
+/// Parses Flink's YAML: the flat `key: value` lines of `flink-conf.yaml`
+/// and the nested blocks of Flink 2's `config.yaml` alike, so
+/// `taskmanager:` / `  numberOfTaskSlots: 4` is `taskmanager.numberOfTaskSlots`.
+/// A list is `[a, b]` or `- item` lines. `#` comments, blank lines, quotes
+/// and `---` are read; what a config needs no more of (maps in flow style,
+/// block scalars, anchors, tags, tabs for indentation) is refused, naming
+/// the line, rather than misread.
+fn parse_yaml(text: &str) -> Result<Vec<YamlLine>, (u32, &'static str)> {
+    let mut settings = Vec::new();
+    let mut open: Vec<OpenKey> = Vec::new();
+    // The column of the top-level keys, set by the first one.
+    let mut top_indent: Option<usize> = None;
     for (number, line) in (1u32..).zip(text.lines()) {
         let content = line.trim_end();
-        let unindented = content.trim_start();
+        let unindented = content.trim_start_matches(' ');
+        if unindented.starts_with('\t') {
+            return Err((number, "tabs are not allowed for indentation in YAML"));
+        }
         if unindented.is_empty() || unindented.starts_with('#') {
             continue;
         }
-        if unindented.len() != content.len() {
-            return Err((
-                number,
-                "nested blocks are not supported; write the full dotted key",
-            ));
+        if matches!(unindented, "---" | "...") {
+            if !open.is_empty() || content.len() != unindented.len() {
+                return Err((number, "a document marker inside a block"));
+            }
+            continue;
         }
-        if unindented.starts_with('-') {
-            return Err((number, "lists are not supported; write `key: value`"));
+        let indent = content.len() - unindented.len();
+        // Close the blocks this line is not inside of.
+        while open.last().is_some_and(|top| indent <= top.indent) {
+            let closed = open.pop().expect("checked above");
+            close_block(closed, &mut settings)?;
         }
-        let (key, rest) = content
-            .split_once(':')
-            .ok_or((number, "expected `key: value`"))?;
+        let parent_key = match open.last_mut() {
+            Some(parent) => {
+                match parent.child_indent {
+                    None => parent.child_indent = Some(indent),
+                    Some(expected) if expected == indent => {}
+                    Some(_) => {
+                        return Err((number, "this line's indentation matches no block above it"));
+                    }
+                }
+                if let Some(item) = unindented.strip_prefix('-') {
+                    if !item.is_empty() && !item.starts_with(' ') {
+                        return Err((number, "expected a space after `-` in a list item"));
+                    }
+                    if parent.items.is_none() && settings_in(&settings, &parent.key) {
+                        return Err((number, "a list item among the keys of a block"));
+                    }
+                    let items = parent.items.get_or_insert_with(Vec::new);
+                    let value = scalar(item).map_err(|reason| (number, reason))?;
+                    items.push(value);
+                    continue;
+                }
+                if parent.items.is_some() {
+                    return Err((number, "a key among the items of a list"));
+                }
+                Some(parent.key.clone())
+            }
+            None => {
+                match top_indent {
+                    None => top_indent = Some(indent),
+                    Some(expected) if expected == indent => {}
+                    Some(_) => {
+                        return Err((number, "this line's indentation matches no block above it"));
+                    }
+                }
+                if unindented.starts_with('-') {
+                    return Err((
+                        number,
+                        "a list item needs a key above it (`key:` then `- item`)",
+                    ));
+                }
+                None
+            }
+        };
+        let (name, rest) = split_key(unindented).ok_or((number, "expected `key: value`"))?;
         if !rest.is_empty() && !rest.starts_with([' ', '\t']) {
             return Err((number, "expected a space after `:` in `key: value`"));
         }
-        let value = flat_value(rest).map_err(|reason| (number, reason))?;
-        lines.push((number, key.trim_end().to_owned(), value));
+        let name = unquote_key(name.trim_end()).map_err(|reason| (number, reason))?;
+        if name.is_empty() {
+            return Err((number, "expected `key: value`"));
+        }
+        let key = match parent_key {
+            Some(prefix) => format!("{prefix}.{name}"),
+            None => name,
+        };
+        let value = strip_comment(rest.trim());
+        if value.is_empty() {
+            // `key:` alone: its value is the block below.
+            open.push(OpenKey {
+                indent,
+                key,
+                line: number,
+                child_indent: None,
+                items: None,
+            });
+            continue;
+        }
+        let value = if value.starts_with('[') {
+            RawValue::List(flow_list(value).map_err(|reason| (number, reason))?)
+        } else {
+            RawValue::Text(scalar(rest).map_err(|reason| (number, reason))?)
+        };
+        settings.push((number, key, value));
     }
-    Ok(lines)
+    while let Some(closed) = open.pop() {
+        close_block(closed, &mut settings)?;
+    }
+    Ok(settings)
 }
 
-fn flat_value(rest: &str) -> Result<String, &'static str> {
+/// Whether `settings` holds a key inside the block `prefix`.
+fn settings_in(settings: &[YamlLine], prefix: &str) -> bool {
+    settings.iter().any(|(_, key, _)| {
+        key.strip_prefix(prefix)
+            .is_some_and(|rest| rest.starts_with('.'))
+    })
+}
+
+/// Ends the block of `key:`: a list becomes its value; a block with
+/// neither keys nor items is a key without a value.
+fn close_block(closed: OpenKey, settings: &mut Vec<YamlLine>) -> Result<(), (u32, &'static str)> {
+    match closed.items {
+        Some(items) => settings.push((closed.line, closed.key, RawValue::List(items))),
+        None if closed.child_indent.is_none() => {
+            return Err((
+                closed.line,
+                "missing value (a key needs a value or a block below it)",
+            ));
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+/// Splits `key: value` at the first `:` followed by a space or the end of
+/// the line, outside quotes (`jobmanager.rpc.address: jm:6123` has one).
+fn split_key(line: &str) -> Option<(&str, &str)> {
+    let bytes = line.as_bytes();
+    let mut quote = None;
+    for (i, &b) in bytes.iter().enumerate() {
+        match quote {
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None if (b == b'"' || b == b'\'') && i == 0 => quote = Some(b),
+            None if b == b':' && bytes.get(i + 1).is_none_or(|&n| n == b' ' || n == b'\t') => {
+                return Some((&line[..i], &line[i + 1..]));
+            }
+            None => {}
+        }
+    }
+    // `a:1` has no `: `; report it as the missing space rather than no key.
+    line.split_once(':')
+}
+
+/// A key as written, without the quotes around it, if any.
+fn unquote_key(name: &str) -> Result<String, &'static str> {
+    match name.chars().next() {
+        Some(q @ ('"' | '\'')) => name
+            .strip_prefix(q)
+            .and_then(|rest| rest.strip_suffix(q))
+            .map(str::to_owned)
+            .ok_or("unterminated quoted key"),
+        _ => Ok(name.to_owned()),
+    }
+}
+
+/// `value` without a trailing ` # comment` (outside quotes; a value that
+/// starts with a quote has its comment removed by [`scalar`]).
+fn strip_comment(value: &str) -> &str {
+    if value.starts_with(['"', '\'']) {
+        return value;
+    }
+    if value.starts_with('#') {
+        return "";
+    }
+    match value.find(" #").or_else(|| value.find("\t#")) {
+        Some(comment) => value[..comment].trim_end(),
+        None => value,
+    }
+}
+
+/// One scalar value: plain, or in single or double quotes.
+fn scalar(rest: &str) -> Result<String, &'static str> {
     let rest = rest.trim();
     if let Some(quote) = rest.chars().next().filter(|c| matches!(c, '"' | '\'')) {
         let body = &rest[1..];
@@ -216,25 +384,57 @@ fn flat_value(rest: &str) -> Result<String, &'static str> {
         }
         return Ok(body[..end].to_owned());
     }
-    let value = match rest.find(" #").or_else(|| rest.find("\t#")) {
-        Some(comment) => rest[..comment].trim_end(),
-        None => rest,
-    };
+    let value = strip_comment(rest);
     match value.chars().next() {
-        None => Err("missing value (nested blocks are not supported)"),
-        Some('[' | '{' | '|' | '>' | '&' | '*') => {
-            Err("lists, maps, block scalars and anchors are not supported")
-        }
+        None => Err("missing value"),
+        Some('[') => Err("a list inside a list is not supported"),
+        Some('{') => Err("maps in flow style ({...}) are not supported; write a block"),
+        Some('|' | '>') => Err("block scalars (| and >) are not supported"),
+        Some('&' | '*' | '!') => Err("anchors, aliases and tags are not supported"),
         Some(_) => Ok(value.to_owned()),
     }
 }
 
-fn flat_entries(lines: Vec<FlatLine>, origin: impl Fn(u32) -> Origin) -> Vec<Entry> {
+/// A list in flow style, `[a, 'b c', "d"]`, of scalars.
+fn flow_list(value: &str) -> Result<Vec<String>, &'static str> {
+    let body = value
+        .strip_prefix('[')
+        .and_then(|v| v.strip_suffix(']'))
+        .ok_or("a list in flow style must end with `]` on the same line")?;
+    if body.trim().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut items = Vec::new();
+    let mut item = String::new();
+    let mut quote = None;
+    for c in body.chars() {
+        match (quote, c) {
+            (Some(q), c) if c == q => {
+                quote = None;
+                item.push(c);
+            }
+            (Some(_), c) => item.push(c),
+            (None, '"' | '\'') => {
+                quote = Some(c);
+                item.push(c);
+            }
+            (None, ',') => items.push(scalar(&std::mem::take(&mut item))?),
+            (None, c) => item.push(c),
+        }
+    }
+    if quote.is_some() {
+        return Err("unterminated quoted value");
+    }
+    items.push(scalar(&item)?);
+    Ok(items)
+}
+
+fn yaml_entries(lines: Vec<YamlLine>, origin: impl Fn(u32) -> Origin) -> Vec<Entry> {
     lines
         .into_iter()
         .map(|(line, key, value)| Entry {
             key,
-            value: RawValue::Text(value),
+            value,
             origin: origin(line),
         })
         .collect()
@@ -353,6 +553,10 @@ mod tests {
         assert!(message.contains("[1, 2]"), "{message}");
     }
 
+    fn yaml(input: &str) -> Vec<(u32, String, RawValue)> {
+        parse_yaml(input).unwrap_or_else(|e| panic!("{input:?}: {e:?}"))
+    }
+
     #[test]
     fn flat_yaml_reads_comments_blanks_and_quotes() {
         let input = "# Flink's config\n\
@@ -361,30 +565,131 @@ mod tests {
                      taskmanager.host: \"10.0.0.7\"  # quoted\n\
                      jobmanager.rpc.address: 'jm:1'\n\
                      io.tmp.dirs: /a:/b # trailing comment\n";
-        let lines = parse_flat(input).unwrap();
-        let expected: Vec<FlatLine> = vec![
-            (3, "taskmanager.numberOfTaskSlots".into(), "4".into()),
-            (4, "taskmanager.host".into(), "10.0.0.7".into()),
-            (5, "jobmanager.rpc.address".into(), "jm:1".into()),
-            (6, "io.tmp.dirs".into(), "/a:/b".into()),
+        let expected = vec![
+            (3, "taskmanager.numberOfTaskSlots".into(), text("4")),
+            (4, "taskmanager.host".into(), text("10.0.0.7")),
+            (5, "jobmanager.rpc.address".into(), text("jm:1")),
+            (6, "io.tmp.dirs".into(), text("/a:/b")),
         ];
-        assert_eq!(lines, expected);
+        assert_eq!(yaml(input), expected);
+    }
+
+    /// The `config.yaml` Flink 2 ships (its settings, not its comments):
+    /// nested blocks flatten to the dotted keys of `flink-conf.yaml`.
+    #[test]
+    fn flink_2_nested_config_yaml_flattens_to_dotted_keys() {
+        let input = "\
+env:
+  java:
+    opts:
+      all: --add-exports=java.base/sun.net.util=ALL-UNNAMED
+jobmanager:
+  bind-host: localhost
+  rpc:
+    address: localhost
+    port: 6123
+  memory:
+    process:
+      size: 1600m
+  execution:
+    failover-strategy: region
+
+taskmanager:
+  bind-host: localhost
+  host: localhost
+  # The number of task slots
+  numberOfTaskSlots: 1
+  memory:
+    process:
+      size: 1728m
+parallelism:
+  default: 1
+rest:
+  address: localhost
+  bind-address: localhost
+";
+        let got: Vec<(u32, String)> = yaml(input)
+            .into_iter()
+            .map(|(line, key, value)| (line, format!("{key}={value}")))
+            .collect();
+        let expected: Vec<(u32, String)> = [
+            (
+                4,
+                "env.java.opts.all=--add-exports=java.base/sun.net.util=ALL-UNNAMED",
+            ),
+            (6, "jobmanager.bind-host=localhost"),
+            (8, "jobmanager.rpc.address=localhost"),
+            (9, "jobmanager.rpc.port=6123"),
+            (12, "jobmanager.memory.process.size=1600m"),
+            (14, "jobmanager.execution.failover-strategy=region"),
+            (17, "taskmanager.bind-host=localhost"),
+            (18, "taskmanager.host=localhost"),
+            (20, "taskmanager.numberOfTaskSlots=1"),
+            (23, "taskmanager.memory.process.size=1728m"),
+            (25, "parallelism.default=1"),
+            (27, "rest.address=localhost"),
+            (28, "rest.bind-address=localhost"),
+        ]
+        .into_iter()
+        .map(|(l, kv)| (l, kv.to_owned()))
+        .collect();
+        assert_eq!(got, expected);
     }
 
     #[test]
-    fn flat_yaml_refuses_nesting_and_lists_naming_the_line() {
+    fn yaml_mixes_dotted_keys_blocks_and_both_list_styles() {
+        let input = "---\n\
+                     taskmanager.memory:\n\
+                     \x20 process.size: 2g   # a dotted key inside a block\n\
+                     \x20 \"managed.fraction\": 0.5\n\
+                     io.tmp.dirs:\n\
+                     \x20 - /mnt/a\n\
+                     \x20 - '/mnt/b # not a comment'\n\
+                     pipeline.jars: [a.jar, 'b, c.jar', \"d.jar\"]\n\
+                     empty.list: []\n\
+                     rest.port: 8081\n";
+        let expected = vec![
+            (3, "taskmanager.memory.process.size".into(), text("2g")),
+            (4, "taskmanager.memory.managed.fraction".into(), text("0.5")),
+            (
+                5,
+                "io.tmp.dirs".into(),
+                RawValue::List(vec!["/mnt/a".into(), "/mnt/b # not a comment".into()]),
+            ),
+            (
+                8,
+                "pipeline.jars".into(),
+                RawValue::List(vec!["a.jar".into(), "b, c.jar".into(), "d.jar".into()]),
+            ),
+            (9, "empty.list".into(), RawValue::List(Vec::new())),
+            (10, "rest.port".into(), text("8081")),
+        ];
+        assert_eq!(yaml(input), expected);
+    }
+
+    #[test]
+    fn yaml_refuses_what_it_cannot_read_naming_the_line() {
         let cases = [
-            ("taskmanager:\n  numberOfTaskSlots: 4\n", 1),
             ("a: 1\n  b: 2\n", 2),
+            ("a:\n    b: 1\n  c: 2\n", 3),
             ("a: 1\n- x\n", 2),
-            ("io.tmp.dirs: [/a, /b]\n", 1),
+            ("a:\n  - x\n  b: 1\n", 3),
+            ("a:\n  b: 1\n  - x\n", 3),
+            ("a:\nb: 1\n", 1),
+            ("a:\n", 1),
             ("a: 1\n\nno colon here\n", 3),
             ("a:1\n", 1),
             ("a: \"open\n", 1),
+            ("a: {b: 1}\n", 1),
+            ("a: [x, y\n", 1),
+            ("a: |\n  text\n", 1),
+            ("a: &anchor 1\n", 1),
+            ("a:\n\tb: 1\n", 2),
+            ("a:\n  -x\n", 2),
         ];
         for (input, line) in cases {
-            let (got, _) = parse_flat(input).unwrap_err();
-            assert_eq!(got, line, "{input:?}");
+            let (got, reason) = parse_yaml(input).unwrap_err();
+            assert_eq!(got, line, "{input:?}: {reason}");
         }
     }
 
