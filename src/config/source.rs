@@ -693,6 +693,53 @@ rest:
         }
     }
 
+    proptest::proptest! {
+        /// Whatever a file holds, the reader answers with settings or an
+        /// error naming a line of it; it never panics.
+        #[test]
+        fn yaml_reader_never_panics(text in "([ a-z.:#'\"\\[\\],{}|&\t-]{0,12}\n){0,8}") {
+            if let Err((line, _)) = parse_yaml(&text) {
+                proptest::prop_assert!(line >= 1 && line as usize <= text.lines().count());
+            }
+        }
+
+        /// Nested blocks give the same settings as their dotted flat form.
+        #[test]
+        fn nested_blocks_equal_their_flat_form(
+            settings in proptest::collection::btree_map("[a-c]{1,2}(\\.[a-c]{1,2}){0,2}", "[x-z0-9]{1,3}", 1..6)
+        ) {
+            // Only keys none of which is a block of another.
+            let blocks: Vec<String> = settings.keys().map(|k| format!("{k}.")).collect();
+            let settings: std::collections::BTreeMap<String, String> = settings
+                .into_iter()
+                .filter(|(k, _)| !blocks.iter().any(|b| k.starts_with(b.as_str())))
+                .collect();
+            let flat: String = settings.iter().map(|(k, v)| format!("{k}: {v}\n")).collect();
+            let mut nested = String::new();
+            for (key, value) in &settings {
+                let parts: Vec<&str> = key.split('.').collect();
+                for (depth, part) in parts.iter().enumerate() {
+                    let indent = "  ".repeat(depth);
+                    if depth + 1 == parts.len() {
+                        nested.push_str(&format!("{indent}{part}: {value}\n"));
+                    } else {
+                        nested.push_str(&format!("{indent}{part}:\n"));
+                    }
+                }
+            }
+            let strip = |v: Vec<YamlLine>| -> Vec<(String, RawValue)> {
+                let mut v: Vec<(String, RawValue)> = v.into_iter().map(|(_, k, v)| (k, v)).collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            };
+            // A key repeated as a block header (`a:` twice) is read twice;
+            // the settings, in key order, are the same.
+            let flat = strip(parse_yaml(&flat).expect("flat"));
+            let nested = strip(parse_yaml(&nested).expect("nested"));
+            proptest::prop_assert_eq!(flat, nested);
+        }
+    }
+
     #[test]
     fn env_properties_errors_name_the_variable_and_line() {
         let error = parse_env_properties("a: 1\nbroken\n").unwrap_err();
