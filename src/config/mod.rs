@@ -1009,38 +1009,11 @@ mod tests {
     /// are ignored with a warning. A typo is still an error.
     #[test]
     fn flink_2_default_config_yaml_loads() {
-        let flink = "\
-env:
-  java:
-    opts:
-      all: --add-exports=java.base/sun.net.util=ALL-UNNAMED
-jobmanager:
-  bind-host: localhost
-  rpc:
-    address: localhost
-    port: 6123
-  memory:
-    process:
-      size: 1600m
-  execution:
-    failover-strategy: region
-taskmanager:
-  bind-host: localhost
-  host: localhost
-  numberOfTaskSlots: 1
-  memory:
-    process:
-      size: 1728m
-parallelism:
-  default: 1
-rest:
-  address: localhost
-  bind-address: localhost
-state:
-  backend:
-    type: hashmap
-";
-        let file = TempFile::new("config.yaml", flink);
+        let flink = format!(
+            "{}state:\n  backend:\n    type: hashmap\n",
+            source::FLINK_2_CONFIG_YAML
+        );
+        let file = TempFile::new("config.yaml", &flink);
         let config = Config::load(Some(&file.0), None, &[]).unwrap();
         assert_eq!(config.slot_count, 1);
         assert_eq!(config.process_size_bytes, 1728 << 20);

@@ -496,6 +496,39 @@ impl fmt::Display for RawValue {
     }
 }
 
+/// The settings of the `config.yaml` Flink 2 ships (without its comments).
+#[cfg(test)]
+pub(super) const FLINK_2_CONFIG_YAML: &str = "\
+env:
+  java:
+    opts:
+      all: --add-exports=java.base/sun.net.util=ALL-UNNAMED
+jobmanager:
+  bind-host: localhost
+  rpc:
+    address: localhost
+    port: 6123
+  memory:
+    process:
+      size: 1600m
+  execution:
+    failover-strategy: region
+
+taskmanager:
+  bind-host: localhost
+  host: localhost
+  # The number of task slots
+  numberOfTaskSlots: 1
+  memory:
+    process:
+      size: 1728m
+parallelism:
+  default: 1
+rest:
+  address: localhost
+  bind-address: localhost
+";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,36 +611,7 @@ mod tests {
     /// nested blocks flatten to the dotted keys of `flink-conf.yaml`.
     #[test]
     fn flink_2_nested_config_yaml_flattens_to_dotted_keys() {
-        let input = "\
-env:
-  java:
-    opts:
-      all: --add-exports=java.base/sun.net.util=ALL-UNNAMED
-jobmanager:
-  bind-host: localhost
-  rpc:
-    address: localhost
-    port: 6123
-  memory:
-    process:
-      size: 1600m
-  execution:
-    failover-strategy: region
-
-taskmanager:
-  bind-host: localhost
-  host: localhost
-  # The number of task slots
-  numberOfTaskSlots: 1
-  memory:
-    process:
-      size: 1728m
-parallelism:
-  default: 1
-rest:
-  address: localhost
-  bind-address: localhost
-";
+        let input = FLINK_2_CONFIG_YAML;
         let got: Vec<(u32, String)> = yaml(input)
             .into_iter()
             .map(|(line, key, value)| (line, format!("{key}={value}")))

@@ -617,31 +617,43 @@ fn lines_before(path: &Path, offset: u64) -> std::io::Result<u64> {
     }
 }
 
-/// `detail` with the column a CSV value error names by its index ("for
-/// column 1") named by the schema instead ("for column 'value'").
-pub(crate) fn with_column_name(detail: &str, schema: &SchemaRef) -> String {
-    const MARKER: &str = "for column ";
-    let Some(at) = detail.find(MARKER) else {
+/// `detail` with the number that follows `marker` in it replaced by what
+/// `replace` makes of it; `detail` unchanged when there is no such number
+/// or `replace` declines.
+fn replace_number_after(
+    detail: &str,
+    marker: &str,
+    replace: impl FnOnce(u64) -> Option<String>,
+) -> String {
+    let Some(at) = detail.find(marker) else {
         return detail.to_owned();
     };
-    let digits_at = at + MARKER.len();
+    let digits_at = at + marker.len();
     let digits = detail[digits_at..]
         .bytes()
         .take_while(u8::is_ascii_digit)
         .count();
-    let Some(field) = detail[digits_at..digits_at + digits]
-        .parse::<usize>()
+    let replaced = detail[digits_at..digits_at + digits]
+        .parse::<u64>()
         .ok()
-        .and_then(|i| schema.fields().get(i))
-    else {
-        return detail.to_owned();
-    };
-    format!(
-        "{}'{}'{}",
-        &detail[..digits_at],
-        field.name(),
-        &detail[digits_at + digits..]
-    )
+        .and_then(replace);
+    match replaced {
+        Some(text) => format!(
+            "{}{text}{}",
+            &detail[..digits_at],
+            &detail[digits_at + digits..]
+        ),
+        None => detail.to_owned(),
+    }
+}
+
+/// `detail` with the column a CSV value error names by its index ("for
+/// column 1") named by the schema instead ("for column 'value'").
+pub(crate) fn with_column_name(detail: &str, schema: &SchemaRef) -> String {
+    replace_number_after(detail, "for column ", |index| {
+        let field = schema.fields().get(usize::try_from(index).ok()?)?;
+        Some(format!("'{}'", field.name()))
+    })
 }
 
 /// `detail` (a CSV decoder's error, redacted) with the line it names as the
@@ -659,23 +671,9 @@ pub(crate) fn with_file_line(
         arrow_schema::ArrowError::CsvError(_) => ("for line ", false),
         _ => return detail.to_owned(),
     };
-    let Some(at) = detail.find(marker) else {
-        return detail.to_owned();
-    };
-    let digits_at = at + marker.len();
-    let digits = detail[digits_at..]
-        .bytes()
-        .take_while(u8::is_ascii_digit)
-        .count();
-    let Ok(line) = detail[digits_at..digits_at + digits].parse::<u64>() else {
-        return detail.to_owned();
-    };
-    let line = line + lines_before + u64::from(zero_based);
-    format!(
-        "{}{line}{}",
-        &detail[..digits_at],
-        &detail[digits_at + digits..]
-    )
+    replace_number_after(detail, marker, |line| {
+        Some((line + lines_before + u64::from(zero_based)).to_string())
+    })
 }
 
 /// A CSV decoder's error without the data it quotes from the file (the
