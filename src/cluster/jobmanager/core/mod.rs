@@ -164,6 +164,15 @@ pub struct JobManagerCore {
     pub(crate) now: Duration,
 }
 
+/// How the JobManager learned that a TaskManager is gone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Loss {
+    /// Its control connection closed: the process stopped or died.
+    Closed,
+    /// It went silent for longer than `heartbeat.timeout`.
+    Silent,
+}
+
 impl JobManagerCore {
     pub fn new(cfg: CoreConfig, seed: u64, stores: Box<dyn CheckpointStoreFactory>) -> Self {
         Self {
@@ -334,7 +343,7 @@ impl JobManagerCore {
                 // A closed control connection ends the instance at once: its
                 // process died or fenced itself, and it registers anew.
                 let why = format!("its control connection closed ({reason})");
-                self.taskmanager_lost(tm, &why);
+                self.taskmanager_lost(tm, &why, Loss::Closed);
             }
             resources::Peer::Client => {
                 tracing::debug!("{conn}: client left ({reason}); its job keeps running");
@@ -352,7 +361,7 @@ impl JobManagerCore {
                 silent.as_secs_f64(),
                 timeout.as_secs_f64()
             );
-            self.taskmanager_lost(tm, &why);
+            self.taskmanager_lost(tm, &why, Loss::Silent);
         }
         jobs::check_deploy_deadlines(self);
         failover::restart_due_jobs(self);
@@ -362,7 +371,12 @@ impl JobManagerCore {
 
     /// Declares `tm` lost: fences it (tells it, closes its connection),
     /// removes its slots, and fails or restarts every job with a task there.
-    pub(crate) fn taskmanager_lost(&mut self, tm: crate::protocol::TaskManagerId, why: &str) {
+    pub(crate) fn taskmanager_lost(
+        &mut self,
+        tm: crate::protocol::TaskManagerId,
+        why: &str,
+        loss: Loss,
+    ) {
         let Some(entry) = self.rm.remove(tm) else {
             return;
         };
@@ -370,7 +384,17 @@ impl JobManagerCore {
             "TaskManager {tm} (data port {}) lost: {why}",
             entry.data_addr
         );
-        tracing::warn!("{reason}");
+        let ran_tasks = self
+            .jobs
+            .values()
+            .any(|j| j.tasks.values().any(|t| t.taskmanager == tm));
+        if ran_tasks || loss == Loss::Silent {
+            tracing::warn!("{reason}");
+        } else {
+            // An idle TaskManager that closed its connection (stopped, as
+            // at the end of every `strata run`) failed nothing.
+            tracing::info!("{reason}; it ran no tasks");
+        }
         self.send(
             entry.conn,
             Message::Disconnect {
