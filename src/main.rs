@@ -509,11 +509,13 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
             }
             let rt = runtime()?;
             rt.block_on(async {
-                // Caught from here on: Ctrl-C during start-up cancels too.
-                let mut signals = StopSignals::new();
                 let rest_port = config.rest_port;
                 let cluster_config = config.clone();
                 let cluster = MiniCluster::start(config, taskmanagers).await?;
+                // Caught from here on (during start-up, Ctrl-C still ends
+                // the process at once); the run acts on it once the job is
+                // submitted.
+                let mut signals = StopSignals::new();
                 // The configured port when free, else any: a busy 8081 must
                 // not stop a local run.
                 let jm = &cluster.jobmanager;
