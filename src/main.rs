@@ -640,9 +640,28 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
             let rt = runtime()?;
             rt.block_on(async {
                 let submitted = std::time::SystemTime::now();
-                run_fit_phases(&auth, &address, &text, &path, !no_progress).await?;
-                let summary = submit_job_with(&auth, &address, text, path, !no_progress).await?;
-                Ok(finish(&summary, ("submission", submitted)))
+                let mut signals = StopSignals::new();
+                let work = async {
+                    run_fit_phases(&auth, &address, &text, &path, !no_progress).await?;
+                    let summary =
+                        submit_job_with(&auth, &address, text.clone(), path.clone(), !no_progress)
+                            .await?;
+                    Ok::<_, anyhow::Error>(finish(&summary, ("submission", submitted)))
+                };
+                tokio::select! {
+                    code = work => code,
+                    // The job is the cluster's now: leaving does not stop
+                    // it, and the user is told so rather than left to guess.
+                    stop = signals.next() => {
+                        eprintln!(
+                            "{}: stopped waiting; a job already submitted keeps running \
+                             (JobManager {address}: its REST API lists it at /jobs and \
+                             cancels it with POST /jobs/ID/cancel)",
+                            stop.name()
+                        );
+                        Ok(stop.exit_code())
+                    }
+                }
             })
         }
         Command::Explain {

@@ -109,6 +109,7 @@ struct SlowJob {
     _tm1: Logged,
     tm2: Logged,
     tm2_data: String,
+    rest: String,
     submitter: Option<Child>,
     _dir: tempfile::TempDir,
 }
@@ -156,10 +157,40 @@ impl SlowJob {
             _tm1: tm1,
             tm2,
             tm2_data,
+            rest,
             submitter: Some(submitter),
             _dir: dir,
         }
     }
+}
+
+/// Ctrl-C on `strata submit` stops the client only, and says so: the job
+/// is the cluster's and keeps running (the client used to die silently,
+/// leaving the user to guess whether the job had stopped too).
+#[test]
+fn interrupting_submit_leaves_the_job_running_and_says_so() {
+    let mut c = SlowJob::start();
+    let mut submitter = c.submitter.take().expect("the submitter");
+    let sent = Command::new("kill")
+        .args(["-INT", &submitter.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    wait_for(
+        "strata submit to exit on SIGINT",
+        Duration::from_secs(30),
+        || submitter.try_wait().unwrap().is_some(),
+    );
+    let out = submitter.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{stderr}");
+    assert!(
+        stderr.contains("stopped waiting; a job already submitted keeps running"),
+        "{stderr}"
+    );
+    let (running, completed) = job_states(&c.rest);
+    assert_eq!(running.len(), 1, "still running: {running:?} {completed:?}");
+    assert!(completed.is_empty(), "{completed:?}");
 }
 
 #[test]
