@@ -377,6 +377,28 @@ async fn run_until_stopped<T>(
     }
 }
 
+/// `strata run` reads its sources on this machine. A CSV source whose job
+/// file declares its schema is not read when the job is planned (so that
+/// `explain`, or a cluster whose data is on its TaskManagers, needs no data
+/// where the job is planned); a local run checks that the path has CSV
+/// files, so that a mistyped path is an error now, not a task failure that
+/// the restart strategy retries (forever, with checkpointing on).
+fn check_local_sources(plan: &strata::job::LogicalPlan) -> Result<()> {
+    for op in &plan.spec.operators {
+        if let strata::job::OperatorKind::CsvSource(csv) = &op.kind
+            && let Err(e) = strata::job::source_files(&csv.path, "csv")
+        {
+            let line = op.lines.key("path").unwrap_or(op.line);
+            anyhow::bail!(
+                "{}:{line}: operator '{}' (csv_source): key 'path': {e}",
+                plan.spec.file.display(),
+                op.name
+            );
+        }
+    }
+    Ok(())
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -494,6 +516,7 @@ fn run(cli: Cli, started: std::time::SystemTime) -> Result<ExitCode> {
             let (text, path) = read_job(&job)?;
             // Validate the job before starting anything.
             let plan = strata::job::load_job(&job)?;
+            check_local_sources(&plan)?;
             let taskmanagers = taskmanagers.max(1);
             if matches!(
                 config.source_of("taskmanager.numberOfTaskSlots"),

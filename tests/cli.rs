@@ -249,6 +249,46 @@ fn a_signal_cancels_a_local_run_and_leaves_no_spill_directory() {
     }
 }
 
+/// A mistyped CSV path is an error before the run starts, naming the job
+/// file's line; it used to fail every task, and with checkpointing on the
+/// default restart strategy retried it forever. `explain` still needs no
+/// data for a source whose schema the job file declares.
+#[test]
+fn a_missing_csv_source_path_is_refused_before_the_run_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    for (path, expected) in [
+        (dir.path().join("no-such.csv"), "No such file or directory"),
+        (empty, "no .csv files in directory"),
+    ] {
+        let job = dir.path().join("typo.toml");
+        std::fs::write(
+            &job,
+            format!(
+                "[job]\nname = \"typo\"\n\n[[operator]]\nname = \"src\"\ntype = \"csv_source\"\n\
+                 path = \"{}\"\nschema = {{ key = \"int64\" }}\n\n[[operator]]\nname = \"show\"\n\
+                 type = \"print\"\n",
+                path.display()
+            ),
+        )
+        .unwrap();
+        let (code, _, stderr) = output(strata().arg("run").arg(&job).args([
+            "--no-progress",
+            "-D",
+            "execution.checkpointing.interval=1s",
+        ]));
+        assert_eq!(code, 2, "{stderr}");
+        assert!(
+            stderr.contains("typo.toml:7: operator 'src' (csv_source): key 'path'"),
+            "{stderr}"
+        );
+        assert!(stderr.contains(expected), "{stderr}");
+        let (code, stdout, stderr) = output(strata().arg("explain").arg(&job));
+        assert_eq!(code, 0, "{stdout}{stderr}");
+    }
+}
+
 /// Reads every row of the Parquet part files in `dir` as (key, n, s).
 fn read_counts(dir: &std::path::Path) -> std::collections::BTreeMap<i64, (i64, i64)> {
     use arrow_array::cast::AsArray;
