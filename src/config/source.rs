@@ -216,8 +216,17 @@ fn parse_yaml(text: &str) -> Result<Vec<YamlLine>, (u32, &'static str)> {
             continue;
         }
         let indent = content.len() - unindented.len();
+        // A list may sit at its key's own column (`dirs:` then `- /a` below
+        // the `d`), as kubectl and many editors write it.
+        let item = unindented == "-" || unindented.starts_with("- ");
+        let list_at_key = |top: &OpenKey| {
+            item && indent == top.indent && top.child_indent.is_none_or(|c| c == indent)
+        };
         // Close the blocks this line is not inside of.
-        while open.last().is_some_and(|top| indent <= top.indent) {
+        while open
+            .last()
+            .is_some_and(|top| indent <= top.indent && !list_at_key(top))
+        {
             let closed = open.pop().expect("checked above");
             close_block(closed, &mut settings)?;
         }
@@ -667,6 +676,22 @@ mod tests {
             ),
             (9, "empty.list".into(), RawValue::List(Vec::new())),
             (10, "rest.port".into(), text("8081")),
+        ];
+        assert_eq!(yaml(input), expected);
+    }
+
+    /// A list may sit at its key's own column, as kubectl writes YAML.
+    #[test]
+    fn yaml_lists_at_their_keys_column() {
+        let input = "io:\n  tmp:\n    dirs:\n    - /a\n    - /b\n  backend: auto\nlast:\n- x\n";
+        let expected = vec![
+            (
+                3,
+                "io.tmp.dirs".into(),
+                RawValue::List(vec!["/a".into(), "/b".into()]),
+            ),
+            (6, "io.backend".into(), text("auto")),
+            (7, "last".into(), RawValue::List(vec!["x".into()])),
         ];
         assert_eq!(yaml(input), expected);
     }
