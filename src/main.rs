@@ -280,11 +280,15 @@ impl Stop {
     }
 
     /// The shell's convention: 128 + the signal's number.
-    fn exit_code(self) -> ExitCode {
+    fn code(self) -> u8 {
         match self {
-            Stop::Interrupt => ExitCode::from(130),
-            Stop::Terminate => ExitCode::from(143),
+            Stop::Interrupt => 130,
+            Stop::Terminate => 143,
         }
+    }
+
+    fn exit_code(self) -> ExitCode {
+        ExitCode::from(self.code())
     }
 }
 
@@ -356,10 +360,7 @@ async fn run_until_stopped<T>(
             stop = signals.next() => {
                 if stopped.is_some() {
                     eprintln!("{}: stopping now, without waiting for the job", stop.name());
-                    std::process::exit(match stop {
-                        Stop::Interrupt => 130,
-                        Stop::Terminate => 143,
-                    });
+                    std::process::exit(i32::from(stop.code()));
                 }
                 eprintln!(
                     "{}: canceling the job (send it again to stop at once)",

@@ -135,20 +135,20 @@ pub(super) fn find(name: &str) -> Option<&'static Key> {
 
 /// Flink settings that have no meaning in strata, each with why: a file
 /// written for Flink (the `config.yaml` Flink ships) loads, and each of these
-/// is named in a warning instead of failing as an unknown key. An entry that
-/// ends in `.` covers every key under it. Anything not here is still an
+/// is named in a warning instead of failing as an unknown key. An entry
+/// covers itself and every key under it. Anything not here is still an
 /// unknown key, so that a typo is never ignored.
 const FLINK_ONLY: &[(&str, &str)] = &[
     (
-        "env.",
+        "env",
         "Flink's launch-script environment (JVM options, log and pid directories); strata is a native process",
     ),
     (
-        "jobmanager.memory.",
+        "jobmanager.memory",
         "the JobManager's JVM memory; strata's JobManager has no heap to size",
     ),
     (
-        "classloader.",
+        "classloader",
         "Java class loading; a strata job is a TOML file, not a jar",
     ),
     ("blob.server.port", "strata ships no jars to TaskManagers"),
@@ -176,19 +176,15 @@ const FLINK_ONLY: &[(&str, &str)] = &[
         "state.backend",
         "strata keeps keyed state in managed memory and spills it to io.tmp.dirs",
     ),
-    (
-        "state.backend.",
-        "strata keeps keyed state in managed memory and spills it to io.tmp.dirs",
-    ),
 ];
 
 /// Why `name` is a Flink setting strata does not use, if it is one.
 pub(super) fn flink_only(name: &str) -> Option<&'static str> {
     FLINK_ONLY
         .iter()
-        .find(|(key, _)| match key.strip_suffix('.') {
-            Some(_) => name.len() > key.len() && name.starts_with(key),
-            None => name == *key,
+        .find(|(key, _)| {
+            name.strip_prefix(key)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
         })
         .map(|(_, why)| *why)
 }
